@@ -1,0 +1,104 @@
+"""Alembic environment: one transaction per revision, a lock timeout, an advisory lock.
+
+Options (schema, roles, data-loss acknowledgement) come from
+``config.attributes["tenantvault_options"]`` when a caller set them (the
+``tenantvault migrate`` command, the tests), otherwise from ``TENANTVAULT_*``
+settings and ``-x allow_data_loss=true``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import context
+
+from tenantvault.migration_support import ALLOW_DATA_LOSS_FLAG, OPTIONS_KEY, MigrationOptions
+from tenantvault.models import Base
+from tenantvault.settings import load_settings
+
+# Any 64-bit constant, the same for every tenantvault process: it serializes
+# concurrent `migrate` runs against one database.
+MIGRATION_LOCK_KEY = 0x74656E616E747661
+
+config = context.config
+
+
+def _options() -> MigrationOptions:
+    given = config.attributes.get(OPTIONS_KEY)
+    if isinstance(given, MigrationOptions):
+        return given
+    flag = context.get_x_argument(as_dictionary=True).get(ALLOW_DATA_LOSS_FLAG, "false")
+    return MigrationOptions.from_settings(
+        load_settings(), allow_data_loss=flag.strip().lower() in {"1", "true", "yes"}
+    )
+
+
+def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    # Compare only the tables tenantvault models: the application's other
+    # tables and columns in the same schema are none of our business.
+    if type_ == "table":
+        return name in Base.metadata.tables or name == "alembic_version"
+    return True
+
+
+def _configure(opts: MigrationOptions, **kwargs: Any) -> None:
+    context.configure(
+        target_metadata=Base.metadata,
+        version_table_schema=opts.schema,
+        transaction_per_migration=True,
+        include_name=_include_name,
+        compare_type=True,
+        **{OPTIONS_KEY: opts},
+        **kwargs,
+    )
+
+
+def run_migrations_offline() -> None:
+    opts = _options()
+    _configure(opts, dialect_name="postgresql", literal_binds=True)
+    with context.begin_transaction():
+        context.execute(f"SET lock_timeout = {opts.lock_timeout_ms}")
+        context.execute(f'CREATE SCHEMA IF NOT EXISTS "{opts.schema}"')
+        context.run_migrations()
+
+
+def _run_online(connection: sa.Connection, opts: MigrationOptions) -> None:
+    # Revisions qualify every name. (Autogenerate compares the unqualified models
+    # with the connection's default schema, so callers that autogenerate connect
+    # with search_path set to the target schema: see tenantvault.migrate.)
+    connection.exec_driver_sql(f"SET lock_timeout = {opts.lock_timeout_ms}")
+    connection.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
+    try:
+        connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{opts.schema}"')
+        connection.commit()
+        _configure(opts, connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        connection.rollback()
+        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
+        connection.exec_driver_sql("RESET lock_timeout")
+        connection.commit()
+
+
+def run_migrations_online() -> None:
+    opts = _options()
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run_online(connection, opts)
+        return
+    settings = load_settings()
+    engine = sa.create_engine(
+        settings.sqlalchemy_url,
+        poolclass=sa.NullPool,
+        connect_args={"options": f"-c search_path={opts.schema}"},
+    )
+    with engine.connect() as new_connection:
+        _run_online(new_connection, opts)
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

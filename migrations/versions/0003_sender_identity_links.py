@@ -1,0 +1,94 @@
+"""Sender identities: link each to a provider config of its own tenant.
+
+The ticket made sendgrid_sender_id nullable; the deployed column already is, so
+nothing is emitted for it and the downgrade never adds a NOT NULL that did not
+exist. The link is a composite foreign key on (tenant_id, provider_config_id):
+a sender cannot point at another tenant's config, and deleting a config clears
+only provider_config_id (SET NULL with a column list), never tenant_id.
+
+email_sender_identities belongs to the application, whose other readers do not
+set a tenant, so it gets no row-level security (docs/schema.md).
+
+Revision ID: 0003_sender_identity_links
+Revises: 0002_provider_tables
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+from tenantvault.migration_support import options, qualified, refuse_if_rows, set_lz4_compression
+
+revision = "0003_sender_identity_links"
+down_revision = "0002_provider_tables"
+branch_labels = None
+depends_on = None
+
+TABLE = "email_sender_identities"
+
+
+def upgrade() -> None:
+    opts = options()
+    identities = qualified(TABLE)
+    # Nullable columns without defaults: a catalog-only change, no table rewrite.
+    op.add_column(
+        TABLE,
+        sa.Column(
+            "provider_config_id", sa.Text(), nullable=True,
+            comment="The email provider config this sender sends through "
+            "(NULL: legacy SendGrid path).",
+        ),
+        schema=opts.schema,
+    )
+    op.add_column(
+        TABLE,
+        sa.Column(
+            "provider_validation_data", postgresql.JSONB(), nullable=True,
+            comment="Provider-specific validation data (identity id, verification URLs, ...); "
+            "not secret.",
+        ),
+        schema=opts.schema,
+    )
+    set_lz4_compression(TABLE, ["provider_validation_data"])
+    op.execute(
+        f"ALTER TABLE {identities} ADD CONSTRAINT fk_email_sender_identities_provider_config "
+        f"FOREIGN KEY (tenant_id, provider_config_id) "
+        f"REFERENCES {qualified('email_provider_configs')} (tenant_id, id) "
+        "ON DELETE SET NULL (provider_config_id)"
+    )
+    # Serves "the senders of a config" and the foreign key's ON DELETE lookups.
+    op.create_index(
+        "ix_email_sender_identities_tenant_id_provider_config_id", TABLE,
+        ["tenant_id", "provider_config_id"], schema=opts.schema,
+    )
+    # tenantvault reads the link and writes only the columns it added.
+    op.execute(
+        f"GRANT SELECT (id, tenant_id, provider_config_id, provider_validation_data), "
+        f"UPDATE (provider_config_id, provider_validation_data) ON {identities} "
+        f'TO "{opts.app_role}"'
+    )
+    op.execute(
+        f"GRANT SELECT, UPDATE (provider_config_id) ON {identities} TO \"{opts.migrator_role}\""
+    )
+
+
+def downgrade() -> None:
+    opts = options()
+    identities = qualified(TABLE)
+    refuse_if_rows(
+        f"SELECT 1 FROM {identities} WHERE provider_config_id IS NOT NULL",
+        "links from sender identities to provider configs (provider_config_id)",
+    )
+    refuse_if_rows(
+        f"SELECT 1 FROM {identities} WHERE provider_validation_data IS NOT NULL",
+        "provider validation data of sender identities (provider_validation_data)",
+    )
+    op.execute(f'REVOKE ALL ON {identities} FROM "{opts.app_role}", "{opts.migrator_role}"')
+    op.drop_index(
+        "ix_email_sender_identities_tenant_id_provider_config_id", TABLE, schema=opts.schema
+    )
+    op.drop_constraint("fk_email_sender_identities_provider_config", TABLE, schema=opts.schema)
+    op.drop_column(TABLE, "provider_validation_data", schema=opts.schema)
+    op.drop_column(TABLE, "provider_config_id", schema=opts.schema)

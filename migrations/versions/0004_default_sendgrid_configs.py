@@ -1,0 +1,85 @@
+"""Data: a default SendGrid config for each tenant that sends through SendGrid today.
+
+Set-based and idempotent, unlike the ticket's CTE (which inserted again on a
+second run and made every new config the default even where the tenant had
+one): ON CONFLICT DO NOTHING skips tenants that already have the config, a
+config is the default only where the tenant has none, and only unlinked
+senders are linked. It reads nothing back, so it renders offline with --sql.
+Legacy sender rows keep every value, updated_at included.
+
+Runs as the migrator role: the tables force row-level security, and a data
+migration works across tenants.
+
+Revision ID: 0004_default_sendgrid_configs
+Revises: 0003_sender_identity_links
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+from tenantvault.migration_support import as_migrator, qualified, refuse_if_rows
+
+revision = "0004_default_sendgrid_configs"
+down_revision = "0003_sender_identity_links"
+branch_labels = None
+depends_on = None
+
+LEGACY_NAME = "SendGrid (Default)"
+# Marks the configs this migration made; SendGrid's config model knows the flag.
+LEGACY_CONFIG = '{"legacy": true}'
+
+
+def _is_legacy_config(alias: str) -> str:
+    return (
+        f"{alias}.type = 'sendgrid' AND {alias}.name = '{LEGACY_NAME}' "
+        f"AND {alias}.config @> '{LEGACY_CONFIG}'::jsonb"
+    )
+
+
+def upgrade() -> None:
+    configs = qualified("email_provider_configs")
+    identities = qualified("email_sender_identities")
+    with as_migrator():
+        op.execute(
+            f"""
+            INSERT INTO {configs} (tenant_id, type, name, config, is_default, is_active)
+            SELECT t.id, 'sendgrid', '{LEGACY_NAME}', '{LEGACY_CONFIG}'::jsonb,
+                   NOT EXISTS (SELECT 1 FROM {configs} d WHERE d.tenant_id = t.id AND d.is_default),
+                   true
+            FROM {qualified("tenants")} t
+            WHERE EXISTS (
+                SELECT 1 FROM {identities} esi
+                WHERE esi.tenant_id = t.id AND esi.sendgrid_sender_id IS NOT NULL
+            )
+            ON CONFLICT DO NOTHING
+            """
+        )
+        op.execute(
+            f"""
+            UPDATE {identities} esi SET provider_config_id = c.id
+            FROM {configs} c
+            WHERE c.tenant_id = esi.tenant_id AND c.deleted_at IS NULL AND {_is_legacy_config("c")}
+              AND esi.sendgrid_sender_id IS NOT NULL AND esi.provider_config_id IS NULL
+            """
+        )
+
+
+def downgrade() -> None:
+    configs = qualified("email_provider_configs")
+    identities = qualified("email_sender_identities")
+    with as_migrator():
+        refuse_if_rows(
+            f"SELECT 1 FROM {configs} c WHERE {_is_legacy_config('c')} "
+            "AND c.encrypted_credentials IS NOT NULL",
+            f"credentials stored since in the '{LEGACY_NAME}' configs",
+        )
+        op.execute(
+            f"""
+            UPDATE {identities} esi SET provider_config_id = NULL
+            FROM {configs} c
+            WHERE c.tenant_id = esi.tenant_id AND c.id = esi.provider_config_id
+              AND {_is_legacy_config("c")}
+            """
+        )
+        op.execute(f"DELETE FROM {configs} c WHERE {_is_legacy_config('c')}")

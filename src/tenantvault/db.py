@@ -1,0 +1,72 @@
+"""Engines and the one door to tenant data: :func:`tenant_session`.
+
+Row-level security on every tenantvault table admits only rows whose
+``tenant_id`` equals the transaction-local setting ``tenantvault.tenant_id``.
+The setting is made with ``set_config(..., true)`` inside the transaction, so it
+ends with the transaction: a pooled connection (or PgBouncer in transaction
+mode) never carries one tenant's setting into the next user's transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from tenantvault.errors import TenantNotSetError
+from tenantvault.settings import Settings
+
+TENANT_SETTING = "tenantvault.tenant_id"
+"""The PostgreSQL setting the row-level-security policies compare ``tenant_id`` with."""
+
+# Tenant ids come from the application (cuid2 today). Refusing anything outside a
+# conservative alphabet keeps ids printable in errors and logs.
+_TENANT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+_SET_TENANT = sa.text("SELECT set_config(:name, :tenant_id, true)")
+
+
+def check_tenant_id(tenant_id: str) -> str:
+    """Return ``tenant_id`` if it is a well-formed tenant id.
+
+    Raises:
+        TenantNotSetError: it is empty, too long, or holds characters outside ``[A-Za-z0-9_.:-]``.
+    """
+    if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
+        raise TenantNotSetError("tenant_id must be 1-128 characters of [A-Za-z0-9_.:-]")
+    return tenant_id
+
+
+def create_engine(settings: Settings, **kwargs: object) -> Engine:
+    """An engine whose statements are qualified with the configured schema."""
+    options = f"-c statement_timeout={settings.statement_timeout_ms}"
+    return sa.create_engine(
+        settings.sqlalchemy_url,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": settings.connect_timeout_seconds, "options": options},
+        **kwargs,  # type: ignore[arg-type]
+    ).execution_options(schema_translate_map={None: settings.schema_name})
+
+
+def set_tenant(connection: Connection, tenant_id: str) -> None:
+    """Scope the current transaction of ``connection`` to ``tenant_id``."""
+    connection.execute(_SET_TENANT, {"name": TENANT_SETTING, "tenant_id": check_tenant_id(tenant_id)})
+
+
+@contextmanager
+def tenant_session(engine: Engine, tenant_id: str) -> Iterator[Session]:
+    """A session in one transaction that row-level security scopes to ``tenant_id``.
+
+    Commits when the block ends normally, rolls back when it raises.
+
+    Raises:
+        TenantNotSetError: ``tenant_id`` is malformed (nothing is opened).
+    """
+    check_tenant_id(tenant_id)
+    with Session(engine) as session, session.begin():
+        set_tenant(session.connection(), tenant_id)
+        yield session

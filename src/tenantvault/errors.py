@@ -1,0 +1,27 @@
+"""Every error tenantvault raises derives from :class:`TenantVaultError`.
+
+Messages name settings, tables, tenants and row ids; they never carry a secret,
+a key, or a value that was being validated.
+"""
+
+from __future__ import annotations
+
+
+class TenantVaultError(Exception):
+    """Base class of every tenantvault error."""
+
+
+class ConfigurationError(TenantVaultError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class TenantNotSetError(TenantVaultError, ValueError):
+    """A tenant-scoped operation was given an empty or malformed tenant id."""
+
+
+class MigrationError(TenantVaultError):
+    """A schema migration could not run; the database was left as it was."""
+
+
+class DevStackError(TenantVaultError):
+    """The embedded development stack (PostgreSQL, OpenBao) could not start or stop."""

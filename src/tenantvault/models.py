@@ -1,0 +1,347 @@
+"""SQLAlchemy models: the tables tenantvault owns and the application tables it links to.
+
+Tables carry no schema here; :func:`tenantvault.db.create_engine` maps them into
+the configured schema (``dripiq_app`` by default) with ``schema_translate_map``,
+so every statement is schema-qualified and nothing depends on ``search_path``.
+The migrations in ``migrations/versions`` create exactly these tables; a test
+(``test_model_definitions_match_ddl``) fails if the two drift.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypedDict
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    MetaData,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from tenantvault.ids import new_id
+
+NAMING_CONVENTION = {
+    "pk": "%(table_name)s_pkey",  # PostgreSQL's own default, as the deployed tables have
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+}
+
+
+class ProviderType(enum.StrEnum):
+    """The email providers a config can describe."""
+
+    SENDGRID = "sendgrid"
+    SMTP = "smtp"
+    MICROSOFT_GRAPH = "microsoft_graph"
+    GOOGLE_WORKSPACE = "google_workspace"
+
+
+class ValidationStatus(enum.StrEnum):
+    """Sender identity validation states, as the application writes them."""
+
+    PENDING = "pending"
+    VERIFIED = "verified"
+    FAILED = "failed"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``timestamp without time zone`` holding UTC, as the deployed schema does.
+
+    Python sees aware UTC datetimes; a naive datetime is refused rather than
+    guessed at, since a local time stored as UTC is silently wrong.
+    """
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware datetime (UTC)")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class StrEnumText(TypeDecorator[enum.StrEnum]):
+    """A ``text`` column read back as a Python ``StrEnum`` (the CHECK lives in the DDL)."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, enum_type: type[enum.StrEnum]) -> None:
+        super().__init__()
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value: enum.StrEnum | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum_type(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> enum.StrEnum | None:
+        return None if value is None else self.enum_type(value)
+
+
+# The database keeps these current (a trigger on every tenantvault table); the
+# ORM defaults only matter for objects not yet flushed.
+UTC_NOW = text("timezone('utc', now())")
+TextId = Annotated[str, mapped_column(Text, primary_key=True, default=new_id)]
+CreatedAt = Annotated[datetime, mapped_column(UTCDateTime, server_default=UTC_NOW)]
+UpdatedAt = Annotated[datetime, mapped_column(UTCDateTime, server_default=UTC_NOW)]
+
+
+class Base(DeclarativeBase):
+    """The one declarative base; its metadata is what Alembic compares against."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSONB, str: Text}
+
+
+# --- Application tables (owned by the app; tenantvault reads them and adds columns) ---
+
+
+class Tenant(Base):
+    """A tenant of the SaaS. The application has more columns; tenantvault needs these."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("now()"))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("now()"))
+
+    provider_configs: Mapped[list[EmailProviderConfig]] = relationship(
+        back_populates="tenant", passive_deletes=True
+    )
+
+
+class User(Base):
+    """An application user (owner of sender identities)."""
+
+    __tablename__ = "users"
+    __table_args__ = (
+        UniqueConstraint("supabase_id", name="users_supabase_id_unique"),
+        UniqueConstraint("email", name="users_email_unique"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    supabase_id: Mapped[str]
+    email: Mapped[str]
+    name: Mapped[str | None]
+    avatar: Mapped[str | None]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("now()"))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("now()"))
+
+
+class EmailSenderIdentity(Base):
+    """A verified "from" address of a tenant; the app owns it, tenantvault links it to a config."""
+
+    __tablename__ = "email_sender_identities"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "from_email", name="tenant_email_unique"),
+        # Composite so a sender can only point at a config of its own tenant.
+        # ON DELETE SET NULL (provider_config_id) clears just the link, never tenant_id.
+        ForeignKeyConstraint(
+            ["tenant_id", "provider_config_id"],
+            ["email_provider_configs.tenant_id", "email_provider_configs.id"],
+            ondelete="SET NULL (provider_config_id)",
+            name="fk_email_sender_identities_provider_config",
+        ),
+        # Serves "the senders of a config" and the FK's ON DELETE lookups.
+        Index("ix_email_sender_identities_tenant_id_provider_config_id", "tenant_id", "provider_config_id"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE", name="email_sender_identities_tenant_id_tenants_id_fk")
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE", name="email_sender_identities_user_id_users_id_fk")
+    )
+    from_email: Mapped[str]
+    from_name: Mapped[str]
+    domain: Mapped[str]
+    sendgrid_sender_id: Mapped[str | None]
+    validation_status: Mapped[str] = mapped_column(server_default=text("'pending'::text"))
+    last_validated_at: Mapped[datetime | None]
+    dedicated_ip_pool: Mapped[str | None]
+    email_signature: Mapped[str | None]
+    is_default: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("now()"))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=text("now()"))
+    provider_config_id: Mapped[str | None] = mapped_column(
+        comment="The email provider config this sender sends through (NULL: legacy SendGrid path)."
+    )
+    provider_validation_data: Mapped[dict[str, Any] | None] = mapped_column(
+        comment="Provider-specific validation data (identity id, verification URLs, ...); not secret."
+    )
+
+    provider_config: Mapped[EmailProviderConfig | None] = relationship(
+        # Only provider_config_id is written through this link: tenant_id is the
+        # sender's own and must never be nulled or changed by (un)linking.
+        primaryjoin=lambda: (
+            (EmailProviderConfig.tenant_id == EmailSenderIdentity.tenant_id)
+            & (EmailProviderConfig.id == foreign(EmailSenderIdentity.provider_config_id))
+        ),
+    )
+
+
+# --- tenantvault's tables ---
+
+
+class EmailProviderConfig(Base):
+    """One email provider configuration of a tenant; its secrets are sealed, never plaintext."""
+
+    __tablename__ = "email_provider_configs"
+    __table_args__ = (
+        # The target of the composite foreign keys that keep references inside a tenant;
+        # its tenant_id prefix also serves every per-tenant listing.
+        UniqueConstraint("tenant_id", "id", name="uq_email_provider_configs_tenant_id_id"),
+        # Names are unique among live configs only, so a deleted config frees its name.
+        Index(
+            "uq_email_provider_configs_tenant_id_name_live",
+            "tenant_id",
+            "name",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+        # At most one default per tenant (a CHECK makes a default live and active).
+        Index(
+            "uq_email_provider_configs_tenant_id_default",
+            "tenant_id",
+            unique=True,
+            postgresql_where=text("is_default"),
+        ),
+        {"comment": "Email provider configurations of tenants; credentials are sealed (AEAD)."},
+    )
+
+    id: Mapped[TextId] = mapped_column(comment="Row id ('tv' + 32 hex digits).")
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE", name="fk_email_provider_configs_tenant_id_tenants"),
+        comment="Owning tenant; row-level security admits only the transaction's tenant.",
+    )
+    type: Mapped[ProviderType] = mapped_column(
+        StrEnumText(ProviderType),
+        comment="Provider: sendgrid, smtp, microsoft_graph or google_workspace.",
+    )
+    name: Mapped[str] = mapped_column(comment="Display name, unique among the tenant's live configs.")
+    config: Mapped[dict[str, Any]] = mapped_column(
+        comment="Provider-specific non-secret configuration (JSON object)."
+    )
+    encrypted_credentials: Mapped[str | None] = mapped_column(
+        comment="Sealed secret credentials (AEAD, bound to tenant, column and row); never plaintext."
+    )
+    is_default: Mapped[bool] = mapped_column(
+        server_default=text("false"), comment="The tenant's default config (at most one, live)."
+    )
+    is_active: Mapped[bool] = mapped_column(
+        server_default=text("true"), comment="False when deactivated: kept, but not used to send."
+    )
+    created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
+    updated_at: Mapped[UpdatedAt] = mapped_column(
+        comment="Last change (UTC); maintained by a trigger."
+    )
+    deleted_at: Mapped[datetime | None] = mapped_column(
+        comment="Soft-delete time (UTC); NULL while the config is live."
+    )
+
+    tenant: Mapped[Tenant] = relationship(back_populates="provider_configs")
+    tokens: Mapped[list[EmailProviderToken]] = relationship(
+        back_populates="config", passive_deletes=True
+    )
+    sender_identities: Mapped[list[EmailSenderIdentity]] = relationship(
+        primaryjoin=lambda: (
+            (EmailProviderConfig.tenant_id == EmailSenderIdentity.tenant_id)
+            & (EmailProviderConfig.id == foreign(EmailSenderIdentity.provider_config_id))
+        ),
+        viewonly=True,
+    )
+
+
+class EmailProviderToken(Base):
+    """The OAuth tokens of one config (at most one row per config), sealed."""
+
+    __tablename__ = "email_provider_tokens"
+    __table_args__ = (
+        # One token row per config: it is upserted on every grant and refresh.
+        UniqueConstraint("tenant_id", "config_id", name="uq_email_provider_tokens_tenant_id_config_id"),
+        ForeignKeyConstraint(
+            ["tenant_id", "config_id"],
+            ["email_provider_configs.tenant_id", "email_provider_configs.id"],
+            ondelete="CASCADE",
+            name="fk_email_provider_tokens_config",
+        ),
+        {"comment": "OAuth tokens of email provider configs; tokens are sealed (AEAD)."},
+    )
+
+    id: Mapped[TextId] = mapped_column(comment="Row id ('tv' + 32 hex digits).")
+    tenant_id: Mapped[str] = mapped_column(
+        comment="Owning tenant (the config's); row-level security admits only the transaction's tenant."
+    )
+    config_id: Mapped[str] = mapped_column(comment="The config these tokens authorize.")
+    encrypted_access_token: Mapped[str | None] = mapped_column(
+        comment="Sealed OAuth access token; never plaintext."
+    )
+    encrypted_refresh_token: Mapped[str | None] = mapped_column(
+        comment="Sealed OAuth refresh token; never plaintext."
+    )
+    token_type: Mapped[str] = mapped_column(
+        server_default=text("'Bearer'::text"), comment="OAuth token type (normally Bearer)."
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(
+        comment="Access token expiry (UTC); queryable for the refresher."
+    )
+    scopes: Mapped[list[str]] = mapped_column(
+        ARRAY(Text), server_default=text("'{}'::text[]"), comment="Granted OAuth scopes."
+    )
+    created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
+    updated_at: Mapped[UpdatedAt] = mapped_column(
+        comment="Last change (UTC); maintained by a trigger."
+    )
+
+    config: Mapped[EmailProviderConfig] = relationship(back_populates="tokens")
+
+
+# The ticket's TypeScript aliases, as Python types: the row types are the models
+# themselves; the insert shapes list what a caller provides.
+class NewEmailProviderConfig(TypedDict, total=False):
+    """Insert shape of ``email_provider_configs`` (``$inferInsert`` in the ticket)."""
+
+    id: str
+    tenant_id: str
+    type: ProviderType
+    name: str
+    config: dict[str, Any]
+    encrypted_credentials: str | None
+    is_default: bool
+    is_active: bool
+
+
+class NewEmailProviderToken(TypedDict, total=False):
+    """Insert shape of ``email_provider_tokens`` (``$inferInsert`` in the ticket)."""
+
+    id: str
+    tenant_id: str
+    config_id: str
+    encrypted_access_token: str | None
+    encrypted_refresh_token: str | None
+    token_type: str
+    expires_at: datetime | None
+    scopes: list[str]
+
+
+TENANTVAULT_TABLES = (EmailProviderConfig.__tablename__, EmailProviderToken.__tablename__)
+"""Tables tenantvault owns: each has row-level security, forced, on ``tenant_id``."""

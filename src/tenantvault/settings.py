@@ -1,0 +1,118 @@
+"""Runtime settings, read from ``TENANTVAULT_*`` variables (and Vault's own ``VAULT_*``)."""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from typing import Literal
+
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from tenantvault.errors import ConfigurationError
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_DRIVERS = {"postgres", "postgresql", "postgresql+psycopg"}
+ENV_PREFIX = "TENANTVAULT_"
+
+
+def _sql_identifier(value: str) -> str:
+    # These names are interpolated into DDL (schema, role names), so only plain
+    # lower-case identifiers are accepted: nothing that needs quoting.
+    if not _IDENTIFIER.fullmatch(value):
+        raise ValueError("must be a lower-case SQL identifier (a-z, 0-9, _; at most 63 chars)")
+    return value
+
+
+def parse_database_url(raw: str) -> URL:
+    """Parse a PostgreSQL URL and pin the psycopg 3 driver.
+
+    Raises:
+        ValueError: the URL is not a PostgreSQL URL (the message never repeats it).
+    """
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ValueError("is not a valid database URL") from None
+    if url.drivername not in _DRIVERS:
+        raise ValueError("must be a postgresql:// URL")
+    return url.set(drivername="postgresql+psycopg")
+
+
+class Settings(BaseSettings):
+    """Everything tenantvault reads from the environment (or a ``.env`` file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: SecretStr = Field(
+        description="PostgreSQL URL of the application's database (may hold a password)."
+    )
+    schema_name: str = Field("dripiq_app", description="Schema holding the tables.")
+    app_role: str = Field("tenantvault_app", description="Role the application connects as.")
+    migrator_role: str = Field(
+        "tenantvault_migrator", description="Role data migrations run as (crosses tenants)."
+    )
+    migration_lock_timeout_ms: int = Field(5000, ge=1, le=600_000)
+    statement_timeout_ms: int = Field(30_000, ge=0)
+    connect_timeout_seconds: int = Field(10, ge=1, le=600)
+
+    key_provider: Literal["vault", "local"] = "vault"
+    transit_mount: str = Field("transit", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$")
+    transit_key: str = Field("tenantvault", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    vault_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    dek_cache_max_age_seconds: float = Field(300.0, gt=0)
+    dek_cache_max_entries: int = Field(1024, ge=1)
+    dek_cache_max_uses: int = Field(1_000_000, ge=1)
+
+    vault_addr: AnyHttpUrl | None = Field(None, validation_alias="VAULT_ADDR")
+    vault_token: SecretStr | None = Field(None, validation_alias="VAULT_TOKEN")
+    vault_namespace: str | None = Field(None, validation_alias="VAULT_NAMESPACE")
+
+    @field_validator("schema_name", "app_role", "migrator_role")
+    @classmethod
+    def _identifiers(cls, value: str) -> str:
+        return _sql_identifier(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr) -> SecretStr:
+        parse_database_url(value.get_secret_value())
+        return value
+
+    @cached_property
+    def sqlalchemy_url(self) -> URL:
+        """The database URL for SQLAlchemy (psycopg 3 driver); its repr hides the password."""
+        return parse_database_url(self.database_url.get_secret_value())
+
+    def database_url_for_display(self) -> str:
+        """The database URL with any password masked, for logs and terminal output."""
+        return self.sqlalchemy_url.render_as_string(hide_password=True)
+
+
+_ALIASES = {"vault_addr": "VAULT_ADDR", "vault_token": "VAULT_TOKEN", "vault_namespace": "VAULT_NAMESPACE"}
+
+
+def env_var_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return _ALIASES.get(field, ENV_PREFIX + field.upper())
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning validation failures into one :class:`ConfigurationError`.
+
+    The message names each offending variable and what is wrong with it, never
+    the value (a URL or token may be secret).
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            message = "is required" if error["type"] == "missing" else error["msg"]
+            problems.append(f"{env_var_name(field)} {message}")
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
