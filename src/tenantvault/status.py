@@ -1,0 +1,103 @@
+"""What state a tenantvault deployment is in: schema revision, isolation, Vault transit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import hvac
+import sqlalchemy as sa
+from requests.exceptions import RequestException
+
+from tenantvault import migrate
+from tenantvault.models import TENANTVAULT_TABLES
+from tenantvault.settings import Settings
+
+
+@dataclass(frozen=True)
+class TableStatus:
+    name: str
+    rows_visible_to_owner: int
+    row_level_security: bool
+    forced: bool
+    policies: int
+
+
+@dataclass(frozen=True)
+class VaultStatus:
+    address: str | None
+    reachable: bool
+    transit_mounted: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    database: str
+    server_version: str
+    revision: str | None
+    head: str
+    tables: list[TableStatus] = field(default_factory=list)
+    vault: VaultStatus | None = None
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.revision == self.head
+
+    @property
+    def isolated(self) -> bool:
+        return len(self.tables) == len(TENANTVAULT_TABLES) and all(
+            t.row_level_security and t.forced and t.policies > 0 for t in self.tables
+        )
+
+
+def _tables(connection: sa.Connection, schema: str) -> list[TableStatus]:
+    rows = connection.execute(
+        sa.text(
+            "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity, "
+            "(SELECT count(*) FROM pg_policies p WHERE p.schemaname = n.nspname "
+            " AND p.tablename = c.relname) AS policies "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relname = ANY(:tables) ORDER BY c.relname"
+        ),
+        {"schema": schema, "tables": list(TENANTVAULT_TABLES)},
+    ).all()
+    result = []
+    for name, rls, forced, policies in rows:
+        # As the owner under FORCE ROW LEVEL SECURITY with no tenant set, this must be 0.
+        visible = connection.execute(sa.text(f'SELECT count(*) FROM "{schema}"."{name}"')).scalar_one()
+        result.append(TableStatus(name, int(visible), bool(rls), bool(forced), int(policies)))
+    return result
+
+
+def vault_status(settings: Settings) -> VaultStatus:
+    """Whether Vault answers and has the transit engine mounted (never raises)."""
+    if settings.vault_addr is None:
+        return VaultStatus(None, False, False, "VAULT_ADDR is not set")
+    address = str(settings.vault_addr)
+    token = settings.vault_token.get_secret_value() if settings.vault_token else None
+    client = hvac.Client(
+        url=address, token=token, namespace=settings.vault_namespace,
+        timeout=settings.vault_timeout_seconds,
+    )
+    try:
+        mounts = client.sys.list_mounted_secrets_engines()["data"]
+    except (RequestException, hvac.exceptions.VaultError) as exc:
+        return VaultStatus(address, False, False, type(exc).__name__)
+    return VaultStatus(address, True, f"{settings.transit_mount.strip('/')}/" in mounts)
+
+
+def status(settings: Settings) -> StatusReport:
+    """Read the deployment's state; changes nothing."""
+    with migrate.migration_engine(settings).connect() as connection:
+        version = connection.execute(sa.text("SHOW server_version")).scalar_one()
+        revision = migrate.current_revision(connection, settings.schema_name)
+        tables = _tables(connection, settings.schema_name) if revision else []
+        connection.rollback()
+    return StatusReport(
+        database=settings.database_url_for_display(),
+        server_version=str(version),
+        revision=revision,
+        head=migrate.head_revision(),
+        tables=tables,
+        vault=vault_status(settings),
+    )
