@@ -38,7 +38,7 @@ def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:
     # Compare only the tables tenantvault models: the application's other
     # tables and columns in the same schema are none of our business.
     if type_ == "table":
-        return name in Base.metadata.tables or name == "alembic_version"
+        return name in Base.metadata.tables
     return True
 
 
@@ -64,6 +64,7 @@ def run_migrations_offline() -> None:
 
 
 def _run_online(connection: sa.Connection, opts: MigrationOptions) -> None:
+    """Run on a connection this module owns: advisory lock, lock timeout, commits."""
     # Revisions qualify every name. (Autogenerate compares the unqualified models
     # with the connection's default schema, so callers that autogenerate connect
     # with search_path set to the target schema: see tenantvault.migrate.)
@@ -82,20 +83,36 @@ def _run_online(connection: sa.Connection, opts: MigrationOptions) -> None:
         connection.commit()
 
 
+def _run_on_callers_connection(connection: sa.Connection, opts: MigrationOptions) -> None:
+    """Run on a connection a caller manages (its transactions are the caller's)."""
+    connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{opts.schema}"')
+    _configure(opts, connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations_online() -> None:
     opts = _options()
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _run_online(connection, opts)
+    given = config.attributes.get("connection")
+    if isinstance(given, sa.Connection):
+        _run_on_callers_connection(given, opts)
         return
-    settings = load_settings()
-    engine = sa.create_engine(
-        settings.sqlalchemy_url,
-        poolclass=sa.NullPool,
-        connect_args={"options": f"-c search_path={opts.schema}"},
-    )
-    with engine.connect() as new_connection:
-        _run_online(new_connection, opts)
+    if given is not None and not isinstance(given, sa.Engine):
+        # An engine-like wrapper around a caller's open connection (pytest-alembic's).
+        with given.connect() as connection:
+            _run_on_callers_connection(connection, opts)
+        return
+    if given is not None:
+        engine = given
+    else:
+        settings = load_settings()
+        engine = sa.create_engine(
+            settings.sqlalchemy_url,
+            poolclass=sa.NullPool,
+            connect_args={"options": f"-c search_path={opts.schema}"},
+        )
+    with engine.connect() as connection:
+        _run_online(connection, opts)
 
 
 if context.is_offline_mode():

@@ -28,7 +28,7 @@ def _print_status(report: StatusReport) -> int:
         rls = "RLS forced" if table.row_level_security and table.forced else "RLS NOT FORCED"
         print(
             f"  {table.name:<24} {rls}, {table.policies} policies, "
-            f"{table.rows_visible_to_owner} rows visible without a tenant"
+            f"{table.rows_visible_to_app_without_tenant} rows visible to the app role without a tenant"
         )
     vault = report.vault
     if vault is not None:

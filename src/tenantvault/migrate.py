@@ -7,6 +7,7 @@ Alembic's revisions live in ``migrations/`` (shipped inside the wheel as
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,9 +36,14 @@ def migrations_path() -> Path:
 
 
 def alembic_config(
-    options: MigrationOptions, *, connection: sa.Connection | None = None
+    options: MigrationOptions, *, connection: sa.Engine | sa.Connection | None = None
 ) -> Config:
-    """An Alembic config for ``options``, optionally bound to an open connection."""
+    """An Alembic config for ``options``.
+
+    Given an engine, the environment takes a connection of its own and runs
+    each revision in its own committed transaction under an advisory lock; given
+    a connection, it leaves transaction control to the caller.
+    """
     config = Config(output_buffer=io.StringIO())
     config.set_main_option("script_location", str(migrations_path()))
     config.attributes[OPTIONS_KEY] = options
@@ -99,36 +105,36 @@ def upgrade(
         MigrationError: a revision failed; it was rolled back, earlier ones stay applied.
     """
     options = MigrationOptions.from_settings(settings)
-    with migration_engine(settings).connect() as connection:
-        before = current_revision(connection, settings.schema_name)
-        present = _legacy_tables_present(connection, settings.schema_name)
-        connection.rollback()
-        if adopt and before is None:
-            if present != list(LEGACY_TABLES):
-                missing = sorted(set(LEGACY_TABLES) - set(present))
-                raise MigrationError(f"cannot adopt: schema lacks table(s) {', '.join(missing)}")
-            _run(lambda config: command.stamp(config, BASELINE_REVISION), options, connection)
-        elif before is None and present:
-            raise MigrationError(
-                f"schema {settings.schema_name!r} already has the application's tables "
-                f"({', '.join(present)}) but no tenantvault history: run with --adopt"
-            )
-        _run(lambda config: command.upgrade(config, revision), options, connection)
-        after = current_revision(connection, settings.schema_name)
-        connection.rollback()
+    engine = migration_engine(settings)
+    before, present = _inspect(engine, settings.schema_name)
+    if adopt and before is None:
+        if present != list(LEGACY_TABLES):
+            missing = sorted(set(LEGACY_TABLES) - set(present))
+            raise MigrationError(f"cannot adopt: schema lacks table(s) {', '.join(missing)}")
+        _run(lambda config: command.stamp(config, BASELINE_REVISION), options, engine)
+    elif before is None and present:
+        raise MigrationError(
+            f"schema {settings.schema_name!r} already has the application's tables "
+            f"({', '.join(present)}) but no tenantvault history: run with --adopt"
+        )
+    _run(lambda config: command.upgrade(config, revision), options, engine)
+    after, _ = _inspect(engine, settings.schema_name)
     return MigrationReport(before=before, after=after, head=head_revision())
+
+
+def _inspect(engine: sa.Engine, schema: str) -> tuple[str | None, list[str]]:
+    with engine.connect() as connection:
+        return current_revision(connection, schema), _legacy_tables_present(connection, schema)
 
 
 def downgrade(settings: Settings, revision: str, *, allow_data_loss: bool = False) -> MigrationReport:
     """Downgrade to ``revision``; refuses (MigrationError) where data would be lost,
     unless ``allow_data_loss`` acknowledges it."""
     options = MigrationOptions.from_settings(settings, allow_data_loss=allow_data_loss)
-    with migration_engine(settings).connect() as connection:
-        before = current_revision(connection, settings.schema_name)
-        connection.rollback()
-        _run(lambda config: command.downgrade(config, revision), options, connection)
-        after = current_revision(connection, settings.schema_name)
-        connection.rollback()
+    engine = migration_engine(settings)
+    before, _ = _inspect(engine, settings.schema_name)
+    _run(lambda config: command.downgrade(config, revision), options, engine)
+    after, _ = _inspect(engine, settings.schema_name)
     return MigrationReport(before=before, after=after, head=head_revision())
 
 
@@ -141,10 +147,9 @@ def offline_sql(options: MigrationOptions, revision: str = "head") -> str:
     return buffer.getvalue()
 
 
-def _run(step: object, options: MigrationOptions, connection: sa.Connection) -> None:
-    assert callable(step)
+def _run(step: Callable[[Config], object], options: MigrationOptions, engine: sa.Engine) -> None:
     try:
-        step(alembic_config(options, connection=connection))
+        step(alembic_config(options, connection=engine))
     except DBAPIError as exc:
         diag = getattr(exc.orig, "diag", None)
         primary = getattr(diag, "message_primary", None) or type(exc.orig).__name__

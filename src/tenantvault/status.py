@@ -16,7 +16,7 @@ from tenantvault.settings import Settings
 @dataclass(frozen=True)
 class TableStatus:
     name: str
-    rows_visible_to_owner: int
+    rows_visible_to_app_without_tenant: int
     row_level_security: bool
     forced: bool
     policies: int
@@ -46,11 +46,14 @@ class StatusReport:
     @property
     def isolated(self) -> bool:
         return len(self.tables) == len(TENANTVAULT_TABLES) and all(
-            t.row_level_security and t.forced and t.policies > 0 for t in self.tables
+            t.row_level_security and t.forced and t.policies > 0
+            and t.rows_visible_to_app_without_tenant == 0
+            for t in self.tables
         )
 
 
-def _tables(connection: sa.Connection, schema: str) -> list[TableStatus]:
+def _tables(connection: sa.Connection, settings: Settings) -> list[TableStatus]:
+    schema = settings.schema_name
     rows = connection.execute(
         sa.text(
             "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity, "
@@ -62,10 +65,12 @@ def _tables(connection: sa.Connection, schema: str) -> list[TableStatus]:
         {"schema": schema, "tables": list(TENANTVAULT_TABLES)},
     ).all()
     result = []
+    # What the application role sees with no tenant set: must be nothing (fail closed).
+    connection.execute(sa.text(f'SET LOCAL ROLE "{settings.app_role}"'))
     for name, rls, forced, policies in rows:
-        # As the owner under FORCE ROW LEVEL SECURITY with no tenant set, this must be 0.
         visible = connection.execute(sa.text(f'SELECT count(*) FROM "{schema}"."{name}"')).scalar_one()
         result.append(TableStatus(name, int(visible), bool(rls), bool(forced), int(policies)))
+    connection.rollback()
     return result
 
 
@@ -91,7 +96,7 @@ def status(settings: Settings) -> StatusReport:
     with migrate.migration_engine(settings).connect() as connection:
         version = connection.execute(sa.text("SHOW server_version")).scalar_one()
         revision = migrate.current_revision(connection, settings.schema_name)
-        tables = _tables(connection, settings.schema_name) if revision else []
+        tables = _tables(connection, settings) if revision else []
         connection.rollback()
     return StatusReport(
         database=settings.database_url_for_display(),

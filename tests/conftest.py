@@ -1,0 +1,113 @@
+"""Real services for the tests: a throwaway PostgreSQL (or TENANTVAULT_TEST_DATABASE_URL)
+and an OpenBao dev server, started once per session and stopped afterwards, even
+when tests fail or the run is interrupted. A service that cannot start fails the
+run; nothing is skipped."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from alembic.config import Config
+
+from tenantvault import devstack
+from tenantvault.migrate import alembic_config as make_alembic_config
+from tenantvault.migrate import migration_engine
+from tenantvault.migration_support import MigrationOptions
+from tenantvault.settings import Settings, load_settings, parse_database_url
+
+APP_LOGIN_ROLE = "tenantvault_test_app_login"
+
+
+@dataclass(frozen=True)
+class Services:
+    admin_url: str  # a superuser URL on the server the tests create databases on
+    vault_addr: str
+    vault_token: str
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    state_dir = Path(
+        os.environ.get("TENANTVAULT_TEST_STATE_DIR") or tmp_path_factory.mktemp("devstack")
+    )
+    external = os.environ.get("TENANTVAULT_TEST_DATABASE_URL")
+    try:
+        environment = devstack.up(state_dir, postgres=external is None).variables
+        admin_url = external or environment["TENANTVAULT_DATABASE_URL"]
+        with psycopg.connect(admin_url, connect_timeout=10) as connection:
+            connection.execute("SELECT 1")
+        yield Services(admin_url, environment["VAULT_ADDR"], environment["VAULT_TOKEN"])
+    finally:
+        devstack.down(state_dir)
+
+
+def _with_database(url: str, name: str) -> str:
+    return parse_database_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def database_url(services: Services) -> Iterator[str]:
+    """A new, empty database for one test, dropped afterwards."""
+    name = f"tv_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(services.admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(services.admin_url, name)
+    finally:
+        with psycopg.connect(services.admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def settings(database_url: str, services: Services) -> Settings:
+    return load_settings(
+        database_url=database_url, VAULT_ADDR=services.vault_addr, VAULT_TOKEN=services.vault_token
+    )
+
+
+@pytest.fixture
+def owner_engine(settings: Settings) -> Iterator[sa.Engine]:
+    """The migration owner's engine (a superuser in tests: it bypasses RLS)."""
+    engine = migration_engine(settings)
+    yield engine
+    engine.dispose()
+
+
+# --- pytest-alembic ---
+
+
+@pytest.fixture
+def alembic_config() -> Config:
+    return make_alembic_config(MigrationOptions())
+
+
+@pytest.fixture
+def alembic_engine(owner_engine: sa.Engine) -> sa.Engine:
+    return owner_engine
+
+
+# --- the application role ---
+
+
+@pytest.fixture
+def app_url(settings: Settings, owner_engine: sa.Engine) -> str:
+    """A URL that logs in as a member of the application role (call after migrating)."""
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "DO $$ BEGIN\n"
+            f"  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN_ROLE}') THEN\n"
+            f"    CREATE ROLE {APP_LOGIN_ROLE} LOGIN;\n"
+            "  END IF;\n"
+            "END $$"
+        )
+        connection.exec_driver_sql(f"GRANT {settings.app_role} TO {APP_LOGIN_ROLE}")
+    return settings.sqlalchemy_url.set(username=APP_LOGIN_ROLE, password=None).render_as_string(
+        hide_password=False
+    ).replace("postgresql+psycopg://", "postgresql://")
