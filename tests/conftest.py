@@ -49,7 +49,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 
 def _with_database(url: str, name: str) -> str:
-    return parse_database_url(url).set(database=name).render_as_string(hide_password=False)
+    url_object = parse_database_url(url).set(database=name, drivername="postgresql")
+    return url_object.render_as_string(hide_password=False)
 
 
 @pytest.fixture
@@ -108,6 +109,5 @@ def app_url(settings: Settings, owner_engine: sa.Engine) -> str:
             "END $$"
         )
         connection.exec_driver_sql(f"GRANT {settings.app_role} TO {APP_LOGIN_ROLE}")
-    return settings.sqlalchemy_url.set(username=APP_LOGIN_ROLE, password=None).render_as_string(
-        hide_password=False
-    ).replace("postgresql+psycopg://", "postgresql://")
+    url = settings.sqlalchemy_url.set(drivername="postgresql", username=APP_LOGIN_ROLE, password=None)
+    return url.render_as_string(hide_password=False)

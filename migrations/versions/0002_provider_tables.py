@@ -79,8 +79,15 @@ def _create_roles() -> None:
         "  END IF;\n"
         "END $$"
     )
-    # The migration's owner switches to the migrator role for data migrations.
-    op.execute(f'GRANT "{opts.migrator_role}" TO CURRENT_USER')
+    # The migration's owner switches to the migrator role for data migrations. Where
+    # a DBA made the roles and granted the membership already, nothing is granted.
+    op.execute(
+        "DO $$ BEGIN\n"
+        f"  IF NOT pg_has_role(current_user, '{opts.migrator_role}', 'MEMBER') THEN\n"
+        f'    GRANT "{opts.migrator_role}" TO CURRENT_USER;\n'
+        "  END IF;\n"
+        "END $$"
+    )
 
 
 def _id_column() -> sa.Column[str]:

@@ -1,0 +1,154 @@
+"""Helpers shared by the database tests: catalog snapshots, legacy seed data, migrations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+
+from tenantvault.migrate import alembic_config, migration_engine
+from tenantvault.migration_support import MigrationOptions
+from tenantvault.settings import Settings
+
+SCHEMA = "dripiq_app"
+
+# What pytest-alembic cannot see: policies, RLS flags, triggers, index predicates,
+# constraints, grants (table, column, schema), functions, column compression.
+CATALOG_QUERIES = {
+    "policies": """
+        SELECT tablename, policyname, permissive, roles::text, cmd, qual, with_check
+        FROM pg_policies WHERE schemaname = :schema""",
+    "row_security": """
+        SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')""",
+    "triggers": """
+        SELECT c.relname, t.tgname, pg_get_triggerdef(t.oid)
+        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = :schema AND NOT t.tgisinternal""",
+    "indexes": "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = :schema",
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+        WHERE n.nspname = :schema""",
+    "table_grants": """
+        SELECT table_name, grantee, privilege_type FROM information_schema.role_table_grants
+        WHERE table_schema = :schema""",
+    "column_grants": """
+        SELECT table_name, column_name, grantee, privilege_type
+        FROM information_schema.column_privileges WHERE table_schema = :schema""",
+    # Effective privileges: a NULL acl means the owner's defaults, the same as granting them.
+    "schema_acl": """
+        SELECT a.grantee::regrole::text, a.privilege_type
+        FROM pg_namespace n, aclexplode(COALESCE(n.nspacl, acldefault('n', n.nspowner))) a
+        WHERE n.nspname = :schema""",
+    "columns": """
+        SELECT table_name, column_name, data_type, is_nullable, column_default
+        FROM information_schema.columns WHERE table_schema = :schema""",
+    "compression": """
+        SELECT c.relname, a.attname, a.attcompression::text
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = :schema AND a.attnum > 0 AND NOT a.attisdropped
+          AND c.relkind = 'r' AND a.attcompression <> ''""",
+    "functions": """
+        SELECT p.proname, pg_get_functiondef(p.oid)
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :schema""",
+    "comments": """
+        SELECT c.relname, a.attname, d.description
+        FROM pg_description d JOIN pg_class c ON c.oid = d.objoid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.objsubid
+        WHERE n.nspname = :schema AND d.classoid = 'pg_class'::regclass""",
+}
+
+
+def catalog_snapshot(connection: sa.Connection, schema: str = SCHEMA) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        name: sorted(
+            (tuple(row) for row in connection.execute(sa.text(query), {"schema": schema})),
+            key=repr,
+        )
+        for name, query in CATALOG_QUERIES.items()
+    }
+
+
+def stamp(settings: Settings, revision: str) -> None:
+    """Record ``revision`` as applied without running anything."""
+    engine = migration_engine(settings)
+    command.stamp(alembic_config(MigrationOptions(), connection=engine), revision)
+    engine.dispose()
+
+
+REVISIONS = [
+    "0001_baseline",
+    "0002_provider_tables",
+    "0003_sender_identity_links",
+    "0004_default_sendgrid_configs",
+]
+
+
+def seed_legacy(connection: sa.Connection) -> None:
+    """Tenants, users and sender identities as the deployed application has them.
+
+    acme: two SendGrid senders and one without a SendGrid id; globex: no SendGrid
+    sender; initech: one SendGrid sender.
+    """
+    connection.execute(
+        sa.text(
+            """
+            INSERT INTO dripiq_app.tenants (id, name, created_at, updated_at) VALUES
+              ('t_acme', 'Acme', '2024-01-02 03:04:05', '2024-02-03 04:05:06'),
+              ('t_globex', 'Globex', '2024-01-02 03:04:05', '2024-01-02 03:04:05'),
+              ('t_initech', 'Initech', '2024-01-02 03:04:05', '2024-01-02 03:04:05');
+            INSERT INTO dripiq_app.users (id, supabase_id, email, name) VALUES
+              ('u_1', 'sb_1', 'ann@acme.test', 'Ann'),
+              ('u_2', 'sb_2', 'bob@globex.test', NULL),
+              ('u_3', 'sb_3', 'cy@initech.test', 'Cy');
+            INSERT INTO dripiq_app.email_sender_identities
+              (id, tenant_id, user_id, from_email, from_name, domain, sendgrid_sender_id,
+               validation_status, last_validated_at, dedicated_ip_pool, email_signature,
+               is_default, created_at, updated_at) VALUES
+              ('s_acme_1', 't_acme', 'u_1', 'ann@acme.test', 'Ann', 'acme.test', 'sg-101',
+               'verified', '2024-03-01 00:00:00', 'pool-a', '<p>Ann</p>', true,
+               '2024-01-05 00:00:00', '2024-03-01 00:00:00'),
+              ('s_acme_2', 't_acme', 'u_1', 'sales@acme.test', 'Sales', 'acme.test', 'sg-102',
+               'pending', NULL, NULL, NULL, false, '2024-01-06 00:00:00', '2024-01-06 00:00:00'),
+              ('s_acme_3', 't_acme', 'u_1', 'noreply@acme.test', 'No reply', 'acme.test', NULL,
+               'failed', NULL, NULL, NULL, false, '2024-01-07 00:00:00', '2024-01-07 00:00:00'),
+              ('s_globex_1', 't_globex', 'u_2', 'bob@globex.test', 'Bob', 'globex.test', NULL,
+               'pending', NULL, NULL, NULL, true, '2024-01-08 00:00:00', '2024-01-08 00:00:00'),
+              ('s_initech_1', 't_initech', 'u_3', 'cy@initech.test', 'Cy', 'initech.test', 'sg-301',
+               'verified', NULL, NULL, NULL, true, '2024-01-09 00:00:00', '2024-01-09 00:00:00');
+            """
+        )
+    )
+
+
+LEGACY_COLUMNS = {
+    "tenants": "id, name, created_at, updated_at",
+    "users": "id, supabase_id, email, name, avatar, created_at, updated_at",
+    "email_sender_identities": (
+        "id, tenant_id, user_id, from_email, from_name, domain, sendgrid_sender_id, "
+        "validation_status, last_validated_at, dedicated_ip_pool, email_signature, "
+        "is_default, created_at, updated_at"
+    ),
+}
+
+
+def legacy_rows(connection: sa.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        table: [
+            tuple(row)
+            for row in connection.execute(
+                sa.text(f"SELECT {columns} FROM dripiq_app.{table} ORDER BY id")
+            )
+        ]
+        for table, columns in LEGACY_COLUMNS.items()
+    }
+
+
+def table_rows(connection: sa.Connection, table: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in connection.execute(sa.text(f"SELECT * FROM dripiq_app.{table} ORDER BY id"))]

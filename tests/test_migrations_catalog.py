@@ -1,0 +1,141 @@
+"""What pytest-alembic cannot see: policies, RLS flags, triggers, index predicates,
+constraints, grants, functions and compression, compared through the catalogs."""
+
+from __future__ import annotations
+
+import psycopg
+import sqlalchemy as sa
+
+from tenantvault import migrate
+from tenantvault.migration_support import MigrationOptions
+from tenantvault.models import TENANTVAULT_TABLES
+from tenantvault.settings import Settings
+
+from .support import REVISIONS, catalog_snapshot
+
+
+DATA_ONLY_REVISIONS = {"0004_default_sendgrid_configs"}
+
+
+def _snapshot(engine: sa.Engine) -> dict[str, list[tuple[object, ...]]]:
+    with engine.connect() as connection:
+        return catalog_snapshot(connection)
+
+
+def test_each_revision_downgrade_restores_the_catalog_exactly(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    migrate.upgrade(settings, REVISIONS[0])
+    for previous, revision in zip(REVISIONS, REVISIONS[1:], strict=False):
+        before = _snapshot(owner_engine)
+        migrate.upgrade(settings, revision)
+        after_upgrade = _snapshot(owner_engine)
+        if revision not in DATA_ONLY_REVISIONS:
+            assert after_upgrade != before, f"{revision} changed nothing the catalog shows"
+        migrate.downgrade(settings, previous)
+        assert _snapshot(owner_engine) == before, f"downgrade of {revision} left a trace"
+        migrate.upgrade(settings, revision)
+        assert _snapshot(owner_engine) == after_upgrade, f"{revision} is not repeatable"
+
+
+def test_full_round_trip_from_the_baseline_restores_the_catalog(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    migrate.upgrade(settings, REVISIONS[0])
+    at_baseline = _snapshot(owner_engine)
+    migrate.upgrade(settings)
+    migrate.downgrade(settings, REVISIONS[0])
+    assert _snapshot(owner_engine) == at_baseline
+
+
+def test_every_owned_table_has_forced_row_level_security_and_its_policies(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    migrate.upgrade(settings)
+    snapshot = _snapshot(owner_engine)
+    flags = {name: (rls, forced) for name, rls, forced in snapshot["row_security"]}
+    policies = {(table, name): (roles, qual, check) for table, name, _, roles, _, qual, check in snapshot["policies"]}
+    for table in TENANTVAULT_TABLES:
+        assert flags[table] == (True, True), f"{table}: RLS not enabled and forced"
+        roles, qual, check = policies[(table, "tenant_isolation")]
+        assert roles == "{public}"
+        assert qual == check
+        assert "NULLIF(current_setting('tenantvault.tenant_id'::text, true), ''::text)" in qual
+        assert "deleted_at" not in qual  # a soft-deleted row stays the tenant's
+        assert policies[(table, "migrator_all_tenants")][0] == "{tenantvault_migrator}"
+    # The application's own tables stay without RLS: their other readers set no tenant.
+    for table in ("tenants", "users", "email_sender_identities"):
+        assert flags[table] == (False, False)
+
+
+def test_owned_tables_keep_updated_at_with_a_trigger(settings: Settings, owner_engine: sa.Engine) -> None:
+    migrate.upgrade(settings)
+    triggers = {(table, name) for table, name, _ in _snapshot(owner_engine)["triggers"]}
+    for table in TENANTVAULT_TABLES:
+        assert (table, f"trg_{table}_touch_updated_at") in triggers
+
+
+def test_every_new_table_and_column_has_a_comment(settings: Settings, owner_engine: sa.Engine) -> None:
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        missing = connection.execute(
+            sa.text(
+                """
+                SELECT c.relname, a.attname FROM pg_attribute a
+                JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = 'dripiq_app' AND a.attnum > 0 AND NOT a.attisdropped
+                  AND (c.relname = ANY(:tables) OR (c.relname = 'email_sender_identities'
+                       AND a.attname IN ('provider_config_id', 'provider_validation_data')))
+                  AND col_description(c.oid, a.attnum) IS NULL
+                """
+            ),
+            {"tables": list(TENANTVAULT_TABLES)},
+        ).all()
+        uncommented_tables = connection.execute(
+            sa.text(
+                "SELECT t FROM unnest(CAST(:tables AS text[])) t "
+                "WHERE obj_description(to_regclass('dripiq_app.' || t), 'pg_class') IS NULL"
+            ),
+            {"tables": list(TENANTVAULT_TABLES)},
+        ).all()
+    assert missing == []
+    assert uncommented_tables == []
+
+
+def test_jsonb_and_sealed_columns_use_lz4_where_the_server_has_it(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        has_lz4 = connection.execute(
+            sa.text(
+                "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+            )
+        ).scalar_one()
+        compression = {(t, c): m for t, c, m in catalog_snapshot(connection)["compression"]}
+    expected = {
+        ("email_provider_configs", "config"),
+        ("email_provider_configs", "encrypted_credentials"),
+        ("email_provider_tokens", "encrypted_access_token"),
+        ("email_provider_tokens", "encrypted_refresh_token"),
+        ("email_sender_identities", "provider_validation_data"),
+    }
+    if has_lz4:
+        assert {key: "l" for key in expected} == compression
+    else:
+        assert compression == {}
+
+
+def test_offline_sql_builds_the_same_schema_as_online_migration(
+    settings: Settings, owner_engine: sa.Engine, services: object, database_url: str
+) -> None:
+    sql = migrate.offline_sql(MigrationOptions())
+    assert "ON CONFLICT DO NOTHING" in sql  # the data migration renders offline too
+    migrate.upgrade(settings)
+    online = _snapshot(owner_engine)
+    migrate.downgrade(settings, "base")
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
+    with psycopg.connect(database_url, autocommit=True) as raw:
+        raw.execute(sql.encode())
+    assert _snapshot(owner_engine) == online
