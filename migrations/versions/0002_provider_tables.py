@@ -81,10 +81,16 @@ def _create_roles() -> None:
     )
     # The migration's owner switches to the migrator role for data migrations. Where
     # a DBA made the roles and granted the membership already, nothing is granted.
+    # From PostgreSQL 16 the membership does not inherit, so the owner's ordinary
+    # sessions stay bound by FORCE ROW LEVEL SECURITY and only SET ROLE crosses tenants.
     op.execute(
         "DO $$ BEGIN\n"
         f"  IF NOT pg_has_role(current_user, '{opts.migrator_role}', 'MEMBER') THEN\n"
-        f'    GRANT "{opts.migrator_role}" TO CURRENT_USER;\n'
+        "    IF current_setting('server_version_num')::int >= 160000 THEN\n"
+        f"      EXECUTE 'GRANT \"{opts.migrator_role}\" TO CURRENT_USER WITH INHERIT FALSE';\n"
+        "    ELSE\n"
+        f'      GRANT "{opts.migrator_role}" TO CURRENT_USER;\n'
+        "    END IF;\n"
         "  END IF;\n"
         "END $$"
     )

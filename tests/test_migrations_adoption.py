@@ -1,0 +1,172 @@
+"""An existing database adopts tenantvault: stamp the baseline, upgrade, roll back.
+Also: the migrations run as a non-superuser owner bound by FORCE ROW LEVEL SECURITY."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tenantvault import migrate
+from tenantvault.errors import MigrationError
+from tenantvault.settings import Settings, load_settings
+
+from .support import REVISIONS, catalog_snapshot, legacy_rows, seed_legacy, table_rows
+
+DEPLOYED_SCHEMA = (Path(__file__).parent / "fixtures" / "deployed_app_schema.sql").read_text()
+APP_TABLES = ("organizations", "tenants", "users", "email_sender_identities",
+              "contact_campaigns", "outbound_messages", "send_rate_limits")
+
+
+@pytest.fixture
+def deployed(owner_engine: sa.Engine) -> dict[str, list[tuple[object, ...]]]:
+    """The application's database before tenantvault, with data; returns every app row."""
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(DEPLOYED_SCHEMA)
+        connection.exec_driver_sql(
+            "INSERT INTO dripiq_app.organizations VALUES ('o_1', 'Org');"
+        )
+        seed_legacy(connection)
+        connection.exec_driver_sql(
+            "UPDATE dripiq_app.tenants SET organization_id = 'o_1', brand = '{\"color\": \"red\"}', "
+            "website = 'https://acme.test' WHERE id = 't_acme';"
+            "INSERT INTO dripiq_app.contact_campaigns VALUES ('c_1', 't_acme', 's_acme_1');"
+            "INSERT INTO dripiq_app.outbound_messages VALUES ('m_1', 't_acme', 's_acme_2');"
+            "INSERT INTO dripiq_app.send_rate_limits VALUES ('r_1', 's_initech_1');"
+        )
+        return {t: table_rows(connection, t) for t in APP_TABLES}
+
+
+def _app_rows(engine: sa.Engine) -> dict[str, list[tuple[object, ...]]]:
+    with engine.connect() as connection:
+        rows = {t: table_rows(connection, t) for t in APP_TABLES}
+    # tenantvault's two added columns are the last of email_sender_identities.
+    rows["email_sender_identities"] = [r[:14] for r in rows["email_sender_identities"]]
+    return rows
+
+
+def test_adopting_an_existing_database_keeps_every_app_row_and_column(
+    settings: Settings, owner_engine: sa.Engine, deployed: dict[str, list[tuple[object, ...]]]
+) -> None:
+    report = migrate.upgrade(settings, adopt=True)
+    assert (report.before, report.after) == (None, REVISIONS[-1])
+    assert _app_rows(owner_engine) == deployed
+    with owner_engine.connect() as connection:
+        linked = connection.execute(
+            sa.text("SELECT count(*) FROM dripiq_app.email_sender_identities WHERE provider_config_id IS NOT NULL")
+        ).scalar_one()
+    assert linked == 3
+
+
+def test_adoption_is_refused_without_the_flag(settings: Settings, deployed: object) -> None:
+    with pytest.raises(MigrationError, match="--adopt"):
+        migrate.upgrade(settings)
+
+
+def test_adopted_database_rolls_back_to_the_deployed_shape(
+    settings: Settings, owner_engine: sa.Engine, deployed: dict[str, list[tuple[object, ...]]]
+) -> None:
+    with owner_engine.connect() as connection:
+        before = catalog_snapshot(connection)
+    migrate.upgrade(settings, adopt=True)
+    migrate.downgrade(settings, REVISIONS[0])
+    with owner_engine.connect() as connection:
+        after = catalog_snapshot(connection)
+    assert _app_rows(owner_engine) == deployed
+    # Only Alembic's own bookkeeping table remains.
+    for key in after:
+        extra = [row for row in after[key] if row not in before[key]]
+        assert all("alembic_version" in repr(row) for row in extra), (key, extra)
+        assert [row for row in before[key] if row not in after[key]] == [], key
+
+
+def test_baseline_creates_exactly_the_deployed_shape_of_the_tables_it_knows(
+    settings: Settings, owner_engine: sa.Engine, deployed: object, services: object
+) -> None:
+    with owner_engine.connect() as connection:
+        deployed_catalog = catalog_snapshot(connection)
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
+    migrate.upgrade(settings, REVISIONS[0])
+    with owner_engine.connect() as connection:
+        baseline_catalog = catalog_snapshot(connection)
+    known = ("tenants", "users", "email_sender_identities")
+    known_columns = {
+        (t, c) for t, c, *_ in baseline_catalog["columns"] if t in known
+    }
+    for key in ("columns", "indexes", "constraints"):
+        def relevant(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+            picked = []
+            for row in rows:
+                table = str(row[0]).removeprefix("dripiq_app.")
+                if table not in known:
+                    continue
+                if key == "columns" and (row[0], row[1]) not in known_columns:
+                    continue  # the application's extra columns
+                if key == "constraints" and "organizations" in repr(row):
+                    continue
+                picked.append(row)
+            return picked
+
+        assert relevant(baseline_catalog[key]) == relevant(deployed_catalog[key]), key
+
+
+# --- a non-superuser owner, as in production ---
+
+
+def _server_version(connection: sa.Connection) -> int:
+    return int(connection.exec_driver_sql("SHOW server_version_num").scalar_one())
+
+
+OWNER_ROLE = "tenantvault_test_owner"
+
+
+@pytest.fixture
+def owner_settings(settings: Settings, owner_engine: sa.Engine, database_url: str) -> Iterator[Settings]:
+    """Settings that connect as a plain login role owning the database (no superuser,
+    no BYPASSRLS), with the roles made and the membership granted by a DBA beforehand."""
+    database = settings.sqlalchemy_url.database
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        for role in (settings.app_role, settings.migrator_role, OWNER_ROLE):
+            connection.exec_driver_sql(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+                f"THEN CREATE ROLE {role}; END IF; END $$"
+            )
+        connection.exec_driver_sql(f"ALTER ROLE {OWNER_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS")
+        inherit = " WITH INHERIT FALSE" if _server_version(connection) >= 160000 else ""
+        connection.exec_driver_sql(f"GRANT {settings.migrator_role} TO {OWNER_ROLE}{inherit}")
+        connection.exec_driver_sql(f'ALTER DATABASE "{database}" OWNER TO {OWNER_ROLE}')
+    url = settings.sqlalchemy_url.set(username=OWNER_ROLE, password=None)
+    yield load_settings(database_url=url.render_as_string(hide_password=False))
+
+
+def test_migrations_run_as_a_non_superuser_owner_under_forced_rls(owner_settings: Settings) -> None:
+    migrate.upgrade(owner_settings, REVISIONS[0])
+    engine = migrate.migration_engine(owner_settings)
+    with engine.begin() as connection:
+        assert connection.execute(sa.text("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")).scalar_one() is False
+        seed_legacy(connection)
+        seeded = legacy_rows(connection)
+    migrate.upgrade(owner_settings)
+    with engine.begin() as connection:
+        assert legacy_rows(connection) == seeded
+        # FORCE ROW LEVEL SECURITY binds the owner too: with no tenant set it sees nothing,
+        # unless its membership in the migrator role inherits (before PostgreSQL 16).
+        visible = connection.execute(sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")).scalar_one()
+        assert visible == (0 if _server_version(connection) >= 160000 else 2)
+        # The data migration, run as the migrator role, made both default configs.
+        connection.exec_driver_sql(f"SET LOCAL ROLE {owner_settings.migrator_role}")
+        assert connection.execute(sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")).scalar_one() == 2
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.email_provider_configs (tenant_id, type, name, config) "
+                "VALUES ('t_globex', 'smtp', 'Relay', '{}')"
+            )
+        )
+    # The downgrade guard must see rows that RLS hides from the owner.
+    with pytest.raises(MigrationError, match="email provider configs"):
+        migrate.downgrade(owner_settings, REVISIONS[0], allow_data_loss=False)
+    engine.dispose()

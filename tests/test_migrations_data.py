@@ -1,0 +1,187 @@
+"""Upgrades with the application's data present: nothing lost, defaults made once,
+senders linked; downgrades that would lose data refuse unless acknowledged."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from tenantvault import migrate
+from tenantvault.errors import MigrationError
+from tenantvault.settings import Settings
+
+from .support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
+
+BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA = REVISIONS
+
+
+@pytest.fixture
+def seeded(settings: Settings, owner_engine: sa.Engine) -> dict[str, list[tuple[object, ...]]]:
+    """A database at the baseline holding the application's rows; returns those rows."""
+    migrate.upgrade(settings, BASELINE)
+    with owner_engine.begin() as connection:
+        seed_legacy(connection)
+        return legacy_rows(connection)
+
+
+def _links(connection: sa.Connection) -> dict[str, str | None]:
+    rows = connection.execute(
+        sa.text(
+            "SELECT esi.id, c.tenant_id || '/' || c.name FROM dripiq_app.email_sender_identities esi "
+            "LEFT JOIN dripiq_app.email_provider_configs c "
+            "  ON c.tenant_id = esi.tenant_id AND c.id = esi.provider_config_id ORDER BY esi.id"
+        )
+    )
+    return {sender: link for sender, link in rows}
+
+
+def test_upgrade_with_data_keeps_every_legacy_row_and_links_sendgrid_senders(
+    settings: Settings, owner_engine: sa.Engine, seeded: dict[str, list[tuple[object, ...]]]
+) -> None:
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        assert legacy_rows(connection) == seeded
+        configs = connection.execute(
+            sa.text(
+                "SELECT tenant_id, type, name, config, is_default, is_active, encrypted_credentials "
+                "FROM dripiq_app.email_provider_configs ORDER BY tenant_id"
+            )
+        ).all()
+        links = _links(connection)
+    assert [tuple(c) for c in configs] == [
+        ("t_acme", "sendgrid", "SendGrid (Default)", {"legacy": True}, True, True, None),
+        ("t_initech", "sendgrid", "SendGrid (Default)", {"legacy": True}, True, True, None),
+    ]
+    assert links == {
+        "s_acme_1": "t_acme/SendGrid (Default)",
+        "s_acme_2": "t_acme/SendGrid (Default)",
+        "s_acme_3": None,  # no SendGrid sender id: nothing to link
+        "s_globex_1": None,
+        "s_initech_1": "t_initech/SendGrid (Default)",
+    }
+
+
+def test_data_migration_run_twice_changes_nothing(
+    settings: Settings, owner_engine: sa.Engine, seeded: object
+) -> None:
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        first = {t: table_rows(connection, t) for t in ("email_provider_configs", "email_sender_identities")}
+    stamp(settings, SENDER_LINKS)  # pretend it never ran, so upgrade runs it again
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        second = {t: table_rows(connection, t) for t in ("email_provider_configs", "email_sender_identities")}
+    assert second == first
+    assert len(first["email_provider_configs"]) == 2
+
+
+def test_legacy_config_is_not_default_where_the_tenant_already_has_one(
+    settings: Settings, owner_engine: sa.Engine, seeded: object
+) -> None:
+    migrate.upgrade(settings, SENDER_LINKS)
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.email_provider_configs (tenant_id, type, name, config, is_default) "
+                "VALUES ('t_acme', 'smtp', 'Office 365', '{}', true)"
+            )
+        )
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        defaults = connection.execute(
+            sa.text(
+                "SELECT name, is_default FROM dripiq_app.email_provider_configs "
+                "WHERE tenant_id = 't_acme' ORDER BY name"
+            )
+        ).all()
+    assert [tuple(d) for d in defaults] == [("Office 365", True), ("SendGrid (Default)", False)]
+
+
+def test_downgrade_to_base_and_back_up_with_data(
+    settings: Settings, owner_engine: sa.Engine, seeded: dict[str, list[tuple[object, ...]]]
+) -> None:
+    migrate.upgrade(settings)
+    migrate.downgrade(settings, BASELINE)  # only the migration's own legacy configs: no loss
+    with owner_engine.connect() as connection:
+        assert legacy_rows(connection) == seeded
+        columns = {c["name"] for c in sa.inspect(connection).get_columns("email_sender_identities", "dripiq_app")}
+    assert "provider_config_id" not in columns
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        assert legacy_rows(connection) == seeded
+        assert _links(connection)["s_initech_1"] == "t_initech/SendGrid (Default)"
+
+
+def _add_smtp_config(owner_engine: sa.Engine) -> None:
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.email_provider_configs (id, tenant_id, type, name, config) "
+                "VALUES ('tvsmtp', 't_globex', 'smtp', 'Relay', '{\"host\": \"smtp.test\"}');"
+                "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id, encrypted_access_token) "
+                "VALUES ('t_globex', 'tvsmtp', 'sealed-bytes');"
+                "UPDATE dripiq_app.email_sender_identities SET provider_config_id = 'tvsmtp', "
+                "provider_validation_data = '{\"identity_id\": 7}' WHERE id = 's_globex_1'"
+            )
+        )
+
+
+def test_downgrade_that_would_lose_configs_refuses_and_changes_nothing(
+    settings: Settings, owner_engine: sa.Engine, seeded: object
+) -> None:
+    migrate.upgrade(settings)
+    _add_smtp_config(owner_engine)
+    with owner_engine.connect() as connection:
+        before = {t: table_rows(connection, t) for t in ("email_provider_configs", "email_provider_tokens", "email_sender_identities")}
+    with pytest.raises(MigrationError, match="links from sender identities") as refused:
+        migrate.downgrade(settings, BASELINE)
+    assert "allow_data_loss" in str(refused.value)
+    with owner_engine.connect() as connection:
+        after = {t: table_rows(connection, t) for t in before}
+        revision = migrate.current_revision(connection, "dripiq_app")
+    # The data step ran (it only removes what upgrade recreates); nothing else moved.
+    assert revision == SENDER_LINKS
+    assert after["email_provider_tokens"] == before["email_provider_tokens"]
+    assert [r for r in after["email_provider_configs"] if r[0] == "tvsmtp"] == [
+        r for r in before["email_provider_configs"] if r[0] == "tvsmtp"
+    ]
+    assert dict((r[0], r[-2:]) for r in after["email_sender_identities"])["s_globex_1"] == (
+        "tvsmtp",
+        {"identity_id": 7},
+    )
+
+
+def test_acknowledged_downgrade_removes_the_new_data_and_keeps_the_legacy_rows(
+    settings: Settings, owner_engine: sa.Engine, seeded: dict[str, list[tuple[object, ...]]]
+) -> None:
+    migrate.upgrade(settings)
+    _add_smtp_config(owner_engine)
+    migrate.downgrade(settings, BASELINE, allow_data_loss=True)
+    with owner_engine.connect() as connection:
+        assert legacy_rows(connection) == seeded
+        assert migrate.current_revision(connection, "dripiq_app") == BASELINE
+
+
+def test_downgrade_of_the_provider_tables_refuses_while_tokens_exist(
+    settings: Settings, owner_engine: sa.Engine, seeded: object
+) -> None:
+    migrate.upgrade(settings, PROVIDER_TABLES)
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.email_provider_configs (id, tenant_id, type, name, config) "
+                "VALUES ('tvg', 't_globex', 'google_workspace', 'GW', '{}');"
+                "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', 'tvg')"
+            )
+        )
+    with pytest.raises(MigrationError, match="OAuth tokens"):
+        migrate.downgrade(settings, BASELINE)
+    with owner_engine.connect() as connection:
+        assert len(table_rows(connection, "email_provider_tokens")) == 1
+
+
+def test_downgrade_of_the_baseline_refuses_to_drop_the_applications_rows(
+    settings: Settings, seeded: object
+) -> None:
+    with pytest.raises(MigrationError, match=r"sender identities \(email_sender_identities\)"):
+        migrate.downgrade(settings, "base")
