@@ -165,15 +165,15 @@ def _create_configs(schema: str) -> None:
         sa.UniqueConstraint("tenant_id", "id", name="uq_email_provider_configs_tenant_id_id"),
         sa.CheckConstraint(
             "type IN ('sendgrid', 'smtp', 'microsoft_graph', 'google_workspace')",
-            name="ck_email_provider_configs_type",
+            name=op.f("ck_email_provider_configs_type"),
         ),
-        sa.CheckConstraint("btrim(name) <> ''", name="ck_email_provider_configs_name_not_blank"),
+        sa.CheckConstraint("btrim(name) <> ''", name=op.f("ck_email_provider_configs_name_not_blank")),
         sa.CheckConstraint(
-            "jsonb_typeof(config) = 'object'", name="ck_email_provider_configs_config_is_object"
+            "jsonb_typeof(config) = 'object'", name=op.f("ck_email_provider_configs_config_is_object")
         ),
         sa.CheckConstraint(
             "NOT is_default OR (is_active AND deleted_at IS NULL)",
-            name="ck_email_provider_configs_default_is_live",
+            name=op.f("ck_email_provider_configs_default_is_live"),
         ),
         schema=schema,
         comment="Email provider configurations of tenants; credentials are sealed (AEAD).",

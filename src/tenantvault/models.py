@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypedDict
 
 from sqlalchemy import (
     Boolean,
+    CheckConstraint,
     DateTime,
     Dialect,
     ForeignKey,
@@ -225,6 +226,13 @@ class EmailProviderConfig(Base):
             unique=True,
             postgresql_where=text("is_default"),
         ),
+        CheckConstraint(
+            "type IN ('sendgrid', 'smtp', 'microsoft_graph', 'google_workspace')", name="type"
+        ),
+        CheckConstraint("btrim(name) <> ''", name="name_not_blank"),
+        CheckConstraint("jsonb_typeof(config) = 'object'", name="config_is_object"),
+        # A default is always usable: deactivating or deleting it clears is_default first.
+        CheckConstraint("NOT is_default OR (is_active AND deleted_at IS NULL)", name="default_is_live"),
         {"comment": "Email provider configurations of tenants; credentials are sealed (AEAD)."},
     )
 
