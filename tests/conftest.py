@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.config import Config
 
-from tenantvault import devstack
+from tenantvault import devstack, migrate
 from tenantvault.migrate import alembic_config as make_alembic_config
 from tenantvault.migrate import migration_engine
 from tenantvault.migration_support import MigrationOptions
@@ -98,8 +98,16 @@ def alembic_engine(owner_engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-def app_url(settings: Settings, owner_engine: sa.Engine) -> str:
-    """A URL that logs in as a member of the application role (call after migrating)."""
+def migrated(settings: Settings) -> Settings:
+    """The test database upgraded to the newest revision."""
+    migrate.upgrade(settings)
+    return settings
+
+
+@pytest.fixture
+def app_url(migrated: Settings, owner_engine: sa.Engine) -> str:
+    """A URL that logs in as a member of the application role."""
+    settings = migrated
     with owner_engine.begin() as connection:
         connection.exec_driver_sql(
             "DO $$ BEGIN\n"
