@@ -117,5 +117,7 @@ def app_url(migrated: Settings, owner_engine: sa.Engine) -> str:
             "END $$"
         )
         connection.exec_driver_sql(f"GRANT {settings.app_role} TO {APP_LOGIN_ROLE}")
-    url = settings.sqlalchemy_url.set(drivername="postgresql", username=APP_LOGIN_ROLE, password=None)
+    url = settings.sqlalchemy_url.set(
+        drivername="postgresql", username=APP_LOGIN_ROLE, password=None
+    )
     return url.render_as_string(hide_password=False)

@@ -65,7 +65,9 @@ CATALOG_QUERIES = {
 }
 
 
-def catalog_snapshot(connection: sa.Connection, schema: str = SCHEMA) -> dict[str, list[tuple[Any, ...]]]:
+def catalog_snapshot(
+    connection: sa.Connection, schema: str = SCHEMA
+) -> dict[str, list[tuple[Any, ...]]]:
     return {
         name: sorted(
             (tuple(row) for row in connection.execute(sa.text(query), {"schema": schema})),
@@ -151,4 +153,7 @@ def legacy_rows(connection: sa.Connection) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def table_rows(connection: sa.Connection, table: str) -> list[tuple[Any, ...]]:
-    return [tuple(r) for r in connection.execute(sa.text(f"SELECT * FROM dripiq_app.{table} ORDER BY id"))]
+    return [
+        tuple(r)
+        for r in connection.execute(sa.text(f"SELECT * FROM dripiq_app.{table} ORDER BY id"))
+    ]

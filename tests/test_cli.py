@@ -12,7 +12,8 @@ def test_migrate_then_status_reports_an_isolated_up_to_date_schema(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TENANTVAULT_DATABASE_URL", settings.database_url.get_secret_value())
-    assert settings.vault_addr is not None and settings.vault_token is not None
+    assert settings.vault_addr is not None
+    assert settings.vault_token is not None
     monkeypatch.setenv("VAULT_ADDR", str(settings.vault_addr))
     monkeypatch.setenv("VAULT_TOKEN", settings.vault_token.get_secret_value())
     assert cli.main(["migrate"]) == cli.EXIT_OK
@@ -41,7 +42,7 @@ def test_migrate_sql_prints_offline_sql_without_a_database(
     sql = capsys.readouterr().out
     assert "CREATE TABLE dripiq_app.email_provider_configs" in sql
     assert "FORCE ROW LEVEL SECURITY" in sql
-    assert "INSERT INTO \"dripiq_app\".\"email_provider_configs\"" in sql
+    assert 'INSERT INTO "dripiq_app"."email_provider_configs"' in sql
 
 
 def test_a_refused_downgrade_is_one_failed_line_and_exit_1(
@@ -54,15 +55,19 @@ def test_a_refused_downgrade_is_one_failed_line_and_exit_1(
     monkeypatch.setenv("TENANTVAULT_DATABASE_URL", settings.database_url.get_secret_value())
     migrate.upgrade(settings)
     with migrate.migration_engine(settings).begin() as connection:
-        connection.execute(sa.text(
-            "INSERT INTO dripiq_app.tenants (id, name) VALUES ('t1', 'T');"
-            "INSERT INTO dripiq_app.email_provider_configs (tenant_id, type, name, config) "
-            "VALUES ('t1', 'smtp', 'Relay', '{}')"
-        ))
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.tenants (id, name) VALUES ('t1', 'T');"
+                "INSERT INTO dripiq_app.email_provider_configs (tenant_id, type, name, config) "
+                "VALUES ('t1', 'smtp', 'Relay', '{}')"
+            )
+        )
     assert cli.main(["migrate", "--downgrade", "--revision", "base"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith("FAILED: tenantvault: downgrade refused: it would delete email provider configs")
+    assert err[0].startswith(
+        "FAILED: tenantvault: downgrade refused: it would delete email provider configs"
+    )
 
 
 def test_a_bad_setting_fails_with_its_name_and_not_its_value(

@@ -38,7 +38,9 @@ def add_config(connection: sa.Connection, tenant: str, name: str, **columns: obj
             connection,
             "INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config, is_default, is_active) "
             "VALUES (:tenant, :name, :type, CAST(:config AS jsonb), :is_default, :is_active) RETURNING id",
-            tenant=tenant, name=name, **values,
+            tenant=tenant,
+            name=name,
+            **values,
         ).scalar_one()
     )
 
@@ -62,7 +64,11 @@ def test_name_is_unique_among_live_configs_only(db: sa.Connection) -> None:
         "uq_email_provider_configs_tenant_id_name_live",
     )
     add_config(db, "t_initech", "Relay")  # another tenant may use the name
-    run(db, "UPDATE dripiq_app.email_provider_configs SET deleted_at = now() WHERE id = :id", id=first)
+    run(
+        db,
+        "UPDATE dripiq_app.email_provider_configs SET deleted_at = now() WHERE id = :id",
+        id=first,
+    )
     add_config(db, "t_globex", "Relay")  # a deleted config frees its name
 
 
@@ -75,32 +81,59 @@ def test_one_default_per_tenant_and_a_default_is_live_and_active(db: sa.Connecti
         "uq_email_provider_configs_tenant_id_default",
     )
     refused(
-        db, "UPDATE dripiq_app.email_provider_configs SET deleted_at = now() WHERE id = :id",
-        "ck_email_provider_configs_default_is_live", id=first,
+        db,
+        "UPDATE dripiq_app.email_provider_configs SET deleted_at = now() WHERE id = :id",
+        "ck_email_provider_configs_default_is_live",
+        id=first,
     )
     refused(
-        db, "UPDATE dripiq_app.email_provider_configs SET is_active = false WHERE id = :id",
-        "ck_email_provider_configs_default_is_live", id=first,
+        db,
+        "UPDATE dripiq_app.email_provider_configs SET is_active = false WHERE id = :id",
+        "ck_email_provider_configs_default_is_live",
+        id=first,
     )
     # Switching the default in one transaction: clear, then set.
     second = add_config(db, "t_globex", "B")
-    run(db, "UPDATE dripiq_app.email_provider_configs SET is_default = (id = :id) "
-            "WHERE tenant_id = 't_globex' AND deleted_at IS NULL", id=second)
-    defaults = run(db, "SELECT id FROM dripiq_app.email_provider_configs WHERE tenant_id = 't_globex' AND is_default").scalars().all()
+    run(
+        db,
+        "UPDATE dripiq_app.email_provider_configs SET is_default = (id = :id) "
+        "WHERE tenant_id = 't_globex' AND deleted_at IS NULL",
+        id=second,
+    )
+    defaults = (
+        run(
+            db,
+            "SELECT id FROM dripiq_app.email_provider_configs WHERE tenant_id = 't_globex' AND is_default",
+        )
+        .scalars()
+        .all()
+    )
     assert defaults == [second]
 
 
 @pytest.mark.parametrize(
     ("sql", "constraint"),
     [
-        ("INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
-         "VALUES ('t_globex', 'X', 'mailgun', '{}')", "ck_email_provider_configs_type"),
-        ("INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
-         "VALUES ('t_globex', '  ', 'smtp', '{}')", "ck_email_provider_configs_name_not_blank"),
-        ("INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
-         "VALUES ('t_globex', 'X', 'smtp', '[1, 2]')", "ck_email_provider_configs_config_is_object"),
-        ("INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
-         "VALUES ('t_nobody', 'X', 'smtp', '{}')", "fk_email_provider_configs_tenant_id_tenants"),
+        (
+            "INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
+            "VALUES ('t_globex', 'X', 'mailgun', '{}')",
+            "ck_email_provider_configs_type",
+        ),
+        (
+            "INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
+            "VALUES ('t_globex', '  ', 'smtp', '{}')",
+            "ck_email_provider_configs_name_not_blank",
+        ),
+        (
+            "INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
+            "VALUES ('t_globex', 'X', 'smtp', '[1, 2]')",
+            "ck_email_provider_configs_config_is_object",
+        ),
+        (
+            "INSERT INTO dripiq_app.email_provider_configs (tenant_id, name, type, config) "
+            "VALUES ('t_nobody', 'X', 'smtp', '{}')",
+            "fk_email_provider_configs_tenant_id_tenants",
+        ),
     ],
     ids=["unknown-type", "blank-name", "config-not-object", "unknown-tenant"],
 )
@@ -113,7 +146,8 @@ def test_a_token_cannot_point_at_another_tenants_config(db: sa.Connection) -> No
     refused(
         db,
         "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)",
-        "fk_email_provider_tokens_config", c=acme_config,
+        "fk_email_provider_tokens_config",
+        c=acme_config,
     )
 
 
@@ -122,17 +156,23 @@ def test_a_sender_cannot_point_at_another_tenants_config(db: sa.Connection) -> N
     refused(
         db,
         "UPDATE dripiq_app.email_sender_identities SET provider_config_id = :c WHERE id = 's_globex_1'",
-        "fk_email_sender_identities_provider_config", c=acme_config,
+        "fk_email_sender_identities_provider_config",
+        c=acme_config,
     )
 
 
 def test_one_token_row_per_config(db: sa.Connection) -> None:
     config = add_config(db, "t_globex", "GW", type="google_workspace")
-    run(db, "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)", c=config)
+    run(
+        db,
+        "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)",
+        c=config,
+    )
     refused(
         db,
         "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)",
-        "uq_email_provider_tokens_tenant_id_config_id", c=config,
+        "uq_email_provider_tokens_tenant_id_config_id",
+        c=config,
     )
 
 
@@ -140,30 +180,61 @@ def test_deleting_a_config_removes_its_tokens_and_unlinks_senders_keeping_their_
     db: sa.Connection,
 ) -> None:
     config = add_config(db, "t_globex", "GW", type="google_workspace")
-    run(db, "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)", c=config)
-    run(db, "UPDATE dripiq_app.email_sender_identities SET provider_config_id = :c WHERE id = 's_globex_1'", c=config)
+    run(
+        db,
+        "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)",
+        c=config,
+    )
+    run(
+        db,
+        "UPDATE dripiq_app.email_sender_identities SET provider_config_id = :c WHERE id = 's_globex_1'",
+        c=config,
+    )
     run(db, "DELETE FROM dripiq_app.email_provider_configs WHERE id = :c", c=config)
     assert run(db, "SELECT count(*) FROM dripiq_app.email_provider_tokens").scalar_one() == 0
-    sender = run(db, "SELECT tenant_id, provider_config_id FROM dripiq_app.email_sender_identities WHERE id = 's_globex_1'").one()
+    sender = run(
+        db,
+        "SELECT tenant_id, provider_config_id FROM dripiq_app.email_sender_identities WHERE id = 's_globex_1'",
+    ).one()
     assert tuple(sender) == ("t_globex", None)
 
 
 def test_deleting_a_tenant_cascades_to_configs_tokens_and_senders(db: sa.Connection) -> None:
     config = add_config(db, "t_globex", "GW", type="google_workspace")
     add_config(db, "t_acme", "GW", type="google_workspace")
-    run(db, "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)", c=config)
+    run(
+        db,
+        "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) VALUES ('t_globex', :c)",
+        c=config,
+    )
     run(db, "DELETE FROM dripiq_app.tenants WHERE id = 't_globex'")
     for table in ("email_provider_configs", "email_provider_tokens", "email_sender_identities"):
-        assert run(db, f"SELECT count(*) FROM dripiq_app.{table} WHERE tenant_id = 't_globex'").scalar_one() == 0
-    assert run(db, "SELECT count(*) FROM dripiq_app.email_provider_configs WHERE tenant_id = 't_acme'").scalar_one() == 1
+        assert (
+            run(
+                db, f"SELECT count(*) FROM dripiq_app.{table} WHERE tenant_id = 't_globex'"
+            ).scalar_one()
+            == 0
+        )
+    assert (
+        run(
+            db, "SELECT count(*) FROM dripiq_app.email_provider_configs WHERE tenant_id = 't_acme'"
+        ).scalar_one()
+        == 1
+    )
 
 
 def test_updated_at_is_kept_by_the_database_and_created_at_never_moves(db: sa.Connection) -> None:
     config = add_config(db, "t_globex", "Relay")
-    run(db, "UPDATE dripiq_app.email_provider_configs SET created_at = '2000-01-01', "
-            "updated_at = '2000-01-01' WHERE id = :c", c=config)
+    run(
+        db,
+        "UPDATE dripiq_app.email_provider_configs SET created_at = '2000-01-01', "
+        "updated_at = '2000-01-01' WHERE id = :c",
+        c=config,
+    )
     created, updated, now = run(
-        db, "SELECT created_at, updated_at, timezone('utc', now()) FROM dripiq_app.email_provider_configs WHERE id = :c", c=config
+        db,
+        "SELECT created_at, updated_at, timezone('utc', now()) FROM dripiq_app.email_provider_configs WHERE id = :c",
+        c=config,
     ).one()
     assert created.year != 2000
     assert updated == now  # the trigger's value, not the one written

@@ -18,10 +18,13 @@ def test_up_is_idempotent_and_down_stops_exactly_what_up_started(tmp_path: Path)
     try:
         first = devstack.up(state)
         recorded = devstack.StackState.load(state / "stack.json")
-        assert recorded.postgres is not None and recorded.openbao is not None
+        assert recorded.postgres is not None
+        assert recorded.openbao is not None
         with psycopg.connect(first.variables["TENANTVAULT_DATABASE_URL"]) as connection:
             assert connection.execute("SELECT current_database()").fetchone() == ("tenantvault",)
-        client = hvac.Client(url=first.variables["VAULT_ADDR"], token=first.variables["VAULT_TOKEN"])
+        client = hvac.Client(
+            url=first.variables["VAULT_ADDR"], token=first.variables["VAULT_TOKEN"]
+        )
         assert "transit/" in client.sys.list_mounted_secrets_engines()["data"]
         assert (state / "env").read_text() == first.as_shell()
         assert oct((state / "env").stat().st_mode & 0o777) == "0o600"

@@ -3,6 +3,8 @@ constraints, grants, functions and compression, compared through the catalogs.""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import psycopg
 import sqlalchemy as sa
 
@@ -12,7 +14,6 @@ from tenantvault.models import TENANTVAULT_TABLES
 from tenantvault.settings import Settings
 
 from .support import REVISIONS, catalog_snapshot
-
 
 DATA_ONLY_REVISIONS = {"0004_default_sendgrid_configs"}
 
@@ -26,7 +27,7 @@ def test_each_revision_downgrade_restores_the_catalog_exactly(
     settings: Settings, owner_engine: sa.Engine
 ) -> None:
     migrate.upgrade(settings, REVISIONS[0])
-    for previous, revision in zip(REVISIONS, REVISIONS[1:], strict=False):
+    for previous, revision in pairwise(REVISIONS):
         before = _snapshot(owner_engine)
         migrate.upgrade(settings, revision)
         after_upgrade = _snapshot(owner_engine)
@@ -54,7 +55,10 @@ def test_every_owned_table_has_forced_row_level_security_and_its_policies(
     migrate.upgrade(settings)
     snapshot = _snapshot(owner_engine)
     flags = {name: (rls, forced) for name, rls, forced in snapshot["row_security"]}
-    policies = {(table, name): (roles, qual, check) for table, name, _, roles, _, qual, check in snapshot["policies"]}
+    policies = {
+        (table, name): (roles, qual, check)
+        for table, name, _, roles, _, qual, check in snapshot["policies"]
+    }
     for table in TENANTVAULT_TABLES:
         assert flags[table] == (True, True), f"{table}: RLS not enabled and forced"
         roles, qual, check = policies[(table, "tenant_isolation")]
@@ -68,14 +72,18 @@ def test_every_owned_table_has_forced_row_level_security_and_its_policies(
         assert flags[table] == (False, False)
 
 
-def test_owned_tables_keep_updated_at_with_a_trigger(settings: Settings, owner_engine: sa.Engine) -> None:
+def test_owned_tables_keep_updated_at_with_a_trigger(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
     migrate.upgrade(settings)
     triggers = {(table, name) for table, name, _ in _snapshot(owner_engine)["triggers"]}
     for table in TENANTVAULT_TABLES:
         assert (table, f"trg_{table}_touch_updated_at") in triggers
 
 
-def test_every_new_table_and_column_has_a_comment(settings: Settings, owner_engine: sa.Engine) -> None:
+def test_every_new_table_and_column_has_a_comment(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
     migrate.upgrade(settings)
     with owner_engine.connect() as connection:
         missing = connection.execute(

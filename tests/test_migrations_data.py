@@ -66,11 +66,17 @@ def test_data_migration_run_twice_changes_nothing(
 ) -> None:
     migrate.upgrade(settings)
     with owner_engine.connect() as connection:
-        first = {t: table_rows(connection, t) for t in ("email_provider_configs", "email_sender_identities")}
+        first = {
+            t: table_rows(connection, t)
+            for t in ("email_provider_configs", "email_sender_identities")
+        }
     stamp(settings, SENDER_LINKS)  # pretend it never ran, so upgrade runs it again
     migrate.upgrade(settings)
     with owner_engine.connect() as connection:
-        second = {t: table_rows(connection, t) for t in ("email_provider_configs", "email_sender_identities")}
+        second = {
+            t: table_rows(connection, t)
+            for t in ("email_provider_configs", "email_sender_identities")
+        }
     assert second == first
     assert len(first["email_provider_configs"]) == 2
 
@@ -104,7 +110,10 @@ def test_downgrade_to_base_and_back_up_with_data(
     migrate.downgrade(settings, BASELINE)  # only the migration's own legacy configs: no loss
     with owner_engine.connect() as connection:
         assert legacy_rows(connection) == seeded
-        columns = {c["name"] for c in sa.inspect(connection).get_columns("email_sender_identities", "dripiq_app")}
+        columns = {
+            c["name"]
+            for c in sa.inspect(connection).get_columns("email_sender_identities", "dripiq_app")
+        }
     assert "provider_config_id" not in columns
     migrate.upgrade(settings)
     with owner_engine.connect() as connection:
@@ -132,7 +141,10 @@ def test_downgrade_that_would_lose_configs_refuses_and_changes_nothing(
     migrate.upgrade(settings)
     _add_smtp_config(owner_engine)
     with owner_engine.connect() as connection:
-        before = {t: table_rows(connection, t) for t in ("email_provider_configs", "email_provider_tokens", "email_sender_identities")}
+        before = {
+            t: table_rows(connection, t)
+            for t in ("email_provider_configs", "email_provider_tokens", "email_sender_identities")
+        }
     with pytest.raises(MigrationError, match="links from sender identities") as refused:
         migrate.downgrade(settings, BASELINE)
     assert "allow_data_loss" in str(refused.value)

@@ -44,7 +44,7 @@ INSERT INTO dripiq_app.email_sender_identities
   FROM generate_series(1, {TENANTS}) t, generate_series(1, {PER_TENANT}) n;
 INSERT INTO dripiq_app.email_provider_tokens
     (tenant_id, config_id, encrypted_access_token, encrypted_refresh_token, expires_at)
-  SELECT 't_' || lpad(t::text, 5, '0'), 'tv_' || t || '_' || n, 'sealed', 
+  SELECT 't_' || lpad(t::text, 5, '0'), 'tv_' || t || '_' || n, 'sealed',
          CASE WHEN n % 2 = 0 THEN 'sealed' END,
          timestamp '2026-11-25' + (t * 7 + n) % 1440 * interval '1 minute'
   FROM generate_series(1, {TENANTS}) t, generate_series(1, 5) n;
@@ -125,7 +125,8 @@ def test_lookup_is_served_by_an_index_at_volume(loaded: str, name: str) -> None:
         if sql.lstrip().upper().startswith("SELECT"):
             assert app.execute(sql).fetchall() != []
     nodes = [
-        n for n in _plan_nodes(plan)
+        n
+        for n in _plan_nodes(plan)
         if n.get("Relation Name") in BIG_TABLES and n["Node Type"] != "ModifyTable"
     ]
     assert nodes, f"{name}: no scan of a tenant table in {plan}"

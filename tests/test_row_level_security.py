@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -39,6 +40,14 @@ def set_tenant(connection: psycopg.Connection, tenant: str) -> None:
     connection.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, tenant))
 
 
+@contextmanager
+def as_tenant(connection: psycopg.Connection, tenant: str) -> Iterator[None]:
+    """A transaction scoped to ``tenant`` that is always rolled back."""
+    with connection.transaction(force_rollback=True):
+        set_tenant(connection, tenant)
+        yield
+
+
 def visible(connection: psycopg.Connection, table: str) -> set[str]:
     return {row[0] for row in connection.execute(f"SELECT tenant_id FROM {table}")}
 
@@ -48,11 +57,15 @@ def test_the_application_role_is_not_privileged(app_connection: psycopg.Connecti
         "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
     ).fetchone() or (None, None)
     assert (superuser, bypass) == (False, False)
-    owners = {row[0] for row in app_connection.execute(
-        "SELECT tableowner FROM pg_tables WHERE schemaname = 'dripiq_app'"
-    )}
+    owners = {
+        row[0]
+        for row in app_connection.execute(
+            "SELECT tableowner FROM pg_tables WHERE schemaname = 'dripiq_app'"
+        )
+    }
     member_of_owner = app_connection.execute(
-        "SELECT bool_or(pg_has_role(current_user, o, 'MEMBER')) FROM unnest(%s::text[]) o", (list(owners),)
+        "SELECT bool_or(pg_has_role(current_user, o, 'MEMBER')) FROM unnest(%s::text[]) o",
+        (list(owners),),
     ).fetchone()
     assert member_of_owner == (False,)
     assert app_connection.execute(
@@ -72,25 +85,35 @@ def test_another_tenants_rows_are_untouched_by_update_and_delete(
 ) -> None:
     with app_connection.transaction():
         set_tenant(app_connection, "t_acme")
-        updated = app_connection.execute(f"UPDATE {CONFIGS} SET name = 'mine' WHERE id = 'tv_b'").rowcount
-        deleted = app_connection.execute(f"DELETE FROM {TOKENS} WHERE tenant_id = 't_globex'").rowcount
+        updated = app_connection.execute(
+            f"UPDATE {CONFIGS} SET name = 'mine' WHERE id = 'tv_b'"
+        ).rowcount
+        deleted = app_connection.execute(
+            f"DELETE FROM {TOKENS} WHERE tenant_id = 't_globex'"
+        ).rowcount
     assert (updated, deleted) == (0, 0)
     with owner_engine.connect() as owner:
-        assert owner.exec_driver_sql(f"SELECT name FROM {CONFIGS} WHERE id = 'tv_b'").scalar_one() == "GW"
+        assert (
+            owner.exec_driver_sql(f"SELECT name FROM {CONFIGS} WHERE id = 'tv_b'").scalar_one()
+            == "GW"
+        )
         assert owner.exec_driver_sql(f"SELECT count(*) FROM {TOKENS}").scalar_one() == 2
 
 
 def test_inserting_a_row_for_another_tenant_is_refused(app_connection: psycopg.Connection) -> None:
-    with pytest.raises(errors.InsufficientPrivilege, match="row-level security"), app_connection.transaction():
-        set_tenant(app_connection, "t_acme")
-        app_connection.execute(
-            f"INSERT INTO {CONFIGS} (tenant_id, type, name, config) VALUES ('t_globex', 'smtp', 'x', '{{}}')"
-        )
+    insert = f"INSERT INTO {CONFIGS} (tenant_id, type, name, config) VALUES ('t_globex', 'smtp', 'x', '{{}}')"
+    with (
+        as_tenant(app_connection, "t_acme"),
+        pytest.raises(errors.InsufficientPrivilege, match="row-level security"),
+    ):
+        app_connection.execute(insert)
 
 
 def test_a_row_cannot_be_moved_to_another_tenant(app_connection: psycopg.Connection) -> None:
-    with pytest.raises(errors.InsufficientPrivilege, match="row-level security"), app_connection.transaction():
-        set_tenant(app_connection, "t_acme")
+    with (
+        as_tenant(app_connection, "t_acme"),
+        pytest.raises(errors.InsufficientPrivilege, match="row-level security"),
+    ):
         app_connection.execute(f"UPDATE {CONFIGS} SET tenant_id = 't_globex' WHERE id = 'tv_a'")
 
 
@@ -98,28 +121,38 @@ def test_soft_deleted_rows_stay_visible_to_their_tenant(app_connection: psycopg.
     with app_connection.transaction():
         set_tenant(app_connection, "t_acme")
         app_connection.execute(f"UPDATE {CONFIGS} SET deleted_at = now() WHERE id = 'tv_a'")
-        assert app_connection.execute(f"SELECT id FROM {CONFIGS} WHERE deleted_at IS NOT NULL").fetchall() == [("tv_a",)]
+        assert app_connection.execute(
+            f"SELECT id FROM {CONFIGS} WHERE deleted_at IS NOT NULL"
+        ).fetchall() == [("tv_a",)]
 
 
 def test_without_a_tenant_nothing_is_visible_even_on_a_reused_connection(
     app_connection: psycopg.Connection,
 ) -> None:
     with app_connection.transaction():  # a fresh connection: the setting was never made
-        assert app_connection.execute("SELECT current_setting(%s, true)", (TENANT_SETTING,)).fetchone() == (None,)
+        assert app_connection.execute(
+            "SELECT current_setting(%s, true)", (TENANT_SETTING,)
+        ).fetchone() == (None,)
         assert visible(app_connection, CONFIGS) == set()
     with app_connection.transaction():  # an earlier tenant's transaction on this connection
         set_tenant(app_connection, "t_acme")
         assert visible(app_connection, CONFIGS) == {"t_acme"}
     with app_connection.transaction():  # ...has ended: the setting is '' now, not NULL
-        assert app_connection.execute("SELECT current_setting(%s, true)", (TENANT_SETTING,)).fetchone() == ("",)
+        assert app_connection.execute(
+            "SELECT current_setting(%s, true)", (TENANT_SETTING,)
+        ).fetchone() == ("",)
         assert visible(app_connection, CONFIGS) == set()
         assert visible(app_connection, TOKENS) == set()
         assert app_connection.execute(f"UPDATE {CONFIGS} SET name = 'x'").rowcount == 0
 
 
-def test_the_application_role_cannot_hard_delete_configs(app_connection: psycopg.Connection) -> None:
-    with pytest.raises(errors.InsufficientPrivilege), app_connection.transaction():
-        set_tenant(app_connection, "t_acme")
+def test_the_application_role_cannot_hard_delete_configs(
+    app_connection: psycopg.Connection,
+) -> None:
+    with (
+        as_tenant(app_connection, "t_acme"),
+        pytest.raises(errors.InsufficientPrivilege, match="permission denied"),
+    ):
         app_connection.execute(f"DELETE FROM {CONFIGS} WHERE id = 'tv_a'")
 
 
@@ -134,14 +167,21 @@ def test_the_application_role_reads_only_the_sender_columns_tenantvault_needs(
         app_connection.execute("SELECT email_signature FROM dripiq_app.email_sender_identities")
 
 
-def test_tenant_session_scopes_orm_reads_to_its_tenant(app_connection: psycopg.Connection, app_url: str) -> None:
+def test_tenant_session_scopes_orm_reads_to_its_tenant(
+    app_connection: psycopg.Connection, app_url: str
+) -> None:
     engine = create_engine(load_settings(database_url=app_url))
     try:
         with tenant_session(engine, "t_globex") as session:
             names = session.scalars(sa.select(EmailProviderConfig.name)).all()
         assert names == ["GW"]
         with engine.connect() as bare:  # the same pool, no tenant: nothing
-            assert bare.execute(sa.select(sa.func.count()).select_from(EmailProviderConfig)).scalar_one() == 0
+            assert (
+                bare.execute(
+                    sa.select(sa.func.count()).select_from(EmailProviderConfig)
+                ).scalar_one()
+                == 0
+            )
     finally:
         engine.dispose()
 

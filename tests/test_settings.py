@@ -52,7 +52,9 @@ def test_a_malformed_url_is_refused_without_echoing_it(monkeypatch: pytest.Monke
         ("VAULT_ADDR", "not a url"),
     ],
 )
-def test_each_malformed_setting_is_named(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+def test_each_malformed_setting_is_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
     monkeypatch.setenv("TENANTVAULT_DATABASE_URL", SECRET_URL)
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError, match=variable) as error:
@@ -64,7 +66,12 @@ def test_secrets_stay_out_of_repr_and_display(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("TENANTVAULT_DATABASE_URL", SECRET_URL)
     monkeypatch.setenv("VAULT_TOKEN", "s.vault-token-secret")
     settings = load_settings()
-    shown = repr(settings) + str(settings) + settings.database_url_for_display() + repr(settings.sqlalchemy_url)
+    shown = (
+        repr(settings)
+        + str(settings)
+        + settings.database_url_for_display()
+        + repr(settings.sqlalchemy_url)
+    )
     assert "hunter2" not in shown
     assert "vault-token-secret" not in shown
     assert settings.vault_token is not None

@@ -67,7 +67,10 @@ def upgrade() -> None:
         # Already nullable in the deployed database (the ticket's DROP NOT NULL is a no-op).
         sa.Column("sendgrid_sender_id", sa.Text(), nullable=True),
         sa.Column(
-            "validation_status", sa.Text(), server_default=sa.text("'pending'::text"), nullable=False
+            "validation_status",
+            sa.Text(),
+            server_default=sa.text("'pending'::text"),
+            nullable=False,
         ),
         sa.Column("last_validated_at", sa.DateTime(), nullable=True),
         sa.Column("dedicated_ip_pool", sa.Text(), nullable=True),

@@ -109,11 +109,17 @@ def _id_column() -> sa.Column[str]:
 def _timestamp_columns() -> list[sa.Column[object]]:
     return [
         sa.Column(
-            "created_at", sa.DateTime(), server_default=UTC_NOW, nullable=False,
+            "created_at",
+            sa.DateTime(),
+            server_default=UTC_NOW,
+            nullable=False,
             comment="Creation time (UTC).",
         ),
         sa.Column(
-            "updated_at", sa.DateTime(), server_default=UTC_NOW, nullable=False,
+            "updated_at",
+            sa.DateTime(),
+            server_default=UTC_NOW,
+            nullable=False,
             comment="Last change (UTC); maintained by a trigger.",
         ),
     ]
@@ -124,52 +130,75 @@ def _create_configs(schema: str) -> None:
         "email_provider_configs",
         _id_column(),
         sa.Column(
-            "tenant_id", sa.Text(), nullable=False,
+            "tenant_id",
+            sa.Text(),
+            nullable=False,
             comment="Owning tenant; row-level security admits only the transaction's tenant.",
         ),
         sa.Column(
-            "type", sa.Text(), nullable=False,
+            "type",
+            sa.Text(),
+            nullable=False,
             comment="Provider: sendgrid, smtp, microsoft_graph or google_workspace.",
         ),
         sa.Column(
-            "name", sa.Text(), nullable=False,
+            "name",
+            sa.Text(),
+            nullable=False,
             comment="Display name, unique among the tenant's live configs.",
         ),
         sa.Column(
-            "config", postgresql.JSONB(), nullable=False,
+            "config",
+            postgresql.JSONB(),
+            nullable=False,
             comment="Provider-specific non-secret configuration (JSON object).",
         ),
         sa.Column(
-            "encrypted_credentials", sa.Text(), nullable=True,
+            "encrypted_credentials",
+            sa.Text(),
+            nullable=True,
             comment="Sealed secret credentials (AEAD, bound to tenant, column and row); "
             "never plaintext.",
         ),
         sa.Column(
-            "is_default", sa.Boolean(), server_default=sa.text("false"), nullable=False,
+            "is_default",
+            sa.Boolean(),
+            server_default=sa.text("false"),
+            nullable=False,
             comment="The tenant's default config (at most one, live).",
         ),
         sa.Column(
-            "is_active", sa.Boolean(), server_default=sa.text("true"), nullable=False,
+            "is_active",
+            sa.Boolean(),
+            server_default=sa.text("true"),
+            nullable=False,
             comment="False when deactivated: kept, but not used to send.",
         ),
         *_timestamp_columns(),
         sa.Column(
-            "deleted_at", sa.DateTime(), nullable=True,
+            "deleted_at",
+            sa.DateTime(),
+            nullable=True,
             comment="Soft-delete time (UTC); NULL while the config is live.",
         ),
         sa.PrimaryKeyConstraint("id", name="email_provider_configs_pkey"),
         sa.ForeignKeyConstraint(
-            ["tenant_id"], [f"{schema}.tenants.id"],
-            name="fk_email_provider_configs_tenant_id_tenants", ondelete="CASCADE",
+            ["tenant_id"],
+            [f"{schema}.tenants.id"],
+            name="fk_email_provider_configs_tenant_id_tenants",
+            ondelete="CASCADE",
         ),
         sa.UniqueConstraint("tenant_id", "id", name="uq_email_provider_configs_tenant_id_id"),
         sa.CheckConstraint(
             "type IN ('sendgrid', 'smtp', 'microsoft_graph', 'google_workspace')",
             name=op.f("ck_email_provider_configs_type"),
         ),
-        sa.CheckConstraint("btrim(name) <> ''", name=op.f("ck_email_provider_configs_name_not_blank")),
         sa.CheckConstraint(
-            "jsonb_typeof(config) = 'object'", name=op.f("ck_email_provider_configs_config_is_object")
+            "btrim(name) <> ''", name=op.f("ck_email_provider_configs_name_not_blank")
+        ),
+        sa.CheckConstraint(
+            "jsonb_typeof(config) = 'object'",
+            name=op.f("ck_email_provider_configs_config_is_object"),
         ),
         sa.CheckConstraint(
             "NOT is_default OR (is_active AND deleted_at IS NULL)",
@@ -179,13 +208,20 @@ def _create_configs(schema: str) -> None:
         comment="Email provider configurations of tenants; credentials are sealed (AEAD).",
     )
     op.create_index(
-        "uq_email_provider_configs_tenant_id_name_live", "email_provider_configs",
-        ["tenant_id", "name"], unique=True, schema=schema,
+        "uq_email_provider_configs_tenant_id_name_live",
+        "email_provider_configs",
+        ["tenant_id", "name"],
+        unique=True,
+        schema=schema,
         postgresql_where=sa.text("deleted_at IS NULL"),
     )
     op.create_index(
-        "uq_email_provider_configs_tenant_id_default", "email_provider_configs",
-        ["tenant_id"], unique=True, schema=schema, postgresql_where=sa.text("is_default"),
+        "uq_email_provider_configs_tenant_id_default",
+        "email_provider_configs",
+        ["tenant_id"],
+        unique=True,
+        schema=schema,
+        postgresql_where=sa.text("is_default"),
     )
 
 
@@ -194,7 +230,9 @@ def _create_tokens(schema: str) -> None:
         "email_provider_tokens",
         _id_column(),
         sa.Column(
-            "tenant_id", sa.Text(), nullable=False,
+            "tenant_id",
+            sa.Text(),
+            nullable=False,
             comment="Owning tenant (the config's); row-level security admits only the "
             "transaction's tenant.",
         ),
@@ -202,31 +240,44 @@ def _create_tokens(schema: str) -> None:
             "config_id", sa.Text(), nullable=False, comment="The config these tokens authorize."
         ),
         sa.Column(
-            "encrypted_access_token", sa.Text(), nullable=True,
+            "encrypted_access_token",
+            sa.Text(),
+            nullable=True,
             comment="Sealed OAuth access token; never plaintext.",
         ),
         sa.Column(
-            "encrypted_refresh_token", sa.Text(), nullable=True,
+            "encrypted_refresh_token",
+            sa.Text(),
+            nullable=True,
             comment="Sealed OAuth refresh token; never plaintext.",
         ),
         sa.Column(
-            "token_type", sa.Text(), server_default=sa.text("'Bearer'::text"), nullable=False,
+            "token_type",
+            sa.Text(),
+            server_default=sa.text("'Bearer'::text"),
+            nullable=False,
             comment="OAuth token type (normally Bearer).",
         ),
         sa.Column(
-            "expires_at", sa.DateTime(), nullable=True,
+            "expires_at",
+            sa.DateTime(),
+            nullable=True,
             comment="Access token expiry (UTC); queryable for the refresher.",
         ),
         sa.Column(
-            "scopes", postgresql.ARRAY(sa.Text()), server_default=sa.text("'{}'::text[]"),
-            nullable=False, comment="Granted OAuth scopes.",
+            "scopes",
+            postgresql.ARRAY(sa.Text()),
+            server_default=sa.text("'{}'::text[]"),
+            nullable=False,
+            comment="Granted OAuth scopes.",
         ),
         *_timestamp_columns(),
         sa.PrimaryKeyConstraint("id", name="email_provider_tokens_pkey"),
         sa.ForeignKeyConstraint(
             ["tenant_id", "config_id"],
             [f"{schema}.email_provider_configs.tenant_id", f"{schema}.email_provider_configs.id"],
-            name="fk_email_provider_tokens_config", ondelete="CASCADE",
+            name="fk_email_provider_tokens_config",
+            ondelete="CASCADE",
         ),
         sa.UniqueConstraint(
             "tenant_id", "config_id", name="uq_email_provider_tokens_tenant_id_config_id"
@@ -258,11 +309,15 @@ def _isolate(table: str) -> None:
 def _grant() -> None:
     opts = options()
     configs, tokens = (qualified(t) for t in TABLES)
-    op.execute(f'GRANT USAGE ON SCHEMA "{opts.schema}" TO "{opts.app_role}", "{opts.migrator_role}"')
+    op.execute(
+        f'GRANT USAGE ON SCHEMA "{opts.schema}" TO "{opts.app_role}", "{opts.migrator_role}"'
+    )
     # Soft delete is an UPDATE: the application role never deletes configs.
     op.execute(f'GRANT SELECT, INSERT, UPDATE ON {configs} TO "{opts.app_role}"')
     op.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON {tokens} TO "{opts.app_role}"')
-    op.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON {configs}, {tokens} TO "{opts.migrator_role}"')
+    op.execute(
+        f'GRANT SELECT, INSERT, UPDATE, DELETE ON {configs}, {tokens} TO "{opts.migrator_role}"'
+    )
     op.execute(f'GRANT SELECT ON {qualified("tenants")} TO "{opts.migrator_role}"')
 
 
@@ -281,7 +336,9 @@ def upgrade() -> None:
     _create_configs(schema)
     _create_tokens(schema)
     set_lz4_compression("email_provider_configs", ["config", "encrypted_credentials"])
-    set_lz4_compression("email_provider_tokens", ["encrypted_access_token", "encrypted_refresh_token"])
+    set_lz4_compression(
+        "email_provider_tokens", ["encrypted_access_token", "encrypted_refresh_token"]
+    )
     for table in TABLES:
         _isolate(table)
     _grant()
@@ -294,7 +351,9 @@ def downgrade() -> None:
         refuse_if_rows(
             f"SELECT 1 FROM {qualified('email_provider_configs')}", "email provider configs"
         )
-    op.execute(f'REVOKE ALL ON SCHEMA "{opts.schema}" FROM "{opts.app_role}", "{opts.migrator_role}"')
+    op.execute(
+        f'REVOKE ALL ON SCHEMA "{opts.schema}" FROM "{opts.app_role}", "{opts.migrator_role}"'
+    )
     op.execute(f'REVOKE ALL ON {qualified("tenants")} FROM "{opts.migrator_role}"')
     op.drop_table("email_provider_tokens", schema=opts.schema)
     op.drop_table("email_provider_configs", schema=opts.schema)

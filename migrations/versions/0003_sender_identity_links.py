@@ -36,7 +36,9 @@ def upgrade() -> None:
     op.add_column(
         TABLE,
         sa.Column(
-            "provider_config_id", sa.Text(), nullable=True,
+            "provider_config_id",
+            sa.Text(),
+            nullable=True,
             comment="The email provider config this sender sends through "
             "(NULL: legacy SendGrid path).",
         ),
@@ -45,7 +47,9 @@ def upgrade() -> None:
     op.add_column(
         TABLE,
         sa.Column(
-            "provider_validation_data", postgresql.JSONB(), nullable=True,
+            "provider_validation_data",
+            postgresql.JSONB(),
+            nullable=True,
             comment="Provider-specific validation data (identity id, verification URLs, ...); "
             "not secret.",
         ),
@@ -60,8 +64,10 @@ def upgrade() -> None:
     )
     # Serves "the senders of a config" and the foreign key's ON DELETE lookups.
     op.create_index(
-        "ix_email_sender_identities_tenant_id_provider_config_id", TABLE,
-        ["tenant_id", "provider_config_id"], schema=opts.schema,
+        "ix_email_sender_identities_tenant_id_provider_config_id",
+        TABLE,
+        ["tenant_id", "provider_config_id"],
+        schema=opts.schema,
     )
     # tenantvault reads the link and writes only the columns it added.
     op.execute(
@@ -70,7 +76,7 @@ def upgrade() -> None:
         f'TO "{opts.app_role}"'
     )
     op.execute(
-        f"GRANT SELECT, UPDATE (provider_config_id) ON {identities} TO \"{opts.migrator_role}\""
+        f'GRANT SELECT, UPDATE (provider_config_id) ON {identities} TO "{opts.migrator_role}"'
     )
 
 

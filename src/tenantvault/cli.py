@@ -28,7 +28,8 @@ def _print_status(report: StatusReport) -> int:
         rls = "RLS forced" if table.row_level_security and table.forced else "RLS NOT FORCED"
         print(
             f"  {table.name:<24} {rls}, {table.policies} policies, "
-            f"{table.rows_visible_to_app_without_tenant} rows visible to the app role without a tenant"
+            f"{table.rows_visible_to_app_without_tenant} rows visible to the app role "
+            "without a tenant"
         )
     vault = report.vault
     if vault is not None:
@@ -66,7 +67,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     if args.action == "up":
         sys.stdout.write(devstack.up(state_dir).as_shell())
-        print(f"# written to {state_dir / 'env'}: eval \"$(tenantvault dev env)\"", file=sys.stderr)
+        print(f'# written to {state_dir / "env"}: eval "$(tenantvault dev env)"', file=sys.stderr)
     elif args.action == "env":
         sys.stdout.write(devstack.stack_env(state_dir).as_shell())
     else:
@@ -85,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
     m.add_argument("--revision", default="head", help="target revision (default: head)")
     m.add_argument(
-        "--adopt", action="store_true",
+        "--adopt",
+        action="store_true",
         help="the database already has the application's tables: stamp the baseline first",
     )
     m.add_argument("--downgrade", action="store_true", help="downgrade to --revision")
     m.add_argument(
-        "--allow-data-loss", action="store_true",
+        "--allow-data-loss",
+        action="store_true",
         help="acknowledge that a downgrade deletes data the older schema cannot hold",
     )
     m.set_defaults(handler=_cmd_migrate)

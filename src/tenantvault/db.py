@@ -48,13 +48,15 @@ def create_engine(settings: Settings, **kwargs: object) -> Engine:
         settings.sqlalchemy_url,
         pool_pre_ping=True,
         connect_args={"connect_timeout": settings.connect_timeout_seconds, "options": options},
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     ).execution_options(schema_translate_map={None: settings.schema_name})
 
 
 def set_tenant(connection: Connection, tenant_id: str) -> None:
     """Scope the current transaction of ``connection`` to ``tenant_id``."""
-    connection.execute(_SET_TENANT, {"name": TENANT_SETTING, "tenant_id": check_tenant_id(tenant_id)})
+    connection.execute(
+        _SET_TENANT, {"name": TENANT_SETTING, "tenant_id": check_tenant_id(tenant_id)}
+    )
 
 
 @contextmanager

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -145,7 +146,9 @@ def _wait_until(check: Callable[[], bool], what: str, log: Path) -> None:
             return
         time.sleep(0.1)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise DevStackError(f"{what} did not start within {STARTUP_TIMEOUT_SECONDS:.0f}s; log tail:\n{tail}")
+    raise DevStackError(
+        f"{what} did not start within {STARTUP_TIMEOUT_SECONDS:.0f}s; log tail:\n{tail}"
+    )
 
 
 # --- PostgreSQL ---
@@ -159,8 +162,16 @@ def _pg_run_as() -> str | None:
 
         pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
-        subprocess.run(  # noqa: S603
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],  # noqa: S607
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        subprocess.run(  # noqa: S603 - fixed argv, no shell
+            [
+                useradd,
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                PG_SYSTEM_USER,
+            ],
             check=True,
             capture_output=True,
         )
@@ -172,7 +183,6 @@ def _give_to(user: str | None, path: Path) -> None:
     if user is None:
         return
     import pwd
-    import shutil
 
     shutil.chown(path, user, user)
     for parent in path.resolve().parents:
@@ -184,7 +194,12 @@ def _give_to(user: str | None, path: Path) -> None:
 def _pg(args: list[str], user: str | None, log: Path | None = None) -> None:
     command = [str(postgres_bin_dir() / args[0]), *args[1:]]
     result = subprocess.run(  # noqa: S603
-        command, user=user, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_SECONDS, check=False
+        command,
+        user=user,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_SECONDS,
+        check=False,
     )
     if result.returncode != 0:
         detail = (result.stderr or result.stdout)[-2000:]
@@ -204,15 +219,32 @@ def _postmaster_pid(data_dir: Path) -> int | None:
 def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceRecord:
     """Start (or reuse) the private PostgreSQL; returns its pid and port."""
     data_dir = state_dir / "postgres"
-    if record is not None and process_alive(record.pid, "postgres") and _postmaster_pid(data_dir) == record.pid:
+    if (
+        record is not None
+        and process_alive(record.pid, "postgres")
+        and _postmaster_pid(data_dir) == record.pid
+    ):
         return record
     user = _pg_run_as()
     log = state_dir / "postgres.log"
     if not (data_dir / "PG_VERSION").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         _give_to(user, data_dir)
-        _pg(["initdb", "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--locale=C", "--no-instructions"], user)
+        _pg(
+            [
+                "initdb",
+                "-D",
+                str(data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            user,
+        )
         with (data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\ninclude_if_exists = 'tenantvault.conf'\n")
     port = free_port()
@@ -255,24 +287,37 @@ def vault_client(port: int, token: str) -> hvac.Client:
 def _openbao_ready(port: int, token: str) -> bool:
     try:
         return bool(vault_client(port, token).sys.is_initialized())
-    except Exception:  # noqa: BLE001 - not up yet, whatever the reason
+    except Exception:
         return False
 
 
 def start_openbao(state_dir: Path, record: ServiceRecord | None, token: str) -> ServiceRecord:
     """Start (or reuse) the OpenBao dev server, with the transit engine enabled."""
     binary = bao_binary()
-    if record is not None and process_alive(record.pid, str(binary)) and _openbao_ready(record.port, token):
+    if (
+        record is not None
+        and process_alive(record.pid, str(binary))
+        and _openbao_ready(record.port, token)
+    ):
         return record
     port = free_port(also_next=True)  # the dev server also binds port + 1 (cluster)
     log = state_dir / "openbao.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     with log.open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603
-            [str(binary), "server", "-dev", f"-dev-root-token-id={token}",
-             f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token"],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, env=environment,
+            [
+                str(binary),
+                "server",
+                "-dev",
+                f"-dev-root-token-id={token}",
+                f"-dev-listen-address=127.0.0.1:{port}",
+                "-dev-no-store-token",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=environment,
         )
     new_record = ServiceRecord(pid=process.pid, port=port)
 
@@ -327,7 +372,9 @@ def stack_env(state_dir: Path) -> StackEnv:
     return StackEnv(variables)
 
 
-def up(state_dir: Path = DEFAULT_STATE_DIR, *, postgres: bool = True, openbao: bool = True) -> StackEnv:
+def up(
+    state_dir: Path = DEFAULT_STATE_DIR, *, postgres: bool = True, openbao: bool = True
+) -> StackEnv:
     """Start what is not running yet; reuse what is. Writes ``<state_dir>/env``."""
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700 if os.geteuid() != 0 else 0o711)

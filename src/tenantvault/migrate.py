@@ -90,9 +90,7 @@ def _legacy_tables_present(connection: sa.Connection, schema: str) -> list[str]:
     return [table for table in LEGACY_TABLES if table in names]
 
 
-def upgrade(
-    settings: Settings, revision: str = "head", *, adopt: bool = False
-) -> MigrationReport:
+def upgrade(settings: Settings, revision: str = "head", *, adopt: bool = False) -> MigrationReport:
     """Upgrade the database to ``revision``.
 
     Args:
@@ -127,7 +125,9 @@ def _inspect(engine: sa.Engine, schema: str) -> tuple[str | None, list[str]]:
         return current_revision(connection, schema), _legacy_tables_present(connection, schema)
 
 
-def downgrade(settings: Settings, revision: str, *, allow_data_loss: bool = False) -> MigrationReport:
+def downgrade(
+    settings: Settings, revision: str, *, allow_data_loss: bool = False
+) -> MigrationReport:
     """Downgrade to ``revision``; refuses (MigrationError) where data would be lost,
     unless ``allow_data_loss`` acknowledges it."""
     options = MigrationOptions.from_settings(settings, allow_data_loss=allow_data_loss)

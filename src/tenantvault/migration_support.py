@@ -30,7 +30,9 @@ class MigrationOptions:
     allow_data_loss: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, allow_data_loss: bool = False) -> MigrationOptions:
+    def from_settings(
+        cls, settings: Settings, *, allow_data_loss: bool = False
+    ) -> MigrationOptions:
         return cls(
             schema=settings.schema_name,
             app_role=settings.app_role,

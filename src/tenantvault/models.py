@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, ClassVar, TypedDict
 
 from sqlalchemy import (
     Boolean,
@@ -108,7 +108,11 @@ class Base(DeclarativeBase):
     """The one declarative base; its metadata is what Alembic compares against."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSONB, str: Text}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime,
+        dict[str, Any]: JSONB,
+        str: Text,
+    }
 
 
 # --- Application tables (owned by the app; tenantvault reads them and adds columns) ---
@@ -162,15 +166,23 @@ class EmailSenderIdentity(Base):
             name="fk_email_sender_identities_provider_config",
         ),
         # Serves "the senders of a config" and the FK's ON DELETE lookups.
-        Index("ix_email_sender_identities_tenant_id_provider_config_id", "tenant_id", "provider_config_id"),
+        Index(
+            "ix_email_sender_identities_tenant_id_provider_config_id",
+            "tenant_id",
+            "provider_config_id",
+        ),
     )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     tenant_id: Mapped[str] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE", name="email_sender_identities_tenant_id_tenants_id_fk")
+        ForeignKey(
+            "tenants.id", ondelete="CASCADE", name="email_sender_identities_tenant_id_tenants_id_fk"
+        )
     )
     user_id: Mapped[str] = mapped_column(
-        ForeignKey("users.id", ondelete="CASCADE", name="email_sender_identities_user_id_users_id_fk")
+        ForeignKey(
+            "users.id", ondelete="CASCADE", name="email_sender_identities_user_id_users_id_fk"
+        )
     )
     from_email: Mapped[str]
     from_name: Mapped[str]
@@ -187,7 +199,8 @@ class EmailSenderIdentity(Base):
         comment="The email provider config this sender sends through (NULL: legacy SendGrid path)."
     )
     provider_validation_data: Mapped[dict[str, Any] | None] = mapped_column(
-        comment="Provider-specific validation data (identity id, verification URLs, ...); not secret."
+        comment="Provider-specific validation data (identity id, verification URLs, ...); "
+        "not secret."
     )
 
     provider_config: Mapped[EmailProviderConfig | None] = relationship(
@@ -232,25 +245,32 @@ class EmailProviderConfig(Base):
         CheckConstraint("btrim(name) <> ''", name="name_not_blank"),
         CheckConstraint("jsonb_typeof(config) = 'object'", name="config_is_object"),
         # A default is always usable: deactivating or deleting it clears is_default first.
-        CheckConstraint("NOT is_default OR (is_active AND deleted_at IS NULL)", name="default_is_live"),
+        CheckConstraint(
+            "NOT is_default OR (is_active AND deleted_at IS NULL)", name="default_is_live"
+        ),
         {"comment": "Email provider configurations of tenants; credentials are sealed (AEAD)."},
     )
 
     id: Mapped[TextId] = mapped_column(comment="Row id ('tv' + 32 hex digits).")
     tenant_id: Mapped[str] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE", name="fk_email_provider_configs_tenant_id_tenants"),
+        ForeignKey(
+            "tenants.id", ondelete="CASCADE", name="fk_email_provider_configs_tenant_id_tenants"
+        ),
         comment="Owning tenant; row-level security admits only the transaction's tenant.",
     )
     type: Mapped[ProviderType] = mapped_column(
         StrEnumText(ProviderType),
         comment="Provider: sendgrid, smtp, microsoft_graph or google_workspace.",
     )
-    name: Mapped[str] = mapped_column(comment="Display name, unique among the tenant's live configs.")
+    name: Mapped[str] = mapped_column(
+        comment="Display name, unique among the tenant's live configs."
+    )
     config: Mapped[dict[str, Any]] = mapped_column(
         comment="Provider-specific non-secret configuration (JSON object)."
     )
     encrypted_credentials: Mapped[str | None] = mapped_column(
-        comment="Sealed secret credentials (AEAD, bound to tenant, column and row); never plaintext."
+        comment="Sealed secret credentials (AEAD, bound to tenant, column and row); "
+        "never plaintext."
     )
     is_default: Mapped[bool] = mapped_column(
         server_default=text("false"), comment="The tenant's default config (at most one, live)."
@@ -285,7 +305,9 @@ class EmailProviderToken(Base):
     __tablename__ = "email_provider_tokens"
     __table_args__ = (
         # One token row per config: it is upserted on every grant and refresh.
-        UniqueConstraint("tenant_id", "config_id", name="uq_email_provider_tokens_tenant_id_config_id"),
+        UniqueConstraint(
+            "tenant_id", "config_id", name="uq_email_provider_tokens_tenant_id_config_id"
+        ),
         ForeignKeyConstraint(
             ["tenant_id", "config_id"],
             ["email_provider_configs.tenant_id", "email_provider_configs.id"],
@@ -297,7 +319,8 @@ class EmailProviderToken(Base):
 
     id: Mapped[TextId] = mapped_column(comment="Row id ('tv' + 32 hex digits).")
     tenant_id: Mapped[str] = mapped_column(
-        comment="Owning tenant (the config's); row-level security admits only the transaction's tenant."
+        comment="Owning tenant (the config's); row-level security admits only the "
+        "transaction's tenant."
     )
     config_id: Mapped[str] = mapped_column(comment="The config these tokens authorize.")
     encrypted_access_token: Mapped[str | None] = mapped_column(

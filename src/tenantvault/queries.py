@@ -14,61 +14,71 @@ from datetime import datetime
 
 from sqlalchemy import Delete, Select, delete, select
 
-from tenantvault.models import EmailProviderConfig, EmailProviderToken, EmailSenderIdentity, ProviderType
+from tenantvault.models import (
+    EmailProviderConfig,
+    EmailProviderToken,
+    EmailSenderIdentity,
+    ProviderType,
+)
 
 Config = EmailProviderConfig
 Token = EmailProviderToken
 Sender = EmailSenderIdentity
 
 
-def _live(tenant_id: str) -> Select[tuple[EmailProviderConfig]]:
+def _live(tenant_id: str) -> Select[EmailProviderConfig]:
     return select(Config).where(Config.tenant_id == tenant_id, Config.deleted_at.is_(None))
 
 
-def config_by_id(tenant_id: str, config_id: str) -> Select[tuple[EmailProviderConfig]]:
+def config_by_id(tenant_id: str, config_id: str) -> Select[EmailProviderConfig]:
     return _live(tenant_id).where(Config.id == config_id)
 
 
-def configs_by_ids(tenant_id: str, config_ids: Sequence[str]) -> Select[tuple[EmailProviderConfig]]:
+def configs_by_ids(tenant_id: str, config_ids: Sequence[str]) -> Select[EmailProviderConfig]:
     """Many configs of one tenant at once (their credentials open with one key fetch)."""
     return _live(tenant_id).where(Config.id.in_(config_ids)).order_by(Config.id)
 
 
-def default_config(tenant_id: str) -> Select[tuple[EmailProviderConfig]]:
+def default_config(tenant_id: str) -> Select[EmailProviderConfig]:
     # A CHECK makes every default live and active, so is_default alone suffices.
     return select(Config).where(Config.tenant_id == tenant_id, Config.is_default)
 
 
-def config_by_name(tenant_id: str, name: str) -> Select[tuple[EmailProviderConfig]]:
+def config_by_name(tenant_id: str, name: str) -> Select[EmailProviderConfig]:
     return _live(tenant_id).where(Config.name == name)
 
 
-def active_configs(tenant_id: str) -> Select[tuple[EmailProviderConfig]]:
+def active_configs(tenant_id: str) -> Select[EmailProviderConfig]:
     return _live(tenant_id).where(Config.is_active).order_by(Config.name)
 
 
-def configs_of_type(tenant_id: str, provider: ProviderType) -> Select[tuple[EmailProviderConfig]]:
+def configs_of_type(tenant_id: str, provider: ProviderType) -> Select[EmailProviderConfig]:
     return _live(tenant_id).where(Config.type == provider).order_by(Config.name)
 
 
-def config_for_sender(tenant_id: str, sender_id: str) -> Select[tuple[EmailProviderConfig]]:
+def config_for_sender(tenant_id: str, sender_id: str) -> Select[EmailProviderConfig]:
     """The config a sender identity sends through."""
     return (
         _live(tenant_id)
-        .join(Sender, (Sender.tenant_id == Config.tenant_id) & (Sender.provider_config_id == Config.id))
+        .join(
+            Sender,
+            (Sender.tenant_id == Config.tenant_id) & (Sender.provider_config_id == Config.id),
+        )
         .where(Sender.tenant_id == tenant_id, Sender.id == sender_id)
     )
 
 
-def senders_of_config(tenant_id: str, config_id: str) -> Select[tuple[str]]:
-    return select(Sender.id).where(Sender.tenant_id == tenant_id, Sender.provider_config_id == config_id)
+def senders_of_config(tenant_id: str, config_id: str) -> Select[str]:
+    return select(Sender.id).where(
+        Sender.tenant_id == tenant_id, Sender.provider_config_id == config_id
+    )
 
 
-def token_of_config(tenant_id: str, config_id: str) -> Select[tuple[EmailProviderToken]]:
+def token_of_config(tenant_id: str, config_id: str) -> Select[EmailProviderToken]:
     return select(Token).where(Token.tenant_id == tenant_id, Token.config_id == config_id)
 
 
-def tokens_expiring(tenant_id: str, before: datetime) -> Select[tuple[EmailProviderToken]]:
+def tokens_expiring(tenant_id: str, before: datetime) -> Select[EmailProviderToken]:
     """Tokens whose access token expires before ``before`` (for the refresher)."""
     return (
         select(Token)

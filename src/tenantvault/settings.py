@@ -93,7 +93,11 @@ class Settings(BaseSettings):
         return self.sqlalchemy_url.render_as_string(hide_password=True)
 
 
-_ALIASES = {"vault_addr": "VAULT_ADDR", "vault_token": "VAULT_TOKEN", "vault_namespace": "VAULT_NAMESPACE"}
+_ALIASES = {
+    "vault_addr": "VAULT_ADDR",
+    "vault_token": "VAULT_TOKEN",
+    "vault_namespace": "VAULT_NAMESPACE",
+}
 
 
 def env_var_name(field: str) -> str:

@@ -46,7 +46,9 @@ class StatusReport:
     @property
     def isolated(self) -> bool:
         return len(self.tables) == len(TENANTVAULT_TABLES) and all(
-            t.row_level_security and t.forced and t.policies > 0
+            t.row_level_security
+            and t.forced
+            and t.policies > 0
             and t.rows_visible_to_app_without_tenant == 0
             for t in self.tables
         )
@@ -68,7 +70,9 @@ def _tables(connection: sa.Connection, settings: Settings) -> list[TableStatus]:
     # What the application role sees with no tenant set: must be nothing (fail closed).
     connection.execute(sa.text(f'SET LOCAL ROLE "{settings.app_role}"'))
     for name, rls, forced, policies in rows:
-        visible = connection.execute(sa.text(f'SELECT count(*) FROM "{schema}"."{name}"')).scalar_one()
+        visible = connection.execute(
+            sa.text(f'SELECT count(*) FROM "{schema}"."{name}"')
+        ).scalar_one()
         result.append(TableStatus(name, int(visible), bool(rls), bool(forced), int(policies)))
     connection.rollback()
     return result
@@ -81,7 +85,9 @@ def vault_status(settings: Settings) -> VaultStatus:
     address = str(settings.vault_addr)
     token = settings.vault_token.get_secret_value() if settings.vault_token else None
     client = hvac.Client(
-        url=address, token=token, namespace=settings.vault_namespace,
+        url=address,
+        token=token,
+        namespace=settings.vault_namespace,
         timeout=settings.vault_timeout_seconds,
     )
     try:
