@@ -1,0 +1,55 @@
+"""Shared benchmark plumbing: a throwaway database on the embedded stack, and timing."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from tenantvault import devstack
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str
+    p50_us: float
+    p99_us: float
+
+    def ratio_to(self, baseline: Timing) -> str:
+        return f"{self.p50_us / baseline.p50_us:.2f}x p50, {self.p99_us / baseline.p99_us:.2f}x p99"
+
+
+def measure(
+    name: str, operation: Callable[[], object], *, iterations: int, warmup: int = 200
+) -> Timing:
+    for _ in range(warmup):
+        operation()
+    samples = []
+    for _ in range(iterations):
+        started = time.perf_counter_ns()
+        operation()
+        samples.append((time.perf_counter_ns() - started) / 1000)
+    samples.sort()
+    return Timing(name, statistics.median(samples), samples[int(len(samples) * 0.99) - 1])
+
+
+@contextmanager
+def throwaway_database() -> Iterator[tuple[str, str]]:
+    """(database URL, OpenBao address) on a private dev stack, all removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="tenantvault-bench.") as state:
+        environment = devstack.up(Path(state)).variables
+        admin = environment["TENANTVAULT_DATABASE_URL"]
+        name = f"bench_{uuid.uuid4().hex[:8]}"
+        try:
+            with psycopg.connect(admin, autocommit=True) as connection:
+                connection.execute(f'CREATE DATABASE "{name}"')
+            yield admin.rsplit("/", 1)[0] + "/" + name, environment["VAULT_ADDR"]
+        finally:
+            devstack.down(Path(state))
