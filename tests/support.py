@@ -89,6 +89,7 @@ REVISIONS = [
     "0002_provider_tables",
     "0003_sender_identity_links",
     "0004_default_sendgrid_configs",
+    "0005_tenant_data_keys",
 ]
 
 

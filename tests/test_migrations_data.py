@@ -12,7 +12,7 @@ from tenantvault.settings import Settings
 
 from .support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
 
-BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA = REVISIONS
+BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA, DATA_KEYS = REVISIONS
 
 
 @pytest.fixture
@@ -71,7 +71,8 @@ def test_data_migration_run_twice_changes_nothing(
             for t in ("email_provider_configs", "email_sender_identities")
         }
     stamp(settings, SENDER_LINKS)  # pretend it never ran, so upgrade runs it again
-    migrate.upgrade(settings)
+    migrate.upgrade(settings, SENDGRID_DATA)
+    stamp(settings, DATA_KEYS)
     with owner_engine.connect() as connection:
         second = {
             t: table_rows(connection, t)

@@ -19,11 +19,11 @@ from sqlalchemy.dialects import postgresql
 
 from tenantvault.migration_support import (
     as_migrator,
+    isolate_tenant_table,
     options,
     qualified,
     refuse_if_rows,
     set_lz4_compression,
-    tenant_policy_predicate,
 )
 
 revision = "0002_provider_tables"
@@ -287,25 +287,6 @@ def _create_tokens(schema: str) -> None:
     )
 
 
-def _isolate(table: str) -> None:
-    opts = options()
-    name = qualified(table)
-    op.execute(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY")
-    op.execute(f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY")
-    predicate = tenant_policy_predicate()
-    op.execute(
-        f"CREATE POLICY tenant_isolation ON {name} USING ({predicate}) WITH CHECK ({predicate})"
-    )
-    op.execute(
-        f'CREATE POLICY migrator_all_tenants ON {name} TO "{opts.migrator_role}" '
-        "USING (true) WITH CHECK (true)"
-    )
-    op.execute(
-        f"CREATE TRIGGER trg_{table}_touch_updated_at BEFORE UPDATE ON {name} "
-        f"FOR EACH ROW EXECUTE FUNCTION {qualified('tenantvault_touch_updated_at')}()"
-    )
-
-
 def _grant() -> None:
     opts = options()
     configs, tokens = (qualified(t) for t in TABLES)
@@ -340,7 +321,7 @@ def upgrade() -> None:
         "email_provider_tokens", ["encrypted_access_token", "encrypted_refresh_token"]
     )
     for table in TABLES:
-        _isolate(table)
+        isolate_tenant_table(table)
     _grant()
 
 

@@ -25,3 +25,27 @@ class MigrationError(TenantVaultError):
 
 class DevStackError(TenantVaultError):
     """The embedded development stack (PostgreSQL, OpenBao) could not start or stop."""
+
+
+class DecryptionError(TenantVaultError):
+    """A sealed value could not be opened. Deliberately says nothing about why."""
+
+
+class KeyProviderError(TenantVaultError):
+    """The key provider (Vault transit or local) refused or failed a request."""
+
+
+class KeyProviderUnavailable(KeyProviderError):
+    """The key provider could not be reached within the configured timeout."""
+
+
+class KeyDestroyedError(TenantVaultError):
+    """The tenant's data key was destroyed (crypto-shredded): its values are gone for good."""
+
+
+class NotFoundError(TenantVaultError, LookupError):
+    """No live row matched; the message names the tenant and the id, never content."""
+
+
+class InvalidInputError(TenantVaultError, ValueError):
+    """Caller input failed validation; the message names each field, never its value."""

@@ -107,3 +107,24 @@ def set_lz4_compression(table: str, columns: list[str]) -> None:
         "  END IF;\n"
         "END $$"
     )
+
+
+def isolate_tenant_table(table: str) -> None:
+    """Forced row-level security on ``tenant_id``, the migrator's policy, and the
+    ``updated_at`` trigger: what every tenantvault table gets."""
+    opts = options()
+    name = qualified(table)
+    op.execute(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY")
+    op.execute(f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY")
+    predicate = tenant_policy_predicate()
+    op.execute(
+        f"CREATE POLICY tenant_isolation ON {name} USING ({predicate}) WITH CHECK ({predicate})"
+    )
+    op.execute(
+        f'CREATE POLICY migrator_all_tenants ON {name} TO "{opts.migrator_role}" '
+        "USING (true) WITH CHECK (true)"
+    )
+    op.execute(
+        f"CREATE TRIGGER trg_{table}_touch_updated_at BEFORE UPDATE ON {name} "
+        f"FOR EACH ROW EXECUTE FUNCTION {qualified('tenantvault_touch_updated_at')}()"
+    )

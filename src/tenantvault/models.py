@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     ForeignKeyConstraint,
     Index,
+    Integer,
     MetaData,
     Text,
     UniqueConstraint,
@@ -346,6 +347,60 @@ class EmailProviderToken(Base):
     config: Mapped[EmailProviderConfig] = relationship(back_populates="tokens")
 
 
+class DataKeyState(enum.StrEnum):
+    """Lifecycle of a tenant data key."""
+
+    ACTIVE = "active"  # seals new values
+    RETIRED = "retired"  # opens old values only
+    DESTROYED = "destroyed"  # crypto-shredded: its values can never be opened
+
+
+class TenantDataKey(Base):
+    """A version of a tenant's data key, stored only wrapped by the transit KEK."""
+
+    __tablename__ = "tenant_data_keys"
+    __table_args__ = (
+        # Exactly one active key per tenant; two processes racing to make the first
+        # one collide on the primary key (tenant_id, 1) and one of them wins.
+        Index(
+            "uq_tenant_data_keys_tenant_id_active",
+            "tenant_id",
+            unique=True,
+            postgresql_where=text("state = 'active'"),
+        ),
+        CheckConstraint("state IN ('active', 'retired', 'destroyed')", name="state"),
+        CheckConstraint("version >= 1", name="version_positive"),
+        CheckConstraint(
+            "(state = 'destroyed') = (wrapped_key IS NULL)", name="destroyed_has_no_key"
+        ),
+        {"comment": "Tenant data keys (DEKs), wrapped by the Vault transit KEK; never plaintext."},
+    )
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE", name="fk_tenant_data_keys_tenant_id_tenants"),
+        primary_key=True,
+        comment="Owning tenant; the RLS key.",
+    )
+    version: Mapped[int] = mapped_column(
+        Integer, primary_key=True, comment="DEK version, from 1 per tenant."
+    )
+    wrapped_key: Mapped[str | None] = mapped_column(
+        comment="The DEK encrypted by the transit KEK for this tenant; NULL once destroyed."
+    )
+    kek_version: Mapped[int] = mapped_column(
+        Integer, comment="Transit key version that wrapped wrapped_key."
+    )
+    state: Mapped[DataKeyState] = mapped_column(
+        StrEnumText(DataKeyState),
+        server_default=text("'active'::text"),
+        comment="active (new values), retired (read only), destroyed (shredded).",
+    )
+    created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
+    updated_at: Mapped[UpdatedAt] = mapped_column(
+        comment="Last change (UTC); maintained by a trigger."
+    )
+
+
 # The ticket's TypeScript aliases, as Python types: the row types are the models
 # themselves; the insert shapes list what a caller provides.
 class NewEmailProviderConfig(TypedDict, total=False):
@@ -374,5 +429,9 @@ class NewEmailProviderToken(TypedDict, total=False):
     scopes: list[str]
 
 
-TENANTVAULT_TABLES = (EmailProviderConfig.__tablename__, EmailProviderToken.__tablename__)
+TENANTVAULT_TABLES = (
+    EmailProviderConfig.__tablename__,
+    EmailProviderToken.__tablename__,
+    TenantDataKey.__tablename__,
+)
 """Tables tenantvault owns: each has row-level security, forced, on ``tenant_id``."""
