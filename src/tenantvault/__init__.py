@@ -1,0 +1,65 @@
+"""tenantvault: tenant-isolated, envelope-encrypted email-provider credentials."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from tenantvault.errors import (
+    ConfigurationError,
+    DecryptionError,
+    InvalidInputError,
+    KeyDestroyedError,
+    KeyProviderError,
+    KeyProviderUnavailable,
+    NotFoundError,
+    TenantNotSetError,
+    TenantVaultError,
+)
+from tenantvault.models import ProviderType
+from tenantvault.providers import CredentialsModel
+from tenantvault.vault import ExpiringToken, OAuthToken, ProviderConfig, Vault
+
+_default: Vault | None = None
+_default_lock = threading.Lock()
+
+
+def default_vault() -> Vault:
+    """The process-wide ``Vault`` built from settings on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Vault.from_settings()
+        return _default
+
+
+def store_credentials(tenant_id: str, config_id: str, credentials: Any) -> None:
+    """``Vault.store_credentials`` on the default vault."""
+    default_vault().store_credentials(tenant_id, config_id, credentials)
+
+
+def load_credentials(tenant_id: str, config_id: str) -> CredentialsModel:
+    """``Vault.load_credentials`` on the default vault."""
+    return default_vault().load_credentials(tenant_id, config_id)
+
+
+__all__ = [
+    "ConfigurationError",
+    "CredentialsModel",
+    "DecryptionError",
+    "ExpiringToken",
+    "InvalidInputError",
+    "KeyDestroyedError",
+    "KeyProviderError",
+    "KeyProviderUnavailable",
+    "NotFoundError",
+    "OAuthToken",
+    "ProviderConfig",
+    "ProviderType",
+    "TenantNotSetError",
+    "TenantVaultError",
+    "Vault",
+    "default_vault",
+    "load_credentials",
+    "store_credentials",
+]

@@ -63,6 +63,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return _print_status(status(load_settings()))
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tenantvault.demo import run_demo
+
+    report = run_demo(load_settings())
+    print("\n".join(report.lines))
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     if args.action == "up":
@@ -100,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = commands.add_parser("status", help="schema revision, tenant isolation and Vault state")
     s.set_defaults(handler=_cmd_status)
+
+    demo = commands.add_parser("demo", help="store and load credentials end to end")
+    demo.set_defaults(handler=_cmd_demo)
 
     d = commands.add_parser("dev", help="embedded PostgreSQL + OpenBao for development")
     d.add_argument("action", choices=["up", "down", "env"])

@@ -68,9 +68,19 @@ class Settings(BaseSettings):
     dek_cache_max_entries: int = Field(1024, ge=1)
     dek_cache_max_uses: int = Field(1_000_000, ge=1)
 
+    transit_batch_size: int = Field(250, ge=1, le=400)
+    vault_approle_mount: str = Field("approle", min_length=1)
+    vault_approle_role_id: str | None = None
+    vault_approle_secret_id: SecretStr | None = None
+    local_master_key: SecretStr | None = Field(
+        None, description="base64 of 32 bytes; only with TENANTVAULT_KEY_PROVIDER=local"
+    )
+
     vault_addr: AnyHttpUrl | None = Field(None, validation_alias="VAULT_ADDR")
     vault_token: SecretStr | None = Field(None, validation_alias="VAULT_TOKEN")
     vault_namespace: str | None = Field(None, validation_alias="VAULT_NAMESPACE")
+    vault_cacert: str | None = Field(None, validation_alias="VAULT_CACERT")
+    vault_skip_verify: bool = Field(False, validation_alias="VAULT_SKIP_VERIFY")
 
     @field_validator("schema_name", "app_role", "migrator_role")
     @classmethod

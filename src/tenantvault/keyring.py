@@ -1,0 +1,101 @@
+"""A tenant's data keys: the active one for sealing, any version for opening.
+
+The first key of a tenant is made on demand. Two processes may try at once:
+both ask the key provider for a key, both INSERT version 1, the primary key lets
+exactly one row in, and the loser reads and uses the winner's key.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from tenantvault.datakey import DataKey
+from tenantvault.errors import DecryptionError, KeyDestroyedError
+from tenantvault.keycache import DataKeyCache
+from tenantvault.keyprovider import KeyProvider
+from tenantvault.models import DataKeyState, TenantDataKey
+
+_ACTIVE = sa.select(TenantDataKey.version, TenantDataKey.wrapped_key).where(
+    TenantDataKey.tenant_id == sa.bindparam("tenant_id"),
+    TenantDataKey.state == DataKeyState.ACTIVE,
+)
+_VERSION = sa.select(TenantDataKey.wrapped_key, TenantDataKey.state).where(
+    TenantDataKey.tenant_id == sa.bindparam("tenant_id"),
+    TenantDataKey.version == sa.bindparam("version"),
+)
+
+
+class Keyring:
+    """Data keys per tenant, through a cache, from rows wrapped by the key provider."""
+
+    def __init__(self, provider: KeyProvider, cache: DataKeyCache) -> None:
+        self.provider = provider
+        self.cache = cache
+
+    def __repr__(self) -> str:
+        return f"Keyring(provider={self.provider!r}, cache={self.cache!r})"
+
+    def active_key(self, connection: sa.Connection, tenant_id: str) -> DataKey:
+        """The key new values of ``tenant_id`` are sealed with (made if the tenant has none).
+
+        ``connection`` must be in a transaction scoped to ``tenant_id``.
+        """
+        row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one_or_none()
+        if row is None:
+            return self._create(connection, tenant_id)
+        version, wrapped = row
+        return self.cache.get_or_load(
+            tenant_id, version, lambda: self._unwrap(tenant_id, version, wrapped)
+        )
+
+    def key(self, connection: sa.Connection, tenant_id: str, version: int) -> DataKey:
+        """The key of ``version``; no database or provider call while it is cached.
+
+        Raises:
+            KeyDestroyedError: the tenant's keys were shredded.
+            DecryptionError: no such key version (the sealed value names a key that never was).
+        """
+        cached = self.cache.get(tenant_id, version)
+        if cached is not None:
+            return cached
+
+        def load() -> DataKey:
+            row = connection.execute(_VERSION, {"tenant_id": tenant_id, "version": version})
+            found = row.one_or_none()
+            if found is None:
+                raise DecryptionError("cannot open sealed value")
+            wrapped, state = found
+            if state == DataKeyState.DESTROYED or wrapped is None:
+                raise KeyDestroyedError(f"data key {version} of tenant {tenant_id} was destroyed")
+            return self._unwrap(tenant_id, version, wrapped)
+
+        return self.cache.get_or_load(tenant_id, version, load)
+
+    def _unwrap(self, tenant_id: str, version: int, wrapped: str) -> DataKey:
+        return DataKey(tenant_id, version, self.provider.unwrap(tenant_id, wrapped))
+
+    def _create(self, connection: sa.Connection, tenant_id: str) -> DataKey:
+        plaintext, wrapped = self.provider.generate_data_key(tenant_id)
+        next_version = sa.select(
+            sa.literal(tenant_id, sa.Text),
+            sa.func.coalesce(sa.func.max(TenantDataKey.version), 0) + 1,
+            sa.literal(wrapped.ciphertext, sa.Text),
+            sa.literal(wrapped.kek_version, sa.Integer),
+        ).where(TenantDataKey.tenant_id == tenant_id)
+        insert = (
+            pg_insert(TenantDataKey)
+            .from_select(["tenant_id", "version", "wrapped_key", "kek_version"], next_version)
+            .on_conflict_do_nothing()
+            .returning(TenantDataKey.version)
+        )
+        inserted = connection.execute(insert).scalar_one_or_none()
+        if inserted is None:  # another process made it first: use theirs
+            row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one()
+            return self.cache.get_or_load(
+                tenant_id, row.version, lambda: self._unwrap(tenant_id, row.version, row.wrapped_key)
+            )
+        key = DataKey(tenant_id, inserted, plaintext)
+        self.cache.put(key)
+        return key
+
