@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import psycopg
@@ -121,3 +122,78 @@ def app_url(migrated: Settings, owner_engine: sa.Engine) -> str:
         drivername="postgresql", username=APP_LOGIN_ROLE, password=None
     )
     return url.render_as_string(hide_password=False)
+
+
+# --- the vault, against real PostgreSQL (as the application role) and real OpenBao ---
+
+
+class CountingProvider:
+    """Delegates to a real key provider, counting the calls that reach it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def generate_data_key(self, tenant_id: str) -> Any:
+        self._count("generate")
+        return self.inner.generate_data_key(tenant_id)
+
+    def unwrap(self, tenant_id: str, wrapped: str) -> bytes:
+        self._count("unwrap")
+        return bytes(self.inner.unwrap(tenant_id, wrapped))
+
+    def rewrap(self, items: Any) -> Any:
+        self._count("rewrap")
+        return self.inner.rewrap(items)
+
+    def rotate_kek(self) -> int:
+        return int(self.inner.rotate_kek())
+
+    def kek_version(self) -> int:
+        return int(self.inner.kek_version())
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def transit_provider(services: Services, **kwargs: Any) -> Any:
+    import hvac
+
+    from tenantvault.transit import VaultTransitKeyProvider
+
+    client = hvac.Client(url=services.vault_addr, token=services.vault_token, timeout=5)
+    return VaultTransitKeyProvider(client, key_name="tenantvault-tests", **kwargs)
+
+
+TENANTS = ("t_a", "t_b")
+
+
+@pytest.fixture
+def app_settings(app_url: str, owner_engine: sa.Engine, services: Services) -> Settings:
+    """Settings as the application role, with tenants t_a and t_b present."""
+    with owner_engine.begin() as connection:
+        for tenant in TENANTS:
+            connection.execute(
+                sa.text("INSERT INTO dripiq_app.tenants (id, name) VALUES (:t, :t)"), {"t": tenant}
+            )
+    return load_settings(
+        database_url=app_url, VAULT_ADDR=services.vault_addr, VAULT_TOKEN=services.vault_token
+    )
+
+
+@pytest.fixture
+def provider(services: Services) -> CountingProvider:
+    return CountingProvider(transit_provider(services))
+
+
+@pytest.fixture
+def vault(app_settings: Settings, provider: CountingProvider) -> Iterator[Any]:
+    from tenantvault import Vault
+
+    built = Vault.from_settings(app_settings, key_provider=provider)
+    yield built
+    built.engine.dispose()

@@ -1,0 +1,127 @@
+"""Sealed values: known answers pin the format; any change, move or truncation fails
+with the one DecryptionError, which says nothing useful to an attacker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tenantvault.datakey import DataKey
+from tenantvault.envelope import SealContext, open_sealed, seal, sealed_dek_version
+from tenantvault.errors import DecryptionError
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelope_v1.json").read_text())["vectors"]
+KEY = DataKey("t_acme", 3, bytes(range(32)))
+PLACE = SealContext("t_acme", "email_provider_configs", "encrypted_credentials", "tvrow1")
+
+
+def _vector(v: dict[str, object]) -> tuple[DataKey, SealContext]:
+    key = DataKey(str(v["tenant_id"]), int(str(v["dek_version"])), bytes.fromhex(str(v["key_hex"])))
+    return key, SealContext(str(v["tenant_id"]), str(v["table"]), str(v["column"]), str(v["row_id"]))
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['tenant_id']}-v{v['dek_version']}")
+def test_known_answer_vectors_seal_and_open_exactly(vector: dict[str, object]) -> None:
+    key, place = _vector(vector)
+    plaintext = bytes.fromhex(str(vector["plaintext_hex"]))
+    assert seal(key, plaintext, place, nonce=bytes.fromhex(str(vector["nonce_hex"]))) == vector["sealed"]
+    assert open_sealed(key, str(vector["sealed"]), place) == plaintext
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['tenant_id']}-v{v['dek_version']}")
+def test_vectors_follow_the_documented_layout_independently_of_the_code(vector: dict[str, object]) -> None:
+    sealed = str(vector["sealed"])
+    prefix, version, body = sealed.split(".")
+    assert (prefix, int(version)) == ("tv1", vector["dek_version"])
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    header = f"tv1.{version}.".encode()
+    parts = [b"tenantvault.sealed.v1", header, str(vector["tenant_id"]).encode(),
+             f"{vector['table']}.{vector['column']}".encode(), str(vector["row_id"]).encode()]
+    aad = b"".join(struct.pack(">I", len(p)) + p for p in parts)
+    plaintext = AESGCM(bytes.fromhex(str(vector["key_hex"]))).decrypt(raw[:12], raw[12:], aad)
+    assert plaintext.hex() == vector["plaintext_hex"]
+    assert raw[:12].hex() == vector["nonce_hex"]
+
+
+@given(st.binary(max_size=4096))
+def test_open_of_seal_is_the_identity(plaintext: bytes) -> None:
+    assert open_sealed(KEY, seal(KEY, plaintext, PLACE), PLACE) == plaintext
+
+
+def test_each_seal_uses_a_fresh_nonce() -> None:
+    assert seal(KEY, b"same", PLACE) != seal(KEY, b"same", PLACE)
+
+
+def _refuses(sealed: str, key: DataKey = KEY, place: SealContext = PLACE) -> None:
+    with pytest.raises(DecryptionError) as error:
+        open_sealed(key, sealed, place)
+    assert str(error.value) == "cannot open sealed value"  # the same words, whatever went wrong
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=1, max_size=200), st.data())
+def test_any_changed_character_fails_to_open(plaintext: bytes, data: st.DataObject) -> None:
+    sealed = seal(KEY, plaintext, PLACE)
+    index = data.draw(st.integers(0, len(sealed) - 1))
+    replacement = data.draw(st.sampled_from("ABCabc019-_.x="))
+    if replacement == sealed[index]:
+        return
+    _refuses(sealed[:index] + replacement + sealed[index + 1 :])
+
+
+@given(st.binary(max_size=200), st.data())
+def test_any_truncation_fails_to_open(plaintext: bytes, data: st.DataObject) -> None:
+    sealed = seal(KEY, plaintext, PLACE)
+    _refuses(sealed[: data.draw(st.integers(0, len(sealed) - 1))])
+
+
+def test_an_edited_header_fails_even_with_a_key_of_that_version() -> None:
+    sealed = seal(KEY, b"secret", PLACE)
+    edited = sealed.replace("tv1.3.", "tv1.4.", 1)
+    _refuses(edited, DataKey("t_acme", 4, bytes(range(32))))
+
+
+@pytest.mark.parametrize(
+    "moved",
+    [
+        SealContext("t_acme", "email_provider_configs", "encrypted_credentials", "tvrow2"),
+        SealContext("t_acme", "email_provider_tokens", "encrypted_access_token", "tvrow1"),
+        SealContext("t_globex", "email_provider_configs", "encrypted_credentials", "tvrow1"),
+        # Length-prefixed parts: shifting characters between fields is a different place.
+        SealContext("t_acm", "e" + "mail_provider_configs", "encrypted_credentials", "tvrow1"),
+    ],
+    ids=["other-row", "other-column", "other-tenant", "shifted-fields"],
+)
+def test_a_value_moved_to_another_place_fails_to_open(moved: SealContext) -> None:
+    _refuses(seal(KEY, b"secret", PLACE), place=moved)
+
+
+def test_the_wrong_key_fails_to_open() -> None:
+    _refuses(seal(KEY, b"secret", PLACE), DataKey("t_acme", 3, bytes(32)))
+
+
+@pytest.mark.parametrize("garbage", ["", "tv1", "tv1.0.AAAA", "tv1.01.AAAA", "tv2.1.AAAA", "tv1.1.!!!!", "tv1.99999999999.AAAA"])
+def test_malformed_values_fail_the_same_way(garbage: str) -> None:
+    with pytest.raises(DecryptionError, match="^cannot open sealed value$"):
+        sealed_dek_version(garbage)
+
+
+def test_the_header_names_the_key_version() -> None:
+    assert sealed_dek_version(seal(KEY, b"x", PLACE)) == 3
+
+
+def test_data_keys_stay_out_of_repr_and_refuse_pickling() -> None:
+    assert bytes(range(32)).hex() not in repr(KEY)
+    assert "hidden" in repr(KEY)
+    with pytest.raises(TypeError):
+        pickle.dumps(KEY)
+    with pytest.raises(ValueError, match="32 bytes"):
+        DataKey("t", 1, b"short")
