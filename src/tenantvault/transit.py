@@ -29,6 +29,10 @@ _TRANSIENT = (
 )
 
 
+class _PermissionDenied(KeyProviderError):
+    pass
+
+
 def _context(tenant_id: str) -> str:
     return base64.b64encode(tenant_id.encode()).decode()
 
@@ -79,7 +83,7 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
                 self._sleep(delay)
                 delay *= 2
             except hvac.exceptions.Forbidden:
-                raise KeyProviderError(
+                raise _PermissionDenied(
                     f"Vault token may not {what} with transit key {self.mount_point}/{self.key_name}"
                 ) from None
 
@@ -99,6 +103,12 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
                 )
             except hvac.exceptions.InvalidPath:
                 info = None
+            except _PermissionDenied:
+                # A least-privilege token (datakey, decrypt) may not read the key's
+                # settings: the operator manages the key, and a missing key shows
+                # up as a clear error on first use.
+                self._key_checked = True
+                return
             if info is None:
                 if not self._create_key:
                     raise KeyProviderError(self._missing_key_message())
@@ -135,16 +145,19 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
 
     def _generate(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         self.ensure_key()
-        response: dict[str, Any] = self._call(
-            "generate a data key",
-            lambda: self._transit.generate_data_key(
-                name=self.key_name,
-                key_type="plaintext",
-                context=_context(tenant_id),
-                bits=256,
-                mount_point=self.mount_point,
-            ),
-        )
+        try:
+            response: dict[str, Any] = self._call(
+                "generate a data key",
+                lambda: self._transit.generate_data_key(
+                    name=self.key_name,
+                    key_type="plaintext",
+                    context=_context(tenant_id),
+                    bits=256,
+                    mount_point=self.mount_point,
+                ),
+            )
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+            raise KeyProviderError(self._missing_key_message()) from None
         ciphertext = response["data"]["ciphertext"]
         plaintext = base64.b64decode(response["data"]["plaintext"])
         return plaintext, WrappedKey(ciphertext, kek_version_of(ciphertext))

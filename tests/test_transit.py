@@ -1,0 +1,76 @@
+"""The Vault transit key provider against a real OpenBao dev server."""
+
+from __future__ import annotations
+
+import uuid
+
+import hvac
+import pytest
+
+from tenantvault.errors import DecryptionError, KeyProviderError
+from tenantvault.transit import VaultTransitKeyProvider
+
+from .conftest import Services
+
+
+def _client(services: Services, token: str | None = None) -> hvac.Client:
+    return hvac.Client(url=services.vault_addr, token=token or services.vault_token, timeout=5)
+
+
+def _provider(services: Services, name: str, **kwargs: object) -> VaultTransitKeyProvider:
+    return VaultTransitKeyProvider(_client(services), key_name=name, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_key_is_created_derived_on_first_use(services: Services) -> None:
+    name = f"k-{uuid.uuid4().hex[:8]}"
+    provider = _provider(services, name)
+    plaintext, wrapped = provider.generate_data_key("t_a")
+    info = _client(services).secrets.transit.read_key(name=name)["data"]
+    assert info["derived"] is True
+    assert wrapped.ciphertext.startswith("vault:v1:")
+    assert provider.unwrap("t_a", wrapped.ciphertext) == plaintext
+
+
+def test_a_wrapped_key_does_not_unwrap_for_another_tenant(services: Services) -> None:
+    provider = _provider(services, "tenantvault-tests")
+    _, wrapped = provider.generate_data_key("t_a")
+    with pytest.raises(DecryptionError):
+        provider.unwrap("t_b", wrapped.ciphertext)
+
+
+def test_a_key_that_is_not_derived_is_refused(services: Services) -> None:
+    name = f"plain-{uuid.uuid4().hex[:8]}"
+    _client(services).secrets.transit.create_key(name=name)
+    with pytest.raises(KeyProviderError, match="not derived"):
+        _provider(services, name).generate_data_key("t_a")
+
+
+def test_a_token_that_may_not_create_the_key_gets_the_command_to_run(services: Services) -> None:
+    root = _client(services)
+    root.sys.create_or_update_policy("tv-no-create", 'path "transit/datakey/*" { capabilities = ["update"] }')
+    token = root.auth.token.create(policies=["tv-no-create"], ttl="5m")["auth"]["client_token"]
+    name = f"missing-{uuid.uuid4().hex[:8]}"
+    provider = VaultTransitKeyProvider(_client(services, token), key_name=name)
+    with pytest.raises(KeyProviderError, match=f"bao write -f transit/keys/{name} derived=true"):
+        provider.generate_data_key("t_a")
+
+
+def test_rewrap_splits_batches_and_reports_failed_items(services: Services) -> None:
+    name = f"rw-{uuid.uuid4().hex[:8]}"
+    provider = _provider(services, name, batch_size=7)
+    pairs = [(f"t{i}", provider.generate_data_key(f"t{i}")) for i in range(20)]
+    assert provider.rotate_kek() == 2
+    items = [(tenant, wrapped.ciphertext) for tenant, (_, wrapped) in pairs]
+    items[5] = ("t_wrong", items[5][1])
+    results = provider.rewrap(items)
+    assert [r.tenant_id for r in results] == [t for t, _ in items]
+    assert [i for i, r in enumerate(results) if r.error] == [5]
+    for (tenant, (plaintext, _)), result in zip(pairs, results, strict=True):
+        if result.wrapped is not None:
+            assert result.wrapped.kek_version == 2
+            assert provider.unwrap(tenant, result.wrapped.ciphertext) == plaintext
+
+
+def test_batches_larger_than_the_server_accepts_are_refused_up_front(services: Services) -> None:
+    with pytest.raises(ValueError, match="400"):
+        _provider(services, "x", batch_size=500)
