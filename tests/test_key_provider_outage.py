@@ -9,8 +9,7 @@ import hvac
 import pytest
 import sqlalchemy as sa
 
-from tenantvault import KeyProviderUnavailable, Vault
-from tenantvault import devstack
+from tenantvault import KeyProviderUnavailable, Vault, devstack
 from tenantvault.settings import Settings
 from tenantvault.transit import VaultTransitKeyProvider
 
@@ -24,11 +23,17 @@ def test_outage_keeps_cached_tenants_loading_and_fails_the_rest_within_the_timeo
     state = tmp_path / "own-openbao"
     environment = devstack.up(state, postgres=False).variables
     try:
-        client = hvac.Client(url=environment["VAULT_ADDR"], token=environment["VAULT_TOKEN"], timeout=TIMEOUT)
+        client = hvac.Client(
+            url=environment["VAULT_ADDR"], token=environment["VAULT_TOKEN"], timeout=TIMEOUT
+        )
         provider = VaultTransitKeyProvider(client, key_name="outage", timeout_seconds=TIMEOUT)
         vault = Vault.from_settings(app_settings, key_provider=provider)
-        cached = vault.create_config("t_a", type="smtp", name="A", config=SMTP, credentials={"password": "pa"})
-        cold = vault.create_config("t_b", type="smtp", name="B", config=SMTP, credentials={"password": "pb"})
+        cached = vault.create_config(
+            "t_a", type="smtp", name="A", config=SMTP, credentials={"password": "pa"}
+        )
+        cold = vault.create_config(
+            "t_b", type="smtp", name="B", config=SMTP, credentials={"password": "pb"}
+        )
         vault.keyring.cache.evict_tenant("t_b")
     finally:
         devstack.down(state)
@@ -41,13 +46,21 @@ def test_outage_keeps_cached_tenants_loading_and_fails_the_rest_within_the_timeo
     assert time.monotonic() - started < TIMEOUT + 1.0
 
     with owner_engine.connect() as connection:
-        before = connection.execute(sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")).scalar_one()
+        before = connection.execute(
+            sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")
+        ).scalar_one()
     with pytest.raises(KeyProviderUnavailable):
         vault.store_credentials("t_b", cold.id, {"password": "never-written"})
     with pytest.raises(KeyProviderUnavailable):
-        vault.create_config("t_b", type="smtp", name="C", config=SMTP, credentials={"password": "pc"})
+        vault.create_config(
+            "t_b", type="smtp", name="C", config=SMTP, credentials={"password": "pc"}
+        )
     with owner_engine.connect() as connection:
-        after = connection.execute(sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")).scalar_one()
-        keys = connection.execute(sa.text("SELECT count(*) FROM dripiq_app.tenant_data_keys")).scalar_one()
+        after = connection.execute(
+            sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")
+        ).scalar_one()
+        keys = connection.execute(
+            sa.text("SELECT count(*) FROM dripiq_app.tenant_data_keys")
+        ).scalar_one()
     assert (after, keys) == (before, 2)
     vault.engine.dispose()

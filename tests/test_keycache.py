@@ -63,7 +63,10 @@ def test_concurrent_misses_share_one_load() -> None:
         return key()
 
     results: list[DataKey] = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get_or_load("t", 1, load))) for _ in range(16)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get_or_load("t", 1, load)))
+        for _ in range(16)
+    ]
     for thread in threads:
         thread.start()
     time.sleep(0.2)

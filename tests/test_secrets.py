@@ -36,26 +36,57 @@ def _encodings(secret: str) -> list[str]:
 
 
 def _store_everything(vault: Vault) -> dict[str, str]:
-    sendgrid = vault.create_config("t_a", type="sendgrid", name="SG", config={},
-                                   credentials={"api_key": SECRETS["api_key"]})
-    vault.create_config("t_a", type="smtp", name="SMTP", config={
-        "host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"},
-        credentials={"password": SECRETS["password"]})
-    graph = vault.create_config("t_b", type="microsoft_graph", name="Graph", config={
-        "azure_tenant_id": "contoso.onmicrosoft.com", "client_id": "0f0e0d0c-0b0a-4908-8706-050403020100",
-        "scopes": ["https://graph.microsoft.com/.default"], "auth_type": "client_credentials"},
-        credentials={"client_secret": SECRETS["client_secret"]})
-    vault.store_oauth_token("t_b", graph.id, access_token=SECRETS["access"], refresh_token=SECRETS["refresh"],
-                            expires_at=datetime.now(UTC) + timedelta(hours=1))
+    sendgrid = vault.create_config(
+        "t_a", type="sendgrid", name="SG", config={}, credentials={"api_key": SECRETS["api_key"]}
+    )
+    vault.create_config(
+        "t_a",
+        type="smtp",
+        name="SMTP",
+        config={
+            "host": "smtp.example.com",
+            "port": 587,
+            "secure": False,
+            "auth_type": "login",
+            "user": "u",
+        },
+        credentials={"password": SECRETS["password"]},
+    )
+    graph = vault.create_config(
+        "t_b",
+        type="microsoft_graph",
+        name="Graph",
+        config={
+            "azure_tenant_id": "contoso.onmicrosoft.com",
+            "client_id": "0f0e0d0c-0b0a-4908-8706-050403020100",
+            "scopes": ["https://graph.microsoft.com/.default"],
+            "auth_type": "client_credentials",
+        },
+        credentials={"client_secret": SECRETS["client_secret"]},
+    )
+    vault.store_oauth_token(
+        "t_b",
+        graph.id,
+        access_token=SECRETS["access"],
+        refresh_token=SECRETS["refresh"],
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+    )
     return {"sendgrid": sendgrid.id, "graph": graph.id}
 
 
 def test_a_full_pg_dump_holds_no_secret_nor_its_base64(vault: Vault, settings: Settings) -> None:
     ids = _store_everything(vault)
-    assert vault.load_credentials("t_a", ids["sendgrid"]).api_key.get_secret_value() == SECRETS["api_key"]  # type: ignore[union-attr]
+    assert (
+        vault.load_credentials("t_a", ids["sendgrid"]).api_key.get_secret_value()
+        == SECRETS["api_key"]
+    )  # type: ignore[union-attr]
     url = settings.sqlalchemy_url.set(drivername="postgresql").render_as_string(hide_password=False)
-    dump = subprocess.run([str(postgres_bin_dir() / "pg_dump"), "--dbname", url],
-                          capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run(
+        [str(postgres_bin_dir() / "pg_dump"), "--dbname", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "tv1.1." in dump  # the sealed values are there...
     for secret in SECRETS.values():
         for form in _encodings(secret):
@@ -79,14 +110,17 @@ def test_logs_at_debug_hold_no_secret(vault: Vault, caplog: pytest.LogCaptureFix
 
 def test_reprs_of_everything_the_application_holds_hide_secrets(vault: Vault) -> None:
     ids = _store_everything(vault)
-    shown = " ".join(repr(x) + str(x) for x in (
-        vault,
-        vault.keyring,
-        vault.get_config("t_a", ids["sendgrid"], with_credentials=True),
-        vault.load_credentials("t_b", ids["graph"]),
-        vault.load_oauth_token("t_b", ids["graph"]),
-        vault.keyring.cache.get("t_a", 1),
-    ))
+    shown = " ".join(
+        repr(x) + str(x)
+        for x in (
+            vault,
+            vault.keyring,
+            vault.get_config("t_a", ids["sendgrid"], with_credentials=True),
+            vault.load_credentials("t_b", ids["graph"]),
+            vault.load_oauth_token("t_b", ids["graph"]),
+            vault.keyring.cache.get("t_a", 1),
+        )
+    )
     assert "SecretStr('**********')" in shown
     for secret in SECRETS.values():
         assert secret not in shown
@@ -94,11 +128,27 @@ def test_reprs_of_everything_the_application_holds_hide_secrets(vault: Vault) ->
 
 def test_errors_and_tracebacks_hold_no_secret(vault: Vault) -> None:
     with pytest.raises(InvalidInputError) as bad_port:
-        vault.create_config("t_a", type="smtp", name="x", config={
-            "host": "smtp.example.com", "port": 465, "secure": False, "auth_type": "login", "user": "u"},
-            credentials={"password": SECRETS["password"]})
+        vault.create_config(
+            "t_a",
+            type="smtp",
+            name="x",
+            config={
+                "host": "smtp.example.com",
+                "port": 465,
+                "secure": False,
+                "auth_type": "login",
+                "user": "u",
+            },
+            credentials={"password": SECRETS["password"]},
+        )
     with pytest.raises(InvalidInputError) as bad_key:
-        vault.create_config("t_a", type="sendgrid", name="x", config={}, credentials={"api_key": SECRETS["password"]})
+        vault.create_config(
+            "t_a",
+            type="sendgrid",
+            name="x",
+            config={},
+            credentials={"api_key": SECRETS["password"]},
+        )
     for error in (bad_port.value, bad_key.value):
         text = "".join(traceback.format_exception(error)) + repr(error)
         assert SECRETS["password"] not in text
@@ -106,12 +156,18 @@ def test_errors_and_tracebacks_hold_no_secret(vault: Vault) -> None:
         assert error.__suppress_context__
 
 
-def test_a_tampered_value_raises_the_one_decryption_error(vault: Vault, owner_engine: sa.Engine) -> None:
+def test_a_tampered_value_raises_the_one_decryption_error(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
     ids = _store_everything(vault)
     with owner_engine.begin() as connection:
-        connection.execute(sa.text(
-            "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = "
-            "left(encrypted_credentials, -3) || 'AAA' WHERE id = :id"), {"id": ids["sendgrid"]})
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = "
+                "left(encrypted_credentials, -3) || 'AAA' WHERE id = :id"
+            ),
+            {"id": ids["sendgrid"]},
+        )
     with pytest.raises(DecryptionError) as error:
         vault.load_credentials("t_a", ids["sendgrid"])
     assert str(error.value) == "cannot open sealed value"

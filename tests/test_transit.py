@@ -47,7 +47,9 @@ def test_a_key_that_is_not_derived_is_refused(services: Services) -> None:
 
 def test_a_token_that_may_not_create_the_key_gets_the_command_to_run(services: Services) -> None:
     root = _client(services)
-    root.sys.create_or_update_policy("tv-no-create", 'path "transit/datakey/*" { capabilities = ["update"] }')
+    root.sys.create_or_update_policy(
+        "tv-no-create", 'path "transit/datakey/*" { capabilities = ["update"] }'
+    )
     token = root.auth.token.create(policies=["tv-no-create"], ttl="5m")["auth"]["client_token"]
     name = f"missing-{uuid.uuid4().hex[:8]}"
     provider = VaultTransitKeyProvider(_client(services, token), key_name=name)

@@ -20,7 +20,13 @@ SENDGRID_KEY = "SG.abcdefghijk.lmnopqrstuvwxyz0123456789"
 SMTP_PASSWORD = "correct horse battery staple"
 GRAPH_SECRET = "graph~client~secret~value"
 PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
-SMTP = {"host": "smtp.office365.com", "port": 587, "secure": False, "auth_type": "login", "user": "u@a.test"}
+SMTP = {
+    "host": "smtp.office365.com",
+    "port": 587,
+    "secure": False,
+    "auth_type": "login",
+    "user": "u@a.test",
+}
 GRAPH = {
     "azure_tenant_id": "contoso.onmicrosoft.com",
     "client_id": "0f0e0d0c-0b0a-4908-8706-050403020100",
@@ -28,8 +34,11 @@ GRAPH = {
     "auth_type": "client_credentials",
 }
 GOOGLE = {
-    "auth_type": "service_account", "project_id": "acme-mail", "client_email": "svc@acme-mail.iam.gserviceaccount.com",
-    "delegated_user": "ceo@acme.example.com", "scopes": ["https://mail.google.com/"],
+    "auth_type": "service_account",
+    "project_id": "acme-mail",
+    "client_email": "svc@acme-mail.iam.gserviceaccount.com",
+    "delegated_user": "ceo@acme.example.com",
+    "scopes": ["https://mail.google.com/"],
 }
 
 CASES = [
@@ -46,11 +55,20 @@ def owner_rows(owner_engine: sa.Engine, table: str) -> list[Any]:
         return list(connection.execute(sa.text(f"SELECT * FROM dripiq_app.{table}")))
 
 
-@pytest.mark.parametrize(("kind", "config", "credentials", "field", "secret"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("kind", "config", "credentials", "field", "secret"), CASES, ids=[c[0] for c in CASES]
+)
 def test_credentials_round_trip_for_each_provider_type(
-    vault: Vault, kind: str, config: dict[str, Any], credentials: dict[str, str], field: str, secret: str
+    vault: Vault,
+    kind: str,
+    config: dict[str, Any],
+    credentials: dict[str, str],
+    field: str,
+    secret: str,
 ) -> None:
-    created = vault.create_config("t_a", type=kind, name=kind, config=config, credentials=credentials)
+    created = vault.create_config(
+        "t_a", type=kind, name=kind, config=config, credentials=credentials
+    )
     loaded = vault.load_credentials("t_a", created.id)
     assert getattr(loaded, field).get_secret_value() == secret
     assert secret not in repr(loaded)
@@ -68,15 +86,30 @@ def test_credentials_round_trip_for_each_provider_type(
         ("smtp", SMTP, {}, "credentials.password"),
         ("smtp", {**SMTP, "extra": 1}, {"password": "x"}, "config.extra"),
         ("sendgrid", {}, {"api_key": "hunter2-not-a-key"}, "credentials.api_key"),
-        ("microsoft_graph", {**GRAPH, "authority_url": "http://login.test"}, {"client_secret": "s"}, "config.authority_url"),
+        (
+            "microsoft_graph",
+            {**GRAPH, "authority_url": "http://login.test"},
+            {"client_secret": "s"},
+            "config.authority_url",
+        ),
         ("microsoft_graph", {**GRAPH, "scopes": ["Mail.Send"]}, {"client_secret": "s"}, ".default"),
-        ("google_workspace", {**GOOGLE, "client_email": "not-an-email"}, {"private_key": PEM}, "config.client_email"),
+        (
+            "google_workspace",
+            {**GOOGLE, "client_email": "not-an-email"},
+            {"private_key": PEM},
+            "config.client_email",
+        ),
         ("google_workspace", GOOGLE, {"private_key": "hunter2-not-pem"}, "credentials.private_key"),
         ("mailgun", {}, {}, "type"),
     ],
 )
 def test_invalid_input_names_the_field_never_the_value_and_writes_nothing(
-    vault: Vault, owner_engine: sa.Engine, kind: str, config: dict[str, Any], credentials: dict[str, Any], named: str
+    vault: Vault,
+    owner_engine: sa.Engine,
+    kind: str,
+    config: dict[str, Any],
+    credentials: dict[str, Any],
+    named: str,
 ) -> None:
     with pytest.raises(InvalidInputError, match=named) as error:
         vault.create_config("t_a", type=kind, name="bad", config=config, credentials=credentials)
@@ -85,18 +118,39 @@ def test_invalid_input_names_the_field_never_the_value_and_writes_nothing(
     assert owner_rows(owner_engine, "tenant_data_keys") == []
 
 
-def test_lookups_by_default_name_sender_active_and_type(vault: Vault, owner_engine: sa.Engine) -> None:
-    smtp = vault.create_config("t_a", type="smtp", name="Relay", config=SMTP,
-                               credentials={"password": SMTP_PASSWORD}, is_default=True)
-    graph = vault.create_config("t_a", type="microsoft_graph", name="Graph", config=GRAPH,
-                                credentials={"client_secret": GRAPH_SECRET})
+def test_lookups_by_default_name_sender_active_and_type(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
+    smtp = vault.create_config(
+        "t_a",
+        type="smtp",
+        name="Relay",
+        config=SMTP,
+        credentials={"password": SMTP_PASSWORD},
+        is_default=True,
+    )
+    graph = vault.create_config(
+        "t_a",
+        type="microsoft_graph",
+        name="Graph",
+        config=GRAPH,
+        credentials={"client_secret": GRAPH_SECRET},
+    )
     with owner_engine.begin() as connection:
-        connection.execute(sa.text(
-            "INSERT INTO dripiq_app.users (id, supabase_id, email) VALUES ('u1', 's1', 'u1@a.test');"
-            "INSERT INTO dripiq_app.email_sender_identities (id, tenant_id, user_id, from_email, from_name, domain) "
-            "VALUES ('s1', 't_a', 'u1', 'u1@a.test', 'U', 'a.test')"))
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.users (id, supabase_id, email) VALUES ('u1', 's1', 'u1@a.test');"
+                "INSERT INTO dripiq_app.email_sender_identities (id, tenant_id, user_id, from_email, from_name, domain) "
+                "VALUES ('s1', 't_a', 'u1', 'u1@a.test', 'U', 'a.test')"
+            )
+        )
     with tenant_session(vault.engine, "t_a") as session:
-        session.execute(sa.text("UPDATE dripiq_app.email_sender_identities SET provider_config_id = :c WHERE id = 's1'"), {"c": graph.id})
+        session.execute(
+            sa.text(
+                "UPDATE dripiq_app.email_sender_identities SET provider_config_id = :c WHERE id = 's1'"
+            ),
+            {"c": graph.id},
+        )
     assert vault.get_default_config("t_a").id == smtp.id
     assert vault.get_config_by_name("t_a", "Graph").id == graph.id
     sender = vault.get_config_for_sender("t_a", "s1", with_credentials=True)
@@ -114,11 +168,15 @@ def test_lookups_by_default_name_sender_active_and_type(vault: Vault, owner_engi
     vault.delete_config("t_a", smtp.id)
     with pytest.raises(NotFoundError):
         vault.get_config("t_a", smtp.id)
-    vault.create_config("t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": "x"})
+    vault.create_config(
+        "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": "x"}
+    )
 
 
 def test_another_tenant_cannot_read_or_touch_a_config(vault: Vault) -> None:
-    created = vault.create_config("t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": SMTP_PASSWORD})
+    created = vault.create_config(
+        "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": SMTP_PASSWORD}
+    )
     with pytest.raises(NotFoundError):
         vault.load_credentials("t_b", created.id)
     with pytest.raises(NotFoundError):
@@ -127,8 +185,15 @@ def test_another_tenant_cannot_read_or_touch_a_config(vault: Vault) -> None:
 
 
 def test_update_changes_config_and_credentials_together(vault: Vault) -> None:
-    created = vault.create_config("t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": "old"})
-    vault.update_config("t_a", created.id, config={**SMTP, "port": 465, "secure": True}, credentials={"password": "new"})
+    created = vault.create_config(
+        "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": "old"}
+    )
+    vault.update_config(
+        "t_a",
+        created.id,
+        config={**SMTP, "port": 465, "secure": True},
+        credentials={"password": "new"},
+    )
     config = vault.get_config("t_a", created.id, with_credentials=True)
     assert config.config.port == 465  # type: ignore[union-attr]
     assert config.credentials.password.get_secret_value() == "new"  # type: ignore[union-attr]
@@ -138,27 +203,58 @@ def test_update_changes_config_and_credentials_together(vault: Vault) -> None:
     assert vault.load_credentials("t_a", created.id).password.get_secret_value() == "newer"  # type: ignore[union-attr]
 
 
-def test_many_credentials_of_one_tenant_open_with_one_key_fetch(vault: Vault, provider: CountingProvider) -> None:
-    ids = [vault.create_config("t_a", type="smtp", name=f"R{i}", config=SMTP, credentials={"password": f"p{i}"}).id for i in range(5)]
+def test_many_credentials_of_one_tenant_open_with_one_key_fetch(
+    vault: Vault, provider: CountingProvider
+) -> None:
+    ids = [
+        vault.create_config(
+            "t_a", type="smtp", name=f"R{i}", config=SMTP, credentials={"password": f"p{i}"}
+        ).id
+        for i in range(5)
+    ]
     vault.keyring.cache.clear()
     before = provider.calls.get("unwrap", 0)
     opened = vault.load_many_credentials("t_a", ids)
-    assert {i: c.password.get_secret_value() for i, c in opened.items()} == {i: f"p{n}" for n, i in enumerate(ids)}  # type: ignore[union-attr]
+    assert {i: c.password.get_secret_value() for i, c in opened.items()} == {
+        i: f"p{n}" for n, i in enumerate(ids)
+    }  # type: ignore[union-attr]
     assert provider.calls["unwrap"] - before == 1
 
 
-def test_oauth_tokens_are_sealed_and_expiry_stays_queryable(vault: Vault, owner_engine: sa.Engine) -> None:
-    config = vault.create_config("t_a", type="google_workspace", name="GW", config={**GOOGLE, "auth_type": "oauth2", "client_id": "c1"},
-                                 credentials={"client_secret": "gcs"})
+def test_oauth_tokens_are_sealed_and_expiry_stays_queryable(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
+    config = vault.create_config(
+        "t_a",
+        type="google_workspace",
+        name="GW",
+        config={**GOOGLE, "auth_type": "oauth2", "client_id": "c1"},
+        credentials={"client_secret": "gcs"},
+    )
     now = datetime(2026, 11, 25, 12, tzinfo=UTC)
-    vault.store_oauth_token("t_a", config.id, access_token="access-1", refresh_token="refresh-1",
-                            expires_at=now + timedelta(minutes=5), scopes=["https://mail.google.com/"])
-    vault.store_oauth_token("t_a", config.id, access_token="access-2", refresh_token="refresh-2",
-                            expires_at=now + timedelta(minutes=50), scopes=["https://mail.google.com/"])
+    vault.store_oauth_token(
+        "t_a",
+        config.id,
+        access_token="access-1",
+        refresh_token="refresh-1",
+        expires_at=now + timedelta(minutes=5),
+        scopes=["https://mail.google.com/"],
+    )
+    vault.store_oauth_token(
+        "t_a",
+        config.id,
+        access_token="access-2",
+        refresh_token="refresh-2",
+        expires_at=now + timedelta(minutes=50),
+        scopes=["https://mail.google.com/"],
+    )
     token = vault.load_oauth_token("t_a", config.id)
     assert token.access_token is not None
     assert token.refresh_token is not None
-    assert (token.access_token.get_secret_value(), token.refresh_token.get_secret_value()) == ("access-2", "refresh-2")
+    assert (token.access_token.get_secret_value(), token.refresh_token.get_secret_value()) == (
+        "access-2",
+        "refresh-2",
+    )
     assert token.expires_at == now + timedelta(minutes=50)
     rows = owner_rows(owner_engine, "email_provider_tokens")
     assert len(rows) == 1
@@ -172,35 +268,66 @@ def test_oauth_tokens_are_sealed_and_expiry_stays_queryable(vault: Vault, owner_
 
 
 def test_a_call_can_join_the_callers_transaction(vault: Vault, owner_engine: sa.Engine) -> None:
-    with Session(vault.engine) as session:
-        with session.begin():
-            vault.create_config("t_a", type="smtp", name="Atomic", config=SMTP, credentials={"password": "p"}, session=session)
-            session.rollback()
+    with Session(vault.engine) as session, session.begin():
+        vault.create_config(
+            "t_a",
+            type="smtp",
+            name="Atomic",
+            config=SMTP,
+            credentials={"password": "p"},
+            session=session,
+        )
+        session.rollback()
     assert owner_rows(owner_engine, "email_provider_configs") == []
     with Session(vault.engine) as session, session.begin():
-        created = vault.create_config("t_a", type="smtp", name="Atomic", config=SMTP, credentials={"password": "p"}, session=session)
+        created = vault.create_config(
+            "t_a",
+            type="smtp",
+            name="Atomic",
+            config=SMTP,
+            credentials={"password": "p"},
+            session=session,
+        )
     assert vault.get_config("t_a", created.id).name == "Atomic"
 
 
-def test_a_sealed_value_moved_to_another_row_does_not_open(vault: Vault, owner_engine: sa.Engine) -> None:
-    first = vault.create_config("t_a", type="smtp", name="One", config=SMTP, credentials={"password": "one"})
-    second = vault.create_config("t_a", type="smtp", name="Two", config=SMTP, credentials={"password": "two"})
+def test_a_sealed_value_moved_to_another_row_does_not_open(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
+    first = vault.create_config(
+        "t_a", type="smtp", name="One", config=SMTP, credentials={"password": "one"}
+    )
+    second = vault.create_config(
+        "t_a", type="smtp", name="Two", config=SMTP, credentials={"password": "two"}
+    )
     with owner_engine.begin() as connection:
-        connection.execute(sa.text(
-            "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = "
-            "(SELECT encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = :a) WHERE id = :b"),
-            {"a": first.id, "b": second.id})
-    with pytest.raises(DecryptionError, match="^cannot open sealed value$"):
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = "
+                "(SELECT encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = :a) WHERE id = :b"
+            ),
+            {"a": first.id, "b": second.id},
+        )
+    with pytest.raises(DecryptionError, match=r"^cannot open sealed value$"):
         vault.load_credentials("t_a", second.id)
 
 
-def test_a_wrapped_key_copied_to_another_tenant_cannot_be_unwrapped(vault: Vault, owner_engine: sa.Engine) -> None:
-    vault.create_config("t_a", type="smtp", name="One", config=SMTP, credentials={"password": "one"})
-    theirs = vault.create_config("t_b", type="smtp", name="One", config=SMTP, credentials={"password": "two"})
+def test_a_wrapped_key_copied_to_another_tenant_cannot_be_unwrapped(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
+    vault.create_config(
+        "t_a", type="smtp", name="One", config=SMTP, credentials={"password": "one"}
+    )
+    theirs = vault.create_config(
+        "t_b", type="smtp", name="One", config=SMTP, credentials={"password": "two"}
+    )
     with owner_engine.begin() as connection:
-        connection.execute(sa.text(
-            "UPDATE dripiq_app.tenant_data_keys SET wrapped_key = "
-            "(SELECT wrapped_key FROM dripiq_app.tenant_data_keys WHERE tenant_id = 't_a') WHERE tenant_id = 't_b'"))
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.tenant_data_keys SET wrapped_key = "
+                "(SELECT wrapped_key FROM dripiq_app.tenant_data_keys WHERE tenant_id = 't_a') WHERE tenant_id = 't_b'"
+            )
+        )
     vault.keyring.cache.clear()
     with pytest.raises(DecryptionError):
         vault.load_credentials("t_b", theirs.id)
@@ -215,8 +342,10 @@ def test_concurrent_first_use_makes_one_data_key_and_one_unwrap_per_cold_load(
     def create(i: int) -> None:
         try:
             barrier.wait(10)
-            vault.create_config("t_b", type="smtp", name=f"C{i}", config=SMTP, credentials={"password": f"p{i}"})
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            vault.create_config(
+                "t_b", type="smtp", name=f"C{i}", config=SMTP, credentials={"password": f"p{i}"}
+            )
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]

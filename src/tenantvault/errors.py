@@ -35,7 +35,7 @@ class KeyProviderError(TenantVaultError):
     """The key provider (Vault transit or local) refused or failed a request."""
 
 
-class KeyProviderUnavailable(KeyProviderError):
+class KeyProviderUnavailable(KeyProviderError):  # noqa: N818 - the name the API promises
     """The key provider could not be reached within the configured timeout."""
 
 

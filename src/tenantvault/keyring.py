@@ -45,6 +45,7 @@ class Keyring:
         if row is None:
             return self._create(connection, tenant_id)
         version, wrapped = row
+        assert wrapped is not None  # an active key always has its wrapped form (CHECK)
         return self.cache.get_or_load(
             tenant_id, version, lambda: self._unwrap(tenant_id, version, wrapped)
         )
@@ -93,9 +94,10 @@ class Keyring:
         if inserted is None:  # another process made it first: use theirs
             row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one()
             return self.cache.get_or_load(
-                tenant_id, row.version, lambda: self._unwrap(tenant_id, row.version, row.wrapped_key)
+                tenant_id,
+                row.version,
+                lambda: self._unwrap(tenant_id, row.version, row.wrapped_key),
             )
         key = DataKey(tenant_id, inserted, plaintext)
         self.cache.put(key)
         return key
-

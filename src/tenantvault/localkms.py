@@ -38,7 +38,7 @@ class LocalKeyProvider(CheckedKeyProvider):
     def __repr__(self) -> str:
         return f"LocalKeyProvider(kek_version={self._latest})"
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str:
         raise TypeError("LocalKeyProvider refuses to be pickled")
 
     def _kek(self, version: int, tenant_id: str) -> AESGCM:

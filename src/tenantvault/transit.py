@@ -29,7 +29,7 @@ _TRANSIENT = (
 )
 
 
-class _PermissionDenied(KeyProviderError):
+class _PermissionDeniedError(KeyProviderError):
     pass
 
 
@@ -83,8 +83,9 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
                 self._sleep(delay)
                 delay *= 2
             except hvac.exceptions.Forbidden:
-                raise _PermissionDenied(
-                    f"Vault token may not {what} with transit key {self.mount_point}/{self.key_name}"
+                raise _PermissionDeniedError(
+                    f"Vault token may not {what} with transit key "
+                    f"{self.mount_point}/{self.key_name}"
                 ) from None
 
     def ensure_key(self) -> None:
@@ -103,7 +104,7 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
                 )
             except hvac.exceptions.InvalidPath:
                 info = None
-            except _PermissionDenied:
+            except _PermissionDeniedError:
                 # A least-privilege token (datakey, decrypt) may not read the key's
                 # settings: the operator manages the key, and a missing key shows
                 # up as a clear error on first use.
@@ -140,7 +141,8 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
     def _missing_key_message(self) -> str:
         return (
             f"transit key {self.mount_point}/{self.key_name} does not exist and this token may "
-            f"not create it: run `bao write -f {self.mount_point}/keys/{self.key_name} derived=true`"
+            "not create it: run "
+            f"`bao write -f {self.mount_point}/keys/{self.key_name} derived=true`"
         )
 
     def _generate(self, tenant_id: str) -> tuple[bytes, WrappedKey]:

@@ -155,10 +155,17 @@ class Vault:
         if with_credentials and row.encrypted_credentials is not None:
             credentials = self._open_credentials(session, row)
         return ProviderConfig(
-            id=row.id, tenant_id=row.tenant_id, type=ProviderType(row.type), name=row.name,
-            config=parse_config(row.type, row.config), is_default=row.is_default,
-            is_active=row.is_active, created_at=row.created_at, updated_at=row.updated_at,
-            has_credentials=row.encrypted_credentials is not None, credentials=credentials,
+            id=row.id,
+            tenant_id=row.tenant_id,
+            type=ProviderType(row.type),
+            name=row.name,
+            config=parse_config(row.type, row.config),
+            is_default=row.is_default,
+            is_active=row.is_active,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            has_credentials=row.encrypted_credentials is not None,
+            credentials=credentials,
         )
 
     def _one(self, session: Session, statement: Any, what: str) -> EmailProviderConfig:
@@ -189,7 +196,7 @@ class Vault:
         self,
         tenant_id: str,
         *,
-        type: str | ProviderType,  # noqa: A002 - the ticket's name for it
+        type: str | ProviderType,
         name: str,
         config: Any,
         credentials: Any = None,
@@ -213,11 +220,18 @@ class Vault:
         with self._scope(tenant_id, session) as s:
             if is_default:
                 self._clear_default(s, tenant_id)
-            sealed = None if secret is None else self._seal_credentials(s, tenant_id, config_id, secret)
+            sealed = (
+                None if secret is None else self._seal_credentials(s, tenant_id, config_id, secret)
+            )
             row = EmailProviderConfig(
-                id=config_id, tenant_id=tenant_id, type=kind, name=name,
+                id=config_id,
+                tenant_id=tenant_id,
+                type=kind,
+                name=name,
                 config=parsed.model_dump(mode="json", exclude_none=True),
-                encrypted_credentials=sealed, is_default=is_default, is_active=is_active,
+                encrypted_credentials=sealed,
+                is_default=is_default,
+                is_active=is_active,
             )
             try:
                 with s.begin_nested():
@@ -230,13 +244,20 @@ class Vault:
             return self._view(s, row, with_credentials=False)
 
     def get_config(
-        self, tenant_id: str, config_id: str, *, with_credentials: bool = False,
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        with_credentials: bool = False,
         session: Session | None = None,
     ) -> ProviderConfig:
         """A live config by id. Raises NotFoundError."""
         with self._scope(tenant_id, session) as s:
-            row = self._one(s, queries.config_by_id(tenant_id, config_id),
-                            f"no live config {config_id} for tenant {tenant_id}")
+            row = self._one(
+                s,
+                queries.config_by_id(tenant_id, config_id),
+                f"no live config {config_id} for tenant {tenant_id}",
+            )
             return self._view(s, row, with_credentials)
 
     def get_default_config(
@@ -244,28 +265,43 @@ class Vault:
     ) -> ProviderConfig:
         """The tenant's default config. Raises NotFoundError."""
         with self._scope(tenant_id, session) as s:
-            row = self._one(s, queries.default_config(tenant_id),
-                            f"tenant {tenant_id} has no default config")
+            row = self._one(
+                s, queries.default_config(tenant_id), f"tenant {tenant_id} has no default config"
+            )
             return self._view(s, row, with_credentials)
 
     def get_config_by_name(
-        self, tenant_id: str, name: str, *, with_credentials: bool = False,
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        with_credentials: bool = False,
         session: Session | None = None,
     ) -> ProviderConfig:
         """A live config by name. Raises NotFoundError."""
         with self._scope(tenant_id, session) as s:
-            row = self._one(s, queries.config_by_name(tenant_id, name),
-                            f"tenant {tenant_id} has no live config of that name")
+            row = self._one(
+                s,
+                queries.config_by_name(tenant_id, name),
+                f"tenant {tenant_id} has no live config of that name",
+            )
             return self._view(s, row, with_credentials)
 
     def get_config_for_sender(
-        self, tenant_id: str, sender_id: str, *, with_credentials: bool = False,
+        self,
+        tenant_id: str,
+        sender_id: str,
+        *,
+        with_credentials: bool = False,
         session: Session | None = None,
     ) -> ProviderConfig:
         """The config a sender identity sends through. Raises NotFoundError."""
         with self._scope(tenant_id, session) as s:
-            row = self._one(s, queries.config_for_sender(tenant_id, sender_id),
-                            f"sender {sender_id} of tenant {tenant_id} has no live config")
+            row = self._one(
+                s,
+                queries.config_for_sender(tenant_id, sender_id),
+                f"sender {sender_id} of tenant {tenant_id} has no live config",
+            )
             return self._view(s, row, with_credentials)
 
     def list_active_configs(
@@ -276,7 +312,11 @@ class Vault:
             return [self._view(s, row, False) for row in rows]
 
     def list_configs_of_type(
-        self, tenant_id: str, type: str | ProviderType, *, session: Session | None = None  # noqa: A002
+        self,
+        tenant_id: str,
+        type: str | ProviderType,
+        *,
+        session: Session | None = None,
     ) -> list[ProviderConfig]:
         kind = provider_type(type)
         with self._scope(tenant_id, session) as s:
@@ -284,8 +324,14 @@ class Vault:
             return [self._view(s, row, False) for row in rows]
 
     def update_config(
-        self, tenant_id: str, config_id: str, *, name: str | None = None, config: Any = None,
-        credentials: Any = None, session: Session | None = None,
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        name: str | None = None,
+        config: Any = None,
+        credentials: Any = None,
+        session: Session | None = None,
     ) -> ProviderConfig:
         """Change name, config and/or credentials together, in one transaction.
 
@@ -295,7 +341,9 @@ class Vault:
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
             parsed = parse_config(row.type, row.config if config is None else config)
-            secret = None if credentials is None else parse_credentials(row.type, credentials, parsed)
+            secret = (
+                None if credentials is None else parse_credentials(row.type, credentials, parsed)
+            )
             if config is not None:
                 row.config = parsed.model_dump(mode="json", exclude_none=True)
             if new_name is not None:
@@ -311,7 +359,9 @@ class Vault:
             log.info("config updated tenant=%s config=%s", tenant_id, config_id)
             return self._view(s, row, with_credentials=False)
 
-    def set_default(self, tenant_id: str, config_id: str, *, session: Session | None = None) -> None:
+    def set_default(
+        self, tenant_id: str, config_id: str, *, session: Session | None = None
+    ) -> None:
         """Make ``config_id`` the tenant's only default, atomically (one transaction)."""
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
@@ -322,7 +372,9 @@ class Vault:
             row.is_default = True
             s.flush()
 
-    def deactivate_config(self, tenant_id: str, config_id: str, *, session: Session | None = None) -> None:
+    def deactivate_config(
+        self, tenant_id: str, config_id: str, *, session: Session | None = None
+    ) -> None:
         """Keep the config but stop using it; it stops being the default."""
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
@@ -330,7 +382,9 @@ class Vault:
             row.is_default = False
             s.flush()
 
-    def delete_config(self, tenant_id: str, config_id: str, *, session: Session | None = None) -> None:
+    def delete_config(
+        self, tenant_id: str, config_id: str, *, session: Session | None = None
+    ) -> None:
         """Soft delete: invisible to reads, its name and default slot freed."""
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
@@ -358,8 +412,11 @@ class Vault:
             KeyProviderUnavailable: the tenant's key is not cached and Vault is down.
         """
         with self._scope(tenant_id, session) as s:
-            row = self._one(s, queries.config_by_id(tenant_id, config_id),
-                            f"no live config {config_id} for tenant {tenant_id}")
+            row = self._one(
+                s,
+                queries.config_by_id(tenant_id, config_id),
+                f"no live config {config_id} for tenant {tenant_id}",
+            )
             return self._open_credentials(s, row)
 
     def load_many_credentials(
@@ -377,9 +434,16 @@ class Vault:
         return SealContext(tenant_id, TOKENS, column, config_id)
 
     def store_oauth_token(
-        self, tenant_id: str, config_id: str, *, access_token: str, refresh_token: str | None = None,
-        token_type: str = "Bearer", expires_at: datetime | None = None,
-        scopes: Sequence[str] = (), session: Session | None = None,
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        access_token: str,
+        refresh_token: str | None = None,
+        token_type: str = "Bearer",  # noqa: S107 - a token type, not a token
+        expires_at: datetime | None = None,
+        scopes: Sequence[str] = (),
+        session: Session | None = None,
     ) -> None:
         """Seal and upsert a config's tokens (the one token row of the config)."""
         if not isinstance(access_token, str) or not access_token:
@@ -393,14 +457,26 @@ class Vault:
         with self._scope(tenant_id, session) as s:
             self._live(s, tenant_id, config_id)
             key = self.keyring.active_key(s.connection(), tenant_id)
-            access = seal(key, access_token.encode(),
-                          self._token_context(tenant_id, config_id, "encrypted_access_token"))
-            refresh = None if refresh_token is None else seal(
-                key, refresh_token.encode(),
-                self._token_context(tenant_id, config_id, "encrypted_refresh_token"))
+            access = seal(
+                key,
+                access_token.encode(),
+                self._token_context(tenant_id, config_id, "encrypted_access_token"),
+            )
+            refresh = (
+                None
+                if refresh_token is None
+                else seal(
+                    key,
+                    refresh_token.encode(),
+                    self._token_context(tenant_id, config_id, "encrypted_refresh_token"),
+                )
+            )
             values = {
-                "encrypted_access_token": access, "encrypted_refresh_token": refresh,
-                "token_type": token_type, "expires_at": expires_at, "scopes": list(scopes),
+                "encrypted_access_token": access,
+                "encrypted_refresh_token": refresh,
+                "token_type": token_type,
+                "expires_at": expires_at,
+                "scopes": list(scopes),
             }
             s.execute(
                 pg_insert(EmailProviderToken)
@@ -420,26 +496,41 @@ class Vault:
             row = s.scalars(queries.token_of_config(tenant_id, config_id)).one_or_none()
             if row is None or row.encrypted_access_token is None:
                 raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no OAuth token")
-            access = self._open(s, row.encrypted_access_token,
-                                self._token_context(tenant_id, config_id, "encrypted_access_token"))
+            access = self._open(
+                s,
+                row.encrypted_access_token,
+                self._token_context(tenant_id, config_id, "encrypted_access_token"),
+            )
             refresh = None
             if row.encrypted_refresh_token is not None:
-                refresh = self._open(s, row.encrypted_refresh_token,
-                                     self._token_context(tenant_id, config_id, "encrypted_refresh_token"))
+                refresh = self._open(
+                    s,
+                    row.encrypted_refresh_token,
+                    self._token_context(tenant_id, config_id, "encrypted_refresh_token"),
+                )
             return OAuthToken(
-                config_id=config_id, access_token=SecretStr(access.decode()),
+                config_id=config_id,
+                access_token=SecretStr(access.decode()),
                 refresh_token=None if refresh is None else SecretStr(refresh.decode()),
-                token_type=row.token_type, expires_at=row.expires_at, scopes=tuple(row.scopes),
+                token_type=row.token_type,
+                expires_at=row.expires_at,
+                scopes=tuple(row.scopes),
             )
 
-    def delete_oauth_token(self, tenant_id: str, config_id: str, *, session: Session | None = None) -> bool:
+    def delete_oauth_token(
+        self, tenant_id: str, config_id: str, *, session: Session | None = None
+    ) -> bool:
         """Remove a config's tokens; True if there were any."""
         with self._scope(tenant_id, session) as s:
             deleted = s.execute(queries.delete_tokens_of_config(tenant_id, config_id))
             return bool(getattr(deleted, "rowcount", 0))
 
     def tokens_expiring(
-        self, tenant_id: str, *, within: timedelta, now: datetime | None = None,
+        self,
+        tenant_id: str,
+        *,
+        within: timedelta,
+        now: datetime | None = None,
         session: Session | None = None,
     ) -> list[ExpiringToken]:
         """The tenant's tokens whose access token expires within ``within`` of ``now``."""
@@ -448,14 +539,17 @@ class Vault:
             rows = s.scalars(queries.tokens_expiring(tenant_id, moment + within)).all()
             return [
                 ExpiringToken(r.config_id, r.expires_at, r.encrypted_refresh_token is not None)
-                for r in rows if r.expires_at is not None
+                for r in rows
+                if r.expires_at is not None
             ]
 
 
 def _integrity(exc: IntegrityError, tenant_id: str, name: str) -> Exception:
     text = str(exc.orig)
     if "uq_email_provider_configs_tenant_id_name_live" in text:
-        return InvalidInputError(f"name: tenant {tenant_id} already has a live config named {name!r}")
+        return InvalidInputError(
+            f"name: tenant {tenant_id} already has a live config named {name!r}"
+        )
     if "fk_email_provider_configs_tenant_id_tenants" in text:
         return NotFoundError(f"tenant {tenant_id} does not exist")
     return InvalidInputError("the row breaks a database constraint")
