@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -45,6 +46,7 @@ def throwaway_database() -> Iterator[tuple[str, str]]:
     """(database URL, OpenBao address) on a private dev stack, all removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="tenantvault-bench.") as state:
         environment = devstack.up(Path(state)).variables
+        os.environ["_TENANTVAULT_BENCH_TOKEN"] = environment["VAULT_TOKEN"]
         admin = environment["TENANTVAULT_DATABASE_URL"]
         name = f"bench_{uuid.uuid4().hex[:8]}"
         try:

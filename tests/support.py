@@ -90,6 +90,7 @@ REVISIONS = [
     "0003_sender_identity_links",
     "0004_default_sendgrid_configs",
     "0005_tenant_data_keys",
+    "0006_load_credentials_function",
 ]
 
 

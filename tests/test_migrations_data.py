@@ -12,7 +12,7 @@ from tenantvault.settings import Settings
 
 from .support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
 
-BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA, DATA_KEYS = REVISIONS
+BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA, DATA_KEYS, LOAD_FUNCTION = REVISIONS
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_data_migration_run_twice_changes_nothing(
         }
     stamp(settings, SENDER_LINKS)  # pretend it never ran, so upgrade runs it again
     migrate.upgrade(settings, SENDGRID_DATA)
-    stamp(settings, DATA_KEYS)
+    stamp(settings, LOAD_FUNCTION)
     with owner_engine.connect() as connection:
         second = {
             t: table_rows(connection, t)

@@ -373,3 +373,24 @@ def test_concurrent_first_use_makes_one_data_key_and_one_unwrap_per_cold_load(
         t.join(30)
     assert len(loaded) == 8
     assert provider.calls["unwrap"] - before == 1
+
+
+def test_the_one_round_trip_load_leaves_no_tenant_on_the_pooled_connection(vault: Vault) -> None:
+    created = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
+    )
+    assert vault.keyring.cache.get("t_a", 1) is not None  # so the load takes the fast path
+    for _ in range(3):
+        assert vault.load_credentials("t_a", created.id).password.get_secret_value() == "p"  # type: ignore[union-attr]
+    with vault.engine.connect() as connection:
+        assert connection.execute(
+            sa.text("SELECT current_setting('tenantvault.tenant_id', true)")
+        ).scalar() in ("", None)
+        assert (
+            connection.execute(
+                sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")
+            ).scalar_one()
+            == 0
+        )
+    with pytest.raises(NotFoundError):
+        vault.load_credentials("t_b", created.id)

@@ -46,7 +46,9 @@ def create_engine(settings: Settings, **kwargs: object) -> Engine:
     options = f"-c statement_timeout={settings.statement_timeout_ms}"
     return sa.create_engine(
         settings.sqlalchemy_url,
-        pool_pre_ping=True,
+        # No pre-ping: it would add a round trip to every load. A connection the
+        # server dropped fails one call, and the pool replaces it.
+        pool_recycle=1800,
         connect_args={"connect_timeout": settings.connect_timeout_seconds, "options": options},
         **kwargs,
     ).execution_options(schema_translate_map={None: settings.schema_name})

@@ -98,6 +98,15 @@ class Vault:
     def __init__(self, engine: sa.Engine, keyring: Keyring) -> None:
         self.engine = engine
         self.keyring = keyring
+        # Same pool; statements run in their own implicit transactions.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
+        function = getattr(sa.func, schema) if schema else sa.func
+        self._load_statement = sa.select(
+            function.tenantvault_config_credentials(
+                sa.bindparam("tenant_id"), sa.bindparam("config_id")
+            ).table_valued("type", "config", "encrypted_credentials")
+        )
 
     def __repr__(self) -> str:
         return f"Vault(engine={self.engine!r}, keyring={self.keyring!r})"
@@ -411,6 +420,10 @@ class Vault:
             DecryptionError: the stored value does not open (tampered or moved).
             KeyProviderUnavailable: the tenant's key is not cached and Vault is down.
         """
+        if session is None:
+            fast = self._load_credentials_one_round_trip(tenant_id, config_id)
+            if fast is not None:
+                return fast
         with self._scope(tenant_id, session) as s:
             row = self._one(
                 s,
@@ -418,6 +431,30 @@ class Vault:
                 f"no live config {config_id} for tenant {tenant_id}",
             )
             return self._open_credentials(s, row)
+
+    def _load_credentials_one_round_trip(
+        self, tenant_id: str, config_id: str
+    ) -> CredentialsModel | None:
+        """The hot path: one statement scopes the tenant and reads the row (migration
+        0006's function); the key comes from the cache. None when it is not cached,
+        and the caller takes the full path, which may ask the key provider."""
+        check_tenant_id(tenant_id)
+        with self._autocommit.connect() as connection:
+            row = connection.execute(
+                self._load_statement, {"tenant_id": tenant_id, "config_id": config_id}
+            ).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
+        kind_name, config, sealed = row
+        if sealed is None:
+            raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
+        key = self.keyring.cache.get(tenant_id, sealed_dek_version(sealed))
+        if key is None:
+            return None
+        context = SealContext(tenant_id, CONFIGS, "encrypted_credentials", config_id)
+        raw = json.loads(open_sealed(key, sealed, context))
+        kind = provider_type(kind_name)
+        return parse_credentials(kind, raw, parse_config(kind, config))
 
     def load_many_credentials(
         self, tenant_id: str, config_ids: Sequence[str], *, session: Session | None = None

@@ -1,0 +1,170 @@
+"""load_credentials and store_credentials against bare SQL, and against the naive peer.
+
+All on the embedded stack (PostgreSQL 18 over loopback TCP, OpenBao dev), one run:
+
+baseline     bare primary-key SELECT of the same config row, same driver and pool settings
+load         Vault.load_credentials with a warm key cache (RLS on, application role)
+naive        a peer that asks transit to decrypt the tenant's key on every load
+store        Vault.store_credentials (validate, seal, write) vs a bare single-row UPDATE
+vault calls  key-provider calls for 10,000 loads spread over 100 tenants, cold start
+"""
+
+from __future__ import annotations
+
+import hvac
+import sqlalchemy as sa
+
+from tenantvault import Vault, migrate
+from tenantvault.datakey import DataKey
+from tenantvault.db import create_engine
+from tenantvault.envelope import SealContext, open_sealed
+from tenantvault.migrate import migration_engine
+from tenantvault.settings import load_settings
+from tenantvault.transit import VaultTransitKeyProvider
+
+from ._harness import measure, throwaway_database
+
+TENANTS = 100
+ITERATIONS = 3000
+APP_LOGIN = "tenantvault_bench_app"
+SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
+
+
+class Counting:
+    def __init__(self, inner: VaultTransitKeyProvider) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name: str) -> object:
+        attribute = getattr(self.inner, name)
+        if callable(attribute):
+
+            def counted(*args: object, **kwargs: object) -> object:
+                self.calls += 1
+                return attribute(*args, **kwargs)
+
+            return counted
+        return attribute
+
+
+def main() -> None:
+    with throwaway_database() as (url, vault_addr):
+        environment_token = _dev_token()
+        settings = load_settings(
+            database_url=url, VAULT_ADDR=vault_addr, VAULT_TOKEN=environment_token
+        )
+        migrate.upgrade(settings)
+        owner = migration_engine(settings)
+        with owner.begin() as connection:
+            connection.exec_driver_sql(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN}') "
+                f"THEN CREATE ROLE {APP_LOGIN} LOGIN; END IF; END $$"
+            )
+            connection.exec_driver_sql(f"GRANT tenantvault_app TO {APP_LOGIN}")
+            connection.exec_driver_sql(
+                f"INSERT INTO dripiq_app.tenants (id, name) SELECT 't' || i, 'T' FROM generate_series(1, {TENANTS}) i"
+            )
+        app_settings = load_settings(
+            database_url=url.replace("postgres@", f"{APP_LOGIN}@"),
+            VAULT_ADDR=vault_addr,
+            VAULT_TOKEN=environment_token,
+        )
+
+        def provider() -> Counting:
+            client = hvac.Client(url=vault_addr, token=environment_token, timeout=5)
+            return Counting(VaultTransitKeyProvider(client, key_name="bench"))
+
+        vault = Vault.from_settings(app_settings, key_provider=provider())  # type: ignore[arg-type]
+        ids = [
+            vault.create_config(
+                f"t{i}", type="smtp", name="Relay", config=SMTP, credentials={"password": f"pw-{i}"}
+            ).id
+            for i in range(1, TENANTS + 1)
+        ]
+        tenant, config_id = "t50", ids[49]
+
+        bare_engine = create_engine(settings)
+        # One statement in its own implicit transaction: one round trip, as a load is.
+        bare_reads = bare_engine.execution_options(isolation_level="AUTOCOMMIT")
+        select = sa.text(
+            "SELECT type, config, encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = :id"
+        )
+
+        def bare() -> object:
+            with bare_reads.connect() as connection:
+                return connection.execute(select, {"id": config_id}).one()
+
+        def load() -> object:
+            return vault.load_credentials(tenant, config_id)
+
+        with bare_engine.connect() as connection:
+            wrapped = connection.execute(
+                sa.text("SELECT wrapped_key FROM dripiq_app.tenant_data_keys WHERE tenant_id = :t"),
+                {"t": tenant},
+            ).scalar_one()
+        naive_provider = provider()
+
+        def naive() -> object:
+            row = bare()
+            key = DataKey(tenant, 1, naive_provider.unwrap(tenant, wrapped))  # type: ignore[attr-defined]
+            return open_sealed(
+                key,
+                row[2],
+                SealContext(tenant, "email_provider_configs", "encrypted_credentials", config_id),
+            )
+
+        update = sa.text(
+            "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = encrypted_credentials WHERE id = :id"
+        )
+
+        def bare_update() -> object:
+            with bare_engine.begin() as connection:
+                return connection.execute(update, {"id": config_id})
+
+        def store() -> object:
+            vault.store_credentials(tenant, config_id, {"password": "pw-new"})
+            return None
+
+        baseline = measure("bare PK SELECT", bare, iterations=ITERATIONS)
+        loaded = measure("load_credentials (warm)", load, iterations=ITERATIONS)
+        naive_load = measure("naive: transit per load", naive, iterations=ITERATIONS // 3)
+        update_baseline = measure("bare single-row UPDATE", bare_update, iterations=ITERATIONS // 3)
+        stored = measure("store_credentials", store, iterations=ITERATIONS // 3)
+
+        cold = Vault.from_settings(app_settings, key_provider=provider())  # type: ignore[arg-type]
+        for n in range(10_000):
+            i = n % TENANTS
+            cold.load_credentials(f"t{i + 1}", ids[i])
+        vault_calls = cold.keyring.provider.calls  # type: ignore[attr-defined]
+
+        for engine in (bare_engine, owner, vault.engine, cold.engine):
+            engine.dispose()
+
+    print(
+        f"{baseline.name:<26} p50 {baseline.p50_us:8.1f} us  p99 {baseline.p99_us:8.1f} us  (baseline)"
+    )
+    print(
+        f"{loaded.name:<26} p50 {loaded.p50_us:8.1f} us  p99 {loaded.p99_us:8.1f} us  ({loaded.ratio_to(baseline)}; target <= 1.5x)"
+    )
+    print(
+        f"{naive_load.name:<26} p50 {naive_load.p50_us:8.1f} us  p99 {naive_load.p99_us:8.1f} us  "
+        f"(load is {naive_load.p50_us / loaded.p50_us:.1f}x faster at p50; target >= 5x)"
+    )
+    print(
+        f"{update_baseline.name:<26} p50 {update_baseline.p50_us:8.1f} us  p99 {update_baseline.p99_us:8.1f} us  (baseline)"
+    )
+    print(
+        f"{stored.name:<26} p50 {stored.p50_us:8.1f} us  p99 {stored.p99_us:8.1f} us  ({stored.ratio_to(update_baseline)})"
+    )
+    print(
+        f"{'vault calls':<26} {vault_calls} for 10,000 loads over {TENANTS} tenants, cold cache (target <= 100)"
+    )
+
+
+def _dev_token() -> str:
+    import os
+
+    return os.environ["_TENANTVAULT_BENCH_TOKEN"]
+
+
+if __name__ == "__main__":
+    main()
