@@ -1,0 +1,61 @@
+"""Choosing the key provider from settings: local only by name, with a proper key."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from tenantvault.errors import ConfigurationError
+from tenantvault.kms import key_provider_from_settings
+from tenantvault.localkms import LocalKeyProvider
+from tenantvault.settings import load_settings
+from tenantvault.transit import VaultTransitKeyProvider
+
+URL = "postgresql://app@db.internal/app"
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("TENANTVAULT_", "VAULT_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(str(tmp_path))
+
+
+def test_the_default_is_vault_transit_and_it_needs_an_address() -> None:
+    with pytest.raises(ConfigurationError, match="VAULT_ADDR"):
+        key_provider_from_settings(load_settings(database_url=URL))
+
+
+def test_vault_transit_is_built_from_the_vault_variables() -> None:
+    provider = key_provider_from_settings(
+        load_settings(database_url=URL, VAULT_ADDR="http://127.0.0.1:8200", VAULT_TOKEN="t")
+    )
+    assert isinstance(provider, VaultTransitKeyProvider)
+    assert provider.key_name == "tenantvault"
+
+
+def test_vault_transit_without_a_token_or_approle_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="VAULT_TOKEN"):
+        key_provider_from_settings(
+            load_settings(database_url=URL, VAULT_ADDR="http://127.0.0.1:8200")
+        )
+
+
+def test_local_needs_a_32_byte_master_key_and_never_echoes_it() -> None:
+    with pytest.raises(ConfigurationError, match="TENANTVAULT_LOCAL_MASTER_KEY is required"):
+        key_provider_from_settings(load_settings(database_url=URL, key_provider="local"))
+    short = base64.b64encode(b"too-short-secret").decode()
+    with pytest.raises(ConfigurationError, match="32 bytes") as error:
+        key_provider_from_settings(
+            load_settings(database_url=URL, key_provider="local", local_master_key=short)
+        )
+    assert short not in str(error.value)
+    good = base64.b64encode(bytes(range(32))).decode()
+    provider = key_provider_from_settings(
+        load_settings(database_url=URL, key_provider="local", local_master_key=good)
+    )
+    assert isinstance(provider, LocalKeyProvider)
