@@ -26,6 +26,15 @@ from tenantvault.settings import Settings, load_settings, parse_database_url
 APP_LOGIN_ROLE = "tenantvault_test_app_login"
 
 
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No TENANTVAULT_* / VAULT_* variables and no stray .env for settings tests."""
+    for name in list(os.environ):
+        if name.startswith(("TENANTVAULT_", "VAULT_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
 @dataclass(frozen=True)
 class Services:
     admin_url: str  # a superuser URL on the server the tests create databases on

@@ -15,14 +15,7 @@ from tenantvault.transit import VaultTransitKeyProvider
 URL = "postgresql://app@db.internal/app"
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith(("TENANTVAULT_", "VAULT_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(str(tmp_path))
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def test_the_default_is_vault_transit_and_it_needs_an_address() -> None:

@@ -10,14 +10,7 @@ from tenantvault.settings import Settings, load_settings
 SECRET_URL = "postgresql://app:hunter2-secret@db.internal:5432/app"
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith(("TENANTVAULT_", "VAULT_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(str(tmp_path))  # no stray .env
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def test_defaults_match_the_ticket_and_pin_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
