@@ -2,7 +2,8 @@
 
 All on the embedded stack (PostgreSQL 18 over loopback TCP, OpenBao dev), one run:
 
-baseline     bare primary-key SELECT of the same config row, same driver and pool settings
+baseline     bare primary-key SELECT of the same config row: the same driver, a pool built the
+             same way, one autocommit statement on the driver connection
 load         Vault.load_credentials with a warm key cache (RLS on, application role)
 naive        a peer that asks transit to decrypt the tenant's key on every load
 store        Vault.store_credentials (validate, seal, write) vs a bare single-row UPDATE
@@ -83,15 +84,20 @@ def main() -> None:
         tenant, config_id = "t50", ids[49]
 
         bare_engine = create_engine(settings)
-        # One statement in its own implicit transaction: one round trip, as a load is.
-        bare_reads = bare_engine.execution_options(isolation_level="AUTOCOMMIT")
-        select = sa.text(
-            "SELECT type, config, encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = :id"
-        )
+        select_sql = "SELECT type, config, encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = %s"
 
         def bare() -> object:
-            with bare_reads.connect() as connection:
-                return connection.execute(select, {"id": config_id}).one()
+            # The floor: the driver connection from the same kind of pool, one
+            # autocommit statement, no ORM or Core layers (as the load's hot path).
+            pooled = bare_engine.raw_connection()
+            try:
+                driver = pooled.driver_connection
+                driver.autocommit = True
+                row = driver.execute(select_sql, (config_id,)).fetchone()
+                driver.autocommit = False
+            finally:
+                pooled.close()
+            return row
 
         def load() -> object:
             return vault.load_credentials(tenant, config_id)

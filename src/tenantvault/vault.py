@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -99,13 +100,12 @@ class Vault:
         self.engine = engine
         self.keyring = keyring
         # Same pool; statements run in their own implicit transactions.
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
-        function = getattr(sa.func, schema) if schema else sa.func
-        self._load_statement = sa.select(
-            function.tenantvault_config_credentials(
-                sa.bindparam("tenant_id"), sa.bindparam("config_id")
-            ).table_valued("type", "config", "encrypted_credentials")
+        if not schema:
+            raise ValueError("the engine must come from tenantvault.db.create_engine")
+        self._load_sql = (
+            "SELECT type, config, encrypted_credentials "
+            f'FROM "{schema}".tenantvault_config_credentials(%s, %s)'
         )
 
     def __repr__(self) -> str:
@@ -439,10 +439,20 @@ class Vault:
         0006's function); the key comes from the cache. None when it is not cached,
         and the caller takes the full path, which may ask the key provider."""
         check_tenant_id(tenant_id)
-        with self._autocommit.connect() as connection:
-            row = connection.execute(
-                self._load_statement, {"tenant_id": tenant_id, "config_id": config_id}
-            ).one_or_none()
+        # The driver connection straight from the engine's pool, in autocommit for
+        # this one statement (its own implicit transaction), then handed back as
+        # it was: the hot path skips the ORM and Core layers, not the pool.
+        pooled = self.engine.raw_connection()
+        try:
+            driver = pooled.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            driver.autocommit = True
+            try:
+                row = driver.execute(self._load_sql, (tenant_id, config_id)).fetchone()
+            finally:
+                driver.autocommit = False
+        finally:
+            pooled.close()
         if row is None:
             raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
         kind_name, config, sealed = row
