@@ -41,6 +41,24 @@ def measure(
     return Timing(name, statistics.median(samples), samples[int(len(samples) * 0.99) - 1])
 
 
+def measure_interleaved(
+    operations: dict[str, Callable[[], object]], *, iterations: int, warmup: int = 200
+) -> dict[str, Timing]:
+    """Time several operations in alternation, so machine noise falls on all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in operations}
+    for round_number in range(warmup + iterations):
+        for name, operation in operations.items():
+            started = time.perf_counter_ns()
+            operation()
+            if round_number >= warmup:
+                samples[name].append((time.perf_counter_ns() - started) / 1000)
+    timings = {}
+    for name, values in samples.items():
+        values.sort()
+        timings[name] = Timing(name, statistics.median(values), values[int(len(values) * 0.99) - 1])
+    return timings
+
+
 @contextmanager
 def throwaway_database() -> Iterator[tuple[str, str]]:
     """(database URL, OpenBao address) on a private dev stack, all removed afterwards."""

@@ -23,7 +23,7 @@ from tenantvault.migrate import migration_engine
 from tenantvault.settings import load_settings
 from tenantvault.transit import VaultTransitKeyProvider
 
-from ._harness import measure, throwaway_database
+from ._harness import measure, measure_interleaved, throwaway_database
 
 TENANTS = 100
 ITERATIONS = 3000
@@ -84,7 +84,7 @@ def main() -> None:
         tenant, config_id = "t50", ids[49]
 
         bare_engine = create_engine(settings)
-        select_sql = "SELECT type, config, encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = %s"
+        select_sql = "SELECT type, encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = %s"
 
         def bare() -> object:
             # The floor: the driver connection from the same kind of pool, one
@@ -114,7 +114,7 @@ def main() -> None:
             key = DataKey(tenant, 1, naive_provider.unwrap(tenant, wrapped))  # type: ignore[attr-defined]
             return open_sealed(
                 key,
-                row[2],
+                row[1],
                 SealContext(tenant, "email_provider_configs", "encrypted_credentials", config_id),
             )
 
@@ -130,8 +130,10 @@ def main() -> None:
             vault.store_credentials(tenant, config_id, {"password": "pw-new"})
             return None
 
-        baseline = measure("bare PK SELECT", bare, iterations=ITERATIONS)
-        loaded = measure("load_credentials (warm)", load, iterations=ITERATIONS)
+        reads = measure_interleaved(
+            {"bare PK SELECT": bare, "load_credentials (warm)": load}, iterations=ITERATIONS
+        )
+        baseline, loaded = reads["bare PK SELECT"], reads["load_credentials (warm)"]
         naive_load = measure("naive: transit per load", naive, iterations=ITERATIONS // 3)
         update_baseline = measure("bare single-row UPDATE", bare_update, iterations=ITERATIONS // 3)
         stored = measure("store_credentials", store, iterations=ITERATIONS // 3)

@@ -31,14 +31,14 @@ def upgrade() -> None:
     op.execute(
         f"""
         CREATE FUNCTION {name}(p_tenant_id text, p_config_id text)
-        RETURNS TABLE (type text, config jsonb, encrypted_credentials text)
+        RETURNS TABLE (type text, encrypted_credentials text)
         LANGUAGE plpgsql VOLATILE SECURITY INVOKER
         SET search_path = pg_catalog
         AS $$
         BEGIN
           PERFORM set_config('{TENANT_SETTING}', p_tenant_id, true);
           RETURN QUERY
-            SELECT c.type, c.config, c.encrypted_credentials
+            SELECT c.type, c.encrypted_credentials
             FROM {qualified("email_provider_configs")} c
             WHERE c.tenant_id = p_tenant_id AND c.id = p_config_id AND c.deleted_at IS NULL;
         END
@@ -47,7 +47,7 @@ def upgrade() -> None:
     )
     op.execute(
         f"COMMENT ON FUNCTION {name}(text, text) IS 'Scope the transaction to a tenant and read "
-        "one live config''s sealed credentials (the load hot path; RLS applies).'"
+        "one live config''s type and sealed credentials (the load hot path; RLS applies).'"
     )
     op.execute(f"REVOKE ALL ON FUNCTION {name}(text, text) FROM PUBLIC")
     op.execute(f'GRANT EXECUTE ON FUNCTION {name}(text, text) TO "{opts.app_role}"')

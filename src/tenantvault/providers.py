@@ -286,6 +286,16 @@ def _check_against_config(credentials: CredentialsModel, config: ProviderConfigM
             raise InvalidInputError("credentials.client_secret: required for oauth2")
 
 
+def credentials_from_storage(kind: ProviderType, plaintext: bytes) -> CredentialsModel:
+    """Rebuild credentials from their opened JSON (validated in full when stored)."""
+    try:
+        parsed = CREDENTIAL_MODELS[kind].model_validate_json(plaintext)
+    except ValidationError as exc:
+        raise InvalidInputError(_describe(exc, "credentials")) from None
+    assert isinstance(parsed, CredentialsModel)
+    return parsed
+
+
 def credentials_to_json(credentials: CredentialsModel) -> dict[str, Any]:
     """The plaintext JSON object that gets sealed (secrets revealed: only for sealing)."""
     out: dict[str, Any] = {}

@@ -36,6 +36,7 @@ from tenantvault.models import EmailProviderConfig, EmailProviderToken, Provider
 from tenantvault.providers import (
     CredentialsModel,
     ProviderConfigModel,
+    credentials_from_storage,
     credentials_to_json,
     parse_config,
     parse_credentials,
@@ -104,7 +105,7 @@ class Vault:
         if not schema:
             raise ValueError("the engine must come from tenantvault.db.create_engine")
         self._load_sql = (
-            "SELECT type, config, encrypted_credentials "
+            "SELECT type, encrypted_credentials "
             f'FROM "{schema}".tenantvault_config_credentials(%s, %s)'
         )
 
@@ -455,16 +456,16 @@ class Vault:
             pooled.close()
         if row is None:
             raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
-        kind_name, config, sealed = row
+        kind_name, sealed = row
         if sealed is None:
             raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
         key = self.keyring.cache.get(tenant_id, sealed_dek_version(sealed))
         if key is None:
             return None
         context = SealContext(tenant_id, CONFIGS, "encrypted_credentials", config_id)
-        raw = json.loads(open_sealed(key, sealed, context))
-        kind = provider_type(kind_name)
-        return parse_credentials(kind, raw, parse_config(kind, config))
+        # The config and the cross-checks against it were validated when these
+        # credentials were stored; the hot path rebuilds only the credentials model.
+        return credentials_from_storage(provider_type(kind_name), open_sealed(key, sealed, context))
 
     def load_many_credentials(
         self, tenant_id: str, config_ids: Sequence[str], *, session: Session | None = None
