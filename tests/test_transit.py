@@ -76,3 +76,37 @@ def test_rewrap_splits_batches_and_reports_failed_items(services: Services) -> N
 def test_batches_larger_than_the_server_accepts_are_refused_up_front(services: Services) -> None:
     with pytest.raises(ValueError, match="400"):
         _provider(services, "x", batch_size=500)
+
+
+def test_approle_login_with_a_least_privilege_policy(
+    services: Services, clean_environment: None
+) -> None:
+    from tenantvault.kms import key_provider_from_settings
+    from tenantvault.settings import load_settings
+
+    root = _client(services)
+    _provider(services, "approle-key").generate_data_key("t_setup")  # the operator made the key
+    if "approle/" not in root.sys.list_auth_methods()["data"]:
+        root.sys.enable_auth_method("approle")
+    root.sys.create_or_update_policy(
+        "tv-app",
+        'path "transit/datakey/plaintext/approle-key" { capabilities = ["update"] }\n'
+        'path "transit/decrypt/approle-key" { capabilities = ["update"] }',
+    )
+    root.auth.approle.create_or_update_approle(
+        "tenantvault", token_policies=["tv-app"], token_ttl="5m"
+    )
+    role_id = root.auth.approle.read_role_id("tenantvault")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("tenantvault")["data"]["secret_id"]
+    settings = load_settings(
+        database_url="postgresql://app@127.0.0.1/app",
+        VAULT_ADDR=services.vault_addr,
+        transit_key="approle-key",
+        vault_approle_role_id=role_id,
+        vault_approle_secret_id=secret_id,
+    )
+    provider = key_provider_from_settings(settings)
+    plaintext, wrapped = provider.generate_data_key("t_a")
+    assert provider.unwrap("t_a", wrapped.ciphertext) == plaintext
+    with pytest.raises(KeyProviderError, match="may not"):
+        provider.rotate_kek()  # the application's policy cannot rotate the key
