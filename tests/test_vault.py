@@ -394,3 +394,18 @@ def test_the_one_round_trip_load_leaves_no_tenant_on_the_pooled_connection(vault
         )
     with pytest.raises(NotFoundError):
         vault.load_credentials("t_b", created.id)
+
+
+def test_a_config_change_that_no_longer_fits_the_stored_credentials_is_refused(
+    vault: Vault,
+) -> None:
+    created = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
+    )
+    with pytest.raises(
+        InvalidInputError, match=r"credentials\.password: not used with auth_type oauth2"
+    ):
+        vault.update_config("t_a", created.id, config={**SMTP, "auth_type": "oauth2"})
+    assert vault.get_config("t_a", created.id).config.auth_type == "login"  # type: ignore[union-attr]
+    vault.update_config("t_a", created.id, config={**SMTP, "auth_type": "oauth2"}, credentials={})
+    assert vault.get_config("t_a", created.id).config.auth_type == "oauth2"  # type: ignore[union-attr]

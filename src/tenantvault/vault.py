@@ -154,9 +154,11 @@ class Vault:
         if row.encrypted_credentials is None:
             raise NotFoundError(f"config {row.id} of tenant {row.tenant_id} has no credentials")
         context = SealContext(row.tenant_id, CONFIGS, "encrypted_credentials", row.id)
-        raw = json.loads(self._open(session, row.encrypted_credentials, context))
-        config = parse_config(row.type, row.config)
-        return parse_credentials(row.type, raw, config)
+        # Checked against the config whenever either was written (create, update),
+        # so loads, cached or not, rebuild only the credentials model.
+        return credentials_from_storage(
+            ProviderType(row.type), self._open(session, row.encrypted_credentials, context)
+        )
 
     def _view(
         self, session: Session, row: EmailProviderConfig, with_credentials: bool
@@ -354,6 +356,10 @@ class Vault:
             secret = (
                 None if credentials is None else parse_credentials(row.type, credentials, parsed)
             )
+            if secret is None and config is not None and row.encrypted_credentials is not None:
+                # A new config must still fit the stored credentials (e.g. SMTP login
+                # to oauth2 while a password is stored): check before writing.
+                parse_credentials(row.type, self._open_credentials(s, row), parsed)
             if config is not None:
                 row.config = parsed.model_dump(mode="json", exclude_none=True)
             if new_name is not None:
