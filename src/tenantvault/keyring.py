@@ -44,7 +44,9 @@ class Keyring:
         row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one_or_none()
         if row is None:
             return self._create(connection, tenant_id)
-        version, wrapped = row
+        return self._active_from_row(tenant_id, row.version, row.wrapped_key)
+
+    def _active_from_row(self, tenant_id: str, version: int, wrapped: str | None) -> DataKey:
         assert wrapped is not None  # an active key always has its wrapped form (CHECK)
         return self.cache.get_or_load(
             tenant_id, version, lambda: self._unwrap(tenant_id, version, wrapped)
@@ -93,11 +95,7 @@ class Keyring:
         inserted = connection.execute(insert).scalar_one_or_none()
         if inserted is None:  # another process made it first: use theirs
             row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one()
-            return self.cache.get_or_load(
-                tenant_id,
-                row.version,
-                lambda: self._unwrap(tenant_id, row.version, row.wrapped_key),
-            )
+            return self._active_from_row(tenant_id, row.version, row.wrapped_key)
         key = DataKey(tenant_id, inserted, plaintext)
         self.cache.put(key)
         return key

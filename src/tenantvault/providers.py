@@ -236,17 +236,22 @@ def provider_type(value: str | ProviderType) -> ProviderType:
         raise InvalidInputError(f"type: must be one of {allowed}") from None
 
 
+def _validated(model: type[_Model], value: Any, prefix: str) -> _Model:
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidInputError(_describe(exc, prefix)) from None
+
+
 def parse_config(kind: ProviderType, value: Any) -> ProviderConfigModel:
     """Validate ``value`` as the config of a ``kind`` provider.
 
     Raises:
         InvalidInputError: naming each bad field (``config.<field>``), never a value.
     """
-    model = CONFIG_MODELS[kind]
-    try:
-        parsed = value if isinstance(value, model) else model.model_validate(value)
-    except ValidationError as exc:
-        raise InvalidInputError(_describe(exc, "config")) from None
+    parsed = _validated(CONFIG_MODELS[kind], value, "config")
     assert isinstance(parsed, ProviderConfigModel)
     return parsed
 
@@ -259,11 +264,7 @@ def parse_credentials(
     Raises:
         InvalidInputError: naming each bad field (``credentials.<field>``), never a value.
     """
-    model = CREDENTIAL_MODELS[kind]
-    try:
-        parsed = value if isinstance(value, model) else model.model_validate(value)
-    except ValidationError as exc:
-        raise InvalidInputError(_describe(exc, "credentials")) from None
+    parsed = _validated(CREDENTIAL_MODELS[kind], value, "credentials")
     assert isinstance(parsed, CredentialsModel)
     _check_against_config(parsed, config)
     return parsed

@@ -100,7 +100,6 @@ class Vault:
     def __init__(self, engine: sa.Engine, keyring: Keyring) -> None:
         self.engine = engine
         self.keyring = keyring
-        # Same pool; statements run in their own implicit transactions.
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
         if not schema:
             raise ValueError("the engine must come from tenantvault.db.create_engine")
@@ -130,7 +129,7 @@ class Vault:
 
     @contextmanager
     def _scope(self, tenant_id: str, session: Session | None) -> Iterator[Session]:
-        check_tenant_id(tenant_id)
+        # Both branches check tenant_id before touching the database.
         if session is None:
             with tenant_session(self.engine, tenant_id) as own:
                 yield own
@@ -138,13 +137,16 @@ class Vault:
         set_tenant(session.connection(), tenant_id)
         yield session
 
+    @staticmethod
+    def _credentials_place(tenant_id: str, config_id: str) -> SealContext:
+        return SealContext(tenant_id, CONFIGS, "encrypted_credentials", config_id)
+
     def _seal_credentials(
         self, session: Session, tenant_id: str, config_id: str, credentials: CredentialsModel
     ) -> str:
         key = self.keyring.active_key(session.connection(), tenant_id)
         plaintext = json.dumps(credentials_to_json(credentials), separators=(",", ":")).encode()
-        context = SealContext(tenant_id, CONFIGS, "encrypted_credentials", config_id)
-        return seal(key, plaintext, context)
+        return seal(key, plaintext, self._credentials_place(tenant_id, config_id))
 
     def _open(self, session: Session, sealed: str, context: SealContext) -> bytes:
         key = self.keyring.key(session.connection(), context.tenant_id, sealed_dek_version(sealed))
@@ -153,7 +155,7 @@ class Vault:
     def _open_credentials(self, session: Session, row: EmailProviderConfig) -> CredentialsModel:
         if row.encrypted_credentials is None:
             raise NotFoundError(f"config {row.id} of tenant {row.tenant_id} has no credentials")
-        context = SealContext(row.tenant_id, CONFIGS, "encrypted_credentials", row.id)
+        context = self._credentials_place(row.tenant_id, row.id)
         # Checked against the config whenever either was written (create, update),
         # so loads, cached or not, rebuild only the credentials model.
         return credentials_from_storage(
@@ -468,7 +470,7 @@ class Vault:
         key = self.keyring.cache.get(tenant_id, sealed_dek_version(sealed))
         if key is None:
             return None
-        context = SealContext(tenant_id, CONFIGS, "encrypted_credentials", config_id)
+        context = self._credentials_place(tenant_id, config_id)
         # The config and the cross-checks against it were validated when these
         # credentials were stored; the hot path rebuilds only the credentials model.
         return credentials_from_storage(provider_type(kind_name), open_sealed(key, sealed, context))
