@@ -9,6 +9,8 @@ import sqlalchemy as sa
 from requests.exceptions import RequestException
 
 from tenantvault import migrate
+from tenantvault.errors import TenantVaultError
+from tenantvault.kms import vault_client
 from tenantvault.models import TENANTVAULT_TABLES
 from tenantvault.settings import Settings
 
@@ -83,15 +85,12 @@ def vault_status(settings: Settings) -> VaultStatus:
     if settings.vault_addr is None:
         return VaultStatus(None, False, False, "VAULT_ADDR is not set")
     address = str(settings.vault_addr)
-    token = settings.vault_token.get_secret_value() if settings.vault_token else None
-    client = hvac.Client(
-        url=address,
-        token=token,
-        namespace=settings.vault_namespace,
-        timeout=settings.vault_timeout_seconds,
-    )
     try:
+        # The same client the key provider uses: token or AppRole, TLS settings.
+        client = vault_client(settings)
         mounts = client.sys.list_mounted_secrets_engines()["data"]
+    except TenantVaultError as exc:
+        return VaultStatus(address, False, False, str(exc))
     except (RequestException, hvac.exceptions.VaultError) as exc:
         return VaultStatus(address, False, False, type(exc).__name__)
     return VaultStatus(address, True, f"{settings.transit_mount.strip('/')}/" in mounts)
