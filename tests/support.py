@@ -91,6 +91,7 @@ REVISIONS = [
     "0004_default_sendgrid_configs",
     "0005_tenant_data_keys",
     "0006_load_credentials_function",
+    "0007_config_versions",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tenantvault import cli
+from tenantvault.models import TENANTVAULT_TABLES
 from tenantvault.settings import Settings
 
 
@@ -17,11 +18,11 @@ def test_migrate_then_status_reports_an_isolated_up_to_date_schema(
     monkeypatch.setenv("VAULT_ADDR", str(settings.vault_addr))
     monkeypatch.setenv("VAULT_TOKEN", settings.vault_token.get_secret_value())
     assert cli.main(["migrate"]) == cli.EXIT_OK
-    assert "none -> 0006_load_credentials_function" in capsys.readouterr().out
+    assert "none -> 0007_config_versions" in capsys.readouterr().out
     assert cli.main(["status"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "up to date" in out
-    assert out.count("RLS forced, 2 policies, 0 rows visible") == 3
+    assert out.count("RLS forced, 2 policies, 0 rows visible") == len(TENANTVAULT_TABLES)
     assert "transit mounted" in out
     assert settings.vault_token.get_secret_value() not in out
 

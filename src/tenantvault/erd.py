@@ -1,17 +1,21 @@
 """The schema as a Mermaid ER diagram, made from the SQLAlchemy models.
 
-``python -m tenantvault.erd`` prints it; docs/schema.md holds a copy between
-markers, and a test fails when that copy is stale.
+``python -m tenantvault.erd`` prints it, ``python -m tenantvault.erd --write``
+refreshes the copy docs/schema.md holds between markers; a test fails when that
+copy is stale.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from tenantvault.models import Base
 
-BEGIN_MARKER = "<!-- erd:begin (python -m tenantvault.erd) -->"
+BEGIN_MARKER = "<!-- erd:begin (python -m tenantvault.erd --write) -->"
 END_MARKER = "<!-- erd:end -->"
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
@@ -44,5 +48,16 @@ def render_mermaid(metadata: sa.MetaData = Base.metadata) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_into(path: Path) -> None:
+    """Replace the diagram between the markers in ``path`` with a fresh one."""
+    text = path.read_text()
+    head, rest = text.split(BEGIN_MARKER, 1)
+    tail = rest.split(END_MARKER, 1)[1]
+    path.write_text(f"{head}{BEGIN_MARKER}\n{render_mermaid()}{END_MARKER}{tail}")
+
+
 if __name__ == "__main__":
-    print(render_mermaid(), end="")
+    if sys.argv[1:2] == ["--write"]:
+        write_into(Path(sys.argv[2] if len(sys.argv) > 2 else "docs/schema.md"))
+    else:
+        print(render_mermaid(), end="")

@@ -249,6 +249,7 @@ class EmailProviderConfig(Base):
         CheckConstraint(
             "NOT is_default OR (is_active AND deleted_at IS NULL)", name="default_is_live"
         ),
+        CheckConstraint("version >= 1", name="version_positive"),
         {"comment": "Email provider configurations of tenants; credentials are sealed (AEAD)."},
     )
 
@@ -285,6 +286,12 @@ class EmailProviderConfig(Base):
     )
     deleted_at: Mapped[datetime | None] = mapped_column(
         comment="Soft-delete time (UTC); NULL while the config is live."
+    )
+    version: Mapped[int] = mapped_column(
+        Integer,
+        server_default=text("1"),
+        comment="Change counter: +1 on every change; each version is kept in "
+        "email_provider_config_versions.",
     )
 
     tenant: Mapped[Tenant] = relationship(back_populates="provider_configs")
@@ -347,10 +354,75 @@ class EmailProviderToken(Base):
     config: Mapped[EmailProviderConfig] = relationship(back_populates="tokens")
 
 
+class ConfigChange(enum.StrEnum):
+    """What a config version changed."""
+
+    CREATED = "created"
+    UPDATED = "updated"  # name and/or non-secret config (maybe credentials too)
+    CREDENTIALS = "credentials"  # only the secret credentials (credential rotation)
+    ROLLBACK = "rollback"  # a copy of an older version
+    BASELINE = "baseline"  # the state found when versioning was installed
+
+
+class EmailProviderConfigVersion(Base):
+    """One version of a config, kept for history and rollback; credentials sealed again here."""
+
+    __tablename__ = "email_provider_config_versions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant_id", "config_id"],
+            ["email_provider_configs.tenant_id", "email_provider_configs.id"],
+            ondelete="CASCADE",
+            name="fk_email_provider_config_versions_config",
+        ),
+        CheckConstraint(
+            "change IN ('created', 'updated', 'credentials', 'rollback', 'baseline')",
+            name="change",
+        ),
+        CheckConstraint("version >= 1", name="version_positive"),
+        {
+            "comment": "Every version of every email provider config: non-secret config, "
+            "sealed credentials, actor, reason, time."
+        },
+    )
+
+    tenant_id: Mapped[str] = mapped_column(
+        Text, primary_key=True, comment="Owning tenant; the RLS key."
+    )
+    config_id: Mapped[str] = mapped_column(
+        Text, primary_key=True, comment="The config this is a version of."
+    )
+    version: Mapped[int] = mapped_column(
+        Integer, primary_key=True, comment="The config's version number."
+    )
+    change: Mapped[ConfigChange] = mapped_column(
+        StrEnumText(ConfigChange),
+        comment="What this version changed: created, updated, credentials, rollback, "
+        "or baseline (recorded when versioning was installed).",
+    )
+    name: Mapped[str] = mapped_column(comment="The config's name at this version.")
+    config: Mapped[dict[str, Any]] = mapped_column(
+        comment="The non-secret configuration at this version."
+    )
+    encrypted_credentials: Mapped[str | None] = mapped_column(
+        comment="Sealed credentials of this version (bound to this row); NULL when "
+        "there were none, or pruned by retention."
+    )
+    actor: Mapped[str | None] = mapped_column(
+        comment="Who made the change (as the caller named it, e.g. user:42)."
+    )
+    reason: Mapped[str | None] = mapped_column(comment="Why, as the caller gave it.")
+    created_at: Mapped[CreatedAt] = mapped_column(comment="When this version was written (UTC).")
+    updated_at: Mapped[UpdatedAt] = mapped_column(
+        comment="Last change (re-sealed or pruned; UTC); maintained by a trigger."
+    )
+
+
 class DataKeyState(enum.StrEnum):
     """Lifecycle of a tenant data key."""
 
     ACTIVE = "active"  # seals new values
+    DRAINING = "draining"  # superseded; DEK rotation is re-sealing what it still protects
     RETIRED = "retired"  # opens old values only
     DESTROYED = "destroyed"  # crypto-shredded: its values can never be opened
 
@@ -368,7 +440,7 @@ class TenantDataKey(Base):
             unique=True,
             postgresql_where=text("state = 'active'"),
         ),
-        CheckConstraint("state IN ('active', 'retired', 'destroyed')", name="state"),
+        CheckConstraint("state IN ('active', 'draining', 'retired', 'destroyed')", name="state"),
         CheckConstraint("version >= 1", name="version_positive"),
         CheckConstraint(
             "(state = 'destroyed') = (wrapped_key IS NULL)", name="destroyed_has_no_key"
@@ -393,7 +465,8 @@ class TenantDataKey(Base):
     state: Mapped[DataKeyState] = mapped_column(
         StrEnumText(DataKeyState),
         server_default=text("'active'::text"),
-        comment="active (new values), retired (read only), destroyed (shredded).",
+        comment="active (new values), draining (superseded, being re-sealed), retired "
+        "(read only), destroyed (shredded).",
     )
     created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
     updated_at: Mapped[UpdatedAt] = mapped_column(
@@ -432,6 +505,7 @@ class NewEmailProviderToken(TypedDict, total=False):
 TENANTVAULT_TABLES = (
     EmailProviderConfig.__tablename__,
     EmailProviderToken.__tablename__,
+    EmailProviderConfigVersion.__tablename__,
     TenantDataKey.__tablename__,
 )
 """Tables tenantvault owns: each has row-level security, forced, on ``tenant_id``."""
