@@ -47,5 +47,13 @@ class NotFoundError(TenantVaultError, LookupError):
     """No live row matched; the message names the tenant and the id, never content."""
 
 
+class ConcurrentModification(TenantVaultError):  # noqa: N818 - the name the API promises
+    """The row moved on since the caller read it (``expected_version`` did not match)."""
+
+
+class RotationError(TenantVaultError):
+    """A key rotation or shred could not proceed safely; nothing was half-written."""
+
+
 class InvalidInputError(TenantVaultError, ValueError):
     """Caller input failed validation; the message names each field, never its value."""

@@ -16,12 +16,14 @@ from sqlalchemy import Delete, Select, delete, select
 
 from tenantvault.models import (
     EmailProviderConfig,
+    EmailProviderConfigVersion,
     EmailProviderToken,
     EmailSenderIdentity,
     ProviderType,
 )
 
 Config = EmailProviderConfig
+Version = EmailProviderConfigVersion
 Token = EmailProviderToken
 Sender = EmailSenderIdentity
 
@@ -98,3 +100,20 @@ def delete_unrefreshable_expired_tokens(tenant_id: str, now: datetime) -> Delete
 
 def delete_tokens_of_config(tenant_id: str, config_id: str) -> Delete:
     return delete(Token).where(Token.tenant_id == tenant_id, Token.config_id == config_id)
+
+
+def config_versions(tenant_id: str, config_id: str) -> Select[EmailProviderConfigVersion]:
+    """A config's history, oldest first (its primary key serves it)."""
+    return (
+        select(Version)
+        .where(Version.tenant_id == tenant_id, Version.config_id == config_id)
+        .order_by(Version.version)
+    )
+
+
+def config_version(
+    tenant_id: str, config_id: str, version: int
+) -> Select[EmailProviderConfigVersion]:
+    return select(Version).where(
+        Version.tenant_id == tenant_id, Version.config_id == config_id, Version.version == version
+    )

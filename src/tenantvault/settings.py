@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     dek_cache_max_uses: int = Field(1_000_000, ge=1)
 
     transit_batch_size: int = Field(250, ge=1, le=400)
+    # How many of a config's newest versions keep their sealed credentials; older
+    # versions keep their non-secret config (and history) but lose the secret.
+    config_history_credentials_kept: int = Field(10, ge=1, le=10_000)
     vault_approle_mount: str = Field("approle", min_length=1)
     vault_approle_role_id: str | None = None
     vault_approle_secret_id: SecretStr | None = None

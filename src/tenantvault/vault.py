@@ -24,15 +24,27 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tenantvault import queries
+from tenantvault.datakey import DataKey
 from tenantvault.db import check_tenant_id, create_engine, set_tenant, tenant_session
 from tenantvault.envelope import SealContext, open_sealed, seal, sealed_dek_version
-from tenantvault.errors import DecryptionError, InvalidInputError, NotFoundError
+from tenantvault.errors import (
+    ConcurrentModification,
+    DecryptionError,
+    InvalidInputError,
+    NotFoundError,
+)
 from tenantvault.ids import new_id
 from tenantvault.keycache import DataKeyCache
 from tenantvault.keyprovider import KeyProvider
 from tenantvault.keyring import Keyring
 from tenantvault.kms import key_provider_from_settings
-from tenantvault.models import EmailProviderConfig, EmailProviderToken, ProviderType
+from tenantvault.models import (
+    ConfigChange,
+    EmailProviderConfig,
+    EmailProviderConfigVersion,
+    EmailProviderToken,
+    ProviderType,
+)
 from tenantvault.providers import (
     CredentialsModel,
     ProviderConfigModel,
@@ -42,12 +54,10 @@ from tenantvault.providers import (
     parse_credentials,
     provider_type,
 )
+from tenantvault.sealed import ACCESS_TOKEN, CONFIG_CREDENTIALS, REFRESH_TOKEN, VERSION_CREDENTIALS
 from tenantvault.settings import Settings, load_settings
 
 log = logging.getLogger("tenantvault")
-
-CONFIGS = EmailProviderConfig.__tablename__
-TOKENS = EmailProviderToken.__tablename__
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,23 @@ class ProviderConfig:
     created_at: datetime
     updated_at: datetime
     has_credentials: bool
+    version: int
+    credentials: CredentialsModel | None = None
+
+
+@dataclass(frozen=True)
+class ConfigVersion:
+    """One kept version of a config; ``credentials`` only when asked for."""
+
+    config_id: str
+    version: int
+    change: ConfigChange
+    name: str
+    config: ProviderConfigModel
+    has_credentials: bool
+    actor: str | None
+    reason: str | None
+    created_at: datetime
     credentials: CredentialsModel | None = None
 
 
@@ -94,12 +121,40 @@ def _name(name: str) -> str:
     return name.strip()
 
 
+def _note(field: str, value: str | None) -> str | None:
+    """An actor or reason: free text kept in history, so bounded and printable."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 500:
+        raise InvalidInputError(f"{field}: must be 1-500 characters, not blank")
+    if not value.isprintable():
+        raise InvalidInputError(f"{field}: must be printable text")
+    return value.strip()
+
+
+def _check_version(row: EmailProviderConfig, expected_version: int | None) -> None:
+    if expected_version is not None and row.version != expected_version:
+        raise ConcurrentModification(
+            f"config {row.id} of tenant {row.tenant_id} is at version {row.version}, "
+            f"not {expected_version}: read it again and retry"
+        )
+
+
+def _plaintext(credentials: CredentialsModel) -> bytes:
+    return json.dumps(credentials_to_json(credentials), separators=(",", ":")).encode()
+
+
 class Vault:
     """Store and load tenants' email-provider configs, credentials and OAuth tokens."""
 
-    def __init__(self, engine: sa.Engine, keyring: Keyring) -> None:
+    def __init__(
+        self, engine: sa.Engine, keyring: Keyring, *, history_credentials_kept: int = 10
+    ) -> None:
+        if history_credentials_kept < 1:
+            raise ValueError("history_credentials_kept must be at least 1")
         self.engine = engine
         self.keyring = keyring
+        self.history_credentials_kept = history_credentials_kept
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
         if not schema:
             raise ValueError("the engine must come from tenantvault.db.create_engine")
@@ -123,7 +178,11 @@ class Vault:
             max_entries=settings.dek_cache_max_entries,
             max_uses=settings.dek_cache_max_uses,
         )
-        return cls(create_engine(settings), Keyring(provider, cache))
+        return cls(
+            create_engine(settings),
+            Keyring(provider, cache),
+            history_credentials_kept=settings.config_history_credentials_kept,
+        )
 
     # --- plumbing ---
 
@@ -137,16 +196,60 @@ class Vault:
         set_tenant(session.connection(), tenant_id)
         yield session
 
-    @staticmethod
-    def _credentials_place(tenant_id: str, config_id: str) -> SealContext:
-        return SealContext(tenant_id, CONFIGS, "encrypted_credentials", config_id)
-
-    def _seal_credentials(
-        self, session: Session, tenant_id: str, config_id: str, credentials: CredentialsModel
-    ) -> str:
-        key = self.keyring.active_key(session.connection(), tenant_id)
-        plaintext = json.dumps(credentials_to_json(credentials), separators=(",", ":")).encode()
-        return seal(key, plaintext, self._credentials_place(tenant_id, config_id))
+    def _write(
+        self,
+        session: Session,
+        row: EmailProviderConfig,
+        change: ConfigChange,
+        secret: CredentialsModel | None,
+        *,
+        actor: str | None,
+        reason: str | None,
+        new_secret: bool,
+    ) -> None:
+        """Seal ``secret`` into the row (when ``new_secret``) and keep the row's new
+        version, with ``secret`` sealed again for the history row; prune the secrets
+        of versions past the retention bound."""
+        key: DataKey | None = None
+        if secret is not None:
+            key = self.keyring.active_key(session.connection(), row.tenant_id)
+            if new_secret:
+                row.encrypted_credentials = seal(
+                    key, _plaintext(secret), CONFIG_CREDENTIALS.place(row.tenant_id, row.id)
+                )
+        session.add(
+            EmailProviderConfigVersion(
+                tenant_id=row.tenant_id,
+                config_id=row.id,
+                version=row.version,
+                change=change,
+                name=row.name,
+                config=row.config,
+                encrypted_credentials=None
+                if key is None or secret is None
+                else seal(
+                    key,
+                    _plaintext(secret),
+                    VERSION_CREDENTIALS.place(row.tenant_id, row.id, row.version),
+                ),
+                actor=actor,
+                reason=reason,
+            )
+        )
+        oldest_kept = row.version - self.history_credentials_kept + 1
+        if oldest_kept > 1:
+            # Not flushed here: the caller flushes the row inside its IntegrityError guard.
+            with session.no_autoflush:
+                session.execute(
+                    sa.update(EmailProviderConfigVersion)
+                    .where(
+                        EmailProviderConfigVersion.tenant_id == row.tenant_id,
+                        EmailProviderConfigVersion.config_id == row.id,
+                        EmailProviderConfigVersion.version < oldest_kept,
+                        EmailProviderConfigVersion.encrypted_credentials.is_not(None),
+                    )
+                    .values(encrypted_credentials=None)
+                )
 
     def _open(self, session: Session, sealed: str, context: SealContext) -> bytes:
         key = self.keyring.key(session.connection(), context.tenant_id, sealed_dek_version(sealed))
@@ -155,7 +258,7 @@ class Vault:
     def _open_credentials(self, session: Session, row: EmailProviderConfig) -> CredentialsModel:
         if row.encrypted_credentials is None:
             raise NotFoundError(f"config {row.id} of tenant {row.tenant_id} has no credentials")
-        context = self._credentials_place(row.tenant_id, row.id)
+        context = CONFIG_CREDENTIALS.place(row.tenant_id, row.id)
         # Checked against the config whenever either was written (create, update),
         # so loads, cached or not, rebuild only the credentials model.
         return credentials_from_storage(
@@ -179,6 +282,7 @@ class Vault:
             created_at=row.created_at,
             updated_at=row.updated_at,
             has_credentials=row.encrypted_credentials is not None,
+            version=row.version,
             credentials=credentials,
         )
 
@@ -216,9 +320,11 @@ class Vault:
         credentials: Any = None,
         is_default: bool = False,
         is_active: bool = True,
+        actor: str | None = None,
+        reason: str | None = None,
         session: Session | None = None,
     ) -> ProviderConfig:
-        """Create a config; everything is validated before anything is written.
+        """Create a config at version 1; everything is validated before anything is written.
 
         Raises:
             InvalidInputError: a bad field (named), or the name is taken by a live config.
@@ -226,6 +332,7 @@ class Vault:
         """
         kind = provider_type(type)
         name = _name(name)
+        actor, reason = _note("actor", actor), _note("reason", reason)
         parsed = parse_config(kind, config)
         secret = None if credentials is None else parse_credentials(kind, credentials, parsed)
         if is_default and not is_active:
@@ -234,22 +341,28 @@ class Vault:
         with self._scope(tenant_id, session) as s:
             if is_default:
                 self._clear_default(s, tenant_id)
-            sealed = (
-                None if secret is None else self._seal_credentials(s, tenant_id, config_id, secret)
-            )
             row = EmailProviderConfig(
                 id=config_id,
                 tenant_id=tenant_id,
                 type=kind,
                 name=name,
                 config=parsed.model_dump(mode="json", exclude_none=True),
-                encrypted_credentials=sealed,
                 is_default=is_default,
                 is_active=is_active,
+                version=1,
             )
             try:
                 with s.begin_nested():
                     s.add(row)
+                    self._write(
+                        s,
+                        row,
+                        ConfigChange.CREATED,
+                        secret,
+                        actor=actor,
+                        reason=reason,
+                        new_secret=True,
+                    )
                     s.flush()
             except IntegrityError as exc:
                 raise _integrity(exc, tenant_id, name) from None
@@ -345,29 +458,48 @@ class Vault:
         name: str | None = None,
         config: Any = None,
         credentials: Any = None,
+        actor: str | None = None,
+        reason: str | None = None,
+        expected_version: int | None = None,
         session: Session | None = None,
     ) -> ProviderConfig:
-        """Change name, config and/or credentials together, in one transaction.
+        """Change name, config and/or credentials together, as one new version.
 
-        New credentials are checked against the new (or current) config first.
+        New credentials are checked against the new (or current) config first; the
+        old version stays in the config's history.
+
+        Raises:
+            ConcurrentModification: ``expected_version`` is given and the config moved on.
         """
         new_name = None if name is None else _name(name)
+        actor, reason = _note("actor", actor), _note("reason", reason)
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
+            _check_version(row, expected_version)
+            if new_name is None and config is None and credentials is None:
+                return self._view(s, row, with_credentials=False)
             parsed = parse_config(row.type, row.config if config is None else config)
             secret = (
                 None if credentials is None else parse_credentials(row.type, credentials, parsed)
             )
-            if secret is None and config is not None and row.encrypted_credentials is not None:
-                # A new config must still fit the stored credentials (e.g. SMTP login
-                # to oauth2 while a password is stored): check before writing.
-                parse_credentials(row.type, self._open_credentials(s, row), parsed)
+            kept = secret
+            if secret is None and row.encrypted_credentials is not None:
+                # The history row keeps the credentials of this version too; and a new
+                # config must still fit them (e.g. SMTP login to oauth2 while a password
+                # is stored): checked before writing.
+                kept = self._open_credentials(s, row)
+                if config is not None:
+                    parse_credentials(row.type, kept, parsed)
             if config is not None:
                 row.config = parsed.model_dump(mode="json", exclude_none=True)
             if new_name is not None:
                 row.name = new_name
-            if secret is not None:
-                row.encrypted_credentials = self._seal_credentials(s, tenant_id, config_id, secret)
+            row.version += 1
+            only_credentials = new_name is None and config is None
+            change = ConfigChange.CREDENTIALS if only_credentials else ConfigChange.UPDATED
+            self._write(
+                s, row, change, kept, actor=actor, reason=reason, new_secret=secret is not None
+            )
             try:
                 with s.begin_nested():
                     s.flush()
@@ -414,10 +546,162 @@ class Vault:
     # --- credentials ---
 
     def store_credentials(
-        self, tenant_id: str, config_id: str, credentials: Any, *, session: Session | None = None
-    ) -> None:
-        """Validate and seal new credentials for a live config (replacing the old ones)."""
-        self.update_config(tenant_id, config_id, credentials=credentials, session=session)
+        self,
+        tenant_id: str,
+        config_id: str,
+        credentials: Any,
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        session: Session | None = None,
+    ) -> int:
+        """Validate and seal new credentials for a live config: credential rotation.
+
+        The config gets a new version; the old credentials stay in its history
+        (within the retention bound). Returns the new version.
+
+        Raises:
+            ConcurrentModification: ``expected_version`` is given and the config moved on.
+        """
+        return self.update_config(
+            tenant_id,
+            config_id,
+            credentials=credentials,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            session=session,
+        ).version
+
+    # --- config history ---
+
+    def _version_view(
+        self, session: Session, row: EmailProviderConfigVersion, kind: ProviderType, opened: bool
+    ) -> ConfigVersion:
+        credentials = None
+        if opened and row.encrypted_credentials is not None:
+            context = VERSION_CREDENTIALS.place(row.tenant_id, row.config_id, row.version)
+            plaintext = self._open(session, row.encrypted_credentials, context)
+            credentials = credentials_from_storage(kind, plaintext)
+        return ConfigVersion(
+            config_id=row.config_id,
+            version=row.version,
+            change=ConfigChange(row.change),
+            name=row.name,
+            config=parse_config(kind, row.config),
+            has_credentials=row.encrypted_credentials is not None,
+            actor=row.actor,
+            reason=row.reason,
+            created_at=row.created_at,
+            credentials=credentials,
+        )
+
+    def list_config_versions(
+        self, tenant_id: str, config_id: str, *, session: Session | None = None
+    ) -> list[ConfigVersion]:
+        """Every kept version of a live config, oldest first (no secrets opened)."""
+        with self._scope(tenant_id, session) as s:
+            config = self._one(
+                s,
+                queries.config_by_id(tenant_id, config_id),
+                f"no live config {config_id} for tenant {tenant_id}",
+            )
+            rows = s.scalars(queries.config_versions(tenant_id, config_id)).all()
+            return [self._version_view(s, r, ProviderType(config.type), False) for r in rows]
+
+    def get_config_version(
+        self,
+        tenant_id: str,
+        config_id: str,
+        version: int,
+        *,
+        with_credentials: bool = False,
+        session: Session | None = None,
+    ) -> ConfigVersion:
+        """One kept version of a live config, its credentials opened if asked and kept.
+
+        Raises:
+            NotFoundError: no such config or version.
+        """
+        with self._scope(tenant_id, session) as s:
+            config = self._one(
+                s,
+                queries.config_by_id(tenant_id, config_id),
+                f"no live config {config_id} for tenant {tenant_id}",
+            )
+            row = self._kept_version(s, tenant_id, config_id, version)
+            return self._version_view(s, row, ProviderType(config.type), with_credentials)
+
+    @staticmethod
+    def _kept_version(
+        session: Session, tenant_id: str, config_id: str, version: int
+    ) -> EmailProviderConfigVersion:
+        row = session.scalars(queries.config_version(tenant_id, config_id, version)).one_or_none()
+        if row is None:
+            raise NotFoundError(
+                f"config {config_id} of tenant {tenant_id} has no version {version}"
+            )
+        return row
+
+    def rollback_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        to_version: int,
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        session: Session | None = None,
+    ) -> ProviderConfig:
+        """Make a kept version current again, as a new version (history only grows).
+
+        Raises:
+            NotFoundError: no such config or version.
+            InvalidInputError: that version's credentials are no longer kept, or its
+                name is now taken by another live config.
+            ConcurrentModification: ``expected_version`` is given and the config moved on.
+        """
+        actor = _note("actor", actor)
+        reason = _note("reason", reason) or f"rollback to version {to_version}"
+        with self._scope(tenant_id, session) as s:
+            row = self._live(s, tenant_id, config_id)
+            _check_version(row, expected_version)
+            old = self._version_view(
+                s,
+                self._kept_version(s, tenant_id, config_id, to_version),
+                ProviderType(row.type),
+                True,
+            )
+            if old.credentials is None and row.encrypted_credentials is not None:
+                raise InvalidInputError(
+                    f"to_version: the credentials of version {to_version} are no longer kept "
+                    "(pruned by retention, or older than versioning); use update_config"
+                )
+            row.name = old.name
+            row.config = old.config.model_dump(mode="json", exclude_none=True)
+            row.encrypted_credentials = None
+            row.version += 1
+            self._write(
+                s,
+                row,
+                ConfigChange.ROLLBACK,
+                old.credentials,
+                actor=actor,
+                reason=reason,
+                new_secret=True,
+            )
+            try:
+                with s.begin_nested():
+                    s.flush()
+            except IntegrityError as exc:
+                raise _integrity(exc, tenant_id, old.name) from None
+            s.refresh(row)
+            log.info(
+                "config rolled back tenant=%s config=%s to=%s", tenant_id, config_id, to_version
+            )
+            return self._view(s, row, with_credentials=False)
 
     def load_credentials(
         self, tenant_id: str, config_id: str, *, session: Session | None = None
@@ -470,7 +754,7 @@ class Vault:
         key = self.keyring.cache.get(tenant_id, sealed_dek_version(sealed))
         if key is None:
             return None
-        context = self._credentials_place(tenant_id, config_id)
+        context = CONFIG_CREDENTIALS.place(tenant_id, config_id)
         # The config and the cross-checks against it were validated when these
         # credentials were stored; the hot path rebuilds only the credentials model.
         return credentials_from_storage(provider_type(kind_name), open_sealed(key, sealed, context))
@@ -484,10 +768,6 @@ class Vault:
             return {r.id: self._open_credentials(s, r) for r in rows if r.encrypted_credentials}
 
     # --- OAuth tokens ---
-
-    def _token_context(self, tenant_id: str, config_id: str, column: str) -> SealContext:
-        # One token row per config: the config id names the row for good.
-        return SealContext(tenant_id, TOKENS, column, config_id)
 
     def store_oauth_token(
         self,
@@ -516,7 +796,7 @@ class Vault:
             access = seal(
                 key,
                 access_token.encode(),
-                self._token_context(tenant_id, config_id, "encrypted_access_token"),
+                ACCESS_TOKEN.place(tenant_id, config_id),
             )
             refresh = (
                 None
@@ -524,7 +804,7 @@ class Vault:
                 else seal(
                     key,
                     refresh_token.encode(),
-                    self._token_context(tenant_id, config_id, "encrypted_refresh_token"),
+                    REFRESH_TOKEN.place(tenant_id, config_id),
                 )
             )
             values = {
@@ -555,14 +835,14 @@ class Vault:
             access = self._open(
                 s,
                 row.encrypted_access_token,
-                self._token_context(tenant_id, config_id, "encrypted_access_token"),
+                ACCESS_TOKEN.place(tenant_id, config_id),
             )
             refresh = None
             if row.encrypted_refresh_token is not None:
                 refresh = self._open(
                     s,
                     row.encrypted_refresh_token,
-                    self._token_context(tenant_id, config_id, "encrypted_refresh_token"),
+                    REFRESH_TOKEN.place(tenant_id, config_id),
                 )
             return OAuthToken(
                 config_id=config_id,
@@ -611,4 +891,11 @@ def _integrity(exc: IntegrityError, tenant_id: str, name: str) -> Exception:
     return InvalidInputError("the row breaks a database constraint")
 
 
-__all__ = ["DecryptionError", "ExpiringToken", "OAuthToken", "ProviderConfig", "Vault"]
+__all__ = [
+    "ConfigVersion",
+    "DecryptionError",
+    "ExpiringToken",
+    "OAuthToken",
+    "ProviderConfig",
+    "Vault",
+]
