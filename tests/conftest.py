@@ -164,18 +164,26 @@ class CountingProvider:
     def kek_version(self) -> int:
         return int(self.inner.kek_version())
 
+    def min_decryption_version(self) -> int:
+        return int(self.inner.min_decryption_version())
+
+    def set_min_decryption_version(self, version: int) -> None:
+        self.inner.set_min_decryption_version(version)
+
     @property
     def total(self) -> int:
         return sum(self.calls.values())
 
 
-def transit_provider(services: Services, **kwargs: Any) -> Any:
+def transit_provider(
+    services: Services, *, key_name: str = "tenantvault-tests", **kwargs: Any
+) -> Any:
     import hvac
 
     from tenantvault.transit import VaultTransitKeyProvider
 
     client = hvac.Client(url=services.vault_addr, token=services.vault_token, timeout=5)
-    return VaultTransitKeyProvider(client, key_name="tenantvault-tests", **kwargs)
+    return VaultTransitKeyProvider(client, key_name=key_name, **kwargs)
 
 
 TENANTS = ("t_a", "t_b")
@@ -206,3 +214,23 @@ def vault(app_settings: Settings, provider: CountingProvider) -> Iterator[Any]:
     built = Vault.from_settings(app_settings, key_provider=provider)
     yield built
     built.engine.dispose()
+
+
+# --- operator jobs (rotation, shredding), as the migration owner ---
+
+
+@pytest.fixture
+def operator_db(migrated: Settings) -> Iterator[Any]:
+    from tenantvault.operatordb import OperatorDatabase
+
+    db = OperatorDatabase.from_settings(migrated)
+    yield db
+    db.dispose()
+
+
+def fresh_keyring(provider: Any) -> Any:
+    """A keyring with its own empty cache, as a separate rotate-keys process has."""
+    from tenantvault.keycache import DataKeyCache
+    from tenantvault.keyring import Keyring
+
+    return Keyring(provider, DataKeyCache(max_age_seconds=300, max_entries=4096, max_uses=10**9))

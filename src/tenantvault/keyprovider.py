@@ -62,6 +62,14 @@ class KeyProvider(Protocol):
         """The latest KEK version."""
         ...
 
+    def min_decryption_version(self) -> int:
+        """The oldest KEK version that may still unwrap."""
+        ...
+
+    def set_min_decryption_version(self, version: int) -> None:
+        """Refuse unwrapping with KEK versions older than ``version`` from now on."""
+        ...
+
 
 class CheckedKeyProvider:
     """Public methods with invariants; subclasses implement the ``_`` hooks."""
@@ -105,7 +113,21 @@ class CheckedKeyProvider:
             raise KeyProviderError("key provider reported no KEK version")
         return version
 
+    def min_decryption_version(self) -> int:
+        return self._min_version()
+
+    def set_min_decryption_version(self, version: int) -> None:
+        if not 1 <= version <= self.kek_version():
+            raise KeyProviderError("min_decryption_version must be 1..latest KEK version")
+        self._set_min_version(version)
+
     def _generate(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
+        raise NotImplementedError
+
+    def _min_version(self) -> int:
+        raise NotImplementedError
+
+    def _set_min_version(self, version: int) -> None:
         raise NotImplementedError
 
     def _unwrap(self, tenant_id: str, wrapped: str) -> bytes:

@@ -3,6 +3,11 @@
 The first key of a tenant is made on demand. Two processes may try at once:
 both ask the key provider for a key, both INSERT version 1, the primary key lets
 exactly one row in, and the loser reads and uses the winner's key.
+
+Writers hold a shared per-tenant lock from reading the active key until they
+commit; key rotation takes it exclusively to switch the active key and to retire
+an old one, so no value can be sealed with a key after it was superseded and
+counted as unused.
 """
 
 from __future__ import annotations
@@ -15,6 +20,20 @@ from tenantvault.errors import DecryptionError, KeyDestroyedError
 from tenantvault.keycache import DataKeyCache
 from tenantvault.keyprovider import KeyProvider
 from tenantvault.models import DataKeyState, TenantDataKey
+
+TENANT_KEYS_LOCK = 1_953_916_001
+"""Advisory lock class of a tenant's keys (the other half is ``hashtext(tenant_id)``)."""
+
+_LOCK_SHARED = sa.text("SELECT pg_advisory_xact_lock_shared(:cls, hashtext(:tenant_id))")
+_LOCK_EXCLUSIVE = sa.text("SELECT pg_advisory_xact_lock(:cls, hashtext(:tenant_id))")
+
+
+def lock_tenant_keys(connection: sa.Connection, tenant_id: str, *, exclusive: bool) -> None:
+    """Hold the tenant's key lock until the transaction ends (shared: sealing; exclusive:
+    switching, retiring or destroying keys)."""
+    statement = _LOCK_EXCLUSIVE if exclusive else _LOCK_SHARED
+    connection.execute(statement, {"cls": TENANT_KEYS_LOCK, "tenant_id": tenant_id})
+
 
 _ACTIVE = sa.select(TenantDataKey.version, TenantDataKey.wrapped_key).where(
     TenantDataKey.tenant_id == sa.bindparam("tenant_id"),
@@ -39,8 +58,10 @@ class Keyring:
     def active_key(self, connection: sa.Connection, tenant_id: str) -> DataKey:
         """The key new values of ``tenant_id`` are sealed with (made if the tenant has none).
 
-        ``connection`` must be in a transaction scoped to ``tenant_id``.
+        ``connection`` must be in a transaction scoped to ``tenant_id``; it holds the
+        tenant's key lock (shared) until it ends.
         """
+        lock_tenant_keys(connection, tenant_id, exclusive=False)
         row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one_or_none()
         if row is None:
             return self._create(connection, tenant_id)

@@ -32,6 +32,7 @@ class LocalKeyProvider(CheckedKeyProvider):
             raise ValueError("the local master key is 32 bytes")
         self._master = master_key
         self._latest = kek_version
+        self._min = 1
         self._lock = threading.Lock()
         self.batch_size = batch_size
 
@@ -62,6 +63,8 @@ class LocalKeyProvider(CheckedKeyProvider):
         version = kek_version_of(wrapped)
         if not wrapped.startswith("local:") or version > self._latest:
             raise KeyProviderError("wrapped key was not made by this local key provider")
+        if version < self._min:
+            raise DecryptionError("cannot unwrap data key: its KEK version is below the minimum")
         try:
             raw = base64.b64decode(wrapped.split(":", 2)[2], validate=True)
             return self._kek(version, tenant_id).decrypt(raw[:12], raw[12:], tenant_id.encode())
@@ -86,3 +89,10 @@ class LocalKeyProvider(CheckedKeyProvider):
 
     def _latest_version(self) -> int:
         return self._latest
+
+    def _min_version(self) -> int:
+        return self._min
+
+    def _set_min_version(self, version: int) -> None:
+        with self._lock:
+            self._min = version

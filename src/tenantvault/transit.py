@@ -231,10 +231,25 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
         )
         return self._latest_version()
 
-    def _latest_version(self) -> int:
+    def _key_info(self) -> dict[str, Any]:
         self.ensure_key()
         info: dict[str, Any] = self._call(
             "read the key",
             lambda: self._transit.read_key(name=self.key_name, mount_point=self.mount_point),
         )
-        return int(info["data"]["latest_version"])
+        return info["data"]  # type: ignore[no-any-return]
+
+    def _latest_version(self) -> int:
+        return int(self._key_info()["latest_version"])
+
+    def _min_version(self) -> int:
+        return int(self._key_info()["min_decryption_version"])
+
+    def _set_min_version(self, version: int) -> None:
+        self.ensure_key()
+        self._call(
+            "set the key's min_decryption_version",
+            lambda: self._transit.update_key_configuration(
+                name=self.key_name, min_decryption_version=version, mount_point=self.mount_point
+            ),
+        )

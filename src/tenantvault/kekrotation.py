@@ -1,0 +1,187 @@
+"""KEK rotation: a new transit key version, then every wrapped DEK rewrapped under it.
+
+O(tenants) work: the DEKs themselves do not change, so no sealed value is touched
+and no cache goes stale. Rewrapping goes in batches (the key provider's batch
+calls, a few hundred keys per request), each batch one transaction whose rows are
+locked with ``SKIP LOCKED``, so several processes share the work and a writer
+adding a tenant's first key never waits.
+
+A run rotates the transit key only when every wrapped DEK is already at its
+latest version; otherwise it finishes the rewrap a previous run left behind, so
+a rerun after a crash completes the job instead of rotating again. The decision
+is made under an advisory lock, so two runs started together rotate once.
+
+Raising ``min_decryption_version`` makes older KEK versions unusable for good
+(and, with them, every wrapped DEK in older backups). It is refused unless a
+count shows no wrapped DEK still needs an older version; the count is repeated
+after raising it, and the raise undone if a straggler appeared in between.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from tenantvault.errors import RotationError
+from tenantvault.keyprovider import KeyProvider
+from tenantvault.operatordb import KEK_ROTATION_LOCK, OperatorDatabase
+
+
+@dataclass(frozen=True)
+class RewrapFailure:
+    tenant_id: str
+    dek_version: int
+    error: str
+
+
+@dataclass
+class KekRotationReport:
+    dry_run: bool
+    kek_before: int
+    kek_after: int
+    rotated: bool
+    rewrapped: int = 0
+    behind: int = 0  # wrapped DEKs still under an older KEK version at the end
+    min_decryption_version: int | None = None
+    failures: list[RewrapFailure] = field(default_factory=list)
+    stopped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.stopped is None and not self.failures and (self.dry_run or self.behind == 0)
+
+
+@dataclass(frozen=True)
+class KekProgress:
+    rewrapped: int
+    total: int
+
+
+def _behind(connection: sa.Connection, keys: str, latest: int) -> int:
+    return int(
+        connection.execute(
+            sa.text(f"SELECT count(*) FROM {keys} WHERE state <> 'destroyed' AND kek_version < :v"),
+            {"v": latest},
+        ).scalar_one()
+    )
+
+
+def rotate_kek(
+    db: OperatorDatabase,
+    provider: KeyProvider,
+    *,
+    rotate: bool = True,
+    raise_min_decryption_version: bool = False,
+    dry_run: bool = False,
+    batch_size: int = 1000,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[KekProgress], None] | None = None,
+) -> KekRotationReport:
+    """Rotate the transit key (unless ``rotate`` is False: catch up only) and rewrap.
+
+    Args:
+        db: the operator's database (the migration owner's login).
+        provider: the key provider (Vault transit in production).
+        rotate: make a new KEK version first (when nothing is left to rewrap).
+        raise_min_decryption_version: afterwards, forbid unwrapping with older versions.
+        dry_run: report what would change; change nothing (not even Vault).
+        batch_size: wrapped DEKs per transaction.
+        stop: set it to stop after the current batch.
+        on_progress: called after every committed batch.
+
+    Raises:
+        RotationError: ``min_decryption_version`` refused (a DEK still needs an old version).
+        KeyProviderUnavailable: Vault could not be reached; nothing was half-written.
+    """
+    stop = stop or threading.Event()
+    keys = db.table("tenant_data_keys")
+    before = provider.kek_version()
+    with db.transaction() as connection:
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:c, 0)"), {"c": KEK_ROTATION_LOCK})
+        pending = _behind(connection, keys, before)
+        will_rotate = rotate and pending == 0
+        if will_rotate and not dry_run:
+            provider.rotate_kek()
+    latest = provider.kek_version()
+    if dry_run:
+        target = before + 1 if will_rotate else before
+        with db.transaction() as connection:
+            behind = _behind(connection, keys, target)
+        return KekRotationReport(True, before, target, will_rotate, behind=behind)
+
+    report = KekRotationReport(False, before, latest, will_rotate)
+    with db.transaction() as connection:
+        total = _behind(connection, keys, latest)
+    select = sa.text(
+        f"SELECT tenant_id, version, wrapped_key FROM {keys} "
+        "WHERE state <> 'destroyed' AND kek_version < :latest AND (tenant_id, version) > (:t, :v) "
+        "ORDER BY tenant_id, version LIMIT :n FOR UPDATE SKIP LOCKED"
+    )
+    update = sa.text(
+        f"UPDATE {keys} AS k SET wrapped_key = v.new_key, kek_version = v.kek_version "
+        "FROM unnest(CAST(:tenants AS text[]), CAST(:versions AS int[]), "
+        "CAST(:old AS text[]), CAST(:new AS text[]), CAST(:keks AS int[])) "
+        "AS v(tenant_id, version, old_key, new_key, kek_version) "
+        "WHERE k.tenant_id = v.tenant_id AND k.version = v.version AND k.wrapped_key = v.old_key"
+    )
+    cursor: dict[str, Any] = {"t": "", "v": 0}
+    while True:
+        if stop.is_set():
+            report.stopped = "interrupted: stopped after the current batch"
+            break
+        with db.transaction() as connection:
+            rows = connection.execute(select, {"latest": latest, "n": batch_size, **cursor}).all()
+            if not rows:
+                break
+            cursor = {"t": rows[-1].tenant_id, "v": rows[-1].version}
+            results = provider.rewrap([(row.tenant_id, row.wrapped_key) for row in rows])
+            done: dict[str, list[Any]] = {
+                k: [] for k in ("tenants", "versions", "old", "new", "keks")
+            }
+            for row, result in zip(rows, results, strict=True):
+                if result.wrapped is None:
+                    report.failures.append(
+                        RewrapFailure(row.tenant_id, row.version, result.error or "refused")
+                    )
+                    continue
+                done["tenants"].append(row.tenant_id)
+                done["versions"].append(row.version)
+                done["old"].append(row.wrapped_key)
+                done["new"].append(result.wrapped.ciphertext)
+                done["keks"].append(result.wrapped.kek_version)
+            if done["new"]:
+                report.rewrapped += connection.execute(update, done).rowcount
+        if on_progress is not None:
+            on_progress(KekProgress(report.rewrapped, total))
+
+    with db.transaction() as connection:
+        report.behind = _behind(connection, keys, latest)
+    if raise_min_decryption_version and report.stopped is None:
+        report.min_decryption_version = _raise_min(db, provider, keys, latest, report.behind)
+    return report
+
+
+def _raise_min(
+    db: OperatorDatabase, provider: KeyProvider, keys: str, latest: int, behind: int
+) -> int:
+    if behind:
+        raise RotationError(
+            f"min_decryption_version not raised: {behind} wrapped data keys still need a KEK "
+            f"version older than {latest} (rewrap failed or another run holds them); "
+            "rerun rotate-keys kek --no-rotate first"
+        )
+    previous = provider.min_decryption_version()
+    provider.set_min_decryption_version(latest)
+    with db.transaction() as connection:
+        stragglers = _behind(connection, keys, latest)
+    if stragglers:
+        provider.set_min_decryption_version(previous)
+        raise RotationError(
+            f"min_decryption_version put back to {previous}: {stragglers} data keys were "
+            "wrapped with an older KEK version meanwhile; rerun rotate-keys kek --no-rotate"
+        )
+    return latest
