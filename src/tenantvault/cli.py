@@ -4,11 +4,14 @@ prints the report, and maps tenantvault's errors to one ``FAILED:`` line."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from tenantvault import devstack, migrate
+from tenantvault import devstack, migrate, operator_jobs, rotation_output
 from tenantvault.errors import TenantVaultError
 from tenantvault.migration_support import MigrationOptions
 from tenantvault.settings import load_settings
@@ -18,6 +21,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNHEALTHY = 3
+EXIT_INCOMPLETE = 4
+EXIT_INTERRUPTED = 130
 
 
 def _print_status(report: StatusReport) -> int:
@@ -84,6 +89,149 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C sets the event: the job stops after its current batch. A second Ctrl-C
+    interrupts at once (every batch is its own transaction, so that is safe too)."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_exit(ok: bool, stopped: str | None) -> int:
+    if stopped and stopped.startswith("interrupted"):
+        return EXIT_INTERRUPTED
+    if stopped:
+        print(f"FAILED: {stopped}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if ok else EXIT_INCOMPLETE
+
+
+def _cmd_rotate_status(args: argparse.Namespace) -> int:
+    report = operator_jobs.rotation_status(load_settings(), args.tenant or None)
+    rotation_output.print_key_status(report, args.json)
+    return EXIT_OK
+
+
+def _cmd_rotate_kek(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    output = rotation_output.RotationOutput.choose(args.json)
+    with _stop_on_interrupt() as stop, output:
+        report = operator_jobs.rotate_kek_job(
+            settings,
+            rotate=not args.no_rotate,
+            raise_min_decryption_version=args.min_decryption_version,
+            dry_run=args.dry_run,
+            batch_size=args.batch_size,
+            stop=stop,
+            on_progress=output.kek,
+        )
+    rotation_output.print_kek_summary(report, args.json)
+    return _run_exit(report.ok, report.stopped)
+
+
+def _cmd_rotate_dek(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    output = rotation_output.RotationOutput.choose(args.json)
+    with _stop_on_interrupt() as stop, output:
+        report = operator_jobs.rotate_dek_job(
+            settings,
+            None if args.all else args.tenant,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            dry_run=args.dry_run,
+            stop=stop,
+            on_progress=output.dek,
+        )
+    rotation_output.print_dek_summary(report, args.json)
+    return _run_exit(report.ok, report.stopped)
+
+
+def _cmd_shred(args: argparse.Namespace) -> int:
+    if not (args.yes or args.dry_run):
+        print(
+            f"FAILED: shredding destroys every data key of tenant {args.tenant}: none of its "
+            "secrets can be opened again. Rerun with --yes (or --dry-run to see the count).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    report = operator_jobs.shred_job(load_settings(), args.tenant, dry_run=args.dry_run)
+    rotation_output.print_shred(report, args.json)
+    return EXIT_OK
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rotate = commands.add_parser(
+        "rotate-keys",
+        help="rotate the KEK (transit key) or tenants' data keys; show what each key protects",
+        description="Exit codes: 0 done; 1 failed (one FAILED: line); 2 usage; 4 finished but "
+        "incomplete (values that would not open, tenants busy in another process); "
+        "130 interrupted (stopped after a batch; rerun to resume).",
+    )
+    jobs = rotate.add_subparsers(dest="job", required=True)
+
+    status_parser = jobs.add_parser("status", help="per tenant: DEK versions, states, counts")
+    status_parser.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    status_parser.add_argument("--json", action="store_true", help="JSON lines")
+    status_parser.set_defaults(handler=_cmd_rotate_status)
+
+    kek = jobs.add_parser("kek", help="rotate the transit key and rewrap every data key")
+    kek.add_argument(
+        "--no-rotate",
+        action="store_true",
+        help="do not make a new transit key version; rewrap to the latest (after Vault "
+        "rotated the key by itself)",
+    )
+    kek.add_argument(
+        "--min-decryption-version",
+        action="store_true",
+        help="afterwards forbid unwrapping with older KEK versions (refused unless no data "
+        "key still needs one)",
+    )
+    kek.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    kek.add_argument("--batch-size", type=_positive, default=1000)
+    kek.add_argument("--json", action="store_true", help="JSON lines")
+    kek.set_defaults(handler=_cmd_rotate_kek)
+
+    dek = jobs.add_parser(
+        "dek", help="new data keys for tenants; re-seal what the old ones protect"
+    )
+    which = dek.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tenant", action="append", help="a tenant id (repeatable)")
+    which.add_argument("--all", action="store_true", help="every tenant that has a data key")
+    dek.add_argument("--workers", type=_positive, default=1, help="threads (whole tenants each)")
+    dek.add_argument("--batch-size", type=_positive, default=1000, help="rows per transaction")
+    dek.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    dek.add_argument("--json", action="store_true", help="JSON lines")
+    dek.set_defaults(handler=_cmd_rotate_dek)
+
+    shred = commands.add_parser(
+        "shred", help="crypto-shred a tenant: destroy its data keys (configs stay as records)"
+    )
+    shred.add_argument("--tenant", required=True)
+    shred.add_argument("--yes", action="store_true", help="yes, destroy them")
+    shred.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    shred.add_argument("--json", action="store_true", help="JSON lines")
+    shred.set_defaults(handler=_cmd_shred)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tenantvault", description="Tenant-isolated, envelope-encrypted email credentials."
@@ -112,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="store and load credentials end to end")
     demo.set_defaults(handler=_cmd_demo)
 
+    _add_rotation_parsers(commands)
+
     d = commands.add_parser("dev", help="embedded PostgreSQL + OpenBao for development")
     d.add_argument("action", choices=["up", "down", "env"])
     d.add_argument("--state-dir", default=str(devstack.DEFAULT_STATE_DIR))
@@ -129,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("FAILED: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

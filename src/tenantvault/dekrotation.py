@@ -68,13 +68,14 @@ class TenantRotation:
 
 @dataclass(frozen=True)
 class Progress:
-    """One committed batch (``column`` set) or one finished tenant (``column`` None)."""
+    """One committed batch (``column`` set) or one finished tenant (``finished`` set)."""
 
     tenant_id: str
     column: str | None
     rows: int
     tenants_done: int
     tenants_total: int
+    finished: TenantRotation | None = None
 
 
 @dataclass
@@ -159,9 +160,8 @@ class DekRotation:
             with self._lock:
                 self.report.tenants.append(result)
                 done = len(self.report.tenants)
-            self._progress(
-                Progress(tenant_id, None, sum(result.resealed.values()), done, self._total)
-            )
+            rows = sum(result.resealed.values())
+            self._progress(Progress(tenant_id, None, rows, done, self._total, result))
 
     def _stop_run(self, why: str) -> None:
         with self._lock:

@@ -1,0 +1,103 @@
+"""Operator jobs from settings: what ``rotate-keys`` and ``shred`` call, one function each.
+
+Each builds the operator's database and key provider from the settings, runs the
+job, returns its report and closes what it opened — callable from a scheduler
+or from application code as well as from the CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from tenantvault.dekrotation import DekRotationReport, Progress, rotate_data_keys
+from tenantvault.kekrotation import KekProgress, KekRotationReport, rotate_kek
+from tenantvault.keycache import DataKeyCache
+from tenantvault.keyring import Keyring
+from tenantvault.keystatus import KeyStatusReport, key_status
+from tenantvault.kms import key_provider_from_settings
+from tenantvault.operatordb import OperatorDatabase
+from tenantvault.settings import Settings
+from tenantvault.shred import ShredReport, shred_tenant
+
+
+@contextmanager
+def _operator(
+    settings: Settings, *, connections: int = 5
+) -> Iterator[tuple[OperatorDatabase, Keyring]]:
+    db = OperatorDatabase.from_settings(settings, pool_size=connections)
+    # The run's own cache: keys of every tenant it touches, for as long as it runs.
+    cache = DataKeyCache(
+        max_age_seconds=settings.dek_cache_max_age_seconds,
+        max_entries=max(settings.dek_cache_max_entries, 4 * connections),
+        max_uses=10**12,
+    )
+    try:
+        yield db, Keyring(key_provider_from_settings(settings), cache)
+    finally:
+        cache.clear()
+        db.dispose()
+
+
+def rotation_status(settings: Settings, tenants: Sequence[str] | None = None) -> KeyStatusReport:
+    """Per tenant: the data keys, their states, KEK versions and what each protects."""
+    with _operator(settings) as (db, keyring):
+        return key_status(db, keyring.provider, tenants)
+
+
+def rotate_kek_job(
+    settings: Settings,
+    *,
+    rotate: bool = True,
+    raise_min_decryption_version: bool = False,
+    dry_run: bool = False,
+    batch_size: int = 1000,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[KekProgress], None] | None = None,
+) -> KekRotationReport:
+    """Rotate the transit key (or only catch up) and rewrap every tenant's data keys."""
+    with _operator(settings) as (db, keyring):
+        return rotate_kek(
+            db,
+            keyring.provider,
+            rotate=rotate,
+            raise_min_decryption_version=raise_min_decryption_version,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            stop=stop,
+            on_progress=on_progress,
+        )
+
+
+def rotate_dek_job(
+    settings: Settings,
+    tenants: Sequence[str] | None,
+    *,
+    workers: int = 1,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> DekRotationReport:
+    """Rotate the data keys of ``tenants`` (None: every tenant with a key)."""
+    with _operator(settings, connections=workers + 1) as (db, keyring):
+        return rotate_data_keys(
+            db,
+            keyring,
+            tenants,
+            workers=workers,
+            batch_size=batch_size,
+            dry_run=dry_run,
+            stop=stop,
+            on_progress=on_progress,
+        )
+
+
+def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> ShredReport:
+    """Destroy a tenant's data keys (crypto-shredding)."""
+    db = OperatorDatabase.from_settings(settings, pool_size=1)
+    try:
+        return shred_tenant(db, tenant_id, dry_run=dry_run)
+    finally:
+        db.dispose()
