@@ -99,9 +99,10 @@ def rotate_kek(
     """
     stop = stop or threading.Event()
     keys = db.table("tenant_data_keys")
-    before = provider.kek_version()
     with db.transaction() as connection:
         connection.execute(sa.text("SELECT pg_advisory_xact_lock(:c, 0)"), {"c": KEK_ROTATION_LOCK})
+        # Read under the lock: a run that just rotated is seen, and not rotated again.
+        before = provider.kek_version()
         pending = _behind(connection, keys, before)
         will_rotate = rotate and pending == 0
         if will_rotate and not dry_run:
