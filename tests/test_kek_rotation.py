@@ -138,19 +138,25 @@ def test_min_decryption_version_is_refused_while_a_data_key_needs_an_old_version
 ) -> None:
     vault, expected = own_vault
     old_wrapped = _wrapped(owner_engine)
-    # Another transaction holds one data key's row: the rewrap skips it (SKIP LOCKED).
-    blocker = owner_engine.connect()
-    blocker.execute(
-        sa.text("SELECT 1 FROM dripiq_app.tenant_data_keys WHERE tenant_id = 't_k3' FOR UPDATE")
-    )
-    try:
-        with pytest.raises(RotationError, match="still need a KEK version older than 2"):
-            rotate_kek(operator_db, own_provider, raise_min_decryption_version=True)
-    finally:
-        blocker.rollback()
-        blocker.close()
+    # t_k3's wrapped key replaced by t_k2's: Vault refuses to rewrap it for t_k3
+    # (another derivation context), so it stays on KEK version 1.
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.tenant_data_keys SET wrapped_key = :w WHERE tenant_id = 't_k3'"
+            ),
+            {"w": old_wrapped[("t_k2", 1)][0]},
+        )
+    with pytest.raises(RotationError, match="still need a KEK version older than 2"):
+        rotate_kek(operator_db, own_provider, raise_min_decryption_version=True)
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.tenant_data_keys SET wrapped_key = :w WHERE tenant_id = 't_k3'"
+            ),
+            {"w": old_wrapped[("t_k3", 1)][0]},
+        )
     assert own_provider.min_decryption_version() == 1
-    assert _wrapped(owner_engine)[("t_k3", 1)] == old_wrapped[("t_k3", 1)]
 
     report = rotate_kek(operator_db, own_provider, raise_min_decryption_version=True)
     assert (report.rotated, report.rewrapped, report.min_decryption_version) == (False, 1, 2)

@@ -199,3 +199,49 @@ def test_downgrade_of_the_baseline_refuses_to_drop_the_applications_rows(
 ) -> None:
     with pytest.raises(MigrationError, match=r"sender identities \(email_sender_identities\)"):
         migrate.downgrade(settings, "base")
+
+
+def test_versioning_records_existing_configs_as_baseline_versions_without_credentials(
+    settings: Settings, owner_engine: sa.Engine, seeded: object
+) -> None:
+    migrate.upgrade(settings, DATA_KEYS)
+    migrate.upgrade(settings, VERSIONS)
+    with owner_engine.connect() as connection:
+        versions = connection.execute(
+            sa.text(
+                "SELECT v.tenant_id, v.version, v.change, v.name, v.config, v.encrypted_credentials, "
+                "c.version FROM dripiq_app.email_provider_config_versions v "
+                "JOIN dripiq_app.email_provider_configs c ON c.tenant_id = v.tenant_id AND c.id = v.config_id "
+                "ORDER BY v.tenant_id"
+            )
+        ).all()
+    assert [tuple(v) for v in versions] == [
+        ("t_acme", 1, "baseline", "SendGrid (Default)", {"legacy": True}, None, 1),
+        ("t_initech", 1, "baseline", "SendGrid (Default)", {"legacy": True}, None, 1),
+    ]
+    # Only baseline history: the downgrade loses nothing and goes through.
+    migrate.downgrade(settings, DATA_KEYS)
+    migrate.upgrade(settings, VERSIONS)
+
+
+def test_downgrade_of_versioning_refuses_while_history_holds_changes(
+    settings: Settings, owner_engine: sa.Engine, seeded: object
+) -> None:
+    migrate.upgrade(settings)
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.email_provider_config_versions "
+                "(tenant_id, config_id, version, change, name, config) "
+                "SELECT tenant_id, id, 2, 'updated', name, config FROM dripiq_app.email_provider_configs "
+                "WHERE tenant_id = 't_acme'"
+            )
+        )
+    with pytest.raises(MigrationError, match="config history"):
+        migrate.downgrade(settings, DATA_KEYS)
+    with owner_engine.connect() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") == VERSIONS
+        count = connection.execute(
+            sa.text("SELECT count(*) FROM dripiq_app.email_provider_config_versions")
+        ).scalar_one()
+    assert count == 3

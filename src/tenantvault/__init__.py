@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 from tenantvault.errors import (
+    ConcurrentModification,
     ConfigurationError,
     DecryptionError,
     InvalidInputError,
@@ -13,12 +14,13 @@ from tenantvault.errors import (
     KeyProviderError,
     KeyProviderUnavailable,
     NotFoundError,
+    RotationError,
     TenantNotSetError,
     TenantVaultError,
 )
 from tenantvault.models import ProviderType
 from tenantvault.providers import CredentialsModel
-from tenantvault.vault import ExpiringToken, OAuthToken, ProviderConfig, Vault
+from tenantvault.vault import ConfigVersion, ExpiringToken, OAuthToken, ProviderConfig, Vault
 
 _default: Vault | None = None
 _default_lock = threading.Lock()
@@ -33,9 +35,10 @@ def default_vault() -> Vault:
         return _default
 
 
-def store_credentials(tenant_id: str, config_id: str, credentials: Any) -> None:
-    """``Vault.store_credentials`` on the default vault."""
-    default_vault().store_credentials(tenant_id, config_id, credentials)
+def store_credentials(tenant_id: str, config_id: str, credentials: Any, **options: Any) -> int:
+    """``Vault.store_credentials`` on the default vault (``actor``, ``reason``,
+    ``expected_version`` as there); returns the config's new version."""
+    return default_vault().store_credentials(tenant_id, config_id, credentials, **options)
 
 
 def load_credentials(tenant_id: str, config_id: str) -> CredentialsModel:
@@ -44,6 +47,8 @@ def load_credentials(tenant_id: str, config_id: str) -> CredentialsModel:
 
 
 __all__ = [
+    "ConcurrentModification",
+    "ConfigVersion",
     "ConfigurationError",
     "CredentialsModel",
     "DecryptionError",
@@ -56,6 +61,7 @@ __all__ = [
     "OAuthToken",
     "ProviderConfig",
     "ProviderType",
+    "RotationError",
     "TenantNotSetError",
     "TenantVaultError",
     "Vault",

@@ -117,10 +117,10 @@ def rotate_kek(
     report = KekRotationReport(False, before, latest, will_rotate)
     with db.transaction() as connection:
         total = _behind(connection, keys, latest)
-    select = sa.text(
+    select = (
         f"SELECT tenant_id, version, wrapped_key FROM {keys} "
         "WHERE state <> 'destroyed' AND kek_version < :latest AND (tenant_id, version) > (:t, :v) "
-        "ORDER BY tenant_id, version LIMIT :n FOR UPDATE SKIP LOCKED"
+        "ORDER BY tenant_id, version LIMIT :n FOR UPDATE"
     )
     update = sa.text(
         f"UPDATE {keys} AS k SET wrapped_key = v.new_key, kek_version = v.kek_version "
@@ -129,35 +129,47 @@ def rotate_kek(
         "AS v(tenant_id, version, old_key, new_key, kek_version) "
         "WHERE k.tenant_id = v.tenant_id AND k.version = v.version AND k.wrapped_key = v.old_key"
     )
-    cursor: dict[str, Any] = {"t": "", "v": 0}
-    while True:
-        if stop.is_set():
-            report.stopped = "interrupted: stopped after the current batch"
-            break
-        with db.transaction() as connection:
-            rows = connection.execute(select, {"latest": latest, "n": batch_size, **cursor}).all()
-            if not rows:
-                break
-            cursor = {"t": rows[-1].tenant_id, "v": rows[-1].version}
-            results = provider.rewrap([(row.tenant_id, row.wrapped_key) for row in rows])
-            done: dict[str, list[Any]] = {
-                k: [] for k in ("tenants", "versions", "old", "new", "keks")
-            }
-            for row, result in zip(rows, results, strict=True):
-                if result.wrapped is None:
-                    report.failures.append(
-                        RewrapFailure(row.tenant_id, row.version, result.error or "refused")
-                    )
-                    continue
-                done["tenants"].append(row.tenant_id)
-                done["versions"].append(row.version)
-                done["old"].append(row.wrapped_key)
-                done["new"].append(result.wrapped.ciphertext)
-                done["keks"].append(result.wrapped.kek_version)
-            if done["new"]:
-                report.rewrapped += connection.execute(update, done).rowcount
-        if on_progress is not None:
-            on_progress(KekProgress(report.rewrapped, total))
+
+    def one_pass(lock: str) -> None:
+        """Rewrap every key still behind, from the first; failed ones are passed over."""
+        cursor: dict[str, Any] = {"t": "", "v": 0}
+        while not stop.is_set():
+            with db.transaction() as connection:
+                rows = connection.execute(
+                    sa.text(select + lock), {"latest": latest, "n": batch_size, **cursor}
+                ).all()
+                if not rows:
+                    return
+                cursor = {"t": rows[-1].tenant_id, "v": rows[-1].version}
+                results = provider.rewrap([(row.tenant_id, row.wrapped_key) for row in rows])
+                done: dict[str, list[Any]] = {
+                    k: [] for k in ("tenants", "versions", "old", "new", "keks")
+                }
+                for row, result in zip(rows, results, strict=True):
+                    if result.wrapped is None:
+                        report.failures.append(
+                            RewrapFailure(row.tenant_id, row.version, result.error or "refused")
+                        )
+                        continue
+                    done["tenants"].append(row.tenant_id)
+                    done["versions"].append(row.version)
+                    done["old"].append(row.wrapped_key)
+                    done["new"].append(result.wrapped.ciphertext)
+                    done["keks"].append(result.wrapped.kek_version)
+                if done["new"]:
+                    report.rewrapped += connection.execute(update, done).rowcount
+            if on_progress is not None:
+                on_progress(KekProgress(report.rewrapped, total))
+
+    # First pass: rows another run (or a writer) holds are skipped, so runs share the
+    # work. Second pass: wait for what was held; a key another run rewrapped meanwhile
+    # no longer matches when its lock is released, a key a writer held is rewrapped.
+    one_pass(" SKIP LOCKED")
+    one_pass("")
+    # The second pass meets the first pass's failures again: report each key once.
+    report.failures = list(dict.fromkeys(report.failures))
+    if stop.is_set():
+        report.stopped = "interrupted: stopped after the current batch"
 
     with db.transaction() as connection:
         report.behind = _behind(connection, keys, latest)

@@ -39,14 +39,15 @@ def _tenant_line(t: TenantRotation) -> str:
 class RotationOutput:
     """Progress for one run: ``mode`` is "rich", "plain" or "json"."""
 
-    def __init__(self, mode: str, out: TextIO = sys.stdout) -> None:
+    def __init__(self, mode: str, out: TextIO | None = None) -> None:
         self.mode = mode
-        self.out = out
+        self.out = out or sys.stdout
         self._bar: RichProgress | None = None
         self._task: Any = None
 
     @classmethod
-    def choose(cls, json_lines: bool, out: TextIO = sys.stdout) -> RotationOutput:
+    def choose(cls, json_lines: bool, out: TextIO | None = None) -> RotationOutput:
+        out = out or sys.stdout
         if json_lines:
             return cls("json", out)
         return cls("rich" if out.isatty() else "plain", out)
@@ -99,8 +100,9 @@ class RotationOutput:
 
 
 def print_dek_summary(
-    report: DekRotationReport, json_lines: bool, out: TextIO = sys.stdout
+    report: DekRotationReport, json_lines: bool, out: TextIO | None = None
 ) -> None:
+    out = out or sys.stdout
     if json_lines:
         for item in report.unopenable:
             _json_line(out, "unopenable", item)
@@ -135,8 +137,9 @@ def print_dek_summary(
 
 
 def print_kek_summary(
-    report: KekRotationReport, json_lines: bool, out: TextIO = sys.stdout
+    report: KekRotationReport, json_lines: bool, out: TextIO | None = None
 ) -> None:
+    out = out or sys.stdout
     if json_lines:
         _json_line(out, "summary", {**dataclasses.asdict(report), "ok": report.ok})
         return
@@ -166,7 +169,8 @@ def print_kek_summary(
         out.write(f"stopped: {report.stopped}\n")
 
 
-def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO = sys.stdout) -> None:
+def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     if json_lines:
         for tenant in report.tenants:
             _json_line(
@@ -208,7 +212,8 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO = sy
     )
 
 
-def print_shred(report: ShredReport, json_lines: bool, out: TextIO = sys.stdout) -> None:
+def print_shred(report: ShredReport, json_lines: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     if json_lines:
         _json_line(out, "summary", report)
         return
