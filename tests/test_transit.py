@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 
 import hvac
@@ -110,3 +111,41 @@ def test_approle_login_with_a_least_privilege_policy(
     assert provider.unwrap("t_a", wrapped.ciphertext) == plaintext
     with pytest.raises(KeyProviderError, match="may not"):
         provider.rotate_kek()  # the application's policy cannot rotate the key
+
+
+def test_a_batch_the_server_refuses_as_too_large_is_halved_not_sent_one_by_one(
+    services: Services,
+) -> None:
+    # OpenBao refuses more than 1,000 JSON strings in a request: 300 rewrap items are
+    # refused whole. The provider must halve them (3 requests), not fall back to 300.
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    provider = _provider(services, name, batch_size=400)
+    client = provider._client
+    items = []
+    for start in range(0, 300, 100):
+        batch = [
+            {
+                "plaintext": base64.b64encode(bytes(32)).decode(),
+                "context": base64.b64encode(f"t{i}".encode()).decode(),
+            }
+            for i in range(start, start + 100)
+        ]
+        provider.ensure_key()
+        answered = client.secrets.transit.encrypt_data(name=name, plaintext="", batch_input=batch)
+        items += [
+            (f"t{start + n}", r["ciphertext"])
+            for n, r in enumerate(answered["data"]["batch_results"])
+        ]
+    provider.rotate_kek()
+    calls = []
+    real = provider._transit.rewrap_data
+
+    def counted(**kwargs: object) -> object:
+        calls.append(len(kwargs.get("batch_input") or [None]))  # type: ignore[arg-type]
+        return real(**kwargs)
+
+    provider._transit.rewrap_data = counted
+    results = provider.rewrap(items)
+    assert all(r.wrapped is not None and r.wrapped.kek_version == 2 for r in results)
+    assert calls == [300, 150, 150]
+    assert provider.unwrap("t7", results[7].wrapped.ciphertext) == bytes(32)  # type: ignore[union-attr]

@@ -74,7 +74,7 @@ class KeyProvider(Protocol):
 class CheckedKeyProvider:
     """Public methods with invariants; subclasses implement the ``_`` hooks."""
 
-    batch_size: int = 250
+    batch_size: int = 200
 
     def generate_data_key(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         plaintext, wrapped = self._generate(tenant_id)

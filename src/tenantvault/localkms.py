@@ -27,7 +27,7 @@ from tenantvault.keyprovider import CheckedKeyProvider, RewrapResult, WrappedKey
 class LocalKeyProvider(CheckedKeyProvider):
     """Wraps data keys with AES-256-GCM under keys derived from one local master key."""
 
-    def __init__(self, master_key: bytes, *, kek_version: int = 1, batch_size: int = 250) -> None:
+    def __init__(self, master_key: bytes, *, kek_version: int = 1, batch_size: int = 200) -> None:
         if len(master_key) != 32:
             raise ValueError("the local master key is 32 bytes")
         self._master = master_key

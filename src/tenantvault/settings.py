@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     dek_cache_max_entries: int = Field(1024, ge=1)
     dek_cache_max_uses: int = Field(1_000_000, ge=1)
 
-    transit_batch_size: int = Field(250, ge=1, le=400)
+    # OpenBao refuses a request of more than 1,000 JSON strings: 249 rewrap items (two
+    # strings and two keys each) pass, 250 do not. A refused batch is halved and retried.
+    transit_batch_size: int = Field(200, ge=1, le=400)
     # How many of a config's newest versions keep their sealed credentials; older
     # versions keep their non-secret config (and history) but lose the secret.
     config_history_credentials_kept: int = Field(10, ge=1, le=10_000)

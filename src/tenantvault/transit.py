@@ -47,7 +47,7 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
         key_name: str,
         mount_point: str = "transit",
         timeout_seconds: float = 5.0,
-        batch_size: int = 250,
+        batch_size: int = 200,
         create_key: bool = True,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -195,7 +195,13 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
             )
             answered = response["data"]["batch_results"]
         except hvac.exceptions.InvalidRequest:
-            return [self._rewrap_one(tenant, wrapped) for tenant, wrapped in batch]
+            # The whole request was refused: too large for the server's JSON limits
+            # (OpenBao counts every string: 249 items pass, 250 do not), or one item
+            # broke it. Halve until it passes; a single item reports its own refusal.
+            if len(batch) == 1:
+                return [self._rewrap_one(*batch[0])]
+            middle = len(batch) // 2
+            return self._rewrap_batch(batch[:middle]) + self._rewrap_batch(batch[middle:])
         results = []
         for (tenant, _), item in zip(batch, answered, strict=True):
             if item.get("error"):
