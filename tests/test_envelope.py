@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tenantvault.datakey import DataKey
-from tenantvault.envelope import SealContext, open_sealed, seal, sealed_dek_version
+from tenantvault.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
 from tenantvault.errors import DecryptionError
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelope_v1.json").read_text())[
@@ -142,3 +142,23 @@ def test_data_keys_stay_out_of_repr_and_refuse_pickling() -> None:
         pickle.dumps(KEY)
     with pytest.raises(ValueError, match="32 bytes"):
         DataKey("t", 1, b"short")
+
+
+def test_reseal_moves_a_value_to_the_new_key_and_keeps_its_place_and_plaintext() -> None:
+    new_key = DataKey("t_acme", 4, bytes(range(1, 33)))
+    old = seal(KEY, b"the secret", PLACE)
+    asked: list[int] = []
+
+    def key_of(version: int) -> DataKey:
+        asked.append(version)
+        return KEY
+
+    moved = reseal(old, PLACE, key_of, new_key)
+    assert asked == [3]
+    assert sealed_dek_version(moved) == 4
+    assert open_sealed(new_key, moved, PLACE) == b"the secret"
+    with pytest.raises(DecryptionError):
+        open_sealed(new_key, moved, SealContext("t_acme", "t", "c", "other-row"))
+    tampered = old[:-2] + ("A" if old[-2] != "A" else "B") + old[-1]
+    with pytest.raises(DecryptionError):
+        reseal(tampered, PLACE, key_of, new_key)

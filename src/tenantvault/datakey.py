@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 DATA_KEY_BYTES = 32
 
 
@@ -15,7 +17,7 @@ class DataKey:
     a queue or a crash dump made by pickling.
     """
 
-    __slots__ = ("_material", "tenant_id", "version")
+    __slots__ = ("_aead", "_material", "tenant_id", "version")
 
     def __init__(self, tenant_id: str, version: int, material: bytes) -> None:
         if len(material) != DATA_KEY_BYTES:
@@ -25,9 +27,16 @@ class DataKey:
         self.tenant_id = tenant_id
         self.version = version
         self._material = bytes(material)
+        self._aead: AESGCM | None = None
 
     def material(self) -> bytes:
         return self._material
+
+    def aead(self) -> AESGCM:
+        """The AES-GCM cipher of this key, made once (rotation uses it per value)."""
+        if self._aead is None:
+            self._aead = AESGCM(self._material)
+        return self._aead
 
     def __repr__(self) -> str:
         return f"DataKey(tenant_id={self.tenant_id!r}, version={self.version}, material=<hidden>)"

@@ -27,16 +27,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 from tenantvault.datakey import DataKey
-from tenantvault.envelope import open_sealed, seal, sealed_dek_version
+from tenantvault.envelope import reseal
 from tenantvault.errors import DecryptionError, KeyDestroyedError, KeyProviderError
 from tenantvault.keyring import Keyring, lock_tenant_keys
 from tenantvault.operatordb import DEK_ROTATION_CLAIM, OperatorDatabase
 from tenantvault.sealed import SEALED_COLUMNS, SealedColumn
 
 RESEAL_PASSES = 3
+
+
+def _cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
+    """A binary-format cursor on the connection's own driver connection (same
+    transaction): batches of text arrays go out and come back without text quoting."""
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver.cursor(binary=True)
 
 
 @dataclass(frozen=True)
@@ -274,9 +283,9 @@ class DekRotation:
     def _stale_where(self, column: SealedColumn) -> str:
         # Values under a destroyed (shredded) key are gone for good, not stale.
         return (
-            f"tenant_id = :t AND {column.column} IS NOT NULL "
-            f"AND NOT starts_with({column.column}, :prefix) "
-            f"AND split_part({column.column}, '.', 2)::int <> ALL(CAST(:destroyed AS int[]))"
+            f"tenant_id = %(t)s AND {column.column} IS NOT NULL "
+            f"AND NOT starts_with({column.column}, %(prefix)s) "
+            f"AND split_part({column.column}, '.', 2)::int <> ALL(%(destroyed)s::int[])"
         )
 
     def _stale_count(
@@ -287,87 +296,109 @@ class DekRotation:
         active: int,
         destroyed: list[int],
     ) -> int:
-        return int(
-            connection.execute(
-                sa.text(
-                    f"SELECT count(*) FROM {self.db.table(column.table)} "
-                    f"WHERE {self._stale_where(column)}"
-                ),
-                {"t": tenant_id, "prefix": f"tv1.{active}.", "destroyed": destroyed},
-            ).scalar_one()
+        sql = (
+            f"SELECT count(*) FROM {self.db.table(column.table)} WHERE {self._stale_where(column)}"
         )
+        with _cursor(connection) as cursor:
+            cursor.execute(
+                sql, {"t": tenant_id, "prefix": f"tv1.{active}.", "destroyed": destroyed}
+            )
+            row = cursor.fetchone()
+        assert row is not None
+        return int(row[0])
 
     def _reseal(
         self, tenant_id: str, column: SealedColumn, key: DataKey, destroyed: list[int]
     ) -> int:
-        """Re-seal one column of one tenant in batches; returns how many values moved."""
+        """Re-seal one column of one tenant in batches; returns how many values moved.
+
+        Each batch is one transaction and a compare-and-swap: a row is written only
+        if it still holds the value that was read, so a value a writer stored in
+        between (already under the new key) is never overwritten with a stale one.
+        Cheaper than locking the rows first, which would write every row twice."""
         names = [name for name, _ in column.keys]
         key_list = ", ".join(names)
-        after = "(" + ", ".join(f"CAST(:k{i} AS {t})" for i, (_, t) in enumerate(column.keys)) + ")"
         table = self.db.table(column.table)
+        after = ", ".join(f"%(k{i})s::{sql_type}" for i, (_, sql_type) in enumerate(column.keys))
         select = (
             f"SELECT {key_list}, {column.column} FROM {table} "
             f"WHERE {self._stale_where(column)} {{after}} "
-            f"ORDER BY {key_list} LIMIT :n FOR UPDATE"
+            f"ORDER BY {key_list} LIMIT %(n)s"
         )
-        arrays = ", ".join(f"CAST(:a{i} AS {t}[])" for i, (_, t) in enumerate(column.keys))
+        arrays = ", ".join(f"%(a{i})b::{sql_type}[]" for i, (_, sql_type) in enumerate(column.keys))
         matches = " AND ".join(f"t.{name} = v.{name}" for name in names)
-        update = sa.text(
+        update = (
             f"UPDATE {table} AS t SET {column.column} = v.new_value "
-            f"FROM unnest({arrays}, CAST(:old AS text[]), CAST(:new AS text[])) "
+            f"FROM unnest({arrays}, %(old)b::text[], %(new)b::text[]) "
             f"AS v({key_list}, old_value, new_value) "
-            f"WHERE t.tenant_id = :t AND {matches} AND t.{column.column} = v.old_value"
+            f"WHERE t.tenant_id = %(t)s AND {matches} AND t.{column.column} = v.old_value"
         )
-        prefix = f"tv1.{key.version}."
-        last: tuple[Any, ...] | None = None
+        params: dict[str, Any] = {
+            "t": tenant_id,
+            "prefix": f"tv1.{key.version}.",
+            "n": self.batch_size,
+            "destroyed": destroyed,
+        }
+        width = len(names)
+        where_after = ""
         moved = 0
         while True:
             self._check_stop()
-            params: dict[str, Any] = {
-                "t": tenant_id,
-                "prefix": prefix,
-                "n": self.batch_size,
-                "destroyed": destroyed,
-            }
-            where_after = ""
-            if last is not None:
-                where_after = f"AND ({key_list}) > {after}"
-                params.update({f"k{i}": value for i, value in enumerate(last)})
-            with self.db.transaction() as connection:
-                rows = connection.execute(sa.text(select.format(after=where_after)), params).all()
+            with self.db.transaction() as connection, _cursor(connection) as cursor:
+                cursor.execute(select.format(after=where_after), params)
+                rows = cursor.fetchall()
                 if not rows:
                     return moved
-                last = tuple(rows[-1][: len(names)])
-                keys_out: list[list[Any]] = [[] for _ in names]
-                old_values: list[str] = []
-                new_values: list[str] = []
-                for row in rows:
-                    row_keys, sealed = tuple(row[: len(names)]), row[len(names)]
-                    place = column.place(tenant_id, *row_keys)
-                    try:
-                        old_key = self.keyring.key(
-                            connection, tenant_id, sealed_dek_version(sealed)
-                        )
-                        plaintext = open_sealed(old_key, sealed, place)
-                    except (DecryptionError, KeyDestroyedError) as exc:
-                        self._unopenable(
-                            Unopenable(tenant_id, column.name, place.row_id, type(exc).__name__)
-                        )
-                        continue
-                    for index, value in enumerate(row_keys):
-                        keys_out[index].append(value)
-                    old_values.append(sealed)
-                    new_values.append(seal(key, plaintext, place))
-                if new_values:
-                    params = {f"a{i}": values for i, values in enumerate(keys_out)}
-                    params.update({"t": tenant_id, "old": old_values, "new": new_values})
-                    written = connection.execute(update, params).rowcount
-                    moved += written
+                where_after = f"AND ({key_list}) > ({after})"
+                params.update({f"k{i}": value for i, value in enumerate(rows[-1][:width])})
+                resealed = self._reseal_rows(connection, tenant_id, column, key, rows, width)
+                if resealed[-1]:
+                    batch = {f"a{i}": values for i, values in enumerate(resealed[:width])}
+                    batch.update(old=resealed[width], new=resealed[width + 1])
+                    cursor.execute(update, {**batch, "t": tenant_id})
+                    moved += cursor.rowcount
             with self._lock:
                 done_tenants = len(self.report.tenants)
             self._progress(
-                Progress(tenant_id, column.name, len(new_values), done_tenants, self._total)
+                Progress(tenant_id, column.name, len(resealed[-1]), done_tenants, self._total)
             )
+
+    def _reseal_rows(
+        self,
+        connection: sa.Connection,
+        tenant_id: str,
+        column: SealedColumn,
+        key: DataKey,
+        rows: Sequence[Sequence[Any]],
+        width: int,
+    ) -> list[list[Any]]:
+        """Open each value and seal it with ``key``: one list per key column, then the
+        old values, then the new ones. A value that does not open is reported and
+        left out."""
+        out: list[list[Any]] = [[] for _ in range(width + 2)]
+        old_keys: dict[int, DataKey] = {}
+
+        def key_of(version: int) -> DataKey:
+            found = old_keys.get(version)
+            if found is None:
+                found = old_keys[version] = self.keyring.key(connection, tenant_id, version)
+            return found
+
+        for row in rows:
+            sealed = row[width]
+            place = column.place(tenant_id, *row[:width])
+            try:
+                resealed = reseal(sealed, place, key_of, key)
+            except (DecryptionError, KeyDestroyedError) as exc:
+                self._unopenable(
+                    Unopenable(tenant_id, column.name, place.row_id, type(exc).__name__)
+                )
+                continue
+            for index in range(width):
+                out[index].append(row[index])
+            out[width].append(sealed)
+            out[width + 1].append(resealed)
+        return out
 
     def _retire(self, tenant_id: str, active: int, destroyed: list[int]) -> tuple[int, list[int]]:
         """Count what still names an older key; at zero, retire the draining keys.

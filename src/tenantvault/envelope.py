@@ -19,10 +19,11 @@ import binascii
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tenantvault.datakey import DataKey
 from tenantvault.errors import DecryptionError
@@ -45,14 +46,23 @@ class SealContext:
     row_id: str
 
     def associated_data(self, header: str) -> bytes:
-        parts = [
-            _AAD_LABEL,
-            header.encode(),
-            self.tenant_id.encode(),
-            f"{self.table}.{self.column}".encode(),
-            self.row_id.encode(),
-        ]
-        return b"".join(struct.pack(">I", len(part)) + part for part in parts)
+        return _LABEL + _length_prefixed(header.encode()) + self._place
+
+    @cached_property
+    def _place(self) -> bytes:
+        # The part after the header, made once per context: a re-seal uses it twice.
+        return (
+            _length_prefixed(self.tenant_id.encode())
+            + _length_prefixed(f"{self.table}.{self.column}".encode())
+            + _length_prefixed(self.row_id.encode())
+        )
+
+
+def _length_prefixed(part: bytes) -> bytes:
+    return struct.pack(">I", len(part)) + part
+
+
+_LABEL = _length_prefixed(_AAD_LABEL)
 
 
 def _header(dek_version: int) -> str:
@@ -77,8 +87,19 @@ def seal(
     if len(nonce) != NONCE_BYTES:
         raise ValueError("nonce must be 12 bytes")
     header = _header(key.version)
-    body = AESGCM(key.material()).encrypt(nonce, plaintext, context.associated_data(header))
+    body = key.aead().encrypt(nonce, plaintext, context.associated_data(header))
     return header + base64.urlsafe_b64encode(nonce + body).decode().rstrip("=")
+
+
+def _parse(sealed: str) -> tuple[int, str]:
+    """(DEK version, base64 body) of a well-formed sealed value."""
+    match = _SEALED.fullmatch(sealed) if isinstance(sealed, str) else None
+    if match is None:
+        raise DecryptionError("cannot open sealed value")
+    version = int(match.group(1))
+    if version > MAX_DEK_VERSION:
+        raise DecryptionError("cannot open sealed value")
+    return version, match.group(2)
 
 
 def sealed_dek_version(sealed: str) -> int:
@@ -87,13 +108,7 @@ def sealed_dek_version(sealed: str) -> int:
     Raises:
         DecryptionError: the value is not a well-formed sealed value.
     """
-    match = _SEALED.fullmatch(sealed) if isinstance(sealed, str) else None
-    if match is None:
-        raise DecryptionError("cannot open sealed value")
-    version = int(match.group(1))
-    if version > MAX_DEK_VERSION:
-        raise DecryptionError("cannot open sealed value")
-    return version
+    return _parse(sealed)[0]
 
 
 def open_sealed(key: DataKey, sealed: str, context: SealContext) -> bytes:
@@ -102,10 +117,26 @@ def open_sealed(key: DataKey, sealed: str, context: SealContext) -> bytes:
     Raises:
         DecryptionError: wrong key, wrong place, or any change to the value.
     """
-    version = sealed_dek_version(sealed)
+    version, encoded = _parse(sealed)
+    return _open(key, version, encoded, context)
+
+
+def reseal(
+    sealed: str, context: SealContext, key_of: Callable[[int], DataKey], new_key: DataKey
+) -> str:
+    """Open ``sealed`` with the key its header names (``key_of(version)``) and seal the
+    plaintext again under ``new_key`` for the same place: one parse, for key rotation.
+
+    Raises:
+        DecryptionError: as :func:`open_sealed`.
+    """
+    version, encoded = _parse(sealed)
+    return seal(new_key, _open(key_of(version), version, encoded, context), context)
+
+
+def _open(key: DataKey, version: int, encoded: str, context: SealContext) -> bytes:
     if version != key.version:
         raise DecryptionError("cannot open sealed value")
-    encoded = sealed.rsplit(".", 1)[1]
     try:
         raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
     except (binascii.Error, ValueError):
@@ -115,10 +146,9 @@ def open_sealed(key: DataKey, sealed: str, context: SealContext) -> bytes:
         raise DecryptionError("cannot open sealed value")
     if len(raw) < NONCE_BYTES + TAG_BYTES:
         raise DecryptionError("cannot open sealed value")
-    header = _header(version)
     try:
-        return AESGCM(key.material()).decrypt(
-            raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.associated_data(header)
+        return key.aead().decrypt(
+            raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.associated_data(_header(version))
         )
     except InvalidTag:
         raise DecryptionError("cannot open sealed value") from None
