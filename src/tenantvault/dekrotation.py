@@ -8,10 +8,10 @@ take other tenants):
    the old key have committed, later writers seal with the new one. A tenant that
    already has a draining key is resumed instead (a run that stopped midway).
 2. **re-seal**: each sealed column is paged through in batches, each its own
-   transaction: rows naming an older key are locked (``FOR UPDATE``), opened,
-   sealed with the active key, and written only where the value is still the one
-   read. A value that does not open is reported by place, never content, and left
-   as it is.
+   transaction: rows naming an older key are read, opened, sealed with the active
+   key, and written back with a compare-and-swap — only where the value is still
+   the one read, so nothing a writer stored meanwhile is overwritten. A value that
+   does not open is reported by place, never content, and left as it is.
 3. **retire**: holding the key lock again, count what still names an older key;
    at zero the draining keys become ``retired``. Otherwise (a writer raced in)
    re-seal again, a bounded number of times.
