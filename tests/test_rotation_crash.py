@@ -55,11 +55,11 @@ CHILD = textwrap.dedent(
     provider = key_provider_from_settings(settings)
     ring = keyring_module.Keyring(provider, DataKeyCache(max_age_seconds=60, max_entries=99, max_uses=10**9))
     if point == "seals":
-        real_seal = dekrotation.seal
-        def seal(*args, **kwargs):
+        real_reseal = dekrotation.reseal
+        def reseal(*args, **kwargs):
             tick()
-            return real_seal(*args, **kwargs)
-        dekrotation.seal = seal
+            return real_reseal(*args, **kwargs)
+        dekrotation.reseal = reseal
     if point == "switch":
         real_generate = provider.generate_data_key
         def generate(tenant_id):
