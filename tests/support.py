@@ -92,6 +92,7 @@ REVISIONS = [
     "0005_tenant_data_keys",
     "0006_load_credentials_function",
     "0007_config_versions",
+    "0008_audit_and_lifecycle",
 ]
 
 

@@ -12,7 +12,7 @@ from tenantvault.settings import Settings
 
 from .support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
 
-BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA, DATA_KEYS, _, VERSIONS = REVISIONS
+BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA, DATA_KEYS, _, VERSIONS, AUDIT = REVISIONS
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_data_migration_run_twice_changes_nothing(
         }
     stamp(settings, SENDER_LINKS)  # pretend it never ran, so upgrade runs it again
     migrate.upgrade(settings, SENDGRID_DATA)
-    stamp(settings, VERSIONS)
+    stamp(settings, AUDIT)
     with owner_engine.connect() as connection:
         second = {
             t: table_rows(connection, t)
@@ -154,7 +154,8 @@ def test_downgrade_that_would_lose_configs_refuses_and_changes_nothing(
         revision = migrate.current_revision(connection, "dripiq_app")
     # The data step ran (it only removes what upgrade recreates); nothing else moved.
     assert revision == SENDER_LINKS
-    assert after["email_provider_tokens"] == before["email_provider_tokens"]
+    # The token version column (added last, by 0008) went with its revision.
+    assert after["email_provider_tokens"] == [r[:-1] for r in before["email_provider_tokens"]]
     # The version column (added last, by 0007) went with its revision; the rest is intact.
     assert [r for r in after["email_provider_configs"] if r[0] == "tvsmtp"] == [
         r[:-1] for r in before["email_provider_configs"] if r[0] == "tvsmtp"
@@ -240,6 +241,7 @@ def test_downgrade_of_versioning_refuses_while_history_holds_changes(
     with pytest.raises(MigrationError, match="config history"):
         migrate.downgrade(settings, DATA_KEYS)
     with owner_engine.connect() as connection:
+        # 0008 came down (nothing of it to lose); 0007 refused.
         assert migrate.current_revision(connection, "dripiq_app") == VERSIONS
         count = connection.execute(
             sa.text("SELECT count(*) FROM dripiq_app.email_provider_config_versions")

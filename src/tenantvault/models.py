@@ -10,12 +10,14 @@ The migrations in ``migrations/versions`` create exactly these tables; a test
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, ClassVar, TypedDict
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Dialect,
     ForeignKey,
@@ -346,6 +348,11 @@ class EmailProviderToken(Base):
     scopes: Mapped[list[str]] = mapped_column(
         ARRAY(Text), server_default=text("'{}'::text[]"), comment="Granted OAuth scopes."
     )
+    version: Mapped[int] = mapped_column(
+        Integer,
+        server_default=text("1"),
+        comment="+1 on every store or refresh: a refresh is a compare-and-swap on it.",
+    )
     created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
     updated_at: Mapped[UpdatedAt] = mapped_column(
         comment="Last change (UTC); maintained by a trigger."
@@ -474,6 +481,142 @@ class TenantDataKey(Base):
     )
 
 
+class EmailProviderUsage(Base):
+    """Per-day usage counters of one config (the ticket's "provider usage statistics")."""
+
+    __tablename__ = "email_provider_usage"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant_id", "config_id"],
+            ["email_provider_configs.tenant_id", "email_provider_configs.id"],
+            ondelete="CASCADE",
+            name="fk_email_provider_usage_config",
+        ),
+        CheckConstraint("sent >= 0 AND failed >= 0", name="counts_not_negative"),
+        {"comment": "Per-day usage counters of email provider configs."},
+    )
+
+    tenant_id: Mapped[str] = mapped_column(
+        Text, primary_key=True, comment="Owning tenant; the RLS key."
+    )
+    config_id: Mapped[str] = mapped_column(Text, primary_key=True, comment="The config that sent.")
+    day: Mapped[date] = mapped_column(Date, primary_key=True, comment="UTC day the counts are for.")
+    sent: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("0"), comment="Messages sent that day."
+    )
+    failed: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("0"), comment="Sends that failed that day."
+    )
+    last_used_at: Mapped[datetime] = mapped_column(comment="Latest use that day (UTC).")
+    created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
+    updated_at: Mapped[UpdatedAt] = mapped_column(
+        comment="Last change (UTC); maintained by a trigger."
+    )
+
+
+class AuditAction(enum.StrEnum):
+    """What an audit event records. Loads are audited only when the setting asks."""
+
+    CONFIG_CREATED = "config.created"
+    CONFIG_UPDATED = "config.updated"
+    CREDENTIALS_STORED = "config.credentials_stored"
+    CONFIG_ROLLED_BACK = "config.rolled_back"
+    DEFAULT_SET = "config.default_set"
+    CONFIG_DEACTIVATED = "config.deactivated"
+    CONFIG_DELETED = "config.deleted"
+    CONFIG_RESTORED = "config.restored"
+    CONFIG_PURGED = "config.purged"
+    CREDENTIALS_REVEALED = "credentials.revealed"
+    TOKEN_STORED = "token.stored"  # noqa: S105 - an action name
+    TOKEN_REFRESHED = "token.refreshed"  # noqa: S105 - an action name
+    TOKEN_DELETED = "token.deleted"  # noqa: S105 - an action name
+    DEK_CREATED = "dek.created"
+    DEK_ROTATED = "dek.rotated"
+    DEK_RETIRED = "dek.retired"
+    DEK_DESTROYED = "dek.destroyed"
+    KEK_REWRAPPED = "kek.rewrapped"
+
+
+class AuditEvent(Base):
+    """One audited operation: append-only, chained per tenant by ``hash``, partitioned
+    by month on ``occurred_at``. Never holds a secret. The trigger sets ``seq``,
+    ``prev_hash`` and ``hash``; callers give the rest."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        CheckConstraint(
+            "action IN (" + ", ".join(f"'{a.value}'" for a in AuditAction) + ")", name="action"
+        ),
+        CheckConstraint("jsonb_typeof(details) = 'object'", name="details_is_object"),
+        {
+            "postgresql_partition_by": "RANGE (occurred_at)",
+            "comment": "Audit log of sensitive operations: append-only, hash-chained per "
+            "tenant, partitioned by month. Never holds a secret.",
+        },
+    )
+
+    tenant_id: Mapped[str] = mapped_column(
+        Text,
+        primary_key=True,
+        comment="Tenant the event belongs to; the RLS key. No foreign key: the log "
+        "outlives the tenant.",
+    )
+    seq: Mapped[int] = mapped_column(
+        BigInteger,
+        primary_key=True,
+        comment="Position in the tenant's chain: 1, 2, ... without gaps (set by the trigger).",
+    )
+    occurred_at: Mapped[datetime] = mapped_column(
+        UTCDateTime,
+        primary_key=True,
+        server_default=text("timezone('utc', clock_timestamp())"),
+        comment="When it was recorded (UTC clock time of the insert).",
+    )
+    actor: Mapped[str | None] = mapped_column(
+        comment="Who did it, as the caller named it (user:42, rotate-keys)."
+    )
+    action: Mapped[str] = mapped_column(comment="What was done (config.created, dek.rotated, ...).")
+    target_type: Mapped[str | None] = mapped_column(
+        comment="Kind of thing acted on (config, token, dek, kek)."
+    )
+    target_id: Mapped[str | None] = mapped_column(
+        comment="Id of the thing acted on (a config id, a key version)."
+    )
+    details: Mapped[dict[str, Any]] = mapped_column(
+        server_default=text("'{}'::jsonb"),
+        comment="Non-secret facts of the event (versions, counts, changed field names).",
+    )
+    prev_hash: Mapped[str] = mapped_column(
+        comment="hash of the tenant's previous event ('' for the first)."
+    )
+    hash: Mapped[str] = mapped_column(
+        comment="sha256 over prev_hash and this row (tenantvault_audit_digest), hex."
+    )
+
+
+class AuditChainHead(Base):
+    """Where each tenant's audit chain ends, and where retention cut its start."""
+
+    __tablename__ = "audit_chain_heads"
+    __table_args__ = (
+        {
+            "comment": "Head of each tenant's audit chain; written only by the audit trigger "
+            "and the retention job."
+        },
+    )
+
+    tenant_id: Mapped[str] = mapped_column(Text, primary_key=True, comment="The chain's tenant.")
+    seq: Mapped[int] = mapped_column(BigInteger, comment="seq of the tenant's last event.")
+    hash: Mapped[str] = mapped_column(comment="hash of the tenant's last event.")
+    first_seq: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("1"), comment="seq of the first event retention kept."
+    )
+    anchor_hash: Mapped[str] = mapped_column(
+        server_default=text("''::text"),
+        comment="hash of the last event retention dropped ('' when none was).",
+    )
+
+
 # The ticket's TypeScript aliases, as Python types: the row types are the models
 # themselves; the insert shapes list what a caller provides.
 class NewEmailProviderConfig(TypedDict, total=False):
@@ -506,6 +649,8 @@ TENANTVAULT_TABLES = (
     EmailProviderConfig.__tablename__,
     EmailProviderToken.__tablename__,
     EmailProviderConfigVersion.__tablename__,
+    EmailProviderUsage.__tablename__,
+    AuditEvent.__tablename__,
     TenantDataKey.__tablename__,
 )
 """Tables tenantvault owns: each has row-level security, forced, on ``tenant_id``."""
