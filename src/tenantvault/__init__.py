@@ -20,7 +20,14 @@ from tenantvault.errors import (
 )
 from tenantvault.models import ProviderType
 from tenantvault.providers import CredentialsModel
-from tenantvault.vault import ConfigVersion, ExpiringToken, OAuthToken, ProviderConfig, Vault
+from tenantvault.vault import (
+    ConfigVersion,
+    ExpiringToken,
+    OAuthToken,
+    ProviderConfig,
+    RefreshedToken,
+    Vault,
+)
 
 _default: Vault | None = None
 _default_lock = threading.Lock()
@@ -61,6 +68,7 @@ __all__ = [
     "OAuthToken",
     "ProviderConfig",
     "ProviderType",
+    "RefreshedToken",
     "RotationError",
     "TenantNotSetError",
     "TenantVaultError",

@@ -15,11 +15,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from tenantvault import audit
 from tenantvault.datakey import DataKey
 from tenantvault.errors import DecryptionError, KeyDestroyedError
 from tenantvault.keycache import DataKeyCache
 from tenantvault.keyprovider import KeyProvider
-from tenantvault.models import DataKeyState, TenantDataKey
+from tenantvault.models import AuditAction, DataKeyState, TenantDataKey
 
 TENANT_KEYS_LOCK = 1_953_916_001
 """Advisory lock class of a tenant's keys (the other half is ``hashtext(tenant_id)``)."""
@@ -117,6 +118,14 @@ class Keyring:
         if inserted is None:  # another process made it first: use theirs
             row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one()
             return self._active_from_row(tenant_id, row.version, row.wrapped_key)
+        audit.record(
+            connection,
+            tenant_id,
+            AuditAction.DEK_CREATED,
+            target_type="dek",
+            target_id=str(inserted),
+            details={"kek_version": wrapped.kek_version},
+        )
         key = DataKey(tenant_id, inserted, plaintext)
         self.cache.put(key)
         return key

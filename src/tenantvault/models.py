@@ -20,6 +20,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Dialect,
+    FetchedValue,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -561,9 +562,11 @@ class AuditEvent(Base):
         comment="Tenant the event belongs to; the RLS key. No foreign key: the log "
         "outlives the tenant.",
     )
+    # seq, prev_hash and hash are the trigger's to set (FetchedValue: never from Python).
     seq: Mapped[int] = mapped_column(
         BigInteger,
         primary_key=True,
+        server_default=FetchedValue(),
         comment="Position in the tenant's chain: 1, 2, ... without gaps (set by the trigger).",
     )
     occurred_at: Mapped[datetime] = mapped_column(
@@ -587,10 +590,12 @@ class AuditEvent(Base):
         comment="Non-secret facts of the event (versions, counts, changed field names).",
     )
     prev_hash: Mapped[str] = mapped_column(
-        comment="hash of the tenant's previous event ('' for the first)."
+        server_default=FetchedValue(),
+        comment="hash of the tenant's previous event ('' for the first).",
     )
     hash: Mapped[str] = mapped_column(
-        comment="sha256 over prev_hash and this row (tenantvault_audit_digest), hex."
+        server_default=FetchedValue(),
+        comment="sha256 over prev_hash and this row (tenantvault_audit_digest), hex.",
     )
 
 

@@ -36,6 +36,13 @@ def config_by_id(tenant_id: str, config_id: str) -> Select[EmailProviderConfig]:
     return _live(tenant_id).where(Config.id == config_id)
 
 
+def deleted_config(tenant_id: str, config_id: str) -> Select[EmailProviderConfig]:
+    """A soft-deleted config (for restore)."""
+    return select(Config).where(
+        Config.tenant_id == tenant_id, Config.id == config_id, Config.deleted_at.is_not(None)
+    )
+
+
 def configs_by_ids(tenant_id: str, config_ids: Sequence[str]) -> Select[EmailProviderConfig]:
     """Many configs of one tenant at once (their credentials open with one key fetch)."""
     return _live(tenant_id).where(Config.id.in_(config_ids)).order_by(Config.id)

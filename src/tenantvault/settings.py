@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # How many of a config's newest versions keep their sealed credentials; older
     # versions keep their non-secret config (and history) but lose the secret.
     config_history_credentials_kept: int = Field(10, ge=1, le=10_000)
+    # An audit event for every load of credentials: off, since loads are the hot path.
+    audit_loads: bool = False
     vault_approle_mount: str = Field("approle", min_length=1)
     vault_approle_role_id: str | None = None
     vault_approle_secret_id: SecretStr | None = None

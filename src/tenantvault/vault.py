@@ -13,17 +13,15 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from pydantic import SecretStr
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tenantvault import queries
+from tenantvault import audit, queries
 from tenantvault.datakey import DataKey
 from tenantvault.db import check_tenant_id, create_engine, set_tenant, tenant_session
 from tenantvault.envelope import SealContext, open_sealed, seal, sealed_dek_version
@@ -39,12 +37,13 @@ from tenantvault.keyprovider import KeyProvider
 from tenantvault.keyring import Keyring
 from tenantvault.kms import key_provider_from_settings
 from tenantvault.models import (
+    AuditAction,
     ConfigChange,
     EmailProviderConfig,
     EmailProviderConfigVersion,
-    EmailProviderToken,
     ProviderType,
 )
+from tenantvault.oauth_tokens import ExpiringToken, OAuthToken, OAuthTokens, RefreshedToken
 from tenantvault.providers import (
     CredentialsModel,
     ProviderConfigModel,
@@ -54,7 +53,7 @@ from tenantvault.providers import (
     parse_credentials,
     provider_type,
 )
-from tenantvault.sealed import ACCESS_TOKEN, CONFIG_CREDENTIALS, REFRESH_TOKEN, VERSION_CREDENTIALS
+from tenantvault.sealed import CONFIG_CREDENTIALS, VERSION_CREDENTIALS
 from tenantvault.settings import Settings, load_settings
 
 log = logging.getLogger("tenantvault")
@@ -94,27 +93,6 @@ class ConfigVersion:
     credentials: CredentialsModel | None = None
 
 
-@dataclass(frozen=True)
-class OAuthToken:
-    """A config's OAuth tokens, opened. The tokens are ``SecretStr``."""
-
-    config_id: str
-    access_token: SecretStr | None
-    refresh_token: SecretStr | None
-    token_type: str
-    expires_at: datetime | None
-    scopes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ExpiringToken:
-    """A token the refresher should renew (no secret in it)."""
-
-    config_id: str
-    expires_at: datetime
-    refreshable: bool
-
-
 def _name(name: str) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise InvalidInputError("name: must be 1-200 characters, not blank")
@@ -144,17 +122,23 @@ def _plaintext(credentials: CredentialsModel) -> bytes:
     return json.dumps(credentials_to_json(credentials), separators=(",", ":")).encode()
 
 
-class Vault:
+class Vault(OAuthTokens):
     """Store and load tenants' email-provider configs, credentials and OAuth tokens."""
 
     def __init__(
-        self, engine: sa.Engine, keyring: Keyring, *, history_credentials_kept: int = 10
+        self,
+        engine: sa.Engine,
+        keyring: Keyring,
+        *,
+        history_credentials_kept: int = 10,
+        audit_loads: bool = False,
     ) -> None:
         if history_credentials_kept < 1:
             raise ValueError("history_credentials_kept must be at least 1")
         self.engine = engine
         self.keyring = keyring
         self.history_credentials_kept = history_credentials_kept
+        self.audit_loads = audit_loads
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
         if not schema:
             raise ValueError("the engine must come from tenantvault.db.create_engine")
@@ -182,6 +166,7 @@ class Vault:
             create_engine(settings),
             Keyring(provider, cache),
             history_credentials_kept=settings.config_history_credentials_kept,
+            audit_loads=settings.audit_loads,
         )
 
     # --- plumbing ---
@@ -301,6 +286,24 @@ class Vault:
         )
 
     @staticmethod
+    def _audit(
+        session: Session,
+        row: EmailProviderConfig,
+        action: AuditAction,
+        actor: str | None,
+        **details: str | int | bool | list[str] | None,
+    ) -> None:
+        audit.record(
+            session.connection(),
+            row.tenant_id,
+            action,
+            actor=actor,
+            target_type="config",
+            target_id=row.id,
+            details=details,
+        )
+
+    @staticmethod
     def _clear_default(session: Session, tenant_id: str) -> None:
         session.execute(
             sa.update(EmailProviderConfig)
@@ -367,6 +370,16 @@ class Vault:
             except IntegrityError as exc:
                 raise _integrity(exc, tenant_id, name) from None
             s.refresh(row)
+            self._audit(
+                s,
+                row,
+                AuditAction.CONFIG_CREATED,
+                actor,
+                type=kind.value,
+                version=1,
+                with_credentials=secret is not None,
+                is_default=is_default,
+            )
             log.info("config created tenant=%s config=%s type=%s", tenant_id, config_id, kind.value)
             return self._view(s, row, with_credentials=False)
 
@@ -506,13 +519,28 @@ class Vault:
             except IntegrityError as exc:
                 raise _integrity(exc, tenant_id, new_name or row.name) from None
             s.refresh(row)
+            changed = [
+                name
+                for name, given in (("name", new_name), ("config", config), ("credentials", secret))
+                if given is not None
+            ]
+            action = (
+                AuditAction.CREDENTIALS_STORED if only_credentials else AuditAction.CONFIG_UPDATED
+            )
+            self._audit(s, row, action, actor, version=row.version, changed=changed)
             log.info("config updated tenant=%s config=%s", tenant_id, config_id)
             return self._view(s, row, with_credentials=False)
 
     def set_default(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: Session | None = None,
     ) -> None:
         """Make ``config_id`` the tenant's only default, atomically (one transaction)."""
+        actor = _note("actor", actor)
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
             if not row.is_active:
@@ -521,27 +549,78 @@ class Vault:
             s.flush()
             row.is_default = True
             s.flush()
+            self._audit(s, row, AuditAction.DEFAULT_SET, actor)
 
     def deactivate_config(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: Session | None = None,
     ) -> None:
         """Keep the config but stop using it; it stops being the default."""
+        actor = _note("actor", actor)
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
             row.is_active = False
             row.is_default = False
             s.flush()
+            self._audit(s, row, AuditAction.CONFIG_DEACTIVATED, actor)
 
     def delete_config(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: Session | None = None,
     ) -> None:
-        """Soft delete: invisible to reads, its name and default slot freed."""
+        """Soft delete: invisible to reads, its name and default slot freed. Its secrets
+        stay (sealed) until ``restore_config`` or the operator's purge."""
+        actor = _note("actor", actor)
         with self._scope(tenant_id, session) as s:
             row = self._live(s, tenant_id, config_id)
             row.is_default = False
             row.deleted_at = datetime.now(UTC)
             s.flush()
+            self._audit(s, row, AuditAction.CONFIG_DELETED, actor)
             log.info("config deleted tenant=%s config=%s", tenant_id, config_id)
+
+    def restore_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        name: str | None = None,
+        actor: str | None = None,
+        session: Session | None = None,
+    ) -> ProviderConfig:
+        """Bring a soft-deleted config back (not as the default), under its name or ``name``.
+
+        Raises:
+            NotFoundError: no deleted config of that id.
+            InvalidInputError: a live config has taken the name meanwhile (pass ``name``).
+        """
+        new_name = None if name is None else _name(name)
+        actor = _note("actor", actor)
+        with self._scope(tenant_id, session) as s:
+            row = self._one(
+                s,
+                queries.deleted_config(tenant_id, config_id).with_for_update(),
+                f"no deleted config {config_id} for tenant {tenant_id}",
+            )
+            row.deleted_at = None
+            if new_name is not None:
+                row.name = new_name
+            try:
+                with s.begin_nested():
+                    s.flush()
+            except IntegrityError as exc:
+                raise _integrity(exc, tenant_id, row.name, restoring=True) from None
+            s.refresh(row)
+            self._audit(s, row, AuditAction.CONFIG_RESTORED, actor, name_changed=name is not None)
+            return self._view(s, row, with_credentials=False)
 
     # --- credentials ---
 
@@ -698,32 +777,53 @@ class Vault:
             except IntegrityError as exc:
                 raise _integrity(exc, tenant_id, old.name) from None
             s.refresh(row)
+            self._audit(
+                s,
+                row,
+                AuditAction.CONFIG_ROLLED_BACK,
+                actor,
+                version=row.version,
+                to_version=to_version,
+            )
             log.info(
                 "config rolled back tenant=%s config=%s to=%s", tenant_id, config_id, to_version
             )
             return self._view(s, row, with_credentials=False)
 
     def load_credentials(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: Session | None = None,
     ) -> CredentialsModel:
         """The opened credentials of a live config (secrets as ``SecretStr``).
+
+        With load auditing on (``TENANTVAULT_AUDIT_LOADS``) each load also writes a
+        ``credentials.revealed`` event in its transaction; off by default, since loads
+        are the hot path (one round trip without it).
 
         Raises:
             NotFoundError: no such live config, or it holds no credentials.
             DecryptionError: the stored value does not open (tampered or moved).
             KeyProviderUnavailable: the tenant's key is not cached and Vault is down.
         """
-        if session is None:
+        if session is None and not self.audit_loads:
             fast = self._load_credentials_one_round_trip(tenant_id, config_id)
             if fast is not None:
                 return fast
+        actor = _note("actor", actor)
         with self._scope(tenant_id, session) as s:
             row = self._one(
                 s,
                 queries.config_by_id(tenant_id, config_id),
                 f"no live config {config_id} for tenant {tenant_id}",
             )
-            return self._open_credentials(s, row)
+            opened = self._open_credentials(s, row)
+            if self.audit_loads:
+                self._audit(s, row, AuditAction.CREDENTIALS_REVEALED, actor)
+            return opened
 
     def _load_credentials_one_round_trip(
         self, tenant_id: str, config_id: str
@@ -767,124 +867,15 @@ class Vault:
             rows = s.scalars(queries.configs_by_ids(tenant_id, list(config_ids))).all()
             return {r.id: self._open_credentials(s, r) for r in rows if r.encrypted_credentials}
 
-    # --- OAuth tokens ---
 
-    def store_oauth_token(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        access_token: str,
-        refresh_token: str | None = None,
-        token_type: str = "Bearer",  # noqa: S107 - a token type, not a token
-        expires_at: datetime | None = None,
-        scopes: Sequence[str] = (),
-        session: Session | None = None,
-    ) -> None:
-        """Seal and upsert a config's tokens (the one token row of the config)."""
-        if not isinstance(access_token, str) or not access_token:
-            raise InvalidInputError("access_token: required")
-        if refresh_token is not None and (not isinstance(refresh_token, str) or not refresh_token):
-            raise InvalidInputError("refresh_token: must be a non-empty string or None")
-        if expires_at is not None and expires_at.tzinfo is None:
-            raise InvalidInputError("expires_at: must be timezone-aware")
-        if not token_type or any(not isinstance(x, str) or not x for x in scopes):
-            raise InvalidInputError("scopes: each scope must be a non-empty string")
-        with self._scope(tenant_id, session) as s:
-            self._live(s, tenant_id, config_id)
-            key = self.keyring.active_key(s.connection(), tenant_id)
-            access = seal(
-                key,
-                access_token.encode(),
-                ACCESS_TOKEN.place(tenant_id, config_id),
-            )
-            refresh = (
-                None
-                if refresh_token is None
-                else seal(
-                    key,
-                    refresh_token.encode(),
-                    REFRESH_TOKEN.place(tenant_id, config_id),
-                )
-            )
-            values = {
-                "encrypted_access_token": access,
-                "encrypted_refresh_token": refresh,
-                "token_type": token_type,
-                "expires_at": expires_at,
-                "scopes": list(scopes),
-            }
-            s.execute(
-                pg_insert(EmailProviderToken)
-                .values(id=new_id(), tenant_id=tenant_id, config_id=config_id, **values)
-                .on_conflict_do_update(
-                    index_elements=[EmailProviderToken.tenant_id, EmailProviderToken.config_id],
-                    set_=values,
-                )
-            )
-            log.info("token stored tenant=%s config=%s", tenant_id, config_id)
-
-    def load_oauth_token(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
-    ) -> OAuthToken:
-        """A config's tokens, opened. Raises NotFoundError when it has none."""
-        with self._scope(tenant_id, session) as s:
-            row = s.scalars(queries.token_of_config(tenant_id, config_id)).one_or_none()
-            if row is None or row.encrypted_access_token is None:
-                raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no OAuth token")
-            access = self._open(
-                s,
-                row.encrypted_access_token,
-                ACCESS_TOKEN.place(tenant_id, config_id),
-            )
-            refresh = None
-            if row.encrypted_refresh_token is not None:
-                refresh = self._open(
-                    s,
-                    row.encrypted_refresh_token,
-                    REFRESH_TOKEN.place(tenant_id, config_id),
-                )
-            return OAuthToken(
-                config_id=config_id,
-                access_token=SecretStr(access.decode()),
-                refresh_token=None if refresh is None else SecretStr(refresh.decode()),
-                token_type=row.token_type,
-                expires_at=row.expires_at,
-                scopes=tuple(row.scopes),
-            )
-
-    def delete_oauth_token(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
-    ) -> bool:
-        """Remove a config's tokens; True if there were any."""
-        with self._scope(tenant_id, session) as s:
-            deleted = s.execute(queries.delete_tokens_of_config(tenant_id, config_id))
-            return bool(getattr(deleted, "rowcount", 0))
-
-    def tokens_expiring(
-        self,
-        tenant_id: str,
-        *,
-        within: timedelta,
-        now: datetime | None = None,
-        session: Session | None = None,
-    ) -> list[ExpiringToken]:
-        """The tenant's tokens whose access token expires within ``within`` of ``now``."""
-        moment = now or datetime.now(UTC)
-        with self._scope(tenant_id, session) as s:
-            rows = s.scalars(queries.tokens_expiring(tenant_id, moment + within)).all()
-            return [
-                ExpiringToken(r.config_id, r.expires_at, r.encrypted_refresh_token is not None)
-                for r in rows
-                if r.expires_at is not None
-            ]
-
-
-def _integrity(exc: IntegrityError, tenant_id: str, name: str) -> Exception:
+def _integrity(
+    exc: IntegrityError, tenant_id: str, name: str, *, restoring: bool = False
+) -> Exception:
     text = str(exc.orig)
     if "uq_email_provider_configs_tenant_id_name_live" in text:
+        hint = "; restore it under another name with name=" if restoring else ""
         return InvalidInputError(
-            f"name: tenant {tenant_id} already has a live config named {name!r}"
+            f"name: tenant {tenant_id} already has a live config named {name!r}{hint}"
         )
     if "fk_email_provider_configs_tenant_id_tenants" in text:
         return NotFoundError(f"tenant {tenant_id} does not exist")
@@ -897,5 +888,6 @@ __all__ = [
     "ExpiringToken",
     "OAuthToken",
     "ProviderConfig",
+    "RefreshedToken",
     "Vault",
 ]
