@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tenantvault import devstack, migrate, operator_jobs, rotation_output
+from tenantvault import devstack, migrate, operator_jobs, operator_output
 from tenantvault.errors import TenantVaultError
 from tenantvault.migration_support import MigrationOptions
 from tenantvault.settings import load_settings
@@ -22,6 +22,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNHEALTHY = 3
 EXIT_INCOMPLETE = 4
+EXIT_AUDIT_BROKEN = 5
 EXIT_INTERRUPTED = 130
 
 
@@ -119,13 +120,13 @@ def _run_exit(ok: bool, stopped: str | None) -> int:
 
 def _cmd_rotate_status(args: argparse.Namespace) -> int:
     report = operator_jobs.rotation_status(load_settings(), args.tenant or None)
-    rotation_output.print_key_status(report, args.json)
+    operator_output.print_key_status(report, args.json)
     return EXIT_OK
 
 
 def _cmd_rotate_kek(args: argparse.Namespace) -> int:
     settings = load_settings()
-    output = rotation_output.RotationOutput.choose(args.json)
+    output = operator_output.RotationOutput.choose(args.json)
     with _stop_on_interrupt() as stop, output:
         report = operator_jobs.rotate_kek_job(
             settings,
@@ -136,13 +137,13 @@ def _cmd_rotate_kek(args: argparse.Namespace) -> int:
             stop=stop,
             on_progress=output.kek,
         )
-    rotation_output.print_kek_summary(report, args.json)
+    operator_output.print_kek_summary(report, args.json)
     return _run_exit(report.ok, report.stopped)
 
 
 def _cmd_rotate_dek(args: argparse.Namespace) -> int:
     settings = load_settings()
-    output = rotation_output.RotationOutput.choose(args.json)
+    output = operator_output.RotationOutput.choose(args.json)
     with _stop_on_interrupt() as stop, output:
         report = operator_jobs.rotate_dek_job(
             settings,
@@ -153,7 +154,7 @@ def _cmd_rotate_dek(args: argparse.Namespace) -> int:
             stop=stop,
             on_progress=output.dek,
         )
-    rotation_output.print_dek_summary(report, args.json)
+    operator_output.print_dek_summary(report, args.json)
     return _run_exit(report.ok, report.stopped)
 
 
@@ -166,8 +167,67 @@ def _cmd_shred(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     report = operator_jobs.shred_job(load_settings(), args.tenant, dry_run=args.dry_run)
-    rotation_output.print_shred(report, args.json)
+    operator_output.print_shred(report, args.json)
     return EXIT_OK
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    report = operator_jobs.audit_verify_job(load_settings(), args.tenant or None)
+    operator_output.print_audit_verify(report, args.json)
+    return EXIT_OK if report.ok else EXIT_AUDIT_BROKEN
+
+
+def _cmd_audit_prune(args: argparse.Namespace) -> int:
+    report = operator_jobs.audit_prune_job(
+        load_settings(), keep_months=args.keep_months, dry_run=args.dry_run
+    )
+    verb = "would drop" if report.dry_run else "dropped"
+    names = ", ".join(report.dropped) or "no partition"
+    print(f"audit: {verb} {names} ({report.events_dropped} events)")
+    return EXIT_OK
+
+
+def _cmd_audit_partitions(args: argparse.Namespace) -> int:
+    made = operator_jobs.audit_partitions_job(load_settings(), months_ahead=args.months_ahead)
+    print(f"audit: {made} new monthly partitions (through {args.months_ahead} months ahead)")
+    return EXIT_OK
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    report = operator_jobs.purge_job(
+        load_settings(), older_than_days=args.older_than_days, dry_run=args.dry_run
+    )
+    operator_output.print_purge(report, args.json)
+    return EXIT_OK
+
+
+def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="verify the audit chains, keep partitions ahead, drop old months",
+        description="Exit codes: 0 done; 1 failed; 2 usage; 5 an audit chain is broken "
+        "(each broken tenant's first bad row is named).",
+    )
+    jobs = audit.add_subparsers(dest="job", required=True)
+    verify = jobs.add_parser("verify", help="recompute every chain; name the first broken row")
+    verify.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    verify.add_argument("--json", action="store_true", help="JSON lines")
+    verify.set_defaults(handler=_cmd_audit_verify)
+    prune = jobs.add_parser("prune", help="drop whole months older than the retention period")
+    prune.add_argument("--keep-months", type=_positive, required=True)
+    prune.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    prune.set_defaults(handler=_cmd_audit_prune)
+    partitions = jobs.add_parser("partitions", help="create the coming months' partitions")
+    partitions.add_argument("--months-ahead", type=_positive, default=24)
+    partitions.set_defaults(handler=_cmd_audit_partitions)
+
+    purge = commands.add_parser(
+        "purge", help="remove the secrets, tokens and history of long-deleted configs"
+    )
+    purge.add_argument("--older-than-days", type=_positive, required=True)
+    purge.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    purge.add_argument("--json", action="store_true", help="JSON lines")
+    purge.set_defaults(handler=_cmd_purge)
 
 
 def _positive(text: str) -> int:
@@ -261,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     _add_rotation_parsers(commands)
+    _add_lifecycle_parsers(commands)
 
     d = commands.add_parser("dev", help="embedded PostgreSQL + OpenBao for development")
     d.add_argument("action", choices=["up", "down", "env"])

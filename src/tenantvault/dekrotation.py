@@ -30,14 +30,17 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
+from tenantvault import audit
 from tenantvault.datakey import DataKey
 from tenantvault.envelope import reseal
 from tenantvault.errors import DecryptionError, KeyDestroyedError, KeyProviderError
 from tenantvault.keyring import Keyring, lock_tenant_keys
+from tenantvault.models import AuditAction
 from tenantvault.operatordb import DEK_ROTATION_CLAIM, OperatorDatabase
 from tenantvault.sealed import SEALED_COLUMNS, SealedColumn
 
 RESEAL_PASSES = 3
+ACTOR = "rotate-keys"
 
 
 def _cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
@@ -276,6 +279,15 @@ class DekRotation:
                 ),
                 {"t": tenant_id, "w": wrapped.ciphertext, "k": wrapped.kek_version},
             ).scalar_one()
+            audit.record(
+                connection,
+                tenant_id,
+                AuditAction.DEK_ROTATED,
+                actor=ACTOR,
+                target_type="dek",
+                target_id=str(version),
+                details={"from_version": active, "kek_version": wrapped.kek_version},
+            )
         key = DataKey(tenant_id, version, plaintext)
         self.keyring.cache.put(key)
         return key
@@ -411,14 +423,26 @@ class DekRotation:
             )
             if remaining:
                 return remaining, []
-            retired = connection.execute(
-                sa.text(
-                    f"UPDATE {self._keys} SET state = 'retired' "
-                    "WHERE tenant_id = :t AND state = 'draining' RETURNING version"
-                ),
-                {"t": tenant_id},
-            ).scalars()
-            return 0, sorted(retired)
+            retired = sorted(
+                connection.execute(
+                    sa.text(
+                        f"UPDATE {self._keys} SET state = 'retired' "
+                        "WHERE tenant_id = :t AND state = 'draining' RETURNING version"
+                    ),
+                    {"t": tenant_id},
+                ).scalars()
+            )
+            for version in retired:
+                audit.record(
+                    connection,
+                    tenant_id,
+                    AuditAction.DEK_RETIRED,
+                    actor=ACTOR,
+                    target_type="dek",
+                    target_id=str(version),
+                    details={"active_version": active},
+                )
+            return 0, retired
 
     def _unopenable(self, item: Unopenable) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 
 from tenantvault.errors import RotationError
 from tenantvault.keyprovider import KeyProvider
+from tenantvault.models import AuditAction, AuditEvent
 from tenantvault.operatordb import KEK_ROTATION_LOCK, OperatorDatabase
 
 
@@ -158,6 +159,22 @@ def rotate_kek(
                     done["keks"].append(result.wrapped.kek_version)
                 if done["new"]:
                     report.rewrapped += connection.execute(update, done).rowcount
+                    connection.execute(
+                        sa.insert(AuditEvent),
+                        [
+                            {
+                                "tenant_id": tenant,
+                                "action": AuditAction.KEK_REWRAPPED.value,
+                                "actor": "rotate-keys",
+                                "target_type": "dek",
+                                "target_id": str(version),
+                                "details": {"kek_version": kek},
+                            }
+                            for tenant, version, kek in zip(
+                                done["tenants"], done["versions"], done["keks"], strict=True
+                            )
+                        ],
+                    )
             if on_progress is not None:
                 on_progress(KekProgress(report.rewrapped, total))
 

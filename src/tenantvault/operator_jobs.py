@@ -1,4 +1,5 @@
-"""Operator jobs from settings: what ``rotate-keys`` and ``shred`` call, one function each.
+"""Operator jobs from settings: what ``rotate-keys``, ``shred``, ``audit`` and ``purge``
+call, one function each.
 
 Each builds the operator's database and key provider from the settings, runs the
 job, returns its report and closes what it opened — callable from a scheduler
@@ -10,13 +11,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 
+from tenantvault.auditlog import (
+    AuditVerifyReport,
+    PruneReport,
+    add_partitions,
+    prune_audit,
+    verify_audit,
+)
 from tenantvault.dekrotation import DekRotationReport, Progress, rotate_data_keys
 from tenantvault.kekrotation import KekProgress, KekRotationReport, rotate_kek
 from tenantvault.keycache import DataKeyCache
 from tenantvault.keyring import Keyring
 from tenantvault.keystatus import KeyStatusReport, key_status
 from tenantvault.kms import key_provider_from_settings
+from tenantvault.lifecycle import PurgeReport, purge_deleted_configs
 from tenantvault.operatordb import OperatorDatabase
 from tenantvault.settings import Settings
 from tenantvault.shred import ShredReport, shred_tenant
@@ -99,5 +109,43 @@ def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> S
     db = OperatorDatabase.from_settings(settings, pool_size=1)
     try:
         return shred_tenant(db, tenant_id, dry_run=dry_run)
+    finally:
+        db.dispose()
+
+
+def audit_verify_job(settings: Settings, tenants: Sequence[str] | None = None) -> AuditVerifyReport:
+    """Recompute the audit chains; the report names the first broken row per tenant."""
+    db = OperatorDatabase.from_settings(settings, pool_size=1)
+    try:
+        return verify_audit(db, tenants)
+    finally:
+        db.dispose()
+
+
+def audit_prune_job(settings: Settings, *, keep_months: int, dry_run: bool = False) -> PruneReport:
+    """Drop audit partitions older than ``keep_months`` months (whole months only)."""
+    db = OperatorDatabase.from_settings(settings, pool_size=1)
+    try:
+        return prune_audit(db, keep_months=keep_months, dry_run=dry_run)
+    finally:
+        db.dispose()
+
+
+def audit_partitions_job(settings: Settings, *, months_ahead: int = 24) -> int:
+    """Create the audit log's partitions for the coming months; returns how many were new."""
+    db = OperatorDatabase.from_settings(settings, pool_size=1)
+    try:
+        return add_partitions(db, months_ahead)
+    finally:
+        db.dispose()
+
+
+def purge_job(settings: Settings, *, older_than_days: int, dry_run: bool = False) -> PurgeReport:
+    """Purge configs deleted more than ``older_than_days`` days ago."""
+    db = OperatorDatabase.from_settings(settings, pool_size=1)
+    try:
+        return purge_deleted_configs(
+            db, older_than=timedelta(days=older_than_days), dry_run=dry_run
+        )
     finally:
         db.dispose()

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from tenantvault import audit
 from tenantvault.db import check_tenant_id
 from tenantvault.keycache import DataKeyCache
 from tenantvault.keyring import lock_tenant_keys
+from tenantvault.models import AuditAction
 from tenantvault.operatordb import OperatorDatabase
 from tenantvault.sealed import SEALED_COLUMNS
 
@@ -77,6 +79,16 @@ def shred_tenant(
                 {"t": tenant_id},
             ).scalars()
         destroyed = sorted(versions)
+        if destroyed and not dry_run:
+            audit.record(
+                connection,
+                tenant_id,
+                AuditAction.DEK_DESTROYED,
+                actor="shred",
+                target_type="dek",
+                target_id=",".join(map(str, destroyed)),
+                details={"versions": [str(v) for v in destroyed], "sealed_values": values},
+            )
     if cache is not None and not dry_run:
         cache.evict_tenant(tenant_id)
     return ShredReport(tenant_id, dry_run, destroyed, values)

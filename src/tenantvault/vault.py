@@ -55,6 +55,8 @@ from tenantvault.providers import (
 )
 from tenantvault.sealed import CONFIG_CREDENTIALS, VERSION_CREDENTIALS
 from tenantvault.settings import Settings, load_settings
+from tenantvault.templates import merged_config, template
+from tenantvault.usage import Usage, UsageDay, UsageStatistics
 
 log = logging.getLogger("tenantvault")
 
@@ -122,7 +124,7 @@ def _plaintext(credentials: CredentialsModel) -> bytes:
     return json.dumps(credentials_to_json(credentials), separators=(",", ":")).encode()
 
 
-class Vault(OAuthTokens):
+class Vault(OAuthTokens, UsageStatistics):
     """Store and load tenants' email-provider configs, credentials and OAuth tokens."""
 
     def __init__(
@@ -382,6 +384,41 @@ class Vault(OAuthTokens):
             )
             log.info("config created tenant=%s config=%s type=%s", tenant_id, config_id, kind.value)
             return self._view(s, row, with_credentials=False)
+
+    def create_config_from_template(
+        self,
+        tenant_id: str,
+        template_key: str,
+        *,
+        name: str,
+        config: Any = None,
+        credentials: Any = None,
+        is_default: bool = False,
+        actor: str | None = None,
+        reason: str | None = None,
+        session: Session | None = None,
+    ) -> ProviderConfig:
+        """Create a config from a built-in template (``tenantvault.templates.TEMPLATES``):
+        ``config`` is merged over the template's settings, and the result validated
+        like any config.
+
+        Raises:
+            InvalidInputError: unknown template, or a field of the merged config (named).
+        """
+        chosen = template(template_key)
+        if config is not None and not isinstance(config, dict):
+            raise InvalidInputError("config: must be an object")
+        return self.create_config(
+            tenant_id,
+            type=chosen.type,
+            name=name,
+            config=merged_config(chosen.config, config),
+            credentials=credentials,
+            is_default=is_default,
+            actor=actor,
+            reason=reason or f"from template {chosen.key}",
+            session=session,
+        )
 
     def get_config(
         self,
@@ -889,5 +926,7 @@ __all__ = [
     "OAuthToken",
     "ProviderConfig",
     "RefreshedToken",
+    "Usage",
+    "UsageDay",
     "Vault",
 ]

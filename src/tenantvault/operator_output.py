@@ -1,6 +1,7 @@
-"""How rotate-keys and shred show progress and reports: a rich progress bar on a
-terminal, plain lines when not, JSON lines with ``--json``. Reports hold ids,
-versions and counts only, so nothing here can print a secret."""
+"""How the operator commands (rotate-keys, shred, audit, purge) show progress and
+reports: a rich progress bar on a terminal, plain lines when not, JSON lines with
+``--json``. Reports hold ids, versions and counts only, so nothing here can print
+a secret."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any, TextIO
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
+from tenantvault.auditlog import AuditVerifyReport
 from tenantvault.dekrotation import DekRotationReport, Progress, TenantRotation
 from tenantvault.kekrotation import KekProgress, KekRotationReport
 from tenantvault.keystatus import KeyStatusReport
+from tenantvault.lifecycle import PurgeReport
 from tenantvault.shred import ShredReport
 
 
@@ -222,4 +225,47 @@ def print_shred(report: ShredReport, json_lines: bool, out: TextIO | None = None
     out.write(
         f"tenant {report.tenant_id}: {verb} {versions}; "
         f"{report.sealed_values} sealed values can never be opened again\n"
+    )
+
+
+def print_audit_verify(
+    report: AuditVerifyReport, json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        for item in report.breaks:
+            _json_line(out, "break", item)
+        _json_line(
+            out,
+            "summary",
+            {
+                "tenants": report.tenants,
+                "events": report.events,
+                "ok": report.ok,
+                "heads": report.heads,
+            },
+        )
+        return
+    for item in report.breaks:
+        when = f" at {item.occurred_at.isoformat()}" if item.occurred_at else ""
+        out.write(f"BROKEN tenant {item.tenant_id} seq {item.seq}{when}: {item.problem}\n")
+    state = "every chain intact" if report.ok else f"{len(report.breaks)} broken chains"
+    out.write(f"audit: {report.events} events of {report.tenants} tenants; {state}\n")
+
+
+def print_purge(report: PurgeReport, json_lines: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        for item in report.configs:
+            _json_line(out, "config", item)
+        _json_line(out, "summary", {"dry_run": report.dry_run, "configs": len(report.configs)})
+        return
+    verb = "would purge" if report.dry_run else "purged"
+    for item in report.configs:
+        out.write(
+            f"{verb} tenant {item.tenant_id} config {item.config_id}: "
+            f"{item.tokens} tokens, {item.versions} versions, its sealed credentials\n"
+        )
+    out.write(
+        f"summary: {verb} {len(report.configs)} configs deleted before {report.cutoff:%Y-%m-%d}\n"
     )
