@@ -192,6 +192,12 @@ def _functions() -> None:
             ON CONFLICT (tenant_id) DO NOTHING;
           SELECT h.seq, h.hash INTO head FROM {qualified(HEADS)} h
             WHERE h.tenant_id = NEW.tenant_id FOR UPDATE;
+          -- The time is the database's: an event may not be backdated (or postdated)
+          -- beyond a few minutes of clock skew between its default and this check.
+          IF abs(extract(epoch FROM NEW.occurred_at - timezone('utc', clock_timestamp()))) > 300
+          THEN
+            RAISE EXCEPTION USING MESSAGE = 'audit_events.occurred_at is set by the database';
+          END IF;
           NEW.seq := head.seq + 1;
           NEW.prev_hash := head.hash;
           NEW.hash := {qualified("tenantvault_audit_digest")}(NEW.prev_hash, NEW.tenant_id,

@@ -126,19 +126,21 @@ def verify_audit(db: OperatorDatabase, tenants: Sequence[str] | None = None) -> 
                 last_hash = head.anchor_hash if head else ""
             if broken:
                 continue
-            problem = None
-            if row.seq != last_seq + 1:
-                problem = (
-                    f"events {last_seq + 1}..{row.seq - 1} are missing"
-                    if row.seq > last_seq + 1
-                    else "seq out of order"
+            problem, at, when = None, row.seq, row.occurred_at
+            if row.seq > last_seq + 1:
+                problem, at, when = (
+                    f"deleted (events {last_seq + 1}..{row.seq - 1} are missing)",
+                    last_seq + 1,
+                    None,
                 )
+            elif row.seq != last_seq + 1:
+                problem = "seq repeated or out of order"
             elif row.prev_hash != last_hash:
                 problem = "does not follow the previous event (reordered, or one was replaced)"
             elif row.hash != row.expected:
                 problem = "content does not match its hash (edited)"
             if problem:
-                report.breaks.append(ChainBreak(row.tenant_id, row.seq, row.occurred_at, problem))
+                report.breaks.append(ChainBreak(row.tenant_id, at, when, problem))
                 broken = True
             last_seq, last_hash = row.seq, row.hash
         if current is not None:

@@ -1,0 +1,318 @@
+"""The audit log against real PostgreSQL (application role, owner, migrator) and OpenBao:
+every sensitive operation leaves one event in its own transaction, the chains are
+tamper-evident, the table is append-only for everyone, partitions are closed to the
+application role, and retention keeps the chains verifiable."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from tenantvault import InvalidInputError, RefreshedToken, Vault, cli
+from tenantvault.auditlog import add_partitions, prune_audit, verify_audit
+from tenantvault.db import set_tenant
+from tenantvault.settings import Settings
+
+from .rotation_support import SMTP, add_tenants
+
+SECRET = "pa55-w0rd-never-logged"
+
+
+def _events(owner_engine: sa.Engine, tenant: str = "t_a") -> list[Any]:
+    with owner_engine.connect() as connection:
+        return connection.execute(
+            sa.text(
+                "SELECT seq, action, actor, target_id, details::text AS details FROM dripiq_app.audit_events "
+                "WHERE tenant_id = :t ORDER BY seq"
+            ),
+            {"t": tenant},
+        ).all()
+
+
+def _count(owner_engine: sa.Engine) -> int:
+    with owner_engine.connect() as connection:
+        return int(
+            connection.execute(sa.text("SELECT count(*) FROM dripiq_app.audit_events")).scalar_one()
+        )
+
+
+def _tamper(owner_engine: sa.Engine, statement: str) -> None:
+    """As the table owner, with the append-only trigger switched off (as an attacker could)."""
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE dripiq_app.audit_events DISABLE TRIGGER trg_audit_events_append_only"
+        )
+        connection.exec_driver_sql(statement)
+        connection.exec_driver_sql(
+            "ALTER TABLE dripiq_app.audit_events ENABLE TRIGGER trg_audit_events_append_only"
+        )
+
+
+@pytest.fixture
+def history(vault: Vault) -> str:
+    """A config taken through every audited change; returns its id."""
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": SECRET}, actor="user:1"
+    )
+    vault.store_credentials(
+        "t_a", cfg.id, {"password": SECRET + "2"}, actor="user:2", reason="rotated"
+    )
+    vault.update_config("t_a", cfg.id, name="R2")
+    vault.rollback_config("t_a", cfg.id, 1)
+    vault.set_default("t_a", cfg.id)
+    vault.deactivate_config("t_a", cfg.id)
+    vault.delete_config("t_a", cfg.id, actor="user:3")
+    vault.restore_config("t_a", cfg.id)
+    graph = vault.create_config(
+        "t_a",
+        type="sendgrid",
+        name="S",
+        config={},
+        credentials={"api_key": "SG.abcdefghijk.lmnopqrstuvwxyz0123456789"},
+    )
+    vault.store_oauth_token(
+        "t_a", graph.id, access_token="a1", refresh_token="r1", expires_at=datetime.now(UTC)
+    )
+    vault.refresh_oauth_token(
+        "t_a", graph.id, lambda t: RefreshedToken("a2", datetime.now(UTC) + timedelta(hours=1))
+    )
+    vault.delete_oauth_token("t_a", graph.id)
+    return cfg.id
+
+
+def test_every_sensitive_operation_leaves_one_event_and_none_holds_a_secret(
+    history: str, owner_engine: sa.Engine, operator_db: Any
+) -> None:
+    events = _events(owner_engine)
+    assert [e.action for e in events] == [
+        "dek.created",
+        "config.created",
+        "config.credentials_stored",
+        "config.updated",
+        "config.rolled_back",
+        "config.default_set",
+        "config.deactivated",
+        "config.deleted",
+        "config.restored",
+        "config.created",
+        "token.stored",
+        "token.refreshed",
+        "token.deleted",
+    ]
+    assert [e.seq for e in events] == list(range(1, 14))
+    assert events[1].actor == "user:1"
+    assert events[7].actor == "user:3"
+    assert events[2].target_id == history
+    for secret in (SECRET, "SG.abcdefghijk.lmnopqrstuvwxyz0123456789", "a1", "a2", "r1"):
+        assert all(secret not in str(tuple(e)) for e in events)
+    report = verify_audit(operator_db)
+    assert report.ok
+    assert (report.tenants, report.events) == (1, 13)
+
+
+def test_load_auditing_is_off_by_default_and_records_reveals_when_on(
+    vault: Vault, owner_engine: sa.Engine, app_settings: Settings, provider: Any
+) -> None:
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": SECRET}
+    )
+    before = _count(owner_engine)
+    vault.load_credentials("t_a", cfg.id)
+    assert _count(owner_engine) == before
+    audited = Vault.from_settings(
+        app_settings.model_copy(update={"audit_loads": True}), key_provider=provider
+    )
+    try:
+        audited.load_credentials("t_a", cfg.id, actor="worker:7")
+    finally:
+        audited.engine.dispose()
+    last = _events(owner_engine)[-1]
+    assert (last.action, last.actor, last.target_id) == ("credentials.revealed", "worker:7", cfg.id)
+
+
+@pytest.mark.parametrize(
+    ("tampering", "seq", "problem"),
+    [
+        (
+            "UPDATE dripiq_app.audit_events SET actor = 'user:evil' WHERE tenant_id = 't_a' AND seq = 3",
+            3,
+            "edited",
+        ),
+        (
+            "UPDATE dripiq_app.audit_events SET details = '{\"version\": 9}' WHERE tenant_id = 't_a' AND seq = 5",
+            5,
+            "edited",
+        ),
+        ("DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = 4", 4, "deleted"),
+        (
+            "UPDATE dripiq_app.audit_events SET seq = CASE seq WHEN 6 THEN 7 ELSE 6 END "
+            "WHERE tenant_id = 't_a' AND seq IN (6, 7)",
+            6,
+            "does not follow",
+        ),
+        ("DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = 13", 13, "missing"),
+    ],
+    ids=["edit-actor", "edit-details", "delete-middle", "reorder", "delete-last"],
+)
+def test_tampering_as_the_owner_is_detected_and_the_first_bad_row_named(
+    history: str,
+    owner_engine: sa.Engine,
+    operator_db: Any,
+    vault: Vault,
+    tampering: str,
+    seq: int,
+    problem: str,
+    migrated: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    vault.create_config("t_b", type="smtp", name="other", config=SMTP)
+    _tamper(owner_engine, tampering)
+    report = verify_audit(operator_db)
+    assert not report.ok
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", seq)]
+    assert problem in report.breaks[0].problem
+    # The CLI names it too, and exits 5.
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", migrated.database_url.get_secret_value())
+    assert cli.main(["audit", "verify"]) == cli.EXIT_AUDIT_BROKEN
+    assert f"BROKEN tenant t_a seq {seq}" in capsys.readouterr().out
+    assert cli.main(["audit", "verify", "--tenant", "t_b"]) == cli.EXIT_OK
+
+
+def test_the_table_is_append_only_for_the_app_role_the_owner_and_truncate(
+    history: str, owner_engine: sa.Engine, app_url: str
+) -> None:
+    with psycopg.connect(app_url) as app:
+        app.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
+        for statement in (
+            "UPDATE dripiq_app.audit_events SET actor = 'x'",
+            "DELETE FROM dripiq_app.audit_events",
+            "TRUNCATE dripiq_app.audit_events",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute(statement)
+            app.rollback()
+            app.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
+        # Partitions are closed to it: the parent's row-level security does not apply there.
+        partition = f"dripiq_app.audit_events_{datetime.now(UTC):%Y_%m}"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute(f"SELECT count(*) FROM {partition}")
+    with owner_engine.connect() as owner:
+        for statement in (
+            "UPDATE dripiq_app.audit_events SET actor = 'x'",
+            "DELETE FROM dripiq_app.audit_events",
+            "TRUNCATE dripiq_app.audit_events",
+            f"TRUNCATE {partition}",
+            f"DELETE FROM {partition}",
+        ):
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+                owner.exec_driver_sql(statement)
+            owner.rollback()
+    assert _count(owner_engine) == 13
+
+
+def test_an_event_cannot_be_backdated(vault: Vault, app_url: str) -> None:
+    with psycopg.connect(app_url) as app:
+        app.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
+        with pytest.raises(psycopg.errors.RaiseException, match="set by the database"):
+            app.execute(
+                "INSERT INTO dripiq_app.audit_events (tenant_id, action, occurred_at, prev_hash, hash) "
+                "VALUES ('t_a', 'config.created', timezone('utc', now()) - interval '1 day', '', '')"
+            )
+
+
+def test_a_failed_operation_or_a_rolled_back_transaction_leaves_no_event(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
+    vault.create_config("t_a", type="smtp", name="R", config=SMTP, credentials={"password": SECRET})
+    before = _count(owner_engine)
+    with pytest.raises(InvalidInputError):
+        vault.create_config("t_a", type="smtp", name="R", config=SMTP)  # name taken
+    with pytest.raises(InvalidInputError):
+        vault.create_config("t_a", type="smtp", name="X", config={**SMTP, "port": 0})
+    assert _count(owner_engine) == before
+    with Session(vault.engine) as session:
+        session.begin()
+        set_tenant(session.connection(), "t_a")
+        vault.create_config("t_a", type="smtp", name="Y", config=SMTP, session=session)
+        session.rollback()
+    assert _count(owner_engine) == before
+    with owner_engine.connect() as connection:
+        names = (
+            connection.execute(sa.text("SELECT name FROM dripiq_app.email_provider_configs"))
+            .scalars()
+            .all()
+        )
+    assert names == ["R"]
+
+
+def test_concurrent_writers_keep_every_chain_valid(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any
+) -> None:
+    tenants = ["t_a", "t_b", "t_c"]
+    add_tenants(owner_engine, ["t_c"])
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            for n in range(6):
+                tenant = tenants[(worker + n) % len(tenants)]
+                cfg = vault.create_config(
+                    tenant,
+                    type="smtp",
+                    name=f"w{worker}-{n}",
+                    config=SMTP,
+                    credentials={"password": "p"},
+                )
+                vault.store_credentials(tenant, cfg.id, {"password": "q"})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    report = verify_audit(operator_db)
+    assert report.ok, report.breaks
+    # 8 writers x 6 configs x (created + credentials) + one first key per tenant.
+    assert report.events == 8 * 6 * 2 + 3
+    for tenant in tenants:
+        seqs = [e.seq for e in _events(owner_engine, tenant)]
+        assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_retention_drops_whole_months_and_the_chain_verifies_from_the_first_kept_event(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any
+) -> None:
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
+    )
+    vault.store_credentials("t_a", cfg.id, {"password": "q"})
+    dropped_events = _count(owner_engine)
+    # Three months on, keeping one: this month and next go (nothing has happened since).
+    later = datetime.now(UTC) + timedelta(days=93)
+    dry = prune_audit(operator_db, keep_months=1, now=later, dry_run=True)
+    assert dry.events_dropped == dropped_events
+    assert _count(owner_engine) == dropped_events
+    report = prune_audit(operator_db, keep_months=1, now=later)
+    this_month = f"audit_events_{datetime.now(UTC):%Y_%m}"
+    assert this_month in report.dropped
+    assert report.events_dropped == dropped_events
+    assert _count(owner_engine) == 0
+    assert add_partitions(operator_db, 24) >= 1  # this month is back, empty
+    vault.store_credentials("t_a", cfg.id, {"password": "r"})
+    verified = verify_audit(operator_db)
+    assert verified.ok, verified.breaks
+    assert [e.seq for e in _events(owner_engine)] == [dropped_events + 1]
+    # Deleting the first kept event is still caught.
+    vault.store_credentials("t_a", cfg.id, {"password": "s"})
+    _tamper(owner_engine, f"DELETE FROM dripiq_app.audit_events WHERE seq = {dropped_events + 1}")
+    assert [b.seq for b in verify_audit(operator_db).breaks] == [dropped_events + 1]
