@@ -77,10 +77,16 @@ def history(vault: Vault) -> str:
         credentials={"api_key": "SG.abcdefghijk.lmnopqrstuvwxyz0123456789"},
     )
     vault.store_oauth_token(
-        "t_a", graph.id, access_token="a1", refresh_token="r1", expires_at=datetime.now(UTC)
+        "t_a",
+        graph.id,
+        access_token="access-token-one",
+        refresh_token="refresh-token-one",
+        expires_at=datetime.now(UTC),
     )
     vault.refresh_oauth_token(
-        "t_a", graph.id, lambda t: RefreshedToken("a2", datetime.now(UTC) + timedelta(hours=1))
+        "t_a",
+        graph.id,
+        lambda t: RefreshedToken("access-token-two", datetime.now(UTC) + timedelta(hours=1)),
     )
     vault.delete_oauth_token("t_a", graph.id)
     return cfg.id
@@ -109,7 +115,13 @@ def test_every_sensitive_operation_leaves_one_event_and_none_holds_a_secret(
     assert events[1].actor == "user:1"
     assert events[7].actor == "user:3"
     assert events[2].target_id == history
-    for secret in (SECRET, "SG.abcdefghijk.lmnopqrstuvwxyz0123456789", "a1", "a2", "r1"):
+    for secret in (
+        SECRET,
+        "SG.abcdefghijk.lmnopqrstuvwxyz0123456789",
+        "access-token-one",
+        "access-token-two",
+        "refresh-token-one",
+    ):
         assert all(secret not in str(tuple(e)) for e in events)
     report = verify_audit(operator_db)
     assert report.ok

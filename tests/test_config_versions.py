@@ -213,3 +213,17 @@ def test_a_history_secret_is_bound_to_its_version(vault: Vault, owner_engine: sa
 
     with pytest.raises(DecryptionError):
         vault.get_config_version("t_a", cfg.id, 1, with_credentials=True)
+
+
+def test_a_rename_onto_a_taken_name_is_refused_and_writes_no_version(vault: Vault) -> None:
+    vault.create_config("t_a", type="smtp", name="Taken", config=SMTP)
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="Mine", config=SMTP, credentials={"password": "p"}
+    )
+    with pytest.raises(InvalidInputError, match="already has a live config named 'Taken'"):
+        vault.update_config("t_a", cfg.id, name="Taken")
+    with pytest.raises(InvalidInputError, match="already has a live config named 'Taken'"):
+        vault.update_config("t_a", cfg.id, name="Taken", credentials={"password": "q"})
+    assert vault.get_config("t_a", cfg.id).version == 1
+    assert [v.version for v in vault.list_config_versions("t_a", cfg.id)] == [1]
+    assert _password(vault.load_credentials("t_a", cfg.id)) == "p"

@@ -540,21 +540,17 @@ class Vault(OAuthTokens, UsageStatistics):
                 kept = self._open_credentials(s, row)
                 if config is not None:
                     parse_credentials(row.type, kept, parsed)
-            if config is not None:
-                row.config = parsed.model_dump(mode="json", exclude_none=True)
-            if new_name is not None:
-                row.name = new_name
-            row.version += 1
             only_credentials = new_name is None and config is None
             change = ConfigChange.CREDENTIALS if only_credentials else ConfigChange.UPDATED
-            self._write(
-                s, row, change, kept, actor=actor, reason=reason, new_secret=secret is not None
-            )
-            try:
-                with s.begin_nested():
-                    s.flush()
-            except IntegrityError as exc:
-                raise _integrity(exc, tenant_id, new_name or row.name) from None
+            with _changes(s, tenant_id, new_name or row.name):
+                if config is not None:
+                    row.config = parsed.model_dump(mode="json", exclude_none=True)
+                if new_name is not None:
+                    row.name = new_name
+                row.version += 1
+                self._write(
+                    s, row, change, kept, actor=actor, reason=reason, new_secret=secret is not None
+                )
             s.refresh(row)
             changed = [
                 name
@@ -647,14 +643,10 @@ class Vault(OAuthTokens, UsageStatistics):
                 queries.deleted_config(tenant_id, config_id).with_for_update(),
                 f"no deleted config {config_id} for tenant {tenant_id}",
             )
-            row.deleted_at = None
-            if new_name is not None:
-                row.name = new_name
-            try:
-                with s.begin_nested():
-                    s.flush()
-            except IntegrityError as exc:
-                raise _integrity(exc, tenant_id, row.name, restoring=True) from None
+            with _changes(s, tenant_id, new_name or row.name, restoring=True):
+                row.deleted_at = None
+                if new_name is not None:
+                    row.name = new_name
             s.refresh(row)
             self._audit(s, row, AuditAction.CONFIG_RESTORED, actor, name_changed=name is not None)
             return self._view(s, row, with_credentials=False)
@@ -795,24 +787,20 @@ class Vault(OAuthTokens, UsageStatistics):
                     f"to_version: the credentials of version {to_version} are no longer kept "
                     "(pruned by retention, or older than versioning); use update_config"
                 )
-            row.name = old.name
-            row.config = old.config.model_dump(mode="json", exclude_none=True)
-            row.encrypted_credentials = None
-            row.version += 1
-            self._write(
-                s,
-                row,
-                ConfigChange.ROLLBACK,
-                old.credentials,
-                actor=actor,
-                reason=reason,
-                new_secret=True,
-            )
-            try:
-                with s.begin_nested():
-                    s.flush()
-            except IntegrityError as exc:
-                raise _integrity(exc, tenant_id, old.name) from None
+            with _changes(s, tenant_id, old.name):
+                row.name = old.name
+                row.config = old.config.model_dump(mode="json", exclude_none=True)
+                row.encrypted_credentials = None
+                row.version += 1
+                self._write(
+                    s,
+                    row,
+                    ConfigChange.ROLLBACK,
+                    old.credentials,
+                    actor=actor,
+                    reason=reason,
+                    new_secret=True,
+                )
             s.refresh(row)
             self._audit(
                 s,
@@ -903,6 +891,21 @@ class Vault(OAuthTokens, UsageStatistics):
         with self._scope(tenant_id, session) as s:
             rows = s.scalars(queries.configs_by_ids(tenant_id, list(config_ids))).all()
             return {r.id: self._open_credentials(s, r) for r in rows if r.encrypted_credentials}
+
+
+@contextmanager
+def _changes(
+    session: Session, tenant_id: str, name: str, *, restoring: bool = False
+) -> Iterator[None]:
+    """Make the block's changes in a savepoint and flush them there: a constraint they
+    break becomes a clear error, and a caller's joined transaction stays usable.
+    (Opening a savepoint flushes what is pending, so changes go inside the block.)"""
+    try:
+        with session.begin_nested():
+            yield
+            session.flush()
+    except IntegrityError as exc:
+        raise _integrity(exc, tenant_id, name, restoring=restoring) from None
 
 
 def _integrity(
