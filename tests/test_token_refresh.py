@@ -1,0 +1,173 @@
+"""OAuth token refresh against real PostgreSQL and OpenBao: many callers in several
+processes and threads, the refresher runs exactly once, everyone gets the new token;
+a refresher that fails leaves the old token in place."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tenantvault import InvalidInputError, OAuthToken, RefreshedToken, Vault
+from tenantvault.settings import Settings
+
+from .conftest import Services
+from .rotation_support import GRAPH
+
+# Each child process runs THREADS callers that all wait for the start file, then refresh.
+# The refresher logs every call to a shared file, checks it got the current refresh
+# token, and takes a while (as a provider round trip does) so the callers overlap.
+CHILD = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    from datetime import UTC, datetime, timedelta
+    from tenantvault import RefreshedToken, Vault
+    from tenantvault.settings import load_settings
+
+    tenant, config_id, log_path, start_path, threads = sys.argv[1:6]
+    vault = Vault.from_settings(load_settings())
+
+    def refresher(current):
+        assert current.refresh_token.get_secret_value() == "refresh-one"
+        with open(log_path, "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        time.sleep(0.3)
+        return RefreshedToken(
+            access_token="access-two",
+            refresh_token="refresh-two",
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
+        )
+
+    results = []
+    def call():
+        while not os.path.exists(start_path):
+            time.sleep(0.005)
+        token = vault.refresh_oauth_token(tenant, config_id, refresher)
+        results.append((token.access_token.get_secret_value(), token.version))
+
+    workers = [threading.Thread(target=call) for _ in range(int(threads))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for access, version in results:
+        print(access, version)
+    vault.engine.dispose()
+    """
+)
+
+
+def _stored_token(vault: Vault) -> str:
+    cfg = vault.create_config(
+        "t_a", type="microsoft_graph", name="G", config=GRAPH, credentials={"client_secret": "cs"}
+    )
+    vault.store_oauth_token(
+        "t_a",
+        cfg.id,
+        access_token="access-one",
+        refresh_token="refresh-one",
+        expires_at=datetime.now(UTC) + timedelta(seconds=30),
+        scopes=["Mail.Send"],
+    )
+    return cfg.id
+
+
+def test_concurrent_refreshes_in_several_processes_run_the_refresher_exactly_once(
+    vault: Vault, app_settings: Settings, services: Services, tmp_path: Path
+) -> None:
+    config_id = _stored_token(vault)
+    log, start = tmp_path / "refresher.log", tmp_path / "start"
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("TENANTVAULT_", "VAULT_"))
+    }
+    environment.update(
+        TENANTVAULT_DATABASE_URL=app_settings.database_url.get_secret_value(),
+        VAULT_ADDR=services.vault_addr,
+        VAULT_TOKEN=services.vault_token,
+        TENANTVAULT_TRANSIT_KEY="tenantvault-tests",
+    )
+    processes, threads = 3, 4
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, "t_a", config_id, str(log), str(start), str(threads)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    time.sleep(1.5)  # let every child import and reach its start line
+    start.touch()
+    outputs = [child.communicate(timeout=120) for child in children]
+    assert [child.returncode for child in children] == [0] * processes, [e for _, e in outputs]
+    results = [line.split() for out, _ in outputs for line in out.splitlines()]
+    assert len(results) == processes * threads
+    assert {tuple(r) for r in results} == {("access-two", "2")}
+    assert len(log.read_text().splitlines()) == 1
+    token = vault.load_oauth_token("t_a", config_id)
+    assert token.refresh_token is not None
+    assert (token.refresh_token.get_secret_value(), token.version) == ("refresh-two", 2)
+    assert token.scopes == ("Mail.Send",)
+
+
+def test_a_refresher_that_raises_leaves_the_old_token(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
+    config_id = _stored_token(vault)
+
+    def failing(current: OAuthToken) -> RefreshedToken:
+        raise RuntimeError("provider said invalid_grant")
+
+    with pytest.raises(RuntimeError, match="invalid_grant"):
+        vault.refresh_oauth_token("t_a", config_id, failing)
+    token = vault.load_oauth_token("t_a", config_id)
+    assert token.access_token is not None
+    assert (token.access_token.get_secret_value(), token.version) == ("access-one", 1)
+    with owner_engine.connect() as connection:
+        refreshed = connection.execute(
+            sa.text("SELECT count(*) FROM dripiq_app.audit_events WHERE action = 'token.refreshed'")
+        ).scalar_one()
+    assert refreshed == 0
+
+    def malformed(current: OAuthToken) -> RefreshedToken:
+        return RefreshedToken(access_token="", expires_at=None)
+
+    with pytest.raises(InvalidInputError, match="access_token"):
+        vault.refresh_oauth_token("t_a", config_id, malformed)
+    assert vault.load_oauth_token("t_a", config_id).version == 1
+
+
+def test_a_fresh_token_is_returned_without_calling_the_refresher(vault: Vault) -> None:
+    config_id = _stored_token(vault)
+    calls: list[int] = []
+
+    def refresher(current: OAuthToken) -> RefreshedToken:
+        calls.append(1)
+        return RefreshedToken("access-two", datetime.now(UTC) + timedelta(hours=1))
+
+    token = vault.refresh_oauth_token(
+        "t_a", config_id, refresher, min_validity=timedelta(seconds=5)
+    )
+    assert (calls, token.version) == ([], 1)
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    token = vault.refresh_oauth_token("t_a", config_id, refresher, now=later)
+    assert (calls, token.version) == ([1], 2)
+    # No new refresh token from the provider: the old one is kept.
+    assert token.refresh_token is not None
+    assert token.refresh_token.get_secret_value() == "refresh-one"
+    assert "access-two" not in repr(RefreshedToken("access-two", None))
+
+
+def test_expiring_tokens_are_listed_for_the_refresher(vault: Vault) -> None:
+    config_id = _stored_token(vault)
+    soon = vault.tokens_expiring("t_a", within=timedelta(minutes=5))
+    assert [(t.config_id, t.refreshable) for t in soon] == [(config_id, True)]
+    assert vault.tokens_expiring("t_a", within=timedelta(seconds=1)) == []
