@@ -234,3 +234,18 @@ def fresh_keyring(provider: Any) -> Any:
     from tenantvault.keyring import Keyring
 
     return Keyring(provider, DataKeyCache(max_age_seconds=300, max_entries=4096, max_uses=10**9))
+
+
+def child_environment(settings: Settings, services: Services) -> dict[str, str]:
+    """The environment of a child process that uses ``settings``' database and the
+    test OpenBao with the tests' transit key (no stray TENANTVAULT_/VAULT_ variables)."""
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("TENANTVAULT_", "VAULT_"))
+    }
+    environment.update(
+        TENANTVAULT_DATABASE_URL=settings.database_url.get_secret_value(),
+        VAULT_ADDR=services.vault_addr,
+        VAULT_TOKEN=services.vault_token,
+        TENANTVAULT_TRANSIT_KEY="tenantvault-tests",
+    )
+    return environment

@@ -3,7 +3,6 @@ usage counters under concurrent senders in several processes; templates."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from tenantvault.lifecycle import purge_deleted_configs
 from tenantvault.settings import Settings
 from tenantvault.templates import TEMPLATES
 
-from .conftest import Services
+from .conftest import Services, child_environment
 from .rotation_support import SMTP
 
 SENDGRID_KEY = "SG.abcdefghijk.lmnopqrstuvwxyz0123456789"
@@ -131,15 +130,7 @@ def test_usage_counters_are_exact_under_concurrent_senders_in_several_processes(
     vault: Vault, app_settings: Settings, services: Services
 ) -> None:
     cfg = vault.create_config("t_a", type="smtp", name="R", config=SMTP)
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TENANTVAULT_", "VAULT_"))
-    }
-    environment.update(
-        TENANTVAULT_DATABASE_URL=app_settings.database_url.get_secret_value(),
-        VAULT_ADDR=services.vault_addr,
-        VAULT_TOKEN=services.vault_token,
-        TENANTVAULT_TRANSIT_KEY="tenantvault-tests",
-    )
+    environment = child_environment(app_settings, services)
     processes, rounds = 4, 60
     children = [
         subprocess.Popen(

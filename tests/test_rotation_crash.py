@@ -5,7 +5,6 @@ chosen delay), so the crash is a real one: no cleanup, no rollback hook, no unlo
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from tenantvault import Vault
 from tenantvault.dekrotation import rotate_data_keys
 from tenantvault.settings import Settings
 
-from .conftest import Services, fresh_keyring
+from .conftest import Services, child_environment, fresh_keyring
 from .rotation_support import add_tenants, key_states, open_everything, populate, sealed_versions
 
 TENANTS = ["t_a", "t_b", "t_c"]
@@ -93,19 +92,6 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child_env(settings: Settings, services: Services) -> dict[str, str]:
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TENANTVAULT_", "VAULT_"))
-    }
-    environment.update(
-        TENANTVAULT_DATABASE_URL=settings.database_url.get_secret_value(),
-        VAULT_ADDR=services.vault_addr,
-        VAULT_TOKEN=services.vault_token,
-        TENANTVAULT_TRANSIT_KEY="tenantvault-tests",
-    )
-    return environment
-
-
 @pytest.fixture
 def populated(vault: Vault, owner_engine: sa.Engine) -> dict[str, dict[tuple[str, str], str]]:
     add_tenants(owner_engine, TENANTS)
@@ -161,7 +147,7 @@ def test_sigkill_at_a_point_leaves_every_value_readable_and_a_rerun_completes(
 ) -> None:
     child = subprocess.run(
         [sys.executable, "-c", CHILD, point],
-        env=_child_env(migrated, services),
+        env=child_environment(migrated, services),
         capture_output=True,
         text=True,
         timeout=120,
@@ -185,7 +171,7 @@ def test_sigkill_after_a_delay_leaves_every_value_readable_and_a_rerun_completes
     # Killed from outside, a chosen time after the child says it starts rotating.
     process = subprocess.Popen(
         [sys.executable, "-c", CHILD, "batches:1000000"],
-        env=_child_env(migrated, services),
+        env=child_environment(migrated, services),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -4,7 +4,6 @@ a refresher that fails leaves the old token in place."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import sqlalchemy as sa
 from tenantvault import InvalidInputError, OAuthToken, RefreshedToken, Vault
 from tenantvault.settings import Settings
 
-from .conftest import Services
+from .conftest import Services, child_environment
 from .rotation_support import GRAPH
 
 # Each child process runs THREADS callers that all wait for the start file, then refresh.
@@ -84,15 +83,7 @@ def test_concurrent_refreshes_in_several_processes_run_the_refresher_exactly_onc
 ) -> None:
     config_id = _stored_token(vault)
     log, start = tmp_path / "refresher.log", tmp_path / "start"
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TENANTVAULT_", "VAULT_"))
-    }
-    environment.update(
-        TENANTVAULT_DATABASE_URL=app_settings.database_url.get_secret_value(),
-        VAULT_ADDR=services.vault_addr,
-        VAULT_TOKEN=services.vault_token,
-        TENANTVAULT_TRANSIT_KEY="tenantvault-tests",
-    )
+    environment = child_environment(app_settings, services)
     processes, threads = 3, 4
     children = [
         subprocess.Popen(

@@ -33,6 +33,15 @@ from tenantvault.shred import ShredReport, shred_tenant
 
 
 @contextmanager
+def _database(settings: Settings) -> Iterator[OperatorDatabase]:
+    db = OperatorDatabase.from_settings(settings, pool_size=1)
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
+@contextmanager
 def _operator(
     settings: Settings, *, connections: int = 5
 ) -> Iterator[tuple[OperatorDatabase, Keyring]]:
@@ -106,46 +115,31 @@ def rotate_dek_job(
 
 def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> ShredReport:
     """Destroy a tenant's data keys (crypto-shredding)."""
-    db = OperatorDatabase.from_settings(settings, pool_size=1)
-    try:
+    with _database(settings) as db:
         return shred_tenant(db, tenant_id, dry_run=dry_run)
-    finally:
-        db.dispose()
 
 
 def audit_verify_job(settings: Settings, tenants: Sequence[str] | None = None) -> AuditVerifyReport:
     """Recompute the audit chains; the report names the first broken row per tenant."""
-    db = OperatorDatabase.from_settings(settings, pool_size=1)
-    try:
+    with _database(settings) as db:
         return verify_audit(db, tenants)
-    finally:
-        db.dispose()
 
 
 def audit_prune_job(settings: Settings, *, keep_months: int, dry_run: bool = False) -> PruneReport:
     """Drop audit partitions older than ``keep_months`` months (whole months only)."""
-    db = OperatorDatabase.from_settings(settings, pool_size=1)
-    try:
+    with _database(settings) as db:
         return prune_audit(db, keep_months=keep_months, dry_run=dry_run)
-    finally:
-        db.dispose()
 
 
 def audit_partitions_job(settings: Settings, *, months_ahead: int = 24) -> int:
     """Create the audit log's partitions for the coming months; returns how many were new."""
-    db = OperatorDatabase.from_settings(settings, pool_size=1)
-    try:
+    with _database(settings) as db:
         return add_partitions(db, months_ahead)
-    finally:
-        db.dispose()
 
 
 def purge_job(settings: Settings, *, older_than_days: int, dry_run: bool = False) -> PurgeReport:
     """Purge configs deleted more than ``older_than_days`` days ago."""
-    db = OperatorDatabase.from_settings(settings, pool_size=1)
-    try:
+    with _database(settings) as db:
         return purge_deleted_configs(
             db, older_than=timedelta(days=older_than_days), dry_run=dry_run
         )
-    finally:
-        db.dispose()
