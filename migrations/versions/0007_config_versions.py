@@ -137,6 +137,15 @@ def upgrade() -> None:
         op.f(f"ck_{CONFIGS}_version_positive"), CONFIGS, "version >= 1", schema=opts.schema
     )
     _create_versions(opts.schema)
+    # Retention finds the versions still holding a secret without walking a config's
+    # whole history: at most the kept number (plus one) are in this index.
+    op.create_index(
+        f"ix_{VERSIONS}_with_credentials",
+        VERSIONS,
+        ["tenant_id", "config_id", "version"],
+        schema=opts.schema,
+        postgresql_where=sa.text("encrypted_credentials IS NOT NULL"),
+    )
     set_lz4_compression(VERSIONS, ["config", "encrypted_credentials"])
     isolate_tenant_table(VERSIONS)
     op.execute(f'GRANT SELECT, INSERT, UPDATE ON {qualified(VERSIONS)} TO "{opts.app_role}"')

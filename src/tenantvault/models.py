@@ -224,6 +224,9 @@ class EmailProviderConfig(Base):
     """One email provider configuration of a tenant; its secrets are sealed, never plaintext."""
 
     __tablename__ = "email_provider_configs"
+    # The trigger's updated_at (and created_at's default) come back with RETURNING on
+    # the write itself, not with a SELECT after it.
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012 - SQLAlchemy reads it as is
     __table_args__ = (
         # The target of the composite foreign keys that keep references inside a tenant;
         # its tenant_id prefix also serves every per-tenant listing.
@@ -285,7 +288,7 @@ class EmailProviderConfig(Base):
     )
     created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
     updated_at: Mapped[UpdatedAt] = mapped_column(
-        comment="Last change (UTC); maintained by a trigger."
+        server_onupdate=FetchedValue(), comment="Last change (UTC); maintained by a trigger."
     )
     deleted_at: Mapped[datetime | None] = mapped_column(
         comment="Soft-delete time (UTC); NULL while the config is live."
@@ -388,6 +391,14 @@ class EmailProviderConfigVersion(Base):
             name="change",
         ),
         CheckConstraint("version >= 1", name="version_positive"),
+        # Retention's lookup: only the versions that still hold a secret.
+        Index(
+            "ix_email_provider_config_versions_with_credentials",
+            "tenant_id",
+            "config_id",
+            "version",
+            postgresql_where=text("encrypted_credentials IS NOT NULL"),
+        ),
         {
             "comment": "Every version of every email provider config: non-secret config, "
             "sealed credentials, actor, reason, time."

@@ -356,22 +356,17 @@ class Vault(OAuthTokens, UsageStatistics):
                 is_active=is_active,
                 version=1,
             )
-            try:
-                with s.begin_nested():
-                    s.add(row)
-                    self._write(
-                        s,
-                        row,
-                        ConfigChange.CREATED,
-                        secret,
-                        actor=actor,
-                        reason=reason,
-                        new_secret=True,
-                    )
-                    s.flush()
-            except IntegrityError as exc:
-                raise _integrity(exc, tenant_id, name) from None
-            s.refresh(row)
+            with _changes(s, tenant_id, name, joined=session is not None):
+                s.add(row)
+                self._write(
+                    s,
+                    row,
+                    ConfigChange.CREATED,
+                    secret,
+                    actor=actor,
+                    reason=reason,
+                    new_secret=True,
+                )
             self._audit(
                 s,
                 row,
@@ -542,7 +537,7 @@ class Vault(OAuthTokens, UsageStatistics):
                     parse_credentials(row.type, kept, parsed)
             only_credentials = new_name is None and config is None
             change = ConfigChange.CREDENTIALS if only_credentials else ConfigChange.UPDATED
-            with _changes(s, tenant_id, new_name or row.name):
+            with _changes(s, tenant_id, new_name or row.name, joined=session is not None):
                 if config is not None:
                     row.config = parsed.model_dump(mode="json", exclude_none=True)
                 if new_name is not None:
@@ -551,7 +546,6 @@ class Vault(OAuthTokens, UsageStatistics):
                 self._write(
                     s, row, change, kept, actor=actor, reason=reason, new_secret=secret is not None
                 )
-            s.refresh(row)
             changed = [
                 name
                 for name, given in (("name", new_name), ("config", config), ("credentials", secret))
@@ -643,11 +637,12 @@ class Vault(OAuthTokens, UsageStatistics):
                 queries.deleted_config(tenant_id, config_id).with_for_update(),
                 f"no deleted config {config_id} for tenant {tenant_id}",
             )
-            with _changes(s, tenant_id, new_name or row.name, restoring=True):
+            with _changes(
+                s, tenant_id, new_name or row.name, joined=session is not None, restoring=True
+            ):
                 row.deleted_at = None
                 if new_name is not None:
                     row.name = new_name
-            s.refresh(row)
             self._audit(s, row, AuditAction.CONFIG_RESTORED, actor, name_changed=name is not None)
             return self._view(s, row, with_credentials=False)
 
@@ -787,7 +782,7 @@ class Vault(OAuthTokens, UsageStatistics):
                     f"to_version: the credentials of version {to_version} are no longer kept "
                     "(pruned by retention, or older than versioning); use update_config"
                 )
-            with _changes(s, tenant_id, old.name):
+            with _changes(s, tenant_id, old.name, joined=session is not None):
                 row.name = old.name
                 row.config = old.config.model_dump(mode="json", exclude_none=True)
                 row.encrypted_credentials = None
@@ -801,7 +796,6 @@ class Vault(OAuthTokens, UsageStatistics):
                     reason=reason,
                     new_secret=True,
                 )
-            s.refresh(row)
             self._audit(
                 s,
                 row,
@@ -895,13 +889,20 @@ class Vault(OAuthTokens, UsageStatistics):
 
 @contextmanager
 def _changes(
-    session: Session, tenant_id: str, name: str, *, restoring: bool = False
+    session: Session, tenant_id: str, name: str, *, joined: bool, restoring: bool = False
 ) -> Iterator[None]:
-    """Make the block's changes in a savepoint and flush them there: a constraint they
-    break becomes a clear error, and a caller's joined transaction stays usable.
-    (Opening a savepoint flushes what is pending, so changes go inside the block.)"""
+    """Flush the block's changes, turning a constraint they break into a clear error.
+
+    In a caller's transaction (``joined``) the changes go in a savepoint, so that
+    transaction stays usable after a refusal; opening one flushes what is pending,
+    so changes belong inside the block. Our own transaction needs no savepoint: a
+    refusal rolls all of it back."""
     try:
-        with session.begin_nested():
+        if joined:
+            with session.begin_nested():
+                yield
+                session.flush()
+        else:
             yield
             session.flush()
     except IntegrityError as exc:
