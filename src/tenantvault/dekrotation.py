@@ -210,12 +210,17 @@ class DekRotation:
             else:
                 key = self._switch(tenant_id, active)
                 result = TenantRotation(tenant_id, "rotated", active, key.version)
+            with self.db.transaction() as connection:
+                stale = self._stale_counts(connection, tenant_id, key.version, destroyed)
             for _ in range(RESEAL_PASSES):
                 for column in SEALED_COLUMNS:
+                    if not stale[column]:
+                        continue
                     done = self._reseal(tenant_id, column, key, destroyed)
                     if done:
                         result.resealed[column.name] = result.resealed.get(column.name, 0) + done
-                remaining, retired = self._retire(tenant_id, key.version, destroyed)
+                stale, retired = self._retire(tenant_id, key.version, destroyed)
+                remaining = sum(stale.values())
                 result.remaining, result.retired = remaining, result.retired + retired
                 if remaining <= self._unopenable_count(tenant_id):
                     break
@@ -251,10 +256,8 @@ class DekRotation:
             retired=draining if draining else [active],
         )
         with self.db.transaction() as connection:
-            for column in SEALED_COLUMNS:
-                count = self._stale_count(connection, tenant_id, column, target, destroyed)
-                if count:
-                    result.resealed[column.name] = count
+            stale = self._stale_counts(connection, tenant_id, target, destroyed)
+        result.resealed = {column.name: count for column, count in stale.items() if count}
         return result
 
     def _switch(self, tenant_id: str, active: int) -> DataKey:
@@ -300,24 +303,20 @@ class DekRotation:
             f"AND split_part({column.column}, '.', 2)::int <> ALL(%(destroyed)s::int[])"
         )
 
-    def _stale_count(
-        self,
-        connection: sa.Connection,
-        tenant_id: str,
-        column: SealedColumn,
-        active: int,
-        destroyed: list[int],
-    ) -> int:
-        sql = (
-            f"SELECT count(*) FROM {self.db.table(column.table)} WHERE {self._stale_where(column)}"
+    def _stale_counts(
+        self, connection: sa.Connection, tenant_id: str, active: int, destroyed: list[int]
+    ) -> dict[SealedColumn, int]:
+        """How many values of each sealed column of the tenant name another key than
+        ``active`` (one statement for all columns)."""
+        sql = " UNION ALL ".join(
+            f"SELECT {index}, count(*) FROM {self.db.table(column.table)} "
+            f"WHERE {self._stale_where(column)}"
+            for index, column in enumerate(SEALED_COLUMNS)
         )
+        params = {"t": tenant_id, "prefix": f"tv1.{active}.", "destroyed": destroyed}
         with _cursor(connection) as cursor:
-            cursor.execute(
-                sql, {"t": tenant_id, "prefix": f"tv1.{active}.", "destroyed": destroyed}
-            )
-            row = cursor.fetchone()
-        assert row is not None
-        return int(row[0])
+            cursor.execute(sql, params)
+            return {SEALED_COLUMNS[index]: int(count) for index, count in cursor.fetchall()}
 
     def _reseal(
         self, tenant_id: str, column: SealedColumn, key: DataKey, destroyed: list[int]
@@ -369,11 +368,14 @@ class DekRotation:
                     batch.update(old=resealed[width], new=resealed[width + 1])
                     cursor.execute(update, {**batch, "t": tenant_id})
                     moved += cursor.rowcount
+                last_batch = len(rows) < self.batch_size
             with self._lock:
                 done_tenants = len(self.report.tenants)
             self._progress(
                 Progress(tenant_id, column.name, len(resealed[-1]), done_tenants, self._total)
             )
+            if last_batch:  # a short page was the last one: no empty query to confirm it
+                return moved
 
     def _reseal_rows(
         self,
@@ -412,17 +414,16 @@ class DekRotation:
             out[width + 1].append(resealed)
         return out
 
-    def _retire(self, tenant_id: str, active: int, destroyed: list[int]) -> tuple[int, list[int]]:
+    def _retire(
+        self, tenant_id: str, active: int, destroyed: list[int]
+    ) -> tuple[dict[SealedColumn, int], list[int]]:
         """Count what still names an older key; at zero, retire the draining keys.
         The count and the retirement are one transaction under the exclusive key lock."""
         with self.db.transaction() as connection:
             lock_tenant_keys(connection, tenant_id, exclusive=True)
-            remaining = sum(
-                self._stale_count(connection, tenant_id, column, active, destroyed)
-                for column in SEALED_COLUMNS
-            )
-            if remaining:
-                return remaining, []
+            stale = self._stale_counts(connection, tenant_id, active, destroyed)
+            if any(stale.values()):
+                return stale, []
             retired = sorted(
                 connection.execute(
                     sa.text(
@@ -442,7 +443,7 @@ class DekRotation:
                     target_id=str(version),
                     details={"active_version": active},
                 )
-            return 0, retired
+            return stale, retired
 
     def _unopenable(self, item: Unopenable) -> None:
         with self._lock:
