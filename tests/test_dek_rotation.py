@@ -243,3 +243,28 @@ def test_shredded_tenant_values_raise_key_destroyed_and_other_tenants_are_untouc
     assert key_states(owner_engine, "t_a")[3] == "active"
     again = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"])
     assert again.ok, again
+
+
+def test_a_database_error_in_a_worker_stops_the_run_with_its_reason_and_a_rerun_finishes(
+    vault: Vault, operator_db: Any, provider: Any, owner_engine: sa.Engine
+) -> None:
+    expected = populate(vault, "t_a")
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "REVOKE UPDATE ON dripiq_app.email_provider_config_versions FROM tenantvault_migrator"
+        )
+    try:
+        report = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"])
+    finally:
+        with owner_engine.begin() as connection:
+            connection.exec_driver_sql(
+                "GRANT UPDATE ON dripiq_app.email_provider_config_versions TO tenantvault_migrator"
+            )
+    assert not report.ok
+    assert report.stopped == "tenant t_a: InsufficientPrivilege; nothing half-written"
+    vault.keyring.cache.clear()
+    assert open_everything(vault, "t_a") == expected
+    again = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"])
+    assert again.ok
+    assert [t.outcome for t in again.tenants] == ["resumed"]
+    assert set(sealed_versions(owner_engine, "t_a")) == {2}

@@ -11,17 +11,37 @@ takes one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
 from tenantvault.models import AuditAction, AuditEvent
 
 _MAX_TEXT = 500
+Details = Mapping[str, str | int | bool | list[str] | None]
 
 
-def _bounded(value: str | None) -> str | None:
-    return None if value is None else value[:_MAX_TEXT]
+@dataclass(frozen=True)
+class Event:
+    """One event to append (the database adds seq, time and the chain)."""
+
+    tenant_id: str
+    action: AuditAction
+    actor: str | None = None
+    target_type: str | None = None
+    target_id: str | None = None
+    details: Details = field(default_factory=dict)
+
+    def row(self) -> dict[str, object]:
+        return {
+            "tenant_id": self.tenant_id,
+            "action": self.action.value,
+            "actor": None if self.actor is None else self.actor[:_MAX_TEXT],
+            "target_type": self.target_type,
+            "target_id": self.target_id,
+            "details": dict(self.details),
+        }
 
 
 def record(
@@ -32,7 +52,7 @@ def record(
     actor: str | None = None,
     target_type: str | None = None,
     target_id: str | None = None,
-    details: Mapping[str, str | int | bool | list[str] | None] | None = None,
+    details: Details | None = None,
 ) -> None:
     """Append one event to the tenant's chain, inside ``connection``'s transaction.
 
@@ -45,13 +65,12 @@ def record(
         target_id: the id or key version acted on.
         details: non-secret facts (versions, counts, changed field names).
     """
-    connection.execute(
-        sa.insert(AuditEvent).values(
-            tenant_id=tenant_id,
-            action=action.value,
-            actor=_bounded(actor),
-            target_type=target_type,
-            target_id=target_id,
-            details=dict(details or {}),
-        )
-    )
+    event = Event(tenant_id, action, actor, target_type, target_id, details or {})
+    connection.execute(sa.insert(AuditEvent).values(**event.row()))
+
+
+def record_many(connection: sa.Connection, events: Iterable[Event]) -> None:
+    """Append several events (of any tenants) in one round trip, in order."""
+    rows = [event.row() for event in events]
+    if rows:
+        connection.execute(sa.insert(AuditEvent), rows)

@@ -33,7 +33,13 @@ import sqlalchemy as sa
 from tenantvault import audit
 from tenantvault.datakey import DataKey
 from tenantvault.envelope import reseal
-from tenantvault.errors import DecryptionError, KeyDestroyedError, KeyProviderError
+from tenantvault.errors import (
+    DecryptionError,
+    KeyDestroyedError,
+    KeyProviderError,
+    RotationError,
+    TenantVaultError,
+)
 from tenantvault.keyring import Keyring, lock_tenant_keys
 from tenantvault.models import AuditAction
 from tenantvault.operatordb import DEK_ROTATION_CLAIM, OperatorDatabase
@@ -169,6 +175,14 @@ class DekRotation:
             except KeyProviderError as exc:
                 self._stop_run(f"key provider failed for tenant {tenant_id}: {exc}")
                 return
+            except TenantVaultError as exc:
+                self._stop_run(f"tenant {tenant_id}: {exc}")
+                return
+            except Exception as exc:
+                # A worker thread must not die quietly: stop the run and say so. Only the
+                # class: a database error's text may carry statement parameters.
+                self._stop_run(f"tenant {tenant_id}: {type(exc).__name__}; nothing half-written")
+                return
             with self._lock:
                 self.report.tenants.append(result)
                 done = len(self.report.tenants)
@@ -273,7 +287,8 @@ class DekRotation:
                 {"t": tenant_id, "v": active},
             ).scalar_one_or_none()
             if current is None:
-                raise _Stopped  # cannot happen while the claim is held; never guess
+                # Cannot happen while the claim is held; if it does, stop rather than guess.
+                raise RotationError(f"the active data key of tenant {tenant_id} moved meanwhile")
             version = connection.execute(
                 sa.text(
                     f"INSERT INTO {self._keys} (tenant_id, version, wrapped_key, kek_version) "

@@ -26,9 +26,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tenantvault import audit
 from tenantvault.errors import RotationError
 from tenantvault.keyprovider import KeyProvider
-from tenantvault.models import AuditAction, AuditEvent
+from tenantvault.models import AuditAction
 from tenantvault.operatordb import KEK_ROTATION_LOCK, OperatorDatabase
 
 
@@ -159,21 +160,21 @@ def rotate_kek(
                     done["keks"].append(result.wrapped.kek_version)
                 if done["new"]:
                     report.rewrapped += connection.execute(update, done).rowcount
-                    connection.execute(
-                        sa.insert(AuditEvent),
-                        [
-                            {
-                                "tenant_id": tenant,
-                                "action": AuditAction.KEK_REWRAPPED.value,
-                                "actor": "rotate-keys",
-                                "target_type": "dek",
-                                "target_id": str(version),
-                                "details": {"kek_version": kek},
-                            }
+                    audit.record_many(
+                        connection,
+                        (
+                            audit.Event(
+                                tenant,
+                                AuditAction.KEK_REWRAPPED,
+                                actor="rotate-keys",
+                                target_type="dek",
+                                target_id=str(version),
+                                details={"kek_version": kek},
+                            )
                             for tenant, version, kek in zip(
                                 done["tenants"], done["versions"], done["keks"], strict=True
                             )
-                        ],
+                        ),
                     )
             if on_progress is not None:
                 on_progress(KekProgress(report.rewrapped, total))
