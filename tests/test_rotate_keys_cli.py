@@ -101,6 +101,21 @@ def test_neither_tenant_nor_all_is_a_usage_error() -> None:
     assert exited.value.code == cli.EXIT_USAGE
 
 
+def test_a_malformed_tenant_id_is_refused_before_anything_runs(
+    operator_env: object, capsys: pytest.CaptureFixture[str], owner_engine: sa.Engine
+) -> None:
+    assert (
+        cli.main(["rotate-keys", "dek", "--tenant", "t_a", "--tenant", "bad id;"])
+        == cli.EXIT_FAILED
+    )
+    assert "FAILED: tenant_id must be 1-128 characters" in capsys.readouterr().err
+    with owner_engine.connect() as connection:
+        assert (
+            connection.execute(sa.text("SELECT count(*) FROM dripiq_app.audit_events")).scalar_one()
+            == 0
+        )
+
+
 def test_the_application_login_is_refused_with_a_clear_failed_line(
     vault: Vault,
     app_url: str,

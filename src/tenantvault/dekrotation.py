@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from tenantvault import audit
 from tenantvault.datakey import DataKey
+from tenantvault.db import check_tenant_id
 from tenantvault.envelope import reseal
 from tenantvault.errors import (
     DecryptionError,
@@ -148,7 +149,10 @@ class DekRotation:
         """Rotate ``tenants`` (every tenant with a key when None) with ``workers`` threads."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
-        queue = list(tenants if tenants is not None else self.db.tenants_with_keys())
+        queue = [
+            check_tenant_id(t)
+            for t in (tenants if tenants is not None else self.db.tenants_with_keys())
+        ]
         queue.reverse()
         self._total = len(queue)
         threads = [
