@@ -147,7 +147,9 @@ def test_min_decryption_version_is_refused_while_a_data_key_needs_an_old_version
             ),
             {"w": old_wrapped[("t_k2", 1)][0]},
         )
-    with pytest.raises(RotationError, match="still need a KEK version older than 2"):
+    with pytest.raises(
+        RotationError, match=r"still need a KEK version older than 2 \(rewrap refused for t_k3 v1\)"
+    ):
         rotate_kek(operator_db, own_provider, raise_min_decryption_version=True)
     with owner_engine.begin() as connection:
         connection.execute(

@@ -192,18 +192,20 @@ def rotate_kek(
     with db.transaction() as connection:
         report.behind = _behind(connection, keys, latest)
     if raise_min_decryption_version and report.stopped is None:
-        report.min_decryption_version = _raise_min(db, provider, keys, latest, report.behind)
+        report.min_decryption_version = _raise_min(db, provider, keys, latest, report)
     return report
 
 
 def _raise_min(
-    db: OperatorDatabase, provider: KeyProvider, keys: str, latest: int, behind: int
+    db: OperatorDatabase, provider: KeyProvider, keys: str, latest: int, report: KekRotationReport
 ) -> int:
-    if behind:
+    if report.behind:
+        refused = ", ".join(f"{f.tenant_id} v{f.dek_version}" for f in report.failures[:5])
+        more = f" and {len(report.failures) - 5} more" if len(report.failures) > 5 else ""
+        why = f"rewrap refused for {refused}{more}" if refused else "another run holds them"
         raise RotationError(
-            f"min_decryption_version not raised: {behind} wrapped data keys still need a KEK "
-            f"version older than {latest} (rewrap failed or another run holds them); "
-            "rerun rotate-keys kek --no-rotate first"
+            f"min_decryption_version not raised: {report.behind} wrapped data keys still need "
+            f"a KEK version older than {latest} ({why}); rerun rotate-keys kek --no-rotate first"
         )
     previous = provider.min_decryption_version()
     provider.set_min_decryption_version(latest)
