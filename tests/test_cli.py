@@ -24,6 +24,7 @@ def test_migrate_then_status_reports_an_isolated_up_to_date_schema(
     assert "up to date" in out
     assert out.count("RLS forced, 2 policies, 0 rows visible") == len(TENANTVAULT_TABLES)
     assert "transit mounted" in out
+    assert "audit log     partitions until 20" in out
     assert settings.vault_token.get_secret_value() not in out
 
 
@@ -79,3 +80,31 @@ def test_a_bad_setting_fails_with_its_name_and_not_its_value(
     err = capsys.readouterr().err
     assert "FAILED: invalid settings: TENANTVAULT_DATABASE_URL" in err
     assert "hunter2" not in err
+
+
+def test_status_is_unhealthy_when_audit_partitions_run_out(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlalchemy as sa
+
+    from tenantvault import migrate
+
+    migrate.upgrade(settings)
+    with migrate.migration_engine(settings).begin() as connection:
+        for (name,) in connection.execute(
+            sa.text(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'dripiq_app.audit_events'::regclass ORDER BY 1 OFFSET 1"
+            )
+        ).all():
+            connection.exec_driver_sql(f"DROP TABLE dripiq_app.{name}")
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", settings.database_url.get_secret_value())
+    assert settings.vault_addr is not None
+    assert settings.vault_token is not None
+    monkeypatch.setenv("VAULT_ADDR", str(settings.vault_addr))
+    monkeypatch.setenv("VAULT_TOKEN", settings.vault_token.get_secret_value())
+    assert cli.main(["status"]) == cli.EXIT_UNHEALTHY
+    assert "run `tenantvault audit partitions`" in capsys.readouterr().out
+    assert cli.main(["audit", "partitions"]) == cli.EXIT_OK
+    assert "24 new monthly partitions" in capsys.readouterr().out
+    assert cli.main(["status"]) == cli.EXIT_OK

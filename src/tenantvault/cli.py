@@ -44,7 +44,16 @@ def _print_status(report: StatusReport) -> int:
             print(f"vault         {vault.address}: reachable, {transit}")
         else:
             print(f"vault         {vault.address or '-'}: unreachable ({vault.detail})")
-    healthy = report.up_to_date and report.isolated and bool(vault and vault.reachable)
+    if report.revision:
+        until = report.audit_partitions_until
+        note = "" if report.audit_writable else " (too few: run `tenantvault audit partitions`)"
+        print(f"audit log     partitions until {until or 'none'}{note}")
+    healthy = (
+        report.up_to_date
+        and report.isolated
+        and report.audit_writable
+        and bool(vault and vault.reachable)
+    )
     return EXIT_OK if healthy else EXIT_UNHEALTHY
 
 

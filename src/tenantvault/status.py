@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 
 import hvac
 import sqlalchemy as sa
@@ -40,6 +41,15 @@ class StatusReport:
     head: str
     tables: list[TableStatus] = field(default_factory=list)
     vault: VaultStatus | None = None
+    audit_partitions_until: date | None = None  # first day no audit partition covers
+
+    @property
+    def audit_writable(self) -> bool:
+        """Audit partitions exist for at least the next month (else writes will fail)."""
+        if self.audit_partitions_until is None:
+            return False
+        today = datetime.now(UTC).date()
+        return self.audit_partitions_until > (today.replace(day=1) + timedelta(days=62))
 
     @property
     def up_to_date(self) -> bool:
@@ -80,6 +90,21 @@ def _tables(connection: sa.Connection, settings: Settings) -> list[TableStatus]:
     return result
 
 
+def _audit_partitions_until(connection: sa.Connection, schema: str) -> date | None:
+    bound = connection.execute(
+        sa.text(
+            "SELECT max(pg_get_expr(c.relpartbound, c.oid)) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(:parent)"
+        ),
+        {"parent": f"{schema}.audit_events"},
+    ).scalar_one()
+    if bound is None:
+        return None
+    # "FOR VALUES FROM ('2026-11-01 00:00:00') TO ('2026-12-01 00:00:00')": partitions are
+    # named and bounded by month, so the text maximum is the latest.
+    return datetime.fromisoformat(str(bound).split("TO ('", 1)[1].split("'", 1)[0]).date()
+
+
 def vault_status(settings: Settings) -> VaultStatus:
     """Whether Vault answers and has the transit engine mounted (never raises)."""
     if settings.vault_addr is None:
@@ -103,6 +128,8 @@ def status(settings: Settings) -> StatusReport:
         revision = migrate.current_revision(connection, settings.schema_name)
         tables = _tables(connection, settings) if revision else []
         connection.rollback()
+        until = _audit_partitions_until(connection, settings.schema_name) if revision else None
+        connection.rollback()
     return StatusReport(
         database=settings.database_url_for_display(),
         server_version=str(version),
@@ -110,4 +137,5 @@ def status(settings: Settings) -> StatusReport:
         head=migrate.head_revision(),
         tables=tables,
         vault=vault_status(settings),
+        audit_partitions_until=until,
     )
