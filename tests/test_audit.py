@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from tenantvault import InvalidInputError, RefreshedToken, Vault, cli
 from tenantvault.auditlog import add_partitions, prune_audit, verify_audit
 from tenantvault.db import set_tenant
+from tenantvault.errors import AuditError
 from tenantvault.settings import Settings
 
 from .rotation_support import SMTP, add_tenants
@@ -328,3 +329,46 @@ def test_retention_drops_whole_months_and_the_chain_verifies_from_the_first_kept
     vault.store_credentials("t_a", cfg.id, {"password": "s"})
     _tamper(owner_engine, f"DELETE FROM dripiq_app.audit_events WHERE seq = {dropped_events + 1}")
     assert [b.seq for b in verify_audit(operator_db).breaks] == [dropped_events + 1]
+
+
+def test_retention_refuses_to_cut_a_chain_whose_events_cross_the_month_out_of_order(
+    owner_engine: sa.Engine, operator_db: Any, app_settings: Settings
+) -> None:
+    # Two events that raced across a month's end: seq 1 got the later time (kept),
+    # seq 2 the earlier one (in the month retention would drop). Written as the owner
+    # with the chain trigger off, hashes from the database's own digest.
+    this_month = datetime.now(UTC).date().replace(day=1)
+    next_month = (this_month + timedelta(days=32)).replace(day=1)
+    month_after = (next_month + timedelta(days=32)).replace(day=1)
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE dripiq_app.audit_events DISABLE TRIGGER trg_audit_events_chain"
+        )
+        previous = ""
+        for seq, when in (
+            (1, datetime.combine(next_month, datetime.min.time())),
+            (2, datetime.now(UTC).replace(tzinfo=None)),
+        ):
+            previous = connection.execute(
+                sa.text(
+                    "INSERT INTO dripiq_app.audit_events (tenant_id, seq, occurred_at, action, prev_hash, hash) "
+                    "SELECT 't_a', :seq, :at, 'config.created', :prev, dripiq_app.tenantvault_audit_digest("
+                    ":prev, 't_a', :seq, :at, NULL, 'config.created', NULL, NULL, '{}'::jsonb) RETURNING hash"
+                ),
+                {"seq": seq, "at": when, "prev": previous},
+            ).scalar_one()
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.audit_chain_heads (tenant_id, seq, hash) VALUES ('t_a', 2, :h)"
+            ),
+            {"h": previous},
+        )
+        connection.exec_driver_sql(
+            "ALTER TABLE dripiq_app.audit_events ENABLE TRIGGER trg_audit_events_chain"
+        )
+    assert verify_audit(operator_db).ok
+    later = datetime.combine(month_after, datetime.min.time(), tzinfo=UTC) + timedelta(days=14)
+    with pytest.raises(AuditError, match="tenants t_a cross"):
+        prune_audit(operator_db, keep_months=1, now=later)
+    assert _count(owner_engine) == 2
+    assert verify_audit(operator_db).ok

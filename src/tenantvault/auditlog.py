@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
 
+from tenantvault.errors import AuditError
 from tenantvault.operatordb import OperatorDatabase
 
 
@@ -213,6 +214,28 @@ def prune_audit(
             sa.text(f"SELECT count(*) FROM {events} WHERE occurred_at < :cutoff"),
             {"cutoff": cutoff},
         ).scalar_one()
+        # Times are taken at insert, seq under the chain lock: two events racing across
+        # a month's end can land on either side in reverse order. Dropping the month
+        # would then cut a chain in its middle: refuse, and keep everything.
+        crossing = (
+            connection.execute(
+                sa.text(
+                    f"SELECT d.tenant_id FROM (SELECT tenant_id, max(seq) AS s FROM {events} "
+                    "WHERE occurred_at < :cutoff GROUP BY tenant_id) d "
+                    f"JOIN (SELECT tenant_id, min(seq) AS s FROM {events} "
+                    "WHERE occurred_at >= :cutoff GROUP BY tenant_id) k "
+                    "USING (tenant_id) WHERE k.s < d.s ORDER BY 1"
+                ),
+                {"cutoff": cutoff},
+            )
+            .scalars()
+            .all()
+        )
+        if crossing:
+            raise AuditError(
+                f"audit prune refused: the chains of tenants {', '.join(crossing)} cross "
+                f"{cutoff} out of order; nothing dropped (keep one month more)"
+            )
         connection.exec_driver_sql("RESET ROLE")
         if dry_run:
             return PruneReport(True, old, int(count))

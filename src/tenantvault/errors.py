@@ -55,5 +55,9 @@ class RotationError(TenantVaultError):
     """A key rotation or shred could not proceed safely; nothing was half-written."""
 
 
+class AuditError(TenantVaultError):
+    """An audit-log job (prune) could not proceed safely; nothing was changed."""
+
+
 class InvalidInputError(TenantVaultError, ValueError):
     """Caller input failed validation; the message names each field, never its value."""
