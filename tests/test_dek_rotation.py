@@ -268,3 +268,25 @@ def test_a_database_error_in_a_worker_stops_the_run_with_its_reason_and_a_rerun_
     assert again.ok
     assert [t.outcome for t in again.tenants] == ["resumed"]
     assert set(sealed_versions(owner_engine, "t_a")) == {2}
+
+
+def test_a_tenant_another_process_is_rotating_is_reported_busy_and_the_rest_proceed(
+    vault: Vault, operator_db: Any, provider: Any, owner_engine: sa.Engine, migrated: Any
+) -> None:
+    from tenantvault.operatordb import DEK_ROTATION_CLAIM, OperatorDatabase
+
+    populate(vault, "t_a")
+    populate(vault, "t_b")
+    other_process = OperatorDatabase.from_settings(migrated)  # its own connections
+    try:
+        with other_process.claim(DEK_ROTATION_CLAIM, "t_a") as claimed:
+            assert claimed
+            report = rotate_data_keys(operator_db, fresh_keyring(provider), None, workers=2)
+    finally:
+        other_process.dispose()
+    assert {t.tenant_id: t.outcome for t in report.tenants} == {"t_a": "busy", "t_b": "rotated"}
+    assert not report.ok
+    assert key_states(owner_engine, "t_a") == {1: "active"}
+    after = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"])
+    assert after.ok
+    assert [t.outcome for t in after.tenants] == ["rotated"]
