@@ -169,15 +169,15 @@ def add_partitions(db: OperatorDatabase, months_ahead: int = 24) -> int:
     return int(made)
 
 
-def _partitions(connection: sa.Connection, db: OperatorDatabase) -> list[tuple[str, date]]:
-    """(name, first day after it) of every partition of audit_events."""
+def audit_partitions(connection: sa.Connection, schema: str) -> list[tuple[str, date]]:
+    """(name, first day after it) of every partition of ``schema``.audit_events."""
     rows = connection.execute(
         sa.text(
             "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
             "JOIN pg_class c ON c.oid = i.inhrelid "
             "WHERE i.inhparent = to_regclass(:parent) ORDER BY c.relname"
         ),
-        {"parent": f"{db.schema}.audit_events"},
+        {"parent": f"{schema}.audit_events"},
     )
     partitions = []
     for name, bound in rows:
@@ -198,7 +198,7 @@ def prune_audit(
     cutoff = date(total // 12, total % 12 + 1, 1)
     events, heads = db.table("audit_events"), db.table("audit_chain_heads")
     with _owner(db) as connection:
-        old = [name for name, upper in _partitions(connection, db) if upper <= cutoff]
+        old = [name for name, upper in audit_partitions(connection, db.schema) if upper <= cutoff]
         if not old:
             return PruneReport(dry_run, [], 0)
         connection.exec_driver_sql(f'SET LOCAL ROLE "{db.migrator_role}"')

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from requests.exceptions import RequestException
 
 from tenantvault import migrate
+from tenantvault.auditlog import audit_partitions
 from tenantvault.errors import TenantVaultError
 from tenantvault.kms import vault_client
 from tenantvault.models import TENANTVAULT_TABLES
@@ -90,21 +91,6 @@ def _tables(connection: sa.Connection, settings: Settings) -> list[TableStatus]:
     return result
 
 
-def _audit_partitions_until(connection: sa.Connection, schema: str) -> date | None:
-    bound = connection.execute(
-        sa.text(
-            "SELECT max(pg_get_expr(c.relpartbound, c.oid)) FROM pg_inherits i "
-            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(:parent)"
-        ),
-        {"parent": f"{schema}.audit_events"},
-    ).scalar_one()
-    if bound is None:
-        return None
-    # "FOR VALUES FROM ('2026-11-01 00:00:00') TO ('2026-12-01 00:00:00')": partitions are
-    # named and bounded by month, so the text maximum is the latest.
-    return datetime.fromisoformat(str(bound).split("TO ('", 1)[1].split("'", 1)[0]).date()
-
-
 def vault_status(settings: Settings) -> VaultStatus:
     """Whether Vault answers and has the transit engine mounted (never raises)."""
     if settings.vault_addr is None:
@@ -128,7 +114,8 @@ def status(settings: Settings) -> StatusReport:
         revision = migrate.current_revision(connection, settings.schema_name)
         tables = _tables(connection, settings) if revision else []
         connection.rollback()
-        until = _audit_partitions_until(connection, settings.schema_name) if revision else None
+        partitions = audit_partitions(connection, settings.schema_name) if revision else []
+        until = max((upper for _, upper in partitions), default=None)
         connection.rollback()
     return StatusReport(
         database=settings.database_url_for_display(),

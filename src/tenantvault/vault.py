@@ -198,11 +198,13 @@ class Vault(OAuthTokens, UsageStatistics):
         version, with ``secret`` sealed again for the history row; prune the secrets
         of versions past the retention bound."""
         key: DataKey | None = None
+        plaintext = b""
         if secret is not None:
             key = self.keyring.active_key(session.connection(), row.tenant_id)
+            plaintext = _plaintext(secret)
             if new_secret:
                 row.encrypted_credentials = seal(
-                    key, _plaintext(secret), CONFIG_CREDENTIALS.place(row.tenant_id, row.id)
+                    key, plaintext, CONFIG_CREDENTIALS.place(row.tenant_id, row.id)
                 )
         session.add(
             EmailProviderConfigVersion(
@@ -213,11 +215,9 @@ class Vault(OAuthTokens, UsageStatistics):
                 name=row.name,
                 config=row.config,
                 encrypted_credentials=None
-                if key is None or secret is None
+                if key is None
                 else seal(
-                    key,
-                    _plaintext(secret),
-                    VERSION_CREDENTIALS.place(row.tenant_id, row.id, row.version),
+                    key, plaintext, VERSION_CREDENTIALS.place(row.tenant_id, row.id, row.version)
                 ),
                 actor=actor,
                 reason=reason,
