@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 
-from tenantvault import devstack
+from tenantvault.dev import stack as devstack
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import psycopg
 
-from tenantvault import migrate
+from tenantvault.ops import migrate
 from tenantvault.settings import load_settings
 
 from ._harness import measure, throwaway_database

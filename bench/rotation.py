@@ -24,15 +24,15 @@ import uuid
 import hvac
 import psycopg
 
-from tenantvault import migrate
-from tenantvault.datakey import DataKey
-from tenantvault.envelope import seal
-from tenantvault.ids import new_id
-from tenantvault.kekrotation import rotate_kek
-from tenantvault.operatordb import OperatorDatabase
-from tenantvault.sealed import CONFIG_CREDENTIALS
+from tenantvault.crypto.datakey import DataKey
+from tenantvault.crypto.envelope import seal
+from tenantvault.db.ids import new_id
+from tenantvault.db.operator import OperatorDatabase
+from tenantvault.keys.sealed import CONFIG_CREDENTIALS
+from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.ops import migrate
+from tenantvault.rotation.kek import rotate_kek
 from tenantvault.settings import Settings, load_settings
-from tenantvault.transit import VaultTransitKeyProvider
 
 from ._harness import throwaway_database
 
@@ -130,7 +130,7 @@ def _bare_bulk_update(settings: Settings) -> float:
 # The rotating process: imports, then reports its resident size before and at peak.
 CHILD = """
 import json, resource, sys, time
-from tenantvault.operator_jobs import rotate_dek_job
+from tenantvault.ops.jobs import rotate_dek_job
 from tenantvault.settings import load_settings
 def rss_kib():
     return int(open('/proc/self/statm').read().split()[1]) * 4

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hvac
 import sqlalchemy as sa
 
-from tenantvault import Vault, migrate
-from tenantvault.datakey import DataKey
-from tenantvault.db import create_engine
-from tenantvault.envelope import SealContext, open_sealed
-from tenantvault.migrate import migration_engine
+from tenantvault import Vault
+from tenantvault.crypto.datakey import DataKey
+from tenantvault.crypto.envelope import SealContext, open_sealed
+from tenantvault.db.session import create_engine
+from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.ops import migrate
+from tenantvault.ops.migrate import migration_engine
 from tenantvault.settings import load_settings
-from tenantvault.transit import VaultTransitKeyProvider
 
 from ._harness import measure, measure_interleaved, throwaway_database
 

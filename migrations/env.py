@@ -13,8 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import context
 
-from tenantvault.migration_support import ALLOW_DATA_LOSS_FLAG, OPTIONS_KEY, MigrationOptions
-from tenantvault.models import Base
+from tenantvault.db.migration_support import ALLOW_DATA_LOSS_FLAG, OPTIONS_KEY, MigrationOptions
+from tenantvault.db.models import Base
 from tenantvault.settings import load_settings
 
 # Any 64-bit constant, the same for every tenantvault process: it serializes

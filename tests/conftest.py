@@ -17,10 +17,11 @@ import pytest
 import sqlalchemy as sa
 from alembic.config import Config
 
-from tenantvault import devstack, migrate
-from tenantvault.migrate import alembic_config as make_alembic_config
-from tenantvault.migrate import migration_engine
-from tenantvault.migration_support import MigrationOptions
+from tenantvault.db.migration_support import MigrationOptions
+from tenantvault.dev import stack as devstack
+from tenantvault.ops import migrate
+from tenantvault.ops.migrate import alembic_config as make_alembic_config
+from tenantvault.ops.migrate import migration_engine
 from tenantvault.settings import Settings, load_settings, parse_database_url
 
 APP_LOGIN_ROLE = "tenantvault_test_app_login"
@@ -180,7 +181,7 @@ def transit_provider(
 ) -> Any:
     import hvac
 
-    from tenantvault.transit import VaultTransitKeyProvider
+    from tenantvault.kms.transit import VaultTransitKeyProvider
 
     client = hvac.Client(url=services.vault_addr, token=services.vault_token, timeout=5)
     return VaultTransitKeyProvider(client, key_name=key_name, **kwargs)
@@ -221,7 +222,7 @@ def vault(app_settings: Settings, provider: CountingProvider) -> Iterator[Any]:
 
 @pytest.fixture
 def operator_db(migrated: Settings) -> Iterator[Any]:
-    from tenantvault.operatordb import OperatorDatabase
+    from tenantvault.db.operator import OperatorDatabase
 
     db = OperatorDatabase.from_settings(migrated)
     yield db
@@ -230,8 +231,8 @@ def operator_db(migrated: Settings) -> Iterator[Any]:
 
 def fresh_keyring(provider: Any) -> Any:
     """A keyring with its own empty cache, as a separate rotate-keys process has."""
-    from tenantvault.keycache import DataKeyCache
-    from tenantvault.keyring import Keyring
+    from tenantvault.keys.cache import DataKeyCache
+    from tenantvault.keys.keyring import Keyring
 
     return Keyring(provider, DataKeyCache(max_age_seconds=300, max_entries=4096, max_uses=10**9))
 

@@ -7,8 +7,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 
-from tenantvault.migrate import alembic_config, migration_engine
-from tenantvault.migration_support import MigrationOptions
+from tenantvault.db.migration_support import MigrationOptions
+from tenantvault.ops.migrate import alembic_config, migration_engine
 from tenantvault.settings import Settings
 
 SCHEMA = "dripiq_app"

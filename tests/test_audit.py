@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from tenantvault import InvalidInputError, RefreshedToken, Vault, cli
-from tenantvault.auditlog import add_partitions, prune_audit, verify_audit
-from tenantvault.db import set_tenant
+from tenantvault.audit.chain import add_partitions, prune_audit, verify_audit
+from tenantvault.db.session import set_tenant
 from tenantvault.errors import AuditError
 from tenantvault.settings import Settings
 

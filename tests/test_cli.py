@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tenantvault import cli
-from tenantvault.models import TENANTVAULT_TABLES
+from tenantvault.db.models import TENANTVAULT_TABLES
 from tenantvault.settings import Settings
 
 
@@ -52,7 +52,7 @@ def test_a_refused_downgrade_is_one_failed_line_and_exit_1(
 ) -> None:
     import sqlalchemy as sa
 
-    from tenantvault import migrate
+    from tenantvault.ops import migrate
 
     monkeypatch.setenv("TENANTVAULT_DATABASE_URL", settings.database_url.get_secret_value())
     migrate.upgrade(settings)
@@ -87,7 +87,7 @@ def test_status_is_unhealthy_when_audit_partitions_run_out(
 ) -> None:
     import sqlalchemy as sa
 
-    from tenantvault import migrate
+    from tenantvault.ops import migrate
 
     migrate.upgrade(settings)
     with migrate.migration_engine(settings).begin() as connection:

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tenantvault import ConcurrentModification, InvalidInputError, NotFoundError, Vault
-from tenantvault.models import ConfigChange
+from tenantvault.db.models import ConfigChange
 from tenantvault.settings import Settings
 
 from .conftest import CountingProvider

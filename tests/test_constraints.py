@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from tenantvault import migrate
+from tenantvault.ops import migrate
 from tenantvault.settings import Settings
 
 from .support import seed_legacy

@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 
 from tenantvault import KeyDestroyedError, Vault
-from tenantvault.dekrotation import rotate_data_keys
-from tenantvault.keystatus import key_status
-from tenantvault.shred import shred_tenant
+from tenantvault.rotation.dek import rotate_data_keys
+from tenantvault.rotation.shred import shred_tenant
+from tenantvault.rotation.status import key_status
 
 from .conftest import fresh_keyring
 from .rotation_support import add_tenants, key_states, open_everything, populate, sealed_versions
@@ -273,7 +273,7 @@ def test_a_database_error_in_a_worker_stops_the_run_with_its_reason_and_a_rerun_
 def test_a_tenant_another_process_is_rotating_is_reported_busy_and_the_rest_proceed(
     vault: Vault, operator_db: Any, provider: Any, owner_engine: sa.Engine, migrated: Any
 ) -> None:
-    from tenantvault.operatordb import DEK_ROTATION_CLAIM, OperatorDatabase
+    from tenantvault.db.operator import DEK_ROTATION_CLAIM, OperatorDatabase
 
     populate(vault, "t_a")
     populate(vault, "t_b")

@@ -9,7 +9,7 @@ import hvac
 import psycopg
 import pytest
 
-from tenantvault import devstack
+from tenantvault.dev import stack as devstack
 from tenantvault.errors import DevStackError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tenantvault.erd import BEGIN_MARKER, END_MARKER, render_mermaid
+from tenantvault.dev.erd import BEGIN_MARKER, END_MARKER, render_mermaid
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tenantvault.datakey import DataKey
-from tenantvault.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
+from tenantvault.crypto.datakey import DataKey
+from tenantvault.crypto.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
 from tenantvault.errors import DecryptionError
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelope_v1.json").read_text())[

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from tenantvault import DecryptionError, Vault
 from tenantvault.errors import RotationError
-from tenantvault.kekrotation import KekProgress, rotate_kek
-from tenantvault.keystatus import key_status
+from tenantvault.rotation.kek import KekProgress, rotate_kek
+from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
 
 from .conftest import CountingProvider, Services, transit_provider

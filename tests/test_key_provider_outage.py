@@ -9,9 +9,10 @@ import hvac
 import pytest
 import sqlalchemy as sa
 
-from tenantvault import KeyProviderUnavailable, Vault, devstack
+from tenantvault import KeyProviderUnavailable, Vault
+from tenantvault.dev import stack as devstack
+from tenantvault.kms.transit import VaultTransitKeyProvider
 from tenantvault.settings import Settings
-from tenantvault.transit import VaultTransitKeyProvider
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 TIMEOUT = 1.0

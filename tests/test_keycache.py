@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tenantvault.datakey import DataKey
-from tenantvault.keycache import DataKeyCache
+from tenantvault.crypto.datakey import DataKey
+from tenantvault.keys.cache import DataKeyCache
 
 
 class Clock:

@@ -7,10 +7,10 @@ import base64
 import pytest
 
 from tenantvault.errors import ConfigurationError
-from tenantvault.kms import key_provider_from_settings
-from tenantvault.localkms import LocalKeyProvider
+from tenantvault.kms.factory import key_provider_from_settings
+from tenantvault.kms.local import LocalKeyProvider
+from tenantvault.kms.transit import VaultTransitKeyProvider
 from tenantvault.settings import load_settings
-from tenantvault.transit import VaultTransitKeyProvider
 
 URL = "postgresql://app@db.internal/app"
 

@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from tenantvault import InvalidInputError, NotFoundError, Vault
-from tenantvault.lifecycle import purge_deleted_configs
+from tenantvault.ops.purge import purge_deleted_configs
 from tenantvault.settings import Settings
-from tenantvault.templates import TEMPLATES
+from tenantvault.vault.templates import TEMPLATES
 
 from .conftest import Services, child_environment
 from .rotation_support import SMTP

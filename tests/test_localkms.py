@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from tenantvault.errors import DecryptionError
-from tenantvault.localkms import LocalKeyProvider
+from tenantvault.kms.local import LocalKeyProvider
 
 MASTER = bytes(range(32))
 

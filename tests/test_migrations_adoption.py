@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tenantvault import migrate
 from tenantvault.errors import MigrationError
+from tenantvault.ops import migrate
 from tenantvault.settings import Settings, load_settings
 
 from .support import REVISIONS, catalog_snapshot, legacy_rows, seed_legacy, table_rows

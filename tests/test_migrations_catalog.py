@@ -8,9 +8,9 @@ from itertools import pairwise
 import psycopg
 import sqlalchemy as sa
 
-from tenantvault import migrate
-from tenantvault.migration_support import MigrationOptions
-from tenantvault.models import TENANTVAULT_TABLES
+from tenantvault.db.migration_support import MigrationOptions
+from tenantvault.db.models import TENANTVAULT_TABLES
+from tenantvault.ops import migrate
 from tenantvault.settings import Settings
 
 from .support import REVISIONS, catalog_snapshot

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from tenantvault import migrate
 from tenantvault.errors import MigrationError
+from tenantvault.ops import migrate
 from tenantvault.settings import Settings
 
 from .support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows

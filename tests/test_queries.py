@@ -14,9 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Executable
 
-from tenantvault import queries
-from tenantvault.db import TENANT_SETTING
-from tenantvault.models import ProviderType
+from tenantvault.db import queries
+from tenantvault.db.models import ProviderType
+from tenantvault.db.session import TENANT_SETTING
 
 TENANTS = 10_000
 PER_TENANT = 10
@@ -75,7 +75,7 @@ def loaded(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """One database for the module, migrated and loaded; yields a URL for the app role."""
     import uuid
 
-    from tenantvault import migrate
+    from tenantvault.ops import migrate
     from tenantvault.settings import load_settings
 
     from .conftest import APP_LOGIN_ROLE, _with_database

@@ -139,7 +139,8 @@ def test_ctrl_c_stops_after_the_current_batch_and_exits_130(
     # would, and gives the main thread a moment to take it before the next batch.
     child = (
         "import os, signal, sys, time\n"
-        "from tenantvault import cli, dekrotation\n"
+        "from tenantvault import cli\n"
+        "from tenantvault.rotation import dek as dekrotation\n"
         "real = dekrotation.DekRotation._progress\n"
         "sent = []\n"
         "def progress(self, event):\n"

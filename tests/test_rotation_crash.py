@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from tenantvault import Vault
-from tenantvault.dekrotation import rotate_data_keys
+from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.settings import Settings
 
 from .conftest import Services, child_environment, fresh_keyring
@@ -32,10 +32,11 @@ TENANTS = ["t_a", "t_b", "t_c"]
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from tenantvault import dekrotation, keyring as keyring_module
-    from tenantvault.keycache import DataKeyCache
-    from tenantvault.kms import key_provider_from_settings
-    from tenantvault.operatordb import OperatorDatabase
+    from tenantvault.keys import keyring as keyring_module
+    from tenantvault.rotation import dek as dekrotation
+    from tenantvault.keys.cache import DataKeyCache
+    from tenantvault.kms.factory import key_provider_from_settings
+    from tenantvault.db.operator import OperatorDatabase
     from tenantvault.settings import load_settings
 
     point, _, count = sys.argv[1].partition(":")

@@ -14,11 +14,12 @@ from typing import Any
 import hvac
 import sqlalchemy as sa
 
-from tenantvault import Vault, devstack
-from tenantvault.dekrotation import Progress, rotate_data_keys
-from tenantvault.devstack import StackState
+from tenantvault import Vault
+from tenantvault.dev import stack as devstack
+from tenantvault.dev.stack import StackState
+from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.rotation.dek import Progress, rotate_data_keys
 from tenantvault.settings import Settings
-from tenantvault.transit import VaultTransitKeyProvider
 
 from .conftest import fresh_keyring
 from .rotation_support import add_tenants, key_states, open_everything, populate, sealed_versions

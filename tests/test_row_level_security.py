@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 from psycopg import errors
 
-from tenantvault.db import TENANT_SETTING, create_engine, tenant_session
+from tenantvault.db.models import EmailProviderConfig
+from tenantvault.db.session import TENANT_SETTING, create_engine, tenant_session
 from tenantvault.errors import TenantNotSetError
-from tenantvault.models import EmailProviderConfig
 from tenantvault.settings import load_settings
 
 from .support import seed_legacy

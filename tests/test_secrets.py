@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tenantvault import DecryptionError, InvalidInputError, Vault
-from tenantvault.devstack import postgres_bin_dir
+from tenantvault.dev.stack import postgres_bin_dir
 from tenantvault.settings import Settings
 
 SECRETS = {

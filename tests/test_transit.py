@@ -9,7 +9,7 @@ import hvac
 import pytest
 
 from tenantvault.errors import DecryptionError, KeyProviderError
-from tenantvault.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import VaultTransitKeyProvider
 
 from .conftest import Services
 
@@ -82,7 +82,7 @@ def test_batches_larger_than_the_server_accepts_are_refused_up_front(services: S
 def test_approle_login_with_a_least_privilege_policy(
     services: Services, clean_environment: None
 ) -> None:
-    from tenantvault.kms import key_provider_from_settings
+    from tenantvault.kms.factory import key_provider_from_settings
     from tenantvault.settings import load_settings
 
     root = _client(services)

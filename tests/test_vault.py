@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from tenantvault import InvalidInputError, NotFoundError, Vault
-from tenantvault.db import tenant_session
+from tenantvault.db.session import tenant_session
 from tenantvault.errors import DecryptionError
 
 from .conftest import CountingProvider

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from tenantvault import _moved
+from tenantvault.db.models import ProviderType
 from tenantvault.errors import (
     ConcurrentModification,
     ConfigurationError,
@@ -18,9 +20,7 @@ from tenantvault.errors import (
     TenantNotSetError,
     TenantVaultError,
 )
-from tenantvault.models import ProviderType
-from tenantvault.providers import CredentialsModel
-from tenantvault.vault import (
+from tenantvault.vault.core import (
     ConfigVersion,
     ExpiringToken,
     OAuthToken,
@@ -28,6 +28,9 @@ from tenantvault.vault import (
     RefreshedToken,
     Vault,
 )
+from tenantvault.vault.providers import CredentialsModel
+
+_moved.install()
 
 _default: Vault | None = None
 _default_lock = threading.Lock()

@@ -1,0 +1,5 @@
+import sys
+
+from tenantvault.cli.commands import main
+
+sys.exit(main())

@@ -1,0 +1,359 @@
+"""The operator command, ``tenantvault``. It parses, calls one library function,
+prints the report, and maps tenantvault's errors to one ``FAILED:`` line."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from tenantvault.cli import output as operator_output
+from tenantvault.db.migration_support import MigrationOptions
+from tenantvault.dev import stack as devstack
+from tenantvault.errors import TenantVaultError
+from tenantvault.ops import jobs as operator_jobs
+from tenantvault.ops import migrate
+from tenantvault.ops.health import StatusReport, status
+from tenantvault.settings import load_settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNHEALTHY = 3
+EXIT_INCOMPLETE = 4
+EXIT_AUDIT_BROKEN = 5
+EXIT_INTERRUPTED = 130
+
+
+def _print_status(report: StatusReport) -> int:
+    state = "up to date" if report.up_to_date else f"behind (head is {report.head})"
+    print(f"database      {report.database} (PostgreSQL {report.server_version})")
+    print(f"schema        revision {report.revision or 'none'}: {state}")
+    for table in report.tables:
+        rls = "RLS forced" if table.row_level_security and table.forced else "RLS NOT FORCED"
+        print(
+            f"  {table.name:<24} {rls}, {table.policies} policies, "
+            f"{table.rows_visible_to_app_without_tenant} rows visible to the app role "
+            "without a tenant"
+        )
+    vault = report.vault
+    if vault is not None:
+        if vault.reachable:
+            transit = "transit mounted" if vault.transit_mounted else "transit NOT mounted"
+            print(f"vault         {vault.address}: reachable, {transit}")
+        else:
+            print(f"vault         {vault.address or '-'}: unreachable ({vault.detail})")
+    if report.revision:
+        until = report.audit_partitions_until
+        note = "" if report.audit_writable else " (too few: run `tenantvault audit partitions`)"
+        print(f"audit log     partitions until {until or 'none'}{note}")
+    healthy = (
+        report.up_to_date
+        and report.isolated
+        and report.audit_writable
+        and bool(vault and vault.reachable)
+    )
+    return EXIT_OK if healthy else EXIT_UNHEALTHY
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    if args.sql:
+        try:
+            options = MigrationOptions.from_settings(load_settings())
+        except TenantVaultError:
+            options = MigrationOptions()  # offline SQL needs no database
+        sys.stdout.write(migrate.offline_sql(options, args.revision))
+        return EXIT_OK
+    settings = load_settings()
+    if args.downgrade:
+        report = migrate.downgrade(settings, args.revision, allow_data_loss=args.allow_data_loss)
+    else:
+        report = migrate.upgrade(settings, args.revision, adopt=args.adopt)
+    print(f"schema revision: {report.before or 'none'} -> {report.after or 'none'}")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    return _print_status(status(load_settings()))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tenantvault.dev.demo import run_demo
+
+    report = run_demo(load_settings())
+    print("\n".join(report.lines))
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    if args.action == "up":
+        sys.stdout.write(devstack.up(state_dir).as_shell())
+        print(f'# written to {state_dir / "env"}: eval "$(tenantvault dev env)"', file=sys.stderr)
+    elif args.action == "env":
+        sys.stdout.write(devstack.stack_env(state_dir).as_shell())
+    else:
+        stopped = devstack.down(state_dir)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return EXIT_OK
+
+
+@contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C sets the event: the job stops after its current batch. A second Ctrl-C
+    interrupts at once (every batch is its own transaction, so that is safe too)."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_exit(ok: bool, stopped: str | None) -> int:
+    if stopped and stopped.startswith("interrupted"):
+        return EXIT_INTERRUPTED
+    if stopped:
+        print(f"FAILED: {stopped}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if ok else EXIT_INCOMPLETE
+
+
+def _cmd_rotate_status(args: argparse.Namespace) -> int:
+    report = operator_jobs.rotation_status(load_settings(), args.tenant or None)
+    operator_output.print_key_status(report, args.json)
+    return EXIT_OK
+
+
+def _cmd_rotate_kek(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    output = operator_output.RotationOutput.choose(args.json)
+    with _stop_on_interrupt() as stop, output:
+        report = operator_jobs.rotate_kek_job(
+            settings,
+            rotate=not args.no_rotate,
+            raise_min_decryption_version=args.min_decryption_version,
+            dry_run=args.dry_run,
+            batch_size=args.batch_size,
+            stop=stop,
+            on_progress=output.kek,
+        )
+    operator_output.print_kek_summary(report, args.json)
+    return _run_exit(report.ok, report.stopped)
+
+
+def _cmd_rotate_dek(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    output = operator_output.RotationOutput.choose(args.json)
+    with _stop_on_interrupt() as stop, output:
+        report = operator_jobs.rotate_dek_job(
+            settings,
+            None if args.all else args.tenant,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            dry_run=args.dry_run,
+            stop=stop,
+            on_progress=output.dek,
+        )
+    operator_output.print_dek_summary(report, args.json)
+    return _run_exit(report.ok, report.stopped)
+
+
+def _cmd_shred(args: argparse.Namespace) -> int:
+    if not (args.yes or args.dry_run):
+        print(
+            f"FAILED: shredding destroys every data key of tenant {args.tenant}: none of its "
+            "secrets can be opened again. Rerun with --yes (or --dry-run to see the count).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    report = operator_jobs.shred_job(load_settings(), args.tenant, dry_run=args.dry_run)
+    operator_output.print_shred(report, args.json)
+    return EXIT_OK
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    report = operator_jobs.audit_verify_job(load_settings(), args.tenant or None)
+    operator_output.print_audit_verify(report, args.json)
+    return EXIT_OK if report.ok else EXIT_AUDIT_BROKEN
+
+
+def _cmd_audit_prune(args: argparse.Namespace) -> int:
+    report = operator_jobs.audit_prune_job(
+        load_settings(), keep_months=args.keep_months, dry_run=args.dry_run
+    )
+    verb = "would drop" if report.dry_run else "dropped"
+    names = ", ".join(report.dropped) or "no partition"
+    print(f"audit: {verb} {names} ({report.events_dropped} events)")
+    return EXIT_OK
+
+
+def _cmd_audit_partitions(args: argparse.Namespace) -> int:
+    made = operator_jobs.audit_partitions_job(load_settings(), months_ahead=args.months_ahead)
+    print(f"audit: {made} new monthly partitions (through {args.months_ahead} months ahead)")
+    return EXIT_OK
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    report = operator_jobs.purge_job(
+        load_settings(), older_than_days=args.older_than_days, dry_run=args.dry_run
+    )
+    operator_output.print_purge(report, args.json)
+    return EXIT_OK
+
+
+def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="verify the audit chains, keep partitions ahead, drop old months",
+        description="Exit codes: 0 done; 1 failed; 2 usage; 5 an audit chain is broken "
+        "(each broken tenant's first bad row is named).",
+    )
+    jobs = audit.add_subparsers(dest="job", required=True)
+    verify = jobs.add_parser("verify", help="recompute every chain; name the first broken row")
+    verify.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    verify.add_argument("--json", action="store_true", help="JSON lines")
+    verify.set_defaults(handler=_cmd_audit_verify)
+    prune = jobs.add_parser("prune", help="drop whole months older than the retention period")
+    prune.add_argument("--keep-months", type=_positive, required=True)
+    prune.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    prune.set_defaults(handler=_cmd_audit_prune)
+    partitions = jobs.add_parser("partitions", help="create the coming months' partitions")
+    partitions.add_argument("--months-ahead", type=_positive, default=24)
+    partitions.set_defaults(handler=_cmd_audit_partitions)
+
+    purge = commands.add_parser(
+        "purge", help="remove the secrets, tokens and history of long-deleted configs"
+    )
+    purge.add_argument("--older-than-days", type=_positive, required=True)
+    purge.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    purge.add_argument("--json", action="store_true", help="JSON lines")
+    purge.set_defaults(handler=_cmd_purge)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rotate = commands.add_parser(
+        "rotate-keys",
+        help="rotate the KEK (transit key) or tenants' data keys; show what each key protects",
+        description="Exit codes: 0 done; 1 failed (one FAILED: line); 2 usage; 4 finished but "
+        "incomplete (values that would not open, tenants busy in another process); "
+        "130 interrupted (stopped after a batch; rerun to resume).",
+    )
+    jobs = rotate.add_subparsers(dest="job", required=True)
+
+    status_parser = jobs.add_parser("status", help="per tenant: DEK versions, states, counts")
+    status_parser.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    status_parser.add_argument("--json", action="store_true", help="JSON lines")
+    status_parser.set_defaults(handler=_cmd_rotate_status)
+
+    kek = jobs.add_parser("kek", help="rotate the transit key and rewrap every data key")
+    kek.add_argument(
+        "--no-rotate",
+        action="store_true",
+        help="do not make a new transit key version; rewrap to the latest (after Vault "
+        "rotated the key by itself)",
+    )
+    kek.add_argument(
+        "--min-decryption-version",
+        action="store_true",
+        help="afterwards forbid unwrapping with older KEK versions (refused unless no data "
+        "key still needs one)",
+    )
+    kek.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    kek.add_argument("--batch-size", type=_positive, default=1000)
+    kek.add_argument("--json", action="store_true", help="JSON lines")
+    kek.set_defaults(handler=_cmd_rotate_kek)
+
+    dek = jobs.add_parser(
+        "dek", help="new data keys for tenants; re-seal what the old ones protect"
+    )
+    which = dek.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tenant", action="append", help="a tenant id (repeatable)")
+    which.add_argument("--all", action="store_true", help="every tenant that has a data key")
+    dek.add_argument("--workers", type=_positive, default=1, help="threads (whole tenants each)")
+    dek.add_argument("--batch-size", type=_positive, default=1000, help="rows per transaction")
+    dek.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    dek.add_argument("--json", action="store_true", help="JSON lines")
+    dek.set_defaults(handler=_cmd_rotate_dek)
+
+    shred = commands.add_parser(
+        "shred", help="crypto-shred a tenant: destroy its data keys (configs stay as records)"
+    )
+    shred.add_argument("--tenant", required=True)
+    shred.add_argument("--yes", action="store_true", help="yes, destroy them")
+    shred.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    shred.add_argument("--json", action="store_true", help="JSON lines")
+    shred.set_defaults(handler=_cmd_shred)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tenantvault", description="Tenant-isolated, envelope-encrypted email credentials."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    m = commands.add_parser("migrate", help="upgrade (or downgrade) the database schema")
+    m.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    m.add_argument("--revision", default="head", help="target revision (default: head)")
+    m.add_argument(
+        "--adopt",
+        action="store_true",
+        help="the database already has the application's tables: stamp the baseline first",
+    )
+    m.add_argument("--downgrade", action="store_true", help="downgrade to --revision")
+    m.add_argument(
+        "--allow-data-loss",
+        action="store_true",
+        help="acknowledge that a downgrade deletes data the older schema cannot hold",
+    )
+    m.set_defaults(handler=_cmd_migrate)
+
+    s = commands.add_parser("status", help="schema revision, tenant isolation and Vault state")
+    s.set_defaults(handler=_cmd_status)
+
+    demo = commands.add_parser("demo", help="store and load credentials end to end")
+    demo.set_defaults(handler=_cmd_demo)
+
+    _add_rotation_parsers(commands)
+    _add_lifecycle_parsers(commands)
+
+    d = commands.add_parser("dev", help="embedded PostgreSQL + OpenBao for development")
+    d.add_argument("action", choices=["up", "down", "env"])
+    d.add_argument("--state-dir", default=str(devstack.DEFAULT_STATE_DIR))
+    d.set_defaults(handler=_cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except TenantVaultError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("FAILED: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

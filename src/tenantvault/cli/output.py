@@ -1,0 +1,271 @@
+"""How the operator commands (rotate-keys, shred, audit, purge) show progress and
+reports: a rich progress bar on a terminal, plain lines when not, JSON lines with
+``--json``. Reports hold ids, versions and counts only, so nothing here can print
+a secret."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, TextIO
+
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+from tenantvault.audit.chain import AuditVerifyReport
+from tenantvault.ops.purge import PurgeReport
+from tenantvault.rotation.dek import DekRotationReport, Progress, TenantRotation
+from tenantvault.rotation.kek import KekProgress, KekRotationReport
+from tenantvault.rotation.shred import ShredReport
+from tenantvault.rotation.status import KeyStatusReport
+
+
+def _json_line(out: TextIO, event: str, payload: object) -> None:
+    if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+        body: dict[str, Any] = dataclasses.asdict(payload)
+    else:
+        assert isinstance(payload, dict)
+        body = payload
+    out.write(json.dumps({"event": event, **body}, default=str) + "\n")
+    out.flush()
+
+
+def _tenant_line(t: TenantRotation) -> str:
+    versions = f"v{t.from_version} -> v{t.to_version}" if t.to_version else ""
+    retired = f", retired {', '.join(f'v{v}' for v in t.retired)}" if t.retired else ""
+    left = f", {t.remaining} values still on an older key" if t.remaining else ""
+    resealed = sum(t.resealed.values())
+    return f"tenant {t.tenant_id}: {t.outcome} {versions}, {resealed} values{retired}{left}"
+
+
+class RotationOutput:
+    """Progress for one run: ``mode`` is "rich", "plain" or "json"."""
+
+    def __init__(self, mode: str, out: TextIO | None = None) -> None:
+        self.mode = mode
+        self.out = out or sys.stdout
+        self._bar: RichProgress | None = None
+        self._task: Any = None
+
+    @classmethod
+    def choose(cls, json_lines: bool, out: TextIO | None = None) -> RotationOutput:
+        out = out or sys.stdout
+        if json_lines:
+            return cls("json", out)
+        return cls("rich" if out.isatty() else "plain", out)
+
+    def __enter__(self) -> RotationOutput:
+        if self.mode == "rich":
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=False,
+            )
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def _advance(self, description: str, completed: int, total: int) -> None:
+        assert self._bar is not None
+        if self._task is None:
+            self._task = self._bar.add_task(description, total=total)
+        self._bar.update(self._task, description=description, completed=completed, total=total)
+
+    def dek(self, event: Progress) -> None:
+        if self.mode == "json":
+            kind = "tenant" if event.finished else "batch"
+            payload = event.finished if event.finished else event
+            _json_line(self.out, kind, payload)
+        elif self.mode == "rich":
+            label = f"{event.tenant_id} {event.column or 'done'}"
+            self._advance(label, event.tenants_done, event.tenants_total)
+            if event.finished:
+                assert self._bar is not None
+                self._bar.console.print(_tenant_line(event.finished))
+        elif event.finished:
+            self.out.write(_tenant_line(event.finished) + "\n")
+            self.out.flush()
+
+    def kek(self, event: KekProgress) -> None:
+        if self.mode == "json":
+            _json_line(self.out, "batch", event)
+        elif self.mode == "rich":
+            self._advance("rewrapping data keys", event.rewrapped, event.total)
+        else:
+            self.out.write(f"rewrapped {event.rewrapped} of {event.total} data keys\n")
+            self.out.flush()
+
+
+def print_dek_summary(
+    report: DekRotationReport, json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        for item in report.unopenable:
+            _json_line(out, "unopenable", item)
+        _json_line(
+            out,
+            "summary",
+            {
+                "dry_run": report.dry_run,
+                "tenants": len(report.tenants),
+                "resealed": report.resealed,
+                "unopenable": len(report.unopenable),
+                "stopped": report.stopped,
+                "ok": report.ok,
+            },
+        )
+        return
+    for item in report.unopenable:
+        out.write(
+            f"could not open: tenant {item.tenant_id} {item.column} row {item.row} ({item.error})\n"
+        )
+    outcomes: dict[str, int] = {}
+    for tenant in report.tenants:
+        outcomes[tenant.outcome] = outcomes.get(tenant.outcome, 0) + 1
+    counted = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items())) or "none"
+    verb = "would re-seal" if report.dry_run else "re-sealed"
+    out.write(
+        f"summary: {len(report.tenants)} tenants ({counted}); {verb} {report.resealed} values"
+    )
+    out.write(f"; {len(report.unopenable)} could not be opened\n")
+    if report.stopped:
+        out.write(f"stopped: {report.stopped}\n")
+
+
+def print_kek_summary(
+    report: KekRotationReport, json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        _json_line(out, "summary", {**dataclasses.asdict(report), "ok": report.ok})
+        return
+    for failure in report.failures:
+        out.write(
+            f"could not rewrap: tenant {failure.tenant_id} data key v{failure.dek_version} "
+            f"({failure.error})\n"
+        )
+    if report.dry_run:
+        action = (
+            f"would rotate v{report.kek_before} -> v{report.kek_after}"
+            if report.rotated
+            else (f"would not rotate (v{report.kek_before}: data keys still to rewrap)")
+        )
+        out.write(f"kek: {action}; {report.behind} data keys would be rewrapped\n")
+        return
+    rotated = (
+        f"rotated v{report.kek_before} -> v{report.kek_after}"
+        if report.rotated
+        else (f"caught up to v{report.kek_after}")
+    )
+    out.write(f"kek: {rotated}; rewrapped {report.rewrapped} data keys; {report.behind} behind")
+    if report.min_decryption_version is not None:
+        out.write(f"; min_decryption_version = {report.min_decryption_version}")
+    out.write("\n")
+    if report.stopped:
+        out.write(f"stopped: {report.stopped}\n")
+
+
+def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        for tenant in report.tenants:
+            _json_line(
+                out,
+                "tenant",
+                {**dataclasses.asdict(tenant), "active_version": tenant.active_version},
+            )
+        _json_line(
+            out,
+            "summary",
+            {
+                "kek_latest": report.kek_latest,
+                "kek_min_decryption_version": report.kek_min_decryption_version,
+                "tenants": len(report.tenants),
+                "behind_kek": report.behind_kek,
+                "draining": report.draining,
+            },
+        )
+        return
+    out.write(
+        f"transit key: latest v{report.kek_latest}, "
+        f"min_decryption_version {report.kek_min_decryption_version}\n"
+    )
+    for tenant in report.tenants:
+        active = f"v{tenant.active_version}" if tenant.active_version else "none"
+        out.write(f"tenant {tenant.tenant_id}: active DEK {active}\n")
+        for key in tenant.keys:
+            kek = f"KEK v{key.kek_version}" + (
+                " (behind)"
+                if key.state != "destroyed" and key.kek_version < report.kek_latest
+                else ""
+            )
+            out.write(
+                f"  DEK v{key.version} {key.state:<9} {kek:<16} protects {key.protects} values\n"
+            )
+    out.write(
+        f"summary: {len(report.tenants)} tenants; {report.behind_kek} data keys behind the KEK; "
+        f"{report.draining} draining\n"
+    )
+
+
+def print_shred(report: ShredReport, json_lines: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        _json_line(out, "summary", report)
+        return
+    verb = "would destroy" if report.dry_run else "destroyed"
+    versions = ", ".join(f"v{v}" for v in report.destroyed_versions) or "no keys"
+    out.write(
+        f"tenant {report.tenant_id}: {verb} {versions}; "
+        f"{report.sealed_values} sealed values can never be opened again\n"
+    )
+
+
+def print_audit_verify(
+    report: AuditVerifyReport, json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        for item in report.breaks:
+            _json_line(out, "break", item)
+        _json_line(
+            out,
+            "summary",
+            {
+                "tenants": report.tenants,
+                "events": report.events,
+                "ok": report.ok,
+                "heads": report.heads,
+            },
+        )
+        return
+    for item in report.breaks:
+        when = f" at {item.occurred_at.isoformat()}" if item.occurred_at else ""
+        out.write(f"BROKEN tenant {item.tenant_id} seq {item.seq}{when}: {item.problem}\n")
+    state = "every chain intact" if report.ok else f"{len(report.breaks)} broken chains"
+    out.write(f"audit: {report.events} events of {report.tenants} tenants; {state}\n")
+
+
+def print_purge(report: PurgeReport, json_lines: bool, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        for item in report.configs:
+            _json_line(out, "config", item)
+        _json_line(out, "summary", {"dry_run": report.dry_run, "configs": len(report.configs)})
+        return
+    verb = "would purge" if report.dry_run else "purged"
+    for item in report.configs:
+        out.write(
+            f"{verb} tenant {item.tenant_id} config {item.config_id}: "
+            f"{item.tokens} tokens, {item.versions} versions, its sealed credentials\n"
+        )
+    out.write(
+        f"summary: {verb} {len(report.configs)} configs deleted before {report.cutoff:%Y-%m-%d}\n"
+    )

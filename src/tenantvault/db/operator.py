@@ -1,0 +1,94 @@
+"""The database as operator jobs (key rotation, shredding) see it: every tenant at once.
+
+Each transaction runs as the migrator role, whose row-level-security policy admits
+every tenant's rows; the login must be allowed to ``SET ROLE`` to it (the
+migration owner is). Work is shared between processes through PostgreSQL only:
+a tenant is claimed with a session-level advisory lock, released when the work
+is done or when the connection dies with its process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+from tenantvault.db.session import create_engine
+from tenantvault.errors import RotationError
+from tenantvault.settings import Settings
+
+DEK_ROTATION_CLAIM = 1_953_916_002
+"""Advisory lock class of "a rotate-keys process is rotating this tenant's data key"."""
+
+KEK_ROTATION_LOCK = 1_953_916_003
+"""Advisory lock class of "a rotate-keys process is deciding whether to rotate the KEK"."""
+
+
+class OperatorDatabase:
+    """Transactions as the migrator role, schema-qualified names, claims on tenants."""
+
+    def __init__(self, engine: sa.Engine, *, schema: str, migrator_role: str) -> None:
+        self.engine = engine
+        self.schema = schema
+        self.migrator_role = migrator_role
+
+    def __repr__(self) -> str:
+        return f"OperatorDatabase(engine={self.engine!r}, role={self.migrator_role})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, pool_size: int = 5) -> OperatorDatabase:
+        engine = create_engine(settings, pool_size=pool_size, max_overflow=pool_size)
+        return cls(engine, schema=settings.schema_name, migrator_role=settings.migrator_role)
+
+    def table(self, name: str) -> str:
+        """``name`` qualified with the schema, quoted (schema and table are identifiers)."""
+        return f'"{self.schema}"."{name}"'
+
+    @contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """One transaction as the migrator role; commits when the block ends normally."""
+        with self.engine.begin() as connection:
+            try:
+                connection.exec_driver_sql(f'SET LOCAL ROLE "{self.migrator_role}"')
+            except DBAPIError:
+                raise RotationError(
+                    f"this login may not SET ROLE {self.migrator_role}: run operator "
+                    "commands with the migration owner's TENANTVAULT_DATABASE_URL"
+                ) from None
+            yield connection
+
+    @contextmanager
+    def claim(self, lock_class: int, tenant_id: str) -> Iterator[bool]:
+        """Try to claim ``tenant_id`` for this process; yields whether it got it."""
+        with self.engine.connect() as connection:
+            got = connection.execute(
+                sa.text("SELECT pg_try_advisory_lock(:cls, hashtext(:tenant_id))"),
+                {"cls": lock_class, "tenant_id": tenant_id},
+            ).scalar_one()
+            connection.commit()
+            try:
+                yield bool(got)
+            finally:
+                if got:
+                    connection.execute(
+                        sa.text("SELECT pg_advisory_unlock(:cls, hashtext(:tenant_id))"),
+                        {"cls": lock_class, "tenant_id": tenant_id},
+                    )
+                    connection.commit()
+
+    def tenants_with_keys(self) -> list[str]:
+        """Every tenant that has a data key that was not destroyed, in id order."""
+        keys = self.table("tenant_data_keys")
+        with self.transaction() as connection:
+            rows = connection.execute(
+                sa.text(
+                    f"SELECT DISTINCT tenant_id FROM {keys} "
+                    "WHERE state <> 'destroyed' ORDER BY tenant_id"
+                )
+            )
+            return [row[0] for row in rows]
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,128 @@
+"""A bounded, thread-safe in-process cache of plaintext data keys, with single flight.
+
+In the spirit of the AWS Encryption SDK's caching materials manager: an entry
+lives at most ``max_age`` seconds and serves at most ``max_uses`` lookups; at most
+``max_entries`` keys are held (least recently used goes first). On a miss,
+concurrent callers for the same key share one load: N threads opening a cold
+tenant make one call to the key provider.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from tenantvault.crypto.datakey import DataKey
+
+CacheKey = tuple[str, int]
+
+
+@dataclass
+class _Entry:
+    key: DataKey
+    loaded_at: float
+    uses: int = 0
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    loads: int = 0
+
+
+class DataKeyCache:
+    """Plaintext data keys by (tenant id, version)."""
+
+    def __init__(
+        self,
+        *,
+        max_age_seconds: float,
+        max_entries: int,
+        max_uses: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_age_seconds <= 0 or max_entries < 1 or max_uses < 1:
+            raise ValueError("cache bounds must be positive")
+        self.max_age_seconds = max_age_seconds
+        self.max_entries = max_entries
+        self.max_uses = max_uses
+        self._clock = clock
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._in_flight: dict[CacheKey, Future[DataKey]] = {}
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    def __repr__(self) -> str:
+        return f"DataKeyCache(entries={len(self._entries)}, max_entries={self.max_entries})"
+
+    def __reduce__(self) -> str:
+        raise TypeError("DataKeyCache refuses to be pickled")
+
+    def _fresh(self, cache_key: CacheKey) -> DataKey | None:
+        """The cached key if still within bounds (call with the lock held); counts a use."""
+        entry = self._entries.get(cache_key)
+        if entry is None:
+            return None
+        if self._clock() - entry.loaded_at >= self.max_age_seconds or entry.uses >= self.max_uses:
+            del self._entries[cache_key]
+            return None
+        entry.uses += 1
+        self._entries.move_to_end(cache_key)
+        self.stats.hits += 1
+        return entry.key
+
+    def get(self, tenant_id: str, version: int) -> DataKey | None:
+        """The cached key, or None (never loads)."""
+        with self._lock:
+            return self._fresh((tenant_id, version))
+
+    def put(self, key: DataKey) -> None:
+        with self._lock:
+            self._store(key)
+
+    def _store(self, key: DataKey) -> None:
+        self._entries[(key.tenant_id, key.version)] = _Entry(key, self._clock(), 1)
+        self._entries.move_to_end((key.tenant_id, key.version))
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def get_or_load(self, tenant_id: str, version: int, load: Callable[[], DataKey]) -> DataKey:
+        """The cached key, or the result of ``load`` shared by every concurrent caller."""
+        cache_key = (tenant_id, version)
+        with self._lock:
+            cached = self._fresh(cache_key)
+            if cached is not None:
+                return cached
+            pending = self._in_flight.get(cache_key)
+            leader = pending is None
+            if pending is None:
+                pending = Future()
+                self._in_flight[cache_key] = pending
+        if not leader:
+            return pending.result()
+        try:
+            key = load()
+        except BaseException as exc:
+            with self._lock:
+                del self._in_flight[cache_key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            self.stats.loads += 1
+            self._store(key)
+            del self._in_flight[cache_key]
+        pending.set_result(key)
+        return key
+
+    def evict_tenant(self, tenant_id: str) -> None:
+        with self._lock:
+            for cache_key in [k for k in self._entries if k[0] == tenant_id]:
+                del self._entries[cache_key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

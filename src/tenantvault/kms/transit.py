@@ -1,0 +1,261 @@
+"""Vault / OpenBao transit as the key provider (through an injected ``hvac.Client``).
+
+One transit key, created with ``derived=true``; the tenant id is the derivation
+context, so Vault derives a distinct KEK per tenant and a wrapped data key copied
+to another tenant does not unwrap. Only transient failures (connection errors,
+5xx) are retried, with backoff, inside the configured timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import hvac
+import requests
+
+from tenantvault.errors import DecryptionError, KeyProviderError, KeyProviderUnavailable
+from tenantvault.kms.provider import CheckedKeyProvider, RewrapResult, WrappedKey, kek_version_of
+
+T = TypeVar("T")
+_TRANSIENT = (
+    requests.exceptions.ConnectionError,
+    hvac.exceptions.VaultDown,
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.BadGateway,
+)
+
+
+class _PermissionDeniedError(KeyProviderError):
+    pass
+
+
+def _context(tenant_id: str) -> str:
+    return base64.b64encode(tenant_id.encode()).decode()
+
+
+class VaultTransitKeyProvider(CheckedKeyProvider):
+    """Data keys generated, unwrapped and rewrapped by a transit key in Vault/OpenBao."""
+
+    def __init__(
+        self,
+        client: hvac.Client,
+        *,
+        key_name: str,
+        mount_point: str = "transit",
+        timeout_seconds: float = 5.0,
+        batch_size: int = 200,
+        create_key: bool = True,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not 1 <= batch_size <= 400:
+            raise ValueError("batch_size must be 1..400 (OpenBao refuses 500-item batches)")
+        self._client = client
+        self._transit = client.secrets.transit
+        self.key_name = key_name
+        self.mount_point = mount_point
+        self.timeout_seconds = timeout_seconds
+        self.batch_size = batch_size
+        self._create_key = create_key
+        self._sleep = sleep
+        self._key_checked = False
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"VaultTransitKeyProvider(key={self.mount_point}/{self.key_name})"
+
+    def _call(self, what: str, request: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.timeout_seconds
+        delay = 0.05
+        while True:
+            try:
+                return request()
+            except requests.exceptions.Timeout:
+                raise KeyProviderUnavailable(f"Vault did not answer {what} in time") from None
+            except _TRANSIENT as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise KeyProviderUnavailable(
+                        f"Vault unavailable for {what} ({type(exc).__name__})"
+                    ) from None
+                self._sleep(delay)
+                delay *= 2
+            except hvac.exceptions.Forbidden:
+                raise _PermissionDeniedError(
+                    f"Vault token may not {what} with transit key "
+                    f"{self.mount_point}/{self.key_name}"
+                ) from None
+
+    def ensure_key(self) -> None:
+        """Check (once) that the transit key exists and is derived; create it if allowed."""
+        if self._key_checked:
+            return
+        with self._lock:
+            if self._key_checked:
+                return
+            try:
+                info = self._call(
+                    "read the key",
+                    lambda: self._transit.read_key(
+                        name=self.key_name, mount_point=self.mount_point
+                    ),
+                )
+            except hvac.exceptions.InvalidPath:
+                info = None
+            except _PermissionDeniedError:
+                # A least-privilege token (datakey, decrypt) may not read the key's
+                # settings: the operator manages the key, and a missing key shows
+                # up as a clear error on first use.
+                self._key_checked = True
+                return
+            if info is None:
+                if not self._create_key:
+                    raise KeyProviderError(self._missing_key_message())
+                try:
+                    self._call(
+                        "create the key",
+                        lambda: self._transit.create_key(
+                            name=self.key_name,
+                            derived=True,
+                            key_type="aes256-gcm96",
+                            mount_point=self.mount_point,
+                        ),
+                    )
+                except KeyProviderError:
+                    raise KeyProviderError(self._missing_key_message()) from None
+                info = self._call(
+                    "read the key",
+                    lambda: self._transit.read_key(
+                        name=self.key_name, mount_point=self.mount_point
+                    ),
+                )
+            if not info["data"].get("derived"):
+                raise KeyProviderError(
+                    f"transit key {self.mount_point}/{self.key_name} is not derived: "
+                    "tenant isolation needs a key created with derived=true"
+                )
+            self._key_checked = True
+
+    def _missing_key_message(self) -> str:
+        return (
+            f"transit key {self.mount_point}/{self.key_name} does not exist and this token may "
+            "not create it: run "
+            f"`bao write -f {self.mount_point}/keys/{self.key_name} derived=true`"
+        )
+
+    def _generate(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
+        self.ensure_key()
+        try:
+            response: dict[str, Any] = self._call(
+                "generate a data key",
+                lambda: self._transit.generate_data_key(
+                    name=self.key_name,
+                    key_type="plaintext",
+                    context=_context(tenant_id),
+                    bits=256,
+                    mount_point=self.mount_point,
+                ),
+            )
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+            raise KeyProviderError(self._missing_key_message()) from None
+        ciphertext = response["data"]["ciphertext"]
+        plaintext = base64.b64decode(response["data"]["plaintext"])
+        return plaintext, WrappedKey(ciphertext, kek_version_of(ciphertext))
+
+    def _unwrap(self, tenant_id: str, wrapped: str) -> bytes:
+        try:
+            response: dict[str, Any] = self._call(
+                "unwrap a data key",
+                lambda: self._transit.decrypt_data(
+                    name=self.key_name,
+                    ciphertext=wrapped,
+                    context=_context(tenant_id),
+                    mount_point=self.mount_point,
+                ),
+            )
+        except hvac.exceptions.InvalidRequest:
+            # Wrong tenant (derivation context), tampered or foreign ciphertext.
+            raise DecryptionError("cannot unwrap data key") from None
+        return base64.b64decode(response["data"]["plaintext"])
+
+    def _rewrap_batch(self, batch: Sequence[tuple[str, str]]) -> list[RewrapResult]:
+        self.ensure_key()
+        items = [{"ciphertext": wrapped, "context": _context(tenant)} for tenant, wrapped in batch]
+        try:
+            response: dict[str, Any] = self._call(
+                "rewrap data keys",
+                lambda: self._transit.rewrap_data(
+                    name=self.key_name,
+                    ciphertext="",
+                    batch_input=items,
+                    mount_point=self.mount_point,
+                ),
+            )
+            answered = response["data"]["batch_results"]
+        except hvac.exceptions.InvalidRequest:
+            # The whole request was refused: too large for the server's JSON limits
+            # (OpenBao counts every string: 249 items pass, 250 do not), or one item
+            # broke it. Halve until it passes; a single item reports its own refusal.
+            if len(batch) == 1:
+                return [self._rewrap_one(*batch[0])]
+            middle = len(batch) // 2
+            return self._rewrap_batch(batch[:middle]) + self._rewrap_batch(batch[middle:])
+        results = []
+        for (tenant, _), item in zip(batch, answered, strict=True):
+            if item.get("error"):
+                results.append(RewrapResult(tenant, None, "rewrap refused by Vault"))
+            else:
+                ciphertext = item["ciphertext"]
+                results.append(
+                    RewrapResult(tenant, WrappedKey(ciphertext, kek_version_of(ciphertext)))
+                )
+        return results
+
+    def _rewrap_one(self, tenant: str, wrapped: str) -> RewrapResult:
+        try:
+            response: dict[str, Any] = self._call(
+                "rewrap a data key",
+                lambda: self._transit.rewrap_data(
+                    name=self.key_name,
+                    ciphertext=wrapped,
+                    context=_context(tenant),
+                    mount_point=self.mount_point,
+                ),
+            )
+        except hvac.exceptions.InvalidRequest:
+            return RewrapResult(tenant, None, "rewrap refused by Vault")
+        ciphertext = response["data"]["ciphertext"]
+        return RewrapResult(tenant, WrappedKey(ciphertext, kek_version_of(ciphertext)))
+
+    def _rotate(self) -> int:
+        self.ensure_key()
+        self._call(
+            "rotate the key",
+            lambda: self._transit.rotate_key(name=self.key_name, mount_point=self.mount_point),
+        )
+        return self._latest_version()
+
+    def _key_info(self) -> dict[str, Any]:
+        self.ensure_key()
+        info: dict[str, Any] = self._call(
+            "read the key",
+            lambda: self._transit.read_key(name=self.key_name, mount_point=self.mount_point),
+        )
+        return info["data"]  # type: ignore[no-any-return]
+
+    def _latest_version(self) -> int:
+        return int(self._key_info()["latest_version"])
+
+    def _min_version(self) -> int:
+        return int(self._key_info()["min_decryption_version"])
+
+    def _set_min_version(self, version: int) -> None:
+        self.ensure_key()
+        self._call(
+            "set the key's min_decryption_version",
+            lambda: self._transit.update_key_configuration(
+                name=self.key_name, min_decryption_version=version, mount_point=self.mount_point
+            ),
+        )

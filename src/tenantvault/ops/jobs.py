@@ -1,0 +1,145 @@
+"""Operator jobs from settings: what ``rotate-keys``, ``shred``, ``audit`` and ``purge``
+call, one function each.
+
+Each builds the operator's database and key provider from the settings, runs the
+job, returns its report and closes what it opened — callable from a scheduler
+or from application code as well as from the CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+
+from tenantvault.audit.chain import (
+    AuditVerifyReport,
+    PruneReport,
+    add_partitions,
+    prune_audit,
+    verify_audit,
+)
+from tenantvault.db.operator import OperatorDatabase
+from tenantvault.keys.cache import DataKeyCache
+from tenantvault.keys.keyring import Keyring
+from tenantvault.kms.factory import key_provider_from_settings
+from tenantvault.ops.purge import PurgeReport, purge_deleted_configs
+from tenantvault.rotation.dek import DekRotationReport, Progress, rotate_data_keys
+from tenantvault.rotation.kek import KekProgress, KekRotationReport, rotate_kek
+from tenantvault.rotation.shred import ShredReport, shred_tenant
+from tenantvault.rotation.status import KeyStatusReport, key_status
+from tenantvault.settings import Settings
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[OperatorDatabase]:
+    db = OperatorDatabase.from_settings(settings, pool_size=1)
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
+@contextmanager
+def _operator(
+    settings: Settings, *, connections: int = 5
+) -> Iterator[tuple[OperatorDatabase, Keyring]]:
+    db = OperatorDatabase.from_settings(settings, pool_size=connections)
+    # The run's own cache: keys of every tenant it touches, for as long as it runs.
+    cache = DataKeyCache(
+        max_age_seconds=settings.dek_cache_max_age_seconds,
+        max_entries=max(settings.dek_cache_max_entries, 4 * connections),
+        max_uses=10**12,
+    )
+    try:
+        yield db, Keyring(key_provider_from_settings(settings), cache)
+    finally:
+        cache.clear()
+        db.dispose()
+
+
+def rotation_status(settings: Settings, tenants: Sequence[str] | None = None) -> KeyStatusReport:
+    """Per tenant: the data keys, their states, KEK versions and what each protects."""
+    with _operator(settings) as (db, keyring):
+        return key_status(db, keyring.provider, tenants)
+
+
+def rotate_kek_job(
+    settings: Settings,
+    *,
+    rotate: bool = True,
+    raise_min_decryption_version: bool = False,
+    dry_run: bool = False,
+    batch_size: int = 1000,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[KekProgress], None] | None = None,
+) -> KekRotationReport:
+    """Rotate the transit key (or only catch up) and rewrap every tenant's data keys."""
+    with _operator(settings) as (db, keyring):
+        return rotate_kek(
+            db,
+            keyring.provider,
+            rotate=rotate,
+            raise_min_decryption_version=raise_min_decryption_version,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            stop=stop,
+            on_progress=on_progress,
+        )
+
+
+def rotate_dek_job(
+    settings: Settings,
+    tenants: Sequence[str] | None,
+    *,
+    workers: int = 1,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> DekRotationReport:
+    """Rotate the data keys of ``tenants`` (None: every tenant with a key)."""
+    with _operator(settings, connections=workers + 1) as (db, keyring):
+        return rotate_data_keys(
+            db,
+            keyring,
+            tenants,
+            workers=workers,
+            batch_size=batch_size,
+            dry_run=dry_run,
+            stop=stop,
+            on_progress=on_progress,
+        )
+
+
+def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> ShredReport:
+    """Destroy a tenant's data keys (crypto-shredding)."""
+    with _database(settings) as db:
+        return shred_tenant(db, tenant_id, dry_run=dry_run)
+
+
+def audit_verify_job(settings: Settings, tenants: Sequence[str] | None = None) -> AuditVerifyReport:
+    """Recompute the audit chains; the report names the first broken row per tenant."""
+    with _database(settings) as db:
+        return verify_audit(db, tenants)
+
+
+def audit_prune_job(settings: Settings, *, keep_months: int, dry_run: bool = False) -> PruneReport:
+    """Drop audit partitions older than ``keep_months`` months (whole months only)."""
+    with _database(settings) as db:
+        return prune_audit(db, keep_months=keep_months, dry_run=dry_run)
+
+
+def audit_partitions_job(settings: Settings, *, months_ahead: int = 24) -> int:
+    """Create the audit log's partitions for the coming months; returns how many were new."""
+    with _database(settings) as db:
+        return add_partitions(db, months_ahead)
+
+
+def purge_job(settings: Settings, *, older_than_days: int, dry_run: bool = False) -> PurgeReport:
+    """Purge configs deleted more than ``older_than_days`` days ago."""
+    with _database(settings) as db:
+        return purge_deleted_configs(
+            db, older_than=timedelta(days=older_than_days), dry_run=dry_run
+        )

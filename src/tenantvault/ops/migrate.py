@@ -1,0 +1,157 @@
+"""Schema migrations as library calls; ``tenantvault migrate`` only parses and prints.
+
+Alembic's revisions live in ``migrations/`` (shipped inside the wheel as
+``tenantvault/_migrations``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.exc import DBAPIError
+
+from tenantvault.db.migration_support import OPTIONS_KEY, MigrationOptions
+from tenantvault.errors import MigrationError
+from tenantvault.settings import Settings
+
+BASELINE_REVISION = "0001_baseline"
+LEGACY_TABLES = ("tenants", "users", "email_sender_identities")
+
+
+def migrations_path() -> Path:
+    """Where the Alembic scripts are: the checkout's ``migrations/`` or the wheel's copy."""
+    checkout = Path(__file__).resolve().parents[3] / "migrations"
+    if (checkout / "env.py").is_file():
+        return checkout
+    return Path(str(resources.files("tenantvault") / "_migrations"))
+
+
+def alembic_config(
+    options: MigrationOptions, *, connection: sa.Engine | sa.Connection | None = None
+) -> Config:
+    """An Alembic config for ``options``.
+
+    Given an engine, the environment takes a connection of its own and runs
+    each revision in its own committed transaction under an advisory lock; given
+    a connection, it leaves transaction control to the caller.
+    """
+    config = Config(output_buffer=io.StringIO())
+    config.set_main_option("script_location", str(migrations_path()))
+    config.attributes[OPTIONS_KEY] = options
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def migration_engine(settings: Settings) -> sa.Engine:
+    """A single-use engine whose connections resolve unqualified names in the schema."""
+    return sa.create_engine(
+        settings.sqlalchemy_url,
+        poolclass=sa.NullPool,
+        connect_args={
+            "connect_timeout": settings.connect_timeout_seconds,
+            "options": f"-c search_path={settings.schema_name}",
+        },
+    )
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    """Where the schema was before and after a migration command."""
+
+    before: str | None
+    after: str | None
+    head: str
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config(MigrationOptions())).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(connection: sa.Connection, schema: str) -> str | None:
+    """The revision stamped in ``schema`` (None before tenantvault's first migration)."""
+    context = MigrationContext.configure(connection, opts={"version_table_schema": schema})
+    return context.get_current_revision()
+
+
+def _legacy_tables_present(connection: sa.Connection, schema: str) -> list[str]:
+    names = set(sa.inspect(connection).get_table_names(schema=schema))
+    return [table for table in LEGACY_TABLES if table in names]
+
+
+def upgrade(settings: Settings, revision: str = "head", *, adopt: bool = False) -> MigrationReport:
+    """Upgrade the database to ``revision``.
+
+    Args:
+        settings: where the database is and what the schema and roles are called.
+        revision: the target revision (default: the newest).
+        adopt: the database already has the application's tables and no
+            tenantvault history: stamp the baseline first instead of creating them.
+
+    Raises:
+        MigrationError: a revision failed; it was rolled back, earlier ones stay applied.
+    """
+    options = MigrationOptions.from_settings(settings)
+    engine = migration_engine(settings)
+    before, present = _inspect(engine, settings.schema_name)
+    if adopt and before is None:
+        if present != list(LEGACY_TABLES):
+            missing = sorted(set(LEGACY_TABLES) - set(present))
+            raise MigrationError(f"cannot adopt: schema lacks table(s) {', '.join(missing)}")
+        _run(lambda config: command.stamp(config, BASELINE_REVISION), options, engine)
+    elif before is None and present:
+        raise MigrationError(
+            f"schema {settings.schema_name!r} already has the application's tables "
+            f"({', '.join(present)}) but no tenantvault history: run with --adopt"
+        )
+    _run(lambda config: command.upgrade(config, revision), options, engine)
+    after, _ = _inspect(engine, settings.schema_name)
+    return MigrationReport(before=before, after=after, head=head_revision())
+
+
+def _inspect(engine: sa.Engine, schema: str) -> tuple[str | None, list[str]]:
+    with engine.connect() as connection:
+        return current_revision(connection, schema), _legacy_tables_present(connection, schema)
+
+
+def downgrade(
+    settings: Settings, revision: str, *, allow_data_loss: bool = False
+) -> MigrationReport:
+    """Downgrade to ``revision``; refuses (MigrationError) where data would be lost,
+    unless ``allow_data_loss`` acknowledges it."""
+    options = MigrationOptions.from_settings(settings, allow_data_loss=allow_data_loss)
+    engine = migration_engine(settings)
+    before, _ = _inspect(engine, settings.schema_name)
+    _run(lambda config: command.downgrade(config, revision), options, engine)
+    after, _ = _inspect(engine, settings.schema_name)
+    return MigrationReport(before=before, after=after, head=head_revision())
+
+
+def offline_sql(options: MigrationOptions, revision: str = "head") -> str:
+    """The SQL that upgrading an empty database to ``revision`` runs, for review."""
+    config = alembic_config(options)
+    command.upgrade(config, revision, sql=True)
+    buffer = config.output_buffer
+    assert isinstance(buffer, io.StringIO)
+    return buffer.getvalue()
+
+
+def _run(step: Callable[[Config], object], options: MigrationOptions, engine: sa.Engine) -> None:
+    try:
+        step(alembic_config(options, connection=engine))
+    except DBAPIError as exc:
+        diag = getattr(exc.orig, "diag", None)
+        primary = getattr(diag, "message_primary", None) or type(exc.orig).__name__
+        hint = getattr(diag, "message_hint", None)
+        raise MigrationError(primary + (f" ({hint})" if hint else "")) from exc

@@ -1,0 +1,508 @@
+"""DEK rotation: give a tenant a new data key and re-seal everything it protects.
+
+Per tenant, claimed by one process at a time (an advisory lock; other processes
+take other tenants):
+
+1. **switch**: a new key version becomes active and the old one ``draining``, in
+   one transaction holding the tenant's key lock exclusively — writers that read
+   the old key have committed, later writers seal with the new one. A tenant that
+   already has a draining key is resumed instead (a run that stopped midway).
+2. **re-seal**: each sealed column is paged through in batches, each its own
+   transaction: rows naming an older key are read, opened, sealed with the active
+   key, and written back with a compare-and-swap — only where the value is still
+   the one read, so nothing a writer stored meanwhile is overwritten. A value that
+   does not open is reported by place, never content, and left as it is.
+3. **retire**: holding the key lock again, count what still names an older key;
+   at zero the draining keys become ``retired``. Otherwise (a writer raced in)
+   re-seal again, a bounded number of times.
+
+A crash at any point leaves every value readable: old keys stay readable until
+retired, and a value is replaced only by its re-sealed self. A rerun resumes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from tenantvault import audit
+from tenantvault.crypto.datakey import DataKey
+from tenantvault.crypto.envelope import reseal
+from tenantvault.db.models import AuditAction
+from tenantvault.db.operator import DEK_ROTATION_CLAIM, OperatorDatabase
+from tenantvault.db.session import check_tenant_id
+from tenantvault.errors import (
+    DecryptionError,
+    KeyDestroyedError,
+    KeyProviderError,
+    RotationError,
+    TenantVaultError,
+)
+from tenantvault.keys.keyring import Keyring, lock_tenant_keys
+from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
+
+RESEAL_PASSES = 3
+ACTOR = "rotate-keys"
+
+
+def _cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
+    """A binary-format cursor on the connection's own driver connection (same
+    transaction): batches of text arrays go out and come back without text quoting."""
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver.cursor(binary=True)
+
+
+@dataclass(frozen=True)
+class Unopenable:
+    """A sealed value that would not open: where it is, and the error's class, never content."""
+
+    tenant_id: str
+    column: str
+    row: str
+    error: str
+
+
+@dataclass
+class TenantRotation:
+    """What happened (or, in a dry run, would happen) to one tenant."""
+
+    tenant_id: str
+    outcome: str  # rotated | resumed | no keys | busy | incomplete | would rotate | would resume
+    from_version: int | None = None
+    to_version: int | None = None
+    resealed: dict[str, int] = field(default_factory=dict)
+    retired: list[int] = field(default_factory=list)
+    remaining: int = 0  # values still naming an older key afterwards
+
+    @property
+    def done(self) -> bool:
+        return self.outcome in {"rotated", "resumed", "no keys", "would rotate", "would resume"}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One committed batch (``column`` set) or one finished tenant (``finished`` set)."""
+
+    tenant_id: str
+    column: str | None
+    rows: int
+    tenants_done: int
+    tenants_total: int
+    finished: TenantRotation | None = None
+
+
+@dataclass
+class DekRotationReport:
+    dry_run: bool
+    tenants: list[TenantRotation] = field(default_factory=list)
+    unopenable: list[Unopenable] = field(default_factory=list)
+    stopped: str | None = None  # why the run ended before finishing every tenant
+
+    @property
+    def resealed(self) -> int:
+        return sum(sum(t.resealed.values()) for t in self.tenants)
+
+    @property
+    def ok(self) -> bool:
+        return self.stopped is None and not self.unopenable and all(t.done for t in self.tenants)
+
+
+class _Stopped(Exception):  # noqa: N818 - internal control flow, never escapes
+    pass
+
+
+class DekRotation:
+    """Rotates tenants' data keys; one instance per run, shared by its worker threads."""
+
+    def __init__(
+        self,
+        db: OperatorDatabase,
+        keyring: Keyring,
+        *,
+        batch_size: int = 1000,
+        dry_run: bool = False,
+        stop: threading.Event | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        if not 1 <= batch_size <= 50_000:
+            raise ValueError("batch_size must be 1..50000")
+        self.db = db
+        self.keyring = keyring
+        self.batch_size = batch_size
+        self.dry_run = dry_run
+        self.stop = stop or threading.Event()
+        self.on_progress = on_progress
+        self.report = DekRotationReport(dry_run=dry_run)
+        self._lock = threading.Lock()
+        self._total = 0
+        self._keys = db.table("tenant_data_keys")
+
+    # --- the run ---
+
+    def run(self, tenants: Sequence[str] | None = None, *, workers: int = 1) -> DekRotationReport:
+        """Rotate ``tenants`` (every tenant with a key when None) with ``workers`` threads."""
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        queue = [
+            check_tenant_id(t)
+            for t in (tenants if tenants is not None else self.db.tenants_with_keys())
+        ]
+        queue.reverse()
+        self._total = len(queue)
+        threads = [
+            threading.Thread(target=self._work, args=(queue,), name=f"rotate-dek-{n}")
+            for n in range(min(workers, max(1, len(queue))))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.report.tenants.sort(key=lambda t: t.tenant_id)
+        return self.report
+
+    def _work(self, queue: list[str]) -> None:
+        while not self.stop.is_set():
+            with self._lock:
+                if not queue:
+                    return
+                tenant_id = queue.pop()
+            try:
+                result = self._tenant(tenant_id)
+            except _Stopped:
+                return
+            except KeyProviderError as exc:
+                self._stop_run(f"key provider failed for tenant {tenant_id}: {exc}")
+                return
+            except TenantVaultError as exc:
+                self._stop_run(f"tenant {tenant_id}: {exc}")
+                return
+            except Exception as exc:
+                # A worker thread must not die quietly: stop the run and say so. Only the
+                # class: a database error's text may carry statement parameters.
+                self._stop_run(f"tenant {tenant_id}: {type(exc).__name__}; nothing half-written")
+                return
+            with self._lock:
+                self.report.tenants.append(result)
+                done = len(self.report.tenants)
+            rows = sum(result.resealed.values())
+            self._progress(Progress(tenant_id, None, rows, done, self._total, result))
+
+    def _stop_run(self, why: str) -> None:
+        with self._lock:
+            if self.report.stopped is None:
+                self.report.stopped = why
+        self.stop.set()
+
+    def _progress(self, event: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(event)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            with self._lock:
+                if self.report.stopped is None:
+                    self.report.stopped = "interrupted: stopped after the current batch"
+            raise _Stopped
+
+    # --- one tenant ---
+
+    def _tenant(self, tenant_id: str) -> TenantRotation:
+        with self.db.claim(DEK_ROTATION_CLAIM, tenant_id) as claimed:
+            if not claimed:
+                return TenantRotation(tenant_id, "busy")
+            active, draining, destroyed = self._states(tenant_id)
+            if active is None:
+                return TenantRotation(tenant_id, "no keys")
+            if self.dry_run:
+                return self._plan(tenant_id, active, draining, destroyed)
+            if draining:
+                result = TenantRotation(tenant_id, "resumed", min(draining), active)
+                with self.db.transaction() as connection:
+                    key = self.keyring.active_key(connection, tenant_id)
+            else:
+                key = self._switch(tenant_id, active)
+                result = TenantRotation(tenant_id, "rotated", active, key.version)
+            with self.db.transaction() as connection:
+                stale = self._stale_counts(connection, tenant_id, key.version, destroyed)
+            for _ in range(RESEAL_PASSES):
+                for column in SEALED_COLUMNS:
+                    if not stale[column]:
+                        continue
+                    done = self._reseal(tenant_id, column, key, destroyed)
+                    if done:
+                        result.resealed[column.name] = result.resealed.get(column.name, 0) + done
+                stale, retired = self._retire(tenant_id, key.version, destroyed)
+                remaining = sum(stale.values())
+                result.remaining, result.retired = remaining, result.retired + retired
+                if remaining <= self._unopenable_count(tenant_id):
+                    break
+            if remaining:
+                result.outcome = "incomplete"
+            return result
+
+    def _states(self, tenant_id: str) -> tuple[int | None, list[int], list[int]]:
+        """The active key version, the draining ones, the destroyed ones."""
+        with self.db.transaction() as connection:
+            rows = connection.execute(
+                sa.text(f"SELECT version, state FROM {self._keys} WHERE tenant_id = :t"),
+                {"t": tenant_id},
+            ).all()
+        active = next((v for v, state in rows if state == "active"), None)
+
+        def of(wanted: str) -> list[int]:
+            return sorted(v for v, state in rows if state == wanted)
+
+        return active, of("draining"), of("destroyed")
+
+    def _plan(
+        self, tenant_id: str, active: int, draining: list[int], destroyed: list[int]
+    ) -> TenantRotation:
+        """What a real run would do: which key versions, and how many values per column."""
+        # A new key makes every value stale; a resumed rotation only those not yet re-sealed.
+        target = active if draining else active + 1
+        result = TenantRotation(
+            tenant_id,
+            "would resume" if draining else "would rotate",
+            min(draining) if draining else active,
+            target,
+            retired=draining if draining else [active],
+        )
+        with self.db.transaction() as connection:
+            stale = self._stale_counts(connection, tenant_id, target, destroyed)
+        result.resealed = {column.name: count for column, count in stale.items() if count}
+        return result
+
+    def _switch(self, tenant_id: str, active: int) -> DataKey:
+        """Make a new key version active; the current one starts draining."""
+        plaintext, wrapped = self.keyring.provider.generate_data_key(tenant_id)
+        with self.db.transaction() as connection:
+            lock_tenant_keys(connection, tenant_id, exclusive=True)
+            current = connection.execute(
+                sa.text(
+                    f"UPDATE {self._keys} SET state = 'draining' "
+                    "WHERE tenant_id = :t AND state = 'active' AND version = :v RETURNING version"
+                ),
+                {"t": tenant_id, "v": active},
+            ).scalar_one_or_none()
+            if current is None:
+                # Cannot happen while the claim is held; if it does, stop rather than guess.
+                raise RotationError(f"the active data key of tenant {tenant_id} moved meanwhile")
+            version = connection.execute(
+                sa.text(
+                    f"INSERT INTO {self._keys} (tenant_id, version, wrapped_key, kek_version) "
+                    f"SELECT :t, max(version) + 1, :w, :k FROM {self._keys} WHERE tenant_id = :t "
+                    "RETURNING version"
+                ),
+                {"t": tenant_id, "w": wrapped.ciphertext, "k": wrapped.kek_version},
+            ).scalar_one()
+            audit.record(
+                connection,
+                tenant_id,
+                AuditAction.DEK_ROTATED,
+                actor=ACTOR,
+                target_type="dek",
+                target_id=str(version),
+                details={"from_version": active, "kek_version": wrapped.kek_version},
+            )
+        key = DataKey(tenant_id, version, plaintext)
+        self.keyring.cache.put(key)
+        return key
+
+    def _stale_where(self, column: SealedColumn) -> str:
+        # Values under a destroyed (shredded) key are gone for good, not stale.
+        return (
+            f"tenant_id = %(t)s AND {column.column} IS NOT NULL "
+            f"AND NOT starts_with({column.column}, %(prefix)s) "
+            f"AND split_part({column.column}, '.', 2)::int <> ALL(%(destroyed)s::int[])"
+        )
+
+    def _stale_counts(
+        self, connection: sa.Connection, tenant_id: str, active: int, destroyed: list[int]
+    ) -> dict[SealedColumn, int]:
+        """How many values of each sealed column of the tenant name another key than
+        ``active`` (one statement for all columns)."""
+        sql = " UNION ALL ".join(
+            f"SELECT {index}, count(*) FROM {self.db.table(column.table)} "
+            f"WHERE {self._stale_where(column)}"
+            for index, column in enumerate(SEALED_COLUMNS)
+        )
+        params = {"t": tenant_id, "prefix": f"tv1.{active}.", "destroyed": destroyed}
+        with _cursor(connection) as cursor:
+            cursor.execute(sql, params)
+            return {SEALED_COLUMNS[index]: int(count) for index, count in cursor.fetchall()}
+
+    def _reseal(
+        self, tenant_id: str, column: SealedColumn, key: DataKey, destroyed: list[int]
+    ) -> int:
+        """Re-seal one column of one tenant in batches; returns how many values moved.
+
+        Each batch is one transaction and a compare-and-swap: a row is written only
+        if it still holds the value that was read, so a value a writer stored in
+        between (already under the new key) is never overwritten with a stale one.
+        Cheaper than locking the rows first, which would write every row twice."""
+        names = [name for name, _ in column.keys]
+        key_list = ", ".join(names)
+        table = self.db.table(column.table)
+        after = ", ".join(f"%(k{i})s::{sql_type}" for i, (_, sql_type) in enumerate(column.keys))
+        select = (
+            f"SELECT {key_list}, {column.column} FROM {table} "
+            f"WHERE {self._stale_where(column)} {{after}} "
+            f"ORDER BY {key_list} LIMIT %(n)s"
+        )
+        arrays = ", ".join(f"%(a{i})b::{sql_type}[]" for i, (_, sql_type) in enumerate(column.keys))
+        matches = " AND ".join(f"t.{name} = v.{name}" for name in names)
+        update = (
+            f"UPDATE {table} AS t SET {column.column} = v.new_value "
+            f"FROM unnest({arrays}, %(old)b::text[], %(new)b::text[]) "
+            f"AS v({key_list}, old_value, new_value) "
+            f"WHERE t.tenant_id = %(t)s AND {matches} AND t.{column.column} = v.old_value"
+        )
+        params: dict[str, Any] = {
+            "t": tenant_id,
+            "prefix": f"tv1.{key.version}.",
+            "n": self.batch_size,
+            "destroyed": destroyed,
+        }
+        width = len(names)
+        where_after = ""
+        moved = 0
+        while True:
+            self._check_stop()
+            with self.db.transaction() as connection, _cursor(connection) as cursor:
+                cursor.execute(select.format(after=where_after), params)
+                rows = cursor.fetchall()
+                if not rows:
+                    return moved
+                where_after = f"AND ({key_list}) > ({after})"
+                params.update({f"k{i}": value for i, value in enumerate(rows[-1][:width])})
+                resealed = self._reseal_rows(connection, tenant_id, column, key, rows, width)
+                if resealed[-1]:
+                    batch = {f"a{i}": values for i, values in enumerate(resealed[:width])}
+                    batch.update(old=resealed[width], new=resealed[width + 1])
+                    cursor.execute(update, {**batch, "t": tenant_id})
+                    moved += cursor.rowcount
+                last_batch = len(rows) < self.batch_size
+            with self._lock:
+                done_tenants = len(self.report.tenants)
+            self._progress(
+                Progress(tenant_id, column.name, len(resealed[-1]), done_tenants, self._total)
+            )
+            if last_batch:  # a short page was the last one: no empty query to confirm it
+                return moved
+
+    def _reseal_rows(
+        self,
+        connection: sa.Connection,
+        tenant_id: str,
+        column: SealedColumn,
+        key: DataKey,
+        rows: Sequence[Sequence[Any]],
+        width: int,
+    ) -> list[list[Any]]:
+        """Open each value and seal it with ``key``: one list per key column, then the
+        old values, then the new ones. A value that does not open is reported and
+        left out."""
+        out: list[list[Any]] = [[] for _ in range(width + 2)]
+        old_keys: dict[int, DataKey] = {}
+
+        def key_of(version: int) -> DataKey:
+            found = old_keys.get(version)
+            if found is None:
+                found = old_keys[version] = self.keyring.key(connection, tenant_id, version)
+            return found
+
+        for row in rows:
+            sealed = row[width]
+            place = column.place(tenant_id, *row[:width])
+            try:
+                resealed = reseal(sealed, place, key_of, key)
+            except (DecryptionError, KeyDestroyedError) as exc:
+                self._unopenable(
+                    Unopenable(tenant_id, column.name, place.row_id, type(exc).__name__)
+                )
+                continue
+            for index in range(width):
+                out[index].append(row[index])
+            out[width].append(sealed)
+            out[width + 1].append(resealed)
+        return out
+
+    def _retire(
+        self, tenant_id: str, active: int, destroyed: list[int]
+    ) -> tuple[dict[SealedColumn, int], list[int]]:
+        """Count what still names an older key; at zero, retire the draining keys.
+        The count and the retirement are one transaction under the exclusive key lock."""
+        with self.db.transaction() as connection:
+            lock_tenant_keys(connection, tenant_id, exclusive=True)
+            stale = self._stale_counts(connection, tenant_id, active, destroyed)
+            if any(stale.values()):
+                return stale, []
+            retired = sorted(
+                connection.execute(
+                    sa.text(
+                        f"UPDATE {self._keys} SET state = 'retired' "
+                        "WHERE tenant_id = :t AND state = 'draining' RETURNING version"
+                    ),
+                    {"t": tenant_id},
+                ).scalars()
+            )
+            for version in retired:
+                audit.record(
+                    connection,
+                    tenant_id,
+                    AuditAction.DEK_RETIRED,
+                    actor=ACTOR,
+                    target_type="dek",
+                    target_id=str(version),
+                    details={"active_version": active},
+                )
+            return stale, retired
+
+    def _unopenable(self, item: Unopenable) -> None:
+        with self._lock:
+            if item not in self.report.unopenable:
+                self.report.unopenable.append(item)
+
+    def _unopenable_count(self, tenant_id: str) -> int:
+        with self._lock:
+            return sum(1 for item in self.report.unopenable if item.tenant_id == tenant_id)
+
+
+def rotate_data_keys(
+    db: OperatorDatabase,
+    keyring: Keyring,
+    tenants: Sequence[str] | None = None,
+    *,
+    workers: int = 1,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> DekRotationReport:
+    """Rotate the data keys of ``tenants`` (every tenant with a key when None).
+
+    Args:
+        db: the operator's database (the migration owner's login).
+        keyring: the key provider and a cache for the keys the run opens and makes.
+        tenants: tenant ids; a tenant without keys is reported as "no keys".
+        workers: threads, each taking whole tenants; other processes share the
+            work the same way (a tenant is claimed through PostgreSQL).
+        batch_size: rows per transaction.
+        dry_run: count what would change; change nothing.
+        stop: set it (e.g. on Ctrl-C) to stop after the current batch.
+        on_progress: called after every committed batch and finished tenant.
+
+    Returns:
+        The report; ``ok`` is False if a value did not open, a tenant was busy or
+        incomplete, or the run stopped early (``stopped`` says why).
+    """
+    rotation = DekRotation(
+        db, keyring, batch_size=batch_size, dry_run=dry_run, stop=stop, on_progress=on_progress
+    )
+    return rotation.run(tenants, workers=workers)

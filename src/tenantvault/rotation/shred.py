@@ -1,0 +1,94 @@
+"""Crypto-shredding: destroy a tenant's data keys, so its sealed values never open again.
+
+The wrapped keys are erased from ``tenant_data_keys`` (state ``destroyed``); the
+tenant's configs, tokens and history stay as records, their sealed values now
+noise. Loading one raises :class:`~tenantvault.errors.KeyDestroyedError`.
+
+What it cannot reach: a database backup taken before the shred still holds the
+wrapped keys, and Vault can still unwrap them. Raising the transit key's
+``min_decryption_version`` after a KEK rotation (``rotate-keys kek
+--min-decryption-version``) closes that, for every tenant's old backups at once.
+A process that had a key cached keeps it until its cache entry expires
+(``TENANTVAULT_DEK_CACHE_MAX_AGE_SECONDS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from tenantvault import audit
+from tenantvault.db.models import AuditAction
+from tenantvault.db.operator import OperatorDatabase
+from tenantvault.db.session import check_tenant_id
+from tenantvault.keys.cache import DataKeyCache
+from tenantvault.keys.keyring import lock_tenant_keys
+from tenantvault.keys.sealed import SEALED_COLUMNS
+
+
+@dataclass(frozen=True)
+class ShredReport:
+    tenant_id: str
+    dry_run: bool
+    destroyed_versions: list[int]
+    sealed_values: int  # values that can never be opened again
+
+
+def shred_tenant(
+    db: OperatorDatabase,
+    tenant_id: str,
+    *,
+    dry_run: bool = False,
+    cache: DataKeyCache | None = None,
+) -> ShredReport:
+    """Destroy every data key of ``tenant_id`` (one transaction; no Vault call needed).
+
+    Writers of the tenant finish first (the exclusive key lock); a writer after the
+    shred gets a fresh key, so new secrets of the tenant are unaffected.
+    """
+    check_tenant_id(tenant_id)
+    keys = db.table("tenant_data_keys")
+    with db.transaction() as connection:
+        lock_tenant_keys(connection, tenant_id, exclusive=True)
+        values = sum(
+            int(
+                connection.execute(
+                    sa.text(
+                        f"SELECT count(*) FROM {db.table(column.table)} "
+                        f"WHERE tenant_id = :t AND {column.column} IS NOT NULL"
+                    ),
+                    {"t": tenant_id},
+                ).scalar_one()
+            )
+            for column in SEALED_COLUMNS
+        )
+        if dry_run:
+            versions = connection.execute(
+                sa.text(
+                    f"SELECT version FROM {keys} WHERE tenant_id = :t AND state <> 'destroyed'"
+                ),
+                {"t": tenant_id},
+            ).scalars()
+        else:
+            versions = connection.execute(
+                sa.text(
+                    f"UPDATE {keys} SET state = 'destroyed', wrapped_key = NULL "
+                    "WHERE tenant_id = :t AND state <> 'destroyed' RETURNING version"
+                ),
+                {"t": tenant_id},
+            ).scalars()
+        destroyed = sorted(versions)
+        if destroyed and not dry_run:
+            audit.record(
+                connection,
+                tenant_id,
+                AuditAction.DEK_DESTROYED,
+                actor="shred",
+                target_type="dek",
+                target_id=",".join(map(str, destroyed)),
+                details={"versions": [str(v) for v in destroyed], "sealed_values": values},
+            )
+    if cache is not None and not dry_run:
+        cache.evict_tenant(tenant_id)
+    return ShredReport(tenant_id, dry_run, destroyed, values)

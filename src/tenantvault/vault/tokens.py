@@ -1,0 +1,345 @@
+"""OAuth tokens of configs: store, load, delete, find expiring ones, and refresh them once.
+
+One token row per config; ``version`` goes up on every store and refresh. A
+refresh runs the caller's refresher while holding the token row's lock
+(``SELECT ... FOR UPDATE``) and writes with a compare-and-swap on ``version``:
+across threads and processes exactly one refresh runs per expiry, and every
+other caller, having waited for the lock, finds the new token and returns it.
+Some providers' refresh tokens are single-use; a second refresh with the same
+one would lock the tenant out. A refresher that raises leaves the old tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import SecretStr
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from tenantvault import audit
+from tenantvault.crypto.datakey import DataKey
+from tenantvault.crypto.envelope import SealContext, seal
+from tenantvault.db import queries
+from tenantvault.db.ids import new_id
+from tenantvault.db.models import AuditAction, EmailProviderConfig, EmailProviderToken
+from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
+from tenantvault.keys.keyring import Keyring
+from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN
+
+
+@dataclass(frozen=True)
+class OAuthToken:
+    """A config's OAuth tokens, opened. The tokens are ``SecretStr``."""
+
+    config_id: str
+    access_token: SecretStr | None
+    refresh_token: SecretStr | None
+    token_type: str
+    expires_at: datetime | None
+    scopes: tuple[str, ...]
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class ExpiringToken:
+    """A token the refresher should renew (no secret in it)."""
+
+    config_id: str
+    expires_at: datetime
+    refreshable: bool
+
+
+@dataclass(frozen=True)
+class RefreshedToken:
+    """What a refresher returns. ``None`` keeps the current refresh token, scopes or
+    type (most providers return a new refresh token only sometimes)."""
+
+    access_token: str
+    expires_at: datetime | None
+    refresh_token: str | None = None
+    scopes: Sequence[str] | None = None
+    token_type: str | None = None
+
+    def __repr__(self) -> str:
+        return f"RefreshedToken(expires_at={self.expires_at!r}, access_token=<hidden>)"
+
+
+def _check_token_fields(
+    access_token: object,
+    refresh_token: object,
+    token_type: object,
+    expires_at: datetime | None,
+    scopes: Sequence[object],
+) -> None:
+    if not isinstance(access_token, str) or not access_token:
+        raise InvalidInputError("access_token: required")
+    if refresh_token is not None and (not isinstance(refresh_token, str) or not refresh_token):
+        raise InvalidInputError("refresh_token: must be a non-empty string or None")
+    if expires_at is not None and (
+        not isinstance(expires_at, datetime) or expires_at.tzinfo is None
+    ):
+        raise InvalidInputError("expires_at: must be a timezone-aware datetime")
+    if not isinstance(token_type, str) or not token_type:
+        raise InvalidInputError("token_type: must be a non-empty string")
+    if isinstance(scopes, str) or any(not isinstance(x, str) or not x for x in scopes):
+        raise InvalidInputError("scopes: each scope must be a non-empty string")
+
+
+class OAuthTokens:
+    """The token half of :class:`tenantvault.Vault` (which provides the hooks below)."""
+
+    keyring: Keyring
+
+    def _scope(self, tenant_id: str, session: Session | None) -> AbstractContextManager[Session]:
+        raise NotImplementedError
+
+    def _live(self, session: Session, tenant_id: str, config_id: str) -> EmailProviderConfig:
+        raise NotImplementedError
+
+    def _open(self, session: Session, sealed: str, context: SealContext) -> bytes:
+        raise NotImplementedError
+
+    # --- helpers ---
+
+    @staticmethod
+    def _seal_tokens(
+        key: DataKey, tenant_id: str, config_id: str, access: str, refresh: str | None
+    ) -> tuple[str, str | None]:
+        return (
+            seal(key, access.encode(), ACCESS_TOKEN.place(tenant_id, config_id)),
+            None
+            if refresh is None
+            else seal(key, refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id)),
+        )
+
+    def _token_view(self, session: Session, row: EmailProviderToken) -> OAuthToken:
+        if row.encrypted_access_token is None:
+            raise NotFoundError(
+                f"config {row.config_id} of tenant {row.tenant_id} has no OAuth token"
+            )
+        access = self._open(
+            session, row.encrypted_access_token, ACCESS_TOKEN.place(row.tenant_id, row.config_id)
+        )
+        refresh = None
+        if row.encrypted_refresh_token is not None:
+            refresh = self._open(
+                session,
+                row.encrypted_refresh_token,
+                REFRESH_TOKEN.place(row.tenant_id, row.config_id),
+            )
+        return OAuthToken(
+            config_id=row.config_id,
+            access_token=SecretStr(access.decode()),
+            refresh_token=None if refresh is None else SecretStr(refresh.decode()),
+            token_type=row.token_type,
+            expires_at=row.expires_at,
+            scopes=tuple(row.scopes),
+            version=row.version,
+        )
+
+    @staticmethod
+    def _token_row(
+        session: Session, tenant_id: str, config_id: str, *, lock: bool = False
+    ) -> EmailProviderToken:
+        statement = queries.token_of_config(tenant_id, config_id)
+        row = session.scalars(statement.with_for_update() if lock else statement).one_or_none()
+        if row is None:
+            raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no OAuth token")
+        return row
+
+    @staticmethod
+    def _audit_token(
+        session: Session,
+        tenant_id: str,
+        config_id: str,
+        action: AuditAction,
+        actor: str | None,
+        version: int | None,
+    ) -> None:
+        audit.record(
+            session.connection(),
+            tenant_id,
+            action,
+            actor=actor,
+            target_type="token",
+            target_id=config_id,
+            details={} if version is None else {"version": version},
+        )
+
+    # --- the API ---
+
+    def store_oauth_token(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        access_token: str,
+        refresh_token: str | None = None,
+        token_type: str = "Bearer",  # noqa: S107 - a token type, not a token
+        expires_at: datetime | None = None,
+        scopes: Sequence[str] = (),
+        actor: str | None = None,
+        session: Session | None = None,
+    ) -> int:
+        """Seal and upsert a config's tokens (a new grant); returns the token version."""
+        _check_token_fields(access_token, refresh_token, token_type, expires_at, scopes)
+        with self._scope(tenant_id, session) as s:
+            self._live(s, tenant_id, config_id)
+            key = self.keyring.active_key(s.connection(), tenant_id)
+            access, refresh = self._seal_tokens(
+                key, tenant_id, config_id, access_token, refresh_token
+            )
+            values: dict[str, Any] = {
+                "encrypted_access_token": access,
+                "encrypted_refresh_token": refresh,
+                "token_type": token_type,
+                "expires_at": expires_at,
+                "scopes": list(scopes),
+            }
+            version = s.execute(
+                pg_insert(EmailProviderToken)
+                .values(id=new_id(), tenant_id=tenant_id, config_id=config_id, **values)
+                .on_conflict_do_update(
+                    index_elements=[EmailProviderToken.tenant_id, EmailProviderToken.config_id],
+                    set_={**values, "version": EmailProviderToken.version + 1},
+                )
+                .returning(EmailProviderToken.version)
+            ).scalar_one()
+            self._audit_token(s, tenant_id, config_id, AuditAction.TOKEN_STORED, actor, version)
+            return int(version)
+
+    def load_oauth_token(
+        self, tenant_id: str, config_id: str, *, session: Session | None = None
+    ) -> OAuthToken:
+        """A config's tokens, opened. Raises NotFoundError when it has none."""
+        with self._scope(tenant_id, session) as s:
+            return self._token_view(s, self._token_row(s, tenant_id, config_id))
+
+    def delete_oauth_token(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: Session | None = None,
+    ) -> bool:
+        """Remove a config's tokens; True if there were any."""
+        with self._scope(tenant_id, session) as s:
+            deleted = s.execute(queries.delete_tokens_of_config(tenant_id, config_id))
+            gone = bool(getattr(deleted, "rowcount", 0))
+            if gone:
+                self._audit_token(s, tenant_id, config_id, AuditAction.TOKEN_DELETED, actor, None)
+            return gone
+
+    def tokens_expiring(
+        self,
+        tenant_id: str,
+        *,
+        within: timedelta,
+        now: datetime | None = None,
+        session: Session | None = None,
+    ) -> list[ExpiringToken]:
+        """The tenant's tokens whose access token expires within ``within`` of ``now``
+        (the expiry scan the refresher runs; served by the tokens' unique index)."""
+        moment = now or datetime.now(UTC)
+        with self._scope(tenant_id, session) as s:
+            rows = s.scalars(queries.tokens_expiring(tenant_id, moment + within)).all()
+            return [
+                ExpiringToken(r.config_id, r.expires_at, r.encrypted_refresh_token is not None)
+                for r in rows
+                if r.expires_at is not None
+            ]
+
+    def refresh_oauth_token(
+        self,
+        tenant_id: str,
+        config_id: str,
+        refresher: Callable[[OAuthToken], RefreshedToken],
+        *,
+        min_validity: timedelta = timedelta(minutes=5),
+        now: datetime | None = None,
+        actor: str | None = None,
+    ) -> OAuthToken:
+        """A token valid for at least ``min_validity``: the stored one, or a refreshed one.
+
+        ``refresher`` gets the current token (its refresh token included) and calls
+        the provider. It runs at most once per expiry across threads and processes:
+        callers queue on the token row's lock, and those after the first find the
+        token already fresh. It runs in its own transaction (a lock must not wait
+        inside the caller's).
+
+        Raises:
+            NotFoundError: the config has no token.
+            InvalidInputError: the token needs a refresh but has no refresh token, or the
+                refresher returned malformed fields (named).
+            Exception: whatever ``refresher`` raises; the stored tokens stay as they were.
+        """
+        moment = now or datetime.now(UTC)
+
+        def fresh(token: OAuthToken) -> bool:
+            return token.expires_at is None or token.expires_at - moment > min_validity
+
+        current = self.load_oauth_token(tenant_id, config_id)
+        if fresh(current):
+            return current
+        with self._scope(tenant_id, None) as s:
+            row = self._token_row(s, tenant_id, config_id, lock=True)
+            current = self._token_view(s, row)
+            if fresh(current):
+                return current  # refreshed by someone else while we waited
+            if current.refresh_token is None:
+                raise InvalidInputError(
+                    f"refresh_token: config {config_id} of tenant {tenant_id} has none; "
+                    "a new grant is needed"
+                )
+            new = refresher(current)
+            if not isinstance(new, RefreshedToken):
+                raise InvalidInputError("refresher: must return a RefreshedToken")
+            token_type = new.token_type or row.token_type
+            scopes = list(row.scopes if new.scopes is None else new.scopes)
+            _check_token_fields(
+                new.access_token, new.refresh_token, token_type, new.expires_at, scopes
+            )
+            key = self.keyring.active_key(s.connection(), tenant_id)
+            refresh_plain = (
+                new.refresh_token
+                if new.refresh_token is not None
+                else current.refresh_token.get_secret_value()
+            )
+            access, refresh = self._seal_tokens(
+                key, tenant_id, config_id, new.access_token, refresh_plain
+            )
+            # A compare-and-swap on the version read: under the row lock it cannot
+            # miss, and if it ever did, nothing would be written silently.
+            swapped = s.execute(
+                sa.update(EmailProviderToken)
+                .where(
+                    EmailProviderToken.tenant_id == tenant_id,
+                    EmailProviderToken.config_id == config_id,
+                    EmailProviderToken.version == current.version,
+                )
+                .values(
+                    encrypted_access_token=access,
+                    encrypted_refresh_token=refresh,
+                    token_type=token_type,
+                    expires_at=new.expires_at,
+                    scopes=scopes,
+                    version=current.version + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(swapped, "rowcount", 0) != 1:
+                raise ConcurrentModification(
+                    f"token of config {config_id} of tenant {tenant_id} moved on during refresh"
+                )
+            self._audit_token(
+                s, tenant_id, config_id, AuditAction.TOKEN_REFRESHED, actor, current.version + 1
+            )
+            s.expire(row)
+            return self._token_view(s, self._token_row(s, tenant_id, config_id))
