@@ -1,7 +1,7 @@
 """The lookups the application makes (shared/APP_QUERIES.md), as SQLAlchemy statements.
 
 Repositories run these and nothing else against the tenant tables, and the
-indexes exist for exactly these: ``tests/test_queries.py`` loads a realistic
+indexes exist for exactly these: ``tests/db/test_queries.py`` loads a realistic
 volume and checks with EXPLAIN that each one is served by an index. Every
 statement names the tenant explicitly even though row-level security already
 restricts rows to it: the explicit predicate is what the indexes are built on.

@@ -20,9 +20,14 @@ from tenantvault.dev.stack import StackState
 from tenantvault.kms.transit import VaultTransitKeyProvider
 from tenantvault.rotation.dek import Progress, rotate_data_keys
 from tenantvault.settings import Settings
-
-from .conftest import fresh_keyring
-from .rotation_support import add_tenants, key_states, open_everything, populate, sealed_versions
+from tests.conftest import fresh_keyring
+from tests.rotation_support import (
+    add_tenants,
+    key_states,
+    open_everything,
+    populate,
+    sealed_versions,
+)
 
 TENANTS = ["t_o1", "t_o2", "t_o3", "t_o4"]
 TIMEOUT = 1.0

@@ -16,9 +16,8 @@ from tenantvault.errors import RotationError
 from tenantvault.rotation.kek import KekProgress, rotate_kek
 from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
-
-from .conftest import CountingProvider, Services, transit_provider
-from .rotation_support import add_tenants, open_everything, populate
+from tests.conftest import CountingProvider, Services, transit_provider
+from tests.rotation_support import add_tenants, open_everything, populate
 
 TENANTS = [f"t_k{n}" for n in range(7)]
 

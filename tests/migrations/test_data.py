@@ -9,8 +9,7 @@ import sqlalchemy as sa
 from tenantvault.errors import MigrationError
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
-
-from .support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
+from tests.support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
 
 BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA, DATA_KEYS, _, VERSIONS, AUDIT = REVISIONS
 

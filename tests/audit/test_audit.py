@@ -19,8 +19,7 @@ from tenantvault.audit.chain import add_partitions, prune_audit, verify_audit
 from tenantvault.db.session import set_tenant
 from tenantvault.errors import AuditError
 from tenantvault.settings import Settings
-
-from .rotation_support import SMTP, add_tenants
+from tests.rotation_support import SMTP, add_tenants
 
 SECRET = "pa55-w0rd-never-logged"
 

@@ -14,8 +14,7 @@ import sqlalchemy as sa
 from tenantvault import ConcurrentModification, InvalidInputError, NotFoundError, Vault
 from tenantvault.db.models import ConfigChange
 from tenantvault.settings import Settings
-
-from .conftest import CountingProvider
+from tests.conftest import CountingProvider
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 

@@ -10,8 +10,7 @@ import pytest
 
 from tenantvault.errors import DecryptionError, KeyProviderError
 from tenantvault.kms.transit import VaultTransitKeyProvider
-
-from .conftest import Services
+from tests.conftest import Services
 
 
 def _client(services: Services, token: str | None = None) -> hvac.Client:

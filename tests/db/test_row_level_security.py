@@ -14,8 +14,7 @@ from tenantvault.db.models import EmailProviderConfig
 from tenantvault.db.session import TENANT_SETTING, create_engine, tenant_session
 from tenantvault.errors import TenantNotSetError
 from tenantvault.settings import load_settings
-
-from .support import seed_legacy
+from tests.support import seed_legacy
 
 CONFIGS = "dripiq_app.email_provider_configs"
 TOKENS = "dripiq_app.email_provider_tokens"

@@ -16,9 +16,8 @@ import sqlalchemy as sa
 
 from tenantvault import InvalidInputError, OAuthToken, RefreshedToken, Vault
 from tenantvault.settings import Settings
-
-from .conftest import Services, child_environment
-from .rotation_support import GRAPH
+from tests.conftest import Services, child_environment
+from tests.rotation_support import GRAPH
 
 # Each child process runs THREADS callers that all wait for the start file, then refresh.
 # The refresher logs every call to a shared file, checks it got the current refresh

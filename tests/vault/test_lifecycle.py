@@ -16,9 +16,8 @@ from tenantvault import InvalidInputError, NotFoundError, Vault
 from tenantvault.ops.purge import purge_deleted_configs
 from tenantvault.settings import Settings
 from tenantvault.vault.templates import TEMPLATES
-
-from .conftest import Services, child_environment
-from .rotation_support import SMTP
+from tests.conftest import Services, child_environment
+from tests.rotation_support import SMTP
 
 SENDGRID_KEY = "SG.abcdefghijk.lmnopqrstuvwxyz0123456789"
 

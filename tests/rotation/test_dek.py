@@ -12,9 +12,14 @@ from tenantvault import KeyDestroyedError, Vault
 from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.shred import shred_tenant
 from tenantvault.rotation.status import key_status
-
-from .conftest import fresh_keyring
-from .rotation_support import add_tenants, key_states, open_everything, populate, sealed_versions
+from tests.conftest import fresh_keyring
+from tests.rotation_support import (
+    add_tenants,
+    key_states,
+    open_everything,
+    populate,
+    sealed_versions,
+)
 
 
 def test_two_rotations_in_a_row_reseal_everything_and_retire_the_old_keys(

@@ -13,8 +13,7 @@ from sqlalchemy.orm import Session
 from tenantvault import InvalidInputError, NotFoundError, Vault
 from tenantvault.db.session import tenant_session
 from tenantvault.errors import DecryptionError
-
-from .conftest import CountingProvider
+from tests.conftest import CountingProvider
 
 SENDGRID_KEY = "SG.abcdefghijk.lmnopqrstuvwxyz0123456789"
 SMTP_PASSWORD = "correct horse battery staple"

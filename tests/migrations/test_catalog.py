@@ -12,8 +12,7 @@ from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.db.models import TENANTVAULT_TABLES
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
-
-from .support import REVISIONS, catalog_snapshot
+from tests.support import REVISIONS, catalog_snapshot
 
 DATA_ONLY_REVISIONS = {"0004_default_sendgrid_configs"}
 
@@ -79,7 +78,7 @@ def test_owned_tables_keep_updated_at_with_a_trigger(
     triggers = {(table, name) for table, name, _ in _snapshot(owner_engine)["triggers"]}
     for table in TENANTVAULT_TABLES:
         if table == "audit_events":
-            continue  # append-only: its triggers refuse updates (tests/test_audit.py)
+            continue  # append-only: its triggers refuse updates (tests/audit/test_audit.py)
         assert (table, f"trg_{table}_touch_updated_at") in triggers
 
 

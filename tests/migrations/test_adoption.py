@@ -11,8 +11,7 @@ import sqlalchemy as sa
 from tenantvault.errors import MigrationError
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings, load_settings
-
-from .support import REVISIONS, catalog_snapshot, legacy_rows, seed_legacy, table_rows
+from tests.support import REVISIONS, catalog_snapshot, legacy_rows, seed_legacy, table_rows
 
 DEPLOYED_SCHEMA = (Path(__file__).parent / "fixtures" / "deployed_app_schema.sql").read_text()
 APP_TABLES = (

@@ -12,8 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
-
-from .support import seed_legacy
+from tests.support import seed_legacy
 
 
 @pytest.fixture

@@ -18,9 +18,14 @@ import sqlalchemy as sa
 from tenantvault import Vault
 from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.settings import Settings
-
-from .conftest import Services, child_environment, fresh_keyring
-from .rotation_support import add_tenants, key_states, open_everything, populate, sealed_versions
+from tests.conftest import Services, child_environment, fresh_keyring
+from tests.rotation_support import (
+    add_tenants,
+    key_states,
+    open_everything,
+    populate,
+    sealed_versions,
+)
 
 TENANTS = ["t_a", "t_b", "t_c"]
 

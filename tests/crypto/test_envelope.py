@@ -18,7 +18,7 @@ from tenantvault.crypto.datakey import DataKey
 from tenantvault.crypto.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
 from tenantvault.errors import DecryptionError
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelope_v1.json").read_text())[
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "envelope_v1.json").read_text())[
     "vectors"
 ]
 KEY = DataKey("t_acme", 3, bytes(range(32)))

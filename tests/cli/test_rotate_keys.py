@@ -14,9 +14,8 @@ import sqlalchemy as sa
 
 from tenantvault import Vault, cli
 from tenantvault.settings import Settings
-
-from .conftest import Services
-from .rotation_support import key_states, populate
+from tests.conftest import Services
+from tests.rotation_support import key_states, populate
 
 
 @pytest.fixture

@@ -77,8 +77,7 @@ def loaded(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
     from tenantvault.ops import migrate
     from tenantvault.settings import load_settings
-
-    from .conftest import APP_LOGIN_ROLE, _with_database
+    from tests.conftest import APP_LOGIN_ROLE, _with_database
 
     name = f"tv_test_volume_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(services.admin_url, autocommit=True) as admin:
