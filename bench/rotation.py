@@ -29,9 +29,10 @@ from tenantvault.crypto.envelope import seal
 from tenantvault.db.ids import new_id
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
-from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.ops import migrate
 from tenantvault.rotation.kek import rotate_kek
+from tenantvault.rotation.options import KekRotationOptions
 from tenantvault.settings import Settings, load_settings
 
 from ._harness import throwaway_database
@@ -52,10 +53,10 @@ def _settings(url: str, vault_addr: str) -> Settings:
     )
 
 
-def _provider(settings: Settings) -> VaultTransitKeyProvider:
+def _provider(settings: Settings) -> TransitKeyProvider:
     token = settings.vault_token.get_secret_value() if settings.vault_token else ""
     client = hvac.Client(url=str(settings.vault_addr), token=token, timeout=30)
-    return VaultTransitKeyProvider(client, key_name=TRANSIT_KEY, timeout_seconds=30)
+    return TransitKeyProvider(client, key_name=TRANSIT_KEY, timeout_seconds=30)
 
 
 def _new_database(any_url: str) -> str:
@@ -131,13 +132,14 @@ def _bare_bulk_update(settings: Settings) -> float:
 CHILD = """
 import json, resource, sys, time
 from tenantvault.ops.jobs import rotate_dek_job
+from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.settings import load_settings
 def rss_kib():
     return int(open('/proc/self/statm').read().split()[1]) * 4
 settings = load_settings()
 before = rss_kib()
 started = time.perf_counter()
-report = rotate_dek_job(settings, None, batch_size=int(sys.argv[1]), workers=int(sys.argv[2]))
+report = rotate_dek_job(settings, None, DekRotationOptions(batch_size=int(sys.argv[1]), workers=int(sys.argv[2])))
 elapsed = time.perf_counter() - started
 assert report.ok, report.stopped
 print(json.dumps({"seconds": elapsed, "resealed": report.resealed, "rss_before_kib": before,
@@ -255,7 +257,7 @@ def main() -> None:
         naive = _one_at_a_time(settings)
         db = OperatorDatabase.from_settings(settings)
         started = time.perf_counter()
-        report = rotate_kek(db, _provider(settings), batch_size=1000)
+        report = rotate_kek(db, _provider(settings), KekRotationOptions(batch_size=1000))
         batched = time.perf_counter() - started
         db.dispose()
         assert report.ok, report

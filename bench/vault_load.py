@@ -19,7 +19,7 @@ from tenantvault import Vault
 from tenantvault.crypto.datakey import DataKey
 from tenantvault.crypto.envelope import SealContext, open_sealed
 from tenantvault.db.session import create_engine
-from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.ops import migrate
 from tenantvault.ops.migrate import migration_engine
 from tenantvault.settings import load_settings
@@ -33,7 +33,7 @@ SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "
 
 
 class Counting:
-    def __init__(self, inner: VaultTransitKeyProvider) -> None:
+    def __init__(self, inner: TransitKeyProvider) -> None:
         self.inner, self.calls = inner, 0
 
     def __getattr__(self, name: str) -> object:
@@ -73,7 +73,7 @@ def main() -> None:
 
         def provider() -> Counting:
             client = hvac.Client(url=vault_addr, token=environment_token, timeout=5)
-            return Counting(VaultTransitKeyProvider(client, key_name="bench"))
+            return Counting(TransitKeyProvider(client, key_name="bench"))
 
         vault = Vault.from_settings(app_settings, key_provider=provider())  # type: ignore[arg-type]
         ids = [

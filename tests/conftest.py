@@ -181,10 +181,10 @@ def transit_provider(
 ) -> Any:
     import hvac
 
-    from tenantvault.kms.transit import VaultTransitKeyProvider
+    from tenantvault.kms.transit import TransitKeyProvider
 
     client = hvac.Client(url=services.vault_addr, token=services.vault_token, timeout=5)
-    return VaultTransitKeyProvider(client, key_name=key_name, **kwargs)
+    return TransitKeyProvider(client, key_name=key_name, **kwargs)
 
 
 TENANTS = ("t_a", "t_b")

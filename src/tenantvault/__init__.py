@@ -20,7 +20,7 @@ from tenantvault.errors import (
     TenantNotSetError,
     TenantVaultError,
 )
-from tenantvault.vault.core import (
+from tenantvault.vault import (
     ConfigVersion,
     ExpiringToken,
     OAuthToken,

@@ -9,7 +9,7 @@ import pytest
 from tenantvault.errors import ConfigurationError
 from tenantvault.kms.factory import key_provider_from_settings
 from tenantvault.kms.local import LocalKeyProvider
-from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.settings import load_settings
 
 URL = "postgresql://app@db.internal/app"
@@ -27,7 +27,7 @@ def test_vault_transit_is_built_from_the_vault_variables() -> None:
     provider = key_provider_from_settings(
         load_settings(database_url=URL, VAULT_ADDR="http://127.0.0.1:8200", VAULT_TOKEN="t")
     )
-    assert isinstance(provider, VaultTransitKeyProvider)
+    assert isinstance(provider, TransitKeyProvider)
     assert provider.key_name == "tenantvault"
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from tenantvault import KeyProviderUnavailable, Vault
 from tenantvault.dev import stack as devstack
-from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.settings import Settings
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
@@ -27,7 +27,7 @@ def test_outage_keeps_cached_tenants_loading_and_fails_the_rest_within_the_timeo
         client = hvac.Client(
             url=environment["VAULT_ADDR"], token=environment["VAULT_TOKEN"], timeout=TIMEOUT
         )
-        provider = VaultTransitKeyProvider(client, key_name="outage", timeout_seconds=TIMEOUT)
+        provider = TransitKeyProvider(client, key_name="outage", timeout_seconds=TIMEOUT)
         vault = Vault.from_settings(app_settings, key_provider=provider)
         cached = vault.create_config(
             "t_a", type="smtp", name="A", config=SMTP, credentials={"password": "pa"}

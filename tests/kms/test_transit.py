@@ -9,7 +9,7 @@ import hvac
 import pytest
 
 from tenantvault.errors import DecryptionError, KeyProviderError
-from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import TransitKeyProvider
 from tests.conftest import Services
 
 
@@ -17,8 +17,8 @@ def _client(services: Services, token: str | None = None) -> hvac.Client:
     return hvac.Client(url=services.vault_addr, token=token or services.vault_token, timeout=5)
 
 
-def _provider(services: Services, name: str, **kwargs: object) -> VaultTransitKeyProvider:
-    return VaultTransitKeyProvider(_client(services), key_name=name, **kwargs)  # type: ignore[arg-type]
+def _provider(services: Services, name: str, **kwargs: object) -> TransitKeyProvider:
+    return TransitKeyProvider(_client(services), key_name=name, **kwargs)  # type: ignore[arg-type]
 
 
 def test_the_key_is_created_derived_on_first_use(services: Services) -> None:
@@ -52,7 +52,7 @@ def test_a_token_that_may_not_create_the_key_gets_the_command_to_run(services: S
     )
     token = root.auth.token.create(policies=["tv-no-create"], ttl="5m")["auth"]["client_token"]
     name = f"missing-{uuid.uuid4().hex[:8]}"
-    provider = VaultTransitKeyProvider(_client(services, token), key_name=name)
+    provider = TransitKeyProvider(_client(services, token), key_name=name)
     with pytest.raises(KeyProviderError, match=f"bao write -f transit/keys/{name} derived=true"):
         provider.generate_data_key("t_a")
 

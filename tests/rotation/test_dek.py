@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from tenantvault import KeyDestroyedError, Vault
 from tenantvault.rotation.dek import rotate_data_keys
+from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.shred import shred_tenant
 from tenantvault.rotation.status import key_status
 from tests.conftest import fresh_keyring
@@ -30,7 +31,9 @@ def test_two_rotations_in_a_row_reseal_everything_and_retire_the_old_keys(
     before_b = sealed_versions(owner_engine, "t_b")
     total = sum(sealed_versions(owner_engine, "t_a").values())
 
-    first = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"], batch_size=2)
+    first = rotate_data_keys(
+        operator_db, fresh_keyring(provider), ["t_a"], DekRotationOptions(batch_size=2)
+    )
     assert first.ok, first
     assert [(t.outcome, t.from_version, t.to_version, t.retired) for t in first.tenants] == [
         ("rotated", 1, 2, [1])
@@ -38,7 +41,9 @@ def test_two_rotations_in_a_row_reseal_everything_and_retire_the_old_keys(
     assert first.resealed == total
     assert sealed_versions(owner_engine, "t_a") == {2: total}
 
-    second = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"], batch_size=3)
+    second = rotate_data_keys(
+        operator_db, fresh_keyring(provider), ["t_a"], DekRotationOptions(batch_size=3)
+    )
     assert second.ok
     assert second.resealed == total
     assert sealed_versions(owner_engine, "t_a") == {3: total}
@@ -59,7 +64,9 @@ def test_all_tenants_with_several_workers_and_status_before_and_after(
     expected = {t: populate(vault, t, configs=2) for t in tenants}
     before = key_status(operator_db, provider)
     assert {t.tenant_id: t.active_version for t in before.tenants} == dict.fromkeys(tenants, 1)
-    report = rotate_data_keys(operator_db, fresh_keyring(provider), None, workers=3, batch_size=4)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(provider), None, DekRotationOptions(workers=3, batch_size=4)
+    )
     assert report.ok
     assert sorted(t.tenant_id for t in report.tenants) == tenants
     after = key_status(operator_db, provider)
@@ -107,7 +114,9 @@ def test_dry_run_reports_what_would_change_and_changes_nothing(
         snapshot = connection.execute(
             sa.text("SELECT * FROM dripiq_app.email_provider_configs ORDER BY id")
         ).all()
-    report = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"], dry_run=True)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(provider), ["t_a"], DekRotationOptions(dry_run=True)
+    )
     [tenant] = report.tenants
     assert (tenant.outcome, tenant.from_version, tenant.to_version, tenant.retired) == (
         "would rotate",
@@ -143,7 +152,9 @@ def test_a_value_that_does_not_open_is_reported_by_place_and_the_rest_continue(
             ),
             {"id": broken},
         )
-    report = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a", "t_b"], batch_size=2)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(provider), ["t_a", "t_b"], DekRotationOptions(batch_size=2)
+    )
     assert not report.ok
     assert [(u.tenant_id, u.column, u.row, u.error) for u in report.unopenable] == [
         ("t_a", "email_provider_configs.encrypted_credentials", broken, "DecryptionError")
@@ -192,7 +203,9 @@ def test_concurrent_writers_during_rotation_lose_no_update(
         thread.start()
     try:
         for _ in range(3):
-            report = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"], batch_size=5)
+            report = rotate_data_keys(
+                operator_db, fresh_keyring(provider), ["t_a"], DekRotationOptions(batch_size=5)
+            )
             assert report.ok, report
     finally:
         stop.set()
@@ -286,7 +299,9 @@ def test_a_tenant_another_process_is_rotating_is_reported_busy_and_the_rest_proc
     try:
         with other_process.claim(DEK_ROTATION_CLAIM, "t_a") as claimed:
             assert claimed
-            report = rotate_data_keys(operator_db, fresh_keyring(provider), None, workers=2)
+            report = rotate_data_keys(
+                operator_db, fresh_keyring(provider), None, DekRotationOptions(workers=2)
+            )
     finally:
         other_process.dispose()
     assert {t.tenant_id: t.outcome for t in report.tenants} == {"t_a": "busy", "t_b": "rotated"}

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from tenantvault import Vault
 from tenantvault.rotation.dek import rotate_data_keys
+from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.settings import Settings
 from tests.conftest import Services, child_environment, fresh_keyring
 from tests.rotation_support import (
@@ -42,6 +43,8 @@ CHILD = textwrap.dedent(
     from tenantvault.keys.cache import DataKeyCache
     from tenantvault.kms.factory import key_provider_from_settings
     from tenantvault.db.operator import OperatorDatabase
+    from tenantvault.keys import store
+    from tenantvault.rotation.options import DekRotationOptions
     from tenantvault.settings import load_settings
 
     point, _, count = sys.argv[1].partition(":")
@@ -60,11 +63,11 @@ CHILD = textwrap.dedent(
     provider = key_provider_from_settings(settings)
     ring = keyring_module.Keyring(provider, DataKeyCache(max_age_seconds=60, max_entries=99, max_uses=10**9))
     if point == "seals":
-        real_reseal = dekrotation.reseal
+        real_reseal = keyring_module.Sealer.reseal
         def reseal(*args, **kwargs):
             tick()
             return real_reseal(*args, **kwargs)
-        dekrotation.reseal = reseal
+        keyring_module.Sealer.reseal = reseal
     if point == "switch":
         real_generate = provider.generate_data_key
         def generate(tenant_id):
@@ -75,7 +78,7 @@ CHILD = textwrap.dedent(
     if point == "retire":
         def retire_then_die(self, tenant_id, *args):
             with self.db.transaction() as connection:
-                dekrotation.lock_tenant_keys(connection, tenant_id, exclusive=True)
+                store.lock_tenant_keys(connection, tenant_id, exclusive=True)
                 die()
         dekrotation.DekRotation._retire = retire_then_die
 
@@ -84,15 +87,16 @@ CHILD = textwrap.dedent(
             tick()
 
     if point == "batches" and limit == 0:
-        real_switch = dekrotation.DekRotation._switch
+        real_switch = keyring_module.Keyring.switch
         def switch_then_die(self, *args):
             real_switch(self, *args)
             die()
-        dekrotation.DekRotation._switch = switch_then_die
+        keyring_module.Keyring.switch = switch_then_die
 
     db = OperatorDatabase.from_settings(settings)
     print("started", flush=True)
-    dekrotation.rotate_data_keys(db, ring, None, batch_size=3, on_progress=progress)
+    options = DekRotationOptions(batch_size=3)
+    dekrotation.rotate_data_keys(db, ring, None, options, on_progress=progress)
     print("finished without being killed")
     """
 )
@@ -114,7 +118,9 @@ def _check_readable_then_rerun(
     vault.keyring.cache.clear()
     # Every value opens to its last written plaintext, whatever the crash left behind.
     assert {t: open_everything(vault, t) for t in TENANTS} == expected
-    rerun = rotate_data_keys(operator_db, fresh_keyring(provider), None, batch_size=3)
+    rerun = rotate_data_keys(
+        operator_db, fresh_keyring(provider), None, DekRotationOptions(batch_size=3)
+    )
     assert rerun.ok, rerun
     for tenant in TENANTS:
         states = key_states(owner_engine, tenant)

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from tenantvault import DecryptionError, Vault
 from tenantvault.errors import RotationError
 from tenantvault.rotation.kek import KekProgress, rotate_kek
+from tenantvault.rotation.options import KekRotationOptions
 from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, Services, transit_provider
@@ -55,7 +56,9 @@ def test_rotation_rewraps_every_data_key_in_batches_and_values_still_open(
     before = _wrapped(owner_engine)
     progress: list[KekProgress] = []
     own_provider.calls.clear()
-    report = rotate_kek(operator_db, own_provider, batch_size=3, on_progress=progress.append)
+    report = rotate_kek(
+        operator_db, own_provider, KekRotationOptions(batch_size=3), on_progress=progress.append
+    )
     assert report.ok
     assert (report.kek_before, report.kek_after, report.rotated, report.rewrapped) == (
         1,
@@ -82,7 +85,7 @@ def test_catch_up_after_vault_rotated_by_itself_does_not_rotate_again(
 ) -> None:
     own_provider.rotate_kek()  # as auto_rotate_period would
     assert key_status(operator_db, own_provider).behind_kek == 7
-    report = rotate_kek(operator_db, own_provider, rotate=False)
+    report = rotate_kek(operator_db, own_provider, KekRotationOptions(rotate=False))
     assert (report.kek_after, report.rotated, report.rewrapped, report.behind) == (2, False, 7, 0)
     assert own_provider.kek_version() == 2
 
@@ -92,11 +95,15 @@ def test_an_interrupted_run_is_finished_by_the_next_one_without_a_second_rotatio
 ) -> None:
     stop = threading.Event()
     first = rotate_kek(
-        operator_db, own_provider, batch_size=2, stop=stop, on_progress=lambda _: stop.set()
+        operator_db,
+        own_provider,
+        KekRotationOptions(batch_size=2),
+        stop=stop,
+        on_progress=lambda _: stop.set(),
     )
     assert first.stopped is not None
     assert (first.rewrapped, first.behind) == (2, 5)
-    second = rotate_kek(operator_db, own_provider, batch_size=2)
+    second = rotate_kek(operator_db, own_provider, KekRotationOptions(batch_size=2))
     assert second.ok
     assert (second.rotated, second.kek_after, second.rewrapped) == (False, 2, 5)
     assert {kek for _, kek in _wrapped(owner_engine).values()} == {2}
@@ -108,7 +115,9 @@ def test_two_runs_started_together_rotate_the_key_once(
     reports: list[Any] = []
     threads = [
         threading.Thread(
-            target=lambda: reports.append(rotate_kek(operator_db, own_provider, batch_size=1))
+            target=lambda: reports.append(
+                rotate_kek(operator_db, own_provider, KekRotationOptions(batch_size=1))
+            )
         )
         for _ in range(2)
     ]
@@ -126,7 +135,11 @@ def test_dry_run_changes_neither_vault_nor_the_database(
     own_vault: Any, own_provider: CountingProvider, operator_db: Any, owner_engine: sa.Engine
 ) -> None:
     before = _wrapped(owner_engine)
-    report = rotate_kek(operator_db, own_provider, dry_run=True, raise_min_decryption_version=True)
+    report = rotate_kek(
+        operator_db,
+        own_provider,
+        KekRotationOptions(dry_run=True, raise_min_decryption_version=True),
+    )
     assert (report.dry_run, report.kek_before, report.kek_after, report.behind) == (True, 1, 2, 7)
     assert own_provider.kek_version() == 1
     assert _wrapped(owner_engine) == before
@@ -149,7 +162,7 @@ def test_min_decryption_version_is_refused_while_a_data_key_needs_an_old_version
     with pytest.raises(
         RotationError, match=r"still need a KEK version older than 2 \(rewrap refused for t_k3 v1\)"
     ):
-        rotate_kek(operator_db, own_provider, raise_min_decryption_version=True)
+        rotate_kek(operator_db, own_provider, KekRotationOptions(raise_min_decryption_version=True))
     with owner_engine.begin() as connection:
         connection.execute(
             sa.text(
@@ -159,7 +172,9 @@ def test_min_decryption_version_is_refused_while_a_data_key_needs_an_old_version
         )
     assert own_provider.min_decryption_version() == 1
 
-    report = rotate_kek(operator_db, own_provider, raise_min_decryption_version=True)
+    report = rotate_kek(
+        operator_db, own_provider, KekRotationOptions(raise_min_decryption_version=True)
+    )
     assert (report.rotated, report.rewrapped, report.min_decryption_version) == (False, 1, 2)
     assert own_provider.min_decryption_version() == 2
     vault.keyring.cache.clear()

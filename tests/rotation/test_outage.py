@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from tenantvault import Vault
 from tenantvault.dev import stack as devstack
 from tenantvault.dev.stack import StackState
-from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.rotation.dek import Progress, rotate_data_keys
 from tenantvault.settings import Settings
 from tests.conftest import fresh_keyring
@@ -43,7 +43,7 @@ def test_openbao_outage_mid_rotation_stops_cleanly_and_the_rerun_resumes(
         client = hvac.Client(
             url=environment["VAULT_ADDR"], token=environment["VAULT_TOKEN"], timeout=TIMEOUT
         )
-        provider = VaultTransitKeyProvider(client, key_name="outage", timeout_seconds=TIMEOUT)
+        provider = TransitKeyProvider(client, key_name="outage", timeout_seconds=TIMEOUT)
         vault = Vault.from_settings(app_settings, key_provider=provider)
         add_tenants(owner_engine, TENANTS)
         expected = {t: populate(vault, t, configs=2) for t in TENANTS}

@@ -1,5 +1,6 @@
-"""The operator command, ``tenantvault``. It parses, calls one library function,
-prints the report, and maps tenantvault's errors to one ``FAILED:`` line."""
+"""The operator command, ``tenantvault``: it parses, calls one library function,
+hands the report to :mod:`tenantvault.cli.output`, and maps tenantvault's errors
+to one ``FAILED:`` line and an exit code."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tenantvault.cli import output as operator_output
+from tenantvault.cli import output
 from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.dev import stack as devstack
 from tenantvault.errors import TenantVaultError
-from tenantvault.ops import jobs as operator_jobs
-from tenantvault.ops import migrate
-from tenantvault.ops.health import StatusReport, status
+from tenantvault.ops import jobs, migrate
+from tenantvault.ops.health import status
+from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
 from tenantvault.settings import load_settings
 
 EXIT_OK = 0
@@ -29,76 +30,45 @@ EXIT_AUDIT_BROKEN = 5
 EXIT_INTERRUPTED = 130
 
 
-def _print_status(report: StatusReport) -> int:
-    state = "up to date" if report.up_to_date else f"behind (head is {report.head})"
-    print(f"database      {report.database} (PostgreSQL {report.server_version})")
-    print(f"schema        revision {report.revision or 'none'}: {state}")
-    for table in report.tables:
-        rls = "RLS forced" if table.row_level_security and table.forced else "RLS NOT FORCED"
-        print(
-            f"  {table.name:<24} {rls}, {table.policies} policies, "
-            f"{table.rows_visible_to_app_without_tenant} rows visible to the app role "
-            "without a tenant"
-        )
-    vault = report.vault
-    if vault is not None:
-        if vault.reachable:
-            transit = "transit mounted" if vault.transit_mounted else "transit NOT mounted"
-            print(f"vault         {vault.address}: reachable, {transit}")
-        else:
-            print(f"vault         {vault.address or '-'}: unreachable ({vault.detail})")
-    if report.revision:
-        until = report.audit_partitions_until
-        note = "" if report.audit_writable else " (too few: run `tenantvault audit partitions`)"
-        print(f"audit log     partitions until {until or 'none'}{note}")
-    healthy = (
-        report.up_to_date
-        and report.isolated
-        and report.audit_writable
-        and bool(vault and vault.reachable)
-    )
-    return EXIT_OK if healthy else EXIT_UNHEALTHY
-
-
 def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.sql:
         try:
             options = MigrationOptions.from_settings(load_settings())
         except TenantVaultError:
             options = MigrationOptions()  # offline SQL needs no database
-        sys.stdout.write(migrate.offline_sql(options, args.revision))
+        output.print_sql(migrate.offline_sql(options, args.revision))
         return EXIT_OK
     settings = load_settings()
     if args.downgrade:
         report = migrate.downgrade(settings, args.revision, allow_data_loss=args.allow_data_loss)
     else:
         report = migrate.upgrade(settings, args.revision, adopt=args.adopt)
-    print(f"schema revision: {report.before or 'none'} -> {report.after or 'none'}")
+    output.print_migration(report)
     return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    return _print_status(status(load_settings()))
+    report = status(load_settings())
+    output.print_status(report)
+    return EXIT_OK if report.healthy else EXIT_UNHEALTHY
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tenantvault.dev.demo import run_demo
 
     report = run_demo(load_settings())
-    print("\n".join(report.lines))
+    output.print_lines(report.lines)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     if args.action == "up":
-        sys.stdout.write(devstack.up(state_dir).as_shell())
-        print(f'# written to {state_dir / "env"}: eval "$(tenantvault dev env)"', file=sys.stderr)
+        output.print_dev_up(devstack.up(state_dir).as_shell(), state_dir / "env")
     elif args.action == "env":
-        sys.stdout.write(devstack.stack_env(state_dir).as_shell())
+        output.print_sql(devstack.stack_env(state_dir).as_shell())
     else:
-        stopped = devstack.down(state_dir)
-        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        output.print_dev_down(devstack.down(state_dir))
     return EXIT_OK
 
 
@@ -112,7 +82,7 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("stopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
+        output.print_stopping()
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -125,91 +95,87 @@ def _run_exit(ok: bool, stopped: str | None) -> int:
     if stopped and stopped.startswith("interrupted"):
         return EXIT_INTERRUPTED
     if stopped:
-        print(f"FAILED: {stopped}", file=sys.stderr)
+        output.print_failed(stopped)
         return EXIT_FAILED
     return EXIT_OK if ok else EXIT_INCOMPLETE
 
 
 def _cmd_rotate_status(args: argparse.Namespace) -> int:
-    report = operator_jobs.rotation_status(load_settings(), args.tenant or None)
-    operator_output.print_key_status(report, args.json)
+    report = jobs.rotation_status(load_settings(), args.tenant or None)
+    output.print_key_status(report, args.json)
     return EXIT_OK
 
 
 def _cmd_rotate_kek(args: argparse.Namespace) -> int:
     settings = load_settings()
-    output = operator_output.RotationOutput.choose(args.json)
-    with _stop_on_interrupt() as stop, output:
-        report = operator_jobs.rotate_kek_job(
-            settings,
-            rotate=not args.no_rotate,
-            raise_min_decryption_version=args.min_decryption_version,
-            dry_run=args.dry_run,
-            batch_size=args.batch_size,
-            stop=stop,
-            on_progress=output.kek,
-        )
-    operator_output.print_kek_summary(report, args.json)
+    options = KekRotationOptions(
+        rotate=not args.no_rotate,
+        raise_min_decryption_version=args.min_decryption_version,
+        dry_run=args.dry_run,
+        batch_size=args.batch_size,
+    )
+    progress = output.RotationOutput.choose(args.json)
+    with _stop_on_interrupt() as stop, progress:
+        report = jobs.rotate_kek_job(settings, options, stop=stop, on_progress=progress.kek)
+    output.print_kek_summary(report, args.json)
     return _run_exit(report.ok, report.stopped)
 
 
 def _cmd_rotate_dek(args: argparse.Namespace) -> int:
     settings = load_settings()
-    output = operator_output.RotationOutput.choose(args.json)
-    with _stop_on_interrupt() as stop, output:
-        report = operator_jobs.rotate_dek_job(
+    options = DekRotationOptions(
+        workers=args.workers, batch_size=args.batch_size, dry_run=args.dry_run
+    )
+    progress = output.RotationOutput.choose(args.json)
+    with _stop_on_interrupt() as stop, progress:
+        report = jobs.rotate_dek_job(
             settings,
             None if args.all else args.tenant,
-            workers=args.workers,
-            batch_size=args.batch_size,
-            dry_run=args.dry_run,
+            options,
             stop=stop,
-            on_progress=output.dek,
+            on_progress=progress.dek,
         )
-    operator_output.print_dek_summary(report, args.json)
+    output.print_dek_summary(report, args.json)
     return _run_exit(report.ok, report.stopped)
 
 
 def _cmd_shred(args: argparse.Namespace) -> int:
     if not (args.yes or args.dry_run):
-        print(
-            f"FAILED: shredding destroys every data key of tenant {args.tenant}: none of its "
-            "secrets can be opened again. Rerun with --yes (or --dry-run to see the count).",
-            file=sys.stderr,
+        output.print_failed(
+            f"shredding destroys every data key of tenant {args.tenant}: none of its "
+            "secrets can be opened again. Rerun with --yes (or --dry-run to see the count)."
         )
         return EXIT_USAGE
-    report = operator_jobs.shred_job(load_settings(), args.tenant, dry_run=args.dry_run)
-    operator_output.print_shred(report, args.json)
+    report = jobs.shred_job(load_settings(), args.tenant, dry_run=args.dry_run)
+    output.print_shred(report, args.json)
     return EXIT_OK
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    report = operator_jobs.audit_verify_job(load_settings(), args.tenant or None)
-    operator_output.print_audit_verify(report, args.json)
+    report = jobs.audit_verify_job(load_settings(), args.tenant or None)
+    output.print_audit_verify(report, args.json)
     return EXIT_OK if report.ok else EXIT_AUDIT_BROKEN
 
 
 def _cmd_audit_prune(args: argparse.Namespace) -> int:
-    report = operator_jobs.audit_prune_job(
+    report = jobs.audit_prune_job(
         load_settings(), keep_months=args.keep_months, dry_run=args.dry_run
     )
-    verb = "would drop" if report.dry_run else "dropped"
-    names = ", ".join(report.dropped) or "no partition"
-    print(f"audit: {verb} {names} ({report.events_dropped} events)")
+    output.print_audit_prune(report)
     return EXIT_OK
 
 
 def _cmd_audit_partitions(args: argparse.Namespace) -> int:
-    made = operator_jobs.audit_partitions_job(load_settings(), months_ahead=args.months_ahead)
-    print(f"audit: {made} new monthly partitions (through {args.months_ahead} months ahead)")
+    made = jobs.audit_partitions_job(load_settings(), months_ahead=args.months_ahead)
+    output.print_audit_partitions(made, args.months_ahead)
     return EXIT_OK
 
 
 def _cmd_purge(args: argparse.Namespace) -> int:
-    report = operator_jobs.purge_job(
+    report = jobs.purge_job(
         load_settings(), older_than_days=args.older_than_days, dry_run=args.dry_run
     )
-    operator_output.print_purge(report, args.json)
+    output.print_purge(report, args.json)
     return EXIT_OK
 
 
@@ -326,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.set_defaults(handler=_cmd_migrate)
 
-    s = commands.add_parser("status", help="schema revision, tenant isolation and Vault state")
+    s = commands.add_parser("status", help="schema revision, tenant isolation and transit state")
     s.set_defaults(handler=_cmd_status)
 
     demo = commands.add_parser("demo", help="store and load credentials end to end")
@@ -348,10 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except TenantVaultError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
+        output.print_failed(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("FAILED: interrupted", file=sys.stderr)
+        output.print_failed("interrupted")
         return EXIT_INTERRUPTED
 
 

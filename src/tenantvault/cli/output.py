@@ -1,19 +1,23 @@
-"""How the operator commands (rotate-keys, shred, audit, purge) show progress and
-reports: a rich progress bar on a terminal, plain lines when not, JSON lines with
-``--json``. Reports hold ids, versions and counts only, so nothing here can print
-a secret."""
+"""Everything the ``tenantvault`` command prints: progress and reports (a rich
+progress bar on a terminal, plain lines when not, JSON lines with ``--json``) and
+the one ``FAILED:`` line. Reports hold ids, versions and counts only, so nothing
+here can print a secret."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-from tenantvault.audit.chain import AuditVerifyReport
+from tenantvault.audit.chain import AuditVerifyReport, PruneReport
+from tenantvault.ops.health import StatusReport
+from tenantvault.ops.migrate import MigrationReport
 from tenantvault.ops.purge import PurgeReport
 from tenantvault.rotation.dek import DekRotationReport, Progress, TenantRotation
 from tenantvault.rotation.kek import KekProgress, KekRotationReport
@@ -201,11 +205,7 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
         active = f"v{tenant.active_version}" if tenant.active_version else "none"
         out.write(f"tenant {tenant.tenant_id}: active DEK {active}\n")
         for key in tenant.keys:
-            kek = f"KEK v{key.kek_version}" + (
-                " (behind)"
-                if key.state != "destroyed" and key.kek_version < report.kek_latest
-                else ""
-            )
+            kek = f"KEK v{key.kek_version}" + (" (behind)" if report.is_behind(key) else "")
             out.write(
                 f"  DEK v{key.version} {key.state:<9} {kek:<16} protects {key.protects} values\n"
             )
@@ -269,3 +269,68 @@ def print_purge(report: PurgeReport, json_lines: bool, out: TextIO | None = None
     out.write(
         f"summary: {verb} {len(report.configs)} configs deleted before {report.cutoff:%Y-%m-%d}\n"
     )
+
+
+def print_failed(why: str) -> None:
+    """The one line a failed command prints (on stderr)."""
+    print(f"FAILED: {why}", file=sys.stderr)
+
+
+def print_stopping() -> None:
+    print("stopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
+
+
+def print_lines(lines: Sequence[str]) -> None:
+    print("\n".join(lines))
+
+
+def print_sql(text: str) -> None:
+    """Text made to be piped on (SQL, shell variables), as it is."""
+    sys.stdout.write(text)
+
+
+def print_migration(report: MigrationReport) -> None:
+    print(f"schema revision: {report.before or 'none'} -> {report.after or 'none'}")
+
+
+def print_status(report: StatusReport) -> None:
+    state = "up to date" if report.up_to_date else f"behind (head is {report.head})"
+    print(f"database      {report.database} (PostgreSQL {report.server_version})")
+    print(f"schema        revision {report.revision or 'none'}: {state}")
+    for table in report.tables:
+        rls = "RLS forced" if table.row_level_security and table.forced else "RLS NOT FORCED"
+        print(
+            f"  {table.name:<24} {rls}, {table.policies} policies, "
+            f"{table.rows_visible_to_app_without_tenant} rows visible to the app role "
+            "without a tenant"
+        )
+    transit = report.transit
+    if transit is not None:
+        if transit.reachable:
+            mounted = "engine mounted" if transit.mounted else "engine NOT mounted"
+            print(f"transit       {transit.address}: reachable, {mounted}")
+        else:
+            print(f"transit       {transit.address or '-'}: unreachable ({transit.detail})")
+    if report.revision:
+        until = report.audit_partitions_until
+        note = "" if report.audit_writable else " (too few: run `tenantvault audit partitions`)"
+        print(f"audit log     partitions until {until or 'none'}{note}")
+
+
+def print_dev_up(shell: str, env_file: Path) -> None:
+    sys.stdout.write(shell)
+    print(f'# written to {env_file}: eval "$(tenantvault dev env)"', file=sys.stderr)
+
+
+def print_dev_down(stopped: Sequence[str]) -> None:
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def print_audit_prune(report: PruneReport) -> None:
+    verb = "would drop" if report.dry_run else "dropped"
+    names = ", ".join(report.dropped) or "no partition"
+    print(f"audit: {verb} {names} ({report.events_dropped} events)")
+
+
+def print_audit_partitions(made: int, months_ahead: int) -> None:
+    print(f"audit: {made} new monthly partitions (through {months_ahead} months ahead)")

@@ -65,10 +65,19 @@ def _length_prefixed(part: bytes) -> bytes:
 _LABEL = _length_prefixed(_AAD_LABEL)
 
 
-def _header(dek_version: int) -> str:
+def header(dek_version: int) -> str:
+    """The header of every value sealed under ``dek_version`` (``tv1.<dek_version>.``):
+    a value names that key exactly when it starts with this."""
     if not 1 <= dek_version <= MAX_DEK_VERSION:
         raise ValueError("dek_version out of range")
     return f"{FORMAT_PREFIX}.{dek_version}."
+
+
+def sql_dek_version(column: str) -> str:
+    """A PostgreSQL expression for the DEK version a sealed value in ``column`` names
+    (for counting values per key without reading them into Python). ``column`` is
+    an identifier of ours, never input."""
+    return f"split_part({column}, '.', 2)::int"
 
 
 def seal(
@@ -86,9 +95,9 @@ def seal(
         nonce = os.urandom(NONCE_BYTES)
     if len(nonce) != NONCE_BYTES:
         raise ValueError("nonce must be 12 bytes")
-    header = _header(key.version)
-    body = key.aead().encrypt(nonce, plaintext, context.associated_data(header))
-    return header + base64.urlsafe_b64encode(nonce + body).decode().rstrip("=")
+    prefix = header(key.version)
+    body = key.aead().encrypt(nonce, plaintext, context.associated_data(prefix))
+    return prefix + base64.urlsafe_b64encode(nonce + body).decode().rstrip("=")
 
 
 def _parse(sealed: str) -> tuple[int, str]:
@@ -148,7 +157,7 @@ def _open(key: DataKey, version: int, encoded: str, context: SealContext) -> byt
         raise DecryptionError("cannot open sealed value")
     try:
         return key.aead().decrypt(
-            raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.associated_data(_header(version))
+            raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.associated_data(header(version))
         )
     except InvalidTag:
         raise DecryptionError("cannot open sealed value") from None

@@ -445,6 +445,11 @@ class DataKeyState(enum.StrEnum):
     RETIRED = "retired"  # opens old values only
     DESTROYED = "destroyed"  # crypto-shredded: its values can never be opened
 
+    @property
+    def sql(self) -> str:
+        """The state as an SQL string literal (the schema's constraints name them)."""
+        return f"'{self.value}'"
+
 
 class TenantDataKey(Base):
     """A version of a tenant's data key, stored only wrapped by the transit KEK."""
@@ -457,12 +462,15 @@ class TenantDataKey(Base):
             "uq_tenant_data_keys_tenant_id_active",
             "tenant_id",
             unique=True,
-            postgresql_where=text("state = 'active'"),
+            postgresql_where=text(f"state = {DataKeyState.ACTIVE.sql}"),
         ),
-        CheckConstraint("state IN ('active', 'draining', 'retired', 'destroyed')", name="state"),
+        CheckConstraint(
+            f"state IN ({', '.join(state.sql for state in DataKeyState)})", name="state"
+        ),
         CheckConstraint("version >= 1", name="version_positive"),
         CheckConstraint(
-            "(state = 'destroyed') = (wrapped_key IS NULL)", name="destroyed_has_no_key"
+            f"(state = {DataKeyState.DESTROYED.sql}) = (wrapped_key IS NULL)",
+            name="destroyed_has_no_key",
         ),
         {"comment": "Tenant data keys (DEKs), wrapped by the Vault transit KEK; never plaintext."},
     )
@@ -483,7 +491,7 @@ class TenantDataKey(Base):
     )
     state: Mapped[DataKeyState] = mapped_column(
         StrEnumText(DataKeyState),
-        server_default=text("'active'::text"),
+        server_default=text(f"{DataKeyState.ACTIVE.sql}::text"),
         comment="active (new values), draining (superseded, being re-sealed), retired "
         "(read only), destroyed (shredded).",
     )

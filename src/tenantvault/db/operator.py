@@ -78,17 +78,5 @@ class OperatorDatabase:
                     )
                     connection.commit()
 
-    def tenants_with_keys(self) -> list[str]:
-        """Every tenant that has a data key that was not destroyed, in id order."""
-        keys = self.table("tenant_data_keys")
-        with self.transaction() as connection:
-            rows = connection.execute(
-                sa.text(
-                    f"SELECT DISTINCT tenant_id FROM {keys} "
-                    "WHERE state <> 'destroyed' ORDER BY tenant_id"
-                )
-            )
-            return [row[0] for row in rows]
-
     def dispose(self) -> None:
         self.engine.dispose()

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from tenantvault.ops.migrate import migration_engine
 from tenantvault.settings import Settings
-from tenantvault.vault.core import Vault
+from tenantvault.vault import Vault
 
 DEMO_LOGIN = "tenantvault_demo_app"
 

@@ -280,13 +280,13 @@ def stop_postgres(state_dir: Path, record: ServiceRecord) -> bool:
 # --- OpenBao ---
 
 
-def vault_client(port: int, token: str) -> hvac.Client:
+def openbao_client(port: int, token: str) -> hvac.Client:
     return hvac.Client(url=f"http://127.0.0.1:{port}", token=token, timeout=5)
 
 
 def _openbao_ready(port: int, token: str) -> bool:
     try:
-        return bool(vault_client(port, token).sys.is_initialized())
+        return bool(openbao_client(port, token).sys.is_initialized())
     except Exception:
         return False
 
@@ -327,7 +327,7 @@ def start_openbao(state_dir: Path, record: ServiceRecord | None, token: str) -> 
         return _openbao_ready(port, token)
 
     _wait_until(ready, "OpenBao", log)
-    client = vault_client(port, token)
+    client = openbao_client(port, token)
     if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
         client.sys.enable_secrets_engine("transit", path="transit")
     return new_record

@@ -1,7 +1,7 @@
-"""A tenant's data keys: the active one for sealing, any version for opening.
+"""A tenant's data keys, handed out only as sealing: :class:`Sealer`, never key bytes.
 
 The first key of a tenant is made on demand. Two processes may try at once:
-both ask the key provider for a key, both INSERT version 1, the primary key lets
+both ask the key provider for a key, both insert version 1, the primary key lets
 exactly one row in, and the loser reads and uses the winner's key.
 
 Writers hold a shared per-tenant lock from reading the active key until they
@@ -12,38 +12,20 @@ counted as unused.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import NoReturn
 
-from tenantvault import audit
+import sqlalchemy as sa
+
 from tenantvault.crypto.datakey import DataKey
-from tenantvault.db.models import AuditAction, DataKeyState, TenantDataKey
+from tenantvault.crypto.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
 from tenantvault.errors import DecryptionError, KeyDestroyedError
+from tenantvault.keys import store
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.kms.provider import KeyProvider
 
-TENANT_KEYS_LOCK = 1_953_916_001
-"""Advisory lock class of a tenant's keys (the other half is ``hashtext(tenant_id)``)."""
-
-_LOCK_SHARED = sa.text("SELECT pg_advisory_xact_lock_shared(:cls, hashtext(:tenant_id))")
-_LOCK_EXCLUSIVE = sa.text("SELECT pg_advisory_xact_lock(:cls, hashtext(:tenant_id))")
-
-
-def lock_tenant_keys(connection: sa.Connection, tenant_id: str, *, exclusive: bool) -> None:
-    """Hold the tenant's key lock until the transaction ends (shared: sealing; exclusive:
-    switching, retiring or destroying keys)."""
-    statement = _LOCK_EXCLUSIVE if exclusive else _LOCK_SHARED
-    connection.execute(statement, {"cls": TENANT_KEYS_LOCK, "tenant_id": tenant_id})
-
-
-_ACTIVE = sa.select(TenantDataKey.version, TenantDataKey.wrapped_key).where(
-    TenantDataKey.tenant_id == sa.bindparam("tenant_id"),
-    TenantDataKey.state == DataKeyState.ACTIVE,
-)
-_VERSION = sa.select(TenantDataKey.wrapped_key, TenantDataKey.state).where(
-    TenantDataKey.tenant_id == sa.bindparam("tenant_id"),
-    TenantDataKey.version == sa.bindparam("version"),
-)
+Transaction = Callable[[], AbstractContextManager[sa.Connection]]
 
 
 class Keyring:
@@ -56,25 +38,63 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(provider={self.provider!r}, cache={self.cache!r})"
 
-    def active_key(self, connection: sa.Connection, tenant_id: str) -> DataKey:
-        """The key new values of ``tenant_id`` are sealed with (made if the tenant has none).
+    def sealer(
+        self, connection: sa.Connection, tenant_id: str, *, active_version: int | None = None
+    ) -> Sealer:
+        """Sealing and opening for ``tenant_id`` in ``connection``'s transaction.
 
-        ``connection`` must be in a transaction scoped to ``tenant_id``; it holds the
-        tenant's key lock (shared) until it ends.
+        Args:
+            connection: in a transaction scoped to ``tenant_id`` (or the migrator's).
+            tenant_id: whose values.
+            active_version: seal under this key version (key rotation, which holds the
+                tenant). Otherwise the first seal reads the active key — made if the
+                tenant has none — and holds the tenant's key lock, shared, until the
+                transaction ends.
         """
-        lock_tenant_keys(connection, tenant_id, exclusive=False)
-        row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one_or_none()
-        if row is None:
-            return self._create(connection, tenant_id)
-        return self._active_from_row(tenant_id, row.version, row.wrapped_key)
+        return Sealer(self, connection, tenant_id, active_version)
 
-    def _active_from_row(self, tenant_id: str, version: int, wrapped: str | None) -> DataKey:
-        assert wrapped is not None  # an active key always has its wrapped form (CHECK)
+    def open_cached(self, tenant_id: str, sealed: str, place: SealContext) -> bytes | None:
+        """Open ``sealed`` if its key is cached; None otherwise (no database, no KMS).
+
+        Raises:
+            DecryptionError: the value is malformed or does not open in ``place``.
+        """
+        key = self.cache.get(tenant_id, sealed_dek_version(sealed))
+        return None if key is None else open_sealed(key, sealed, place)
+
+    def switch(
+        self, transaction: Transaction, tenant_id: str, from_version: int, actor: str
+    ) -> int:
+        """A new active key for ``tenant_id``; ``from_version`` starts draining. The new
+        key comes from the key provider before ``transaction`` opens (no lock is held
+        while the provider answers). Returns the new version.
+
+        Raises:
+            RotationError: ``from_version`` is not the active key any more.
+        """
+        plaintext, wrapped = self.provider.generate_data_key(tenant_id)
+        with transaction() as connection:
+            version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
+        self.cache.put(DataKey(tenant_id, version, plaintext))
+        return version
+
+    def evict(self, tenant_id: str) -> None:
+        """Forget the tenant's cached keys (after they were destroyed)."""
+        self.cache.evict_tenant(tenant_id)
+
+    # --- for Sealer ---
+
+    def _active_key(self, connection: sa.Connection, tenant_id: str) -> DataKey:
+        store.lock_tenant_keys(connection, tenant_id, exclusive=False)
+        found = store.active(connection, tenant_id)
+        if found is None:
+            return self._create(connection, tenant_id)
+        version, wrapped = found
         return self.cache.get_or_load(
             tenant_id, version, lambda: self._unwrap(tenant_id, version, wrapped)
         )
 
-    def key(self, connection: sa.Connection, tenant_id: str, version: int) -> DataKey:
+    def _key(self, connection: sa.Connection, tenant_id: str, version: int) -> DataKey:
         """The key of ``version``; no database or provider call while it is cached.
 
         Raises:
@@ -86,12 +106,11 @@ class Keyring:
             return cached
 
         def load() -> DataKey:
-            row = connection.execute(_VERSION, {"tenant_id": tenant_id, "version": version})
-            found = row.one_or_none()
-            if found is None:
-                raise DecryptionError("cannot open sealed value")
-            wrapped, state = found
-            if state == DataKeyState.DESTROYED or wrapped is None:
+            try:
+                wrapped = store.wrapped(connection, tenant_id, version)
+            except LookupError:
+                raise DecryptionError("cannot open sealed value") from None
+            if wrapped is None:
                 raise KeyDestroyedError(f"data key {version} of tenant {tenant_id} was destroyed")
             return self._unwrap(tenant_id, version, wrapped)
 
@@ -102,30 +121,89 @@ class Keyring:
 
     def _create(self, connection: sa.Connection, tenant_id: str) -> DataKey:
         plaintext, wrapped = self.provider.generate_data_key(tenant_id)
-        next_version = sa.select(
-            sa.literal(tenant_id, sa.Text),
-            sa.func.coalesce(sa.func.max(TenantDataKey.version), 0) + 1,
-            sa.literal(wrapped.ciphertext, sa.Text),
-            sa.literal(wrapped.kek_version, sa.Integer),
-        ).where(TenantDataKey.tenant_id == tenant_id)
-        insert = (
-            pg_insert(TenantDataKey)
-            .from_select(["tenant_id", "version", "wrapped_key", "kek_version"], next_version)
-            .on_conflict_do_nothing()
-            .returning(TenantDataKey.version)
-        )
-        inserted = connection.execute(insert).scalar_one_or_none()
-        if inserted is None:  # another process made it first: use theirs
-            row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one()
-            return self._active_from_row(tenant_id, row.version, row.wrapped_key)
-        audit.record(
-            connection,
-            tenant_id,
-            AuditAction.DEK_CREATED,
-            target_type="dek",
-            target_id=str(inserted),
-            details={"kek_version": wrapped.kek_version},
-        )
-        key = DataKey(tenant_id, inserted, plaintext)
+        version = store.create_first(connection, tenant_id, wrapped)
+        if version is None:  # another process made it first: use theirs
+            found = store.active(connection, tenant_id)
+            assert found is not None
+            theirs, their_wrapped = found
+            return self.cache.get_or_load(
+                tenant_id, theirs, lambda: self._unwrap(tenant_id, theirs, their_wrapped)
+            )
+        key = DataKey(tenant_id, version, plaintext)
         self.cache.put(key)
         return key
+
+
+class Sealer:
+    """Seals, opens and re-seals one tenant's values by place, in one transaction.
+
+    Bound to a tenant and a connection; the keys stay inside (Tink's "get a
+    primitive, never the key bytes"). Keys it fetched are kept for its lifetime,
+    so a batch of values under one key costs one cache lookup.
+    """
+
+    __slots__ = ("_active", "_active_version", "_connection", "_keyring", "_keys", "tenant_id")
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        connection: sa.Connection,
+        tenant_id: str,
+        active_version: int | None,
+    ) -> None:
+        self._keyring = keyring
+        self._connection = connection
+        self.tenant_id = tenant_id
+        self._active_version = active_version
+        self._active: DataKey | None = None
+        self._keys: dict[int, DataKey] = {}
+
+    def __repr__(self) -> str:
+        return f"Sealer(tenant_id={self.tenant_id!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("Sealer refuses to be pickled")
+
+    def _check(self, place: SealContext) -> None:
+        if place.tenant_id != self.tenant_id:
+            raise ValueError("a sealer seals and opens only its own tenant's values")
+
+    def _sealing_key(self) -> DataKey:
+        if self._active is None:
+            if self._active_version is None:
+                self._active = self._keyring._active_key(self._connection, self.tenant_id)
+            else:
+                self._active = self._key_of(self._active_version)
+        return self._active
+
+    def _key_of(self, version: int) -> DataKey:
+        key = self._keys.get(version)
+        if key is None:
+            key = self._keys[version] = self._keyring._key(
+                self._connection, self.tenant_id, version
+            )
+        return key
+
+    def seal(self, plaintext: bytes, place: SealContext) -> str:
+        """``plaintext`` sealed under the tenant's active key for ``place``."""
+        self._check(place)
+        return seal(self._sealing_key(), plaintext, place)
+
+    def open(self, sealed: str, place: SealContext) -> bytes:
+        """Open a value of ``place`` with the key version it names.
+
+        Raises:
+            DecryptionError: wrong place, or any change to the value.
+            KeyDestroyedError: the key it names was destroyed.
+        """
+        self._check(place)
+        return open_sealed(self._key_of(sealed_dek_version(sealed)), sealed, place)
+
+    def reseal(self, sealed: str, place: SealContext) -> str:
+        """Open a value of ``place`` and seal it again under the active key (rotation).
+
+        Raises:
+            DecryptionError, KeyDestroyedError: as :meth:`open`.
+        """
+        self._check(place)
+        return reseal(sealed, place, self._key_of, self._sealing_key())

@@ -11,11 +11,11 @@ import requests
 from tenantvault.errors import ConfigurationError, KeyProviderUnavailable
 from tenantvault.kms.local import LocalKeyProvider
 from tenantvault.kms.provider import CheckedKeyProvider
-from tenantvault.kms.transit import VaultTransitKeyProvider
+from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.settings import Settings
 
 
-def vault_client(settings: Settings) -> hvac.Client:
+def transit_client(settings: Settings) -> hvac.Client:
     """An hvac client for ``VAULT_ADDR``, logged in with ``VAULT_TOKEN`` or AppRole."""
     if settings.vault_addr is None:
         raise ConfigurationError("VAULT_ADDR is required for TENANTVAULT_KEY_PROVIDER=vault")
@@ -64,8 +64,8 @@ def key_provider_from_settings(settings: Settings) -> CheckedKeyProvider:
         if len(master) != 32:
             raise ConfigurationError("TENANTVAULT_LOCAL_MASTER_KEY must be base64 of 32 bytes")
         return LocalKeyProvider(master, batch_size=settings.transit_batch_size)
-    return VaultTransitKeyProvider(
-        vault_client(settings),
+    return TransitKeyProvider(
+        transit_client(settings),
         key_name=settings.transit_key,
         mount_point=settings.transit_mount,
         timeout_seconds=settings.vault_timeout_seconds,

@@ -37,7 +37,7 @@ def _context(tenant_id: str) -> str:
     return base64.b64encode(tenant_id.encode()).decode()
 
 
-class VaultTransitKeyProvider(CheckedKeyProvider):
+class TransitKeyProvider(CheckedKeyProvider):
     """Data keys generated, unwrapped and rewrapped by a transit key in Vault/OpenBao."""
 
     def __init__(
@@ -65,7 +65,7 @@ class VaultTransitKeyProvider(CheckedKeyProvider):
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"VaultTransitKeyProvider(key={self.mount_point}/{self.key_name})"
+        return f"TransitKeyProvider(key={self.mount_point}/{self.key_name})"
 
     def _call(self, what: str, request: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.timeout_seconds

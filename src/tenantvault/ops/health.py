@@ -1,4 +1,4 @@
-"""What state a tenantvault deployment is in: schema revision, isolation, Vault transit."""
+"""What state a tenantvault deployment is in: schema revision, isolation, transit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from requests.exceptions import RequestException
 from tenantvault.audit.chain import audit_partitions
 from tenantvault.db.models import TENANTVAULT_TABLES
 from tenantvault.errors import TenantVaultError
-from tenantvault.kms.factory import vault_client
+from tenantvault.kms.factory import transit_client
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
 
@@ -27,10 +27,12 @@ class TableStatus:
 
 
 @dataclass(frozen=True)
-class VaultStatus:
+class TransitStatus:
+    """Whether the KMS (Vault or OpenBao) answers and has the transit engine mounted."""
+
     address: str | None
     reachable: bool
-    transit_mounted: bool
+    mounted: bool
     detail: str = ""
 
 
@@ -41,7 +43,7 @@ class StatusReport:
     revision: str | None
     head: str
     tables: list[TableStatus] = field(default_factory=list)
-    vault: VaultStatus | None = None
+    transit: TransitStatus | None = None
     audit_partitions_until: date | None = None  # first day no audit partition covers
 
     @property
@@ -51,6 +53,16 @@ class StatusReport:
             return False
         today = datetime.now(UTC).date()
         return self.audit_partitions_until > (today.replace(day=1) + timedelta(days=62))
+
+    @property
+    def healthy(self) -> bool:
+        """Up to date, isolated, audit partitions ahead, transit reachable."""
+        return (
+            self.up_to_date
+            and self.isolated
+            and self.audit_writable
+            and bool(self.transit and self.transit.reachable)
+        )
 
     @property
     def up_to_date(self) -> bool:
@@ -91,20 +103,20 @@ def _tables(connection: sa.Connection, settings: Settings) -> list[TableStatus]:
     return result
 
 
-def vault_status(settings: Settings) -> VaultStatus:
-    """Whether Vault answers and has the transit engine mounted (never raises)."""
+def transit_status(settings: Settings) -> TransitStatus:
+    """Whether transit answers and has its engine mounted (never raises)."""
     if settings.vault_addr is None:
-        return VaultStatus(None, False, False, "VAULT_ADDR is not set")
+        return TransitStatus(None, False, False, "VAULT_ADDR is not set")
     address = str(settings.vault_addr)
     try:
         # The same client the key provider uses: token or AppRole, TLS settings.
-        client = vault_client(settings)
+        client = transit_client(settings)
         mounts = client.sys.list_mounted_secrets_engines()["data"]
     except TenantVaultError as exc:
-        return VaultStatus(address, False, False, str(exc))
+        return TransitStatus(address, False, False, str(exc))
     except (RequestException, hvac.exceptions.VaultError) as exc:
-        return VaultStatus(address, False, False, type(exc).__name__)
-    return VaultStatus(address, True, f"{settings.transit_mount.strip('/')}/" in mounts)
+        return TransitStatus(address, False, False, type(exc).__name__)
+    return TransitStatus(address, True, f"{settings.transit_mount.strip('/')}/" in mounts)
 
 
 def status(settings: Settings) -> StatusReport:
@@ -123,6 +135,6 @@ def status(settings: Settings) -> StatusReport:
         revision=revision,
         head=migrate.head_revision(),
         tables=tables,
-        vault=vault_status(settings),
+        transit=transit_status(settings),
         audit_partitions_until=until,
     )

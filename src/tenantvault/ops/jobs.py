@@ -27,6 +27,7 @@ from tenantvault.kms.factory import key_provider_from_settings
 from tenantvault.ops.purge import PurgeReport, purge_deleted_configs
 from tenantvault.rotation.dek import DekRotationReport, Progress, rotate_data_keys
 from tenantvault.rotation.kek import KekProgress, KekRotationReport, rotate_kek
+from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
 from tenantvault.rotation.shred import ShredReport, shred_tenant
 from tenantvault.rotation.status import KeyStatusReport, key_status
 from tenantvault.settings import Settings
@@ -67,50 +68,28 @@ def rotation_status(settings: Settings, tenants: Sequence[str] | None = None) ->
 
 def rotate_kek_job(
     settings: Settings,
+    options: KekRotationOptions | None = None,
     *,
-    rotate: bool = True,
-    raise_min_decryption_version: bool = False,
-    dry_run: bool = False,
-    batch_size: int = 1000,
     stop: threading.Event | None = None,
     on_progress: Callable[[KekProgress], None] | None = None,
 ) -> KekRotationReport:
     """Rotate the transit key (or only catch up) and rewrap every tenant's data keys."""
     with _operator(settings) as (db, keyring):
-        return rotate_kek(
-            db,
-            keyring.provider,
-            rotate=rotate,
-            raise_min_decryption_version=raise_min_decryption_version,
-            dry_run=dry_run,
-            batch_size=batch_size,
-            stop=stop,
-            on_progress=on_progress,
-        )
+        return rotate_kek(db, keyring.provider, options, stop=stop, on_progress=on_progress)
 
 
 def rotate_dek_job(
     settings: Settings,
     tenants: Sequence[str] | None,
+    options: DekRotationOptions | None = None,
     *,
-    workers: int = 1,
-    batch_size: int = 1000,
-    dry_run: bool = False,
     stop: threading.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> DekRotationReport:
     """Rotate the data keys of ``tenants`` (None: every tenant with a key)."""
-    with _operator(settings, connections=workers + 1) as (db, keyring):
-        return rotate_data_keys(
-            db,
-            keyring,
-            tenants,
-            workers=workers,
-            batch_size=batch_size,
-            dry_run=dry_run,
-            stop=stop,
-            on_progress=on_progress,
-        )
+    options = options or DekRotationOptions()
+    with _operator(settings, connections=options.workers + 1) as (db, keyring):
+        return rotate_data_keys(db, keyring, tenants, options, stop=stop, on_progress=on_progress)
 
 
 def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> ShredReport:

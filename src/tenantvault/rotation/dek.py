@@ -30,21 +30,19 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from tenantvault import audit
-from tenantvault.crypto.datakey import DataKey
-from tenantvault.crypto.envelope import reseal
-from tenantvault.db.models import AuditAction
+from tenantvault.crypto.envelope import header, sql_dek_version
 from tenantvault.db.operator import DEK_ROTATION_CLAIM, OperatorDatabase
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import (
     DecryptionError,
     KeyDestroyedError,
     KeyProviderError,
-    RotationError,
     TenantVaultError,
 )
-from tenantvault.keys.keyring import Keyring, lock_tenant_keys
+from tenantvault.keys import store
+from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
+from tenantvault.rotation.options import DekRotationOptions
 
 RESEAL_PASSES = 3
 ACTOR = "rotate-keys"
@@ -124,40 +122,33 @@ class DekRotation:
         self,
         db: OperatorDatabase,
         keyring: Keyring,
+        options: DekRotationOptions,
         *,
-        batch_size: int = 1000,
-        dry_run: bool = False,
         stop: threading.Event | None = None,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
-        if not 1 <= batch_size <= 50_000:
-            raise ValueError("batch_size must be 1..50000")
         self.db = db
         self.keyring = keyring
-        self.batch_size = batch_size
-        self.dry_run = dry_run
+        self.options = options
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
-        self.report = DekRotationReport(dry_run=dry_run)
+        self.report = DekRotationReport(dry_run=options.dry_run)
         self._lock = threading.Lock()
         self._total = 0
-        self._keys = db.table("tenant_data_keys")
 
     # --- the run ---
 
-    def run(self, tenants: Sequence[str] | None = None, *, workers: int = 1) -> DekRotationReport:
-        """Rotate ``tenants`` (every tenant with a key when None) with ``workers`` threads."""
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
-        queue = [
-            check_tenant_id(t)
-            for t in (tenants if tenants is not None else self.db.tenants_with_keys())
-        ]
+    def run(self, tenants: Sequence[str] | None = None) -> DekRotationReport:
+        """Rotate ``tenants`` (every tenant with a key when None)."""
+        if tenants is None:
+            with self.db.transaction() as connection:
+                tenants = store.tenants_with_keys(connection)
+        queue = [check_tenant_id(t) for t in tenants]
         queue.reverse()
         self._total = len(queue)
         threads = [
             threading.Thread(target=self._work, args=(queue,), name=f"rotate-dek-{n}")
-            for n in range(min(workers, max(1, len(queue))))
+            for n in range(min(self.options.workers, max(1, len(queue))))
         ]
         for thread in threads:
             thread.start()
@@ -216,28 +207,29 @@ class DekRotation:
         with self.db.claim(DEK_ROTATION_CLAIM, tenant_id) as claimed:
             if not claimed:
                 return TenantRotation(tenant_id, "busy")
-            active, draining, destroyed = self._states(tenant_id)
+            with self.db.transaction() as connection:
+                keys = store.states(connection, tenant_id)
+            active, draining, destroyed = keys.active, keys.draining, keys.destroyed
             if active is None:
                 return TenantRotation(tenant_id, "no keys")
-            if self.dry_run:
+            if self.options.dry_run:
                 return self._plan(tenant_id, active, draining, destroyed)
             if draining:
                 result = TenantRotation(tenant_id, "resumed", min(draining), active)
-                with self.db.transaction() as connection:
-                    key = self.keyring.active_key(connection, tenant_id)
+                target = active
             else:
-                key = self._switch(tenant_id, active)
-                result = TenantRotation(tenant_id, "rotated", active, key.version)
+                target = self.keyring.switch(self.db.transaction, tenant_id, active, ACTOR)
+                result = TenantRotation(tenant_id, "rotated", active, target)
             with self.db.transaction() as connection:
-                stale = self._stale_counts(connection, tenant_id, key.version, destroyed)
+                stale = self._stale_counts(connection, tenant_id, target, destroyed)
             for _ in range(RESEAL_PASSES):
                 for column in SEALED_COLUMNS:
                     if not stale[column]:
                         continue
-                    done = self._reseal(tenant_id, column, key, destroyed)
+                    done = self._reseal(tenant_id, column, target, destroyed)
                     if done:
                         result.resealed[column.name] = result.resealed.get(column.name, 0) + done
-                stale, retired = self._retire(tenant_id, key.version, destroyed)
+                stale, retired = self._retire(tenant_id, target, destroyed)
                 remaining = sum(stale.values())
                 result.remaining, result.retired = remaining, result.retired + retired
                 if remaining <= self._unopenable_count(tenant_id):
@@ -245,20 +237,6 @@ class DekRotation:
             if remaining:
                 result.outcome = "incomplete"
             return result
-
-    def _states(self, tenant_id: str) -> tuple[int | None, list[int], list[int]]:
-        """The active key version, the draining ones, the destroyed ones."""
-        with self.db.transaction() as connection:
-            rows = connection.execute(
-                sa.text(f"SELECT version, state FROM {self._keys} WHERE tenant_id = :t"),
-                {"t": tenant_id},
-            ).all()
-        active = next((v for v, state in rows if state == "active"), None)
-
-        def of(wanted: str) -> list[int]:
-            return sorted(v for v, state in rows if state == wanted)
-
-        return active, of("draining"), of("destroyed")
 
     def _plan(
         self, tenant_id: str, active: int, draining: list[int], destroyed: list[int]
@@ -278,48 +256,12 @@ class DekRotation:
         result.resealed = {column.name: count for column, count in stale.items() if count}
         return result
 
-    def _switch(self, tenant_id: str, active: int) -> DataKey:
-        """Make a new key version active; the current one starts draining."""
-        plaintext, wrapped = self.keyring.provider.generate_data_key(tenant_id)
-        with self.db.transaction() as connection:
-            lock_tenant_keys(connection, tenant_id, exclusive=True)
-            current = connection.execute(
-                sa.text(
-                    f"UPDATE {self._keys} SET state = 'draining' "
-                    "WHERE tenant_id = :t AND state = 'active' AND version = :v RETURNING version"
-                ),
-                {"t": tenant_id, "v": active},
-            ).scalar_one_or_none()
-            if current is None:
-                # Cannot happen while the claim is held; if it does, stop rather than guess.
-                raise RotationError(f"the active data key of tenant {tenant_id} moved meanwhile")
-            version = connection.execute(
-                sa.text(
-                    f"INSERT INTO {self._keys} (tenant_id, version, wrapped_key, kek_version) "
-                    f"SELECT :t, max(version) + 1, :w, :k FROM {self._keys} WHERE tenant_id = :t "
-                    "RETURNING version"
-                ),
-                {"t": tenant_id, "w": wrapped.ciphertext, "k": wrapped.kek_version},
-            ).scalar_one()
-            audit.record(
-                connection,
-                tenant_id,
-                AuditAction.DEK_ROTATED,
-                actor=ACTOR,
-                target_type="dek",
-                target_id=str(version),
-                details={"from_version": active, "kek_version": wrapped.kek_version},
-            )
-        key = DataKey(tenant_id, version, plaintext)
-        self.keyring.cache.put(key)
-        return key
-
     def _stale_where(self, column: SealedColumn) -> str:
         # Values under a destroyed (shredded) key are gone for good, not stale.
         return (
             f"tenant_id = %(t)s AND {column.column} IS NOT NULL "
             f"AND NOT starts_with({column.column}, %(prefix)s) "
-            f"AND split_part({column.column}, '.', 2)::int <> ALL(%(destroyed)s::int[])"
+            f"AND {sql_dek_version(column.column)} <> ALL(%(destroyed)s::int[])"
         )
 
     def _stale_counts(
@@ -332,13 +274,13 @@ class DekRotation:
             f"WHERE {self._stale_where(column)}"
             for index, column in enumerate(SEALED_COLUMNS)
         )
-        params = {"t": tenant_id, "prefix": f"tv1.{active}.", "destroyed": destroyed}
+        params = {"t": tenant_id, "prefix": header(active), "destroyed": destroyed}
         with _cursor(connection) as cursor:
             cursor.execute(sql, params)
             return {SEALED_COLUMNS[index]: int(count) for index, count in cursor.fetchall()}
 
     def _reseal(
-        self, tenant_id: str, column: SealedColumn, key: DataKey, destroyed: list[int]
+        self, tenant_id: str, column: SealedColumn, target: int, destroyed: list[int]
     ) -> int:
         """Re-seal one column of one tenant in batches; returns how many values moved.
 
@@ -365,8 +307,8 @@ class DekRotation:
         )
         params: dict[str, Any] = {
             "t": tenant_id,
-            "prefix": f"tv1.{key.version}.",
-            "n": self.batch_size,
+            "prefix": header(target),
+            "n": self.options.batch_size,
             "destroyed": destroyed,
         }
         width = len(names)
@@ -381,13 +323,14 @@ class DekRotation:
                     return moved
                 where_after = f"AND ({key_list}) > ({after})"
                 params.update({f"k{i}": value for i, value in enumerate(rows[-1][:width])})
-                resealed = self._reseal_rows(connection, tenant_id, column, key, rows, width)
+                sealer = self.keyring.sealer(connection, tenant_id, active_version=target)
+                resealed = self._reseal_rows(sealer, column, rows, width)
                 if resealed[-1]:
                     batch = {f"a{i}": values for i, values in enumerate(resealed[:width])}
                     batch.update(old=resealed[width], new=resealed[width + 1])
                     cursor.execute(update, {**batch, "t": tenant_id})
                     moved += cursor.rowcount
-                last_batch = len(rows) < self.batch_size
+                last_batch = len(rows) < self.options.batch_size
             with self._lock:
                 done_tenants = len(self.report.tenants)
             self._progress(
@@ -397,31 +340,18 @@ class DekRotation:
                 return moved
 
     def _reseal_rows(
-        self,
-        connection: sa.Connection,
-        tenant_id: str,
-        column: SealedColumn,
-        key: DataKey,
-        rows: Sequence[Sequence[Any]],
-        width: int,
+        self, sealer: Sealer, column: SealedColumn, rows: Sequence[Sequence[Any]], width: int
     ) -> list[list[Any]]:
-        """Open each value and seal it with ``key``: one list per key column, then the
+        """Re-seal each value under the sealer's key: one list per key column, then the
         old values, then the new ones. A value that does not open is reported and
         left out."""
         out: list[list[Any]] = [[] for _ in range(width + 2)]
-        old_keys: dict[int, DataKey] = {}
-
-        def key_of(version: int) -> DataKey:
-            found = old_keys.get(version)
-            if found is None:
-                found = old_keys[version] = self.keyring.key(connection, tenant_id, version)
-            return found
-
+        tenant_id = sealer.tenant_id
         for row in rows:
             sealed = row[width]
             place = column.place(tenant_id, *row[:width])
             try:
-                resealed = reseal(sealed, place, key_of, key)
+                resealed = sealer.reseal(sealed, place)
             except (DecryptionError, KeyDestroyedError) as exc:
                 self._unopenable(
                     Unopenable(tenant_id, column.name, place.row_id, type(exc).__name__)
@@ -439,30 +369,11 @@ class DekRotation:
         """Count what still names an older key; at zero, retire the draining keys.
         The count and the retirement are one transaction under the exclusive key lock."""
         with self.db.transaction() as connection:
-            lock_tenant_keys(connection, tenant_id, exclusive=True)
+            store.lock_tenant_keys(connection, tenant_id, exclusive=True)
             stale = self._stale_counts(connection, tenant_id, active, destroyed)
             if any(stale.values()):
                 return stale, []
-            retired = sorted(
-                connection.execute(
-                    sa.text(
-                        f"UPDATE {self._keys} SET state = 'retired' "
-                        "WHERE tenant_id = :t AND state = 'draining' RETURNING version"
-                    ),
-                    {"t": tenant_id},
-                ).scalars()
-            )
-            for version in retired:
-                audit.record(
-                    connection,
-                    tenant_id,
-                    AuditAction.DEK_RETIRED,
-                    actor=ACTOR,
-                    target_type="dek",
-                    target_id=str(version),
-                    details={"active_version": active},
-                )
-            return stale, retired
+            return stale, store.retire_draining(connection, tenant_id, active, actor=ACTOR)
 
     def _unopenable(self, item: Unopenable) -> None:
         with self._lock:
@@ -478,10 +389,8 @@ def rotate_data_keys(
     db: OperatorDatabase,
     keyring: Keyring,
     tenants: Sequence[str] | None = None,
+    options: DekRotationOptions | None = None,
     *,
-    workers: int = 1,
-    batch_size: int = 1000,
-    dry_run: bool = False,
     stop: threading.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> DekRotationReport:
@@ -491,10 +400,7 @@ def rotate_data_keys(
         db: the operator's database (the migration owner's login).
         keyring: the key provider and a cache for the keys the run opens and makes.
         tenants: tenant ids; a tenant without keys is reported as "no keys".
-        workers: threads, each taking whole tenants; other processes share the
-            work the same way (a tenant is claimed through PostgreSQL).
-        batch_size: rows per transaction.
-        dry_run: count what would change; change nothing.
+        options: workers, batch size, dry run (the defaults when None).
         stop: set it (e.g. on Ctrl-C) to stop after the current batch.
         on_progress: called after every committed batch and finished tenant.
 
@@ -503,6 +409,6 @@ def rotate_data_keys(
         incomplete, or the run stopped early (``stopped`` says why).
     """
     rotation = DekRotation(
-        db, keyring, batch_size=batch_size, dry_run=dry_run, stop=stop, on_progress=on_progress
+        db, keyring, options or DekRotationOptions(), stop=stop, on_progress=on_progress
     )
-    return rotation.run(tenants, workers=workers)
+    return rotation.run(tenants)

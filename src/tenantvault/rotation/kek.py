@@ -22,15 +22,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import sqlalchemy as sa
 
-from tenantvault import audit
-from tenantvault.db.models import AuditAction
 from tenantvault.db.operator import KEK_ROTATION_LOCK, OperatorDatabase
 from tenantvault.errors import RotationError
+from tenantvault.keys import store
 from tenantvault.kms.provider import KeyProvider
+from tenantvault.rotation.options import KekRotationOptions
+
+ACTOR = "rotate-keys"
 
 
 @dataclass(frozen=True)
@@ -63,141 +64,97 @@ class KekProgress:
     total: int
 
 
-def _behind(connection: sa.Connection, keys: str, latest: int) -> int:
-    return int(
-        connection.execute(
-            sa.text(f"SELECT count(*) FROM {keys} WHERE state <> 'destroyed' AND kek_version < :v"),
-            {"v": latest},
-        ).scalar_one()
-    )
+def _behind(db: OperatorDatabase, latest: int) -> int:
+    with db.transaction() as connection:
+        return store.count_behind_kek(connection, latest)
 
 
 def rotate_kek(
     db: OperatorDatabase,
     provider: KeyProvider,
+    options: KekRotationOptions | None = None,
     *,
-    rotate: bool = True,
-    raise_min_decryption_version: bool = False,
-    dry_run: bool = False,
-    batch_size: int = 1000,
     stop: threading.Event | None = None,
     on_progress: Callable[[KekProgress], None] | None = None,
 ) -> KekRotationReport:
-    """Rotate the transit key (unless ``rotate`` is False: catch up only) and rewrap.
+    """Rotate the transit key (unless ``options.rotate`` is False: catch up only) and rewrap.
 
     Args:
         db: the operator's database (the migration owner's login).
         provider: the key provider (Vault transit in production).
-        rotate: make a new KEK version first (when nothing is left to rewrap).
-        raise_min_decryption_version: afterwards, forbid unwrapping with older versions.
-        dry_run: report what would change; change nothing (not even Vault).
-        batch_size: wrapped DEKs per transaction.
+        options: rotate or only catch up, raise min_decryption_version, dry run,
+            batch size (the defaults when None).
         stop: set it to stop after the current batch.
         on_progress: called after every committed batch.
 
     Raises:
         RotationError: ``min_decryption_version`` refused (a DEK still needs an old version).
-        KeyProviderUnavailable: Vault could not be reached; nothing was half-written.
+        KeyProviderUnavailable: transit could not be reached; nothing was half-written.
     """
+    options = options or KekRotationOptions()
     stop = stop or threading.Event()
-    keys = db.table("tenant_data_keys")
     with db.transaction() as connection:
         connection.execute(sa.text("SELECT pg_advisory_xact_lock(:c, 0)"), {"c": KEK_ROTATION_LOCK})
         # Read under the lock: a run that just rotated is seen, and not rotated again.
         before = provider.kek_version()
-        pending = _behind(connection, keys, before)
-        will_rotate = rotate and pending == 0
-        if will_rotate and not dry_run:
+        pending = store.count_behind_kek(connection, before)
+        will_rotate = options.rotate and pending == 0
+        if will_rotate and not options.dry_run:
             provider.rotate_kek()
     latest = provider.kek_version()
-    if dry_run:
+    if options.dry_run:
         target = before + 1 if will_rotate else before
-        with db.transaction() as connection:
-            behind = _behind(connection, keys, target)
-        return KekRotationReport(True, before, target, will_rotate, behind=behind)
+        return KekRotationReport(True, before, target, will_rotate, behind=_behind(db, target))
 
     report = KekRotationReport(False, before, latest, will_rotate)
-    with db.transaction() as connection:
-        total = _behind(connection, keys, latest)
-    select = (
-        f"SELECT tenant_id, version, wrapped_key FROM {keys} "
-        "WHERE state <> 'destroyed' AND kek_version < :latest AND (tenant_id, version) > (:t, :v) "
-        "ORDER BY tenant_id, version LIMIT :n FOR UPDATE"
-    )
-    update = sa.text(
-        f"UPDATE {keys} AS k SET wrapped_key = v.new_key, kek_version = v.kek_version "
-        "FROM unnest(CAST(:tenants AS text[]), CAST(:versions AS int[]), "
-        "CAST(:old AS text[]), CAST(:new AS text[]), CAST(:keks AS int[])) "
-        "AS v(tenant_id, version, old_key, new_key, kek_version) "
-        "WHERE k.tenant_id = v.tenant_id AND k.version = v.version AND k.wrapped_key = v.old_key"
-    )
+    total = _behind(db, latest)
 
-    def one_pass(lock: str) -> None:
+    def one_pass(skip_locked: bool) -> None:
         """Rewrap every key still behind, from the first; failed ones are passed over."""
-        cursor: dict[str, Any] = {"t": "", "v": 0}
+        after: tuple[str, int] = ("", 0)
         while not stop.is_set():
             with db.transaction() as connection:
-                rows = connection.execute(
-                    sa.text(select + lock), {"latest": latest, "n": batch_size, **cursor}
-                ).all()
+                rows = store.lock_behind_kek(
+                    connection,
+                    latest,
+                    after=after,
+                    limit=options.batch_size,
+                    skip_locked=skip_locked,
+                )
                 if not rows:
                     return
-                cursor = {"t": rows[-1].tenant_id, "v": rows[-1].version}
-                results = provider.rewrap([(row.tenant_id, row.wrapped_key) for row in rows])
-                done: dict[str, list[Any]] = {
-                    k: [] for k in ("tenants", "versions", "old", "new", "keks")
-                }
-                for row, result in zip(rows, results, strict=True):
+                after = rows[-1][:2]
+                results = provider.rewrap([(tenant, wrapped) for tenant, _, wrapped in rows])
+                done = []
+                for (tenant, version, wrapped), result in zip(rows, results, strict=True):
                     if result.wrapped is None:
                         report.failures.append(
-                            RewrapFailure(row.tenant_id, row.version, result.error or "refused")
+                            RewrapFailure(tenant, version, result.error or "refused")
                         )
                         continue
-                    done["tenants"].append(row.tenant_id)
-                    done["versions"].append(row.version)
-                    done["old"].append(row.wrapped_key)
-                    done["new"].append(result.wrapped.ciphertext)
-                    done["keks"].append(result.wrapped.kek_version)
-                if done["new"]:
-                    report.rewrapped += connection.execute(update, done).rowcount
-                    audit.record_many(
-                        connection,
-                        (
-                            audit.Event(
-                                tenant,
-                                AuditAction.KEK_REWRAPPED,
-                                actor="rotate-keys",
-                                target_type="dek",
-                                target_id=str(version),
-                                details={"kek_version": kek},
-                            )
-                            for tenant, version, kek in zip(
-                                done["tenants"], done["versions"], done["keks"], strict=True
-                            )
-                        ),
-                    )
+                    done.append(store.Rewrapped(tenant, version, wrapped, result.wrapped))
+                report.rewrapped += store.store_rewrapped(connection, done, actor=ACTOR)
             if on_progress is not None:
                 on_progress(KekProgress(report.rewrapped, total))
 
     # First pass: rows another run (or a writer) holds are skipped, so runs share the
     # work. Second pass: wait for what was held; a key another run rewrapped meanwhile
     # no longer matches when its lock is released, a key a writer held is rewrapped.
-    one_pass(" SKIP LOCKED")
-    one_pass("")
+    one_pass(skip_locked=True)
+    one_pass(skip_locked=False)
     # The second pass meets the first pass's failures again: report each key once.
     report.failures = list(dict.fromkeys(report.failures))
     if stop.is_set():
         report.stopped = "interrupted: stopped after the current batch"
 
-    with db.transaction() as connection:
-        report.behind = _behind(connection, keys, latest)
-    if raise_min_decryption_version and report.stopped is None:
-        report.min_decryption_version = _raise_min(db, provider, keys, latest, report)
+    report.behind = _behind(db, latest)
+    if options.raise_min_decryption_version and report.stopped is None:
+        report.min_decryption_version = _raise_min(db, provider, latest, report)
     return report
 
 
 def _raise_min(
-    db: OperatorDatabase, provider: KeyProvider, keys: str, latest: int, report: KekRotationReport
+    db: OperatorDatabase, provider: KeyProvider, latest: int, report: KekRotationReport
 ) -> int:
     if report.behind:
         refused = ", ".join(f"{f.tenant_id} v{f.dek_version}" for f in report.failures[:5])
@@ -209,8 +166,7 @@ def _raise_min(
         )
     previous = provider.min_decryption_version()
     provider.set_min_decryption_version(latest)
-    with db.transaction() as connection:
-        stragglers = _behind(connection, keys, latest)
+    stragglers = _behind(db, latest)
     if stragglers:
         provider.set_min_decryption_version(previous)
         raise RotationError(

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from tenantvault import audit
-from tenantvault.db.models import AuditAction
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.db.session import check_tenant_id
+from tenantvault.keys import store
 from tenantvault.keys.cache import DataKeyCache
-from tenantvault.keys.keyring import lock_tenant_keys
 from tenantvault.keys.sealed import SEALED_COLUMNS
+
+ACTOR = "shred"
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,14 @@ def shred_tenant(
     dry_run: bool = False,
     cache: DataKeyCache | None = None,
 ) -> ShredReport:
-    """Destroy every data key of ``tenant_id`` (one transaction; no Vault call needed).
+    """Destroy every data key of ``tenant_id`` (one transaction; no KMS call needed).
 
     Writers of the tenant finish first (the exclusive key lock); a writer after the
     shred gets a fresh key, so new secrets of the tenant are unaffected.
     """
     check_tenant_id(tenant_id)
-    keys = db.table("tenant_data_keys")
     with db.transaction() as connection:
-        lock_tenant_keys(connection, tenant_id, exclusive=True)
+        store.lock_tenant_keys(connection, tenant_id, exclusive=True)
         values = sum(
             int(
                 connection.execute(
@@ -64,31 +63,9 @@ def shred_tenant(
             for column in SEALED_COLUMNS
         )
         if dry_run:
-            versions = connection.execute(
-                sa.text(
-                    f"SELECT version FROM {keys} WHERE tenant_id = :t AND state <> 'destroyed'"
-                ),
-                {"t": tenant_id},
-            ).scalars()
+            destroyed = store.live_versions(connection, tenant_id)
         else:
-            versions = connection.execute(
-                sa.text(
-                    f"UPDATE {keys} SET state = 'destroyed', wrapped_key = NULL "
-                    "WHERE tenant_id = :t AND state <> 'destroyed' RETURNING version"
-                ),
-                {"t": tenant_id},
-            ).scalars()
-        destroyed = sorted(versions)
-        if destroyed and not dry_run:
-            audit.record(
-                connection,
-                tenant_id,
-                AuditAction.DEK_DESTROYED,
-                actor="shred",
-                target_type="dek",
-                target_id=",".join(map(str, destroyed)),
-                details={"versions": [str(v) for v in destroyed], "sealed_values": values},
-            )
+            destroyed = store.destroy_all(connection, tenant_id, sealed_values=values, actor=ACTOR)
     if cache is not None and not dry_run:
         cache.evict_tenant(tenant_id)
     return ShredReport(tenant_id, dry_run, destroyed, values)

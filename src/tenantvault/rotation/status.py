@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from tenantvault.crypto.envelope import sql_dek_version
+from tenantvault.db.models import DataKeyState
 from tenantvault.db.operator import OperatorDatabase
+from tenantvault.keys import store
 from tenantvault.keys.sealed import SEALED_COLUMNS
 from tenantvault.kms.provider import KeyProvider
 
@@ -19,7 +22,7 @@ from tenantvault.kms.provider import KeyProvider
 @dataclass(frozen=True)
 class DataKeyStatus:
     version: int
-    state: str
+    state: DataKeyState
     kek_version: int
     protects: int  # sealed values that name this key version
 
@@ -31,7 +34,7 @@ class TenantKeyStatus:
 
     @property
     def active_version(self) -> int | None:
-        return next((k.version for k in self.keys if k.state == "active"), None)
+        return next((k.version for k in self.keys if k.state == DataKeyState.ACTIVE), None)
 
 
 @dataclass
@@ -40,20 +43,19 @@ class KeyStatusReport:
     kek_min_decryption_version: int
     tenants: list[TenantKeyStatus] = field(default_factory=list)
 
+    def is_behind(self, key: DataKeyStatus) -> bool:
+        """The key is wrapped (not destroyed) under an older KEK version than the latest."""
+        return key.state != DataKeyState.DESTROYED and key.kek_version < self.kek_latest
+
     @property
     def behind_kek(self) -> int:
         """Wrapped data keys (not destroyed) under an older KEK version than the latest."""
-        return sum(
-            1
-            for t in self.tenants
-            for k in t.keys
-            if k.state != "destroyed" and k.kek_version < self.kek_latest
-        )
+        return sum(1 for t in self.tenants for k in t.keys if self.is_behind(k))
 
     @property
     def draining(self) -> int:
         """Data keys superseded but still protecting values (a DEK rotation to finish)."""
-        return sum(1 for t in self.tenants for k in t.keys if k.state == "draining")
+        return sum(1 for t in self.tenants for k in t.keys if k.state == DataKeyState.DRAINING)
 
 
 def key_status(
@@ -61,7 +63,7 @@ def key_status(
 ) -> KeyStatusReport:
     """Every tenant's keys (or just ``tenants``'), with what each protects; changes nothing."""
     report = KeyStatusReport(provider.kek_version(), provider.min_decryption_version())
-    only = "" if tenants is None else "WHERE tenant_id = ANY(:tenants)"
+    only = "" if tenants is None else "tenant_id = ANY(:tenants) AND"
     params = {"tenants": list(tenants or [])}
     counts: dict[tuple[str, int], int] = {}
     with db.transaction() as connection:
@@ -69,26 +71,19 @@ def key_status(
             name = column.column
             rows = connection.execute(
                 sa.text(
-                    f"SELECT tenant_id, split_part({name}, '.', 2)::int, count(*) "
+                    f"SELECT tenant_id, {sql_dek_version(name)}, count(*) "
                     f"FROM {db.table(column.table)} "
-                    f"{only or 'WHERE true'} AND {name} IS NOT NULL GROUP BY 1, 2"
+                    f"WHERE {only} {name} IS NOT NULL GROUP BY 1, 2"
                 ),
                 params,
             )
             for tenant_id, version, count in rows:
                 counts[(tenant_id, version)] = counts.get((tenant_id, version), 0) + int(count)
-        keys = connection.execute(
-            sa.text(
-                f"SELECT tenant_id, version, state, kek_version "
-                f"FROM {db.table('tenant_data_keys')} {only} ORDER BY tenant_id, version"
-            ),
-            params,
-        ).all()
+        keys = store.keys_of(connection, tenants)
     by_tenant: dict[str, TenantKeyStatus] = {}
-    for tenant_id, version, state, kek_version in keys:
-        entry = by_tenant.setdefault(tenant_id, TenantKeyStatus(tenant_id))
-        entry.keys.append(
-            DataKeyStatus(version, state, kek_version, counts.get((tenant_id, version), 0))
-        )
+    for key in keys:
+        entry = by_tenant.setdefault(key.tenant_id, TenantKeyStatus(key.tenant_id))
+        protects = counts.get((key.tenant_id, key.version), 0)
+        entry.keys.append(DataKeyStatus(key.version, key.state, key.kek_version, protects))
     report.tenants = list(by_tenant.values())
     return report

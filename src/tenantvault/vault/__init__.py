@@ -1,15 +1,9 @@
 """The application's door: the ``Vault`` facade, its provider models and templates."""
 
-from tenantvault.vault.core import (
-    ConfigVersion,
-    ExpiringToken,
-    OAuthToken,
-    ProviderConfig,
-    RefreshedToken,
-    Usage,
-    UsageDay,
-    Vault,
-)
+from tenantvault.vault.facade import Vault
+from tenantvault.vault.tokens import ExpiringToken, OAuthToken, RefreshedToken
+from tenantvault.vault.usage import Usage, UsageDay
+from tenantvault.vault.views import ConfigVersion, ProviderConfig
 
 __all__ = [
     "ConfigVersion",

@@ -12,7 +12,6 @@ one would lock the tenant out. A refresher that raises leaves the old tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,14 +22,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from tenantvault import audit
-from tenantvault.crypto.datakey import DataKey
-from tenantvault.crypto.envelope import SealContext, seal
 from tenantvault.db import queries
 from tenantvault.db.ids import new_id
-from tenantvault.db.models import AuditAction, EmailProviderConfig, EmailProviderToken
+from tenantvault.db.models import AuditAction, EmailProviderToken
 from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
-from tenantvault.keys.keyring import Keyring
+from tenantvault.keys.keyring import Sealer
 from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN
+from tenantvault.vault.core import VaultCore
 
 
 @dataclass(frozen=True)
@@ -91,31 +89,21 @@ def _check_token_fields(
         raise InvalidInputError("scopes: each scope must be a non-empty string")
 
 
-class OAuthTokens:
-    """The token half of :class:`tenantvault.Vault` (which provides the hooks below)."""
-
-    keyring: Keyring
-
-    def _scope(self, tenant_id: str, session: Session | None) -> AbstractContextManager[Session]:
-        raise NotImplementedError
-
-    def _live(self, session: Session, tenant_id: str, config_id: str) -> EmailProviderConfig:
-        raise NotImplementedError
-
-    def _open(self, session: Session, sealed: str, context: SealContext) -> bytes:
-        raise NotImplementedError
+class OAuthTokens(VaultCore):
+    """OAuth tokens of a tenant's configs."""
 
     # --- helpers ---
 
     @staticmethod
     def _seal_tokens(
-        key: DataKey, tenant_id: str, config_id: str, access: str, refresh: str | None
+        sealer: Sealer, config_id: str, access: str, refresh: str | None
     ) -> tuple[str, str | None]:
+        tenant_id = sealer.tenant_id
         return (
-            seal(key, access.encode(), ACCESS_TOKEN.place(tenant_id, config_id)),
+            sealer.seal(access.encode(), ACCESS_TOKEN.place(tenant_id, config_id)),
             None
             if refresh is None
-            else seal(key, refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id)),
+            else sealer.seal(refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id)),
         )
 
     def _token_view(self, session: Session, row: EmailProviderToken) -> OAuthToken:
@@ -123,15 +111,14 @@ class OAuthTokens:
             raise NotFoundError(
                 f"config {row.config_id} of tenant {row.tenant_id} has no OAuth token"
             )
-        access = self._open(
-            session, row.encrypted_access_token, ACCESS_TOKEN.place(row.tenant_id, row.config_id)
+        sealer = self._sealer(session, row.tenant_id)
+        access = sealer.open(
+            row.encrypted_access_token, ACCESS_TOKEN.place(row.tenant_id, row.config_id)
         )
         refresh = None
         if row.encrypted_refresh_token is not None:
-            refresh = self._open(
-                session,
-                row.encrypted_refresh_token,
-                REFRESH_TOKEN.place(row.tenant_id, row.config_id),
+            refresh = sealer.open(
+                row.encrypted_refresh_token, REFRESH_TOKEN.place(row.tenant_id, row.config_id)
             )
         return OAuthToken(
             config_id=row.config_id,
@@ -191,9 +178,8 @@ class OAuthTokens:
         _check_token_fields(access_token, refresh_token, token_type, expires_at, scopes)
         with self._scope(tenant_id, session) as s:
             self._live(s, tenant_id, config_id)
-            key = self.keyring.active_key(s.connection(), tenant_id)
             access, refresh = self._seal_tokens(
-                key, tenant_id, config_id, access_token, refresh_token
+                self._sealer(s, tenant_id), config_id, access_token, refresh_token
             )
             values: dict[str, Any] = {
                 "encrypted_access_token": access,
@@ -306,14 +292,13 @@ class OAuthTokens:
             _check_token_fields(
                 new.access_token, new.refresh_token, token_type, new.expires_at, scopes
             )
-            key = self.keyring.active_key(s.connection(), tenant_id)
             refresh_plain = (
                 new.refresh_token
                 if new.refresh_token is not None
                 else current.refresh_token.get_secret_value()
             )
             access, refresh = self._seal_tokens(
-                key, tenant_id, config_id, new.access_token, refresh_plain
+                self._sealer(s, tenant_id), config_id, new.access_token, refresh_plain
             )
             # A compare-and-swap on the version read: under the row lock it cannot
             # miss, and if it ever did, nothing would be written silently.

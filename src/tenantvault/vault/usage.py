@@ -7,7 +7,6 @@ add up exactly, because PostgreSQL serialises the increments on the day's row.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from tenantvault.db.models import EmailProviderUsage
 from tenantvault.errors import InvalidInputError, NotFoundError
+from tenantvault.vault.core import VaultCore
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,8 @@ def _count(name: str, value: object) -> int:
     return value
 
 
-class UsageStatistics:
-    """The usage half of :class:`tenantvault.Vault` (which provides ``_scope``)."""
-
-    def _scope(self, tenant_id: str, session: Session | None) -> AbstractContextManager[Session]:
-        raise NotImplementedError
+class UsageStatistics(VaultCore):
+    """Per-day sending counters of a tenant's configs."""
 
     def record_usage(
         self,

@@ -1,0 +1,349 @@
+"""Every statement on ``tenant_data_keys``: the one owner of the data-key states.
+
+::
+
+    (none) --create--> active --switch--> draining --retire--> retired
+                       any state but destroyed --destroy--> destroyed (wrapped key erased)
+
+Also the transit side of a key: finding keys wrapped under an older KEK version
+and storing their rewrapped form. Each state change writes its audit event in
+the same transaction. Statements run on the caller's connection: the
+application's (scoped to one tenant by row-level security) or the operator's
+(as the migrator role, every tenant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from tenantvault import audit
+from tenantvault.db.models import AuditAction, DataKeyState, TenantDataKey
+from tenantvault.errors import RotationError
+from tenantvault.kms.provider import WrappedKey
+
+Key = TenantDataKey
+ACTIVE, DRAINING, RETIRED, DESTROYED = (
+    DataKeyState.ACTIVE,
+    DataKeyState.DRAINING,
+    DataKeyState.RETIRED,
+    DataKeyState.DESTROYED,
+)
+
+TENANT_KEYS_LOCK = 1_953_916_001
+"""Advisory lock class of a tenant's keys (the other half is ``hashtext(tenant_id)``)."""
+
+_LOCK_SHARED = sa.text("SELECT pg_advisory_xact_lock_shared(:cls, hashtext(:tenant_id))")
+_LOCK_EXCLUSIVE = sa.text("SELECT pg_advisory_xact_lock(:cls, hashtext(:tenant_id))")
+
+
+def lock_tenant_keys(connection: sa.Connection, tenant_id: str, *, exclusive: bool) -> None:
+    """Hold the tenant's key lock until the transaction ends (shared: sealing; exclusive:
+    switching, retiring or destroying keys)."""
+    statement = _LOCK_EXCLUSIVE if exclusive else _LOCK_SHARED
+    connection.execute(statement, {"cls": TENANT_KEYS_LOCK, "tenant_id": tenant_id})
+
+
+@dataclass(frozen=True)
+class KeyStates:
+    """A tenant's key versions by state."""
+
+    active: int | None
+    draining: list[int]
+    destroyed: list[int]
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    tenant_id: str
+    version: int
+    state: DataKeyState
+    kek_version: int
+
+
+_ACTIVE = sa.select(Key.version, Key.wrapped_key).where(
+    Key.tenant_id == sa.bindparam("tenant_id"), Key.state == ACTIVE
+)
+_VERSION = sa.select(Key.wrapped_key, Key.state).where(
+    Key.tenant_id == sa.bindparam("tenant_id"), Key.version == sa.bindparam("version")
+)
+
+
+def active(connection: sa.Connection, tenant_id: str) -> tuple[int, str] | None:
+    """(version, wrapped key) of the tenant's active key, or None when it has none."""
+    row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one_or_none()
+    if row is None:
+        return None
+    assert row.wrapped_key is not None  # an active key always has its wrapped form (CHECK)
+    return row.version, row.wrapped_key
+
+
+def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> str | None:
+    """The wrapped form of one key version; None when it was destroyed.
+
+    Raises:
+        LookupError: the tenant never had that version.
+    """
+    row = connection.execute(_VERSION, {"tenant_id": tenant_id, "version": version}).one_or_none()
+    if row is None:
+        raise LookupError(version)
+    return None if row.state == DESTROYED else row.wrapped_key
+
+
+def _insert_next(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> int | None:
+    """Insert the tenant's next key version, active; None if another transaction took it.
+
+    The one place a version number is chosen: one past the highest the tenant ever had
+    (destroyed versions included, so a sealed value never names two keys)."""
+    next_version = sa.select(
+        sa.literal(tenant_id, sa.Text),
+        sa.func.coalesce(sa.func.max(Key.version), 0) + 1,
+        sa.literal(key.ciphertext, sa.Text),
+        sa.literal(key.kek_version, sa.Integer),
+        sa.literal(ACTIVE.value, sa.Text),
+    ).where(Key.tenant_id == tenant_id)
+    insert = (
+        pg_insert(Key)
+        .from_select(["tenant_id", "version", "wrapped_key", "kek_version", "state"], next_version)
+        .on_conflict_do_nothing()
+        .returning(Key.version)
+    )
+    return connection.execute(insert).scalar_one_or_none()
+
+
+def create_first(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> int | None:
+    """Store a tenant's first key; None when another process made one first (the
+    primary key lets exactly one in)."""
+    version = _insert_next(connection, tenant_id, key)
+    if version is not None:
+        audit.record(
+            connection,
+            tenant_id,
+            AuditAction.DEK_CREATED,
+            target_type="dek",
+            target_id=str(version),
+            details={"kek_version": key.kek_version},
+        )
+    return version
+
+
+def switch(
+    connection: sa.Connection, tenant_id: str, from_version: int, key: WrappedKey, *, actor: str
+) -> int:
+    """The active key ``from_version`` starts draining and ``key`` becomes active, under
+    the tenant's exclusive key lock; returns the new version.
+
+    Raises:
+        RotationError: ``from_version`` is not the active key any more.
+    """
+    lock_tenant_keys(connection, tenant_id, exclusive=True)
+    drained = connection.execute(
+        sa.update(Key)
+        .where(Key.tenant_id == tenant_id, Key.state == ACTIVE, Key.version == from_version)
+        .values(state=DRAINING)
+        .returning(Key.version)
+    ).scalar_one_or_none()
+    version = None if drained is None else _insert_next(connection, tenant_id, key)
+    if version is None:
+        # Cannot happen while the caller holds its claim on the tenant; stop rather than guess.
+        raise RotationError(f"the active data key of tenant {tenant_id} moved meanwhile")
+    audit.record(
+        connection,
+        tenant_id,
+        AuditAction.DEK_ROTATED,
+        actor=actor,
+        target_type="dek",
+        target_id=str(version),
+        details={"from_version": from_version, "kek_version": key.kek_version},
+    )
+    return version
+
+
+def retire_draining(
+    connection: sa.Connection, tenant_id: str, active_version: int, *, actor: str
+) -> list[int]:
+    """Every draining key of the tenant becomes retired; returns their versions. The
+    caller holds the exclusive key lock and has counted nothing left under them."""
+    retired = sorted(
+        connection.execute(
+            sa.update(Key)
+            .where(Key.tenant_id == tenant_id, Key.state == DRAINING)
+            .values(state=RETIRED)
+            .returning(Key.version)
+        ).scalars()
+    )
+    for version in retired:
+        audit.record(
+            connection,
+            tenant_id,
+            AuditAction.DEK_RETIRED,
+            actor=actor,
+            target_type="dek",
+            target_id=str(version),
+            details={"active_version": active_version},
+        )
+    return retired
+
+
+def destroy_all(
+    connection: sa.Connection, tenant_id: str, *, sealed_values: int, actor: str
+) -> list[int]:
+    """Erase every wrapped key of the tenant (state destroyed); returns the versions.
+    The caller holds the exclusive key lock."""
+    destroyed = sorted(
+        connection.execute(
+            sa.update(Key)
+            .where(Key.tenant_id == tenant_id, Key.state != DESTROYED)
+            .values(state=DESTROYED, wrapped_key=None)
+            .returning(Key.version)
+        ).scalars()
+    )
+    if destroyed:
+        audit.record(
+            connection,
+            tenant_id,
+            AuditAction.DEK_DESTROYED,
+            actor=actor,
+            target_type="dek",
+            target_id=",".join(map(str, destroyed)),
+            details={"versions": [str(v) for v in destroyed], "sealed_values": sealed_values},
+        )
+    return destroyed
+
+
+def live_versions(connection: sa.Connection, tenant_id: str) -> list[int]:
+    """The tenant's key versions that were not destroyed."""
+    return sorted(
+        connection.execute(
+            sa.select(Key.version).where(Key.tenant_id == tenant_id, Key.state != DESTROYED)
+        ).scalars()
+    )
+
+
+def states(connection: sa.Connection, tenant_id: str) -> KeyStates:
+    """The active key version, the draining ones, the destroyed ones."""
+    rows = connection.execute(
+        sa.select(Key.version, Key.state).where(Key.tenant_id == tenant_id)
+    ).all()
+
+    def of(wanted: DataKeyState) -> list[int]:
+        return sorted(version for version, state in rows if state == wanted)
+
+    return KeyStates(next(iter(of(ACTIVE)), None), of(DRAINING), of(DESTROYED))
+
+
+def tenants_with_keys(connection: sa.Connection) -> list[str]:
+    """Every tenant that has a key that was not destroyed, in id order."""
+    return list(
+        connection.execute(
+            sa.select(Key.tenant_id)
+            .where(Key.state != DESTROYED)
+            .distinct()
+            .order_by(Key.tenant_id)
+        ).scalars()
+    )
+
+
+def keys_of(connection: sa.Connection, tenants: Sequence[str] | None) -> list[KeyRow]:
+    """Every key of ``tenants`` (of every tenant when None), by tenant and version."""
+    statement = sa.select(Key.tenant_id, Key.version, Key.state, Key.kek_version).order_by(
+        Key.tenant_id, Key.version
+    )
+    if tenants is not None:
+        statement = statement.where(Key.tenant_id.in_(list(tenants)))
+    return [KeyRow(*row) for row in connection.execute(statement)]
+
+
+# --- the transit side: wrapped keys behind the latest KEK version ---
+
+
+def _behind(latest: int) -> sa.ColumnElement[bool]:
+    return sa.and_(Key.state != DESTROYED, Key.kek_version < latest)
+
+
+def count_behind_kek(connection: sa.Connection, latest: int) -> int:
+    """Wrapped keys (not destroyed) under a KEK version older than ``latest``."""
+    return int(connection.execute(sa.select(sa.func.count()).where(_behind(latest))).scalar_one())
+
+
+def lock_behind_kek(
+    connection: sa.Connection,
+    latest: int,
+    *,
+    after: tuple[str, int],
+    limit: int,
+    skip_locked: bool,
+) -> list[tuple[str, int, str]]:
+    """The next ``limit`` keys behind ``latest`` after (tenant, version), locked for the
+    transaction: (tenant_id, version, wrapped_key). ``skip_locked`` passes over keys
+    another transaction holds."""
+    rows = connection.execute(
+        sa.select(Key.tenant_id, Key.version, Key.wrapped_key)
+        .where(_behind(latest), sa.tuple_(Key.tenant_id, Key.version) > sa.tuple_(*after))
+        .order_by(Key.tenant_id, Key.version)
+        .limit(limit)
+        .with_for_update(skip_locked=skip_locked)
+    ).all()
+    return [(tenant_id, version, str(wrapped_key)) for tenant_id, version, wrapped_key in rows]
+
+
+@dataclass(frozen=True)
+class Rewrapped:
+    tenant_id: str
+    version: int
+    old: str
+    new: WrappedKey
+
+
+def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, actor: str) -> int:
+    """Store rewrapped keys in one statement, each only where the key is still the one
+    that was read (a compare-and-swap); returns how many were stored."""
+    if not items:
+        return 0
+    columns: dict[str, list[Any]] = {
+        "tenants": [i.tenant_id for i in items],
+        "versions": [i.version for i in items],
+        "old": [i.old for i in items],
+        "new": [i.new.ciphertext for i in items],
+        "keks": [i.new.kek_version for i in items],
+    }
+    values = (
+        sa.func.unnest(
+            sa.cast(sa.bindparam("tenants"), sa.ARRAY(sa.Text)),
+            sa.cast(sa.bindparam("versions"), sa.ARRAY(sa.Integer)),
+            sa.cast(sa.bindparam("old"), sa.ARRAY(sa.Text)),
+            sa.cast(sa.bindparam("new"), sa.ARRAY(sa.Text)),
+            sa.cast(sa.bindparam("keks"), sa.ARRAY(sa.Integer)),
+        )
+        .table_valued("tenant_id", "version", "old_key", "new_key", "kek_version")
+        .render_derived(name="v")
+    )
+    stored = connection.execute(
+        sa.update(Key)
+        .where(
+            Key.tenant_id == values.c.tenant_id,
+            Key.version == values.c.version,
+            Key.wrapped_key == values.c.old_key,
+        )
+        .values(wrapped_key=values.c.new_key, kek_version=values.c.kek_version),
+        columns,
+    ).rowcount
+    audit.record_many(
+        connection,
+        (
+            audit.Event(
+                item.tenant_id,
+                AuditAction.KEK_REWRAPPED,
+                actor=actor,
+                target_type="dek",
+                target_id=str(item.version),
+                details={"kek_version": item.new.kek_version},
+            )
+            for item in items
+        ),
+    )
+    return int(stored)

@@ -1,0 +1,55 @@
+"""How a rotation runs: one frozen options object each, built by the CLI (or a
+scheduler), passed unchanged through ``tenantvault.ops`` into the rotation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_BATCH_SIZE = 50_000
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}")
+
+
+@dataclass(frozen=True)
+class DekRotationOptions:
+    """Options of a data-key rotation.
+
+    Attributes:
+        workers: threads, each taking whole tenants; other processes share the work
+            the same way (a tenant is claimed through PostgreSQL).
+        batch_size: rows per transaction.
+        dry_run: count what would change; change nothing.
+    """
+
+    workers: int = 1
+    batch_size: int = 1000
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        _check_batch_size(self.batch_size)
+
+
+@dataclass(frozen=True)
+class KekRotationOptions:
+    """Options of a transit-key (KEK) rotation.
+
+    Attributes:
+        rotate: make a new KEK version first (when nothing is left to rewrap);
+            False only catches up (after the KMS rotated the key by itself).
+        raise_min_decryption_version: afterwards, forbid unwrapping with older versions.
+        dry_run: report what would change; change nothing (not even the KMS).
+        batch_size: wrapped data keys per transaction.
+    """
+
+    rotate: bool = True
+    raise_min_decryption_version: bool = False
+    dry_run: bool = False
+    batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_batch_size(self.batch_size)

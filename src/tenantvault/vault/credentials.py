@@ -1,0 +1,127 @@
+"""Credentials: storing them (a credential rotation) and loading them — the hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from sqlalchemy.orm import Session
+
+from tenantvault.db import queries
+from tenantvault.db.models import AuditAction
+from tenantvault.db.session import check_tenant_id
+from tenantvault.errors import NotFoundError
+from tenantvault.keys.sealed import CONFIG_CREDENTIALS
+from tenantvault.vault.configs import Configs
+from tenantvault.vault.providers import CredentialsModel, credentials_from_storage, provider_type
+from tenantvault.vault.versions import checked_note
+
+
+class Credentials(Configs):
+    """A config's secret credentials."""
+
+    def store_credentials(
+        self,
+        tenant_id: str,
+        config_id: str,
+        credentials: Any,
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        session: Session | None = None,
+    ) -> int:
+        """Validate and seal new credentials for a live config: credential rotation.
+
+        The config gets a new version; the old credentials stay in its history
+        (within the retention bound). Returns the new version.
+
+        Raises:
+            ConcurrentModification: ``expected_version`` is given and the config moved on.
+        """
+        return self.update_config(
+            tenant_id,
+            config_id,
+            credentials=credentials,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            session=session,
+        ).version
+
+    def load_credentials(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: Session | None = None,
+    ) -> CredentialsModel:
+        """The opened credentials of a live config (secrets as ``SecretStr``).
+
+        With load auditing on (``TENANTVAULT_AUDIT_LOADS``) each load also writes a
+        ``credentials.revealed`` event in its transaction; off by default, since loads
+        are the hot path (one round trip without it).
+
+        Raises:
+            NotFoundError: no such live config, or it holds no credentials.
+            DecryptionError: the stored value does not open (tampered or moved).
+            KeyProviderUnavailable: the tenant's key is not cached and Vault is down.
+        """
+        if session is None and not self.audit_loads:
+            fast = self._load_credentials_one_round_trip(tenant_id, config_id)
+            if fast is not None:
+                return fast
+        actor = checked_note("actor", actor)
+        with self._scope(tenant_id, session) as s:
+            row = self._live(s, tenant_id, config_id, lock=False)
+            opened = self._open_credentials(s, row)
+            if self.audit_loads:
+                self._audit(s, row, AuditAction.CREDENTIALS_REVEALED, actor)
+            return opened
+
+    def _load_credentials_one_round_trip(
+        self, tenant_id: str, config_id: str
+    ) -> CredentialsModel | None:
+        """The hot path: one statement scopes the tenant and reads the row (migration
+        0006's function); the key comes from the cache. None when it is not cached,
+        and the caller takes the full path, which may ask the key provider."""
+        check_tenant_id(tenant_id)
+        # The driver connection straight from the engine's pool, in autocommit for
+        # this one statement (its own implicit transaction), then handed back as
+        # it was: the hot path skips the ORM and Core layers, not the pool.
+        pooled = self.engine.raw_connection()
+        try:
+            driver = pooled.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            driver.autocommit = True
+            try:
+                row = driver.execute(self._load_sql, (tenant_id, config_id)).fetchone()
+            finally:
+                driver.autocommit = False
+        finally:
+            pooled.close()
+        if row is None:
+            raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
+        kind_name, sealed = row
+        if sealed is None:
+            raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
+        place = CONFIG_CREDENTIALS.place(tenant_id, config_id)
+        opened = self.keyring.open_cached(tenant_id, sealed, place)
+        if opened is None:
+            return None
+        # The config and the cross-checks against it were validated when these
+        # credentials were stored; the hot path rebuilds only the credentials model.
+        return credentials_from_storage(provider_type(kind_name), opened)
+
+    def load_many_credentials(
+        self, tenant_id: str, config_ids: Sequence[str], *, session: Session | None = None
+    ) -> dict[str, CredentialsModel]:
+        """Credentials of many configs of one tenant: one query, one key fetch per key version."""
+        with self._scope(tenant_id, session) as s:
+            rows = s.scalars(queries.configs_by_ids(tenant_id, list(config_ids))).all()
+            sealer = self._sealer(s, tenant_id)
+            return {
+                r.id: self._open_credentials(s, r, sealer) for r in rows if r.encrypted_credentials
+            }
