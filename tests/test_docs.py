@@ -13,7 +13,7 @@ def test_committed_er_diagram_matches_the_models() -> None:
     text = (ROOT / "docs" / "schema.md").read_text()
     committed = text.split(BEGIN_MARKER, 1)[1].split(END_MARKER, 1)[0].strip("\n")
     assert committed == render_mermaid().strip("\n"), (
-        "docs/schema.md is stale: regenerate it with python -m tenantvault.erd"
+        "docs/schema.md is stale: regenerate it with python -m tenantvault.dev.erd"
     )
 
 

@@ -234,7 +234,7 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
     kek.add_argument(
         "--no-rotate",
         action="store_true",
-        help="do not make a new transit key version; rewrap to the latest (after Vault "
+        help="do not make a new transit key version; rewrap to the latest (after transit "
         "rotated the key by itself)",
     )
     kek.add_argument(

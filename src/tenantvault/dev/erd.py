@@ -1,6 +1,6 @@
 """The schema as a Mermaid ER diagram, made from the SQLAlchemy models.
 
-``python -m tenantvault.erd`` prints it, ``python -m tenantvault.erd --write``
+``python -m tenantvault.dev.erd`` prints it, ``python -m tenantvault.dev.erd --write``
 refreshes the copy docs/schema.md holds between markers; a test fails when that
 copy is stale.
 """
@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 
 from tenantvault.db.models import Base
 
-BEGIN_MARKER = "<!-- erd:begin (python -m tenantvault.erd --write) -->"
+BEGIN_MARKER = "<!-- erd:begin (python -m tenantvault.dev.erd --write) -->"
 END_MARKER = "<!-- erd:end -->"
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 

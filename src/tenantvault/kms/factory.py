@@ -38,7 +38,7 @@ def transit_client(settings: Settings) -> hvac.Client:
                 mount_point=settings.vault_approle_mount,
             )
         except requests.exceptions.RequestException:
-            raise KeyProviderUnavailable("Vault unavailable for AppRole login") from None
+            raise KeyProviderUnavailable("transit unavailable for AppRole login") from None
         except hvac.exceptions.VaultError:
             raise ConfigurationError(
                 "AppRole login refused: check TENANTVAULT_VAULT_APPROLE_ROLE_ID and _SECRET_ID"

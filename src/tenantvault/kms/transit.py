@@ -74,17 +74,17 @@ class TransitKeyProvider(CheckedKeyProvider):
             try:
                 return request()
             except requests.exceptions.Timeout:
-                raise KeyProviderUnavailable(f"Vault did not answer {what} in time") from None
+                raise KeyProviderUnavailable(f"transit did not answer {what} in time") from None
             except _TRANSIENT as exc:
                 if time.monotonic() + delay >= deadline:
                     raise KeyProviderUnavailable(
-                        f"Vault unavailable for {what} ({type(exc).__name__})"
+                        f"transit unavailable for {what} ({type(exc).__name__})"
                     ) from None
                 self._sleep(delay)
                 delay *= 2
             except hvac.exceptions.Forbidden:
                 raise _PermissionDeniedError(
-                    f"Vault token may not {what} with transit key "
+                    f"the transit token may not {what} with transit key "
                     f"{self.mount_point}/{self.key_name}"
                 ) from None
 
@@ -205,7 +205,7 @@ class TransitKeyProvider(CheckedKeyProvider):
         results = []
         for (tenant, _), item in zip(batch, answered, strict=True):
             if item.get("error"):
-                results.append(RewrapResult(tenant, None, "rewrap refused by Vault"))
+                results.append(RewrapResult(tenant, None, "rewrap refused by transit"))
             else:
                 ciphertext = item["ciphertext"]
                 results.append(
@@ -225,7 +225,7 @@ class TransitKeyProvider(CheckedKeyProvider):
                 ),
             )
         except hvac.exceptions.InvalidRequest:
-            return RewrapResult(tenant, None, "rewrap refused by Vault")
+            return RewrapResult(tenant, None, "rewrap refused by transit")
         ciphertext = response["data"]["ciphertext"]
         return RewrapResult(tenant, WrappedKey(ciphertext, kek_version_of(ciphertext)))
 
