@@ -93,6 +93,7 @@ REVISIONS = [
     "0006_load_credentials_function",
     "0007_config_versions",
     "0008_audit_and_lifecycle",
+    "0009_sealed_bindings",
 ]
 
 

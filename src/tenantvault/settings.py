@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     config_history_credentials_kept: int = Field(10, ge=1, le=10_000)
     # An audit event for every load of credentials: off, since loads are the hot path.
     audit_loads: bool = False
+    # Open values sealed in the old format (1), which bound a value to its place only.
+    # Turn off once `rotate-keys status` counts none: then an old value copied back
+    # into a row from a backup no longer opens.
+    open_legacy_format: bool = True
     vault_approle_mount: str = Field("approle", min_length=1)
     vault_approle_role_id: str | None = None
     vault_approle_secret_id: SecretStr | None = None

@@ -371,3 +371,36 @@ def test_retention_refuses_to_cut_a_chain_whose_events_cross_the_month_out_of_or
         prune_audit(operator_db, keep_months=1, now=later)
     assert _count(owner_engine) == 2
     assert verify_audit(operator_db).ok
+
+
+def test_verify_raises_no_false_alarm_while_writers_append(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any
+) -> None:
+    tenants = ["t_a", "t_b"]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                tenant = tenants[(worker + n) % len(tenants)]
+                vault.create_config(
+                    tenant, type="smtp", name=f"v{worker}-{n}", config=SMTP, credentials=None
+                )
+                n += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for writer in writers:
+        writer.start()
+    try:
+        reports = [verify_audit(operator_db) for _ in range(10)]
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join()
+    assert not errors
+    assert [r.breaks for r in reports] == [[]] * 10
+    assert reports[-1].events > reports[0].events  # the writers did write meanwhile

@@ -18,9 +18,9 @@ from tenantvault.crypto.datakey import DataKey
 from tenantvault.crypto.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
 from tenantvault.errors import DecryptionError
 
-VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "envelope_v1.json").read_text())[
-    "vectors"
-]
+VECTORS_DIR = Path(__file__).parents[1] / "vectors"
+V1 = json.loads((VECTORS_DIR / "envelope_v1.json").read_text())["vectors"]
+V2 = json.loads((VECTORS_DIR / "envelope_v2.json").read_text())["vectors"]
 KEY = DataKey("t_acme", 3, bytes(range(32)))
 PLACE = SealContext("t_acme", "email_provider_configs", "encrypted_credentials", "tvrow1")
 
@@ -28,11 +28,19 @@ PLACE = SealContext("t_acme", "email_provider_configs", "encrypted_credentials",
 def _vector(v: dict[str, object]) -> tuple[DataKey, SealContext]:
     key = DataKey(str(v["tenant_id"]), int(str(v["dek_version"])), bytes.fromhex(str(v["key_hex"])))
     return key, SealContext(
-        str(v["tenant_id"]), str(v["table"]), str(v["column"]), str(v["row_id"])
+        str(v["tenant_id"]),
+        str(v["table"]),
+        str(v["column"]),
+        str(v["row_id"]),
+        bytes.fromhex(str(v.get("binding_hex", ""))),
     )
 
 
-@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['tenant_id']}-v{v['dek_version']}")
+def _ids(v: dict[str, object]) -> str:
+    return f"{v['tenant_id']}-v{v['dek_version']}"
+
+
+@pytest.mark.parametrize("vector", V2, ids=_ids)
 def test_known_answer_vectors_seal_and_open_exactly(vector: dict[str, object]) -> None:
     key, place = _vector(vector)
     plaintext = bytes.fromhex(str(vector["plaintext_hex"]))
@@ -43,26 +51,54 @@ def test_known_answer_vectors_seal_and_open_exactly(vector: dict[str, object]) -
     assert open_sealed(key, str(vector["sealed"]), place) == plaintext
 
 
-@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['tenant_id']}-v{v['dek_version']}")
-def test_vectors_follow_the_documented_layout_independently_of_the_code(
+@pytest.mark.parametrize("vector", V1, ids=_ids)
+def test_format_1_vectors_open_only_while_the_legacy_format_is_allowed(
     vector: dict[str, object],
 ) -> None:
+    key, place = _vector(vector)
     sealed = str(vector["sealed"])
-    prefix, version, body = sealed.split(".")
-    assert (prefix, int(version)) == ("tv1", vector["dek_version"])
-    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    header = f"tv1.{version}.".encode()
+    assert open_sealed(key, sealed, place).hex() == vector["plaintext_hex"]
+    with pytest.raises(DecryptionError, match=r"^cannot open sealed value$"):
+        open_sealed(key, sealed, place, allow_legacy=False)
+    # Re-sealing moves it to the current format, for the same place.
+    resealed = reseal(sealed, place, lambda _: key, key)
+    assert resealed.startswith(f"tv2.{vector['dek_version']}.")
+    assert open_sealed(key, resealed, place, allow_legacy=False).hex() == vector["plaintext_hex"]
+
+
+def _aad(fmt: int, vector: dict[str, object]) -> bytes:
     parts = [
-        b"tenantvault.sealed.v1",
-        header,
+        f"tenantvault.sealed.v{fmt}".encode(),
+        f"tv{fmt}.{vector['dek_version']}.".encode(),
         str(vector["tenant_id"]).encode(),
         f"{vector['table']}.{vector['column']}".encode(),
         str(vector["row_id"]).encode(),
     ]
-    aad = b"".join(struct.pack(">I", len(p)) + p for p in parts)
-    plaintext = AESGCM(bytes.fromhex(str(vector["key_hex"]))).decrypt(raw[:12], raw[12:], aad)
+    if fmt == 2:
+        parts.append(bytes.fromhex(str(vector["binding_hex"])))
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "vector"), [(1, v) for v in V1] + [(2, v) for v in V2], ids=lambda x: str(x)[:12]
+)
+def test_vectors_follow_the_documented_layout_independently_of_the_code(
+    fmt: int, vector: dict[str, object]
+) -> None:
+    sealed = str(vector["sealed"])
+    prefix, version, body = sealed.split(".")
+    assert (prefix, int(version)) == (f"tv{fmt}", vector["dek_version"])
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    key = AESGCM(bytes.fromhex(str(vector["key_hex"])))
+    plaintext = key.decrypt(raw[:12], raw[12:], _aad(fmt, vector))
     assert plaintext.hex() == vector["plaintext_hex"]
     assert raw[:12].hex() == vector["nonce_hex"]
+
+
+def test_a_value_served_with_another_binding_fails_to_open() -> None:
+    sealed = seal(KEY, b"secret", SealContext("t_acme", "t", "c", "r", b"config:2:digest"))
+    for binding in (b"config:3:digest", b"config:2:other", b""):
+        _refuses(sealed, place=SealContext("t_acme", "t", "c", "r", binding))
 
 
 @given(st.binary(max_size=4096))
@@ -99,7 +135,7 @@ def test_any_truncation_fails_to_open(plaintext: bytes, data: st.DataObject) -> 
 
 def test_an_edited_header_fails_even_with_a_key_of_that_version() -> None:
     sealed = seal(KEY, b"secret", PLACE)
-    edited = sealed.replace("tv1.3.", "tv1.4.", 1)
+    edited = sealed.replace("tv2.3.", "tv2.4.", 1)
     _refuses(edited, DataKey("t_acme", 4, bytes(range(32))))
 
 
@@ -124,7 +160,7 @@ def test_the_wrong_key_fails_to_open() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    ["", "tv1", "tv1.0.AAAA", "tv1.01.AAAA", "tv2.1.AAAA", "tv1.1.!!!!", "tv1.99999999999.AAAA"],
+    ["", "tv1", "tv1.0.AAAA", "tv1.01.AAAA", "tv3.1.AAAA", "tv1.1.!!!!", "tv2.99999999999.AAAA"],
 )
 def test_malformed_values_fail_the_same_way(garbage: str) -> None:
     with pytest.raises(DecryptionError, match=r"^cannot open sealed value$"):

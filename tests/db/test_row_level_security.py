@@ -18,6 +18,7 @@ from tests.support import seed_legacy
 
 CONFIGS = "dripiq_app.email_provider_configs"
 TOKENS = "dripiq_app.email_provider_tokens"
+KEYS = "dripiq_app.tenant_data_keys"
 
 
 @pytest.fixture
@@ -190,3 +191,26 @@ def test_tenant_session_refuses_a_malformed_tenant_id(bad: str) -> None:
     engine = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(TenantNotSetError), tenant_session(engine, bad):
         pass
+
+
+def test_the_app_role_cannot_make_a_data_key_with_a_chosen_state_or_a_false_kek_version(
+    app_connection: psycopg.Connection,
+) -> None:
+    with as_tenant(app_connection, "t_acme"), pytest.raises(errors.InsufficientPrivilege):
+        app_connection.execute(
+            f"INSERT INTO {KEYS} (tenant_id, version, wrapped_key, kek_version, state) "
+            "VALUES ('t_acme', 1, 'vault:v1:AAAA', 1, 'retired')"
+        )
+    with (
+        as_tenant(app_connection, "t_acme"),
+        pytest.raises(errors.CheckViolation, match="kek_version_matches"),
+    ):
+        app_connection.execute(
+            f"INSERT INTO {KEYS} (tenant_id, version, wrapped_key, kek_version) "
+            "VALUES ('t_acme', 1, 'vault:v1:AAAA', 2)"
+        )
+    with as_tenant(app_connection, "t_acme"):  # what tenantvault inserts still goes in
+        app_connection.execute(
+            f"INSERT INTO {KEYS} (tenant_id, version, wrapped_key, kek_version) "
+            "VALUES ('t_acme', 1, 'vault:v2:AAAA', 2)"
+        )

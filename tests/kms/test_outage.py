@@ -35,6 +35,7 @@ def test_outage_keeps_cached_tenants_loading_and_fails_the_rest_within_the_timeo
         cold = vault.create_config(
             "t_b", type="smtp", name="B", config=SMTP, credentials={"password": "pb"}
         )
+        vault.load_credentials("t_a", cached.id)  # the committed key enters the cache
         vault.keyring.cache.evict_tenant("t_b")
     finally:
         devstack.down(state)

@@ -148,3 +148,46 @@ def test_a_batch_the_server_refuses_as_too_large_is_halved_not_sent_one_by_one(
     assert all(r.wrapped is not None and r.wrapped.kek_version == 2 for r in results)
     assert calls == [300, 150, 150]
     assert provider.unwrap("t7", results[7].wrapped.ciphertext) == bytes(32)  # type: ignore[union-attr]
+
+
+def test_a_key_that_is_not_derived_is_refused_under_the_least_privilege_policy(
+    services: Services,
+) -> None:
+    # SECURITY.md's application policy: datakey and decrypt only, so the provider may
+    # not read the key's settings; it must still refuse a key that ignores the context.
+    root = _client(services)
+    name = f"plain-lp-{uuid.uuid4().hex[:8]}"
+    root.secrets.transit.create_key(name=name)  # made without derived=true
+    root.sys.create_or_update_policy(
+        "tv-app-lp",
+        f'path "transit/datakey/plaintext/{name}" {{ capabilities = ["update"] }}\n'
+        f'path "transit/decrypt/{name}" {{ capabilities = ["update"] }}',
+    )
+    token = root.auth.token.create(policies=["tv-app-lp"], ttl="5m")["auth"]["client_token"]
+    _, foreign = _provider(services, "tenantvault-tests").generate_data_key("t_a")
+    for attempt in (
+        lambda provider: provider.generate_data_key("t_a"),
+        lambda provider: provider.unwrap("t_a", foreign.ciphertext),
+    ):
+        provider = TransitKeyProvider(_client(services, token), key_name=name, create_key=False)
+        with pytest.raises(KeyProviderError, match="not derived"):
+            attempt(provider)
+
+
+def test_a_derived_key_passes_the_check_under_the_least_privilege_policy(
+    services: Services,
+) -> None:
+    root = _client(services)
+    name = f"derived-lp-{uuid.uuid4().hex[:8]}"
+    root.secrets.transit.create_key(name=name, derived=True)
+    root.sys.create_or_update_policy(
+        "tv-app-lp2",
+        f'path "transit/datakey/plaintext/{name}" {{ capabilities = ["update"] }}\n'
+        f'path "transit/decrypt/{name}" {{ capabilities = ["update"] }}',
+    )
+    token = root.auth.token.create(policies=["tv-app-lp2"], ttl="5m")["auth"]["client_token"]
+    provider = TransitKeyProvider(_client(services, token), key_name=name, create_key=False)
+    plaintext, wrapped = provider.generate_data_key("t_a")
+    assert provider.unwrap("t_a", wrapped.ciphertext) == plaintext
+    with pytest.raises(DecryptionError):
+        provider.unwrap("t_b", wrapped.ciphertext)

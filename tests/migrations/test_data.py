@@ -11,7 +11,17 @@ from tenantvault.ops import migrate
 from tenantvault.settings import Settings
 from tests.support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
 
-BASELINE, PROVIDER_TABLES, SENDER_LINKS, SENDGRID_DATA, DATA_KEYS, _, VERSIONS, AUDIT = REVISIONS
+(
+    BASELINE,
+    PROVIDER_TABLES,
+    SENDER_LINKS,
+    SENDGRID_DATA,
+    DATA_KEYS,
+    _,
+    VERSIONS,
+    AUDIT,
+    BINDINGS,
+) = REVISIONS
 
 
 @pytest.fixture
@@ -71,7 +81,7 @@ def test_data_migration_run_twice_changes_nothing(
         }
     stamp(settings, SENDER_LINKS)  # pretend it never ran, so upgrade runs it again
     migrate.upgrade(settings, SENDGRID_DATA)
-    stamp(settings, AUDIT)
+    stamp(settings, BINDINGS)
     with owner_engine.connect() as connection:
         second = {
             t: table_rows(connection, t)
@@ -128,7 +138,7 @@ def _add_smtp_config(owner_engine: sa.Engine) -> None:
                 "INSERT INTO dripiq_app.email_provider_configs (id, tenant_id, type, name, config) "
                 "VALUES ('tvsmtp', 't_globex', 'smtp', 'Relay', '{\"host\": \"smtp.test\"}');"
                 "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id, encrypted_access_token) "
-                "VALUES ('t_globex', 'tvsmtp', 'sealed-bytes');"
+                "VALUES ('t_globex', 'tvsmtp', 'tv2.1.c2VhbGVkLWJ5dGVz');"
                 "UPDATE dripiq_app.email_sender_identities SET provider_config_id = 'tvsmtp', "
                 "provider_validation_data = '{\"identity_id\": 7}' WHERE id = 's_globex_1'"
             )
@@ -240,7 +250,7 @@ def test_downgrade_of_versioning_refuses_while_history_holds_changes(
     with pytest.raises(MigrationError, match="config history"):
         migrate.downgrade(settings, DATA_KEYS)
     with owner_engine.connect() as connection:
-        # 0008 came down (nothing of it to lose); 0007 refused.
+        # 0009 and 0008 came down (nothing of them to lose); 0007 refused.
         assert migrate.current_revision(connection, "dripiq_app") == VERSIONS
         count = connection.execute(
             sa.text("SELECT count(*) FROM dripiq_app.email_provider_config_versions")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tenantvault import KeyDestroyedError, Vault
+from tenantvault import KeyDestroyedError, RotationError, Vault
 from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.shred import shred_tenant
@@ -310,3 +310,96 @@ def test_a_tenant_another_process_is_rotating_is_reported_busy_and_the_rest_proc
     after = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"])
     assert after.ok
     assert [t.outcome for t in after.tenants] == ["rotated"]
+
+
+def test_a_shred_during_a_rotation_is_refused_and_a_rotation_never_reseals_under_a_destroyed_key(
+    vault: Vault, operator_db: Any, provider: Any, owner_engine: sa.Engine
+) -> None:
+    # The interleaving made deterministic: the rotation pauses after its first batch.
+    for n in range(6):
+        vault.create_config(
+            "t_a", type="smtp", name=f"c{n}", config=SMTP_CONFIG, credentials={"password": "old"}
+        )
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause_after_first_batch(event: Any) -> None:
+        if event.column is not None and not paused.is_set():
+            paused.set()
+            assert resume.wait(30)
+
+    reports: list[Any] = []
+    rotation = threading.Thread(
+        target=lambda: reports.append(
+            rotate_data_keys(
+                operator_db,
+                fresh_keyring(provider),
+                ["t_a"],
+                DekRotationOptions(batch_size=2),
+                on_progress=pause_after_first_batch,
+            )
+        )
+    )
+    rotation.start()
+    try:
+        assert paused.wait(30)
+        # 1. The operator's shred waits for no rotation: it refuses, destroying nothing.
+        with pytest.raises(RotationError, match="being rotated"):
+            shred_tenant(operator_db, "t_a")
+        assert set(key_states(owner_engine, "t_a").values()) == {"draining", "active"}
+        # 2. Keys destroyed behind the rotation's back (by hand, as the owner), then the
+        #    application stores a new secret under a fresh key: the rotation must not
+        #    re-seal it under the destroyed key it was rotating to.
+        with owner_engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "UPDATE dripiq_app.tenant_data_keys SET state = 'destroyed', "
+                    "wrapped_key = NULL WHERE tenant_id = 't_a'"
+                )
+            )
+        vault.keyring.cache.clear()
+        fresh = vault.create_config(
+            "t_a", type="smtp", name="after", config=SMTP_CONFIG, credentials={"password": "new"}
+        )
+    finally:
+        resume.set()
+        rotation.join(60)
+    [report] = reports
+    assert [t.outcome for t in report.tenants] == ["keys changed"]
+    assert not report.ok
+    vault.keyring.cache.clear()
+    creds: Any = vault.load_credentials("t_a", fresh.id)
+    assert creds.password.get_secret_value() == "new"
+
+
+def test_a_value_that_is_not_sealed_is_refused_and_one_already_there_halts_nothing(
+    vault: Vault, operator_db: Any, provider: Any, owner_engine: sa.Engine
+) -> None:
+    bad = vault.create_config(
+        "t_a", type="smtp", name="bad", config=SMTP_CONFIG, credentials={"password": "x"}
+    )
+    populate(vault, "t_b")
+    garbage = "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = 'garbage' WHERE id = :id"
+    # The CHECK refuses plaintext or garbage in a sealed column, even from the owner.
+    with (
+        pytest.raises(sa.exc.IntegrityError, match="encrypted_credentials_sealed"),
+        owner_engine.begin() as connection,
+    ):
+        connection.execute(sa.text(garbage), {"id": bad.id})
+    # One that got in before the CHECK existed: reported by row, every other tenant rotates.
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "ALTER TABLE dripiq_app.email_provider_configs "
+                "DROP CONSTRAINT ck_email_provider_configs_encrypted_credentials_sealed"
+            )
+        )
+        connection.execute(sa.text(garbage), {"id": bad.id})
+    status = key_status(operator_db, provider)
+    assert (status.malformed_values, status.legacy_values) == (1, 0)
+    report = rotate_data_keys(operator_db, fresh_keyring(provider), None)
+    outcomes = {t.tenant_id: t.outcome for t in report.tenants}
+    assert outcomes == {"t_a": "incomplete", "t_b": "rotated"}
+    assert [(u.tenant_id, u.column, u.row) for u in report.unopenable] == [
+        ("t_a", "email_provider_configs.encrypted_credentials", bad.id)
+    ]
+    assert report.stopped is None

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import logging
+import pickle
 import subprocess
 import traceback
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
-from tenantvault import DecryptionError, InvalidInputError, Vault
+from tenantvault import DecryptionError, InvalidInputError, RefreshedToken, Vault
 from tenantvault.dev.stack import postgres_bin_dir
 from tenantvault.settings import Settings
 
@@ -87,7 +89,7 @@ def test_a_full_pg_dump_holds_no_secret_nor_its_base64(vault: Vault, settings: S
         text=True,
         check=True,
     ).stdout
-    assert "tv1.1." in dump  # the sealed values are there...
+    assert "tv2.1." in dump  # the sealed values are there...
     for secret in SECRETS.values():
         for form in _encodings(secret):
             assert form not in dump  # ...and nothing they hide
@@ -106,6 +108,16 @@ def test_logs_at_debug_hold_no_secret(vault: Vault, caplog: pytest.LogCaptureFix
     for secret in SECRETS.values():
         for form in _encodings(secret):
             assert form not in caplog.text
+    # Nor the sealed values and wrapped keys the statements carry: the engine hides
+    # them. (At DEBUG, SQLAlchemy also logs result rows; that is the caller's choice.)
+    statements = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("sqlalchemy.engine") and r.levelno == logging.INFO
+    )
+    assert "SQL parameters hidden" in statements
+    assert "tv2." not in statements
+    assert "vault:v" not in statements
 
 
 def test_reprs_of_everything_the_application_holds_hide_secrets(vault: Vault) -> None:
@@ -172,3 +184,21 @@ def test_a_tampered_value_raises_the_one_decryption_error(
         vault.load_credentials("t_a", ids["sendgrid"])
     assert str(error.value) == "cannot open sealed value"
     assert error.value.__cause__ is None
+
+
+def test_nothing_the_application_holds_with_a_secret_pickles(vault: Vault) -> None:
+    ids = _store_everything(vault)
+    with Session(vault.engine) as session, session.begin():
+        holders = [
+            vault.get_config("t_a", ids["sendgrid"], with_credentials=True),
+            vault.load_credentials("t_b", ids["graph"]),
+            vault.load_oauth_token("t_b", ids["graph"]),
+            RefreshedToken(access_token=SECRETS["access"], expires_at=None),
+            vault.keyring.cache.get("t_a", 1),
+            vault.keyring.cache,
+            vault.keyring.sealer(session.connection(), "t_a"),
+        ]
+    for holder in holders:
+        assert holder is not None
+        with pytest.raises(TypeError, match="pickle"):
+            pickle.dumps(holder)

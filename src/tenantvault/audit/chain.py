@@ -74,7 +74,9 @@ def verify_audit(db: OperatorDatabase, tenants: Sequence[str] | None = None) -> 
     only = "" if tenants is None else "WHERE tenant_id = ANY(:tenants)"
     params = {"tenants": list(tenants or [])}
     digest = db.table("tenantvault_audit_digest")
-    with db.transaction() as connection:
+    # One snapshot for the heads and the events: read apart, a writer committing in
+    # between would look like a deleted or changed event.
+    with db.transaction(snapshot=True) as connection:
         heads = {
             row.tenant_id: row
             for row in connection.execute(

@@ -124,7 +124,10 @@ def _cmd_rotate_kek(args: argparse.Namespace) -> int:
 def _cmd_rotate_dek(args: argparse.Namespace) -> int:
     settings = load_settings()
     options = DekRotationOptions(
-        workers=args.workers, batch_size=args.batch_size, dry_run=args.dry_run
+        workers=args.workers,
+        batch_size=args.batch_size,
+        dry_run=args.dry_run,
+        new_key=not args.reseal_only,
     )
     progress = output.RotationOutput.choose(args.json)
     with _stop_on_interrupt() as stop, progress:
@@ -256,6 +259,11 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
     which.add_argument("--all", action="store_true", help="every tenant that has a data key")
     dek.add_argument("--workers", type=_positive, default=1, help="threads (whole tenants each)")
     dek.add_argument("--batch-size", type=_positive, default=1000, help="rows per transaction")
+    dek.add_argument(
+        "--reseal-only",
+        action="store_true",
+        help="no new data key: re-seal values in the old format under the active key",
+    )
     dek.add_argument("--dry-run", action="store_true", help="report, change nothing")
     dek.add_argument("--json", action="store_true", help="JSON lines")
     dek.set_defaults(handler=_cmd_rotate_dek)

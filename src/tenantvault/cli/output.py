@@ -194,6 +194,8 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
                 "tenants": len(report.tenants),
                 "behind_kek": report.behind_kek,
                 "draining": report.draining,
+                "legacy_values": report.legacy_values,
+                "malformed_values": report.malformed_values,
             },
         )
         return
@@ -203,7 +205,15 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
     )
     for tenant in report.tenants:
         active = f"v{tenant.active_version}" if tenant.active_version else "none"
-        out.write(f"tenant {tenant.tenant_id}: active DEK {active}\n")
+        notes = "".join(
+            f"; {count} {what}"
+            for count, what in (
+                (tenant.legacy_values, "values in the old format"),
+                (tenant.malformed_values, "values that are not sealed values"),
+            )
+            if count
+        )
+        out.write(f"tenant {tenant.tenant_id}: active DEK {active}{notes}\n")
         for key in tenant.keys:
             kek = f"KEK v{key.kek_version}" + (" (behind)" if report.is_behind(key) else "")
             out.write(
@@ -211,7 +221,9 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
             )
     out.write(
         f"summary: {len(report.tenants)} tenants; {report.behind_kek} data keys behind the KEK; "
-        f"{report.draining} draining\n"
+        f"{report.draining} draining; {report.legacy_values} values in the old format"
+        f"{' (re-seal them: rotate-keys dek --all --reseal-only)' if report.legacy_values else ''}"
+        f"; {report.malformed_values} not sealed\n"
     )
 
 

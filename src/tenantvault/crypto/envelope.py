@@ -1,15 +1,23 @@
 """Sealing values with AES-256-GCM under a tenant data key. Knows nothing of SQL.
 
-Wire format (version 1), an ASCII string::
+Wire format, an ASCII string::
 
-    tv1.<dek_version>.<base64url(nonce[12] || ciphertext || tag[16])>
+    tv2.<dek_version>.<base64url(nonce[12] || ciphertext || tag[16])>
 
 ``dek_version`` is a decimal without leading zeros (1 .. 2**31-1). The header
-(``tv1.<dek_version>.``) is authenticated: it is part of the associated data,
-together with the value's place — tenant id, ``table.column`` and row id —
-each length-prefixed so no two places encode alike. A value copied to another
-row, column or tenant, or with an edited header, fails to open. Overhead: 28
-bytes of nonce and tag, base64-encoded, plus a header of ~6 characters.
+(``tv2.<dek_version>.``) is authenticated: it is part of the associated data,
+together with the value's place — tenant id, ``table.column`` and row id — and
+its binding: what else the value belongs with (a config's credentials: the
+config's version and a digest of its non-secret config; a token: the token's
+version). Each part is length-prefixed, so no two places encode alike. A value
+copied to another row, column or tenant, put back after its row moved on to a
+newer version, served beside a rewritten config, or with an edited header,
+fails to open. Overhead: 28 bytes of nonce and tag, base64-encoded, plus a
+header of ~6 characters.
+
+Format 1 (``tv1.``) bound the place only. Values sealed in it still open while
+the legacy format is allowed; sealing always writes format 2, and key rotation
+re-seals format-1 values.
 """
 
 from __future__ import annotations
@@ -28,25 +36,41 @@ from cryptography.exceptions import InvalidTag
 from tenantvault.crypto.datakey import DataKey
 from tenantvault.errors import DecryptionError
 
-FORMAT_PREFIX = "tv1"
+CURRENT_FORMAT = 2
+LEGACY_FORMAT = 1
 NONCE_BYTES = 12
 TAG_BYTES = 16
 MAX_DEK_VERSION = 2**31 - 1
-_SEALED = re.compile(r"^tv1\.([1-9][0-9]{0,9})\.([A-Za-z0-9_-]+)$")
-_AAD_LABEL = b"tenantvault.sealed.v1"
+_SEALED = re.compile(r"^tv([12])\.([1-9][0-9]{0,9})\.([A-Za-z0-9_-]+)$")
+# The same shape, for the database (a CHECK constraint, and queries that must pass
+# over a malformed value instead of failing on it).
+SQL_PATTERN = r"^tv[12]\.[1-9][0-9]{0,9}\.[A-Za-z0-9_-]+$"
+
+
+def _length_prefixed(part: bytes) -> bytes:
+    return struct.pack(">I", len(part)) + part
+
+
+_LABELS = {
+    LEGACY_FORMAT: _length_prefixed(b"tenantvault.sealed.v1"),
+    CURRENT_FORMAT: _length_prefixed(b"tenantvault.sealed.v2"),
+}
 
 
 @dataclass(frozen=True)
 class SealContext:
-    """Where a sealed value lives; bound into its associated data."""
+    """Where a sealed value lives, and what it is bound to; both go into its
+    associated data. ``binding`` is empty for a value bound to its place only."""
 
     tenant_id: str
     table: str
     column: str
     row_id: str
+    binding: bytes = b""
 
-    def associated_data(self, header: str) -> bytes:
-        return _LABEL + _length_prefixed(header.encode()) + self._place
+    def associated_data(self, prefix: str, fmt: int = CURRENT_FORMAT) -> bytes:
+        aad = _LABELS[fmt] + _length_prefixed(prefix.encode()) + self._place
+        return aad + _length_prefixed(self.binding) if fmt >= 2 else aad
 
     @cached_property
     def _place(self) -> bytes:
@@ -58,37 +82,40 @@ class SealContext:
         )
 
 
-def _length_prefixed(part: bytes) -> bytes:
-    return struct.pack(">I", len(part)) + part
-
-
-_LABEL = _length_prefixed(_AAD_LABEL)
-
-
-def header(dek_version: int) -> str:
-    """The header of every value sealed under ``dek_version`` (``tv1.<dek_version>.``):
+def header(dek_version: int, fmt: int = CURRENT_FORMAT) -> str:
+    """The header of every value sealed under ``dek_version`` (``tv2.<dek_version>.``):
     a value names that key exactly when it starts with this."""
     if not 1 <= dek_version <= MAX_DEK_VERSION:
         raise ValueError("dek_version out of range")
-    return f"{FORMAT_PREFIX}.{dek_version}."
+    return f"tv{fmt}.{dek_version}."
 
 
 def sql_dek_version(column: str) -> str:
-    """A PostgreSQL expression for the DEK version a sealed value in ``column`` names
-    (for counting values per key without reading them into Python). ``column`` is
-    an identifier of ours, never input."""
-    return f"split_part({column}, '.', 2)::int"
+    """A PostgreSQL expression for the DEK version a sealed value in ``column`` names,
+    NULL for a malformed value (for counting values per key without reading them into
+    Python). ``column`` is an identifier of ours, never input."""
+    return f"CASE WHEN {column} ~ '{SQL_PATTERN}' THEN split_part({column}, '.', 2)::bigint END"
+
+
+def sql_is_current(column: str) -> str:
+    """A PostgreSQL condition: the value in ``column`` is in the current format."""
+    return f"starts_with({column}, 'tv{CURRENT_FORMAT}.')"
+
+
+def sql_is_malformed(column: str) -> str:
+    """A PostgreSQL condition: ``column`` holds something that is not a sealed value."""
+    return f"({column} IS NOT NULL AND {column} !~ '{SQL_PATTERN}')"
 
 
 def seal(
     key: DataKey, plaintext: bytes, context: SealContext, *, nonce: bytes | None = None
 ) -> str:
-    """Encrypt ``plaintext`` under ``key`` for ``context``.
+    """Encrypt ``plaintext`` under ``key`` for ``context``, in the current format.
 
     Args:
         key: the tenant's data key; its version goes into the header.
         plaintext: the bytes to protect.
-        context: the value's tenant, table, column and row.
+        context: the value's tenant, table, column, row and binding.
         nonce: only for known-answer tests; normally 96 fresh random bits.
     """
     if nonce is None:
@@ -100,15 +127,15 @@ def seal(
     return prefix + base64.urlsafe_b64encode(nonce + body).decode().rstrip("=")
 
 
-def _parse(sealed: str) -> tuple[int, str]:
-    """(DEK version, base64 body) of a well-formed sealed value."""
+def _parse(sealed: str) -> tuple[int, int, str]:
+    """(format, DEK version, base64 body) of a well-formed sealed value."""
     match = _SEALED.fullmatch(sealed) if isinstance(sealed, str) else None
     if match is None:
         raise DecryptionError("cannot open sealed value")
-    version = int(match.group(1))
+    version = int(match.group(2))
     if version > MAX_DEK_VERSION:
         raise DecryptionError("cannot open sealed value")
-    return version, match.group(2)
+    return int(match.group(1)), version, match.group(3)
 
 
 def sealed_dek_version(sealed: str) -> int:
@@ -117,34 +144,54 @@ def sealed_dek_version(sealed: str) -> int:
     Raises:
         DecryptionError: the value is not a well-formed sealed value.
     """
-    return _parse(sealed)[0]
+    return _parse(sealed)[1]
 
 
-def open_sealed(key: DataKey, sealed: str, context: SealContext) -> bytes:
+def is_current(sealed: str) -> bool:
+    """Whether ``sealed`` is in the current format (False for format 1 or malformed)."""
+    return isinstance(sealed, str) and sealed.startswith(f"tv{CURRENT_FORMAT}.")
+
+
+def open_sealed(
+    key: DataKey, sealed: str, context: SealContext, *, allow_legacy: bool = True
+) -> bytes:
     """Decrypt a value made by :func:`seal` for the same ``context``.
 
+    Args:
+        allow_legacy: open format-1 values too (bound to their place only).
+
     Raises:
-        DecryptionError: wrong key, wrong place, or any change to the value.
+        DecryptionError: wrong key, wrong place or binding, a refused legacy value,
+            or any change to the value.
     """
-    version, encoded = _parse(sealed)
-    return _open(key, version, encoded, context)
+    fmt, version, encoded = _parse(sealed)
+    return _open(key, fmt, version, encoded, context, allow_legacy)
 
 
 def reseal(
-    sealed: str, context: SealContext, key_of: Callable[[int], DataKey], new_key: DataKey
+    sealed: str,
+    context: SealContext,
+    key_of: Callable[[int], DataKey],
+    new_key: DataKey,
+    *,
+    allow_legacy: bool = True,
 ) -> str:
     """Open ``sealed`` with the key its header names (``key_of(version)``) and seal the
-    plaintext again under ``new_key`` for the same place: one parse, for key rotation.
+    plaintext again under ``new_key`` for the same place, in the current format: one
+    parse, for key rotation.
 
     Raises:
         DecryptionError: as :func:`open_sealed`.
     """
-    version, encoded = _parse(sealed)
-    return seal(new_key, _open(key_of(version), version, encoded, context), context)
+    fmt, version, encoded = _parse(sealed)
+    plaintext = _open(key_of(version), fmt, version, encoded, context, allow_legacy)
+    return seal(new_key, plaintext, context)
 
 
-def _open(key: DataKey, version: int, encoded: str, context: SealContext) -> bytes:
-    if version != key.version:
+def _open(
+    key: DataKey, fmt: int, version: int, encoded: str, context: SealContext, allow_legacy: bool
+) -> bytes:
+    if version != key.version or (fmt == LEGACY_FORMAT and not allow_legacy):
         raise DecryptionError("cannot open sealed value")
     try:
         raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
@@ -157,7 +204,9 @@ def _open(key: DataKey, version: int, encoded: str, context: SealContext) -> byt
         raise DecryptionError("cannot open sealed value")
     try:
         return key.aead().decrypt(
-            raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.associated_data(header(version))
+            raw[:NONCE_BYTES],
+            raw[NONCE_BYTES:],
+            context.associated_data(header(version, fmt), fmt),
         )
     except InvalidTag:
         raise DecryptionError("cannot open sealed value") from None

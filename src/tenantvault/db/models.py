@@ -34,6 +34,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from tenantvault.crypto.envelope import SQL_PATTERN as SEALED_PATTERN
 from tenantvault.db.ids import new_id
 
 NAMING_CONVENTION = {
@@ -106,6 +107,13 @@ UTC_NOW = text("timezone('utc', now())")
 TextId = Annotated[str, mapped_column(Text, primary_key=True, default=new_id)]
 CreatedAt = Annotated[datetime, mapped_column(UTCDateTime, server_default=UTC_NOW)]
 UpdatedAt = Annotated[datetime, mapped_column(UTCDateTime, server_default=UTC_NOW)]
+
+
+def _sealed_check(column: str) -> CheckConstraint:
+    """NULL or a sealed value: plaintext or garbage written by SQL is refused (0009)."""
+    return CheckConstraint(
+        f"{column} IS NULL OR {column} ~ '{SEALED_PATTERN}'", name=f"{column}_sealed"
+    )
 
 
 class Base(DeclarativeBase):
@@ -251,6 +259,7 @@ class EmailProviderConfig(Base):
         ),
         CheckConstraint("btrim(name) <> ''", name="name_not_blank"),
         CheckConstraint("jsonb_typeof(config) = 'object'", name="config_is_object"),
+        _sealed_check("encrypted_credentials"),
         # A default is always usable: deactivating or deleting it clears is_default first.
         CheckConstraint(
             "NOT is_default OR (is_active AND deleted_at IS NULL)", name="default_is_live"
@@ -328,6 +337,8 @@ class EmailProviderToken(Base):
             ondelete="CASCADE",
             name="fk_email_provider_tokens_config",
         ),
+        _sealed_check("encrypted_access_token"),
+        _sealed_check("encrypted_refresh_token"),
         {"comment": "OAuth tokens of email provider configs; tokens are sealed (AEAD)."},
     )
 
@@ -391,6 +402,7 @@ class EmailProviderConfigVersion(Base):
             name="change",
         ),
         CheckConstraint("version >= 1", name="version_positive"),
+        _sealed_check("encrypted_credentials"),
         # Retention's lookup: only the versions that still hold a secret.
         Index(
             "ix_email_provider_config_versions_with_credentials",
@@ -471,6 +483,12 @@ class TenantDataKey(Base):
         CheckConstraint(
             f"(state = {DataKeyState.DESTROYED.sql}) = (wrapped_key IS NULL)",
             name="destroyed_has_no_key",
+        ),
+        # The KEK version is the one the wrapped key names (vault:vN:...), so counts of
+        # keys behind a KEK version cannot be fooled by a row that lies about it.
+        CheckConstraint(
+            r"wrapped_key IS NULL OR wrapped_key ~ ('^[a-z]+\:v' || kek_version || '\:')",
+            name="kek_version_matches",
         ),
         {"comment": "Tenant data keys (DEKs), wrapped by the Vault transit KEK; never plaintext."},
     )

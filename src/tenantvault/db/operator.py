@@ -20,7 +20,8 @@ from tenantvault.errors import RotationError
 from tenantvault.settings import Settings
 
 DEK_ROTATION_CLAIM = 1_953_916_002
-"""Advisory lock class of "a rotate-keys process is rotating this tenant's data key"."""
+"""Advisory lock class of "an operator job is changing this tenant's data keys" (a DEK
+rotation or a shred: they exclude each other)."""
 
 KEK_ROTATION_LOCK = 1_953_916_003
 """Advisory lock class of "a rotate-keys process is deciding whether to rotate the KEK"."""
@@ -47,17 +48,24 @@ class OperatorDatabase:
         return f'"{self.schema}"."{name}"'
 
     @contextmanager
-    def transaction(self) -> Iterator[sa.Connection]:
-        """One transaction as the migrator role; commits when the block ends normally."""
-        with self.engine.begin() as connection:
-            try:
-                connection.exec_driver_sql(f'SET LOCAL ROLE "{self.migrator_role}"')
-            except DBAPIError:
-                raise RotationError(
-                    f"this login may not SET ROLE {self.migrator_role}: run operator "
-                    "commands with the migration owner's TENANTVAULT_DATABASE_URL"
-                ) from None
-            yield connection
+    def transaction(self, *, snapshot: bool = False) -> Iterator[sa.Connection]:
+        """One transaction as the migrator role; commits when the block ends normally.
+
+        ``snapshot``: REPEATABLE READ, so every statement sees the same committed state
+        (a reader that compares two tables must not see one before and one after a
+        writer's commit)."""
+        with self.engine.connect() as connection:
+            if snapshot:  # the pool puts the default back when the connection returns
+                connection.execution_options(isolation_level="REPEATABLE READ")
+            with connection.begin():
+                try:
+                    connection.exec_driver_sql(f'SET LOCAL ROLE "{self.migrator_role}"')
+                except DBAPIError:
+                    raise RotationError(
+                        f"this login may not SET ROLE {self.migrator_role}: run operator "
+                        "commands with the migration owner's TENANTVAULT_DATABASE_URL"
+                    ) from None
+                yield connection
 
     @contextmanager
     def claim(self, lock_class: int, tenant_id: str) -> Iterator[bool]:

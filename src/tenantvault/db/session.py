@@ -49,6 +49,8 @@ def create_engine(settings: Settings, **kwargs: object) -> Engine:
         # No pre-ping: it would add a round trip to every load. A connection the
         # server dropped fails one call, and the pool replaces it.
         pool_recycle=1800,
+        # Parameters are sealed values and wrapped keys: not secret, but no log needs them.
+        hide_parameters=True,
         connect_args={"connect_timeout": settings.connect_timeout_seconds, "options": options},
         **kwargs,
     ).execution_options(schema_translate_map={None: settings.schema_name})

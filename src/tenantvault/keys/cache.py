@@ -5,10 +5,16 @@ lives at most ``max_age`` seconds and serves at most ``max_uses`` lookups; at mo
 ``max_entries`` keys are held (least recently used goes first). On a miss,
 concurrent callers for the same key share one load: N threads opening a cold
 tenant make one call to the key provider.
+
+An entry remembers a digest of the wrapped key it was unwrapped from. A caller
+that has just read the stored wrapped key passes it, and an entry made from
+any other wrapping (a key that was never committed, a row replaced since) is a
+miss: the cache cannot serve a key that is not the one stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +31,12 @@ CacheKey = tuple[str, int]
 class _Entry:
     key: DataKey
     loaded_at: float
+    wrapped_digest: bytes | None
     uses: int = 0
+
+
+def _digest(wrapped: str | None) -> bytes | None:
+    return None if wrapped is None else hashlib.sha256(wrapped.encode()).digest()
 
 
 @dataclass
@@ -62,12 +73,17 @@ class DataKeyCache:
     def __reduce__(self) -> str:
         raise TypeError("DataKeyCache refuses to be pickled")
 
-    def _fresh(self, cache_key: CacheKey) -> DataKey | None:
-        """The cached key if still within bounds (call with the lock held); counts a use."""
+    def _fresh(self, cache_key: CacheKey, wrapped_digest: bytes | None = None) -> DataKey | None:
+        """The cached key if still within bounds and, when ``wrapped_digest`` is given,
+        unwrapped from that wrapping (call with the lock held); counts a use."""
         entry = self._entries.get(cache_key)
         if entry is None:
             return None
-        if self._clock() - entry.loaded_at >= self.max_age_seconds or entry.uses >= self.max_uses:
+        if (
+            self._clock() - entry.loaded_at >= self.max_age_seconds
+            or entry.uses >= self.max_uses
+            or (wrapped_digest is not None and entry.wrapped_digest != wrapped_digest)
+        ):
             del self._entries[cache_key]
             return None
         entry.uses += 1
@@ -80,21 +96,34 @@ class DataKeyCache:
         with self._lock:
             return self._fresh((tenant_id, version))
 
-    def put(self, key: DataKey) -> None:
+    def put(self, key: DataKey, wrapped: str | None = None) -> None:
+        """Cache ``key``, unwrapped from (or wrapped as) ``wrapped``. Only for a key whose
+        row is committed: a key of a transaction that may still roll back stays out."""
         with self._lock:
-            self._store(key)
+            self._store(key, _digest(wrapped))
 
-    def _store(self, key: DataKey) -> None:
-        self._entries[(key.tenant_id, key.version)] = _Entry(key, self._clock(), 1)
+    def _store(self, key: DataKey, wrapped_digest: bytes | None) -> None:
+        self._entries[(key.tenant_id, key.version)] = _Entry(key, self._clock(), wrapped_digest, 1)
         self._entries.move_to_end((key.tenant_id, key.version))
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def get_or_load(self, tenant_id: str, version: int, load: Callable[[], DataKey]) -> DataKey:
-        """The cached key, or the result of ``load`` shared by every concurrent caller."""
+    def get_or_load(
+        self,
+        tenant_id: str,
+        version: int,
+        load: Callable[[], DataKey],
+        *,
+        wrapped: str | None = None,
+    ) -> DataKey:
+        """The cached key, or the result of ``load`` shared by every concurrent caller.
+
+        ``wrapped`` is the stored wrapped key ``load`` unwraps: an entry made from
+        another wrapping is not served."""
         cache_key = (tenant_id, version)
+        digest = _digest(wrapped)
         with self._lock:
-            cached = self._fresh(cache_key)
+            cached = self._fresh(cache_key, digest)
             if cached is not None:
                 return cached
             pending = self._in_flight.get(cache_key)
@@ -113,7 +142,7 @@ class DataKeyCache:
             raise
         with self._lock:
             self.stats.loads += 1
-            self._store(key)
+            self._store(key, digest)
             del self._in_flight[cache_key]
         pending.set_result(key)
         return key

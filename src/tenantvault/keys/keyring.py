@@ -31,9 +31,18 @@ Transaction = Callable[[], AbstractContextManager[sa.Connection]]
 class Keyring:
     """Data keys per tenant, through a cache, from rows wrapped by the key provider."""
 
-    def __init__(self, provider: KeyProvider, cache: DataKeyCache) -> None:
+    def __init__(
+        self, provider: KeyProvider, cache: DataKeyCache, *, allow_legacy: bool = True
+    ) -> None:
+        """Args:
+        provider: the KMS that wraps and unwraps the data keys.
+        cache: where unwrapped keys are kept between transactions.
+        allow_legacy: open values in the old format (bound to their place only); turn
+            it off once ``rotate-keys status`` counts none left.
+        """
         self.provider = provider
         self.cache = cache
+        self.allow_legacy = allow_legacy
 
     def __repr__(self) -> str:
         return f"Keyring(provider={self.provider!r}, cache={self.cache!r})"
@@ -60,7 +69,9 @@ class Keyring:
             DecryptionError: the value is malformed or does not open in ``place``.
         """
         key = self.cache.get(tenant_id, sealed_dek_version(sealed))
-        return None if key is None else open_sealed(key, sealed, place)
+        if key is None:
+            return None
+        return open_sealed(key, sealed, place, allow_legacy=self.allow_legacy)
 
     def switch(
         self, transaction: Transaction, tenant_id: str, from_version: int, actor: str
@@ -75,7 +86,8 @@ class Keyring:
         plaintext, wrapped = self.provider.generate_data_key(tenant_id)
         with transaction() as connection:
             version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
-        self.cache.put(DataKey(tenant_id, version, plaintext))
+        # Committed: from here on the key is the one stored.
+        self.cache.put(DataKey(tenant_id, version, plaintext), wrapped.ciphertext)
         return version
 
     def evict(self, tenant_id: str) -> None:
@@ -89,9 +101,17 @@ class Keyring:
         found = store.active(connection, tenant_id)
         if found is None:
             return self._create(connection, tenant_id)
-        version, wrapped = found
+        return self._cached(tenant_id, found)
+
+    def _cached(self, tenant_id: str, stored: store.StoredKey) -> DataKey:
+        """The key of ``stored``, through the cache unless this transaction wrote it."""
+        if stored.uncommitted:  # made earlier in this transaction: it may roll back
+            return self._unwrap(tenant_id, stored.version, stored.wrapped)
         return self.cache.get_or_load(
-            tenant_id, version, lambda: self._unwrap(tenant_id, version, wrapped)
+            tenant_id,
+            stored.version,
+            lambda: self._unwrap(tenant_id, stored.version, stored.wrapped),
+            wrapped=stored.wrapped,
         )
 
     def _key(self, connection: sa.Connection, tenant_id: str, version: int) -> DataKey:
@@ -104,17 +124,13 @@ class Keyring:
         cached = self.cache.get(tenant_id, version)
         if cached is not None:
             return cached
-
-        def load() -> DataKey:
-            try:
-                wrapped = store.wrapped(connection, tenant_id, version)
-            except LookupError:
-                raise DecryptionError("cannot open sealed value") from None
-            if wrapped is None:
-                raise KeyDestroyedError(f"data key {version} of tenant {tenant_id} was destroyed")
-            return self._unwrap(tenant_id, version, wrapped)
-
-        return self.cache.get_or_load(tenant_id, version, load)
+        try:
+            stored = store.wrapped(connection, tenant_id, version)
+        except LookupError:
+            raise DecryptionError("cannot open sealed value") from None
+        if stored is None:
+            raise KeyDestroyedError(f"data key {version} of tenant {tenant_id} was destroyed")
+        return self._cached(tenant_id, stored)
 
     def _unwrap(self, tenant_id: str, version: int, wrapped: str) -> DataKey:
         return DataKey(tenant_id, version, self.provider.unwrap(tenant_id, wrapped))
@@ -125,13 +141,11 @@ class Keyring:
         if version is None:  # another process made it first: use theirs
             found = store.active(connection, tenant_id)
             assert found is not None
-            theirs, their_wrapped = found
-            return self.cache.get_or_load(
-                tenant_id, theirs, lambda: self._unwrap(tenant_id, theirs, their_wrapped)
-            )
-        key = DataKey(tenant_id, version, plaintext)
-        self.cache.put(key)
-        return key
+            return self._cached(tenant_id, found)
+        # Not cached: this transaction may still roll back while another process
+        # commits a different key under the same version. The sealer that asked keeps
+        # it for this transaction; later transactions read the committed row.
+        return DataKey(tenant_id, version, plaintext)
 
 
 class Sealer:
@@ -177,6 +191,8 @@ class Sealer:
         return self._active
 
     def _key_of(self, version: int) -> DataKey:
+        if self._active is not None and self._active.version == version:
+            return self._active  # maybe made in this transaction: not in the cache
         key = self._keys.get(version)
         if key is None:
             key = self._keys[version] = self._keyring._key(
@@ -197,7 +213,8 @@ class Sealer:
             KeyDestroyedError: the key it names was destroyed.
         """
         self._check(place)
-        return open_sealed(self._key_of(sealed_dek_version(sealed)), sealed, place)
+        key = self._key_of(sealed_dek_version(sealed))
+        return open_sealed(key, sealed, place, allow_legacy=self._keyring.allow_legacy)
 
     def reseal(self, sealed: str, place: SealContext) -> str:
         """Open a value of ``place`` and seal it again under the active key (rotation).
@@ -206,4 +223,10 @@ class Sealer:
             DecryptionError, KeyDestroyedError: as :meth:`open`.
         """
         self._check(place)
-        return reseal(sealed, place, self._key_of, self._sealing_key())
+        return reseal(
+            sealed,
+            place,
+            self._key_of,
+            self._sealing_key(),
+            allow_legacy=self._keyring.allow_legacy,
+        )

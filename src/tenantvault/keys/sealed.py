@@ -1,13 +1,23 @@
-"""Every column that holds sealed values, and the place each value is bound to.
+"""Every column that holds sealed values, the place each value is bound to, and what
+else it is bound to.
 
 The one list both the facade (sealing and opening) and key rotation (re-sealing,
 counting what each data key protects) read, so a new sealed column cannot be
 forgotten by one of them.
+
+Bindings: a config's credentials (live and kept in history) are bound to that
+row's version and a digest of its non-secret config, so they never open beside a
+config they were not sealed with, nor after the row moved on to a newer version.
+OAuth tokens are bound to the token row's version.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tenantvault.crypto.envelope import SealContext
 from tenantvault.db.models import (
@@ -17,21 +27,50 @@ from tenantvault.db.models import (
 )
 
 
+def canonical_config(config: Mapping[str, Any]) -> bytes:
+    """The one encoding of a config that its digest is taken over: sorted keys, no
+    spaces, UTF-8 (the same dict always encodes alike, however it was stored)."""
+    return json.dumps(
+        config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def config_binding(version: int, config: Mapping[str, Any]) -> bytes:
+    """What a config's credentials are bound to: its version and its config's digest."""
+    return f"config:{version}:".encode() + hashlib.sha256(canonical_config(config)).digest()
+
+
+def token_binding(version: int) -> bytes:
+    """What a config's OAuth tokens are bound to: the token row's version."""
+    return f"token:{version}".encode()
+
+
 @dataclass(frozen=True)
 class SealedColumn:
     """A text column of sealed values in a tenant table.
 
     ``keys`` name a row within its tenant, in the order of an index that starts
     with ``tenant_id`` (rotation pages through them); joined with ``:`` they are
-    the row id in the value's associated data.
+    the row id in the value's associated data. ``bound_to`` are the row's columns
+    that ``binding`` turns into the rest of the associated data.
     """
 
     table: str
     column: str
     keys: tuple[tuple[str, str], ...]  # (column, SQL type)
+    bound_to: tuple[str, ...]
+    binding: Callable[..., bytes]
 
-    def place(self, tenant_id: str, *key_values: object) -> SealContext:
-        return SealContext(tenant_id, self.table, self.column, ":".join(map(str, key_values)))
+    def place(self, tenant_id: str, *key_values: object, bound: tuple[Any, ...]) -> SealContext:
+        """The context of a value in the row named by ``key_values``, whose
+        ``bound_to`` columns hold ``bound``."""
+        return SealContext(
+            tenant_id,
+            self.table,
+            self.column,
+            ":".join(map(str, key_values)),
+            self.binding(*bound),
+        )
 
     @property
     def name(self) -> str:
@@ -39,20 +78,34 @@ class SealedColumn:
 
 
 CONFIG_CREDENTIALS = SealedColumn(
-    EmailProviderConfig.__tablename__, "encrypted_credentials", (("id", "text"),)
+    EmailProviderConfig.__tablename__,
+    "encrypted_credentials",
+    (("id", "text"),),
+    ("version", "config"),
+    config_binding,
 )
 # One token row per config: the config id names the row for good.
 ACCESS_TOKEN = SealedColumn(
-    EmailProviderToken.__tablename__, "encrypted_access_token", (("config_id", "text"),)
+    EmailProviderToken.__tablename__,
+    "encrypted_access_token",
+    (("config_id", "text"),),
+    ("version",),
+    token_binding,
 )
 REFRESH_TOKEN = SealedColumn(
-    EmailProviderToken.__tablename__, "encrypted_refresh_token", (("config_id", "text"),)
+    EmailProviderToken.__tablename__,
+    "encrypted_refresh_token",
+    (("config_id", "text"),),
+    ("version",),
+    token_binding,
 )
-# Bound to the version too: a kept secret cannot be swapped into another version.
+# The version is in the row id too: a kept secret cannot be swapped into another version.
 VERSION_CREDENTIALS = SealedColumn(
     EmailProviderConfigVersion.__tablename__,
     "encrypted_credentials",
     (("config_id", "text"), ("version", "integer")),
+    ("version", "config"),
+    config_binding,
 )
 
 SEALED_COLUMNS = (CONFIG_CREDENTIALS, ACCESS_TOKEN, REFRESH_TOKEN, VERSION_CREDENTIALS)

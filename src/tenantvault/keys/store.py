@@ -65,25 +65,40 @@ class KeyRow:
     kek_version: int
 
 
-_ACTIVE = sa.select(Key.version, Key.wrapped_key).where(
+# Whether this transaction made the row: such a key may still roll back, so it must not
+# outlive the transaction in a cache. created_at defaults to the transaction's start
+# (now()), which no other transaction shares but by a microsecond's coincidence (then
+# a key merely skips the cache); unlike xmin, it holds inside savepoints too.
+_OURS = (Key.created_at == sa.func.timezone("utc", sa.func.now())).label("ours")
+_ACTIVE = sa.select(Key.version, Key.wrapped_key, _OURS).where(
     Key.tenant_id == sa.bindparam("tenant_id"), Key.state == ACTIVE
 )
-_VERSION = sa.select(Key.wrapped_key, Key.state).where(
+_VERSION = sa.select(Key.wrapped_key, Key.state, _OURS).where(
     Key.tenant_id == sa.bindparam("tenant_id"), Key.version == sa.bindparam("version")
 )
 
 
-def active(connection: sa.Connection, tenant_id: str) -> tuple[int, str] | None:
-    """(version, wrapped key) of the tenant's active key, or None when it has none."""
+@dataclass(frozen=True)
+class StoredKey:
+    """A key's wrapped form as stored, and whether this transaction wrote it
+    (uncommitted: it may yet roll back)."""
+
+    version: int
+    wrapped: str
+    uncommitted: bool
+
+
+def active(connection: sa.Connection, tenant_id: str) -> StoredKey | None:
+    """The tenant's active key, or None when it has none."""
     row = connection.execute(_ACTIVE, {"tenant_id": tenant_id}).one_or_none()
     if row is None:
         return None
     assert row.wrapped_key is not None  # an active key always has its wrapped form (CHECK)
-    return row.version, row.wrapped_key
+    return StoredKey(row.version, row.wrapped_key, bool(row.ours))
 
 
-def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> str | None:
-    """The wrapped form of one key version; None when it was destroyed.
+def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> StoredKey | None:
+    """One key version as stored; None when it was destroyed.
 
     Raises:
         LookupError: the tenant never had that version.
@@ -91,7 +106,9 @@ def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> str | No
     row = connection.execute(_VERSION, {"tenant_id": tenant_id, "version": version}).one_or_none()
     if row is None:
         raise LookupError(version)
-    return None if row.state == DESTROYED else row.wrapped_key
+    if row.state == DESTROYED or row.wrapped_key is None:
+        return None
+    return StoredKey(version, row.wrapped_key, bool(row.ours))
 
 
 def _insert_next(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> int | None:
@@ -99,16 +116,17 @@ def _insert_next(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> 
 
     The one place a version number is chosen: one past the highest the tenant ever had
     (destroyed versions included, so a sealed value never names two keys)."""
+    # The state is left to its default, active: the application role may insert only
+    # these four columns (migration 0009).
     next_version = sa.select(
         sa.literal(tenant_id, sa.Text),
         sa.func.coalesce(sa.func.max(Key.version), 0) + 1,
         sa.literal(key.ciphertext, sa.Text),
         sa.literal(key.kek_version, sa.Integer),
-        sa.literal(ACTIVE.value, sa.Text),
     ).where(Key.tenant_id == tenant_id)
     insert = (
         pg_insert(Key)
-        .from_select(["tenant_id", "version", "wrapped_key", "kek_version", "state"], next_version)
+        .from_select(["tenant_id", "version", "wrapped_key", "kek_version"], next_version)
         .on_conflict_do_nothing()
         .returning(Key.version)
     )

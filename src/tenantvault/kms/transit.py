@@ -33,6 +33,10 @@ class _PermissionDeniedError(KeyProviderError):
     pass
 
 
+# Contexts of the probe that a key is derived; no tenant id has a NUL byte.
+_PROBE_TENANTS = ("tenantvault\x00probe-a", "tenantvault\x00probe-b")
+
+
 def _context(tenant_id: str) -> str:
     return base64.b64encode(tenant_id.encode()).decode()
 
@@ -106,8 +110,8 @@ class TransitKeyProvider(CheckedKeyProvider):
                 info = None
             except _PermissionDeniedError:
                 # A least-privilege token (datakey, decrypt) may not read the key's
-                # settings: the operator manages the key, and a missing key shows
-                # up as a clear error on first use.
+                # settings: prove with what it may do that the key is derived.
+                self._probe_derived()
                 self._key_checked = True
                 return
             if info is None:
@@ -132,11 +136,47 @@ class TransitKeyProvider(CheckedKeyProvider):
                     ),
                 )
             if not info["data"].get("derived"):
-                raise KeyProviderError(
-                    f"transit key {self.mount_point}/{self.key_name} is not derived: "
-                    "tenant isolation needs a key created with derived=true"
-                )
+                raise self._not_derived()
             self._key_checked = True
+
+    def _not_derived(self) -> KeyProviderError:
+        return KeyProviderError(
+            f"transit key {self.mount_point}/{self.key_name} is not derived: "
+            "tenant isolation needs a key created with derived=true"
+        )
+
+    def _probe_derived(self) -> None:
+        """Fail closed unless a key wrapped for one context refuses to unwrap for another.
+
+        A key made without ``derived=true`` ignores the context, and then one tenant's
+        wrapped key unwraps as any other tenant's. Two calls, once per provider."""
+        try:
+            made: dict[str, Any] = self._call(
+                "generate a data key",
+                lambda: self._transit.generate_data_key(
+                    name=self.key_name,
+                    key_type="plaintext",  # the one the application's policy allows
+                    context=_context(_PROBE_TENANTS[0]),
+                    bits=256,
+                    mount_point=self.mount_point,
+                ),
+            )
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+            raise KeyProviderError(self._missing_key_message()) from None
+        ciphertext = made["data"]["ciphertext"]
+        try:
+            self._call(
+                "unwrap a data key",
+                lambda: self._transit.decrypt_data(
+                    name=self.key_name,
+                    ciphertext=ciphertext,
+                    context=_context(_PROBE_TENANTS[1]),
+                    mount_point=self.mount_point,
+                ),
+            )
+        except hvac.exceptions.InvalidRequest:
+            return  # refused under another context: derived
+        raise self._not_derived()
 
     def _missing_key_message(self) -> str:
         return (
@@ -165,6 +205,7 @@ class TransitKeyProvider(CheckedKeyProvider):
         return plaintext, WrappedKey(ciphertext, kek_version_of(ciphertext))
 
     def _unwrap(self, tenant_id: str, wrapped: str) -> bytes:
+        self.ensure_key()  # a key that is not derived would unwrap for any tenant
         try:
             response: dict[str, Any] = self._call(
                 "unwrap a data key",

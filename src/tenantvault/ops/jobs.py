@@ -54,7 +54,8 @@ def _operator(
         max_uses=10**12,
     )
     try:
-        yield db, Keyring(key_provider_from_settings(settings), cache)
+        provider = key_provider_from_settings(settings)
+        yield db, Keyring(provider, cache, allow_legacy=settings.open_legacy_format)
     finally:
         cache.clear()
         db.dispose()

@@ -57,6 +57,7 @@ def migration_engine(settings: Settings) -> sa.Engine:
     return sa.create_engine(
         settings.sqlalchemy_url,
         poolclass=sa.NullPool,
+        hide_parameters=True,
         connect_args={
             "connect_timeout": settings.connect_timeout_seconds,
             "options": f"-c search_path={settings.schema_name}",

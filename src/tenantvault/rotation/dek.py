@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from tenantvault.crypto.envelope import header, sql_dek_version
+from tenantvault.crypto.envelope import sql_dek_version, sql_is_current
 from tenantvault.db.operator import DEK_ROTATION_CLAIM, OperatorDatabase
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import (
@@ -45,6 +45,7 @@ from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
 from tenantvault.rotation.options import DekRotationOptions
 
 RESEAL_PASSES = 3
+_AFTER = "/* after the last row */"  # where a page's keyset condition goes
 ACTOR = "rotate-keys"
 
 
@@ -66,12 +67,19 @@ class Unopenable:
     error: str
 
 
+DONE = frozenset(
+    {"rotated", "resumed", "resealed", "no keys", "would rotate", "would resume", "would reseal"}
+)
+
+
 @dataclass
 class TenantRotation:
     """What happened (or, in a dry run, would happen) to one tenant."""
 
     tenant_id: str
-    outcome: str  # rotated | resumed | no keys | busy | incomplete | would rotate | would resume
+    # rotated | resumed | resealed | no keys | busy | incomplete | keys changed
+    # | would rotate | would resume | would reseal
+    outcome: str
     from_version: int | None = None
     to_version: int | None = None
     resealed: dict[str, int] = field(default_factory=dict)
@@ -80,7 +88,7 @@ class TenantRotation:
 
     @property
     def done(self) -> bool:
-        return self.outcome in {"rotated", "resumed", "no keys", "would rotate", "would resume"}
+        return self.outcome in DONE
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,10 @@ class DekRotationReport:
 
 class _Stopped(Exception):  # noqa: N818 - internal control flow, never escapes
     pass
+
+
+class _KeysChanged(Exception):  # noqa: N818 - internal control flow, never escapes
+    """The tenant's active key is no longer the rotation's target."""
 
 
 class DekRotation:
@@ -209,78 +221,117 @@ class DekRotation:
                 return TenantRotation(tenant_id, "busy")
             with self.db.transaction() as connection:
                 keys = store.states(connection, tenant_id)
-            active, draining, destroyed = keys.active, keys.draining, keys.destroyed
+            active, draining = keys.active, keys.draining
             if active is None:
                 return TenantRotation(tenant_id, "no keys")
             if self.options.dry_run:
-                return self._plan(tenant_id, active, draining, destroyed)
+                return self._plan(tenant_id, active, draining)
             if draining:
                 result = TenantRotation(tenant_id, "resumed", min(draining), active)
+                target = active
+            elif not self.options.new_key:
+                result = TenantRotation(tenant_id, "resealed", active, active)
                 target = active
             else:
                 target = self.keyring.switch(self.db.transaction, tenant_id, active, ACTOR)
                 result = TenantRotation(tenant_id, "rotated", active, target)
-            with self.db.transaction() as connection:
-                stale = self._stale_counts(connection, tenant_id, target, destroyed)
-            for _ in range(RESEAL_PASSES):
-                for column in SEALED_COLUMNS:
-                    if not stale[column]:
-                        continue
-                    done = self._reseal(tenant_id, column, target, destroyed)
-                    if done:
-                        result.resealed[column.name] = result.resealed.get(column.name, 0) + done
-                stale, retired = self._retire(tenant_id, target, destroyed)
-                remaining = sum(stale.values())
-                result.remaining, result.retired = remaining, result.retired + retired
-                if remaining <= self._unopenable_count(tenant_id):
-                    break
-            if remaining:
-                result.outcome = "incomplete"
+                draining = [active]
+            try:
+                self._drain(tenant_id, target, draining, result)
+            except _KeysChanged:
+                # Not by another rotation (the claim excludes it), nor by shred (it takes
+                # the claim too): someone changed the keys by hand. Stop this tenant.
+                result.outcome = "keys changed"
             return result
 
-    def _plan(
-        self, tenant_id: str, active: int, draining: list[int], destroyed: list[int]
-    ) -> TenantRotation:
-        """What a real run would do: which key versions, and how many values per column."""
-        # A new key makes every value stale; a resumed rotation only those not yet re-sealed.
-        target = active if draining else active + 1
-        result = TenantRotation(
-            tenant_id,
-            "would resume" if draining else "would rotate",
-            min(draining) if draining else active,
-            target,
-            retired=draining if draining else [active],
-        )
+    def _drain(
+        self, tenant_id: str, target: int, draining: list[int], result: TenantRotation
+    ) -> None:
+        """Re-seal what the draining keys protect under ``target``, then retire them."""
         with self.db.transaction() as connection:
-            stale = self._stale_counts(connection, tenant_id, target, destroyed)
+            stale = self._stale_counts(connection, tenant_id, draining)
+        for _ in range(RESEAL_PASSES):
+            for column in SEALED_COLUMNS:
+                if not stale[column]:
+                    continue
+                done = self._reseal(tenant_id, column, target, draining)
+                if done:
+                    result.resealed[column.name] = result.resealed.get(column.name, 0) + done
+            stale, retired = self._retire(tenant_id, target, draining)
+            remaining = sum(stale.values())
+            result.remaining, result.retired = remaining, result.retired + retired
+            if remaining <= self._unopenable_count(tenant_id):
+                break
+        if result.remaining:
+            result.outcome = "incomplete"
+
+    def _check_target(self, connection: sa.Connection, tenant_id: str, target: int) -> None:
+        """Hold the tenant's key lock (shared) for the transaction, and stop unless
+        ``target`` is still the active key: nothing is re-sealed under a key that was
+        destroyed or superseded meanwhile."""
+        store.lock_tenant_keys(connection, tenant_id, exclusive=False)
+        found = store.active(connection, tenant_id)
+        if found is None or found.version != target:
+            raise _KeysChanged
+
+    def _plan(self, tenant_id: str, active: int, draining: list[int]) -> TenantRotation:
+        """What a real run would do: which key versions, and how many values per column."""
+        # A new key makes every value stale; a resumed rotation only those not yet
+        # re-sealed; re-sealing alone, those in the old format.
+        if draining or not self.options.new_key:
+            outcome = "would resume" if draining else "would reseal"
+            result = TenantRotation(tenant_id, outcome, min(draining, default=active), active)
+            result.retired = list(draining)
+        else:
+            result = TenantRotation(tenant_id, "would rotate", active, active + 1, retired=[active])
+            draining = [active]
+        with self.db.transaction() as connection:
+            stale = self._stale_counts(connection, tenant_id, draining)
         result.resealed = {column.name: count for column, count in stale.items() if count}
         return result
 
-    def _stale_where(self, column: SealedColumn) -> str:
-        # Values under a destroyed (shredded) key are gone for good, not stale.
+    @staticmethod
+    def _draining_where(column: SealedColumn) -> str:
+        # Values under the draining keys: never one a writer sealed under a newer key,
+        # and never one under a destroyed key (gone for good, not stale).
         return (
             f"tenant_id = %(t)s AND {column.column} IS NOT NULL "
-            f"AND NOT starts_with({column.column}, %(prefix)s) "
-            f"AND {sql_dek_version(column.column)} <> ALL(%(destroyed)s::int[])"
+            f"AND {sql_dek_version(column.column)} = ANY(%(draining)s::bigint[])"
+        )
+
+    @classmethod
+    def _stale_where(cls, column: SealedColumn) -> str:
+        # What to re-seal: values under the draining keys, and values in the old format
+        # (under any key; a malformed value too, to be reported by row).
+        name = column.column
+        return (
+            f"{cls._draining_where(column)} OR (tenant_id = %(t)s AND {name} IS NOT NULL "
+            f"AND NOT {sql_is_current(name)})"
         )
 
     def _stale_counts(
-        self, connection: sa.Connection, tenant_id: str, active: int, destroyed: list[int]
+        self,
+        connection: sa.Connection,
+        tenant_id: str,
+        draining: list[int],
+        *,
+        blocking_only: bool = False,
     ) -> dict[SealedColumn, int]:
-        """How many values of each sealed column of the tenant name another key than
-        ``active`` (one statement for all columns)."""
+        """How many values of each sealed column of the tenant are to be re-sealed
+        (``blocking_only``: only those under a draining key, which keep it from
+        retiring), in one statement for all columns."""
+        where = self._draining_where if blocking_only else self._stale_where
         sql = " UNION ALL ".join(
-            f"SELECT {index}, count(*) FROM {self.db.table(column.table)} "
-            f"WHERE {self._stale_where(column)}"
+            f"SELECT {index}, count(*) FROM {self.db.table(column.table)} WHERE {where(column)}"
             for index, column in enumerate(SEALED_COLUMNS)
         )
-        params = {"t": tenant_id, "prefix": header(active), "destroyed": destroyed}
+        params = {"t": tenant_id, "draining": draining}
         with _cursor(connection) as cursor:
             cursor.execute(sql, params)
             return {SEALED_COLUMNS[index]: int(count) for index, count in cursor.fetchall()}
 
     def _reseal(
-        self, tenant_id: str, column: SealedColumn, target: int, destroyed: list[int]
+        self, tenant_id: str, column: SealedColumn, target: int, draining: list[int]
     ) -> int:
         """Re-seal one column of one tenant in batches; returns how many values moved.
 
@@ -292,9 +343,10 @@ class DekRotation:
         key_list = ", ".join(names)
         table = self.db.table(column.table)
         after = ", ".join(f"%(k{i})s::{sql_type}" for i, (_, sql_type) in enumerate(column.keys))
+        bound = "".join(f", {name}" for name in column.bound_to)
         select = (
-            f"SELECT {key_list}, {column.column} FROM {table} "
-            f"WHERE {self._stale_where(column)} {{after}} "
+            f"SELECT {key_list}{bound}, {column.column} FROM {table} "
+            f"WHERE ({self._stale_where(column)}) {_AFTER} "
             f"ORDER BY {key_list} LIMIT %(n)s"
         )
         arrays = ", ".join(f"%(a{i})b::{sql_type}[]" for i, (_, sql_type) in enumerate(column.keys))
@@ -307,9 +359,8 @@ class DekRotation:
         )
         params: dict[str, Any] = {
             "t": tenant_id,
-            "prefix": header(target),
             "n": self.options.batch_size,
-            "destroyed": destroyed,
+            "draining": draining,
         }
         width = len(names)
         where_after = ""
@@ -317,7 +368,8 @@ class DekRotation:
         while True:
             self._check_stop()
             with self.db.transaction() as connection, _cursor(connection) as cursor:
-                cursor.execute(select.format(after=where_after), params)
+                self._check_target(connection, tenant_id, target)
+                cursor.execute(select.replace(_AFTER, where_after), params)
                 rows = cursor.fetchall()
                 if not rows:
                     return moved
@@ -348,8 +400,8 @@ class DekRotation:
         out: list[list[Any]] = [[] for _ in range(width + 2)]
         tenant_id = sealer.tenant_id
         for row in rows:
-            sealed = row[width]
-            place = column.place(tenant_id, *row[:width])
+            sealed = row[-1]
+            place = column.place(tenant_id, *row[:width], bound=tuple(row[width:-1]))
             try:
                 resealed = sealer.reseal(sealed, place)
             except (DecryptionError, KeyDestroyedError) as exc:
@@ -364,14 +416,18 @@ class DekRotation:
         return out
 
     def _retire(
-        self, tenant_id: str, active: int, destroyed: list[int]
+        self, tenant_id: str, active: int, draining: list[int]
     ) -> tuple[dict[SealedColumn, int], list[int]]:
-        """Count what still names an older key; at zero, retire the draining keys.
+        """Count what still names a draining key; at zero, retire the draining keys.
         The count and the retirement are one transaction under the exclusive key lock."""
         with self.db.transaction() as connection:
             store.lock_tenant_keys(connection, tenant_id, exclusive=True)
-            stale = self._stale_counts(connection, tenant_id, active, destroyed)
-            if any(stale.values()):
+            found = store.active(connection, tenant_id)
+            if found is None or found.version != active:
+                raise _KeysChanged
+            stale = self._stale_counts(connection, tenant_id, draining)
+            blocking = self._stale_counts(connection, tenant_id, draining, blocking_only=True)
+            if any(blocking.values()):
                 return stale, []
             return stale, store.retire_draining(connection, tenant_id, active, actor=ACTOR)
 

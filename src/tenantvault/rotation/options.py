@@ -22,11 +22,14 @@ class DekRotationOptions:
             the same way (a tenant is claimed through PostgreSQL).
         batch_size: rows per transaction.
         dry_run: count what would change; change nothing.
+        new_key: switch each tenant to a new data key first; False only re-seals what
+            is in the old format (or under a draining key) with the active key.
     """
 
     workers: int = 1
     batch_size: int = 1000
     dry_run: bool = False
+    new_key: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 1:

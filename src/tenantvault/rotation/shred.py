@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from tenantvault.db.operator import OperatorDatabase
+from tenantvault.db.operator import DEK_ROTATION_CLAIM, OperatorDatabase
 from tenantvault.db.session import check_tenant_id
+from tenantvault.errors import RotationError
 from tenantvault.keys import store
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.sealed import SEALED_COLUMNS
@@ -45,9 +46,26 @@ def shred_tenant(
     """Destroy every data key of ``tenant_id`` (one transaction; no KMS call needed).
 
     Writers of the tenant finish first (the exclusive key lock); a writer after the
-    shred gets a fresh key, so new secrets of the tenant are unaffected.
+    shred gets a fresh key, so new secrets of the tenant are unaffected. A DEK
+    rotation of the tenant and a shred exclude each other (the same claim): a
+    rotation resumed after a shred could re-seal new secrets under a destroyed key.
+
+    Raises:
+        RotationError: a rotation of the tenant is running; nothing was destroyed.
     """
     check_tenant_id(tenant_id)
+    with db.claim(DEK_ROTATION_CLAIM, tenant_id) as claimed:
+        if not claimed:
+            raise RotationError(
+                f"tenant {tenant_id} is being rotated by another process; nothing was "
+                "destroyed: shred it when that run has ended"
+            )
+        return _shred(db, tenant_id, dry_run=dry_run, cache=cache)
+
+
+def _shred(
+    db: OperatorDatabase, tenant_id: str, *, dry_run: bool, cache: DataKeyCache | None
+) -> ShredReport:
     with db.transaction() as connection:
         store.lock_tenant_keys(connection, tenant_id, exclusive=True)
         values = sum(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from tenantvault.crypto.envelope import sql_dek_version
+from tenantvault.crypto.envelope import sql_dek_version, sql_is_current
 from tenantvault.db.models import DataKeyState
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.keys import store
@@ -31,6 +31,8 @@ class DataKeyStatus:
 class TenantKeyStatus:
     tenant_id: str
     keys: list[DataKeyStatus] = field(default_factory=list)
+    legacy_values: int = 0  # sealed in the old format: re-seal them (rotate-keys dek)
+    malformed_values: int = 0  # not sealed values at all (written around tenantvault)
 
     @property
     def active_version(self) -> int | None:
@@ -53,6 +55,15 @@ class KeyStatusReport:
         return sum(1 for t in self.tenants for k in t.keys if self.is_behind(k))
 
     @property
+    def legacy_values(self) -> int:
+        """Values still in the old format, bound to their place only."""
+        return sum(t.legacy_values for t in self.tenants)
+
+    @property
+    def malformed_values(self) -> int:
+        return sum(t.malformed_values for t in self.tenants)
+
+    @property
     def draining(self) -> int:
         """Data keys superseded but still protecting values (a DEK rotation to finish)."""
         return sum(1 for t in self.tenants for k in t.keys if k.state == DataKeyState.DRAINING)
@@ -66,24 +77,35 @@ def key_status(
     only = "" if tenants is None else "tenant_id = ANY(:tenants) AND"
     params = {"tenants": list(tenants or [])}
     counts: dict[tuple[str, int], int] = {}
+    legacy: dict[str, int] = {}
+    malformed: dict[str, int] = {}
     with db.transaction() as connection:
         for column in SEALED_COLUMNS:
             name = column.column
             rows = connection.execute(
                 sa.text(
-                    f"SELECT tenant_id, {sql_dek_version(name)}, count(*) "
-                    f"FROM {db.table(column.table)} "
-                    f"WHERE {only} {name} IS NOT NULL GROUP BY 1, 2"
+                    f"SELECT tenant_id, {sql_dek_version(name)}, NOT {sql_is_current(name)}, "
+                    f"count(*) FROM {db.table(column.table)} "
+                    f"WHERE {only} {name} IS NOT NULL GROUP BY 1, 2, 3"
                 ),
                 params,
             )
-            for tenant_id, version, count in rows:
+            for tenant_id, version, old_format, count in rows:
+                if version is None:  # not a sealed value: counted, never parsed
+                    malformed[tenant_id] = malformed.get(tenant_id, 0) + int(count)
+                    continue
                 counts[(tenant_id, version)] = counts.get((tenant_id, version), 0) + int(count)
+                if old_format:
+                    legacy[tenant_id] = legacy.get(tenant_id, 0) + int(count)
         keys = store.keys_of(connection, tenants)
     by_tenant: dict[str, TenantKeyStatus] = {}
     for key in keys:
         entry = by_tenant.setdefault(key.tenant_id, TenantKeyStatus(key.tenant_id))
         protects = counts.get((key.tenant_id, key.version), 0)
         entry.keys.append(DataKeyStatus(key.version, key.state, key.kek_version, protects))
-    report.tenants = list(by_tenant.values())
+    for tenant_id in sorted(set(legacy) | set(malformed)):
+        entry = by_tenant.setdefault(tenant_id, TenantKeyStatus(tenant_id))
+        entry.legacy_values = legacy.get(tenant_id, 0)
+        entry.malformed_values = malformed.get(tenant_id, 0)
+    report.tenants = sorted(by_tenant.values(), key=lambda t: t.tenant_id)
     return report

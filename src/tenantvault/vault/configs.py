@@ -84,7 +84,6 @@ class Configs(VaultCore):
                     credentials_kept=self.history_credentials_kept,
                     actor=actor,
                     reason=reason,
-                    new_secret=True,
                 )
             self._audit(
                 s,
@@ -288,7 +287,6 @@ class Configs(VaultCore):
                     credentials_kept=self.history_credentials_kept,
                     actor=actor,
                     reason=reason,
-                    new_secret=secret is not None,
                 )
             changed = [
                 name

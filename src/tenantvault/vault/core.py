@@ -9,6 +9,7 @@ each call opens and commits its own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Self
@@ -20,7 +21,7 @@ from tenantvault import audit
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction, EmailProviderConfig, ProviderType
 from tenantvault.db.session import create_engine, set_tenant, tenant_session
-from tenantvault.errors import NotFoundError
+from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
@@ -29,6 +30,19 @@ from tenantvault.kms.provider import KeyProvider
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage
 from tenantvault.vault.views import ProviderConfig, config_view
+
+log = logging.getLogger("tenantvault")
+
+
+def log_unopenable(tenant_id: str, config_id: str, version: int) -> None:
+    # Ids only: which config, never its content.
+    log.warning(
+        "credentials of config %s (version %s) of tenant %s do not open: its config, "
+        "version or sealed value was changed outside tenantvault, or the value was moved",
+        config_id,
+        version,
+        tenant_id,
+    )
 
 
 class VaultCore:
@@ -52,8 +66,8 @@ class VaultCore:
         if not schema:
             raise ValueError("the engine must come from tenantvault.db.create_engine")
         self._load_sql = (
-            "SELECT type, encrypted_credentials "
-            f'FROM "{schema}".tenantvault_config_credentials(%s, %s)'
+            "SELECT type, version, config, encrypted_credentials "
+            f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'
         )
 
     def __repr__(self) -> str:
@@ -73,7 +87,7 @@ class VaultCore:
         )
         return cls(
             create_engine(settings),
-            Keyring(provider, cache),
+            Keyring(provider, cache, allow_legacy=settings.open_legacy_format),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
         )
@@ -114,9 +128,13 @@ class VaultCore:
     ) -> CredentialsModel:
         if row.encrypted_credentials is None:
             raise NotFoundError(f"config {row.id} of tenant {row.tenant_id} has no credentials")
-        context = CONFIG_CREDENTIALS.place(row.tenant_id, row.id)
+        context = CONFIG_CREDENTIALS.place(row.tenant_id, row.id, bound=(row.version, row.config))
         sealer = sealer or self._sealer(session, row.tenant_id)
-        opened = sealer.open(row.encrypted_credentials, context)
+        try:
+            opened = sealer.open(row.encrypted_credentials, context)
+        except DecryptionError:
+            log_unopenable(row.tenant_id, row.id, row.version)
+            raise
         # Checked against the config whenever either was written (create, update),
         # so loads, cached or not, rebuild only the credentials model.
         return credentials_from_storage(ProviderType(row.type), opened)

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
-from tenantvault.errors import NotFoundError
+from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.vault.configs import Configs
+from tenantvault.vault.core import log_unopenable
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage, provider_type
 from tenantvault.vault.versions import checked_note
 
@@ -85,7 +86,7 @@ class Credentials(Configs):
         self, tenant_id: str, config_id: str
     ) -> CredentialsModel | None:
         """The hot path: one statement scopes the tenant and reads the row (migration
-        0006's function); the key comes from the cache. None when it is not cached,
+        0009's function); the key comes from the cache. None when it is not cached,
         and the caller takes the full path, which may ask the key provider."""
         check_tenant_id(tenant_id)
         # The driver connection straight from the engine's pool, in autocommit for
@@ -104,11 +105,15 @@ class Credentials(Configs):
             pooled.close()
         if row is None:
             raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
-        kind_name, sealed = row
+        kind_name, version, config, sealed = row
         if sealed is None:
             raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
-        place = CONFIG_CREDENTIALS.place(tenant_id, config_id)
-        opened = self.keyring.open_cached(tenant_id, sealed, place)
+        place = CONFIG_CREDENTIALS.place(tenant_id, config_id, bound=(version, config))
+        try:
+            opened = self.keyring.open_cached(tenant_id, sealed, place)
+        except DecryptionError:
+            log_unopenable(tenant_id, config_id, version)
+            raise
         if opened is None:
             return None
         # The config and the cross-checks against it were validated when these

@@ -40,7 +40,9 @@ class History(VaultCore):
     ) -> ConfigVersion:
         credentials = None
         if with_credentials and row.encrypted_credentials is not None:
-            context = VERSION_CREDENTIALS.place(row.tenant_id, row.config_id, row.version)
+            context = VERSION_CREDENTIALS.place(
+                row.tenant_id, row.config_id, row.version, bound=(row.version, row.config)
+            )
             sealer = self._sealer(session, row.tenant_id)
             credentials = credentials_from_storage(
                 kind, sealer.open(row.encrypted_credentials, context)
@@ -124,7 +126,6 @@ class History(VaultCore):
             with changes(s, tenant_id, old.name, joined=session is not None):
                 row.name = old.name
                 row.config = old.config.model_dump(mode="json", exclude_none=True)
-                row.encrypted_credentials = None
                 row.version += 1
                 write_version(
                     s,
@@ -135,7 +136,6 @@ class History(VaultCore):
                     credentials_kept=self.history_credentials_kept,
                     actor=actor,
                     reason=reason,
-                    new_secret=True,
                 )
             self._audit(
                 s,

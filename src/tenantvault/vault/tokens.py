@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from pydantic import SecretStr
@@ -43,6 +43,9 @@ class OAuthToken:
     scopes: tuple[str, ...]
     version: int = 1
 
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("OAuthToken refuses to be pickled")
+
 
 @dataclass(frozen=True)
 class ExpiringToken:
@@ -66,6 +69,10 @@ class RefreshedToken:
 
     def __repr__(self) -> str:
         return f"RefreshedToken(expires_at={self.expires_at!r}, access_token=<hidden>)"
+
+    def __reduce__(self) -> NoReturn:
+        # Unlike OAuthToken's, these tokens are plain strings: nothing else would hide them.
+        raise TypeError("RefreshedToken refuses to be pickled")
 
 
 def _check_token_fields(
@@ -96,14 +103,18 @@ class OAuthTokens(VaultCore):
 
     @staticmethod
     def _seal_tokens(
-        sealer: Sealer, config_id: str, access: str, refresh: str | None
+        sealer: Sealer, config_id: str, version: int, access: str, refresh: str | None
     ) -> tuple[str, str | None]:
-        tenant_id = sealer.tenant_id
+        """Both tokens sealed for the token row at ``version`` (bound to it: a token of
+        an older version put back into the row does not open)."""
+        tenant_id, bound = sealer.tenant_id, (version,)
         return (
-            sealer.seal(access.encode(), ACCESS_TOKEN.place(tenant_id, config_id)),
+            sealer.seal(access.encode(), ACCESS_TOKEN.place(tenant_id, config_id, bound=bound)),
             None
             if refresh is None
-            else sealer.seal(refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id)),
+            else sealer.seal(
+                refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id, bound=bound)
+            ),
         )
 
     def _token_view(self, session: Session, row: EmailProviderToken) -> OAuthToken:
@@ -111,14 +122,16 @@ class OAuthTokens(VaultCore):
             raise NotFoundError(
                 f"config {row.config_id} of tenant {row.tenant_id} has no OAuth token"
             )
-        sealer = self._sealer(session, row.tenant_id)
+        sealer, bound = self._sealer(session, row.tenant_id), (row.version,)
         access = sealer.open(
-            row.encrypted_access_token, ACCESS_TOKEN.place(row.tenant_id, row.config_id)
+            row.encrypted_access_token,
+            ACCESS_TOKEN.place(row.tenant_id, row.config_id, bound=bound),
         )
         refresh = None
         if row.encrypted_refresh_token is not None:
             refresh = sealer.open(
-                row.encrypted_refresh_token, REFRESH_TOKEN.place(row.tenant_id, row.config_id)
+                row.encrypted_refresh_token,
+                REFRESH_TOKEN.place(row.tenant_id, row.config_id, bound=bound),
             )
         return OAuthToken(
             config_id=row.config_id,
@@ -177,9 +190,21 @@ class OAuthTokens(VaultCore):
         """Seal and upsert a config's tokens (a new grant); returns the token version."""
         _check_token_fields(access_token, refresh_token, token_type, expires_at, scopes)
         with self._scope(tenant_id, session) as s:
+            # The config row's lock orders the token writers of this config; the
+            # token row's lock waits for a refresh in flight. The version is known
+            # before sealing, so the tokens are bound to it.
             self._live(s, tenant_id, config_id)
+            current = s.scalars(
+                sa.select(EmailProviderToken.version)
+                .where(
+                    EmailProviderToken.tenant_id == tenant_id,
+                    EmailProviderToken.config_id == config_id,
+                )
+                .with_for_update()
+            ).one_or_none()
+            version = (current or 0) + 1
             access, refresh = self._seal_tokens(
-                self._sealer(s, tenant_id), config_id, access_token, refresh_token
+                self._sealer(s, tenant_id), config_id, version, access_token, refresh_token
             )
             values: dict[str, Any] = {
                 "encrypted_access_token": access,
@@ -187,16 +212,16 @@ class OAuthTokens(VaultCore):
                 "token_type": token_type,
                 "expires_at": expires_at,
                 "scopes": list(scopes),
+                "version": version,
             }
-            version = s.execute(
+            s.execute(
                 pg_insert(EmailProviderToken)
                 .values(id=new_id(), tenant_id=tenant_id, config_id=config_id, **values)
                 .on_conflict_do_update(
                     index_elements=[EmailProviderToken.tenant_id, EmailProviderToken.config_id],
-                    set_={**values, "version": EmailProviderToken.version + 1},
+                    set_=values,
                 )
-                .returning(EmailProviderToken.version)
-            ).scalar_one()
+            )
             self._audit_token(s, tenant_id, config_id, AuditAction.TOKEN_STORED, actor, version)
             return int(version)
 
@@ -298,7 +323,11 @@ class OAuthTokens(VaultCore):
                 else current.refresh_token.get_secret_value()
             )
             access, refresh = self._seal_tokens(
-                self._sealer(s, tenant_id), config_id, new.access_token, refresh_plain
+                self._sealer(s, tenant_id),
+                config_id,
+                current.version + 1,
+                new.access_token,
+                refresh_plain,
             )
             # A compare-and-swap on the version read: under the row lock it cannot
             # miss, and if it ever did, nothing would be written silently.

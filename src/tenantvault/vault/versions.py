@@ -61,20 +61,21 @@ def write_version(
     credentials_kept: int,
     actor: str | None,
     reason: str | None,
-    new_secret: bool,
 ) -> None:
-    """Seal ``secret`` into the row (when ``new_secret``) and keep the row's new
-    version, with ``secret`` sealed again for the history row; prune the secrets
-    of versions older than the newest ``credentials_kept``."""
+    """Seal ``secret`` into the row, bound to its new version and config, and keep
+    that version, with ``secret`` sealed again for the history row; prune the
+    secrets of versions older than the newest ``credentials_kept``. Every new
+    version re-seals: the credentials are bound to the version."""
     sealed_history = None
+    row.encrypted_credentials = None
     if secret is not None:
         plaintext = _plaintext(secret)
-        if new_secret:
-            row.encrypted_credentials = sealer.seal(
-                plaintext, CONFIG_CREDENTIALS.place(row.tenant_id, row.id)
-            )
+        bound = (row.version, row.config)
+        row.encrypted_credentials = sealer.seal(
+            plaintext, CONFIG_CREDENTIALS.place(row.tenant_id, row.id, bound=bound)
+        )
         sealed_history = sealer.seal(
-            plaintext, VERSION_CREDENTIALS.place(row.tenant_id, row.id, row.version)
+            plaintext, VERSION_CREDENTIALS.place(row.tenant_id, row.id, row.version, bound=bound)
         )
     session.add(
         EmailProviderConfigVersion(

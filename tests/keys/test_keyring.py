@@ -1,0 +1,93 @@
+"""The keyring against real PostgreSQL and OpenBao: the cache serves only committed keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.orm import Session
+
+from tenantvault import Vault
+from tenantvault.crypto.datakey import DataKey
+from tenantvault.keys.cache import DataKeyCache
+from tenantvault.settings import Settings
+from tests.conftest import CountingProvider
+
+SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
+
+
+@pytest.fixture
+def other_vault(app_settings: Settings, provider: CountingProvider) -> Iterator[Vault]:
+    """A second application process: its own engine and its own key cache."""
+    built = Vault.from_settings(app_settings, key_provider=provider)
+    yield built
+    built.engine.dispose()
+
+
+def test_a_first_key_rolled_back_never_seals_a_later_secret(
+    vault: Vault, other_vault: Vault, app_settings: Settings, provider: CountingProvider
+) -> None:
+    # This process makes the tenant's first key in a transaction that rolls back...
+    with Session(vault.engine) as session, session.begin():
+        vault.create_config(
+            "t_a",
+            type="smtp",
+            name="gone",
+            config=SMTP,
+            credentials={"password": "x"},
+            session=session,
+        )
+        session.rollback()
+    # ...while another process commits a different version 1.
+    theirs = other_vault.create_config(
+        "t_a", type="smtp", name="theirs", config=SMTP, credentials={"password": "theirs"}
+    )
+    ours = vault.create_config(
+        "t_a", type="smtp", name="ours", config=SMTP, credentials={"password": "ours"}
+    )
+    token_config = vault.create_config(
+        "t_a", type="smtp", name="with token", config=SMTP, credentials={"password": "t"}
+    )
+    vault.store_oauth_token("t_a", token_config.id, access_token="access-ours")
+    fresh = Vault.from_settings(app_settings, key_provider=provider)
+    try:
+        for reader in (fresh, other_vault, vault):
+            opened = {
+                config_id: reader.load_credentials("t_a", config_id).password.get_secret_value()  # type: ignore[union-attr]
+                for config_id in (theirs.id, ours.id)
+            }
+            assert opened == {theirs.id: "theirs", ours.id: "ours"}
+            token = reader.load_oauth_token("t_a", token_config.id)
+            assert token.access_token is not None
+            assert token.access_token.get_secret_value() == "access-ours"
+    finally:
+        fresh.engine.dispose()
+
+
+def test_a_key_made_in_a_joined_transaction_opens_there_and_is_not_cached(
+    vault: Vault,
+) -> None:
+    with Session(vault.engine) as session, session.begin():
+        made = vault.create_config(
+            "t_b",
+            type="smtp",
+            name="joined",
+            config=SMTP,
+            credentials={"password": "p"},
+            session=session,
+        )
+        seen = vault.get_config("t_b", made.id, with_credentials=True, session=session)
+        assert seen.credentials.password.get_secret_value() == "p"  # type: ignore[union-attr]
+        assert vault.keyring.cache.get("t_b", 1) is None
+        session.rollback()
+    assert vault.keyring.cache.get("t_b", 1) is None
+
+
+def test_a_cached_key_is_served_only_for_the_wrapping_it_came_from() -> None:
+    cache = DataKeyCache(max_age_seconds=60, max_entries=10, max_uses=100)
+    phantom = DataKey("t", 1, b"\x01" * 32)
+    stored = DataKey("t", 1, b"\x02" * 32)
+    cache.put(phantom, "vault:v1:phantom")
+    assert cache.get_or_load("t", 1, lambda: stored, wrapped="vault:v1:stored") == stored
+    assert cache.get_or_load("t", 1, lambda: phantom, wrapped="vault:v1:stored") == stored
+    assert cache.get("t", 1) == stored
