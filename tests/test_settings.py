@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tenantvault.errors import ConfigurationError
@@ -76,3 +78,61 @@ def test_settings_are_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     settings: Settings = load_settings()
     with pytest.raises(Exception, match="frozen"):
         settings.schema_name = "other"  # type: ignore[misc]
+
+
+def test_a_dotenv_file_in_the_working_directory_is_not_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(
+        "TENANTVAULT_DATABASE_URL=postgresql://x@db/app\n"
+        "TENANTVAULT_KEY_PROVIDER=local\n"
+        "VAULT_ADDR=https://attacker.example\n"
+    )
+    with pytest.raises(ConfigurationError, match="TENANTVAULT_DATABASE_URL is required"):
+        load_settings()
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", SECRET_URL)
+    settings = load_settings()
+    assert (settings.key_provider, settings.vault_addr) == ("vault", None)
+
+
+def test_a_dotenv_file_is_read_when_named_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env_file = tmp_path / "tenantvault.env"
+    env_file.write_text(f"TENANTVAULT_DATABASE_URL={SECRET_URL}\nTENANTVAULT_SCHEMA_NAME=app\n")
+    monkeypatch.setenv("TENANTVAULT_ENV_FILE", str(env_file))
+    monkeypatch.setenv("TENANTVAULT_SCHEMA_NAME", "from_env")
+    settings = load_settings()
+    assert (settings.database_url.get_secret_value(), settings.schema_name) == (
+        SECRET_URL,
+        "from_env",
+    )
+    monkeypatch.setenv("TENANTVAULT_ENV_FILE", str(tmp_path / "missing.env"))
+    with pytest.raises(ConfigurationError, match="TENANTVAULT_ENV_FILE"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("http://127.0.0.1:8200", True),
+        ("http://localhost:8200", True),
+        ("http://[::1]:8200", True),
+        ("https://vault.internal:8200", True),
+        ("http://vault.internal:8200", False),
+        ("http://10.0.0.5:8200", False),
+    ],
+)
+def test_plain_http_vault_is_refused_off_loopback_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch, address: str, allowed: bool
+) -> None:
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", SECRET_URL)
+    monkeypatch.setenv("VAULT_ADDR", address)
+    if allowed:
+        assert load_settings().vault_addr is not None
+        return
+    with pytest.raises(ConfigurationError, match="VAULT_ADDR is plain http to another host"):
+        load_settings()
+    monkeypatch.setenv("TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT", "true")
+    assert load_settings().vault_addr is not None

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -16,6 +26,7 @@ from tenantvault.errors import ConfigurationError
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _DRIVERS = {"postgres", "postgresql", "postgresql+psycopg"}
 ENV_PREFIX = "TENANTVAULT_"
+ENV_FILE_VARIABLE = "TENANTVAULT_ENV_FILE"
 
 
 def _sql_identifier(value: str) -> str:
@@ -24,6 +35,15 @@ def _sql_identifier(value: str) -> str:
     if not _IDENTIFIER.fullmatch(value):
         raise ValueError("must be a lower-case SQL identifier (a-z, 0-9, _; at most 63 chars)")
     return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() in {"localhost", "localhost."}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_database_url(raw: str) -> URL:
@@ -42,10 +62,13 @@ def parse_database_url(raw: str) -> URL:
 
 
 class Settings(BaseSettings):
-    """Everything tenantvault reads from the environment (or a ``.env`` file)."""
+    """Everything tenantvault reads from the environment (and, only when
+    ``TENANTVAULT_ENV_FILE`` names one, from a dotenv file)."""
 
+    # No implicit .env: a file in whatever directory the process starts in could
+    # otherwise switch the key provider or point VAULT_ADDR elsewhere.
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX, env_file=None, extra="ignore", frozen=True
     )
 
     database_url: SecretStr = Field(
@@ -86,6 +109,10 @@ class Settings(BaseSettings):
     local_master_key: SecretStr | None = Field(
         None, description="base64 of 32 bytes; only with TENANTVAULT_KEY_PROVIDER=local"
     )
+    # The local provider keeps its master key beside the data: it must be acknowledged.
+    local_key_provider_is_for_development: bool = False
+    # Plain http to a KMS on another host sends tokens and data keys in clear.
+    allow_plain_http_vault: bool = False
 
     vault_addr: AnyHttpUrl | None = Field(None, validation_alias="VAULT_ADDR")
     vault_token: SecretStr | None = Field(None, validation_alias="VAULT_TOKEN")
@@ -97,6 +124,18 @@ class Settings(BaseSettings):
     @classmethod
     def _identifiers(cls, value: str) -> str:
         return _sql_identifier(value)
+
+    @field_validator("vault_addr")
+    @classmethod
+    def _tls_off_loopback(cls, value: AnyHttpUrl | None, info: ValidationInfo) -> AnyHttpUrl | None:
+        if value is None or value.scheme != "http" or info.data.get("allow_plain_http_vault"):
+            return value
+        if not _is_loopback(value.host or ""):
+            raise ValueError(
+                "is plain http to another host (tokens and data keys would cross the network "
+                "in clear): use https, or set TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT=true"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -118,11 +157,15 @@ _ALIASES = {
     "vault_addr": "VAULT_ADDR",
     "vault_token": "VAULT_TOKEN",
     "vault_namespace": "VAULT_NAMESPACE",
+    "vault_cacert": "VAULT_CACERT",
+    "vault_skip_verify": "VAULT_SKIP_VERIFY",
 }
 
 
 def env_var_name(field: str) -> str:
-    """The environment variable that sets ``field``."""
+    """The environment variable that sets ``field`` (given by name or by its alias)."""
+    if field in _ALIASES.values():
+        return field
     return _ALIASES.get(field, ENV_PREFIX + field.upper())
 
 
@@ -130,14 +173,19 @@ def load_settings(**overrides: object) -> Settings:
     """Read settings, turning validation failures into one :class:`ConfigurationError`.
 
     The message names each offending variable and what is wrong with it, never
-    the value (a URL or token may be secret).
+    the value (a URL or token may be secret). A dotenv file is read only when
+    ``TENANTVAULT_ENV_FILE`` names it (the environment wins over the file).
     """
+    env_file = os.environ.get(ENV_FILE_VARIABLE)
+    if env_file is not None and not Path(env_file).is_file():
+        raise ConfigurationError(f"{ENV_FILE_VARIABLE} names a file that does not exist")
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
             field = str(error["loc"][0]) if error["loc"] else "?"
             message = "is required" if error["type"] == "missing" else error["msg"]
+            message = message.removeprefix("Value error, ")
             problems.append(f"{env_var_name(field)} {message}")
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None

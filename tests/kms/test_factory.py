@@ -38,17 +38,24 @@ def test_vault_transit_without_a_token_or_approle_is_refused() -> None:
         )
 
 
+def test_local_is_refused_unless_acknowledged_as_development_only() -> None:
+    good = base64.b64encode(bytes(range(32))).decode()
+    with pytest.raises(ConfigurationError, match="LOCAL_KEY_PROVIDER_IS_FOR_DEVELOPMENT"):
+        key_provider_from_settings(
+            load_settings(database_url=URL, key_provider="local", local_master_key=good)
+        )
+
+
 def test_local_needs_a_32_byte_master_key_and_never_echoes_it() -> None:
+    dev = {"key_provider": "local", "local_key_provider_is_for_development": True}
     with pytest.raises(ConfigurationError, match="TENANTVAULT_LOCAL_MASTER_KEY is required"):
-        key_provider_from_settings(load_settings(database_url=URL, key_provider="local"))
+        key_provider_from_settings(load_settings(database_url=URL, **dev))
     short = base64.b64encode(b"too-short-secret").decode()
     with pytest.raises(ConfigurationError, match="32 bytes") as error:
-        key_provider_from_settings(
-            load_settings(database_url=URL, key_provider="local", local_master_key=short)
-        )
+        key_provider_from_settings(load_settings(database_url=URL, local_master_key=short, **dev))
     assert short not in str(error.value)
     good = base64.b64encode(bytes(range(32))).decode()
     provider = key_provider_from_settings(
-        load_settings(database_url=URL, key_provider="local", local_master_key=good)
+        load_settings(database_url=URL, local_master_key=good, **dev)
     )
     assert isinstance(provider, LocalKeyProvider)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 
 import hvac
@@ -191,3 +192,40 @@ def test_a_derived_key_passes_the_check_under_the_least_privilege_policy(
     assert provider.unwrap("t_a", wrapped.ciphertext) == plaintext
     with pytest.raises(DecryptionError):
         provider.unwrap("t_b", wrapped.ciphertext)
+
+
+def test_an_approle_token_is_renewed_by_logging_in_again_before_it_expires(
+    services: Services, clean_environment: None
+) -> None:
+    from tenantvault.kms.factory import key_provider_from_settings
+    from tenantvault.settings import load_settings
+
+    root = _client(services)
+    _provider(services, "approle-ttl-key").generate_data_key("t_setup")
+    if "approle/" not in root.sys.list_auth_methods()["data"]:
+        root.sys.enable_auth_method("approle")
+    root.sys.create_or_update_policy(
+        "tv-app-ttl",
+        'path "transit/datakey/plaintext/approle-ttl-key" { capabilities = ["update"] }\n'
+        'path "transit/decrypt/approle-ttl-key" { capabilities = ["update"] }',
+    )
+    # A token that lives 2 s and cannot be renewed past that: only a new login helps.
+    root.auth.approle.create_or_update_approle(
+        "tenantvault-ttl", token_policies=["tv-app-ttl"], token_ttl="2s", token_max_ttl="2s"
+    )
+    role_id = root.auth.approle.read_role_id("tenantvault-ttl")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("tenantvault-ttl")["data"]["secret_id"]
+    provider = key_provider_from_settings(
+        load_settings(
+            database_url="postgresql://app@127.0.0.1/app",
+            VAULT_ADDR=services.vault_addr,
+            transit_key="approle-ttl-key",
+            vault_approle_role_id=role_id,
+            vault_approle_secret_id=secret_id,
+        )
+    )
+    first_token = provider._client.token  # type: ignore[attr-defined]
+    plaintext, wrapped = provider.generate_data_key("t_a")
+    time.sleep(2.5)  # the first token has expired
+    assert provider.unwrap("t_a", wrapped.ciphertext) == plaintext
+    assert provider._client.token != first_token  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 
 import hvac
 import requests
@@ -14,27 +15,53 @@ from tenantvault.kms.provider import CheckedKeyProvider
 from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.settings import Settings
 
+Login = Callable[[hvac.Client], float]
+
 
 def transit_client(settings: Settings) -> hvac.Client:
-    """An hvac client for ``VAULT_ADDR``, logged in with ``VAULT_TOKEN`` or AppRole."""
+    """An hvac client for ``VAULT_ADDR``, logged in with ``VAULT_TOKEN`` or AppRole, once.
+    A long-running process should use :func:`key_provider_from_settings`, which logs in
+    again before an AppRole token expires."""
+    client = _client(settings)
+    login = _approle_login(settings)
+    if login is None:
+        assert settings.vault_token is not None
+        client.token = settings.vault_token.get_secret_value()
+    else:
+        login(client)
+    return client
+
+
+def _client(settings: Settings) -> hvac.Client:
     if settings.vault_addr is None:
         raise ConfigurationError("VAULT_ADDR is required for TENANTVAULT_KEY_PROVIDER=vault")
     verify: bool | str = not settings.vault_skip_verify
     if settings.vault_cacert and verify:
         verify = settings.vault_cacert
-    client = hvac.Client(
+    return hvac.Client(
         url=str(settings.vault_addr),
         namespace=settings.vault_namespace,
         timeout=settings.vault_timeout_seconds,
         verify=verify,
     )
+
+
+def _approle_login(settings: Settings) -> Login | None:
+    """The AppRole login the settings name (None with ``VAULT_TOKEN``): it logs a client
+    in and returns how many seconds the token is valid."""
     if settings.vault_token is not None:
-        client.token = settings.vault_token.get_secret_value()
-    elif settings.vault_approle_role_id and settings.vault_approle_secret_id:
+        return None
+    role_id, secret_id = settings.vault_approle_role_id, settings.vault_approle_secret_id
+    if not (role_id and secret_id):
+        raise ConfigurationError(
+            "VAULT_TOKEN, or TENANTVAULT_VAULT_APPROLE_ROLE_ID and _SECRET_ID, are required"
+        )
+
+    def login(client: hvac.Client) -> float:
         try:
-            client.auth.approle.login(
-                role_id=settings.vault_approle_role_id,
-                secret_id=settings.vault_approle_secret_id.get_secret_value(),
+            answer = client.auth.approle.login(
+                role_id=role_id,
+                secret_id=secret_id.get_secret_value(),
                 mount_point=settings.vault_approle_mount,
             )
         except requests.exceptions.RequestException:
@@ -43,31 +70,46 @@ def transit_client(settings: Settings) -> hvac.Client:
             raise ConfigurationError(
                 "AppRole login refused: check TENANTVAULT_VAULT_APPROLE_ROLE_ID and _SECRET_ID"
             ) from None
-    else:
-        raise ConfigurationError(
-            "VAULT_TOKEN, or TENANTVAULT_VAULT_APPROLE_ROLE_ID and _SECRET_ID, are required"
-        )
-    return client
+        # 0 means no expiry: log in again hourly anyway, so a revoked token is replaced.
+        return float(answer["auth"].get("lease_duration") or 3600)
+
+    return login
 
 
 def key_provider_from_settings(settings: Settings) -> CheckedKeyProvider:
-    """The key provider the settings choose. Local is used only when asked for by name."""
+    """The key provider the settings choose. Local only when named and acknowledged."""
     if settings.key_provider == "local":
-        if settings.local_master_key is None:
-            raise ConfigurationError(
-                "TENANTVAULT_LOCAL_MASTER_KEY is required with TENANTVAULT_KEY_PROVIDER=local"
-            )
-        try:
-            master = base64.b64decode(settings.local_master_key.get_secret_value(), validate=True)
-        except (binascii.Error, ValueError):
-            master = b""
-        if len(master) != 32:
-            raise ConfigurationError("TENANTVAULT_LOCAL_MASTER_KEY must be base64 of 32 bytes")
-        return LocalKeyProvider(master, batch_size=settings.transit_batch_size)
+        return _local(settings)
+    client = _client(settings)
+    login = _approle_login(settings)
+    if login is None:
+        assert settings.vault_token is not None
+        client.token = settings.vault_token.get_secret_value()
     return TransitKeyProvider(
-        transit_client(settings),
+        client,
         key_name=settings.transit_key,
         mount_point=settings.transit_mount,
         timeout_seconds=settings.vault_timeout_seconds,
         batch_size=settings.transit_batch_size,
+        login=login,
     )
+
+
+def _local(settings: Settings) -> LocalKeyProvider:
+    if not settings.local_key_provider_is_for_development:
+        raise ConfigurationError(
+            "TENANTVAULT_KEY_PROVIDER=local keeps the master key beside the data: for "
+            "development and tests only; set TENANTVAULT_LOCAL_KEY_PROVIDER_IS_FOR_DEVELOPMENT"
+            "=true to acknowledge it"
+        )
+    if settings.local_master_key is None:
+        raise ConfigurationError(
+            "TENANTVAULT_LOCAL_MASTER_KEY is required with TENANTVAULT_KEY_PROVIDER=local"
+        )
+    try:
+        master = base64.b64decode(settings.local_master_key.get_secret_value(), validate=True)
+    except (binascii.Error, ValueError):
+        master = b""
+    if len(master) != 32:
+        raise ConfigurationError("TENANTVAULT_LOCAL_MASTER_KEY must be base64 of 32 bytes")
+    return LocalKeyProvider(master, batch_size=settings.transit_batch_size)

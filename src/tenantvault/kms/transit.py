@@ -54,7 +54,14 @@ class TransitKeyProvider(CheckedKeyProvider):
         batch_size: int = 200,
         create_key: bool = True,
         sleep: Callable[[float], None] = time.sleep,
+        login: Callable[[hvac.Client], float] | None = None,
     ) -> None:
+        """Args:
+        client: an hvac client, already holding a token (or to be logged in by ``login``).
+        login: logs ``client`` in (AppRole) and returns how many seconds the token is
+            valid; called again before two thirds of that have passed, and once when
+            the server refuses a token that expired early (revoked, or a TTL cut).
+        """
         if not 1 <= batch_size <= 400:
             raise ValueError("batch_size must be 1..400 (OpenBao refuses 500-item batches)")
         self._client = client
@@ -67,13 +74,35 @@ class TransitKeyProvider(CheckedKeyProvider):
         self._sleep = sleep
         self._key_checked = False
         self._lock = threading.Lock()
+        self._login = login
+        self._login_lock = threading.Lock()
+        self._renew_at = 0.0
+        if login is not None:
+            self._log_in()
 
     def __repr__(self) -> str:
         return f"TransitKeyProvider(key={self.mount_point}/{self.key_name})"
 
+    def _log_in(self) -> None:
+        assert self._login is not None
+        valid_for = self._login(self._client)
+        self._renew_at = time.monotonic() + valid_for * 2 / 3
+
+    def _fresh_token(self, *, refused: bool = False) -> bool:
+        """Log in again when the token is due (or was just refused); True if it did."""
+        if self._login is None:
+            return False
+        with self._login_lock:
+            if refused or time.monotonic() >= self._renew_at:
+                self._log_in()
+                return True
+        return False
+
     def _call(self, what: str, request: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.timeout_seconds
         delay = 0.05
+        self._fresh_token()
+        relogged = False
         while True:
             try:
                 return request()
@@ -87,6 +116,9 @@ class TransitKeyProvider(CheckedKeyProvider):
                 self._sleep(delay)
                 delay *= 2
             except hvac.exceptions.Forbidden:
+                if not relogged and self._fresh_token(refused=True):
+                    relogged = True
+                    continue
                 raise _PermissionDeniedError(
                     f"the transit token may not {what} with transit key "
                     f"{self.mount_point}/{self.key_name}"
