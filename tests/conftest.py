@@ -171,6 +171,14 @@ class CountingProvider:
     def set_min_decryption_version(self, version: int) -> None:
         self.inner.set_min_decryption_version(version)
 
+    def mac(self, message: bytes) -> str:
+        self._count("mac")
+        return str(self.inner.mac(message))
+
+    def verify_mac(self, message: bytes, mac: str) -> bool:
+        self._count("verify_mac")
+        return bool(self.inner.verify_mac(message, mac))
+
     @property
     def total(self) -> int:
         return sum(self.calls.values())

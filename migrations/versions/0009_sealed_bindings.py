@@ -12,6 +12,10 @@ data keys well-formed.
 - ``tenant_data_keys``: the application role may insert only a key's tenant,
   version, wrapped key and KEK version (a new key is active by default), and a
   CHECK ties ``kek_version`` to the version the wrapped key names (``vault:vN:``).
+  ``seals`` counts the values sealed under each key (its AES-GCM nonce budget);
+  the application role may update that column only.
+- ``audit_chain_heads.anchor_mac``: retention's start marker, authenticated by
+  the key provider (a MAC the database owner cannot make).
 
 Revision ID: 0009_sealed_bindings
 Revises: 0008_audit_and_lifecycle
@@ -19,6 +23,7 @@ Revises: 0008_audit_and_lifecycle
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 from tenantvault.db import TENANT_SETTING
@@ -94,6 +99,29 @@ def upgrade() -> None:
     op.execute(
         f"ALTER TABLE {keys} ADD CONSTRAINT ck_{KEYS}_kek_version_matches CHECK ({KEK_MATCHES})"
     )
+    op.add_column(
+        KEYS,
+        sa.Column(
+            "seals",
+            sa.BigInteger(),
+            server_default=sa.text("0"),
+            nullable=False,
+            comment="Values sealed under this key so far (its AES-GCM nonce budget).",
+        ),
+        schema=opts.schema,
+    )
+    op.execute(f'GRANT UPDATE (seals) ON {keys} TO "{opts.app_role}"')
+    op.add_column(
+        "audit_chain_heads",
+        sa.Column(
+            "anchor_mac",
+            sa.Text(),
+            nullable=True,
+            comment="The key provider's MAC of (tenant, first_seq, anchor_hash), made by "
+            "retention: the database owner cannot move the chain's start unnoticed.",
+        ),
+        schema=opts.schema,
+    )
     op.execute(f'REVOKE INSERT ON {keys} FROM "{opts.app_role}"')
     op.execute(
         f"GRANT INSERT (tenant_id, version, wrapped_key, kek_version) ON {keys} "
@@ -109,6 +137,9 @@ def downgrade() -> None:
         f'FROM "{opts.app_role}"'
     )
     op.execute(f'GRANT INSERT ON {keys} TO "{opts.app_role}"')
+    op.drop_column("audit_chain_heads", "anchor_mac", schema=opts.schema)
+    op.execute(f'REVOKE UPDATE (seals) ON {keys} FROM "{opts.app_role}"')
+    op.drop_column(KEYS, "seals", schema=opts.schema)
     op.execute(f"ALTER TABLE {keys} DROP CONSTRAINT ck_{KEYS}_kek_version_matches")
     for table, column in reversed(SEALED_COLUMNS):
         op.execute(f"ALTER TABLE {qualified(table)} DROP CONSTRAINT {_check_name(table, column)}")

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     key_provider: Literal["vault", "local"] = "vault"
     transit_mount: str = Field("transit", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$")
     transit_key: str = Field("tenantvault", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    # The transit key that authenticates the audit log's retention markers (operators only;
+    # not derived, never used for data keys).
+    audit_transit_key: str = Field("tenantvault-audit", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     vault_timeout_seconds: float = Field(5.0, gt=0, le=300)
     dek_cache_max_age_seconds: float = Field(300.0, gt=0)
     dek_cache_max_entries: int = Field(1024, ge=1)

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from tenantvault import InvalidInputError, RefreshedToken, Vault, cli
-from tenantvault.audit.chain import add_partitions, prune_audit, verify_audit
+from tenantvault.audit.chain import Head, add_partitions, prune_audit, verify_audit
 from tenantvault.db.session import set_tenant
 from tenantvault.errors import AuditError
 from tenantvault.settings import Settings
@@ -28,7 +28,8 @@ def _events(owner_engine: sa.Engine, tenant: str = "t_a") -> list[Any]:
     with owner_engine.connect() as connection:
         return connection.execute(
             sa.text(
-                "SELECT seq, action, actor, target_id, details::text AS details FROM dripiq_app.audit_events "
+                "SELECT seq, action, actor, target_id, details::text AS details, hash "
+                "FROM dripiq_app.audit_events "
                 "WHERE tenant_id = :t ORDER BY seq"
             ),
             {"t": tenant},
@@ -302,7 +303,7 @@ def test_concurrent_writers_keep_every_chain_valid(
 
 
 def test_retention_drops_whole_months_and_the_chain_verifies_from_the_first_kept_event(
-    vault: Vault, owner_engine: sa.Engine, operator_db: Any
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: Any
 ) -> None:
     cfg = vault.create_config(
         "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
@@ -314,20 +315,25 @@ def test_retention_drops_whole_months_and_the_chain_verifies_from_the_first_kept
     dry = prune_audit(operator_db, keep_months=1, now=later, dry_run=True)
     assert dry.events_dropped == dropped_events
     assert _count(owner_engine) == dropped_events
-    report = prune_audit(operator_db, keep_months=1, now=later)
+    with pytest.raises(AuditError, match="needs the key provider"):
+        prune_audit(operator_db, keep_months=1, now=later)
+    report = prune_audit(operator_db, keep_months=1, now=later, mac=provider.mac)
     this_month = f"audit_events_{datetime.now(UTC):%Y_%m}"
     assert this_month in report.dropped
     assert report.events_dropped == dropped_events
     assert _count(owner_engine) == 0
     assert add_partitions(operator_db, 24) >= 1  # this month is back, empty
     vault.store_credentials("t_a", cfg.id, {"password": "r"})
-    verified = verify_audit(operator_db)
+    verified = verify_audit(operator_db, check_mac=provider.verify_mac)
     assert verified.ok, verified.breaks
     assert [e.seq for e in _events(owner_engine)] == [dropped_events + 1]
+    # Without the key provider, where the chain now starts cannot be vouched for.
+    assert [b.seq for b in verify_audit(operator_db).breaks] == [dropped_events + 1]
     # Deleting the first kept event is still caught.
     vault.store_credentials("t_a", cfg.id, {"password": "s"})
     _tamper(owner_engine, f"DELETE FROM dripiq_app.audit_events WHERE seq = {dropped_events + 1}")
-    assert [b.seq for b in verify_audit(operator_db).breaks] == [dropped_events + 1]
+    broken = verify_audit(operator_db, check_mac=provider.verify_mac).breaks
+    assert [b.seq for b in broken] == [dropped_events + 1]
 
 
 def test_retention_refuses_to_cut_a_chain_whose_events_cross_the_month_out_of_order(
@@ -368,7 +374,7 @@ def test_retention_refuses_to_cut_a_chain_whose_events_cross_the_month_out_of_or
     assert verify_audit(operator_db).ok
     later = datetime.combine(month_after, datetime.min.time(), tzinfo=UTC) + timedelta(days=14)
     with pytest.raises(AuditError, match="tenants t_a cross"):
-        prune_audit(operator_db, keep_months=1, now=later)
+        prune_audit(operator_db, keep_months=1, now=later, mac=lambda _: "unused")
     assert _count(owner_engine) == 2
     assert verify_audit(operator_db).ok
 
@@ -404,3 +410,85 @@ def test_verify_raises_no_false_alarm_while_writers_append(
     assert not errors
     assert [r.breaks for r in reports] == [[]] * 10
     assert reports[-1].events > reports[0].events  # the writers did write meanwhile
+
+
+# --- the owner cannot forge the log unnoticed ---
+
+
+def test_a_replaced_digest_function_does_not_hide_an_edited_event(
+    history: str, owner_engine: sa.Engine, operator_db: Any, vault: Vault
+) -> None:
+    # Odd characters in what is hashed: the Python encoding must equal the trigger's.
+    vault.create_config("t_a", type="smtp", name="odd", config=SMTP, actor='user:"é"\\ñ 日本 x')
+    assert verify_audit(operator_db).ok
+    with owner_engine.begin() as connection:
+        # The owner makes the database's digest answer the stored hash, whatever the row.
+        connection.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION dripiq_app.tenantvault_audit_digest("
+            "prev_hash text, tenant_id text, seq bigint, occurred_at timestamp, actor text, "
+            "action text, target_type text, target_id text, details jsonb) RETURNS text "
+            "LANGUAGE sql STABLE AS $$ SELECT e.hash FROM dripiq_app.audit_events e "
+            "WHERE e.tenant_id = $2 AND e.seq = $3 $$"
+        )
+    _tamper(
+        owner_engine,
+        "UPDATE dripiq_app.audit_events SET actor = 'nobody' WHERE tenant_id = 't_a' AND seq = 2",
+    )
+    report = verify_audit(operator_db)
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", 2)]
+    assert "edited" in report.breaks[0].problem
+
+
+def test_a_moved_start_marker_is_caught_without_its_mac(
+    history: str, owner_engine: sa.Engine, operator_db: Any, provider: Any
+) -> None:
+    events = _events(owner_engine)
+    # The owner deletes the first two events and claims retention cut them.
+    _tamper(
+        owner_engine, "DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq <= 2"
+    )
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.audit_chain_heads SET first_seq = 3, anchor_hash = :h, "
+                "anchor_mac = :m WHERE tenant_id = 't_a'"
+            ),
+            {"h": events[1].hash, "m": "vault:v1:forged"},
+        )
+    report = verify_audit(operator_db, check_mac=provider.verify_mac)
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", 3)]
+    assert "not authenticated" in report.breaks[0].problem
+
+
+def test_events_cut_from_the_end_are_caught_by_the_heads_kept_outside(
+    history: str,
+    owner_engine: sa.Engine,
+    operator_db: Any,
+    migrated: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", migrated.database_url.get_secret_value())
+    kept = tmp_path / "heads.json"
+    assert cli.main(["audit", "verify", "--heads-out", str(kept)]) == cli.EXIT_OK
+    assert oct(kept.stat().st_mode & 0o777) == "0o600"
+    events = _events(owner_engine)
+    last = events[-1]
+    # The owner drops the last event and sets the head back: the chain is consistent.
+    _tamper(
+        owner_engine,
+        f"DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = {last.seq}",
+    )
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.audit_chain_heads SET seq = :s, hash = :h "
+                "WHERE tenant_id = 't_a'"
+            ),
+            {"s": events[-2].seq, "h": events[-2].hash},
+        )
+    assert verify_audit(operator_db).ok  # nothing inside the database shows it
+    assert cli.main(["audit", "verify", "--expect-heads", str(kept)]) == cli.EXIT_AUDIT_BROKEN
+    report = verify_audit(operator_db, expected_heads={"t_a": Head(last.seq, last.hash)})
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", last.seq)]
+    assert "cut from its end" in report.breaks[0].problem

@@ -28,6 +28,11 @@ def test_up_is_idempotent_and_down_stops_exactly_what_up_started(tmp_path: Path)
         assert "transit/" in client.sys.list_mounted_secrets_engines()["data"]
         assert (state / "env").read_text() == first.as_shell()
         assert oct((state / "env").stat().st_mode & 0o777) == "0o600"
+        # The root token is in no process's arguments, and the logs are the owner's only.
+        cmdline = Path(f"/proc/{recorded.openbao.pid}/cmdline").read_bytes()
+        assert first.variables["VAULT_TOKEN"].encode() not in cmdline
+        for log in ("openbao.log", "postgres.log"):
+            assert oct((state / log).stat().st_mode & 0o777) == "0o600", log
 
         second = devstack.up(state)
         again = devstack.StackState.load(state / "stack.json")

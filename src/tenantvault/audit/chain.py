@@ -1,16 +1,20 @@
 """The audit log as operators see it: verify the chains, keep partitions ahead, prune.
 
-``verify_audit`` recomputes every tenant's chain with the database's own digest
-function and names the first row that breaks it: an edited row (its hash no
-longer matches its content), a deleted one (a gap in ``seq``, or a chain that
+``verify_audit`` recomputes every tenant's chain in Python
+(:mod:`tenantvault.audit.digest`, never the database's function, which the owner
+could replace) and names the first row that breaks it: an edited row (its hash
+no longer matches its content), a deleted one (a gap in ``seq``, or a chain that
 ends before its head), a reordered one (``prev_hash`` not the previous row's
-hash). It reads through a server-side cursor, one tenant after another, so
-memory stays flat whatever the log's size.
+hash). It reads heads and events in one snapshot, through a server-side cursor,
+one tenant after another, so memory stays flat whatever the log's size.
 
-A hash chain without a secret key proves the log was not changed by someone who
-did not also recompute every later hash and the head. Anchor it outside the
-database (the heads ``verify`` prints, kept elsewhere) against an attacker who
-would.
+Two things the database owner could still forge are authenticated from outside:
+
+- where retention cut a chain's start (``first_seq``, ``anchor_hash``): ``prune``
+  stores the key provider's MAC of it, and ``verify`` checks that MAC with the
+  key provider (a key the owner does not hold);
+- where a chain ends: the heads ``verify`` reports, kept by the operator outside
+  the database and given back as ``expected_heads``, must still be on the chain.
 
 ``prune_audit`` drops whole monthly partitions older than the retention period
 (never a row: the table refuses UPDATE and DELETE) and records, per tenant, the
@@ -20,13 +24,15 @@ first kept row. ``add_partitions`` makes the coming months' partitions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
+from tenantvault.audit.digest import event_hash
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.errors import AuditError
 
@@ -44,7 +50,7 @@ class AuditVerifyReport:
     tenants: int = 0
     events: int = 0
     breaks: list[ChainBreak] = field(default_factory=list)
-    heads: dict[str, str] = field(default_factory=dict)  # tenant -> last hash (for anchoring)
+    heads: dict[str, Head] = field(default_factory=dict)  # where each chain ends: keep these
 
     @property
     def ok(self) -> bool:
@@ -67,13 +73,44 @@ def _owner(db: OperatorDatabase) -> Iterator[sa.Connection]:
         yield connection
 
 
-def verify_audit(db: OperatorDatabase, tenants: Sequence[str] | None = None) -> AuditVerifyReport:
-    """Recompute the audit chains (of ``tenants``, or every tenant's); changes nothing."""
+MacCheck = Callable[[bytes, str], bool]
+
+
+def anchor_message(tenant_id: str, first_seq: int, anchor_hash: str) -> bytes:
+    """What retention's MAC covers: the tenant, the first kept seq, the hash before it."""
+    return f"tenantvault.audit.anchor\x00{tenant_id}\x00{first_seq}\x00{anchor_hash}".encode()
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where a chain ended when verified: keep these outside the database."""
+
+    seq: int
+    hash: str
+
+
+def verify_audit(
+    db: OperatorDatabase,
+    tenants: Sequence[str] | None = None,
+    *,
+    check_mac: MacCheck | None = None,
+    expected_heads: Mapping[str, Head] | None = None,
+) -> AuditVerifyReport:
+    """Recompute the audit chains (of ``tenants``, or every tenant's); changes nothing.
+
+    Args:
+        check_mac: the key provider's MAC check, for chains whose start retention cut
+            (called only for those; without it such a chain is reported unverified).
+        expected_heads: heads an earlier verify reported, kept outside the database:
+            each must still be an event of its chain (or before its authenticated start).
+    """
     report = AuditVerifyReport()
     events, heads_table = db.table("audit_events"), db.table("audit_chain_heads")
     only = "" if tenants is None else "WHERE tenant_id = ANY(:tenants)"
     params = {"tenants": list(tenants or [])}
-    digest = db.table("tenantvault_audit_digest")
+    expected = dict(expected_heads or {})
+    if tenants is not None:
+        expected = {t: h for t, h in expected.items() if t in set(tenants)}
     # One snapshot for the heads and the events: read apart, a writer committing in
     # between would look like a deleted or changed event.
     with db.transaction(snapshot=True) as connection:
@@ -81,82 +118,171 @@ def verify_audit(db: OperatorDatabase, tenants: Sequence[str] | None = None) -> 
             row.tenant_id: row
             for row in connection.execute(
                 sa.text(
-                    f"SELECT tenant_id, seq, hash, first_seq, anchor_hash FROM {heads_table} {only}"
+                    "SELECT tenant_id, seq, hash, first_seq, anchor_hash, anchor_mac "
+                    f"FROM {heads_table} {only}"
                 ),
                 params,
             )
         }
         rows = connection.execution_options(stream_results=True, yield_per=2000).execute(
             sa.text(
-                f"SELECT tenant_id, seq, occurred_at, prev_hash, hash, "
-                f"{digest}(prev_hash, tenant_id, seq, occurred_at, actor, action, target_type, "
-                f"target_id, details) AS expected "
-                f"FROM {events} {only} ORDER BY tenant_id, seq"
+                "SELECT tenant_id, seq, occurred_at, actor, action, target_type, target_id, "
+                f"details, prev_hash, hash FROM {events} {only} ORDER BY tenant_id, seq"
             ),
             params,
         )
-        current: str | None = None
-        broken = False
-        last_seq, last_hash = 0, ""
-        seen: set[str] = set()
-
-        def finish(tenant_id: str) -> None:
-            head = heads.get(tenant_id)
-            if head is None:
-                report.breaks.append(ChainBreak(tenant_id, last_seq, None, "no chain head"))
-            elif not broken and (head.seq != last_seq or head.hash != last_hash):
-                report.breaks.append(
-                    ChainBreak(
-                        tenant_id,
-                        last_seq + 1,
-                        None,
-                        f"events after seq {last_seq} are missing (the head is at {head.seq})"
-                        if head.seq != last_seq
-                        else "the last event was changed after the head recorded it",
-                    )
-                )
-            report.heads[tenant_id] = last_hash
-
+        chain = _Chain(report, heads, expected, check_mac)
         for row in rows:
-            report.events += 1
-            if row.tenant_id != current:
-                if current is not None:
-                    finish(current)
-                current, broken = row.tenant_id, False
-                seen.add(current)
-                head = heads.get(current)
-                last_seq = (head.first_seq if head else 1) - 1
-                last_hash = head.anchor_hash if head else ""
-            if broken:
-                continue
-            problem, at, when = None, row.seq, row.occurred_at
-            if row.seq > last_seq + 1:
-                problem, at, when = (
-                    f"deleted (events {last_seq + 1}..{row.seq - 1} are missing)",
-                    last_seq + 1,
-                    None,
-                )
-            elif row.seq != last_seq + 1:
-                problem = "seq repeated or out of order"
-            elif row.prev_hash != last_hash:
-                problem = "does not follow the previous event (reordered, or one was replaced)"
-            elif row.hash != row.expected:
-                problem = "content does not match its hash (edited)"
-            if problem:
-                report.breaks.append(ChainBreak(row.tenant_id, at, when, problem))
-                broken = True
-            last_seq, last_hash = row.seq, row.hash
-        if current is not None:
-            finish(current)
-        # A head whose tenant has no events left at all: every event was deleted.
-        for tenant_id, head in heads.items():
-            if tenant_id not in seen and head.seq >= head.first_seq:
-                report.breaks.append(
-                    ChainBreak(tenant_id, head.first_seq, None, "every event is missing")
-                )
-    report.tenants = len(set(heads) | seen)
+            chain.add(row)
+        chain.finish_all()
+    report.tenants = len(set(heads) | chain.seen)
     report.breaks.sort(key=lambda b: (b.tenant_id, b.seq))
     return report
+
+
+class _Chain:
+    """The scan of ``verify_audit``: one tenant's chain at a time, in seq order."""
+
+    def __init__(
+        self,
+        report: AuditVerifyReport,
+        heads: Mapping[str, Any],
+        expected: Mapping[str, Head],
+        check_mac: MacCheck | None,
+    ) -> None:
+        self.report, self.heads, self.expected, self.check_mac = report, heads, expected, check_mac
+        self.seen: set[str] = set()
+        self.current: str | None = None
+        self.broken = False
+        self.last_seq, self.last_hash = 0, ""
+        self.met_expected = False
+
+    def _break(self, seq: int, occurred_at: datetime | None, problem: str) -> None:
+        assert self.current is not None
+        self.report.breaks.append(ChainBreak(self.current, seq, occurred_at, problem))
+        self.broken = True
+
+    def _start(self, tenant_id: str) -> None:
+        self.current, self.broken, self.met_expected = tenant_id, False, False
+        self.seen.add(tenant_id)
+        head = self.heads.get(tenant_id)
+        first_seq = head.first_seq if head else 1
+        self.last_seq = first_seq - 1
+        self.last_hash = head.anchor_hash if head else ""
+        if first_seq > 1 and not self._anchor_authentic(tenant_id, head):
+            self._break(
+                first_seq,
+                None,
+                "where retention cut the chain is not authenticated "
+                "(the start marker was moved, or checked without the key provider)",
+            )
+        kept = self.expected.get(tenant_id)
+        if kept is not None and kept.seq < first_seq:
+            self.met_expected = True  # retention dropped it, behind an authenticated start
+
+    def _anchor_authentic(self, tenant_id: str, head: Any) -> bool:
+        if self.check_mac is None or head.anchor_mac is None:
+            return False
+        message = anchor_message(tenant_id, head.first_seq, head.anchor_hash)
+        return self.check_mac(message, head.anchor_mac)
+
+    def add(self, row: Any) -> None:
+        self.report.events += 1
+        if row.tenant_id != self.current:
+            if self.current is not None:
+                self.finish(self.current)
+            self._start(row.tenant_id)
+        if self.broken:
+            return
+        problem, at, when = None, row.seq, row.occurred_at
+        if row.seq > self.last_seq + 1:
+            problem, at, when = (
+                f"deleted (events {self.last_seq + 1}..{row.seq - 1} are missing)",
+                self.last_seq + 1,
+                None,
+            )
+        elif row.seq != self.last_seq + 1:
+            problem = "seq repeated or out of order"
+        elif row.prev_hash != self.last_hash:
+            problem = "does not follow the previous event (reordered, or one was replaced)"
+        elif row.hash != event_hash(
+            row.prev_hash,
+            row.tenant_id,
+            row.seq,
+            row.occurred_at,
+            row.actor,
+            row.action,
+            row.target_type,
+            row.target_id,
+            row.details,
+        ):
+            problem = "content does not match its hash (edited)"
+        if problem:
+            self._break(at, when, problem)
+            return
+        self.last_seq, self.last_hash = row.seq, row.hash
+        kept = self.expected.get(row.tenant_id)
+        if kept is not None and kept.seq == row.seq:
+            if kept.hash != row.hash:
+                self._break(row.seq, row.occurred_at, "differs from the head kept outside")
+            self.met_expected = True
+
+    def finish(self, tenant_id: str) -> None:
+        head = self.heads.get(tenant_id)
+        kept = self.expected.get(tenant_id)
+        if head is None:
+            self.report.breaks.append(ChainBreak(tenant_id, self.last_seq, None, "no chain head"))
+        elif not self.broken and (head.seq != self.last_seq or head.hash != self.last_hash):
+            self.report.breaks.append(
+                ChainBreak(
+                    tenant_id,
+                    self.last_seq + 1,
+                    None,
+                    f"events after seq {self.last_seq} are missing (the head is at {head.seq})"
+                    if head.seq != self.last_seq
+                    else "the last event was changed after the head recorded it",
+                )
+            )
+        elif not self.broken and kept is not None and not self.met_expected:
+            self.report.breaks.append(
+                ChainBreak(
+                    tenant_id,
+                    kept.seq,
+                    None,
+                    f"the chain ends at seq {self.last_seq}, before the head kept outside "
+                    f"(seq {kept.seq}): events were cut from its end",
+                )
+            )
+        self.report.heads[tenant_id] = Head(self.last_seq, self.last_hash)
+
+    def finish_all(self) -> None:
+        if self.current is not None:
+            self.finish(self.current)
+        for tenant_id, head in self.heads.items():
+            if tenant_id in self.seen:
+                continue
+            if head.first_seq > 1 and not self._anchor_authentic(tenant_id, head):
+                self.report.breaks.append(
+                    ChainBreak(
+                        tenant_id,
+                        head.first_seq,
+                        None,
+                        "where retention cut the chain is not authenticated (the start "
+                        "marker was moved, or checked without the key provider)",
+                    )
+                )
+            elif head.seq >= head.first_seq:
+                # A head whose tenant has no events left at all: every event was deleted.
+                self.report.breaks.append(
+                    ChainBreak(tenant_id, head.first_seq, None, "every event is missing")
+                )
+            else:
+                self.report.heads[tenant_id] = Head(head.seq, head.hash)
+        for tenant_id, kept in self.expected.items():
+            if tenant_id not in self.seen and tenant_id not in self.heads:
+                self.report.breaks.append(
+                    ChainBreak(tenant_id, kept.seq, None, "the whole chain is gone")
+                )
 
 
 def add_partitions(db: OperatorDatabase, months_ahead: int = 24) -> int:
@@ -189,12 +315,27 @@ def audit_partitions(connection: sa.Connection, schema: str) -> list[tuple[str, 
 
 
 def prune_audit(
-    db: OperatorDatabase, *, keep_months: int, dry_run: bool = False, now: datetime | None = None
+    db: OperatorDatabase,
+    *,
+    keep_months: int,
+    mac: Callable[[bytes], str] | None = None,
+    dry_run: bool = False,
+    now: datetime | None = None,
 ) -> PruneReport:
     """Drop the monthly partitions that end more than ``keep_months`` months before
-    ``now``, keeping every chain verifiable from its first kept event."""
+    ``now``, keeping every chain verifiable from its first kept event.
+
+    Args:
+        mac: the key provider's MAC: where each chain now starts is authenticated
+            with it (required unless ``dry_run``).
+    """
     if keep_months < 1:
         raise ValueError("keep_months must be at least 1")
+    if mac is None and not dry_run:
+        raise AuditError(
+            "audit prune needs the key provider, to authenticate where each chain now "
+            "starts; nothing dropped"
+        )
     moment = (now or datetime.now(UTC)).date().replace(day=1)
     total = moment.year * 12 + moment.month - 1 - keep_months
     cutoff = date(total // 12, total % 12 + 1, 1)
@@ -241,13 +382,19 @@ def prune_audit(
         connection.exec_driver_sql("RESET ROLE")
         if dry_run:
             return PruneReport(True, old, int(count))
+        assert mac is not None
         for tenant_id, seq, hash_ in last_dropped:
             connection.execute(
                 sa.text(
-                    f"UPDATE {heads} SET first_seq = :seq + 1, anchor_hash = :hash "
-                    "WHERE tenant_id = :t"
+                    f"UPDATE {heads} SET first_seq = :first, anchor_hash = :hash, "
+                    "anchor_mac = :mac WHERE tenant_id = :t"
                 ),
-                {"t": tenant_id, "seq": seq, "hash": hash_},
+                {
+                    "t": tenant_id,
+                    "first": seq + 1,
+                    "hash": hash_,
+                    "mac": mac(anchor_message(tenant_id, seq + 1, hash_)),
+                },
             )
         for name in old:
             connection.exec_driver_sql(

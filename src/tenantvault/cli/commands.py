@@ -5,6 +5,7 @@ to one ``FAILED:`` line and an exit code."""
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -12,10 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from tenantvault.audit.chain import Head
 from tenantvault.cli import output
 from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.dev import stack as devstack
-from tenantvault.errors import TenantVaultError
+from tenantvault.errors import AuditError, TenantVaultError
 from tenantvault.ops import jobs, migrate
 from tenantvault.ops.health import status
 from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
@@ -154,9 +156,23 @@ def _cmd_shred(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_heads(path: str) -> dict[str, Head]:
+    """Heads written by ``audit verify --heads-out``."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {str(t): Head(int(h["seq"]), str(h["hash"])) for t, h in raw.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        raise AuditError(
+            f"--expect-heads: {path} is not a heads file written by audit verify --heads-out"
+        ) from None
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    report = jobs.audit_verify_job(load_settings(), args.tenant or None)
+    expected = None if args.expect_heads is None else _read_heads(args.expect_heads)
+    report = jobs.audit_verify_job(load_settings(), args.tenant or None, expected_heads=expected)
     output.print_audit_verify(report, args.json)
+    if args.heads_out is not None:
+        output.write_heads(report.heads, Path(args.heads_out))
     return EXIT_OK if report.ok else EXIT_AUDIT_BROKEN
 
 
@@ -193,6 +209,16 @@ def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.Argumen
     verify = jobs.add_parser("verify", help="recompute every chain; name the first broken row")
     verify.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
     verify.add_argument("--json", action="store_true", help="JSON lines")
+    verify.add_argument(
+        "--heads-out",
+        metavar="FILE",
+        help="write where each chain ends (keep it where the database's owner cannot write)",
+    )
+    verify.add_argument(
+        "--expect-heads",
+        metavar="FILE",
+        help="a --heads-out file of an earlier run: each head must still be on its chain",
+    )
     verify.set_defaults(handler=_cmd_audit_verify)
     prune = jobs.add_parser("prune", help="drop whole months older than the retention period")
     prune.add_argument("--keep-months", type=_positive, required=True)

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-from tenantvault.audit.chain import AuditVerifyReport, PruneReport
+from tenantvault.audit.chain import AuditVerifyReport, Head, PruneReport
 from tenantvault.ops.health import StatusReport
 from tenantvault.ops.migrate import MigrationReport
 from tenantvault.ops.purge import PurgeReport
 from tenantvault.rotation.dek import DekRotationReport, Progress, TenantRotation
 from tenantvault.rotation.kek import KekProgress, KekRotationReport
 from tenantvault.rotation.shred import ShredReport
-from tenantvault.rotation.status import KeyStatusReport
+from tenantvault.rotation.status import SEALS_WARNING, KeyStatusReport
 
 
 def _json_line(out: TextIO, event: str, payload: object) -> None:
@@ -195,6 +196,7 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
                 "behind_kek": report.behind_kek,
                 "draining": report.draining,
                 "legacy_values": report.legacy_values,
+                "nonce_budget_low": report.nonce_budget_low,
                 "malformed_values": report.malformed_values,
             },
         )
@@ -216,14 +218,17 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
         out.write(f"tenant {tenant.tenant_id}: active DEK {active}{notes}\n")
         for key in tenant.keys:
             kek = f"KEK v{key.kek_version}" + (" (behind)" if report.is_behind(key) else "")
+            budget = f"; {key.seals} seals: ROTATE (nonce budget)" if key.nonce_budget_low else ""
             out.write(
-                f"  DEK v{key.version} {key.state:<9} {kek:<16} protects {key.protects} values\n"
+                f"  DEK v{key.version} {key.state:<9} {kek:<16} protects {key.protects} values"
+                f"{budget}\n"
             )
     out.write(
         f"summary: {len(report.tenants)} tenants; {report.behind_kek} data keys behind the KEK; "
         f"{report.draining} draining; {report.legacy_values} values in the old format"
         f"{' (re-seal them: rotate-keys dek --all --reseal-only)' if report.legacy_values else ''}"
-        f"; {report.malformed_values} not sealed\n"
+        f"; {report.malformed_values} not sealed"
+        f"; {report.nonce_budget_low} data keys past {SEALS_WARNING} seals\n"
     )
 
 
@@ -254,7 +259,7 @@ def print_audit_verify(
                 "tenants": report.tenants,
                 "events": report.events,
                 "ok": report.ok,
-                "heads": report.heads,
+                "heads": _heads(report.heads),
             },
         )
         return
@@ -263,6 +268,19 @@ def print_audit_verify(
         out.write(f"BROKEN tenant {item.tenant_id} seq {item.seq}{when}: {item.problem}\n")
     state = "every chain intact" if report.ok else f"{len(report.breaks)} broken chains"
     out.write(f"audit: {report.events} events of {report.tenants} tenants; {state}\n")
+
+
+def _heads(heads: Mapping[str, Head]) -> dict[str, dict[str, object]]:
+    return {tenant: {"seq": h.seq, "hash": h.hash} for tenant, h in sorted(heads.items())}
+
+
+def write_heads(heads: Mapping[str, Head], path: Path) -> None:
+    """The heads as JSON, readable by the operator only (``--expect-heads`` reads it)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(_heads(heads), file, indent=2)
+        file.write("\n")
+    path.chmod(0o600)
 
 
 def print_purge(report: PurgeReport, json_lines: bool, out: TextIO | None = None) -> None:

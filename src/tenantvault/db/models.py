@@ -507,6 +507,13 @@ class TenantDataKey(Base):
     kek_version: Mapped[int] = mapped_column(
         Integer, comment="Transit key version that wrapped wrapped_key."
     )
+    # Random 96-bit nonces bound one key to about 2**32 seals (NIST SP 800-38D): the
+    # count lets rotate-keys status warn long before.
+    seals: Mapped[int] = mapped_column(
+        BigInteger,
+        server_default=text("0"),
+        comment="Values sealed under this key so far (its AES-GCM nonce budget).",
+    )
     state: Mapped[DataKeyState] = mapped_column(
         StrEnumText(DataKeyState),
         server_default=text(f"{DataKeyState.ACTIVE.sql}::text"),
@@ -656,6 +663,10 @@ class AuditChainHead(Base):
     anchor_hash: Mapped[str] = mapped_column(
         server_default=text("''::text"),
         comment="hash of the last event retention dropped ('' when none was).",
+    )
+    anchor_mac: Mapped[str | None] = mapped_column(
+        comment="The key provider's MAC of (tenant, first_seq, anchor_hash), made by "
+        "retention: the database owner cannot move the chain's start unnoticed.",
     )
 
 

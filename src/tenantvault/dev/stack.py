@@ -67,6 +67,12 @@ class StackState:
         _write_private(path, json.dumps(asdict(self), indent=2))
 
 
+def _private_log(path: Path) -> None:
+    """An (appendable) log file only its owner may read."""
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+
+
 def _write_private(path: Path, text: str) -> None:
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
@@ -253,7 +259,7 @@ def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceReco
         f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
         "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
     )
-    log.touch()
+    _private_log(log)
     _give_to(user, log)
     _pg(["pg_ctl", "-D", str(data_dir), "-l", str(log), "-w", "-t", "60", "start"], user, log)
     pid = _postmaster_pid(data_dir)
@@ -303,13 +309,17 @@ def start_openbao(state_dir: Path, record: ServiceRecord | None, token: str) -> 
     port = free_port(also_next=True)  # the dev server also binds port + 1 (cluster)
     log = state_dir / "openbao.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    # The root token goes through the environment, never the command line (which
+    # /proc/<pid>/cmdline shows to every user); the dev server prints it to its log,
+    # so the log is the owner's only.
+    environment["BAO_DEV_ROOT_TOKEN_ID"] = token
+    _private_log(log)
     with log.open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603
             [
                 str(binary),
                 "server",
                 "-dev",
-                f"-dev-root-token-id={token}",
                 f"-dev-listen-address=127.0.0.1:{port}",
                 "-dev-no-store-token",
             ],

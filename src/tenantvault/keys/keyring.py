@@ -156,7 +156,15 @@ class Sealer:
     so a batch of values under one key costs one cache lookup.
     """
 
-    __slots__ = ("_active", "_active_version", "_connection", "_keyring", "_keys", "tenant_id")
+    __slots__ = (
+        "_active",
+        "_active_version",
+        "_connection",
+        "_keyring",
+        "_keys",
+        "_unrecorded",
+        "tenant_id",
+    )
 
     def __init__(
         self,
@@ -171,6 +179,7 @@ class Sealer:
         self._active_version = active_version
         self._active: DataKey | None = None
         self._keys: dict[int, DataKey] = {}
+        self._unrecorded = 0  # seals not yet added to the key's count
 
     def __repr__(self) -> str:
         return f"Sealer(tenant_id={self.tenant_id!r})"
@@ -203,7 +212,22 @@ class Sealer:
     def seal(self, plaintext: bytes, place: SealContext) -> str:
         """``plaintext`` sealed under the tenant's active key for ``place``."""
         self._check(place)
-        return seal(self._sealing_key(), plaintext, place)
+        sealed = seal(self._sealing_key(), plaintext, place)
+        self._unrecorded += 1
+        return sealed
+
+    def record_seals(self) -> None:
+        """Add the seals made since the last call to the sealing key's count (its nonce
+        budget), in this transaction. Callers call it once their seals are done."""
+        if self._active is not None:
+            store.count_seals(
+                self._connection, self.tenant_id, self._active.version, self.take_seals()
+            )
+
+    def take_seals(self) -> int:
+        """The seals made since the last call, for a caller that records them itself."""
+        seals, self._unrecorded = self._unrecorded, 0
+        return seals
 
     def open(self, sealed: str, place: SealContext) -> bytes:
         """Open a value of ``place`` with the key version it names.
@@ -223,10 +247,12 @@ class Sealer:
             DecryptionError, KeyDestroyedError: as :meth:`open`.
         """
         self._check(place)
-        return reseal(
+        resealed = reseal(
             sealed,
             place,
             self._key_of,
             self._sealing_key(),
             allow_legacy=self._keyring.allow_legacy,
         )
+        self._unrecorded += 1
+        return resealed

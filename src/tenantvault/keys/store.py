@@ -63,6 +63,7 @@ class KeyRow:
     version: int
     state: DataKeyState
     kek_version: int
+    seals: int
 
 
 # Whether this transaction made the row: such a key may still roll back, so it must not
@@ -233,6 +234,19 @@ def destroy_all(
     return destroyed
 
 
+def count_seals(connection: sa.Connection, tenant_id: str, version: int, seals: int) -> None:
+    """Add ``seals`` to the values sealed under one key (its nonce budget). In the
+    sealing transaction, the count never includes a seal that rolled back; it holds the
+    key row's lock until commit, so callers do it after their other row locks."""
+    if not seals:
+        return
+    connection.execute(
+        sa.update(Key)
+        .where(Key.tenant_id == tenant_id, Key.version == version)
+        .values(seals=Key.seals + seals)
+    )
+
+
 def live_versions(connection: sa.Connection, tenant_id: str) -> list[int]:
     """The tenant's key versions that were not destroyed."""
     return sorted(
@@ -268,9 +282,9 @@ def tenants_with_keys(connection: sa.Connection) -> list[str]:
 
 def keys_of(connection: sa.Connection, tenants: Sequence[str] | None) -> list[KeyRow]:
     """Every key of ``tenants`` (of every tenant when None), by tenant and version."""
-    statement = sa.select(Key.tenant_id, Key.version, Key.state, Key.kek_version).order_by(
-        Key.tenant_id, Key.version
-    )
+    statement = sa.select(
+        Key.tenant_id, Key.version, Key.state, Key.kek_version, Key.seals
+    ).order_by(Key.tenant_id, Key.version)
     if tenants is not None:
         statement = statement.where(Key.tenant_id.in_(list(tenants)))
     return [KeyRow(*row) for row in connection.execute(statement)]

@@ -92,6 +92,7 @@ def key_provider_from_settings(settings: Settings) -> CheckedKeyProvider:
         timeout_seconds=settings.vault_timeout_seconds,
         batch_size=settings.transit_batch_size,
         login=login,
+        mac_key=settings.audit_transit_key,
     )
 
 

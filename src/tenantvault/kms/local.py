@@ -10,6 +10,8 @@ derived keys) a key wrapped for one tenant does not unwrap for another.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import threading
 from collections.abc import Sequence
@@ -81,6 +83,16 @@ class LocalKeyProvider(CheckedKeyProvider):
                 continue
             results.append(RewrapResult(tenant_id, self._wrap(tenant_id, plaintext, self._latest)))
         return results
+
+    def _mac_key(self) -> bytes:
+        info = b"tenantvault local audit mac"
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._master)
+
+    def _mac(self, message: bytes) -> str:
+        return "local:v1:" + hmac.new(self._mac_key(), message, hashlib.sha256).hexdigest()
+
+    def _verify_mac(self, message: bytes, mac: str) -> bool:
+        return hmac.compare_digest(self._mac(message), mac)
 
     def _rotate(self) -> int:
         with self._lock:

@@ -70,6 +70,14 @@ class KeyProvider(Protocol):
         """Refuse unwrapping with KEK versions older than ``version`` from now on."""
         ...
 
+    def mac(self, message: bytes) -> str:
+        """A MAC of ``message`` under a key that never leaves the KMS (the audit key)."""
+        ...
+
+    def verify_mac(self, message: bytes, mac: str) -> bool:
+        """Whether ``mac`` is this KMS's MAC of ``message``."""
+        ...
+
 
 class CheckedKeyProvider:
     """Public methods with invariants; subclasses implement the ``_`` hooks."""
@@ -121,7 +129,24 @@ class CheckedKeyProvider:
             raise KeyProviderError("min_decryption_version must be 1..latest KEK version")
         self._set_min_version(version)
 
+    def mac(self, message: bytes) -> str:
+        mac = self._mac(message)
+        if not isinstance(mac, str) or not mac:
+            raise KeyProviderError("key provider returned no MAC")
+        return mac
+
+    def verify_mac(self, message: bytes, mac: str) -> bool:
+        if not isinstance(mac, str) or not mac:
+            return False
+        return self._verify_mac(message, mac) is True
+
     def _generate(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
+        raise NotImplementedError
+
+    def _mac(self, message: bytes) -> str:
+        raise NotImplementedError
+
+    def _verify_mac(self, message: bytes, mac: str) -> bool:
         raise NotImplementedError
 
     def _min_version(self) -> int:

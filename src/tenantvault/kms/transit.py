@@ -55,9 +55,12 @@ class TransitKeyProvider(CheckedKeyProvider):
         create_key: bool = True,
         sleep: Callable[[float], None] = time.sleep,
         login: Callable[[hvac.Client], float] | None = None,
+        mac_key: str = "tenantvault-audit",
     ) -> None:
         """Args:
         client: an hvac client, already holding a token (or to be logged in by ``login``).
+        mac_key: the transit key that MACs the audit log's markers (not derived; made
+            on first use where the token may).
         login: logs ``client`` in (AppRole) and returns how many seconds the token is
             valid; called again before two thirds of that have passed, and once when
             the server refuses a token that expired early (revoked, or a TTL cut).
@@ -75,6 +78,8 @@ class TransitKeyProvider(CheckedKeyProvider):
         self._key_checked = False
         self._lock = threading.Lock()
         self._login = login
+        self.mac_key = mac_key
+        self._mac_key_checked = False
         self._login_lock = threading.Lock()
         self._renew_at = 0.0
         if login is not None:
@@ -301,6 +306,54 @@ class TransitKeyProvider(CheckedKeyProvider):
             return RewrapResult(tenant, None, "rewrap refused by transit")
         ciphertext = response["data"]["ciphertext"]
         return RewrapResult(tenant, WrappedKey(ciphertext, kek_version_of(ciphertext)))
+
+    def _ensure_mac_key(self) -> None:
+        if self._mac_key_checked or not self._create_key:
+            return
+        try:
+            self._call(
+                "read the audit key",
+                lambda: self._transit.read_key(name=self.mac_key, mount_point=self.mount_point),
+            )
+        except hvac.exceptions.InvalidPath:
+            self._call(
+                "create the audit key",
+                lambda: self._transit.create_key(
+                    name=self.mac_key, key_type="aes256-gcm96", mount_point=self.mount_point
+                ),
+            )
+        except _PermissionDeniedError:
+            pass  # the operator made it; a missing key fails clearly on use
+        self._mac_key_checked = True
+
+    def _mac(self, message: bytes) -> str:
+        self._ensure_mac_key()
+        answer: dict[str, Any] = self._call(
+            "MAC with the audit key",
+            lambda: self._transit.generate_hmac(
+                name=self.mac_key,
+                hash_input=base64.b64encode(message).decode(),
+                algorithm="sha2-256",
+                mount_point=self.mount_point,
+            ),
+        )
+        return str(answer["data"]["hmac"])
+
+    def _verify_mac(self, message: bytes, mac: str) -> bool:
+        try:
+            answer: dict[str, Any] = self._call(
+                "verify with the audit key",
+                lambda: self._transit.verify_signed_data(
+                    name=self.mac_key,
+                    hash_input=base64.b64encode(message).decode(),
+                    hmac=mac,
+                    hash_algorithm="sha2-256",
+                    mount_point=self.mount_point,
+                ),
+            )
+        except hvac.exceptions.InvalidRequest:
+            return False  # not even a MAC of this key
+        return bool(answer["data"]["valid"])
 
     def _rotate(self) -> int:
         self.ensure_key()

@@ -9,12 +9,13 @@ or from application code as well as from the CLI.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 
 from tenantvault.audit.chain import (
     AuditVerifyReport,
+    Head,
     PruneReport,
     add_partitions,
     prune_audit,
@@ -24,6 +25,7 @@ from tenantvault.db.operator import OperatorDatabase
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.keyring import Keyring
 from tenantvault.kms.factory import key_provider_from_settings
+from tenantvault.kms.provider import CheckedKeyProvider
 from tenantvault.ops.purge import PurgeReport, purge_deleted_configs
 from tenantvault.rotation.dek import DekRotationReport, Progress, rotate_data_keys
 from tenantvault.rotation.kek import KekProgress, KekRotationReport, rotate_kek
@@ -99,16 +101,31 @@ def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> S
         return shred_tenant(db, tenant_id, dry_run=dry_run)
 
 
-def audit_verify_job(settings: Settings, tenants: Sequence[str] | None = None) -> AuditVerifyReport:
-    """Recompute the audit chains; the report names the first broken row per tenant."""
+def audit_verify_job(
+    settings: Settings,
+    tenants: Sequence[str] | None = None,
+    *,
+    expected_heads: Mapping[str, Head] | None = None,
+) -> AuditVerifyReport:
+    """Recompute the audit chains; the report names the first broken row per tenant.
+    The key provider is reached only for chains whose start retention cut."""
+    providers: list[CheckedKeyProvider] = []
+
+    def check_mac(message: bytes, mac: str) -> bool:
+        if not providers:
+            providers.append(key_provider_from_settings(settings))
+        return providers[0].verify_mac(message, mac)
+
     with _database(settings) as db:
-        return verify_audit(db, tenants)
+        return verify_audit(db, tenants, check_mac=check_mac, expected_heads=expected_heads)
 
 
 def audit_prune_job(settings: Settings, *, keep_months: int, dry_run: bool = False) -> PruneReport:
-    """Drop audit partitions older than ``keep_months`` months (whole months only)."""
+    """Drop audit partitions older than ``keep_months`` months (whole months only); where
+    each chain now starts is authenticated by the key provider."""
+    mac = None if dry_run else key_provider_from_settings(settings).mac
     with _database(settings) as db:
-        return prune_audit(db, keep_months=keep_months, dry_run=dry_run)
+        return prune_audit(db, keep_months=keep_months, mac=mac, dry_run=dry_run)
 
 
 def audit_partitions_job(settings: Settings, *, months_ahead: int = 24) -> int:

@@ -382,7 +382,13 @@ class DekRotation:
                     batch.update(old=resealed[width], new=resealed[width + 1])
                     cursor.execute(update, {**batch, "t": tenant_id})
                     moved += cursor.rowcount
-                last_batch = len(rows) < self.options.batch_size
+                seals = sealer.take_seals()
+            last_batch = len(rows) < self.options.batch_size
+            # Counted after the batch commits, in a transaction of its own: the batch's
+            # row locks and a writer's lock on the key row are never held at once (a
+            # deadlock). A crash in between leaves at most one batch uncounted.
+            with self.db.transaction() as connection:
+                store.count_seals(connection, tenant_id, target, seals)
             with self._lock:
                 done_tenants = len(self.report.tenants)
             self._progress(

@@ -18,6 +18,10 @@ from tenantvault.keys import store
 from tenantvault.keys.sealed import SEALED_COLUMNS
 from tenantvault.kms.provider import KeyProvider
 
+# Random 96-bit nonces keep the chance of a repeat under 2**-32 up to 2**32 seals under
+# one key (NIST SP 800-38D); status warns at a quarter of that, leaving years to rotate.
+SEALS_WARNING = 2**30
+
 
 @dataclass(frozen=True)
 class DataKeyStatus:
@@ -25,6 +29,11 @@ class DataKeyStatus:
     state: DataKeyState
     kek_version: int
     protects: int  # sealed values that name this key version
+    seals: int = 0  # values ever sealed under it (the nonce budget)
+
+    @property
+    def nonce_budget_low(self) -> bool:
+        return self.seals >= SEALS_WARNING
 
 
 @dataclass
@@ -53,6 +62,11 @@ class KeyStatusReport:
     def behind_kek(self) -> int:
         """Wrapped data keys (not destroyed) under an older KEK version than the latest."""
         return sum(1 for t in self.tenants for k in t.keys if self.is_behind(k))
+
+    @property
+    def nonce_budget_low(self) -> int:
+        """Keys past the seal warning: rotate those tenants' data keys."""
+        return sum(1 for t in self.tenants for k in t.keys if k.nonce_budget_low)
 
     @property
     def legacy_values(self) -> int:
@@ -102,7 +116,9 @@ def key_status(
     for key in keys:
         entry = by_tenant.setdefault(key.tenant_id, TenantKeyStatus(key.tenant_id))
         protects = counts.get((key.tenant_id, key.version), 0)
-        entry.keys.append(DataKeyStatus(key.version, key.state, key.kek_version, protects))
+        entry.keys.append(
+            DataKeyStatus(key.version, key.state, key.kek_version, protects, key.seals)
+        )
     for tenant_id in sorted(set(legacy) | set(malformed)):
         entry = by_tenant.setdefault(tenant_id, TenantKeyStatus(tenant_id))
         entry.legacy_values = legacy.get(tenant_id, 0)

@@ -108,14 +108,16 @@ class OAuthTokens(VaultCore):
         """Both tokens sealed for the token row at ``version`` (bound to it: a token of
         an older version put back into the row does not open)."""
         tenant_id, bound = sealer.tenant_id, (version,)
-        return (
-            sealer.seal(access.encode(), ACCESS_TOKEN.place(tenant_id, config_id, bound=bound)),
-            None
-            if refresh is None
-            else sealer.seal(
-                refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id, bound=bound)
-            ),
+        access_sealed = sealer.seal(
+            access.encode(), ACCESS_TOKEN.place(tenant_id, config_id, bound=bound)
         )
+        refresh_sealed = None
+        if refresh is not None:
+            refresh_sealed = sealer.seal(
+                refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id, bound=bound)
+            )
+        sealer.record_seals()
+        return access_sealed, refresh_sealed
 
     def _token_view(self, session: Session, row: EmailProviderToken) -> OAuthToken:
         if row.encrypted_access_token is None:

@@ -77,6 +77,7 @@ def write_version(
         sealed_history = sealer.seal(
             plaintext, VERSION_CREDENTIALS.place(row.tenant_id, row.id, row.version, bound=bound)
         )
+        sealer.record_seals()
     session.add(
         EmailProviderConfigVersion(
             tenant_id=row.tenant_id,
