@@ -72,4 +72,4 @@ def throwaway_database() -> Iterator[tuple[str, str]]:
                 connection.execute(f'CREATE DATABASE "{name}"')
             yield admin.rsplit("/", 1)[0] + "/" + name, environment["VAULT_ADDR"]
         finally:
-            devstack.down(Path(state))
+            devstack.reset(Path(state))

@@ -56,7 +56,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
             connection.execute("SELECT 1")
         yield Services(admin_url, environment["VAULT_ADDR"], environment["VAULT_TOKEN"])
     finally:
-        devstack.down(state_dir)
+        devstack.reset(state_dir)
 
 
 def _with_database(url: str, name: str) -> str:

@@ -15,8 +15,13 @@ from tenantvault.errors import DevStackError
 
 def test_up_is_idempotent_and_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
     state = tmp_path / "stack"
+    # Directories the stack did not create keep their modes (as root too).
+    parents = {p: p.stat().st_mode for p in tmp_path.resolve().parents} | {
+        tmp_path: tmp_path.stat().st_mode
+    }
     try:
         first = devstack.up(state)
+        assert {p: p.stat().st_mode for p in parents} == parents
         recorded = devstack.StackState.load(state / "stack.json")
         assert recorded.postgres is not None
         assert recorded.openbao is not None
@@ -31,8 +36,8 @@ def test_up_is_idempotent_and_down_stops_exactly_what_up_started(tmp_path: Path)
         # The root token is in no process's arguments, and the logs are the owner's only.
         cmdline = Path(f"/proc/{recorded.openbao.pid}/cmdline").read_bytes()
         assert first.variables["VAULT_TOKEN"].encode() not in cmdline
-        for log in ("openbao.log", "postgres.log"):
-            assert oct((state / log).stat().st_mode & 0o777) == "0o600", log
+        for log in (state / "openbao.log", devstack.postgres_home(state) / "postgres.log"):
+            assert oct(log.stat().st_mode & 0o777) == "0o600", log
 
         second = devstack.up(state)
         again = devstack.StackState.load(state / "stack.json")
@@ -50,7 +55,7 @@ def test_up_is_idempotent_and_down_stops_exactly_what_up_started(tmp_path: Path)
         with pytest.raises(DevStackError, match="dev up"):
             devstack.stack_env(state)
     finally:
-        devstack.down(state)
+        devstack.reset(state)
 
 
 def test_down_leaves_a_process_that_reused_a_recorded_pid_alone(tmp_path: Path) -> None:

@@ -69,6 +69,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         output.print_dev_up(devstack.up(state_dir).as_shell(), state_dir / "env")
     elif args.action == "env":
         output.print_sql(devstack.stack_env(state_dir).as_shell())
+    elif args.action == "reset":
+        output.print_dev_down(devstack.reset(state_dir))
     else:
         output.print_dev_down(devstack.down(state_dir))
     return EXIT_OK
@@ -336,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lifecycle_parsers(commands)
 
     d = commands.add_parser("dev", help="embedded PostgreSQL + OpenBao for development")
-    d.add_argument("action", choices=["up", "down", "env"])
+    d.add_argument(
+        "action",
+        choices=["up", "down", "env", "reset"],
+        help="reset: stop and delete the stack's data",
+    )
     d.add_argument("--state-dir", default=str(devstack.DEFAULT_STATE_DIR))
     d.set_defaults(handler=_cmd_dev)
     return parser

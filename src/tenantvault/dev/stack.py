@@ -12,6 +12,7 @@ transit keys. This stack is for development and tests only.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -185,16 +186,47 @@ def _pg_run_as() -> str | None:
 
 
 def _give_to(user: str | None, path: Path) -> None:
-    """Let the PostgreSQL system user own ``path`` and traverse its parents."""
+    """Let the PostgreSQL system user own ``path`` (a file or directory the stack made)."""
     if user is None:
         return
     import pwd
 
     shutil.chown(path, user, user)
-    for parent in path.resolve().parents:
-        parent.chmod(parent.stat().st_mode | 0o011)
     entry = pwd.getpwnam(user)
     assert entry.pw_uid == path.stat().st_uid
+
+
+# As root, PostgreSQL runs as PG_SYSTEM_USER, which must reach its data directory. The
+# state dir may sit under directories that user cannot traverse (a 0700 home or temp
+# dir), and the stack changes no directory it did not create: so as root, PostgreSQL's
+# data and log live in a directory of their own under /var/tmp (world-traversable,
+# kept across reboots), one per state dir.
+# A fixed name in a shared directory: used only if root owns it and no one else may write.
+ROOT_POSTGRES_BASE = Path("/var/tmp/tenantvault-dev")  # noqa: S108 - checked in _make
+
+
+def postgres_home(state_dir: Path) -> Path:
+    """Where PostgreSQL's data dir (``postgres/``) and ``postgres.log`` are."""
+    if os.geteuid() != 0:
+        return state_dir
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    return ROOT_POSTGRES_BASE / digest
+
+
+def _make_postgres_home(state_dir: Path) -> Path:
+    home = postgres_home(state_dir)
+    if home == state_dir:
+        return home
+    for directory in (ROOT_POSTGRES_BASE, home):
+        if not directory.exists():
+            directory.mkdir(mode=0o711)
+            directory.chmod(0o711)  # made here: traversable, not listable
+        info = directory.lstat()
+        if directory.is_symlink() or info.st_uid != 0 or info.st_mode & 0o022:
+            raise DevStackError(
+                f"{directory} is not a directory only root may write: remove it and rerun"
+            )
+    return home
 
 
 def _pg(args: list[str], user: str | None, log: Path | None = None) -> None:
@@ -224,7 +256,8 @@ def _postmaster_pid(data_dir: Path) -> int | None:
 
 def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceRecord:
     """Start (or reuse) the private PostgreSQL; returns its pid and port."""
-    data_dir = state_dir / "postgres"
+    home = _make_postgres_home(state_dir)
+    data_dir = home / "postgres"
     if (
         record is not None
         and process_alive(record.pid, "postgres")
@@ -232,9 +265,9 @@ def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceReco
     ):
         return record
     user = _pg_run_as()
-    log = state_dir / "postgres.log"
+    log = home / "postgres.log"
     if not (data_dir / "PG_VERSION").exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, exist_ok=True)
         _give_to(user, data_dir)
         _pg(
             [
@@ -276,7 +309,7 @@ def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceReco
 
 
 def stop_postgres(state_dir: Path, record: ServiceRecord) -> bool:
-    data_dir = state_dir / "postgres"
+    data_dir = postgres_home(state_dir) / "postgres"
     if not process_alive(record.pid, "postgres") or _postmaster_pid(data_dir) != record.pid:
         return False
     _pg(["pg_ctl", "-D", str(data_dir), "-m", "fast", "-w", "stop"], _pg_run_as())
@@ -386,8 +419,9 @@ def up(
     state_dir: Path = DEFAULT_STATE_DIR, *, postgres: bool = True, openbao: bool = True
 ) -> StackEnv:
     """Start what is not running yet; reuse what is. Writes ``<state_dir>/env``."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state_dir.chmod(0o700 if os.geteuid() != 0 else 0o711)
+    if not state_dir.exists():
+        state_dir.mkdir(parents=True)
+        state_dir.chmod(0o700)  # made here; one that existed is left as it was
     path = _state_file(state_dir)
     state = StackState.load(path)
     if not state.vault_token:
@@ -401,6 +435,19 @@ def up(
     environment = stack_env(state_dir)
     _write_private(state_dir / "env", environment.as_shell())
     return environment
+
+
+def reset(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
+    """Stop the stack and delete what it keeps: PostgreSQL's data, the logs, the
+    records. Only what ``up`` made goes; the state dir itself stays."""
+    stopped = down(state_dir)
+    home = postgres_home(state_dir)
+    if home != state_dir:
+        shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(state_dir / "postgres", ignore_errors=True)
+    for name in ("postgres.log", "openbao.log", "stack.json", "env"):
+        (state_dir / name).unlink(missing_ok=True)
+    return stopped
 
 
 def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
