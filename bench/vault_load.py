@@ -17,8 +17,9 @@ import sqlalchemy as sa
 
 from tenantvault import Vault
 from tenantvault.crypto.datakey import DataKey
-from tenantvault.crypto.envelope import SealContext, open_sealed
+from tenantvault.crypto.envelope import open_sealed
 from tenantvault.db.session import create_engine
+from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.ops import migrate
 from tenantvault.ops.migrate import migration_engine
@@ -85,7 +86,12 @@ def main() -> None:
         tenant, config_id = "t50", ids[49]
 
         bare_engine = create_engine(settings)
-        select_sql = "SELECT type, encrypted_credentials FROM dripiq_app.email_provider_configs WHERE id = %s"
+        # The same columns the load's function returns: the credentials are bound to
+        # the config's version and config.
+        select_sql = (
+            "SELECT type, version, config, encrypted_credentials "
+            "FROM dripiq_app.email_provider_configs WHERE id = %s"
+        )
 
         def bare() -> object:
             # The floor: the driver connection from the same kind of pool, one
@@ -113,10 +119,9 @@ def main() -> None:
         def naive() -> object:
             row = bare()
             key = DataKey(tenant, 1, naive_provider.unwrap(tenant, wrapped))  # type: ignore[attr-defined]
+            _, version, config, sealed = row  # type: ignore[misc]
             return open_sealed(
-                key,
-                row[1],
-                SealContext(tenant, "email_provider_configs", "encrypted_credentials", config_id),
+                key, sealed, CONFIG_CREDENTIALS.place(tenant, config_id, bound=(version, config))
             )
 
         update = sa.text(

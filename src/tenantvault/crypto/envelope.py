@@ -27,7 +27,7 @@ import binascii
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -95,6 +95,12 @@ def sql_dek_version(column: str) -> str:
     NULL for a malformed value (for counting values per key without reading them into
     Python). ``column`` is an identifier of ours, never input."""
     return f"CASE WHEN {column} ~ '{SQL_PATTERN}' THEN split_part({column}, '.', 2)::bigint END"
+
+
+def like_patterns(dek_versions: Iterable[int]) -> list[str]:
+    """LIKE patterns that match exactly the values naming one of ``dek_versions``, in
+    either format (a prefix test: cheaper per row than parsing the version)."""
+    return [f"{header(v, fmt)}%" for v in dek_versions for fmt in (LEGACY_FORMAT, CURRENT_FORMAT)]
 
 
 def sql_is_current(column: str) -> str:

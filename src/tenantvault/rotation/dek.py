@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from tenantvault.crypto.envelope import sql_dek_version, sql_is_current
+from tenantvault.crypto.envelope import like_patterns, sql_is_current
 from tenantvault.db.operator import DEK_ROTATION_CLAIM, OperatorDatabase
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import (
@@ -294,10 +294,7 @@ class DekRotation:
     def _draining_where(column: SealedColumn) -> str:
         # Values under the draining keys: never one a writer sealed under a newer key,
         # and never one under a destroyed key (gone for good, not stale).
-        return (
-            f"tenant_id = %(t)s AND {column.column} IS NOT NULL "
-            f"AND {sql_dek_version(column.column)} = ANY(%(draining)s::bigint[])"
-        )
+        return f"tenant_id = %(t)s AND {column.column} LIKE ANY(%(draining)s::text[])"
 
     @classmethod
     def _stale_where(cls, column: SealedColumn) -> str:
@@ -325,7 +322,7 @@ class DekRotation:
             f"SELECT {index}, count(*) FROM {self.db.table(column.table)} WHERE {where(column)}"
             for index, column in enumerate(SEALED_COLUMNS)
         )
-        params = {"t": tenant_id, "draining": draining}
+        params = {"t": tenant_id, "draining": like_patterns(draining)}
         with _cursor(connection) as cursor:
             cursor.execute(sql, params)
             return {SEALED_COLUMNS[index]: int(count) for index, count in cursor.fetchall()}
@@ -360,7 +357,7 @@ class DekRotation:
         params: dict[str, Any] = {
             "t": tenant_id,
             "n": self.options.batch_size,
-            "draining": draining,
+            "draining": like_patterns(draining),
         }
         width = len(names)
         where_after = ""
