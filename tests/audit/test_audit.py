@@ -492,3 +492,16 @@ def test_events_cut_from_the_end_are_caught_by_the_heads_kept_outside(
     report = verify_audit(operator_db, expected_heads={"t_a": Head(last.seq, last.hash)})
     assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", last.seq)]
     assert "cut from its end" in report.breaks[0].problem
+
+
+def test_a_row_holding_what_tenantvault_never_writes_is_reported_not_a_crash(
+    history: str, owner_engine: sa.Engine, operator_db: Any
+) -> None:
+    _tamper(
+        owner_engine,
+        "UPDATE dripiq_app.audit_events SET details = '{\"version\": 1.5e-7}' "
+        "WHERE tenant_id = 't_a' AND seq = 3",
+    )
+    report = verify_audit(operator_db)
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", 3)]
+    assert "edited" in report.breaks[0].problem

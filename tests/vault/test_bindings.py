@@ -22,6 +22,7 @@ from tenantvault.db.session import tenant_session
 from tenantvault.keys.keyring import Keyring
 from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
+from tenantvault.rotation.shred import shred_tenant
 from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, fresh_keyring
@@ -248,3 +249,71 @@ def test_a_rotation_refusing_the_old_format_reports_it_and_launders_nothing(
             sa.text("SELECT encrypted_credentials FROM dripiq_app.email_provider_configs")
         ).scalar_one()
     assert value.startswith("tv1.")
+
+
+def test_a_rewritten_config_is_refused_before_new_credentials_are_bound_to_it(
+    vault: Vault, app_url: str, owner_engine: sa.Engine
+) -> None:
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": PASSWORD}
+    )
+    _as_app(
+        app_url,
+        "UPDATE dripiq_app.email_provider_configs "
+        "SET config = jsonb_set(config, '{host}', '\"smtp.attacker.example\"') WHERE id = %(id)s",
+        id=cfg.id,
+    )
+    # The routine credential rotation after it: refused, nothing written.
+    with pytest.raises(DecryptionError):
+        vault.store_credentials("t_a", cfg.id, {"password": "rotated"})
+    with pytest.raises(DecryptionError):
+        vault.update_config("t_a", cfg.id, name="Renamed")
+    with owner_engine.connect() as connection:
+        version = connection.execute(
+            sa.text("SELECT version FROM dripiq_app.email_provider_configs")
+        ).scalar_one()
+    assert version == 1
+    with pytest.raises(DecryptionError):
+        vault.load_credentials("t_a", cfg.id)
+
+
+def test_tokens_of_a_deleted_grant_do_not_open_in_the_next_one(
+    vault: Vault, owner_engine: sa.Engine, app_url: str
+) -> None:
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="OAuth relay", config={**SMTP, "auth_type": "oauth2"}
+    )
+    assert vault.store_oauth_token("t_a", cfg.id, access_token="grant-1", refresh_token="r1") == 1
+    with owner_engine.connect() as connection:
+        old = connection.execute(
+            sa.text(
+                "SELECT encrypted_access_token, encrypted_refresh_token "
+                "FROM dripiq_app.email_provider_tokens"
+            )
+        ).one()
+    assert vault.delete_oauth_token("t_a", cfg.id)
+    assert vault.store_oauth_token("t_a", cfg.id, access_token="grant-2", refresh_token="r2") == 1
+    _as_app(
+        app_url,
+        "UPDATE dripiq_app.email_provider_tokens SET encrypted_access_token = %(a)s, "
+        "encrypted_refresh_token = %(r)s WHERE config_id = %(id)s",
+        a=old[0],
+        r=old[1],
+        id=cfg.id,
+    )
+    with pytest.raises(DecryptionError):
+        vault.load_oauth_token("t_a", cfg.id)
+
+
+def test_old_format_values_under_a_shredded_key_do_not_keep_rotation_incomplete(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: CountingProvider
+) -> None:
+    _legacy_config(vault, owner_engine)
+    shred_tenant(operator_db, "t_a")
+    vault.keyring.cache.clear()
+    vault.create_config(
+        "t_a", type="smtp", name="after", config=SMTP, credentials={"password": "new"}
+    )
+    report = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"])
+    assert report.ok, report
+    assert report.unopenable == []

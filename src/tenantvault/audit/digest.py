@@ -47,9 +47,8 @@ def jsonb_text(value: Any) -> str:
         return "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        # jsonb keeps numbers as numeric; tenantvault never writes a float to the log.
-        return repr(value)
+    # No floats: tenantvault never writes one to the log, and PostgreSQL's numeric
+    # output is not Python's; a float in a row is reported as a changed row.
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, Mapping):

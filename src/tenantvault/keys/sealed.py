@@ -8,7 +8,7 @@ forgotten by one of them.
 Bindings: a config's credentials (live and kept in history) are bound to that
 row's version and a digest of its non-secret config, so they never open beside a
 config they were not sealed with, nor after the row moved on to a newer version.
-OAuth tokens are bound to the token row's version.
+OAuth tokens are bound to the token row's id and version.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def config_binding(version: int, config: Mapping[str, Any]) -> bytes:
     return f"config:{version}:".encode() + hashlib.sha256(canonical_config(config)).digest()
 
 
-def token_binding(version: int) -> bytes:
-    """What a config's OAuth tokens are bound to: the token row's version."""
-    return f"token:{version}".encode()
+def token_binding(row_id: str, version: int) -> bytes:
+    """What a config's OAuth tokens are bound to: the token row (a new grant after a
+    delete is a new row, whose versions start again) and its version."""
+    return f"token:{row_id}:{version}".encode()
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,14 @@ ACCESS_TOKEN = SealedColumn(
     EmailProviderToken.__tablename__,
     "encrypted_access_token",
     (("config_id", "text"),),
-    ("version",),
+    ("id", "version"),
     token_binding,
 )
 REFRESH_TOKEN = SealedColumn(
     EmailProviderToken.__tablename__,
     "encrypted_refresh_token",
     (("config_id", "text"),),
-    ("version",),
+    ("id", "version"),
     token_binding,
 )
 # The version is in the row id too: a kept secret cannot be swapped into another version.

@@ -147,6 +147,7 @@ class DekRotation:
         self.report = DekRotationReport(dry_run=options.dry_run)
         self._lock = threading.Lock()
         self._total = 0
+        self._destroyed: dict[str, list[str]] = {}  # per tenant: LIKE patterns of its keys
 
     # --- the run ---
 
@@ -222,6 +223,8 @@ class DekRotation:
             with self.db.transaction() as connection:
                 keys = store.states(connection, tenant_id)
             active, draining = keys.active, keys.draining
+            # Values under a destroyed (shredded) key are gone for good: never stale.
+            self._destroyed[tenant_id] = like_patterns(keys.destroyed)
             if active is None:
                 return TenantRotation(tenant_id, "no keys")
             if self.options.dry_run:
@@ -303,7 +306,7 @@ class DekRotation:
         name = column.column
         return (
             f"{cls._draining_where(column)} OR (tenant_id = %(t)s AND {name} IS NOT NULL "
-            f"AND NOT {sql_is_current(name)})"
+            f"AND NOT {sql_is_current(name)} AND NOT {name} LIKE ANY(%(destroyed)s::text[]))"
         )
 
     def _stale_counts(
@@ -322,7 +325,11 @@ class DekRotation:
             f"SELECT {index}, count(*) FROM {self.db.table(column.table)} WHERE {where(column)}"
             for index, column in enumerate(SEALED_COLUMNS)
         )
-        params = {"t": tenant_id, "draining": like_patterns(draining)}
+        params = {
+            "t": tenant_id,
+            "draining": like_patterns(draining),
+            "destroyed": self._destroyed.get(tenant_id, []),
+        }
         with _cursor(connection) as cursor:
             cursor.execute(sql, params)
             return {SEALED_COLUMNS[index]: int(count) for index, count in cursor.fetchall()}
@@ -358,6 +365,7 @@ class DekRotation:
             "t": tenant_id,
             "n": self.options.batch_size,
             "draining": like_patterns(draining),
+            "destroyed": self._destroyed.get(tenant_id, []),
         }
         width = len(names)
         where_after = ""

@@ -263,11 +263,16 @@ class Configs(VaultCore):
                 None if credentials is None else parse_credentials(row.type, credentials, parsed)
             )
             kept = secret
-            if secret is None and row.encrypted_credentials is not None:
-                # The history row keeps the credentials of this version too; and a new
-                # config must still fit them (e.g. SMTP login to oauth2 while a password
-                # is stored): checked before writing.
-                kept = self._open_credentials(s, row)
+            if row.encrypted_credentials is not None:
+                # The stored credentials open only beside the config and version they
+                # were sealed with: checked before any new version, so a config rewritten
+                # by SQL is refused here instead of being sealed into the next version
+                # with new credentials. The history row keeps this version's credentials
+                # too; and a new config must still fit them (e.g. SMTP login to oauth2
+                # while a password is stored): checked before writing.
+                current = self._current_credentials(s, row)
+                if secret is None:
+                    kept = current
                 if config is not None:
                     parse_credentials(row.type, kept, parsed)
             only_credentials = new_name is None and config is None

@@ -21,7 +21,7 @@ from tenantvault import audit
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction, EmailProviderConfig, ProviderType
 from tenantvault.db.session import create_engine, set_tenant, tenant_session
-from tenantvault.errors import DecryptionError, NotFoundError
+from tenantvault.errors import DecryptionError, KeyDestroyedError, NotFoundError
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
@@ -138,6 +138,20 @@ class VaultCore:
         # Checked against the config whenever either was written (create, update),
         # so loads, cached or not, rebuild only the credentials model.
         return credentials_from_storage(ProviderType(row.type), opened)
+
+    def _current_credentials(
+        self, session: Session, row: EmailProviderConfig
+    ) -> CredentialsModel | None:
+        """The row's credentials, opened (so their binding checked); None when the
+        tenant's keys were destroyed (shredded: nothing is left to bind or keep).
+
+        Raises:
+            DecryptionError: they do not open beside the row's config and version.
+        """
+        try:
+            return self._open_credentials(session, row)
+        except KeyDestroyedError:
+            return None
 
     def _view(
         self, session: Session, row: EmailProviderConfig, with_credentials: bool

@@ -103,11 +103,16 @@ class OAuthTokens(VaultCore):
 
     @staticmethod
     def _seal_tokens(
-        sealer: Sealer, config_id: str, version: int, access: str, refresh: str | None
+        sealer: Sealer,
+        config_id: str,
+        row_id: str,
+        version: int,
+        access: str,
+        refresh: str | None,
     ) -> tuple[str, str | None]:
-        """Both tokens sealed for the token row at ``version`` (bound to it: a token of
-        an older version put back into the row does not open)."""
-        tenant_id, bound = sealer.tenant_id, (version,)
+        """Both tokens sealed for the token row ``row_id`` at ``version`` (bound to them:
+        a token of an older version or an earlier grant put back does not open)."""
+        tenant_id, bound = sealer.tenant_id, (row_id, version)
         access_sealed = sealer.seal(
             access.encode(), ACCESS_TOKEN.place(tenant_id, config_id, bound=bound)
         )
@@ -124,7 +129,7 @@ class OAuthTokens(VaultCore):
             raise NotFoundError(
                 f"config {row.config_id} of tenant {row.tenant_id} has no OAuth token"
             )
-        sealer, bound = self._sealer(session, row.tenant_id), (row.version,)
+        sealer, bound = self._sealer(session, row.tenant_id), (row.id, row.version)
         access = sealer.open(
             row.encrypted_access_token,
             ACCESS_TOKEN.place(row.tenant_id, row.config_id, bound=bound),
@@ -196,17 +201,22 @@ class OAuthTokens(VaultCore):
             # token row's lock waits for a refresh in flight. The version is known
             # before sealing, so the tokens are bound to it.
             self._live(s, tenant_id, config_id)
-            current = s.scalars(
-                sa.select(EmailProviderToken.version)
+            current = s.execute(
+                sa.select(EmailProviderToken.id, EmailProviderToken.version)
                 .where(
                     EmailProviderToken.tenant_id == tenant_id,
                     EmailProviderToken.config_id == config_id,
                 )
                 .with_for_update()
             ).one_or_none()
-            version = (current or 0) + 1
+            # A new row (a first grant, or one after a delete) gets a fresh id: tokens of
+            # an earlier row never open in it, whatever its version.
+            row_id, version = (
+                (new_id(), 1) if current is None else (current.id, current.version + 1)
+            )
+            sealer = self._sealer(s, tenant_id)
             access, refresh = self._seal_tokens(
-                self._sealer(s, tenant_id), config_id, version, access_token, refresh_token
+                sealer, config_id, row_id, version, access_token, refresh_token
             )
             values: dict[str, Any] = {
                 "encrypted_access_token": access,
@@ -218,7 +228,7 @@ class OAuthTokens(VaultCore):
             }
             s.execute(
                 pg_insert(EmailProviderToken)
-                .values(id=new_id(), tenant_id=tenant_id, config_id=config_id, **values)
+                .values(id=row_id, tenant_id=tenant_id, config_id=config_id, **values)
                 .on_conflict_do_update(
                     index_elements=[EmailProviderToken.tenant_id, EmailProviderToken.config_id],
                     set_=values,
@@ -327,6 +337,7 @@ class OAuthTokens(VaultCore):
             access, refresh = self._seal_tokens(
                 self._sealer(s, tenant_id),
                 config_id,
+                row.id,
                 current.version + 1,
                 new.access_token,
                 refresh_plain,
