@@ -1,4 +1,4 @@
-"""The lookups the application makes (shared/APP_QUERIES.md), as SQLAlchemy statements.
+"""The lookups the application makes, as SQLAlchemy statements: this module is the list.
 
 Repositories run these and nothing else against the tenant tables, and the
 indexes exist for exactly these: ``tests/db/test_queries.py`` loads a realistic

@@ -1,4 +1,4 @@
-"""What each provider's config and credentials hold (shared/PROVIDER_FIELDS.md).
+"""What each provider's config and credentials hold: the models below are the list.
 
 Per provider: a model of the non-secret ``config`` (stored as JSONB) and one of
 the secret credentials (sealed). Unknown fields are refused, secrets are
