@@ -38,7 +38,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             options = MigrationOptions.from_settings(load_settings())
         except TenantVaultError:
             options = MigrationOptions()  # offline SQL needs no database
-        output.print_sql(migrate.offline_sql(options, args.revision))
+        output.print_raw(migrate.offline_sql(options, args.revision))
         return EXIT_OK
     settings = load_settings()
     if args.downgrade:
@@ -68,7 +68,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     if args.action == "up":
         output.print_dev_up(devstack.up(state_dir).as_shell(), state_dir / "env")
     elif args.action == "env":
-        output.print_sql(devstack.stack_env(state_dir).as_shell())
+        output.print_raw(devstack.stack_env(state_dir).as_shell())
     elif args.action == "reset":
         output.print_dev_down(devstack.reset(state_dir))
     else:

@@ -314,7 +314,7 @@ def print_lines(lines: Sequence[str]) -> None:
     print("\n".join(lines))
 
 
-def print_sql(text: str) -> None:
+def print_raw(text: str) -> None:
     """Text made to be piped on (SQL, shell variables), as it is."""
     sys.stdout.write(text)
 

@@ -108,11 +108,6 @@ def sql_is_current(column: str) -> str:
     return f"starts_with({column}, 'tv{CURRENT_FORMAT}.')"
 
 
-def sql_is_malformed(column: str) -> str:
-    """A PostgreSQL condition: ``column`` holds something that is not a sealed value."""
-    return f"({column} IS NOT NULL AND {column} !~ '{SQL_PATTERN}')"
-
-
 def seal(
     key: DataKey, plaintext: bytes, context: SealContext, *, nonce: bytes | None = None
 ) -> str:
@@ -151,11 +146,6 @@ def sealed_dek_version(sealed: str) -> int:
         DecryptionError: the value is not a well-formed sealed value.
     """
     return _parse(sealed)[1]
-
-
-def is_current(sealed: str) -> bool:
-    """Whether ``sealed`` is in the current format (False for format 1 or malformed)."""
-    return isinstance(sealed, str) and sealed.startswith(f"tv{CURRENT_FORMAT}.")
 
 
 def open_sealed(

@@ -34,11 +34,13 @@ class Keyring:
     def __init__(
         self, provider: KeyProvider, cache: DataKeyCache, *, allow_legacy: bool = True
     ) -> None:
-        """Args:
-        provider: the KMS that wraps and unwraps the data keys.
-        cache: where unwrapped keys are kept between transactions.
-        allow_legacy: open values in the old format (bound to their place only); turn
-            it off once ``rotate-keys status`` counts none left.
+        """A keyring over ``provider``, keeping unwrapped keys in ``cache``.
+
+        Args:
+            provider: the KMS that wraps and unwraps the data keys.
+            cache: where unwrapped keys are kept between transactions.
+            allow_legacy: open values in the old format (bound to their place only);
+                turn it off once ``rotate-keys status`` counts none left.
         """
         self.provider = provider
         self.cache = cache
@@ -89,10 +91,6 @@ class Keyring:
         # Committed: from here on the key is the one stored.
         self.cache.put(DataKey(tenant_id, version, plaintext), wrapped.ciphertext)
         return version
-
-    def evict(self, tenant_id: str) -> None:
-        """Forget the tenant's cached keys (after they were destroyed)."""
-        self.cache.evict_tenant(tenant_id)
 
     # --- for Sealer ---
 

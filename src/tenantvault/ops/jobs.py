@@ -8,6 +8,7 @@ or from application code as well as from the CLI.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,6 @@ from tenantvault.db.operator import OperatorDatabase
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.keyring import Keyring
 from tenantvault.kms.factory import key_provider_from_settings
-from tenantvault.kms.provider import CheckedKeyProvider
 from tenantvault.ops.purge import PurgeReport, purge_deleted_configs
 from tenantvault.rotation.dek import DekRotationReport, Progress, rotate_data_keys
 from tenantvault.rotation.kek import KekProgress, KekRotationReport, rotate_kek
@@ -109,12 +109,10 @@ def audit_verify_job(
 ) -> AuditVerifyReport:
     """Recompute the audit chains; the report names the first broken row per tenant.
     The key provider is reached only for chains whose start retention cut."""
-    providers: list[CheckedKeyProvider] = []
+    provider = functools.cache(lambda: key_provider_from_settings(settings))
 
     def check_mac(message: bytes, mac: str) -> bool:
-        if not providers:
-            providers.append(key_provider_from_settings(settings))
-        return providers[0].verify_mac(message, mac)
+        return provider().verify_mac(message, mac)
 
     with _database(settings) as db:
         return verify_audit(db, tenants, check_mac=check_mac, expected_heads=expected_heads)

@@ -263,18 +263,18 @@ class Configs(VaultCore):
                 None if credentials is None else parse_credentials(row.type, credentials, parsed)
             )
             kept = secret
-            if row.encrypted_credentials is not None:
-                # The stored credentials open only beside the config and version they
-                # were sealed with: checked before any new version, so a config rewritten
-                # by SQL is refused here instead of being sealed into the next version
-                # with new credentials. The history row keeps this version's credentials
-                # too; and a new config must still fit them (e.g. SMTP login to oauth2
-                # while a password is stored): checked before writing.
-                current = self._current_credentials(s, row)
-                if secret is None:
-                    kept = current
+            if row.encrypted_credentials is not None and secret is None:
+                # Opening checks the binding (a config rewritten by SQL is refused here).
+                # The history row keeps this version's credentials too; and a new config
+                # must still fit them (e.g. SMTP login to oauth2 while a password is
+                # stored): checked before writing.
+                kept = self._open_credentials(s, row)
                 if config is not None:
                     parse_credentials(row.type, kept, parsed)
+            elif row.encrypted_credentials is not None:
+                # New credentials replace them, but are never sealed beside a config
+                # rewritten by SQL: the stored ones must still open with the row first.
+                self._check_binding(s, row)
             only_credentials = new_name is None and config is None
             change = ConfigChange.CREDENTIALS if only_credentials else ConfigChange.UPDATED
             with changes(s, tenant_id, new_name or row.name, joined=session is not None):

@@ -9,6 +9,7 @@ each call opens and commits its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,19 +140,15 @@ class VaultCore:
         # so loads, cached or not, rebuild only the credentials model.
         return credentials_from_storage(ProviderType(row.type), opened)
 
-    def _current_credentials(
-        self, session: Session, row: EmailProviderConfig
-    ) -> CredentialsModel | None:
-        """The row's credentials, opened (so their binding checked); None when the
-        tenant's keys were destroyed (shredded: nothing is left to bind or keep).
+    def _check_binding(self, session: Session, row: EmailProviderConfig) -> None:
+        """Open the row's credentials, so their binding to its config and version is
+        checked; a tenant whose keys were shredded has nothing left to check.
 
         Raises:
             DecryptionError: they do not open beside the row's config and version.
         """
-        try:
-            return self._open_credentials(session, row)
-        except KeyDestroyedError:
-            return None
+        with contextlib.suppress(KeyDestroyedError):
+            self._open_credentials(session, row)
 
     def _view(
         self, session: Session, row: EmailProviderConfig, with_credentials: bool
