@@ -15,10 +15,6 @@ class ConfigurationError(TenantVaultError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-class TenantNotSetError(TenantVaultError, ValueError):
-    """A tenant-scoped operation was given an empty or malformed tenant id."""
-
-
 class MigrationError(TenantVaultError):
     """A schema migration could not run; the database was left as it was."""
 
@@ -61,3 +57,10 @@ class AuditError(TenantVaultError):
 
 class InvalidInputError(TenantVaultError, ValueError):
     """Caller input failed validation; the message names each field, never its value."""
+
+
+class TenantNotSetError(InvalidInputError):
+    """A tenant-scoped operation was given an empty or malformed tenant id.
+
+    An :class:`InvalidInputError` like any other bad input; the message names the
+    field, ``tenant_id``, never the value given."""

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from psycopg import errors
 
 from tenantvault.db.models import EmailProviderConfig
-from tenantvault.db.session import TENANT_SETTING, create_engine, tenant_session
-from tenantvault.errors import TenantNotSetError
+from tenantvault.db.session import TENANT_SETTING, check_tenant_id, create_engine, tenant_session
+from tenantvault.errors import InvalidInputError, TenantNotSetError
 from tenantvault.settings import load_settings
 from tests.support import seed_legacy
 
@@ -191,6 +191,16 @@ def test_tenant_session_refuses_a_malformed_tenant_id(bad: str) -> None:
     engine = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(TenantNotSetError), tenant_session(engine, bad):
         pass
+
+
+@pytest.mark.parametrize("bad", ["", "t;DROP TABLE tenants", "x" * 129, None])
+def test_a_malformed_tenant_id_is_invalid_input_naming_the_field_never_the_value(
+    bad: str,
+) -> None:
+    with pytest.raises(InvalidInputError, match=r"^tenant_id") as raised:
+        check_tenant_id(bad)
+    assert isinstance(raised.value, TenantNotSetError)  # what it was before: still caught
+    assert not bad or bad not in str(raised.value)
 
 
 def test_the_app_role_cannot_make_a_data_key_with_a_chosen_state_or_a_false_kek_version(

@@ -34,7 +34,9 @@ def check_tenant_id(tenant_id: str) -> str:
     """Return ``tenant_id`` if it is a well-formed tenant id.
 
     Raises:
-        TenantNotSetError: it is empty, too long, or holds characters outside ``[A-Za-z0-9_.:-]``.
+        TenantNotSetError: (an ``InvalidInputError``) it is empty, too long, or holds
+            characters outside ``[A-Za-z0-9_.:-]``; the message names ``tenant_id``,
+            never the value.
     """
     if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
         raise TenantNotSetError("tenant_id must be 1-128 characters of [A-Za-z0-9_.:-]")
@@ -70,7 +72,8 @@ def tenant_session(engine: Engine, tenant_id: str) -> Iterator[Session]:
     Commits when the block ends normally, rolls back when it raises.
 
     Raises:
-        TenantNotSetError: ``tenant_id`` is malformed (nothing is opened).
+        TenantNotSetError: (an ``InvalidInputError``) ``tenant_id`` is malformed
+            (nothing is opened).
     """
     check_tenant_id(tenant_id)
     with Session(engine) as session, session.begin():

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tenantvault.db.models import ConfigChange, EmailProviderConfig, EmailProviderConfigVersion
-from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
+from tenantvault.errors import ConcurrentModification, InvalidInputError
 from tenantvault.keys.keyring import Sealer
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, VERSION_CREDENTIALS
 from tenantvault.vault.providers import CredentialsModel, credentials_to_json
@@ -129,6 +129,15 @@ def changes(
         raise _integrity(exc, tenant_id, name, restoring=restoring) from None
 
 
+# The foreign keys to the application's tenants table a config write can break: the
+# config row's own, and its tenant's first data key's (made by the first seal, so
+# with credentials it is the first to refuse). Named in migrations 0002 and 0005.
+_TENANT_FOREIGN_KEYS = (
+    "fk_email_provider_configs_tenant_id_tenants",
+    "fk_tenant_data_keys_tenant_id_tenants",
+)
+
+
 def _integrity(
     exc: IntegrityError, tenant_id: str, name: str, *, restoring: bool = False
 ) -> Exception:
@@ -138,6 +147,8 @@ def _integrity(
         return InvalidInputError(
             f"name: tenant {tenant_id} already has a live config named {name!r}{hint}"
         )
-    if "fk_email_provider_configs_tenant_id_tenants" in text:
-        return NotFoundError(f"tenant {tenant_id} does not exist")
+    if any(constraint in text for constraint in _TENANT_FOREIGN_KEYS):
+        return InvalidInputError(
+            f"tenant_id: tenant {tenant_id} does not exist (no row in the tenants table)"
+        )
     return InvalidInputError("the row breaks a database constraint")
