@@ -104,8 +104,7 @@ def test_a_malformed_tenant_id_is_refused_before_anything_runs(
     operator_env: object, capsys: pytest.CaptureFixture[str], owner_engine: sa.Engine
 ) -> None:
     assert (
-        cli.main(["rotate-keys", "dek", "--tenant", "t_a", "--tenant", "bad id;"])
-        == cli.EXIT_FAILED
+        cli.main(["rotate-keys", "dek", "--tenant", "t_a", "--tenant", "bad id;"]) == cli.EXIT_USAGE
     )
     assert "FAILED: tenant_id must be 1-128 characters" in capsys.readouterr().err
     with owner_engine.connect() as connection:
@@ -174,3 +173,56 @@ def test_ctrl_c_stops_after_the_current_batch_and_exits_130(
 
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["audit", "verify", "--tenant", "t_a", "--tenant", "t_nobody"],
+        ["rotate-keys", "status", "--tenant", "t_nobody"],
+        ["rotate-keys", "dek", "--tenant", "t_nobody"],
+    ],
+)
+def test_an_unknown_tenant_is_a_usage_error_not_nothing_to_do(
+    command: list[str],
+    vault: Vault,
+    operator_env: object,
+    capsys: pytest.CaptureFixture[str],
+    owner_engine: sa.Engine,
+) -> None:
+    populate(vault, "t_a")
+    assert cli.main(command) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("FAILED: --tenant: no such tenant in dripiq_app.tenants: t_nobody\n")
+    assert key_states(owner_engine, "t_a") == {1: "active"}
+
+
+def test_a_dry_run_with_vault_down_does_not_claim_it_tried_to_open_values(
+    vault: Vault,
+    operator_env: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    populate(vault, "t_a")
+    monkeypatch.setenv("VAULT_ADDR", "http://127.0.0.1:1")
+    assert cli.main(["rotate-keys", "dek", "--all", "--dry-run"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "would re-seal" in out
+    assert "could not be opened" not in out
+    assert "a dry run opens nothing" in out
+    assert cli.main(["rotate-keys", "dek", "--all", "--dry-run", "--json"]) == cli.EXIT_OK
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["unopenable"] is None
+
+
+def test_vault_down_is_said_in_plain_words(
+    operator_env: object, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VAULT_ADDR", "http://127.0.0.1:1")
+    monkeypatch.setenv("TENANTVAULT_VAULT_TIMEOUT_SECONDS", "1")
+    assert cli.main(["rotate-keys", "status"]) == cli.EXIT_FAILED
+    assert capsys.readouterr().err == (
+        "FAILED: could not read the transit key: Vault at http://127.0.0.1:1 is unreachable "
+        "(no connection)\n"
+    )

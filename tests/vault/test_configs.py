@@ -100,6 +100,14 @@ def test_credentials_round_trip_for_each_provider_type(
         ),
         ("google_workspace", GOOGLE, {"private_key": "hunter2-not-pem"}, "credentials.private_key"),
         ("mailgun", {}, {}, "type"),
+        # PostgreSQL's jsonb cannot hold a NUL: refused by name, not as a driver error.
+        ("smtp", {**SMTP, "user": "u\x00hunter2"}, {"password": "x"}, "config.user: .*NUL"),
+        (
+            "smtp",
+            {**SMTP, "tls": {"ciphers": "HIGH\x00hunter2"}},
+            {"password": "x"},
+            "config.tls.ciphers: .*NUL",
+        ),
     ],
 )
 def test_invalid_input_names_the_field_never_the_value_and_writes_nothing(
@@ -409,3 +417,16 @@ def test_a_config_change_that_no_longer_fits_the_stored_credentials_is_refused(
     assert vault.get_config("t_a", created.id).config.auth_type == "login"  # type: ignore[union-attr]
     vault.update_config("t_a", created.id, config={**SMTP, "auth_type": "oauth2"}, credentials={})
     assert vault.get_config("t_a", created.id).config.auth_type == "oauth2"  # type: ignore[union-attr]
+
+
+def test_a_nul_in_a_name_or_scope_is_refused_by_name_not_by_the_driver(
+    vault: Vault, owner_engine: sa.Engine
+) -> None:
+    with pytest.raises(InvalidInputError, match=r"^name: must be printable text$"):
+        vault.create_config("t_a", type="smtp", name="Re\x00lay", config=SMTP)
+    cfg = vault.create_config("t_a", type="microsoft_graph", name="G", config=GRAPH)
+    with pytest.raises(InvalidInputError, match=r"^scopes: "):
+        vault.store_oauth_token("t_a", cfg.id, access_token="a", scopes=["Mail.\x00Send"])
+    with pytest.raises(InvalidInputError, match=r"^name: must be printable text$"):
+        vault.update_config("t_a", cfg.id, name="G\x00")
+    assert [r.name for r in owner_rows(owner_engine, "email_provider_configs")] == ["G"]

@@ -9,14 +9,14 @@ is done or when the connection dies with its process.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
-from tenantvault.db.session import create_engine
-from tenantvault.errors import RotationError
+from tenantvault.db.session import check_tenant_id, create_engine
+from tenantvault.errors import InvalidInputError, RotationError
 from tenantvault.settings import Settings
 
 DEK_ROTATION_CLAIM = 1_953_916_002
@@ -85,6 +85,29 @@ class OperatorDatabase:
                         {"cls": lock_class, "tenant_id": tenant_id},
                     )
                     connection.commit()
+
+    def require_tenants(self, tenants: Sequence[str] | None) -> None:
+        """Refuse tenant ids with no row in the application's ``tenants`` table: a
+        mistyped id must not read as "nothing to do".
+
+        Raises:
+            InvalidInputError: naming each unknown id (ids are not secret).
+        """
+        if not tenants:
+            return
+        wanted = [check_tenant_id(t) for t in tenants]
+        with self.transaction() as connection:
+            found = set(
+                connection.execute(
+                    sa.text(f"SELECT id FROM {self.table('tenants')} WHERE id = ANY(:ids)"),
+                    {"ids": wanted},
+                ).scalars()
+            )
+        missing = [t for t in dict.fromkeys(wanted) if t not in found]
+        if missing:
+            raise InvalidInputError(
+                f"--tenant: no such tenant in {self.schema}.tenants: {', '.join(missing)}"
+            )
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -297,6 +297,17 @@ def _behind(latest: int) -> sa.ColumnElement[bool]:
     return sa.and_(Key.state != DESTROYED, Key.kek_version < latest)
 
 
+def kek_versions_in_use(connection: sa.Connection) -> tuple[int, int] | None:
+    """The lowest and highest KEK version a live (not destroyed) data key is wrapped
+    under; None when there is no live key."""
+    low, high = connection.execute(
+        sa.select(sa.func.min(Key.kek_version), sa.func.max(Key.kek_version)).where(
+            Key.state != DESTROYED
+        )
+    ).one()
+    return None if low is None else (int(low), int(high))
+
+
 def count_behind_kek(connection: sa.Connection, latest: int) -> int:
     """Wrapped keys (not destroyed) under a KEK version older than ``latest``."""
     return int(connection.execute(sa.select(sa.func.count()).where(_behind(latest))).scalar_one())

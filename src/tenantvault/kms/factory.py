@@ -65,7 +65,9 @@ def _approle_login(settings: Settings) -> Login | None:
                 mount_point=settings.vault_approle_mount,
             )
         except requests.exceptions.RequestException:
-            raise KeyProviderUnavailable("transit unavailable for AppRole login") from None
+            raise KeyProviderUnavailable(
+                f"could not log in with AppRole: Vault at {client.url.rstrip('/')} is unreachable"
+            ) from None
         except hvac.exceptions.VaultError:
             raise ConfigurationError(
                 "AppRole login refused: check TENANTVAULT_VAULT_APPROLE_ROLE_ID and _SECRET_ID"

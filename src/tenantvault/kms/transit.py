@@ -33,6 +33,15 @@ class _PermissionDeniedError(KeyProviderError):
     pass
 
 
+def _unavailable(exc: Exception) -> str:
+    """Why Vault did not serve a request, as the end of a sentence."""
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "is unreachable (no connection)"
+    if isinstance(exc, hvac.exceptions.VaultDown):
+        return "is sealed or not initialised"
+    return f"answered with a server error ({type(exc).__name__})"
+
+
 # Contexts of the probe that a key is derived; no tenant id has a NUL byte.
 _PROBE_TENANTS = ("tenantvault\x00probe-a", "tenantvault\x00probe-b")
 
@@ -112,11 +121,14 @@ class TransitKeyProvider(CheckedKeyProvider):
             try:
                 return request()
             except requests.exceptions.Timeout:
-                raise KeyProviderUnavailable(f"transit did not answer {what} in time") from None
+                raise KeyProviderUnavailable(
+                    f"could not {what}: Vault at {self._client.url.rstrip('/')} did not answer "
+                    f"within {self.timeout_seconds:g}s"
+                ) from None
             except _TRANSIENT as exc:
                 if time.monotonic() + delay >= deadline:
                     raise KeyProviderUnavailable(
-                        f"transit unavailable for {what} ({type(exc).__name__})"
+                        f"could not {what}: Vault at {self._client.url.rstrip('/')} {_unavailable(exc)}"
                     ) from None
                 self._sleep(delay)
                 delay *= 2
@@ -138,7 +150,7 @@ class TransitKeyProvider(CheckedKeyProvider):
                 return
             try:
                 info = self._call(
-                    "read the key",
+                    "read the transit key",
                     lambda: self._transit.read_key(
                         name=self.key_name, mount_point=self.mount_point
                     ),
@@ -156,7 +168,7 @@ class TransitKeyProvider(CheckedKeyProvider):
                     raise KeyProviderError(self._missing_key_message())
                 try:
                     self._call(
-                        "create the key",
+                        "create the transit key",
                         lambda: self._transit.create_key(
                             name=self.key_name,
                             derived=True,
@@ -167,7 +179,7 @@ class TransitKeyProvider(CheckedKeyProvider):
                 except KeyProviderError:
                     raise KeyProviderError(self._missing_key_message()) from None
                 info = self._call(
-                    "read the key",
+                    "read the transit key",
                     lambda: self._transit.read_key(
                         name=self.key_name, mount_point=self.mount_point
                     ),
@@ -358,7 +370,7 @@ class TransitKeyProvider(CheckedKeyProvider):
     def _rotate(self) -> int:
         self.ensure_key()
         self._call(
-            "rotate the key",
+            "rotate the transit key",
             lambda: self._transit.rotate_key(name=self.key_name, mount_point=self.mount_point),
         )
         return self._latest_version()
@@ -366,7 +378,7 @@ class TransitKeyProvider(CheckedKeyProvider):
     def _key_info(self) -> dict[str, Any]:
         self.ensure_key()
         info: dict[str, Any] = self._call(
-            "read the key",
+            "read the transit key",
             lambda: self._transit.read_key(name=self.key_name, mount_point=self.mount_point),
         )
         return info["data"]  # type: ignore[no-any-return]

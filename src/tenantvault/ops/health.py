@@ -8,10 +8,12 @@ from datetime import UTC, date, datetime, timedelta
 import hvac
 import sqlalchemy as sa
 from requests.exceptions import RequestException
+from sqlalchemy.exc import DBAPIError
 
 from tenantvault.audit.chain import audit_partitions
 from tenantvault.db.models import TENANTVAULT_TABLES
 from tenantvault.errors import TenantVaultError
+from tenantvault.keys import store
 from tenantvault.kms.factory import transit_client
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
@@ -33,7 +35,11 @@ class TransitStatus:
     address: str | None
     reachable: bool
     mounted: bool
-    detail: str = ""
+    detail: str = ""  # why it is not reachable, as a phrase: "unreachable (no connection)"
+    # The transit key's versions that can unwrap: (min_decryption_version, latest_version);
+    # None when the key does not exist or the token may not read it (key_detail says).
+    key_versions: tuple[int, int] | None = None
+    key_detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,37 @@ class StatusReport:
     tables: list[TableStatus] = field(default_factory=list)
     transit: TransitStatus | None = None
     audit_partitions_until: date | None = None  # first day no audit partition covers
+    # The lowest and highest KEK version live data keys are wrapped under (None: no live
+    # key, or not checked, and then wrapped_detail says why).
+    wrapped_kek_versions: tuple[int, int] | None = None
+    wrapped_detail: str = ""
+
+    @property
+    def kek_problem(self) -> str | None:
+        """Why some data key cannot be unwrapped by the transit key, if one cannot: a
+        KEK version the key does not have (a dev server that lost its keys, a restore
+        of the database without its transit key) or one below min_decryption_version."""
+        if self.wrapped_kek_versions is None or self.transit is None:
+            return None
+        low, high = self.wrapped_kek_versions
+        if self.transit.key_versions is None:
+            if self.transit.key_detail.startswith("missing"):
+                return f"data keys are wrapped under KEK v{low}..v{high}; {self.transit.key_detail}"
+            return None
+        minimum, latest = self.transit.key_versions
+        if high > latest:
+            return (
+                f"data keys name KEK v{high}; the transit key has versions only up to "
+                f"v{latest}: they cannot be unwrapped (was the transit key lost or restored "
+                "from an older backup?)"
+            )
+        if low < minimum:
+            return (
+                f"data keys are wrapped under KEK v{low}, below the transit key's "
+                f"min_decryption_version {minimum}: run `tenantvault rotate-keys kek "
+                "--no-rotate` after lowering it"
+            )
+        return None
 
     @property
     def audit_writable(self) -> bool:
@@ -56,12 +93,14 @@ class StatusReport:
 
     @property
     def healthy(self) -> bool:
-        """Up to date, isolated, audit partitions ahead, transit reachable."""
+        """Up to date, isolated, audit partitions ahead, transit reachable, and every
+        live data key unwrappable by the transit key."""
         return (
             self.up_to_date
             and self.isolated
             and self.audit_writable
             and bool(self.transit and self.transit.reachable)
+            and self.kek_problem is None
         )
 
     @property
@@ -114,9 +153,48 @@ def transit_status(settings: Settings) -> TransitStatus:
         mounts = client.sys.list_mounted_secrets_engines()["data"]
     except TenantVaultError as exc:
         return TransitStatus(address, False, False, str(exc))
+    except hvac.exceptions.Forbidden:
+        return TransitStatus(address, False, False, "the token was refused (permission denied)")
+    except hvac.exceptions.VaultDown:
+        return TransitStatus(address, False, False, "OpenBao/Vault is sealed or not initialised")
+    except RequestException:
+        return TransitStatus(address, False, False, "unreachable (no connection)")
+    except hvac.exceptions.VaultError as exc:
+        refused = f"the request was refused ({type(exc).__name__})"
+        return TransitStatus(address, False, False, refused)
+    mounted = f"{settings.transit_mount.strip('/')}/" in mounts
+    versions, detail = _key_versions(client, settings) if mounted else (None, "")
+    return TransitStatus(address, True, mounted, key_versions=versions, key_detail=detail)
+
+
+def _key_versions(client: hvac.Client, settings: Settings) -> tuple[tuple[int, int] | None, str]:
+    name = f"{settings.transit_mount.strip('/')}/{settings.transit_key}"
+    try:
+        data = client.secrets.transit.read_key(
+            name=settings.transit_key, mount_point=settings.transit_mount
+        )["data"]
+    except hvac.exceptions.InvalidPath:
+        return None, f"missing: no transit key {name}"
+    except hvac.exceptions.Forbidden:
+        return None, f"not checked: the token may not read {name} (a least-privilege token)"
     except (RequestException, hvac.exceptions.VaultError) as exc:
-        return TransitStatus(address, False, False, type(exc).__name__)
-    return TransitStatus(address, True, f"{settings.transit_mount.strip('/')}/" in mounts)
+        return None, f"not checked: reading {name} failed ({type(exc).__name__})"
+    return (int(data["min_decryption_version"]), int(data["latest_version"])), ""
+
+
+def _wrapped_kek_versions(
+    connection: sa.Connection, settings: Settings
+) -> tuple[tuple[int, int] | None, str]:
+    """Read as the migrator role: row-level security shows it every tenant's keys."""
+    try:
+        connection.execute(sa.text(f'SET LOCAL ROLE "{settings.migrator_role}"'))
+        return store.kek_versions_in_use(connection), ""
+    except DBAPIError as exc:
+        diag = getattr(exc.orig, "diag", None)
+        reason = getattr(diag, "message_primary", None) or type(exc.orig).__name__
+        return None, f"not checked: {reason}"
+    finally:
+        connection.rollback()
 
 
 def status(settings: Settings) -> StatusReport:
@@ -129,6 +207,9 @@ def status(settings: Settings) -> StatusReport:
         partitions = audit_partitions(connection, settings.schema_name) if revision else []
         until = max((upper for _, upper in partitions), default=None)
         connection.rollback()
+        wrapped, wrapped_detail = (
+            _wrapped_kek_versions(connection, settings) if revision else (None, "")
+        )
     return StatusReport(
         database=settings.database_url_for_display(),
         server_version=str(version),
@@ -137,4 +218,6 @@ def status(settings: Settings) -> StatusReport:
         tables=tables,
         transit=transit_status(settings),
         audit_partitions_until=until,
+        wrapped_kek_versions=wrapped,
+        wrapped_detail=wrapped_detail,
     )

@@ -66,6 +66,7 @@ def _operator(
 def rotation_status(settings: Settings, tenants: Sequence[str] | None = None) -> KeyStatusReport:
     """Per tenant: the data keys, their states, KEK versions and what each protects."""
     with _operator(settings) as (db, keyring):
+        db.require_tenants(tenants)
         return key_status(db, keyring.provider, tenants)
 
 
@@ -92,6 +93,7 @@ def rotate_dek_job(
     """Rotate the data keys of ``tenants`` (None: every tenant with a key)."""
     options = options or DekRotationOptions()
     with _operator(settings, connections=options.workers + 1) as (db, keyring):
+        db.require_tenants(tenants)
         return rotate_data_keys(db, keyring, tenants, options, stop=stop, on_progress=on_progress)
 
 
@@ -115,6 +117,7 @@ def audit_verify_job(
         return provider().verify_mac(message, mac)
 
     with _database(settings) as db:
+        db.require_tenants(tenants)
         return verify_audit(db, tenants, check_mac=check_mac, expected_heads=expected_heads)
 
 

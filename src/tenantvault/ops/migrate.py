@@ -17,6 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
 from tenantvault.db.migration_support import OPTIONS_KEY, MigrationOptions
@@ -80,6 +81,29 @@ def head_revision() -> str:
     return head
 
 
+def check_revision(revision: str) -> None:
+    """Refuse a target no revision answers to, before anything is changed.
+
+    Relative targets (``-1``, ``head-2``) depend on where the database is: Alembic
+    resolves them when it runs, and :func:`_run` turns its refusal into the same error.
+
+    Raises:
+        MigrationError: ``revision`` names no revision (the message lists them).
+    """
+    if revision in {"head", "heads", "base"} or any(c in revision for c in "+-@:"):
+        return
+    script = ScriptDirectory.from_config(alembic_config(MigrationOptions()))
+    try:
+        found = script.get_revisions(revision)
+    except CommandError:
+        found = ()
+    if not found:
+        known = ", ".join(r.revision for r in reversed(list(script.walk_revisions())))
+        raise MigrationError(
+            f"--revision {revision}: no such revision (head, base, or one of: {known})"
+        )
+
+
 def current_revision(connection: sa.Connection, schema: str) -> str | None:
     """The revision stamped in ``schema`` (None before tenantvault's first migration)."""
     context = MigrationContext.configure(connection, opts={"version_table_schema": schema})
@@ -103,6 +127,7 @@ def upgrade(settings: Settings, revision: str = "head", *, adopt: bool = False) 
     Raises:
         MigrationError: a revision failed; it was rolled back, earlier ones stay applied.
     """
+    check_revision(revision)
     options = MigrationOptions.from_settings(settings)
     engine = migration_engine(settings)
     before, present = _inspect(engine, settings.schema_name)
@@ -131,6 +156,7 @@ def downgrade(
 ) -> MigrationReport:
     """Downgrade to ``revision``; refuses (MigrationError) where data would be lost,
     unless ``allow_data_loss`` acknowledges it."""
+    check_revision(revision)
     options = MigrationOptions.from_settings(settings, allow_data_loss=allow_data_loss)
     engine = migration_engine(settings)
     before, _ = _inspect(engine, settings.schema_name)
@@ -141,8 +167,12 @@ def downgrade(
 
 def offline_sql(options: MigrationOptions, revision: str = "head") -> str:
     """The SQL that upgrading an empty database to ``revision`` runs, for review."""
+    check_revision(revision)
     config = alembic_config(options)
-    command.upgrade(config, revision, sql=True)
+    try:
+        command.upgrade(config, revision, sql=True)
+    except CommandError as exc:
+        raise MigrationError(f"--revision {revision}: {exc}") from None
     buffer = config.output_buffer
     assert isinstance(buffer, io.StringIO)
     return buffer.getvalue()
@@ -154,5 +184,9 @@ def _run(step: Callable[[Config], object], options: MigrationOptions, engine: sa
     except DBAPIError as exc:
         diag = getattr(exc.orig, "diag", None)
         primary = getattr(diag, "message_primary", None) or type(exc.orig).__name__
+        # The revisions prefix their own refusals for the server's log; here they are ours.
+        primary = primary.removeprefix("tenantvault: ")
         hint = getattr(diag, "message_hint", None)
         raise MigrationError(primary + (f" ({hint})" if hint else "")) from exc
+    except CommandError as exc:  # a relative target that does not resolve, for one
+        raise MigrationError(str(exc)) from None

@@ -49,8 +49,8 @@ class Configs(VaultCore):
         """Create a config at version 1; everything is validated before anything is written.
 
         Raises:
-            InvalidInputError: a bad field (named), or the name is taken by a live config.
-            NotFoundError: the tenant does not exist.
+            InvalidInputError: a bad field (named), the name is taken by a live config,
+                or the tenant has no row in the ``tenants`` table.
         """
         kind = provider_type(type)
         name = checked_name(name)

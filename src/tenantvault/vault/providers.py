@@ -253,7 +253,21 @@ def parse_config(kind: ProviderType, value: Any) -> ProviderConfigModel:
     """
     parsed = _validated(CONFIG_MODELS[kind], value, "config")
     assert isinstance(parsed, ProviderConfigModel)
+    _refuse_nul(parsed.model_dump(mode="json"), "config")
     return parsed
+
+
+def _refuse_nul(value: Any, where: str) -> None:
+    """PostgreSQL's text and jsonb cannot hold a NUL character: refuse it here, named,
+    rather than as the driver's error about the whole statement."""
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidInputError(f"{where}: must not contain a NUL character")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_nul(item, f"{where}.{index}")
 
 
 def parse_credentials(

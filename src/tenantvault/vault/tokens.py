@@ -90,10 +90,13 @@ def _check_token_fields(
         not isinstance(expires_at, datetime) or expires_at.tzinfo is None
     ):
         raise InvalidInputError("expires_at: must be a timezone-aware datetime")
-    if not isinstance(token_type, str) or not token_type:
-        raise InvalidInputError("token_type: must be a non-empty string")
-    if isinstance(scopes, str) or any(not isinstance(x, str) or not x for x in scopes):
-        raise InvalidInputError("scopes: each scope must be a non-empty string")
+    # token_type and scopes are stored as text: printable, so no NUL the database refuses.
+    if not isinstance(token_type, str) or not token_type.isprintable() or not token_type:
+        raise InvalidInputError("token_type: must be a non-empty printable string")
+    if isinstance(scopes, str) or any(
+        not isinstance(x, str) or not x or not x.isprintable() for x in scopes
+    ):
+        raise InvalidInputError("scopes: each scope must be a non-empty printable string")
 
 
 class OAuthTokens(VaultCore):

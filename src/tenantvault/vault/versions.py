@@ -25,6 +25,8 @@ from tenantvault.vault.providers import CredentialsModel, credentials_to_json
 def checked_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise InvalidInputError("name: must be 1-200 characters, not blank")
+    if not name.isprintable():  # a NUL the database would refuse, a newline in listings
+        raise InvalidInputError("name: must be printable text")
     return name.strip()
 
 
