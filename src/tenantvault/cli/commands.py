@@ -11,13 +11,14 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 from tenantvault.audit.chain import Head
-from tenantvault.cli import output
+from tenantvault.cli import failures, output
 from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.dev import stack as devstack
-from tenantvault.errors import AuditError, TenantVaultError
+from tenantvault.errors import AuditError, InvalidInputError, TenantVaultError
 from tenantvault.ops import jobs, migrate
 from tenantvault.ops.health import status
 from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
@@ -223,17 +224,32 @@ def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.Argumen
     )
     verify.set_defaults(handler=_cmd_audit_verify)
     prune = jobs.add_parser("prune", help="drop whole months older than the retention period")
-    prune.add_argument("--keep-months", type=_positive, required=True)
+    prune.add_argument(
+        "--keep-months",
+        type=_positive,
+        required=True,
+        help="keep this many whole months before the current one",
+    )
     prune.add_argument("--dry-run", action="store_true", help="report, change nothing")
     prune.set_defaults(handler=_cmd_audit_prune)
     partitions = jobs.add_parser("partitions", help="create the coming months' partitions")
-    partitions.add_argument("--months-ahead", type=_positive, default=24)
+    partitions.add_argument(
+        "--months-ahead",
+        type=_positive,
+        default=24,
+        help="months after the current one to have partitions for (default: 24)",
+    )
     partitions.set_defaults(handler=_cmd_audit_partitions)
 
     purge = commands.add_parser(
         "purge", help="remove the secrets, tokens and history of long-deleted configs"
     )
-    purge.add_argument("--older-than-days", type=_positive, required=True)
+    purge.add_argument(
+        "--older-than-days",
+        type=_positive,
+        required=True,
+        help="configs deleted at least this many days ago",
+    )
     purge.add_argument("--dry-run", action="store_true", help="report, change nothing")
     purge.add_argument("--json", action="store_true", help="JSON lines")
     purge.set_defaults(handler=_cmd_purge)
@@ -275,7 +291,12 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
         "key still needs one)",
     )
     kek.add_argument("--dry-run", action="store_true", help="report, change nothing")
-    kek.add_argument("--batch-size", type=_positive, default=1000)
+    kek.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=1000,
+        help="data keys per transaction (default: 1000)",
+    )
     kek.add_argument("--json", action="store_true", help="JSON lines")
     kek.set_defaults(handler=_cmd_rotate_kek)
 
@@ -285,8 +306,12 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
     which = dek.add_mutually_exclusive_group(required=True)
     which.add_argument("--tenant", action="append", help="a tenant id (repeatable)")
     which.add_argument("--all", action="store_true", help="every tenant that has a data key")
-    dek.add_argument("--workers", type=_positive, default=1, help="threads (whole tenants each)")
-    dek.add_argument("--batch-size", type=_positive, default=1000, help="rows per transaction")
+    dek.add_argument(
+        "--workers", type=_positive, default=1, help="threads, a whole tenant each (default: 1)"
+    )
+    dek.add_argument(
+        "--batch-size", type=_positive, default=1000, help="rows per transaction (default: 1000)"
+    )
     dek.add_argument(
         "--reseal-only",
         action="store_true",
@@ -299,17 +324,29 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
     shred = commands.add_parser(
         "shred", help="crypto-shred a tenant: destroy its data keys (configs stay as records)"
     )
-    shred.add_argument("--tenant", required=True)
+    shred.add_argument("--tenant", required=True, help="the tenant id to shred")
     shred.add_argument("--yes", action="store_true", help="yes, destroy them")
     shred.add_argument("--dry-run", action="store_true", help="report, change nothing")
     shred.add_argument("--json", action="store_true", help="JSON lines")
     shred.set_defaults(handler=_cmd_shred)
 
 
+def _version() -> str:
+    try:
+        return metadata.version("tenantvault")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tenantvault", description="Tenant-isolated, envelope-encrypted email credentials."
+        prog="tenantvault",
+        description="Tenant-isolated, envelope-encrypted email credentials.",
+        epilog="Exit codes: 0 done; 1 failed (one FAILED: line on stderr); 2 usage (bad "
+        "arguments, an unknown tenant); 3 status found the deployment unhealthy; 4 a rotation "
+        "finished incomplete; 5 an audit chain is broken; 130 interrupted.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     m = commands.add_parser("migrate", help="upgrade (or downgrade) the database schema")
@@ -356,12 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except TenantVaultError as exc:
-        output.print_failed(str(exc))
-        return EXIT_FAILED
     except KeyboardInterrupt:
         output.print_failed("interrupted")
         return EXIT_INTERRUPTED
+    except InvalidInputError as exc:  # an argument the database refutes: usage
+        output.print_failed(failures.describe(exc))
+        return EXIT_USAGE
+    except Exception as exc:  # every failure is one line, never a traceback
+        output.print_failed(failures.describe(exc))
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

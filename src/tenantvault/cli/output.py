@@ -121,7 +121,8 @@ def print_dek_summary(
                 "dry_run": report.dry_run,
                 "tenants": len(report.tenants),
                 "resealed": report.resealed,
-                "unopenable": len(report.unopenable),
+                # A dry run counts values; it opens none, so it cannot know which fail.
+                "unopenable": None if report.dry_run else len(report.unopenable),
                 "stopped": report.stopped,
                 "ok": report.ok,
             },
@@ -139,7 +140,10 @@ def print_dek_summary(
     out.write(
         f"summary: {len(report.tenants)} tenants ({counted}); {verb} {report.resealed} values"
     )
-    out.write(f"; {len(report.unopenable)} could not be opened\n")
+    if report.dry_run:
+        out.write(" (a dry run opens nothing: the real run finds values that will not open)\n")
+    else:
+        out.write(f"; {len(report.unopenable)} could not be opened\n")
     if report.stopped:
         out.write(f"stopped: {report.stopped}\n")
 
@@ -327,10 +331,11 @@ def print_status(report: StatusReport) -> None:
     state = "up to date" if report.up_to_date else f"behind (head is {report.head})"
     print(f"database      {report.database} (PostgreSQL {report.server_version})")
     print(f"schema        revision {report.revision or 'none'}: {state}")
+    width = max((len(table.name) for table in report.tables), default=0)
     for table in report.tables:
         rls = "RLS forced" if table.row_level_security and table.forced else "RLS NOT FORCED"
         print(
-            f"  {table.name:<24} {rls}, {table.policies} policies, "
+            f"  {table.name:<{width}} {rls}, {table.policies} policies, "
             f"{table.rows_visible_to_app_without_tenant} rows visible to the app role "
             "without a tenant"
         )
@@ -340,11 +345,32 @@ def print_status(report: StatusReport) -> None:
             mounted = "engine mounted" if transit.mounted else "engine NOT mounted"
             print(f"transit       {transit.address}: reachable, {mounted}")
         else:
-            print(f"transit       {transit.address or '-'}: unreachable ({transit.detail})")
+            print(f"transit       {transit.address or '-'}: {transit.detail}")
+    _print_kek_check(report)
     if report.revision:
         until = report.audit_partitions_until
         note = "" if report.audit_writable else " (too few: run `tenantvault audit partitions`)"
         print(f"audit log     partitions until {until or 'none'}{note}")
+
+
+def _print_kek_check(report: StatusReport) -> None:
+    transit = report.transit
+    problem = report.kek_problem
+    if problem is not None:
+        print(f"data keys     CANNOT BE UNWRAPPED: {problem}")
+    elif report.wrapped_detail:
+        print(f"data keys     KEK versions {report.wrapped_detail}")
+    elif report.wrapped_kek_versions is not None:
+        low, high = report.wrapped_kek_versions
+        if transit is not None and transit.key_versions is not None:
+            minimum, latest = transit.key_versions
+            print(
+                f"data keys     wrapped under KEK v{low}..v{high}; the transit key "
+                f"unwraps v{minimum}..v{latest}"
+            )
+        else:
+            detail = transit.key_detail if transit is not None else ""
+            print(f"data keys     wrapped under KEK v{low}..v{high}; transit key {detail}")
 
 
 def print_dev_up(shell: str, env_file: Path) -> None:

@@ -112,6 +112,10 @@ class TransitKeyProvider(CheckedKeyProvider):
                 return True
         return False
 
+    @property
+    def _address(self) -> str:
+        return str(self._client.url).rstrip("/")
+
     def _call(self, what: str, request: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.timeout_seconds
         delay = 0.05
@@ -122,13 +126,13 @@ class TransitKeyProvider(CheckedKeyProvider):
                 return request()
             except requests.exceptions.Timeout:
                 raise KeyProviderUnavailable(
-                    f"could not {what}: Vault at {self._client.url.rstrip('/')} did not answer "
+                    f"could not {what}: Vault at {self._address} did not answer "
                     f"within {self.timeout_seconds:g}s"
                 ) from None
             except _TRANSIENT as exc:
                 if time.monotonic() + delay >= deadline:
                     raise KeyProviderUnavailable(
-                        f"could not {what}: Vault at {self._client.url.rstrip('/')} {_unavailable(exc)}"
+                        f"could not {what}: Vault at {self._address} {_unavailable(exc)}"
                     ) from None
                 self._sleep(delay)
                 delay *= 2
