@@ -1,7 +1,7 @@
 """OpenBao stops answering in the middle of a DEK rotation: the run stops cleanly with a
 clear message, nothing is half-written, and it resumes when OpenBao is back.
 
-A private OpenBao is paused with SIGSTOP (it keeps its in-memory keys, as a real
+A private OpenBao is paused with SIGSTOP (it keeps its keys, as a real
 Vault keeps its storage through an outage) and resumed with SIGCONT."""
 
 from __future__ import annotations

@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "action",
         choices=["up", "down", "env", "reset"],
-        help="reset: stop and delete the stack's data",
+        help="up: start PostgreSQL and OpenBao (or reuse them) and print their variables; "
+        "down: stop them, keeping their data; env: print the variables of the running stack; "
+        "reset: stop them and delete their data",
     )
     d.add_argument(
         "--state-dir",
