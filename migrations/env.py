@@ -34,6 +34,18 @@ def _options() -> MigrationOptions:
     )
 
 
+def _create_schema_if_missing(schema: str) -> str:
+    # Not CREATE SCHEMA IF NOT EXISTS: that checks CREATE on the database even when the
+    # schema exists, and the owner of an existing schema need not have it.
+    return (
+        "DO $$ BEGIN\n"
+        f"  IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = '{schema}') THEN\n"
+        f'    CREATE SCHEMA "{schema}";\n'
+        "  END IF;\n"
+        "END $$"
+    )
+
+
 def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:
     # Compare only the tables tenantvault models: the application's other
     # tables and columns in the same schema are none of our business.
@@ -59,7 +71,7 @@ def run_migrations_offline() -> None:
     _configure(opts, dialect_name="postgresql", literal_binds=True)
     with context.begin_transaction():
         context.execute(f"SET lock_timeout = {opts.lock_timeout_ms}")
-        context.execute(f'CREATE SCHEMA IF NOT EXISTS "{opts.schema}"')
+        context.execute(_create_schema_if_missing(opts.schema))
         context.run_migrations()
 
 
@@ -71,7 +83,7 @@ def _run_online(connection: sa.Connection, opts: MigrationOptions) -> None:
     connection.exec_driver_sql(f"SET lock_timeout = {opts.lock_timeout_ms}")
     connection.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
     try:
-        connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{opts.schema}"')
+        connection.exec_driver_sql(_create_schema_if_missing(opts.schema))
         connection.commit()
         _configure(opts, connection=connection)
         with context.begin_transaction():
@@ -85,7 +97,7 @@ def _run_online(connection: sa.Connection, opts: MigrationOptions) -> None:
 
 def _run_on_callers_connection(connection: sa.Connection, opts: MigrationOptions) -> None:
     """Run on a connection a caller manages (its transactions are the caller's)."""
-    connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{opts.schema}"')
+    connection.exec_driver_sql(_create_schema_if_missing(opts.schema))
     _configure(opts, connection=connection)
     with context.begin_transaction():
         context.run_migrations()

@@ -19,10 +19,14 @@ from sqlalchemy.dialects import postgresql
 
 from tenantvault.migration_support import (
     as_migrator,
+    create_grants_record,
+    drop_grants_record,
+    grant_kept_apart,
     isolate_tenant_table,
     options,
     qualified,
     refuse_if_rows,
+    revoke_granted,
     set_lz4_compression,
 )
 
@@ -290,16 +294,18 @@ def _create_tokens(schema: str) -> None:
 def _grant() -> None:
     opts = options()
     configs, tokens = (qualified(t) for t in TABLES)
-    op.execute(
-        f'GRANT USAGE ON SCHEMA "{opts.schema}" TO "{opts.app_role}", "{opts.migrator_role}"'
-    )
+    # The schema and tenants are the application's: what they already allow stays, and
+    # only what is granted here is recorded for the downgrade to revoke.
+    create_grants_record()
+    for role in (opts.app_role, opts.migrator_role):
+        grant_kept_apart(revision, "USAGE", role)
     # Soft delete is an UPDATE: the application role never deletes configs.
     op.execute(f'GRANT SELECT, INSERT, UPDATE ON {configs} TO "{opts.app_role}"')
     op.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON {tokens} TO "{opts.app_role}"')
     op.execute(
         f'GRANT SELECT, INSERT, UPDATE, DELETE ON {configs}, {tokens} TO "{opts.migrator_role}"'
     )
-    op.execute(f'GRANT SELECT ON {qualified("tenants")} TO "{opts.migrator_role}"')
+    grant_kept_apart(revision, "SELECT", opts.migrator_role, relation="tenants")
 
 
 def upgrade() -> None:
@@ -332,10 +338,8 @@ def downgrade() -> None:
         refuse_if_rows(
             f"SELECT 1 FROM {qualified('email_provider_configs')}", "email provider configs"
         )
-    op.execute(
-        f'REVOKE ALL ON SCHEMA "{opts.schema}" FROM "{opts.app_role}", "{opts.migrator_role}"'
-    )
-    op.execute(f'REVOKE ALL ON {qualified("tenants")} FROM "{opts.migrator_role}"')
+    revoke_granted(revision)
+    drop_grants_record()
     op.drop_table("email_provider_tokens", schema=opts.schema)
     op.drop_table("email_provider_configs", schema=opts.schema)
     op.execute(f"DROP FUNCTION {qualified('tenantvault_touch_updated_at')}()")

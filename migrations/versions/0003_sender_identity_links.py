@@ -19,7 +19,14 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from tenantvault.migration_support import options, qualified, refuse_if_rows, set_lz4_compression
+from tenantvault.migration_support import (
+    grant_kept_apart,
+    options,
+    qualified,
+    refuse_if_rows,
+    revoke_granted,
+    set_lz4_compression,
+)
 
 revision = "0003_sender_identity_links"
 down_revision = "0002_provider_tables"
@@ -70,14 +77,17 @@ def upgrade() -> None:
         schema=opts.schema,
     )
     # tenantvault reads the link and writes only the columns it added.
+    # On the columns added here: they go with the columns.
     op.execute(
-        f"GRANT SELECT (id, tenant_id, provider_config_id, provider_validation_data), "
+        f"GRANT SELECT (provider_config_id, provider_validation_data), "
         f"UPDATE (provider_config_id, provider_validation_data) ON {identities} "
         f'TO "{opts.app_role}"'
     )
-    op.execute(
-        f'GRANT SELECT, UPDATE (provider_config_id) ON {identities} TO "{opts.migrator_role}"'
-    )
+    op.execute(f'GRANT UPDATE (provider_config_id) ON {identities} TO "{opts.migrator_role}"')
+    # On the application's own columns: recorded, so the downgrade revokes only these.
+    for column in ("id", "tenant_id"):
+        grant_kept_apart(revision, "SELECT", opts.app_role, relation=TABLE, column=column)
+    grant_kept_apart(revision, "SELECT", opts.migrator_role, relation=TABLE)
 
 
 def downgrade() -> None:
@@ -91,7 +101,7 @@ def downgrade() -> None:
         f"SELECT 1 FROM {identities} WHERE provider_validation_data IS NOT NULL",
         "provider validation data of sender identities (provider_validation_data)",
     )
-    op.execute(f'REVOKE ALL ON {identities} FROM "{opts.app_role}", "{opts.migrator_role}"')
+    revoke_granted(revision)
     op.drop_index(
         "ix_email_sender_identities_tenant_id_provider_config_id", TABLE, schema=opts.schema
     )

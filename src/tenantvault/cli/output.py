@@ -328,16 +328,22 @@ def print_migration(report: MigrationReport) -> None:
 
 
 def print_status(report: StatusReport) -> None:
-    state = "up to date" if report.up_to_date else f"behind (head is {report.head})"
     print(f"database      {report.database} (PostgreSQL {report.server_version})")
-    print(f"schema        revision {report.revision or 'none'}: {state}")
+    if report.revision_detail:
+        print(f"schema        revision {report.revision_detail}")
+    else:
+        state = "up to date" if report.up_to_date else f"behind (head is {report.head})"
+        print(f"schema        revision {report.revision or 'none'}: {state}")
+    if report.visibility_detail:
+        print(f"isolation     rows visible to the app role {report.visibility_detail}")
     width = max((len(table.name) for table in report.tables), default=0)
     for table in report.tables:
         rls = "RLS forced" if table.row_level_security and table.forced else "RLS NOT FORCED"
+        visible = table.rows_visible_to_app_without_tenant
+        seen = "(not checked)" if visible is None else str(visible)
         print(
             f"  {table.name:<{width}} {rls}, {table.policies} policies, "
-            f"{table.rows_visible_to_app_without_tenant} rows visible to the app role "
-            "without a tenant"
+            f"{seen} rows visible to the app role without a tenant"
         )
     transit = report.transit
     if transit is not None:

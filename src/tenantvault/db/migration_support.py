@@ -128,3 +128,88 @@ def isolate_tenant_table(table: str) -> None:
         f"CREATE TRIGGER trg_{table}_touch_updated_at BEFORE UPDATE ON {name} "
         f"FOR EACH ROW EXECUTE FUNCTION {qualified('tenantvault_touch_updated_at')}()"
     )
+
+
+# --- privileges on objects tenantvault did not create ---
+
+GRANTS_TABLE = "tenantvault_grants"
+"""Which privileges on the application's schema and tables the revisions granted, so
+that a downgrade revokes exactly those and never one the database had before."""
+
+
+def create_grants_record() -> None:
+    op.execute(
+        f"CREATE TABLE {qualified(GRANTS_TABLE)} (\n"
+        "  revision text NOT NULL,\n"
+        "  revoke text PRIMARY KEY\n"
+        ")"
+    )
+    op.execute(
+        f"COMMENT ON TABLE {qualified(GRANTS_TABLE)} IS 'tenantvault: privileges its "
+        "migrations granted on objects it did not create; each downgrade revokes its own.'"
+    )
+
+
+def drop_grants_record() -> None:
+    # IF EXISTS: a database upgraded before the record existed has none.
+    op.execute(f"DROP TABLE IF EXISTS {qualified(GRANTS_TABLE)}")
+
+
+def _held(privilege: str, role: str, relation: str | None, column: str | None) -> str:
+    """SQL true when ``role`` itself holds ``privilege`` (not through a membership)."""
+    schema = options().schema
+    if relation is None:
+        acl, source = "n.nspacl", f"pg_namespace n WHERE n.nspname = '{schema}'"
+    elif column is None:
+        acl, source = "c.relacl", f"pg_class c WHERE c.oid = '{qualified(relation)}'::regclass"
+    else:
+        acl, source = (
+            "a.attacl",
+            f"pg_attribute a WHERE a.attrelid = '{qualified(relation)}'::regclass "
+            f"AND a.attname = '{column}'",
+        )
+    return (
+        f"EXISTS (SELECT FROM {source} AND EXISTS (SELECT FROM aclexplode({acl}) x "
+        f"WHERE x.grantee = to_regrole('{role}') AND x.privilege_type = '{privilege}'))"
+    )
+
+
+def grant_kept_apart(
+    revision: str,
+    privilege: str,
+    role: str,
+    *,
+    relation: str | None = None,
+    column: str | None = None,
+) -> None:
+    """Grant ``privilege`` on the schema (or a relation, or one of its columns) to
+    ``role`` unless the role holds it already, and record the grant for the downgrade.
+
+    A privilege the database had before is left out of the record, so no downgrade
+    takes away what the application had (its login's USAGE may come through the app
+    role, as the migration guide's setup arranges)."""
+    what = privilege if column is None else f'{privilege} ("{column}")'
+    target = f'SCHEMA "{options().schema}"' if relation is None else qualified(relation)
+    revoke = f'REVOKE {what} ON {target} FROM "{role}"'.replace("'", "''")
+    op.execute(
+        "DO $$ BEGIN\n"
+        f"  IF NOT {_held(privilege, role, relation, column)} THEN\n"
+        f'    GRANT {what} ON {target} TO "{role}";\n'
+        f"    INSERT INTO {qualified(GRANTS_TABLE)} VALUES ('{revision}', '{revoke}');\n"
+        "  END IF;\n"
+        "END $$"
+    )
+
+
+def revoke_granted(revision: str) -> None:
+    """Revoke what :func:`grant_kept_apart` granted for ``revision``, and nothing else."""
+    op.execute(
+        "DO $$ DECLARE granted record; BEGIN\n"
+        # A database upgraded before the record existed has none: nothing is revoked.
+        f"  IF to_regclass('{qualified(GRANTS_TABLE)}') IS NULL THEN RETURN; END IF;\n"
+        f"  FOR granted IN DELETE FROM {qualified(GRANTS_TABLE)} WHERE revision = '{revision}'"
+        " RETURNING revoke LOOP\n"
+        "    EXECUTE granted.revoke;\n"
+        "  END LOOP;\n"
+        "END $$"
+    )

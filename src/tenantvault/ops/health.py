@@ -22,7 +22,8 @@ from tenantvault.settings import Settings
 @dataclass(frozen=True)
 class TableStatus:
     name: str
-    rows_visible_to_app_without_tenant: int
+    # None: not checked (this login may not SET ROLE to the app role; visibility_detail).
+    rows_visible_to_app_without_tenant: int | None
     row_level_security: bool
     forced: bool
     policies: int
@@ -44,10 +45,16 @@ class TransitStatus:
 
 @dataclass(frozen=True)
 class StatusReport:
+    """What ``tenantvault status`` found. A check this login could not make has its
+    value None and a ``*_detail`` that starts with "not checked:"; the report is then
+    not healthy, since what was not checked was not shown to hold."""
+
     database: str
     server_version: str
     revision: str | None
     head: str
+    revision_detail: str = ""
+    visibility_detail: str = ""
     tables: list[TableStatus] = field(default_factory=list)
     transit: TransitStatus | None = None
     audit_partitions_until: date | None = None  # first day no audit partition covers
@@ -101,6 +108,7 @@ class StatusReport:
             and self.audit_writable
             and bool(self.transit and self.transit.reachable)
             and self.kek_problem is None
+            and not self.wrapped_detail.startswith("not checked")
         )
 
     @property
@@ -118,7 +126,7 @@ class StatusReport:
         )
 
 
-def _tables(connection: sa.Connection, settings: Settings) -> list[TableStatus]:
+def _tables(connection: sa.Connection, settings: Settings) -> tuple[list[TableStatus], str]:
     schema = settings.schema_name
     rows = connection.execute(
         sa.text(
@@ -130,16 +138,33 @@ def _tables(connection: sa.Connection, settings: Settings) -> list[TableStatus]:
         ),
         {"schema": schema, "tables": list(TENANTVAULT_TABLES)},
     ).all()
-    result = []
     # What the application role sees with no tenant set: must be nothing (fail closed).
-    connection.execute(sa.text(f'SET LOCAL ROLE "{settings.app_role}"'))
-    for name, rls, forced, policies in rows:
-        visible = connection.execute(
-            sa.text(f'SELECT count(*) FROM "{schema}"."{name}"')
-        ).scalar_one()
-        result.append(TableStatus(name, int(visible), bool(rls), bool(forced), int(policies)))
-    connection.rollback()
-    return result
+    try:
+        connection.execute(sa.text(f'SET LOCAL ROLE "{settings.app_role}"'))
+        visible: dict[str, int | None] = {
+            name: int(
+                connection.execute(
+                    sa.text(f'SELECT count(*) FROM "{schema}"."{name}"')
+                ).scalar_one()
+            )
+            for name, *_ in rows
+        }
+        detail = ""
+    except DBAPIError as exc:
+        visible, detail = dict.fromkeys((name for name, *_ in rows), None), _not_checked(exc)
+    finally:
+        connection.rollback()
+    tables = [
+        TableStatus(name, visible[name], bool(rls), bool(forced), int(policies))
+        for name, rls, forced, policies in rows
+    ]
+    return tables, detail
+
+
+def _not_checked(exc: DBAPIError) -> str:
+    diag = getattr(exc.orig, "diag", None)
+    reason = getattr(diag, "message_primary", None) or type(exc.orig).__name__
+    return f"not checked: {reason}"
 
 
 def transit_status(settings: Settings) -> TransitStatus:
@@ -190,9 +215,7 @@ def _wrapped_kek_versions(
         connection.execute(sa.text(f'SET LOCAL ROLE "{settings.migrator_role}"'))
         return store.kek_versions_in_use(connection), ""
     except DBAPIError as exc:
-        diag = getattr(exc.orig, "diag", None)
-        reason = getattr(diag, "message_primary", None) or type(exc.orig).__name__
-        return None, f"not checked: {reason}"
+        return None, _not_checked(exc)
     finally:
         connection.rollback()
 
@@ -201,20 +224,29 @@ def status(settings: Settings) -> StatusReport:
     """Read the deployment's state; changes nothing."""
     with migrate.migration_engine(settings).connect() as connection:
         version = connection.execute(sa.text("SHOW server_version")).scalar_one()
-        revision = migrate.current_revision(connection, settings.schema_name)
-        tables = _tables(connection, settings) if revision else []
+        try:
+            revision, revision_detail = (
+                migrate.current_revision(connection, settings.schema_name),
+                "",
+            )
+        except DBAPIError as exc:  # the app login may not read alembic_version
+            revision, revision_detail = None, _not_checked(exc)
         connection.rollback()
-        partitions = audit_partitions(connection, settings.schema_name) if revision else []
+        installed = revision is not None or bool(revision_detail)
+        tables, visibility_detail = _tables(connection, settings) if installed else ([], "")
+        partitions = audit_partitions(connection, settings.schema_name) if installed else []
         until = max((upper for _, upper in partitions), default=None)
         connection.rollback()
         wrapped, wrapped_detail = (
-            _wrapped_kek_versions(connection, settings) if revision else (None, "")
+            _wrapped_kek_versions(connection, settings) if installed else (None, "")
         )
     return StatusReport(
         database=settings.database_url_for_display(),
         server_version=str(version),
         revision=revision,
         head=migrate.head_revision(),
+        revision_detail=revision_detail,
+        visibility_detail=visibility_detail,
         tables=tables,
         transit=transit_status(settings),
         audit_partitions_until=until,

@@ -1,0 +1,194 @@
+"""A DBA adopts tenantvault on the application's live database as the migration guide
+says: the login that owns the schema and its tables, with no privilege on the database
+itself and no superuser, the roles made beforehand by a DBA. Nothing the application
+had is taken away, not even by a downgrade."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tenantvault import cli
+from tenantvault.ops import migrate
+from tenantvault.settings import Settings, load_settings
+from tests.conftest import APP_LOGIN_ROLE, Services
+from tests.support import REVISIONS, catalog_snapshot, seed_legacy
+
+DEPLOYED_SCHEMA = (Path(__file__).parent / "fixtures" / "deployed_app_schema.sql").read_text()
+OWNER = "tenantvault_test_schema_owner"
+
+
+def server_version(connection: sa.Connection) -> int:
+    return int(connection.exec_driver_sql("SHOW server_version_num").scalar_one())
+
+
+def dba_role_setup(connection: sa.Connection, owner: str, app_login: str) -> None:
+    """The migration guide's "Roles" step, run once by a DBA, word for word."""
+    for role in ("tenantvault_app", "tenantvault_migrator"):
+        connection.exec_driver_sql(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+            f"THEN CREATE ROLE {role} NOLOGIN; END IF; END $$"
+        )
+    if server_version(connection) >= 160000:
+        connection.exec_driver_sql(
+            f"GRANT tenantvault_migrator, tenantvault_app TO {owner} WITH INHERIT FALSE"
+        )
+    else:
+        # PostgreSQL 15 has no per-grant INHERIT: the owner's memberships must not
+        # inherit, or it would read every tenant's rows through the migrator's policy.
+        connection.exec_driver_sql(f"ALTER ROLE {owner} NOINHERIT")
+        connection.exec_driver_sql(f"GRANT tenantvault_migrator, tenantvault_app TO {owner}")
+    connection.exec_driver_sql(f"GRANT tenantvault_app TO {app_login}")
+
+
+@pytest.fixture
+def live_database(settings: Settings, owner_engine: sa.Engine) -> Iterator[Settings]:
+    """The application's database as deployed: its schema and tables owned by the
+    application's ORM login, which has no privilege on the database itself. The app
+    login's schema USAGE comes through tenantvault_app, as the guide arranges, and
+    the application's own grants exist before tenantvault arrives."""
+    database = settings.sqlalchemy_url.database
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{OWNER}') "
+            f"THEN CREATE ROLE {OWNER}; END IF; END $$"
+        )
+        connection.exec_driver_sql(
+            f"ALTER ROLE {OWNER} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS INHERIT"
+        )
+        connection.exec_driver_sql(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN_ROLE}')"
+            f" THEN CREATE ROLE {APP_LOGIN_ROLE} LOGIN; END IF; END $$"
+        )
+        connection.exec_driver_sql(f'REVOKE CREATE ON DATABASE "{database}" FROM PUBLIC')
+        connection.exec_driver_sql(DEPLOYED_SCHEMA)
+        connection.exec_driver_sql("INSERT INTO dripiq_app.organizations VALUES ('o_1', 'Org')")
+        seed_legacy(connection)
+        connection.exec_driver_sql(f"ALTER SCHEMA dripiq_app OWNER TO {OWNER}")
+        for (table,) in connection.exec_driver_sql(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'dripiq_app'"
+        ).all():
+            connection.exec_driver_sql(f"ALTER TABLE dripiq_app.{table} OWNER TO {OWNER}")
+        dba_role_setup(connection, OWNER, APP_LOGIN_ROLE)
+        # What the application had: its login reaches the schema through the app role,
+        # and reads its own tables; a DBA also let the migrator read the tenants.
+        connection.exec_driver_sql("GRANT USAGE ON SCHEMA dripiq_app TO tenantvault_app")
+        connection.exec_driver_sql(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON dripiq_app.tenants, dripiq_app.users, "
+            f"dripiq_app.email_sender_identities TO {APP_LOGIN_ROLE}"
+        )
+        connection.exec_driver_sql("GRANT SELECT ON dripiq_app.tenants TO tenantvault_migrator")
+        connection.exec_driver_sql(
+            "GRANT SELECT (id, tenant_id) ON dripiq_app.email_sender_identities TO tenantvault_app"
+        )
+        assert not connection.exec_driver_sql(
+            f"SELECT has_database_privilege('{OWNER}', '{database}', 'CREATE')"
+        ).scalar_one()
+    url = settings.sqlalchemy_url.set(username=OWNER, password=None)
+    owner_settings = load_settings(
+        database_url=url.render_as_string(hide_password=False),
+        VAULT_ADDR=str(settings.vault_addr),
+        VAULT_TOKEN=settings.vault_token.get_secret_value() if settings.vault_token else "",
+    )
+    yield owner_settings
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(f"ALTER ROLE {OWNER} INHERIT")
+
+
+def test_the_schema_owner_adopts_without_any_privilege_on_the_database(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    with owner_engine.connect() as connection:
+        before = {
+            t: connection.exec_driver_sql(f"SELECT * FROM dripiq_app.{t} ORDER BY 1").all()
+            for t in ("tenants", "users", "organizations")
+        }
+    report = migrate.upgrade(live_database, adopt=True)
+    assert (report.before, report.after) == (None, REVISIONS[-1])
+    with owner_engine.connect() as connection:
+        after = {
+            t: connection.exec_driver_sql(f"SELECT * FROM dripiq_app.{t} ORDER BY 1").all()
+            for t in before
+        }
+        defaults = connection.exec_driver_sql(
+            "SELECT tenant_id FROM dripiq_app.email_provider_configs ORDER BY 1"
+        ).all()
+    assert after == before
+    assert [d for (d,) in defaults] == ["t_acme", "t_initech"]
+    # A rerun changes nothing.
+    assert migrate.upgrade(live_database, adopt=True).before == REVISIONS[-1]
+
+
+def test_an_upgrade_and_downgrade_leave_every_prior_grant_exactly_as_it_was(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    with owner_engine.connect() as connection:
+        before = catalog_snapshot(connection)
+    migrate.upgrade(live_database, adopt=True)
+    with owner_engine.connect() as connection:
+        assert catalog_snapshot(connection)["schema_acl"] != []
+    migrate.downgrade(live_database, REVISIONS[0])
+    with owner_engine.connect() as connection:
+        after = catalog_snapshot(connection)
+    for key in ("schema_acl", "table_grants", "column_grants"):
+        # Alembic's bookkeeping table stays (the guide says so); everything else is as it was.
+        kept = [row for row in after[key] if "alembic_version" not in repr(row)]
+        assert kept == before[key], key
+    # The application still works through its login: the schema and its tables.
+    app = sa.create_engine(
+        live_database.sqlalchemy_url.set(username=APP_LOGIN_ROLE, drivername="postgresql+psycopg")
+    )
+    with app.connect() as connection:
+        assert (
+            connection.exec_driver_sql("SELECT count(*) FROM dripiq_app.tenants").scalar_one() == 3
+        )
+    app.dispose()
+
+
+def _run_cli(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    services: Services,
+    *command: str,
+) -> tuple[int, str, str]:
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", url)
+    monkeypatch.setenv("VAULT_ADDR", services.vault_addr)
+    monkeypatch.setenv("VAULT_TOKEN", services.vault_token)
+    monkeypatch.setenv("TENANTVAULT_TRANSIT_KEY", "tenantvault-tests")
+    code = cli.main(list(command))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_status_works_as_the_owner_and_names_what_the_app_login_cannot_check(
+    live_database: Settings,
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    migrate.upgrade(live_database, adopt=True)
+    owner_url = live_database.database_url.get_secret_value()
+    code, out, err = _run_cli(monkeypatch, capsys, owner_url, services, "status")
+    assert (code, err) == (cli.EXIT_OK, ""), out
+    assert "up to date" in out
+    assert "0 rows visible to the app role without a tenant" in out
+    assert "not checked" not in out
+
+    app_url = live_database.sqlalchemy_url.set(username=APP_LOGIN_ROLE).render_as_string(
+        hide_password=False
+    )
+    code, out, err = _run_cli(monkeypatch, capsys, app_url, services, "status")
+    assert err == ""
+    assert code == cli.EXIT_UNHEALTHY  # what it could not check is not called healthy
+    assert "Traceback" not in out
+    not_checked = [line for line in out.splitlines() if "not checked" in line]
+    assert any(line.startswith("schema ") for line in not_checked), out
+    assert any(line.startswith("data keys ") for line in not_checked), out
+    # What the app login can check, it does: it sees nothing without a tenant.
+    assert "0 rows visible to the app role without a tenant" in out
