@@ -28,6 +28,7 @@ from tenantvault.vault import (
     RefreshedToken,
     Vault,
 )
+from tenantvault.vault.aio import AsyncVault
 from tenantvault.vault.providers import CredentialsModel
 
 _moved.install()
@@ -57,6 +58,7 @@ def load_credentials(tenant_id: str, config_id: str) -> CredentialsModel:
 
 
 __all__ = [
+    "AsyncVault",
     "ConcurrentModification",
     "ConfigVersion",
     "ConfigurationError",

@@ -25,6 +25,7 @@ from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.shred import shred_tenant
 from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
+from tests.async_support import sync_provider
 from tests.conftest import CountingProvider, fresh_keyring
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
@@ -181,7 +182,9 @@ def _legacy_config(vault: Vault, owner_engine: sa.Engine) -> str:
         "t_a", type="smtp", name="From 0.1", config=SMTP, credentials={"password": "legacy"}
     )
     with tenant_session(vault.engine, "t_a") as session:
-        key = vault.keyring._active_key(session.connection(), "t_a")
+        # A keyring of the test's own on the vault's sync provider: it reads the key the
+        # vault made (an AsyncVault's keyring runs only inside its event loop).
+        key = fresh_keyring(sync_provider(vault))._active_key(session.connection(), "t_a")
     value = _seal_format_1(
         key,
         b'{"password":"legacy"}',

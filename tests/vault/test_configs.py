@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from tenantvault import InvalidInputError, NotFoundError, Vault
 from tenantvault.db.session import tenant_session
 from tenantvault.errors import DecryptionError
+from tests.async_support import caller_transaction
 from tests.conftest import CountingProvider
 
 SENDGRID_KEY = "SG.abcdefghijk.lmnopqrstuvwxyz0123456789"
@@ -275,7 +275,7 @@ def test_oauth_tokens_are_sealed_and_expiry_stays_queryable(
 
 
 def test_a_call_can_join_the_callers_transaction(vault: Vault, owner_engine: sa.Engine) -> None:
-    with Session(vault.engine) as session, session.begin():
+    with caller_transaction(vault) as session:
         vault.create_config(
             "t_a",
             type="smtp",
@@ -286,7 +286,7 @@ def test_a_call_can_join_the_callers_transaction(vault: Vault, owner_engine: sa.
         )
         session.rollback()
     assert owner_rows(owner_engine, "email_provider_configs") == []
-    with Session(vault.engine) as session, session.begin():
+    with caller_transaction(vault) as session:
         created = vault.create_config(
             "t_a",
             type="smtp",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from tenantvault import InvalidInputError, TenantNotSetError, Vault
+from tests.async_support import caller_transaction
 
 SMTP = {
     "host": "smtp.office365.com",
@@ -49,7 +49,7 @@ def test_create_config_for_a_tenant_without_a_row_is_invalid_input(
 
 
 def test_a_refused_unknown_tenant_leaves_the_callers_transaction_usable(vault: Vault) -> None:
-    with Session(vault.engine) as session, session.begin():
+    with caller_transaction(vault) as session:
         with pytest.raises(InvalidInputError, match=f"tenant {GHOST} does not exist"):
             vault.create_config(
                 GHOST,

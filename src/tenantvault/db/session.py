@@ -12,9 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_async_engine
 from sqlalchemy.orm import Session
 
 from tenantvault.errors import TenantNotSetError
@@ -43,18 +46,34 @@ def check_tenant_id(tenant_id: str) -> str:
     return tenant_id
 
 
-def create_engine(settings: Settings, **kwargs: object) -> Engine:
-    """An engine whose statements are qualified with the configured schema."""
+def _engine_options(settings: Settings) -> dict[str, Any]:
+    """What both engines are built with (one list, so they cannot drift)."""
     options = f"-c statement_timeout={settings.statement_timeout_ms}"
-    return sa.create_engine(
-        settings.sqlalchemy_url,
+    return {
         # No pre-ping: it would add a round trip to every load. A connection the
         # server dropped fails one call, and the pool replaces it.
-        pool_recycle=1800,
+        "pool_recycle": 1800,
         # Parameters are sealed values and wrapped keys: not secret, but no log needs them.
-        hide_parameters=True,
-        connect_args={"connect_timeout": settings.connect_timeout_seconds, "options": options},
-        **kwargs,
+        "hide_parameters": True,
+        "connect_args": {
+            "connect_timeout": settings.connect_timeout_seconds,
+            "options": options,
+        },
+    }
+
+
+def create_engine(settings: Settings, **kwargs: object) -> Engine:
+    """An engine whose statements are qualified with the configured schema."""
+    return sa.create_engine(
+        settings.sqlalchemy_url, **_engine_options(settings), **kwargs
+    ).execution_options(schema_translate_map={None: settings.schema_name})
+
+
+def create_async_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
+    """:func:`create_engine`'s twin on psycopg's ``AsyncConnection`` (SQLAlchemy's
+    asyncio layer picks psycopg's async driver for the same ``postgresql+psycopg`` URL)."""
+    return sqlalchemy_async_engine(
+        settings.sqlalchemy_url, **_engine_options(settings), **kwargs
     ).execution_options(schema_translate_map={None: settings.schema_name})
 
 

@@ -10,6 +10,10 @@ An entry remembers a digest of the wrapped key it was unwrapped from. A caller
 that has just read the stored wrapped key passes it, and an entry made from
 any other wrapping (a key that was never committed, a row replaced since) is a
 miss: the cache cannot serve a key that is not the one stored.
+
+A caller waiting for another's load blocks its thread by default. ``AsyncVault``
+passes ``wait`` that suspends its task instead (its tasks share one thread: a
+blocked follower would stall the leader's load, and the whole event loop).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from tenantvault.crypto.datakey import DataKey
 
 CacheKey = tuple[str, int]
+Wait = Callable[[Future[DataKey]], DataKey]
+"""How a caller waits for another caller's load of the same key."""
 
 
 @dataclass
@@ -55,13 +61,25 @@ class DataKeyCache:
         max_entries: int,
         max_uses: int,
         clock: Callable[[], float] = time.monotonic,
+        wait: Wait = Future.result,
     ) -> None:
+        """A cache within these bounds.
+
+        Args:
+            max_age_seconds: an entry's lifetime.
+            max_entries: how many keys are held (least recently used goes first).
+            max_uses: lookups an entry serves before it is loaded again.
+            clock: seconds, monotonic (tests move it).
+            wait: how a follower waits for the leader's load of the same key; the
+                default blocks the calling thread.
+        """
         if max_age_seconds <= 0 or max_entries < 1 or max_uses < 1:
             raise ValueError("cache bounds must be positive")
         self.max_age_seconds = max_age_seconds
         self.max_entries = max_entries
         self.max_uses = max_uses
         self._clock = clock
+        self._wait = wait
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
         self._in_flight: dict[CacheKey, Future[DataKey]] = {}
         self._lock = threading.Lock()
@@ -132,7 +150,7 @@ class DataKeyCache:
                 pending = Future()
                 self._in_flight[cache_key] = pending
         if not leader:
-            return pending.result()
+            return self._wait(pending)
         try:
             key = load()
         except BaseException as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Self
 
@@ -23,7 +24,7 @@ from tenantvault.db import queries
 from tenantvault.db.models import AuditAction, EmailProviderConfig, ProviderType
 from tenantvault.db.session import create_engine, set_tenant, tenant_session
 from tenantvault.errors import DecryptionError, KeyDestroyedError, NotFoundError
-from tenantvault.keys.cache import DataKeyCache
+from tenantvault.keys.cache import DataKeyCache, Wait
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.kms.factory import key_provider_from_settings
@@ -44,6 +45,24 @@ def log_unopenable(tenant_id: str, config_id: str, version: int) -> None:
         version,
         tenant_id,
     )
+
+
+def keyring_from_settings(
+    settings: Settings,
+    provider: KeyProvider,
+    *,
+    wait: Wait = Future.result,
+) -> Keyring:
+    """The keyring both facades build from settings: ``provider`` behind a cache
+    within the configured bounds (``wait``: how a cache miss waits for another
+    caller's load of the same key)."""
+    cache = DataKeyCache(
+        max_age_seconds=settings.dek_cache_max_age_seconds,
+        max_entries=settings.dek_cache_max_entries,
+        max_uses=settings.dek_cache_max_uses,
+        wait=wait,
+    )
+    return Keyring(provider, cache, allow_legacy=settings.open_legacy_format)
 
 
 class VaultCore:
@@ -81,14 +100,9 @@ class VaultCore:
         """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings."""
         settings = settings or load_settings()
         provider = key_provider or key_provider_from_settings(settings)
-        cache = DataKeyCache(
-            max_age_seconds=settings.dek_cache_max_age_seconds,
-            max_entries=settings.dek_cache_max_entries,
-            max_uses=settings.dek_cache_max_uses,
-        )
         return cls(
             create_engine(settings),
-            Keyring(provider, cache, allow_legacy=settings.open_legacy_format),
+            keyring_from_settings(settings, provider),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import psycopg
 from sqlalchemy.orm import Session
 
 from tenantvault.db import queries
@@ -89,18 +88,24 @@ class Credentials(Configs):
         0009's function); the key comes from the cache. None when it is not cached,
         and the caller takes the full path, which may ask the key provider."""
         check_tenant_id(tenant_id)
-        # The driver connection straight from the engine's pool, in autocommit for
-        # this one statement (its own implicit transaction), then handed back as
-        # it was: the hot path skips the ORM and Core layers, not the pool.
+        # The DB-API connection straight from the engine's pool, in autocommit for this
+        # one statement (its own implicit transaction), then handed back as it was:
+        # the hot path skips the ORM and Core layers, not the pool. Only DB-API calls,
+        # so the same code runs on psycopg's sync connection (Vault) and, inside
+        # SQLAlchemy's greenlet, on its adapter of psycopg's AsyncConnection (AsyncVault).
         pooled = self.engine.raw_connection()
         try:
-            driver = pooled.driver_connection
-            assert isinstance(driver, psycopg.Connection)
-            driver.autocommit = True
+            connection: Any = pooled.dbapi_connection
+            connection.autocommit = True
             try:
-                row = driver.execute(self._load_sql, (tenant_id, config_id)).fetchone()
+                cursor = connection.cursor()
+                try:
+                    cursor.execute(self._load_sql, (tenant_id, config_id))
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
             finally:
-                driver.autocommit = False
+                connection.autocommit = False
         finally:
             pooled.close()
         if row is None:

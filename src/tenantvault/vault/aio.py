@@ -1,0 +1,628 @@
+"""``AsyncVault``: the ``Vault`` contract for asyncio applications, as a thin driver.
+
+It holds no rule of its own. Each method runs the same method of a ``Vault``
+(the shared core: validation, sealing, statements, error mapping, audit events)
+inside SQLAlchemy's asyncio greenlet (:mod:`tenantvault.db.bridge`), on an engine
+of psycopg's ``AsyncConnection``: the core's database I/O suspends the task
+instead of blocking the loop. The key provider runs in worker threads
+(:class:`~tenantvault.keys.offloop.OffLoopKeyProvider`), and a cache miss waits
+for another task's load of the same key by suspending (single flight per tenant
+and key version). ``tests/test_layers.py`` keeps this module free of SQL, of
+validation and of any call into the core's private parts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import date, datetime, timedelta
+from typing import Any, Self
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from tenantvault.db.bridge import off_loop, run_in_greenlet, wait_for
+from tenantvault.db.models import ProviderType
+from tenantvault.db.session import create_async_engine
+from tenantvault.keys.keyring import Keyring
+from tenantvault.keys.offloop import OffLoopKeyProvider
+from tenantvault.kms.factory import key_provider_from_settings
+from tenantvault.kms.provider import KeyProvider
+from tenantvault.settings import Settings, load_settings
+from tenantvault.vault.core import keyring_from_settings
+from tenantvault.vault.facade import Vault
+from tenantvault.vault.providers import CredentialsModel
+from tenantvault.vault.tokens import ExpiringToken, OAuthToken, RefreshedToken
+from tenantvault.vault.usage import Usage
+from tenantvault.vault.views import ConfigVersion, ProviderConfig
+
+Refresher = Callable[[OAuthToken], RefreshedToken | Awaitable[RefreshedToken]]
+"""A token refresher: a coroutine function (awaited on the loop) or a plain function
+(run in a worker thread, so its HTTP call does not block the loop)."""
+
+
+def _joined(session: AsyncSession | None) -> Session | None:
+    # The AsyncSession's own sync session: what AsyncSession.run_sync hands its callable.
+    # The core joins its transaction exactly as it joins a sync caller's.
+    return None if session is None else session.sync_session
+
+
+def _in_the_core(refresher: Refresher) -> Callable[[OAuthToken], RefreshedToken]:
+    """``refresher`` as the core calls it (synchronously, inside the greenlet)."""
+
+    def call(current: OAuthToken) -> RefreshedToken:
+        answered: RefreshedToken | Awaitable[RefreshedToken]
+        if inspect.iscoroutinefunction(refresher):
+            answered = refresher(current)
+        else:
+            answered = off_loop(None, refresher, current)
+        if isinstance(answered, Awaitable):  # also a plain function returning a coroutine
+            awaited: RefreshedToken = wait_for(answered)
+            return awaited
+        # Anything else goes to the core as returned: it refuses what is not a RefreshedToken.
+        return answered
+
+    return call
+
+
+class AsyncVault:
+    """Store and load tenants' email-provider configs, credentials and OAuth tokens
+    from asyncio code: every method of :class:`tenantvault.Vault`, as a coroutine
+    with the same arguments, errors and results.
+
+    Build it with :meth:`from_settings` inside the event loop that will use it (its
+    connections belong to that loop), and ``await vault.dispose()`` at shutdown.
+    ``session=`` joins the caller's :class:`~sqlalchemy.ext.asyncio.AsyncSession`
+    and its transaction; otherwise each call runs in its own transaction.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        keyring: Keyring,
+        *,
+        history_credentials_kept: int = 10,
+        audit_loads: bool = False,
+    ) -> None:
+        """A vault on ``engine`` (from :func:`tenantvault.db.session.create_async_engine`)
+        and ``keyring``, whose provider must be an ``OffLoopKeyProvider``.
+
+        Raises:
+            ValueError: the provider would block the loop, or a bound is out of range.
+        """
+        if not isinstance(keyring.provider, OffLoopKeyProvider):
+            raise ValueError("an AsyncVault's key provider must be an OffLoopKeyProvider")
+        self.engine = engine
+        self.keyring = keyring
+        # The shared core, on the async engine's sync face: usable only inside the
+        # bridge's greenlet, which every method below provides.
+        self._core = Vault(
+            engine.sync_engine,
+            keyring,
+            history_credentials_kept=history_credentials_kept,
+            audit_loads=audit_loads,
+        )
+
+    def __repr__(self) -> str:
+        return f"AsyncVault(engine={self.engine!r}, keyring={self.keyring!r})"
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings | None = None, *, key_provider: KeyProvider | None = None
+    ) -> Self:
+        """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings, as ``Vault.from_settings``.
+
+        ``key_provider`` is the sync provider (as ``Vault`` takes); its calls run in
+        worker threads."""
+        settings = settings or load_settings()
+        provider = OffLoopKeyProvider(key_provider or key_provider_from_settings(settings))
+        return cls(
+            create_async_engine(settings),
+            keyring_from_settings(settings, provider, wait=wait_for),
+            history_credentials_kept=settings.config_history_credentials_kept,
+            audit_loads=settings.audit_loads,
+        )
+
+    async def dispose(self) -> None:
+        """Close the pooled connections and let the key provider's threads end."""
+        await self.engine.dispose()
+        provider = self.keyring.provider
+        assert isinstance(provider, OffLoopKeyProvider)
+        provider.close()
+
+    async def refresh_oauth_token(
+        self,
+        tenant_id: str,
+        config_id: str,
+        refresher: Refresher,
+        *,
+        min_validity: timedelta = timedelta(minutes=5),
+        now: datetime | None = None,
+        actor: str | None = None,
+    ) -> OAuthToken:
+        """:meth:`Vault.refresh_oauth_token <tenantvault.Vault.refresh_oauth_token>`,
+        awaited. ``refresher`` may be a coroutine function (awaited on the loop) or a
+        plain function (run in a worker thread); either runs at most once per expiry
+        across tasks, threads and processes."""
+        return await run_in_greenlet(
+            self._core.refresh_oauth_token,
+            tenant_id,
+            config_id,
+            _in_the_core(refresher),
+            min_validity=min_validity,
+            now=now,
+            actor=actor,
+        )
+
+    async def create_config(
+        self,
+        tenant_id: str,
+        *,
+        type: str | ProviderType,
+        name: str,
+        config: Any,
+        credentials: Any = None,
+        is_default: bool = False,
+        is_active: bool = True,
+        actor: str | None = None,
+        reason: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.create_config``, awaited."""
+        return await run_in_greenlet(
+            self._core.create_config,
+            tenant_id,
+            type=type,
+            name=name,
+            config=config,
+            credentials=credentials,
+            is_default=is_default,
+            is_active=is_active,
+            actor=actor,
+            reason=reason,
+            session=_joined(session),
+        )
+
+    async def create_config_from_template(
+        self,
+        tenant_id: str,
+        template_key: str,
+        *,
+        name: str,
+        config: Any = None,
+        credentials: Any = None,
+        is_default: bool = False,
+        actor: str | None = None,
+        reason: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.create_config_from_template``, awaited."""
+        return await run_in_greenlet(
+            self._core.create_config_from_template,
+            tenant_id,
+            template_key,
+            name=name,
+            config=config,
+            credentials=credentials,
+            is_default=is_default,
+            actor=actor,
+            reason=reason,
+            session=_joined(session),
+        )
+
+    async def get_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        with_credentials: bool = False,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.get_config``, awaited."""
+        return await run_in_greenlet(
+            self._core.get_config,
+            tenant_id,
+            config_id,
+            with_credentials=with_credentials,
+            session=_joined(session),
+        )
+
+    async def get_default_config(
+        self,
+        tenant_id: str,
+        *,
+        with_credentials: bool = False,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.get_default_config``, awaited."""
+        return await run_in_greenlet(
+            self._core.get_default_config,
+            tenant_id,
+            with_credentials=with_credentials,
+            session=_joined(session),
+        )
+
+    async def get_config_by_name(
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        with_credentials: bool = False,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.get_config_by_name``, awaited."""
+        return await run_in_greenlet(
+            self._core.get_config_by_name,
+            tenant_id,
+            name,
+            with_credentials=with_credentials,
+            session=_joined(session),
+        )
+
+    async def get_config_for_sender(
+        self,
+        tenant_id: str,
+        sender_id: str,
+        *,
+        with_credentials: bool = False,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.get_config_for_sender``, awaited."""
+        return await run_in_greenlet(
+            self._core.get_config_for_sender,
+            tenant_id,
+            sender_id,
+            with_credentials=with_credentials,
+            session=_joined(session),
+        )
+
+    async def list_active_configs(
+        self,
+        tenant_id: str,
+        *,
+        session: AsyncSession | None = None,
+    ) -> list[ProviderConfig]:
+        """``Vault.list_active_configs``, awaited."""
+        return await run_in_greenlet(
+            self._core.list_active_configs,
+            tenant_id,
+            session=_joined(session),
+        )
+
+    async def list_configs_of_type(
+        self,
+        tenant_id: str,
+        type: str | ProviderType,
+        *,
+        session: AsyncSession | None = None,
+    ) -> list[ProviderConfig]:
+        """``Vault.list_configs_of_type``, awaited."""
+        return await run_in_greenlet(
+            self._core.list_configs_of_type,
+            tenant_id,
+            type,
+            session=_joined(session),
+        )
+
+    async def update_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        name: str | None = None,
+        config: Any = None,
+        credentials: Any = None,
+        actor: str | None = None,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.update_config``, awaited."""
+        return await run_in_greenlet(
+            self._core.update_config,
+            tenant_id,
+            config_id,
+            name=name,
+            config=config,
+            credentials=credentials,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            session=_joined(session),
+        )
+
+    async def set_default(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> None:
+        """``Vault.set_default``, awaited."""
+        await run_in_greenlet(
+            self._core.set_default,
+            tenant_id,
+            config_id,
+            actor=actor,
+            session=_joined(session),
+        )
+
+    async def deactivate_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> None:
+        """``Vault.deactivate_config``, awaited."""
+        await run_in_greenlet(
+            self._core.deactivate_config,
+            tenant_id,
+            config_id,
+            actor=actor,
+            session=_joined(session),
+        )
+
+    async def delete_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> None:
+        """``Vault.delete_config``, awaited."""
+        await run_in_greenlet(
+            self._core.delete_config,
+            tenant_id,
+            config_id,
+            actor=actor,
+            session=_joined(session),
+        )
+
+    async def restore_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        name: str | None = None,
+        actor: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.restore_config``, awaited."""
+        return await run_in_greenlet(
+            self._core.restore_config,
+            tenant_id,
+            config_id,
+            name=name,
+            actor=actor,
+            session=_joined(session),
+        )
+
+    async def store_credentials(
+        self,
+        tenant_id: str,
+        config_id: str,
+        credentials: Any,
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        session: AsyncSession | None = None,
+    ) -> int:
+        """``Vault.store_credentials``, awaited."""
+        return await run_in_greenlet(
+            self._core.store_credentials,
+            tenant_id,
+            config_id,
+            credentials,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            session=_joined(session),
+        )
+
+    async def load_credentials(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> CredentialsModel:
+        """``Vault.load_credentials``, awaited."""
+        return await run_in_greenlet(
+            self._core.load_credentials,
+            tenant_id,
+            config_id,
+            actor=actor,
+            session=_joined(session),
+        )
+
+    async def load_many_credentials(
+        self,
+        tenant_id: str,
+        config_ids: Sequence[str],
+        *,
+        session: AsyncSession | None = None,
+    ) -> dict[str, CredentialsModel]:
+        """``Vault.load_many_credentials``, awaited."""
+        return await run_in_greenlet(
+            self._core.load_many_credentials,
+            tenant_id,
+            config_ids,
+            session=_joined(session),
+        )
+
+    async def list_config_versions(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        session: AsyncSession | None = None,
+    ) -> list[ConfigVersion]:
+        """``Vault.list_config_versions``, awaited."""
+        return await run_in_greenlet(
+            self._core.list_config_versions,
+            tenant_id,
+            config_id,
+            session=_joined(session),
+        )
+
+    async def get_config_version(
+        self,
+        tenant_id: str,
+        config_id: str,
+        version: int,
+        *,
+        with_credentials: bool = False,
+        session: AsyncSession | None = None,
+    ) -> ConfigVersion:
+        """``Vault.get_config_version``, awaited."""
+        return await run_in_greenlet(
+            self._core.get_config_version,
+            tenant_id,
+            config_id,
+            version,
+            with_credentials=with_credentials,
+            session=_joined(session),
+        )
+
+    async def rollback_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        to_version: int,
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        session: AsyncSession | None = None,
+    ) -> ProviderConfig:
+        """``Vault.rollback_config``, awaited."""
+        return await run_in_greenlet(
+            self._core.rollback_config,
+            tenant_id,
+            config_id,
+            to_version,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            session=_joined(session),
+        )
+
+    async def store_oauth_token(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        access_token: str,
+        refresh_token: str | None = None,
+        token_type: str = "Bearer",  # noqa: S107 - a token type, not a token
+        expires_at: datetime | None = None,
+        scopes: Sequence[str] = (),
+        actor: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> int:
+        """``Vault.store_oauth_token``, awaited."""
+        return await run_in_greenlet(
+            self._core.store_oauth_token,
+            tenant_id,
+            config_id,
+            access_token=access_token,
+            refresh_token=refresh_token,
+            token_type=token_type,
+            expires_at=expires_at,
+            scopes=scopes,
+            actor=actor,
+            session=_joined(session),
+        )
+
+    async def load_oauth_token(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        session: AsyncSession | None = None,
+    ) -> OAuthToken:
+        """``Vault.load_oauth_token``, awaited."""
+        return await run_in_greenlet(
+            self._core.load_oauth_token,
+            tenant_id,
+            config_id,
+            session=_joined(session),
+        )
+
+    async def delete_oauth_token(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        actor: str | None = None,
+        session: AsyncSession | None = None,
+    ) -> bool:
+        """``Vault.delete_oauth_token``, awaited."""
+        return await run_in_greenlet(
+            self._core.delete_oauth_token,
+            tenant_id,
+            config_id,
+            actor=actor,
+            session=_joined(session),
+        )
+
+    async def tokens_expiring(
+        self,
+        tenant_id: str,
+        *,
+        within: timedelta,
+        now: datetime | None = None,
+        session: AsyncSession | None = None,
+    ) -> list[ExpiringToken]:
+        """``Vault.tokens_expiring``, awaited."""
+        return await run_in_greenlet(
+            self._core.tokens_expiring,
+            tenant_id,
+            within=within,
+            now=now,
+            session=_joined(session),
+        )
+
+    async def record_usage(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        sent: int = 0,
+        failed: int = 0,
+        now: datetime | None = None,
+        session: AsyncSession | None = None,
+    ) -> None:
+        """``Vault.record_usage``, awaited."""
+        await run_in_greenlet(
+            self._core.record_usage,
+            tenant_id,
+            config_id,
+            sent=sent,
+            failed=failed,
+            now=now,
+            session=_joined(session),
+        )
+
+    async def usage(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        since: date,
+        session: AsyncSession | None = None,
+    ) -> Usage:
+        """``Vault.usage``, awaited."""
+        return await run_in_greenlet(
+            self._core.usage,
+            tenant_id,
+            config_id,
+            since=since,
+            session=_joined(session),
+        )

@@ -1,0 +1,52 @@
+"""The facade tests run against both facades: ``vault`` is a ``Vault``, then an
+``AsyncVault`` behind Vault's sync face (tests/async_support.py). A test about the
+sync API only (joining a sync ``Session``) asks for ``sync_vault``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import pytest
+
+from tenantvault import Vault
+from tenantvault.settings import Settings
+from tests.async_support import sync_looking_async_vault
+from tests.conftest import CountingProvider
+
+FACADES = ["Vault", "AsyncVault"]
+
+VaultFactory = Callable[..., AbstractContextManager[Any]]
+
+
+@contextmanager
+def _sync(settings: Settings, key_provider: Any, **options: Any) -> Iterator[Vault]:
+    built = Vault.from_settings(settings, key_provider=key_provider)
+    if options:
+        built = Vault(built.engine, built.keyring, **options)
+    try:
+        yield built
+    finally:
+        built.engine.dispose()
+
+
+@pytest.fixture(params=FACADES)
+def make_vault(request: pytest.FixtureRequest) -> VaultFactory:
+    """Builds the facade under test: ``make_vault(settings, provider, **options)`` is a
+    context manager yielding a Vault, or an AsyncVault with Vault's face."""
+    return _sync if request.param == "Vault" else sync_looking_async_vault
+
+
+@pytest.fixture
+def vault(
+    make_vault: VaultFactory, app_settings: Settings, provider: CountingProvider
+) -> Iterator[Any]:
+    with make_vault(app_settings, provider) as built:
+        yield built
+
+
+@pytest.fixture
+def sync_vault(app_settings: Settings, provider: CountingProvider) -> Iterator[Vault]:
+    with _sync(app_settings, provider) as built:
+        yield built
