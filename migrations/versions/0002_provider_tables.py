@@ -18,15 +18,18 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 from tenantvault.migration_support import (
-    as_migrator,
+    Blocker,
+    MigrationOptions,
     create_grants_record,
     drop_grants_record,
     grant_kept_apart,
     isolate_tenant_table,
+    legacy_sendgrid_config,
     options,
     qualified,
-    refuse_if_rows,
+    refuse_blocked,
     revoke_granted,
+    schema_qualified,
     set_lz4_compression,
 )
 
@@ -331,13 +334,22 @@ def upgrade() -> None:
     _grant()
 
 
+def blockers(opts: MigrationOptions) -> list[Blocker]:
+    """What this downgrade would delete. The SendGrid defaults 0004 made are not
+    counted: its downgrade removes them before this one runs."""
+    configs, tokens = (schema_qualified(opts.schema, t) for t in TABLES)
+    return [
+        Blocker("OAuth tokens", f"FROM {tokens}"),
+        Blocker(
+            "email provider configs",
+            f"FROM {configs} c WHERE NOT ({legacy_sendgrid_config('c')})",
+        ),
+    ]
+
+
 def downgrade() -> None:
     opts = options()
-    with as_migrator():
-        refuse_if_rows(f"SELECT 1 FROM {qualified('email_provider_tokens')}", "OAuth tokens")
-        refuse_if_rows(
-            f"SELECT 1 FROM {qualified('email_provider_configs')}", "email provider configs"
-        )
+    refuse_blocked(blockers(opts))
     revoke_granted(revision)
     drop_grants_record()
     op.drop_table("email_provider_tokens", schema=opts.schema)

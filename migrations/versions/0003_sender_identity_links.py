@@ -20,11 +20,15 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 from tenantvault.migration_support import (
+    Blocker,
+    MigrationOptions,
     grant_kept_apart,
+    legacy_sendgrid_config,
     options,
     qualified,
-    refuse_if_rows,
+    refuse_blocked,
     revoke_granted,
+    schema_qualified,
     set_lz4_compression,
 )
 
@@ -90,17 +94,28 @@ def upgrade() -> None:
     grant_kept_apart(revision, "SELECT", opts.migrator_role, relation=TABLE)
 
 
+def blockers(opts: MigrationOptions) -> list[Blocker]:
+    """What this downgrade would delete. Links to the SendGrid defaults are not
+    counted: 0004's downgrade removes them before this one runs."""
+    identities = schema_qualified(opts.schema, TABLE)
+    configs = schema_qualified(opts.schema, "email_provider_configs")
+    return [
+        Blocker(
+            "sender links to provider configs (provider_config_id)",
+            f"FROM {identities} s WHERE s.provider_config_id IS NOT NULL AND NOT EXISTS ("
+            f"SELECT FROM {configs} c WHERE c.tenant_id = s.tenant_id "
+            f"AND c.id = s.provider_config_id AND {legacy_sendgrid_config('c')})",
+        ),
+        Blocker(
+            "sender validation data (provider_validation_data)",
+            f"FROM {identities} WHERE provider_validation_data IS NOT NULL",
+        ),
+    ]
+
+
 def downgrade() -> None:
     opts = options()
-    identities = qualified(TABLE)
-    refuse_if_rows(
-        f"SELECT 1 FROM {identities} WHERE provider_config_id IS NOT NULL",
-        "links from sender identities to provider configs (provider_config_id)",
-    )
-    refuse_if_rows(
-        f"SELECT 1 FROM {identities} WHERE provider_validation_data IS NOT NULL",
-        "provider validation data of sender identities (provider_validation_data)",
-    )
+    refuse_blocked(blockers(opts))
     revoke_granted(revision)
     op.drop_index(
         "ix_email_sender_identities_tenant_id_provider_config_id", TABLE, schema=opts.schema

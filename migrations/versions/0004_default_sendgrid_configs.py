@@ -18,23 +18,25 @@ from __future__ import annotations
 
 from alembic import op
 
-from tenantvault.migration_support import as_migrator, qualified, refuse_if_rows
+from tenantvault.migration_support import (
+    LEGACY_SENDGRID_CONFIG,
+    LEGACY_SENDGRID_NAME,
+    as_migrator,
+    legacy_sendgrid_config,
+    qualified,
+)
 
 revision = "0004_default_sendgrid_configs"
 down_revision = "0003_sender_identity_links"
 branch_labels = None
 depends_on = None
 
-LEGACY_NAME = "SendGrid (Default)"
-# Marks the configs this migration made; SendGrid's config model knows the flag.
-LEGACY_CONFIG = '{"legacy": true}'
+LEGACY_NAME = LEGACY_SENDGRID_NAME
+LEGACY_CONFIG = LEGACY_SENDGRID_CONFIG  # marks the configs this migration made
 
 
 def _is_legacy_config(alias: str) -> str:
-    return (
-        f"{alias}.type = 'sendgrid' AND {alias}.name = '{LEGACY_NAME}' "
-        f"AND {alias}.config @> '{LEGACY_CONFIG}'::jsonb"
-    )
+    return legacy_sendgrid_config(alias)
 
 
 def upgrade() -> None:
@@ -68,12 +70,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     configs = qualified("email_provider_configs")
     identities = qualified("email_sender_identities")
+    # No guard of its own: credentials stored since in these configs are sealed under
+    # tenant data keys, and 0005's downgrade, which runs first, refused to delete those
+    # keys unless the loss was accepted. What remains here could not be opened.
     with as_migrator():
-        refuse_if_rows(
-            f"SELECT 1 FROM {configs} c WHERE {_is_legacy_config('c')} "
-            "AND c.encrypted_credentials IS NOT NULL",
-            f"credentials stored since in the '{LEGACY_NAME}' configs",
-        )
         op.execute(
             f"""
             UPDATE {identities} esi SET provider_config_id = NULL

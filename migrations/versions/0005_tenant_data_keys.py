@@ -16,11 +16,13 @@ import sqlalchemy as sa
 from alembic import op
 
 from tenantvault.migration_support import (
-    as_migrator,
+    Blocker,
+    MigrationOptions,
     isolate_tenant_table,
     options,
     qualified,
-    refuse_if_rows,
+    refuse_blocked,
+    schema_qualified,
 )
 
 revision = "0005_tenant_data_keys"
@@ -106,11 +108,19 @@ def upgrade() -> None:
     )
 
 
+def blockers(opts: MigrationOptions) -> list[Blocker]:
+    """What this downgrade would delete. Every sealed credential and token needs its
+    tenant's data key, so this guard also stands for them: 0004's downgrade, which
+    runs after this one, deletes the SendGrid defaults without asking again."""
+    return [
+        Blocker(
+            "tenant data keys (every sealed credential and token would become unreadable)",
+            f"FROM {schema_qualified(opts.schema, TABLE)}",
+        )
+    ]
+
+
 def downgrade() -> None:
     opts = options()
-    with as_migrator():
-        refuse_if_rows(
-            f"SELECT 1 FROM {qualified(TABLE)}",
-            "tenant data keys (every sealed credential and token would become unreadable)",
-        )
+    refuse_blocked(blockers(opts))
     op.drop_table(TABLE, schema=opts.schema)

@@ -20,11 +20,14 @@ import sqlalchemy as sa
 from alembic import op
 
 from tenantvault.migration_support import (
+    Blocker,
+    MigrationOptions,
     as_migrator,
     isolate_tenant_table,
     options,
     qualified,
-    refuse_if_rows,
+    refuse_blocked,
+    schema_qualified,
     set_lz4_compression,
 )
 
@@ -163,13 +166,20 @@ def upgrade() -> None:
     _set_key_states("'active', 'draining', 'retired', 'destroyed'", STATES_COMMENT)
 
 
+def blockers(opts: MigrationOptions) -> list[Blocker]:
+    """What this downgrade would delete: the baseline versions it made itself are not."""
+    return [
+        Blocker(
+            "config versions (the history of configs and their sealed credentials)",
+            f"FROM {schema_qualified(opts.schema, VERSIONS)} WHERE change <> 'baseline'",
+        )
+    ]
+
+
 def downgrade() -> None:
     opts = options()
+    refuse_blocked(blockers(opts))
     with as_migrator():
-        refuse_if_rows(
-            f"SELECT 1 FROM {qualified(VERSIONS)} WHERE change <> 'baseline'",
-            "config history (older versions of configs and their sealed credentials)",
-        )
         # A draining key opens its values just as a retired one does.
         op.execute(f"UPDATE {qualified(KEYS)} SET state = 'retired' WHERE state = 'draining'")
     _set_key_states("'active', 'retired', 'destroyed'", OLD_STATES_COMMENT)

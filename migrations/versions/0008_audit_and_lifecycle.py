@@ -29,11 +29,13 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 from tenantvault.migration_support import (
-    as_migrator,
+    Blocker,
+    MigrationOptions,
     isolate_tenant_table,
     options,
     qualified,
-    refuse_if_rows,
+    refuse_blocked,
+    schema_qualified,
     tenant_policy_predicate,
 )
 
@@ -357,11 +359,17 @@ def upgrade() -> None:
     op.execute(f'GRANT SELECT ON {qualified(HEADS)} TO "{opts.migrator_role}"')
 
 
+def blockers(opts: MigrationOptions) -> list[Blocker]:
+    """What this downgrade would delete."""
+    return [
+        Blocker("audit events", f"FROM {schema_qualified(opts.schema, AUDIT)}"),
+        Blocker("usage counters", f"FROM {schema_qualified(opts.schema, USAGE)}"),
+    ]
+
+
 def downgrade() -> None:
     opts = options()
-    with as_migrator():
-        refuse_if_rows(f"SELECT 1 FROM {qualified(AUDIT)}", "the audit log")
-        refuse_if_rows(f"SELECT 1 FROM {qualified(USAGE)}", "provider usage statistics")
+    refuse_blocked(blockers(opts))
     op.drop_column("email_provider_tokens", "version", schema=opts.schema)
     op.drop_table(USAGE, schema=opts.schema)
     # Dropping the parent drops every partition with it.

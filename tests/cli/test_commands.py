@@ -72,10 +72,14 @@ def test_a_refused_downgrade_is_one_failed_line_and_exit_1(
                 "VALUES ('t1', 'smtp', 'Relay', '{}')"
             )
         )
-    assert cli.main(["migrate", "--downgrade", "--revision", "base"]) == cli.EXIT_FAILED
+    assert cli.main(["migrate", "--downgrade", "--revision", "0001"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith("FAILED: downgrade refused: it would delete email provider configs")
+    assert err[0] == (
+        "FAILED: downgrade to 0001 refused, nothing was changed: it would delete "
+        "1 email provider configs [0002_provider_tables]. Back them up, then rerun with "
+        "--allow-data-loss"
+    )
 
 
 def test_a_bad_setting_fails_with_its_name_and_not_its_value(

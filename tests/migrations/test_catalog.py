@@ -144,7 +144,6 @@ def test_offline_sql_builds_the_same_schema_as_online_migration(
     assert "ON CONFLICT DO NOTHING" in sql  # the data migration renders offline too
     migrate.upgrade(settings)
     online = _snapshot(owner_engine)
-    migrate.downgrade(settings, "base")
     with owner_engine.begin() as connection:
         connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
     with psycopg.connect(database_url, autocommit=True) as raw:

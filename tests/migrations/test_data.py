@@ -145,34 +145,58 @@ def _add_smtp_config(owner_engine: sa.Engine) -> None:
         )
 
 
-def test_downgrade_that_would_lose_configs_refuses_and_changes_nothing(
+def test_a_refused_downgrade_names_every_blocker_with_its_count_and_changes_nothing(
     settings: Settings, owner_engine: sa.Engine, seeded: object
 ) -> None:
     migrate.upgrade(settings)
     _add_smtp_config(owner_engine)
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.email_provider_config_versions "
+                "(tenant_id, config_id, version, change, name, config) "
+                "VALUES ('t_globex', 'tvsmtp', 2, 'updated', 'Relay', '{}');"
+                "INSERT INTO dripiq_app.tenant_data_keys (tenant_id, version, wrapped_key, kek_version) "
+                "VALUES ('t_globex', 1, 'vault:v1:d3JhcHBlZA==', 1), ('t_acme', 1, 'vault:v1:d3JhcHBlZA==', 1);"
+                "INSERT INTO dripiq_app.email_provider_usage (tenant_id, config_id, day, sent, last_used_at) "
+                "VALUES ('t_globex', 'tvsmtp', '2026-11-01', 3, now())"
+            )
+        )
     with owner_engine.connect() as connection:
-        before = {
-            t: table_rows(connection, t)
-            for t in ("email_provider_configs", "email_provider_tokens", "email_sender_identities")
-        }
-    with pytest.raises(MigrationError, match="links from sender identities") as refused:
+        before = {t: _all_rows(connection, t) for t in TENANTVAULT_ROWS}
+    with pytest.raises(MigrationError) as refused:
         migrate.downgrade(settings, BASELINE)
-    assert "allow_data_loss" in str(refused.value)
-    with owner_engine.connect() as connection:
-        after = {t: table_rows(connection, t) for t in before}
-        revision = migrate.current_revision(connection, "dripiq_app")
-    # The data step ran (it only removes what upgrade recreates); nothing else moved.
-    assert revision == SENDER_LINKS
-    # The token version column (added last, by 0008) went with its revision.
-    assert after["email_provider_tokens"] == [r[:-1] for r in before["email_provider_tokens"]]
-    # The version column (added last, by 0007) went with its revision; the rest is intact.
-    assert [r for r in after["email_provider_configs"] if r[0] == "tvsmtp"] == [
-        r[:-1] for r in before["email_provider_configs"] if r[0] == "tvsmtp"
-    ]
-    assert dict((r[0], r[-2:]) for r in after["email_sender_identities"])["s_globex_1"] == (
-        "tvsmtp",
-        {"identity_id": 7},
+    assert str(refused.value) == (
+        f"downgrade to {BASELINE} refused, nothing was changed: it would delete "
+        f"1 usage counters [{AUDIT}]; "
+        f"1 config versions (the history of configs and their sealed credentials) [{VERSIONS}]; "
+        f"2 tenant data keys (every sealed credential and token would become unreadable) [{DATA_KEYS}]; "
+        f"1 sender links to provider configs (provider_config_id) [{SENDER_LINKS}]; "
+        f"1 sender validation data (provider_validation_data) [{SENDER_LINKS}]; "
+        f"1 OAuth tokens [{PROVIDER_TABLES}]; "
+        f"1 email provider configs [{PROVIDER_TABLES}]. "
+        "Back them up, then rerun with --allow-data-loss"
     )
+    with owner_engine.connect() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") == BINDINGS
+        assert {t: _all_rows(connection, t) for t in TENANTVAULT_ROWS} == before
+
+
+def _all_rows(connection: sa.Connection, table: str) -> list[tuple[object, ...]]:
+    return [
+        tuple(r)
+        for r in connection.exec_driver_sql(f"SELECT * FROM dripiq_app.{table} ORDER BY 1, 2, 3")
+    ]
+
+
+TENANTVAULT_ROWS = (
+    "email_provider_configs",
+    "email_provider_tokens",
+    "email_sender_identities",
+    "email_provider_config_versions",
+    "tenant_data_keys",
+    "email_provider_usage",
+)
 
 
 def test_acknowledged_downgrade_removes_the_new_data_and_keeps_the_legacy_rows(
@@ -204,11 +228,16 @@ def test_downgrade_of_the_provider_tables_refuses_while_tokens_exist(
         assert len(table_rows(connection, "email_provider_tokens")) == 1
 
 
-def test_downgrade_of_the_baseline_refuses_to_drop_the_applications_rows(
-    settings: Settings, seeded: object
+def test_no_downgrade_goes_below_the_baseline(
+    settings: Settings, owner_engine: sa.Engine, seeded: dict[str, list[tuple[object, ...]]]
 ) -> None:
-    with pytest.raises(MigrationError, match=r"sender identities \(email_sender_identities\)"):
-        migrate.downgrade(settings, "base")
+    migrate.upgrade(settings)
+    for target in ("base", "-9"):
+        with pytest.raises(MigrationError, match="drop the application's own tables"):
+            migrate.downgrade(settings, target, allow_data_loss=True)
+    with owner_engine.connect() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") == BINDINGS
+        assert legacy_rows(connection) == seeded
 
 
 def test_versioning_records_existing_configs_as_baseline_versions_without_credentials(
@@ -247,11 +276,11 @@ def test_downgrade_of_versioning_refuses_while_history_holds_changes(
                 "WHERE tenant_id = 't_acme'"
             )
         )
-    with pytest.raises(MigrationError, match="config history"):
+    with pytest.raises(MigrationError, match=r"1 config versions \(the history"):
         migrate.downgrade(settings, DATA_KEYS)
     with owner_engine.connect() as connection:
-        # 0009 and 0008 came down (nothing of them to lose); 0007 refused.
-        assert migrate.current_revision(connection, "dripiq_app") == VERSIONS
+        # Refused before anything moved: 0009 and 0008 are still applied.
+        assert migrate.current_revision(connection, "dripiq_app") == BINDINGS
         count = connection.execute(
             sa.text("SELECT count(*) FROM dripiq_app.email_provider_config_versions")
         ).scalar_one()

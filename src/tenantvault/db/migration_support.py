@@ -6,7 +6,7 @@ Revisions emit plain SQL through these, so every one also renders in offline
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -71,6 +71,45 @@ def as_migrator() -> Iterator[None]:
     op.execute(f'SET LOCAL ROLE "{options().migrator_role}"')
     yield
     op.execute("RESET ROLE")
+
+
+LEGACY_SENDGRID_NAME = "SendGrid (Default)"
+LEGACY_SENDGRID_CONFIG = '{"legacy": true}'
+"""The configs migration 0004 makes for tenants that used the application-wide
+SendGrid key; SendGrid's config model knows the flag."""
+
+
+def legacy_sendgrid_config(alias: str) -> str:
+    """SQL true for a config migration 0004 made (``alias`` names the configs table)."""
+    return (
+        f"{alias}.type = 'sendgrid' AND {alias}.name = '{LEGACY_SENDGRID_NAME}' "
+        f"AND {alias}.config @> '{LEGACY_SENDGRID_CONFIG}'::jsonb"
+    )
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Data a revision's downgrade would delete: ``rows`` is the ``FROM ... [WHERE ...]``
+    that finds it, read as the migrator role (its policies admit every tenant)."""
+
+    what: str
+    rows: str
+
+
+def schema_qualified(schema: str, name: str) -> str:
+    """``name`` qualified with ``schema``: for code that runs outside a migration."""
+    return f'"{schema}"."{name}"'
+
+
+def refuse_blocked(blockers: Sequence[Blocker]) -> None:
+    """Stop the downgrade at the first blocker with rows (see :func:`refuse_if_rows`).
+
+    ``tenantvault migrate --downgrade`` counts every blocker of every revision it would
+    step through before it changes anything; these checks are the same guard for a
+    downgrade run by plain Alembic, and for rows written while a downgrade runs."""
+    with as_migrator():
+        for blocker in blockers:
+            refuse_if_rows(f"SELECT 1 {blocker.rows}", blocker.what)
 
 
 def refuse_if_rows(exists_query: str, what: str) -> None:

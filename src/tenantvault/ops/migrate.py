@@ -20,7 +20,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
-from tenantvault.db.migration_support import OPTIONS_KEY, MigrationOptions
+from tenantvault.db.migration_support import ALLOW_DATA_LOSS_FLAG, OPTIONS_KEY, MigrationOptions
 from tenantvault.errors import MigrationError
 from tenantvault.settings import Settings
 
@@ -130,19 +130,22 @@ def upgrade(settings: Settings, revision: str = "head", *, adopt: bool = False) 
     check_revision(revision)
     options = MigrationOptions.from_settings(settings)
     engine = migration_engine(settings)
-    before, present = _inspect(engine, settings.schema_name)
-    if adopt and before is None:
-        if present != list(LEGACY_TABLES):
-            missing = sorted(set(LEGACY_TABLES) - set(present))
-            raise MigrationError(f"cannot adopt: schema lacks table(s) {', '.join(missing)}")
-        _run(lambda config: command.stamp(config, BASELINE_REVISION), options, engine)
-    elif before is None and present:
-        raise MigrationError(
-            f"schema {settings.schema_name!r} already has the application's tables "
-            f"({', '.join(present)}) but no tenantvault history: run with --adopt"
-        )
-    _run(lambda config: command.upgrade(config, revision), options, engine)
-    after, _ = _inspect(engine, settings.schema_name)
+    try:
+        before, present = _inspect(engine, settings.schema_name)
+        if adopt and before is None:
+            if present != list(LEGACY_TABLES):
+                missing = sorted(set(LEGACY_TABLES) - set(present))
+                raise MigrationError(f"cannot adopt: schema lacks table(s) {', '.join(missing)}")
+            _run(lambda config: command.stamp(config, BASELINE_REVISION), options, engine)
+        elif before is None and present:
+            raise MigrationError(
+                f"schema {settings.schema_name!r} already has the application's tables "
+                f"({', '.join(present)}) but no tenantvault history: run with --adopt"
+            )
+        _run(lambda config: command.upgrade(config, revision), options, engine)
+        after, _ = _inspect(engine, settings.schema_name)
+    finally:
+        engine.dispose()
     return MigrationReport(before=before, after=after, head=head_revision())
 
 
@@ -154,15 +157,82 @@ def _inspect(engine: sa.Engine, schema: str) -> tuple[str | None, list[str]]:
 def downgrade(
     settings: Settings, revision: str, *, allow_data_loss: bool = False
 ) -> MigrationReport:
-    """Downgrade to ``revision``; refuses (MigrationError) where data would be lost,
-    unless ``allow_data_loss`` acknowledges it."""
+    """Downgrade to ``revision``.
+
+    Before anything changes, every revision on the way is asked what its downgrade
+    would delete; unless ``allow_data_loss`` acknowledges it, one error names all of
+    it, with counts. With it, each revision deletes what the older schema cannot hold.
+
+    Raises:
+        MigrationError: data would be lost (nothing was changed); the target is below
+            the baseline (that would drop the application's own tables); a revision
+            failed (it was rolled back, the ones before it stay downgraded).
+    """
     check_revision(revision)
     options = MigrationOptions.from_settings(settings, allow_data_loss=allow_data_loss)
     engine = migration_engine(settings)
-    before, _ = _inspect(engine, settings.schema_name)
-    _run(lambda config: command.downgrade(config, revision), options, engine)
-    after, _ = _inspect(engine, settings.schema_name)
+    try:
+        before, _ = _inspect(engine, settings.schema_name)
+        steps = _downgrade_steps(_script(), before, revision)
+        if BASELINE_REVISION in steps:
+            raise MigrationError(
+                f"tenantvault does not downgrade below {BASELINE_REVISION}: that would drop "
+                f"the application's own tables ({', '.join(LEGACY_TABLES)})"
+            )
+        if not allow_data_loss:
+            _refuse_data_loss(engine, options, steps, revision)
+        _run(lambda config: command.downgrade(config, revision), options, engine)
+        after, _ = _inspect(engine, settings.schema_name)
+    finally:
+        engine.dispose()
     return MigrationReport(before=before, after=after, head=head_revision())
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config(MigrationOptions()))
+
+
+def _downgrade_steps(script: ScriptDirectory, current: str | None, target: str) -> list[str]:
+    """The revisions a downgrade from ``current`` to ``target`` undoes, newest first."""
+    chain = [r.revision for r in script.walk_revisions()]  # newest first
+    if current is None or current not in chain:
+        return []
+    done = chain[chain.index(current) :]
+    if target == "base":
+        return done
+    if target.startswith("-") and target[1:].isdigit():
+        return done[: int(target[1:])]
+    resolved = script.get_revision(target)
+    if resolved is None or resolved.revision not in done:
+        return []
+    return done[: done.index(resolved.revision)]
+
+
+def _refuse_data_loss(
+    engine: sa.Engine, options: MigrationOptions, steps: list[str], target: str
+) -> None:
+    """Count, as the migrator role, what each step's downgrade would delete."""
+    script = _script()
+    found = []
+    with engine.connect() as connection, connection.begin():
+        try:
+            connection.exec_driver_sql(f'SET LOCAL ROLE "{options.migrator_role}"')
+        except DBAPIError:
+            raise MigrationError(
+                f"this login may not SET ROLE {options.migrator_role}, which a downgrade "
+                "needs to see every tenant's rows: run it as the migration owner"
+            ) from None
+        for step in steps:
+            module = script.get_revision(step).module
+            for blocker in getattr(module, "blockers", lambda _: [])(options):
+                count = connection.exec_driver_sql(f"SELECT count(*) {blocker.rows}").scalar_one()
+                if count:
+                    found.append(f"{count} {blocker.what} [{step}]")
+    if found:
+        raise MigrationError(
+            f"downgrade to {target} refused, nothing was changed: it would delete "
+            f"{'; '.join(found)}. Back them up, then rerun with --allow-data-loss"
+        )
 
 
 def offline_sql(options: MigrationOptions, revision: str = "head") -> str:
@@ -186,7 +256,20 @@ def _run(step: Callable[[Config], object], options: MigrationOptions, engine: sa
         primary = getattr(diag, "message_primary", None) or type(exc.orig).__name__
         # The revisions prefix their own refusals for the server's log; here they are ours.
         primary = primary.removeprefix("tenantvault: ")
-        hint = getattr(diag, "message_hint", None)
-        raise MigrationError(primary + (f" ({hint})" if hint else "")) from exc
+        hint = getattr(diag, "message_hint", None) or ""
+        # The revisions' hint names Alembic's flag; this is tenantvault's command.
+        hint = hint.replace(f"-x {ALLOW_DATA_LOSS_FLAG}=true", "--allow-data-loss")
+        where = _stopped_at(engine, options.schema)
+        raise MigrationError(f"{primary}{f' ({hint})' if hint else ''}; {where}") from exc
     except CommandError as exc:  # a relative target that does not resolve, for one
         raise MigrationError(str(exc)) from None
+
+
+def _stopped_at(engine: sa.Engine, schema: str) -> str:
+    """Where a failed migration left the database (each revision is one transaction)."""
+    try:
+        with engine.connect() as connection:
+            current = current_revision(connection, schema)
+    except DBAPIError:
+        return "the database's revision could not be read"
+    return f"the failed revision was rolled back; the database is at {current or 'none'}"
