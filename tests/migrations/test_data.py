@@ -285,3 +285,20 @@ def test_downgrade_of_versioning_refuses_while_history_holds_changes(
             sa.text("SELECT count(*) FROM dripiq_app.email_provider_config_versions")
         ).scalar_one()
     assert count == 3
+
+
+def test_a_lock_timeout_names_where_the_database_stopped(
+    settings: Settings, owner_engine: sa.Engine, seeded: object
+) -> None:
+    quick = settings.model_copy(update={"migration_lock_timeout_ms": 200})
+    with owner_engine.connect() as holder:
+        # The application reading its senders: 0003 needs the table to itself.
+        holder.exec_driver_sql("LOCK TABLE dripiq_app.email_sender_identities IN ACCESS SHARE MODE")
+        with pytest.raises(MigrationError) as stopped:
+            migrate.upgrade(quick)
+        holder.rollback()
+    assert str(stopped.value) == (
+        f"canceling statement due to lock timeout; {SENDER_LINKS} failed and was rolled back; "
+        f"the database is at {PROVIDER_TABLES}"
+    )
+    migrate.upgrade(settings)  # rerun: it continues from there

@@ -181,7 +181,7 @@ def downgrade(
             )
         if not allow_data_loss:
             _refuse_data_loss(engine, options, steps, revision)
-        _run(lambda config: command.downgrade(config, revision), options, engine)
+        _run(lambda config: command.downgrade(config, revision), options, engine, downgrading=True)
         after, _ = _inspect(engine, settings.schema_name)
     finally:
         engine.dispose()
@@ -248,7 +248,13 @@ def offline_sql(options: MigrationOptions, revision: str = "head") -> str:
     return buffer.getvalue()
 
 
-def _run(step: Callable[[Config], object], options: MigrationOptions, engine: sa.Engine) -> None:
+def _run(
+    step: Callable[[Config], object],
+    options: MigrationOptions,
+    engine: sa.Engine,
+    *,
+    downgrading: bool = False,
+) -> None:
     try:
         step(alembic_config(options, connection=engine))
     except DBAPIError as exc:
@@ -259,17 +265,26 @@ def _run(step: Callable[[Config], object], options: MigrationOptions, engine: sa
         hint = getattr(diag, "message_hint", None) or ""
         # The revisions' hint names Alembic's flag; this is tenantvault's command.
         hint = hint.replace(f"-x {ALLOW_DATA_LOSS_FLAG}=true", "--allow-data-loss")
-        where = _stopped_at(engine, options.schema)
+        where = _stopped_at(engine, options.schema, downgrading=downgrading)
         raise MigrationError(f"{primary}{f' ({hint})' if hint else ''}; {where}") from exc
     except CommandError as exc:  # a relative target that does not resolve, for one
         raise MigrationError(str(exc)) from None
 
 
-def _stopped_at(engine: sa.Engine, schema: str) -> str:
-    """Where a failed migration left the database (each revision is one transaction)."""
+def _stopped_at(engine: sa.Engine, schema: str, *, downgrading: bool) -> str:
+    """Which revision failed, and where that left the database (each revision is one
+    transaction, so the failed one was rolled back and the ones before it stay)."""
     try:
         with engine.connect() as connection:
             current = current_revision(connection, schema)
     except DBAPIError:
         return "the database's revision could not be read"
-    return f"the failed revision was rolled back; the database is at {current or 'none'}"
+    chain = [r.revision for r in reversed(list(_script().walk_revisions()))]  # oldest first
+    if downgrading:
+        failed = current
+    else:
+        following = chain.index(current) + 1 if current in chain else 0
+        failed = chain[following] if following < len(chain) else None
+    return f"{failed or 'a revision'} failed and was rolled back; the database is at " + (
+        current or "none"
+    )
