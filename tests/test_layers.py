@@ -216,3 +216,145 @@ def test_only_the_cli_output_prints() -> None:
             if isinstance(node, ast.Attribute) and node.attr in {"stdout", "stderr"}:
                 printers.append(f"{module}:{node.lineno}")
     assert printers == []
+
+
+# --- one implementation of the rules: AsyncVault is a thin driver over the shared core ---
+
+ASYNC_FACADE = "tenantvault.vault.aio"
+
+
+def _async_methods() -> dict[str, ast.AsyncFunctionDef]:
+    tree = ast.parse(MODULES[ASYNC_FACADE].read_text())
+    facade = next(
+        node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "AsyncVault"
+    )
+    return {
+        node.name: node
+        for node in facade.body
+        if isinstance(node, ast.AsyncFunctionDef) and not node.name.startswith("_")
+    }
+
+
+def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
+    """Each public coroutine of AsyncVault is its docstring and one statement:
+    ``await run_in_greenlet(self._core.<its own name>, ...)`` — no validation, no
+    statement, no error mapping of its own (``dispose`` closes resources)."""
+    strays = []
+    for name, method in _async_methods().items():
+        if name == "dispose":
+            continue
+        body = method.body[1:] if ast.get_docstring(method) is not None else method.body
+        statement = body[0] if len(body) == 1 else None
+        awaited = getattr(statement, "value", None)
+        call = awaited.value if isinstance(awaited, ast.Await) else None
+        target = call.args[0] if isinstance(call, ast.Call) and call.args else None
+        if not (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Name)
+            and call.func.id == "run_in_greenlet"
+            and isinstance(target, ast.Attribute)
+            and target.attr == name
+            and ast.unparse(target.value) == "self._core"
+        ):
+            strays.append(name)
+    assert strays == []
+
+
+def test_the_async_facade_holds_no_sql_no_rules_and_no_private_core_calls() -> None:
+    source = MODULES[ASYNC_FACADE].read_text()
+    # No statement text, and nothing that builds or runs statements.
+    assert _sql_text_in(ASYNC_FACADE) == []
+    allowed_sqlalchemy = {"sqlalchemy.ext.asyncio", "sqlalchemy.orm"}
+    imported = GRAPH[ASYNC_FACADE]
+    assert {t for t in imported if t.startswith(("sqlalchemy", "psycopg"))} <= allowed_sqlalchemy
+    # The rules live in the core: no validators, sealed places, audit, queries, errors here.
+    rules = {
+        "tenantvault.vault.versions",
+        "tenantvault.keys.sealed",
+        "tenantvault.audit",
+        "tenantvault.audit.events",
+        "tenantvault.db.queries",
+        "tenantvault.errors",
+        "tenantvault.crypto.envelope",
+    }
+    assert imported & rules == set()
+    assert not re.search(r"self\._core\._", source), "calls into the core's private parts"
+    assert "parse_config" not in source
+    assert "parse_credentials" not in source
+
+
+def _sql_text_in(module: str) -> list[str]:
+    sql = re.compile(r"(?i)\b(select|insert\s+into|update\s+\S+\s+set|delete\s+from)\b")
+    path = MODULES[module]
+    return [
+        repr(node.value[:60])
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and sql.search(node.value)
+        and not _is_docstring(node, path)
+    ]
+
+
+def test_async_vault_has_every_vault_method_with_the_same_signature() -> None:
+    """Same names, parameters, kinds, defaults and results; only ``session`` (an
+    AsyncSession) and ``refresher`` (which may be a coroutine function) differ."""
+    import inspect
+
+    from tenantvault import AsyncVault, Vault
+
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(member)
+            for name, member in inspect.getmembers(cls)
+            if not name.startswith("_") and callable(member)
+        }
+
+    sync, asynchronous = public(Vault), public(AsyncVault)
+    assert set(sync) <= set(asynchronous)
+    assert set(asynchronous) - set(sync) == {"dispose"}
+    differ = {
+        ("session", "Session | None"): "AsyncSession | None",
+        ("refresher", "Callable[[OAuthToken], RefreshedToken]"): "Refresher",
+    }
+    for name, signature in sync.items():
+        theirs = asynchronous[name]
+        assert signature.return_annotation == theirs.return_annotation, name
+        assert list(signature.parameters) == list(theirs.parameters), name
+        for parameter in signature.parameters.values():
+            other = theirs.parameters[parameter.name]
+            assert (parameter.kind, parameter.default) == (other.kind, other.default), name
+            expected = differ.get((parameter.name, parameter.annotation), parameter.annotation)
+            assert other.annotation == expected, f"{name}({parameter.name})"
+        if name != "from_settings":
+            assert inspect.iscoroutinefunction(getattr(AsyncVault, name)), name
+
+
+def test_only_the_bridge_knows_greenlets() -> None:
+    users = {
+        source
+        for source, targets in GRAPH.items()
+        for target in targets
+        if target.startswith(("sqlalchemy.util", "greenlet"))
+    }
+    assert users == {"tenantvault.db.bridge"}
+
+
+def test_the_shared_core_blocks_only_on_the_database_and_the_key_provider() -> None:
+    """What AsyncVault runs on the event loop must not block it: the facade and the
+    keys layer make no network or sleeping call of their own (the key provider is
+    injected, and runs off the loop for AsyncVault)."""
+    blocking = {"requests", "hvac", "socket", "urllib", "http", "httpx", "subprocess"}
+    found = [
+        f"{source} -> {target}"
+        for source, targets in GRAPH.items()
+        if _layer(source) in {"vault", "keys"}
+        for target in targets
+        if target.split(".")[0] in blocking
+    ]
+    sleeps = [
+        module
+        for module, path in MODULES.items()
+        if _layer(module) in {"vault", "keys"} and re.search(r"\bsleep\(", path.read_text())
+    ]
+    assert (found, sleeps) == ([], [])

@@ -15,6 +15,7 @@ from tenantvault._moved import MOVED
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC_NAMES = {
+    "AsyncVault",
     "ConcurrentModification",
     "ConfigVersion",
     "ConfigurationError",
@@ -34,6 +35,9 @@ PUBLIC_NAMES = {
     "TenantNotSetError",
     "TenantVaultError",
     "Vault",
+    "async_load_credentials",
+    "async_store_credentials",
+    "default_async_vault",
     "default_vault",
     "load_credentials",
     "store_credentials",
@@ -57,8 +61,11 @@ def test_an_old_module_path_is_the_module_at_its_new_path(old: str, new: str) ->
         ("tenantvault.errors", ["TenantVaultError", "DecryptionError"]),
         ("tenantvault.providers", ["SmtpConfig", "SmtpCredentials", "parse_config"]),
         ("tenantvault.templates", ["TEMPLATES", "template"]),
-        ("tenantvault.vault", ["Vault", "ProviderConfig", "OAuthToken", "Usage"]),
-        ("tenantvault.db", ["TENANT_SETTING", "tenant_session", "create_engine"]),
+        ("tenantvault.vault", ["Vault", "AsyncVault", "ProviderConfig", "OAuthToken", "Usage"]),
+        (
+            "tenantvault.db",
+            ["TENANT_SETTING", "tenant_session", "create_engine", "create_async_engine"],
+        ),
         ("tenantvault.kms", ["key_provider_from_settings", "transit_client"]),
         ("tenantvault.audit", ["record", "record_many", "Event"]),
         # What the frozen Alembic revisions import: they must never need editing.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from typing import Any
 
 from tenantvault import _moved
@@ -57,6 +59,38 @@ def load_credentials(tenant_id: str, config_id: str) -> CredentialsModel:
     return default_vault().load_credentials(tenant_id, config_id)
 
 
+# One default AsyncVault per event loop: its pooled connections belong to the loop
+# that made them. An entry goes with its loop.
+_default_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncVault] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_async_vault() -> AsyncVault:
+    """The running event loop's ``AsyncVault``, built from settings on first use."""
+    loop = asyncio.get_running_loop()
+    with _default_lock:
+        built = _default_async.get(loop)
+        if built is None:
+            built = _default_async[loop] = AsyncVault.from_settings()
+        return built
+
+
+async def async_store_credentials(
+    tenant_id: str, config_id: str, credentials: Any, **options: Any
+) -> int:
+    """``AsyncVault.store_credentials`` on the default async vault (``actor``, ``reason``,
+    ``expected_version`` as there); returns the config's new version."""
+    return await default_async_vault().store_credentials(
+        tenant_id, config_id, credentials, **options
+    )
+
+
+async def async_load_credentials(tenant_id: str, config_id: str) -> CredentialsModel:
+    """``AsyncVault.load_credentials`` on the default async vault."""
+    return await default_async_vault().load_credentials(tenant_id, config_id)
+
+
 __all__ = [
     "AsyncVault",
     "ConcurrentModification",
@@ -78,6 +112,9 @@ __all__ = [
     "TenantNotSetError",
     "TenantVaultError",
     "Vault",
+    "async_load_credentials",
+    "async_store_credentials",
+    "default_async_vault",
     "default_vault",
     "load_credentials",
     "store_credentials",

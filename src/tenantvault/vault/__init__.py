@@ -1,11 +1,14 @@
-"""The application's door: the ``Vault`` facade, its provider models and templates."""
+"""The application's door: the ``Vault`` facade (and ``AsyncVault``, the same for
+asyncio), its provider models and templates."""
 
+from tenantvault.vault.aio import AsyncVault
 from tenantvault.vault.facade import Vault
 from tenantvault.vault.tokens import ExpiringToken, OAuthToken, RefreshedToken
 from tenantvault.vault.usage import Usage, UsageDay
 from tenantvault.vault.views import ConfigVersion, ProviderConfig
 
 __all__ = [
+    "AsyncVault",
     "ConfigVersion",
     "ExpiringToken",
     "OAuthToken",
