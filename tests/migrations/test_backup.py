@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import hvac
+import hvac.exceptions
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -147,11 +148,15 @@ class Cluster:
 
 @pytest.fixture
 def transit(services: Services) -> Iterator[tuple[hvac.Client, str]]:
-    """A transit key made as docs/backup.md says for a key that is backed up by export."""
+    """A transit key made as SECURITY.md says (derived), then opened to backups as
+    docs/backup.md says (exportable and allow_plaintext_backup: irreversible)."""
     client = hvac.Client(url=services.vault_addr, token=services.vault_token, timeout=5)
     name = f"tenantvault-backup-{uuid.uuid4().hex[:8]}"
-    client.secrets.transit.create_key(
-        name, derived=True, exportable=True, allow_plaintext_backup=True
+    client.secrets.transit.create_key(name, derived=True)
+    with pytest.raises(hvac.exceptions.VaultError, match="exporting is disallowed"):
+        client.secrets.transit.backup_key(name)  # refused until the key allows it
+    client.secrets.transit.update_key_configuration(
+        name, exportable=True, allow_plaintext_backup=True
     )
     yield client, name
     client.secrets.transit.update_key_configuration(name, deletion_allowed=True)
@@ -546,3 +551,26 @@ def _copied_rows(script: str) -> dict[str, list[str]]:
             else:
                 rows[current].append(line)
     return rows
+
+
+def test_the_roles_script_recreates_the_documented_roles(cluster: Cluster) -> None:
+    """docs/backup.md, "Roles": pg_dumpall --roles-only (the DBA) carries the backup
+    login's BYPASSRLS and pg_read_all_data and the owner's non-inheriting membership."""
+    script = _run(
+        [
+            str(cluster.bin / "pg_dumpall"),
+            "--roles-only",
+            "--no-role-passwords",
+            "--dbname",
+            cluster.admin_url,
+        ]
+    ).stdout
+    lines = script.splitlines()
+    assert any(
+        line.startswith(f"ALTER ROLE {BACKUP} WITH") and " LOGIN " in line and " BYPASSRLS" in line
+        for line in lines
+    )
+    assert any(line.startswith(f"GRANT pg_read_all_data TO {BACKUP}") for line in lines)
+    (membership,) = [x for x in lines if x.startswith(f"GRANT tenantvault_migrator TO {OWNER}")]
+    assert ("WITH INHERIT FALSE" in membership) is (cluster.major >= 16)
+    assert "CREATE ROLE tenantvault_app;" in lines
