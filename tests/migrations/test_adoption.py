@@ -193,3 +193,107 @@ def test_migrations_run_as_a_non_superuser_owner_under_forced_rls(owner_settings
     with pytest.raises(MigrationError, match="email provider configs"):
         migrate.downgrade(owner_settings, REVISIONS[0], allow_data_loss=False)
     engine.dispose()
+
+
+# --- the plan a DBA reviews: migrate --sql --adopt / --sql --downgrade ---
+
+
+def _deploy_again(owner_engine: sa.Engine) -> None:
+    """The same deployed database as the ``deployed`` fixture makes, made afresh."""
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
+        connection.exec_driver_sql(DEPLOYED_SCHEMA)
+        connection.exec_driver_sql("INSERT INTO dripiq_app.organizations VALUES ('o_1', 'Org');")
+        seed_legacy(connection)
+        connection.exec_driver_sql(
+            "UPDATE dripiq_app.tenants SET organization_id = 'o_1', brand = '{\"color\": \"red\"}', "
+            "website = 'https://acme.test' WHERE id = 't_acme';"
+            "INSERT INTO dripiq_app.contact_campaigns VALUES ('c_1', 't_acme', 's_acme_1');"
+            "INSERT INTO dripiq_app.outbound_messages VALUES ('m_1', 't_acme', 's_acme_2');"
+            "INSERT INTO dripiq_app.send_rate_limits VALUES ('r_1', 's_initech_1');"
+        )
+
+
+def _state(engine: sa.Engine) -> tuple[object, ...]:
+    """The catalog, the revision, the app's rows and what adoption made of them."""
+    with engine.connect() as connection:
+        made = connection.exec_driver_sql(
+            "SELECT c.tenant_id, c.name, c.is_default, array_agg(s.id ORDER BY s.id) "
+            "FROM dripiq_app.email_provider_configs c "
+            "LEFT JOIN dripiq_app.email_sender_identities s ON s.provider_config_id = c.id "
+            "GROUP BY 1, 2, 3 ORDER BY 1"
+        ).all()
+        revision = migrate.current_revision(connection, "dripiq_app")
+        return catalog_snapshot(connection), revision, made
+
+
+def _apply(database_url: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as raw:
+        raw.execute(sql.encode())
+
+
+def test_the_rendered_adoption_builds_what_the_online_adoption_builds(
+    settings: Settings,
+    owner_engine: sa.Engine,
+    deployed: dict[str, list[tuple[object, ...]]],
+    database_url: str,
+) -> None:
+    from tenantvault.db.migration_support import MigrationOptions
+
+    sql = migrate.offline_sql(MigrationOptions(), adopt=True)
+    assert "CREATE TABLE dripiq_app.tenants" not in sql  # the baseline is stamped, not run
+    migrate.upgrade(settings, adopt=True)
+    online = _state(owner_engine)
+    _deploy_again(owner_engine)
+    _apply(database_url, sql)
+    assert _state(owner_engine) == online
+    # The app's rows as deployed (users' created_at defaults to the time of seeding).
+    rows = _app_rows(owner_engine)
+    assert {t: r for t, r in rows.items() if t != "users"} == {
+        t: r for t, r in deployed.items() if t != "users"
+    }
+    # Run twice, the script stops at its guard and changes nothing.
+    import psycopg
+
+    with pytest.raises(psycopg.errors.RaiseException, match="already has tenantvault history"):
+        _apply(database_url, sql)
+    assert _state(owner_engine) == online
+
+
+def test_the_rendered_downgrade_refuses_where_data_would_be_lost_and_else_restores(
+    settings: Settings,
+    owner_engine: sa.Engine,
+    deployed: dict[str, list[tuple[object, ...]]],
+    database_url: str,
+) -> None:
+    import psycopg
+
+    from tenantvault.db.migration_support import MigrationOptions
+
+    with owner_engine.connect() as connection:
+        at_deploy = catalog_snapshot(connection)
+    migrate.upgrade(settings, adopt=True)
+    sql = migrate.offline_sql(MigrationOptions(), REVISIONS[0], downgrade_from="head")
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO dripiq_app.email_provider_configs (tenant_id, type, name, config) "
+            "VALUES ('t_globex', 'smtp', 'Relay', '{}')"
+        )
+    with pytest.raises(psycopg.errors.RaiseException, match="email provider configs"):
+        _apply(database_url, sql)
+    with owner_engine.begin() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") != REVISIONS[-1]  # steps ran
+        connection.exec_driver_sql(
+            "DELETE FROM dripiq_app.email_provider_configs WHERE name = 'Relay'"
+        )
+        at = migrate.current_revision(connection, "dripiq_app")
+    _apply(database_url, migrate.offline_sql(MigrationOptions(), REVISIONS[0], downgrade_from=at))
+    with owner_engine.connect() as connection:
+        after = catalog_snapshot(connection)
+        assert migrate.current_revision(connection, "dripiq_app") == REVISIONS[0]
+    assert _app_rows(owner_engine) == deployed
+    for key in after:
+        kept = [row for row in after[key] if "alembic_version" not in repr(row)]
+        assert kept == at_deploy[key], key

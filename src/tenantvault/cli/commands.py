@@ -36,10 +36,18 @@ EXIT_INTERRUPTED = 130
 def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.sql:
         try:
-            options = MigrationOptions.from_settings(load_settings())
-        except TenantVaultError:
-            options = MigrationOptions()  # offline SQL needs no database
-        output.print_raw(migrate.offline_sql(options, args.revision))
+            options = MigrationOptions.from_settings(
+                load_settings(), allow_data_loss=args.allow_data_loss
+            )
+        except TenantVaultError:  # offline SQL needs no database
+            options = MigrationOptions(allow_data_loss=args.allow_data_loss)
+        sql = migrate.offline_sql(
+            options,
+            args.revision,
+            adopt=args.adopt,
+            downgrade_from=args.from_revision if args.downgrade else None,
+        )
+        output.print_raw(sql)
         return EXIT_OK
     settings = load_settings()
     if args.downgrade:
@@ -358,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the database already has the application's tables: stamp the baseline first",
     )
     m.add_argument("--downgrade", action="store_true", help="downgrade to --revision")
+    m.add_argument(
+        "--from",
+        dest="from_revision",
+        default="head",
+        metavar="R",
+        help="with --sql --downgrade: the revision the database is at (default: head)",
+    )
     m.add_argument(
         "--allow-data-loss",
         action="store_true",

@@ -195,8 +195,12 @@ def _script() -> ScriptDirectory:
 def _downgrade_steps(script: ScriptDirectory, current: str | None, target: str) -> list[str]:
     """The revisions a downgrade from ``current`` to ``target`` undoes, newest first."""
     chain = [r.revision for r in script.walk_revisions()]  # newest first
-    if current is None or current not in chain:
+    if current is None:
         return []
+    found = script.get_revision(current)  # a full id from a prefix
+    if found is None or found.revision not in chain:
+        return []
+    current = found.revision
     done = chain[chain.index(current) :]
     if target == "base":
         return done
@@ -235,17 +239,88 @@ def _refuse_data_loss(
         )
 
 
-def offline_sql(options: MigrationOptions, revision: str = "head") -> str:
-    """The SQL that upgrading an empty database to ``revision`` runs, for review."""
+def offline_sql(
+    options: MigrationOptions,
+    revision: str = "head",
+    *,
+    adopt: bool = False,
+    downgrade_from: str | None = None,
+) -> str:
+    """The SQL a migration would run, rendered for review (no database is read).
+
+    Args:
+        options: schema and role names, and whether a downgrade may delete data.
+        revision: the target revision.
+        adopt: render the adoption of the application's existing database: a guard
+            that it holds the application's tables and no tenantvault history, the
+            stamp of the baseline, then the upgrade from the baseline.
+        downgrade_from: render a downgrade from this revision (the database's
+            current one) to ``revision``. Each refusal is a guard in the SQL itself,
+            checked when the script runs.
+
+    Raises:
+        MigrationError: an unknown revision, or a downgrade below the baseline.
+    """
     check_revision(revision)
+    if downgrade_from is not None:
+        check_revision(downgrade_from)
+        start = head_revision() if downgrade_from == "head" else downgrade_from
+        if BASELINE_REVISION in _downgrade_steps(_script(), start, revision):
+            raise MigrationError(
+                f"tenantvault does not downgrade below {BASELINE_REVISION}: that would drop "
+                f"the application's own tables ({', '.join(LEGACY_TABLES)})"
+            )
+        header = (
+            f"-- A downgrade from {start} to {revision}: run it only on a database at {start}.\n"
+            + (
+                "-- It deletes what the older schema cannot hold (--allow-data-loss).\n\n"
+                if options.allow_data_loss
+                else "-- Each step refuses, changing nothing, where it would delete data.\n\n"
+            )
+        )
+        return header + _render(
+            options, lambda c: command.downgrade(c, f"{start}:{revision}", sql=True)
+        )
+    if adopt:
+        return (
+            _adoption_guard(options.schema)
+            + _render(options, lambda c: command.stamp(c, BASELINE_REVISION, sql=True))
+            + _render(
+                options, lambda c: command.upgrade(c, f"{BASELINE_REVISION}:{revision}", sql=True)
+            )
+        )
+    return _render(options, lambda c: command.upgrade(c, revision, sql=True))
+
+
+def _render(options: MigrationOptions, step: Callable[[Config], object]) -> str:
     config = alembic_config(options)
     try:
-        command.upgrade(config, revision, sql=True)
+        step(config)
     except CommandError as exc:
-        raise MigrationError(f"--revision {revision}: {exc}") from None
+        raise MigrationError(str(exc)) from None
     buffer = config.output_buffer
     assert isinstance(buffer, io.StringIO)
     return buffer.getvalue()
+
+
+def _adoption_guard(schema: str) -> str:
+    """What ``upgrade(adopt=True)`` checks before it stamps, as SQL that stops the script."""
+    quoted = ", ".join(f"'{t}'" for t in LEGACY_TABLES)
+    names = ", ".join(LEGACY_TABLES)
+    return (
+        "-- Adoption of the application's existing database: stop unless it holds the\n"
+        "-- application's tables and no tenantvault history yet.\n"
+        "DO $$ BEGIN\n"
+        f"  IF to_regclass('{schema}.alembic_version') IS NOT NULL THEN\n"
+        f"    RAISE EXCEPTION 'schema {schema} already has tenantvault history: "
+        "run the upgrade, not the adoption';\n"
+        "  END IF;\n"
+        f"  IF (SELECT count(*) FROM pg_tables WHERE schemaname = '{schema}' "
+        f"AND tablename IN ({quoted})) <> {len(LEGACY_TABLES)} THEN\n"
+        f"    RAISE EXCEPTION 'schema {schema} lacks the application''s tables ({names})';\n"
+        "  END IF;\n"
+        "END $$;\n\n"
+    )
 
 
 def _run(
