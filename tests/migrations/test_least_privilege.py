@@ -192,3 +192,84 @@ def test_status_works_as_the_owner_and_names_what_the_app_login_cannot_check(
     assert any(line.startswith("data keys ") for line in not_checked), out
     # What the app login can check, it does: it sees nothing without a tenant.
     assert "0 rows visible to the app role without a tenant" in out
+
+
+def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
+    live_database: Settings,
+    owner_engine: sa.Engine,
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import uuid
+
+    from tenantvault import Vault
+
+    migrate.upgrade(live_database, adopt=True)
+    login = f"tv_new_app_{uuid.uuid4().hex[:8]}"
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(f"CREATE ROLE {login} LOGIN")
+    owner_url = live_database.database_url.get_secret_value()
+    code, out, err = _run_cli(
+        monkeypatch, capsys, owner_url, services, "grants", "--app-login", login
+    )
+    assert (code, err) == (cli.EXIT_OK, "")
+    dba_part, owner_part = out.split("-- As the schema's owner", 1)
+    assert "email_provider_configs" not in owner_part  # tenantvault's tables: the app role only
+    assert '"dripiq_app"."contact_campaigns"' in owner_part  # every table of the application
+    with owner_engine.connect() as connection:  # the DBA
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(dba_part)
+    owner = migrate.migration_engine(live_database)
+    with owner.begin() as connection:  # the schema's owner, no superuser
+        connection.exec_driver_sql("-- " + owner_part)
+        # The owner itself is bound too: no tenant, no rows (PG 15 as well, NOINHERIT).
+        assert (
+            connection.exec_driver_sql(
+                "SELECT count(*) FROM dripiq_app.email_provider_configs"
+            ).scalar_one()
+            == 0
+        )
+    owner.dispose()
+
+    url = live_database.sqlalchemy_url.set(username=login).render_as_string(hide_password=False)
+    app = sa.create_engine(url)
+    with app.begin() as connection:  # the application's own tables, as its ORM uses them
+        assert connection.exec_driver_sql("SELECT count(*) FROM dripiq_app.tenants").scalar_one() == 3
+        connection.exec_driver_sql(
+            "INSERT INTO dripiq_app.organizations VALUES ('o_2', 'Org 2');"
+            "UPDATE dripiq_app.organizations SET name = 'Org two' WHERE id = 'o_2';"
+            "DELETE FROM dripiq_app.organizations WHERE id = 'o_2'"
+        )
+    vault = Vault.from_settings(
+        load_settings(
+            database_url=url,
+            VAULT_ADDR=services.vault_addr,
+            VAULT_TOKEN=services.vault_token,
+            transit_key="tenantvault-tests",
+        )
+    )
+    smtp = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
+    cfg = vault.create_config("t_globex", type="smtp", name="Relay", config=smtp, credentials={"password": "pw-1"})
+    assert vault.load_credentials("t_globex", cfg.id).password.get_secret_value() == "pw-1"  # type: ignore[union-attr]
+    vault.engine.dispose()
+    with app.begin() as connection:
+        # Another tenant's transaction sees none of it; no tenant sees nothing at all.
+        connection.exec_driver_sql("SELECT set_config('tenantvault.tenant_id', 't_acme', true)")
+        names = connection.exec_driver_sql("SELECT name FROM dripiq_app.email_provider_configs").scalars().all()
+        assert names == ["SendGrid (Default)"]
+    with app.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM dripiq_app.email_provider_configs").scalar_one() == 0
+    with app.begin() as connection, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+        connection.exec_driver_sql("DELETE FROM dripiq_app.email_provider_configs")
+    app.dispose()
+
+    # A login that could cross tenants is refused, with the reason.
+    for unsafe, reason in ((OWNER, "owns the schema"), ("postgres", "superuser")):
+        code, out, err = _run_cli(
+            monkeypatch, capsys, owner_url, services, "grants", "--app-login", unsafe
+        )
+        assert code == cli.EXIT_USAGE
+        assert reason in err
+        assert out == ""

@@ -20,6 +20,7 @@ from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.dev import stack as devstack
 from tenantvault.errors import AuditError, InvalidInputError, TenantVaultError
 from tenantvault.ops import jobs, migrate
+from tenantvault.ops.grants import app_login_grants
 from tenantvault.ops.health import status
 from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
 from tenantvault.settings import load_settings
@@ -62,6 +63,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     report = status(load_settings())
     output.print_status(report)
     return EXIT_OK if report.healthy else EXIT_UNHEALTHY
+
+
+def _cmd_grants(args: argparse.Namespace) -> int:
+    output.print_app_login_grants(app_login_grants(load_settings(), args.app_login))
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -382,6 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = commands.add_parser("status", help="schema revision, tenant isolation and transit state")
     s.set_defaults(handler=_cmd_status)
+
+    g = commands.add_parser(
+        "grants",
+        help="print the SQL that sets up the application's login (tenant isolation kept)",
+        description="Prints, for the schema's owner to run, the grants on the application's "
+        "own tables and sequences, and, for a DBA, the membership in the app role. Refuses a "
+        "login that could cross tenants.",
+    )
+    g.add_argument(
+        "--app-login", required=True, metavar="ROLE", help="the application's login role"
+    )
+    g.set_defaults(handler=_cmd_grants)
 
     demo = commands.add_parser("demo", help="store and load credentials end to end")
     demo.set_defaults(handler=_cmd_demo)

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 from tenantvault.audit.chain import AuditVerifyReport, Head, PruneReport
+from tenantvault.ops.grants import AppLoginGrants
 from tenantvault.ops.health import StatusReport
 from tenantvault.ops.migrate import MigrationReport
 from tenantvault.ops.purge import PurgeReport
@@ -377,6 +378,16 @@ def _print_kek_check(report: StatusReport) -> None:
         else:
             detail = transit.key_detail if transit is not None else ""
             print(f"data keys     wrapped under KEK v{low}..v{high}; transit key {detail}")
+
+
+def print_app_login_grants(grants: AppLoginGrants) -> None:
+    print(f"-- The application's login {grants.login}. As a DBA (or a role with ADMIN on")
+    print("-- the app role), once:")
+    for statement in grants.dba_sql:
+        print(statement)
+    print("-- As the schema's owner (rerun after the application adds a table):")
+    for statement in grants.owner_sql:
+        print(statement)
 
 
 def print_dev_up(shell: str, env_file: Path) -> None:
