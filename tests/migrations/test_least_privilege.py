@@ -236,7 +236,9 @@ def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
     url = live_database.sqlalchemy_url.set(username=login).render_as_string(hide_password=False)
     app = sa.create_engine(url)
     with app.begin() as connection:  # the application's own tables, as its ORM uses them
-        assert connection.exec_driver_sql("SELECT count(*) FROM dripiq_app.tenants").scalar_one() == 3
+        assert (
+            connection.exec_driver_sql("SELECT count(*) FROM dripiq_app.tenants").scalar_one() == 3
+        )
         connection.exec_driver_sql(
             "INSERT INTO dripiq_app.organizations VALUES ('o_2', 'Org 2');"
             "UPDATE dripiq_app.organizations SET name = 'Org two' WHERE id = 'o_2';"
@@ -250,18 +252,38 @@ def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
             transit_key="tenantvault-tests",
         )
     )
-    smtp = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
-    cfg = vault.create_config("t_globex", type="smtp", name="Relay", config=smtp, credentials={"password": "pw-1"})
+    smtp = {
+        "host": "smtp.example.com",
+        "port": 587,
+        "secure": False,
+        "auth_type": "login",
+        "user": "u",
+    }
+    cfg = vault.create_config(
+        "t_globex", type="smtp", name="Relay", config=smtp, credentials={"password": "pw-1"}
+    )
     assert vault.load_credentials("t_globex", cfg.id).password.get_secret_value() == "pw-1"  # type: ignore[union-attr]
     vault.engine.dispose()
     with app.begin() as connection:
         # Another tenant's transaction sees none of it; no tenant sees nothing at all.
         connection.exec_driver_sql("SELECT set_config('tenantvault.tenant_id', 't_acme', true)")
-        names = connection.exec_driver_sql("SELECT name FROM dripiq_app.email_provider_configs").scalars().all()
+        names = (
+            connection.exec_driver_sql("SELECT name FROM dripiq_app.email_provider_configs")
+            .scalars()
+            .all()
+        )
         assert names == ["SendGrid (Default)"]
     with app.connect() as connection:
-        assert connection.exec_driver_sql("SELECT count(*) FROM dripiq_app.email_provider_configs").scalar_one() == 0
-    with app.begin() as connection, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+        assert (
+            connection.exec_driver_sql(
+                "SELECT count(*) FROM dripiq_app.email_provider_configs"
+            ).scalar_one()
+            == 0
+        )
+    with (
+        app.begin() as connection,
+        pytest.raises(sa.exc.ProgrammingError, match="permission denied"),
+    ):
         connection.exec_driver_sql("DELETE FROM dripiq_app.email_provider_configs")
     app.dispose()
 
