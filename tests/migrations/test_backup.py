@@ -158,6 +158,12 @@ def transit(services: Services) -> Iterator[tuple[hvac.Client, str]]:
     client.secrets.transit.update_key_configuration(
         name, exportable=True, allow_plaintext_backup=True
     )
+    # Irreversible: turning them off is accepted and ignored.
+    client.secrets.transit.update_key_configuration(
+        name, exportable=False, allow_plaintext_backup=False
+    )
+    settings = client.secrets.transit.read_key(name)["data"]
+    assert (settings["exportable"], settings["allow_plaintext_backup"]) == (True, True)
     yield client, name
     client.secrets.transit.update_key_configuration(name, deletion_allowed=True)
     client.secrets.transit.delete_key(name)
@@ -400,6 +406,9 @@ def test_backup_and_restore_as_documented_opens_every_secret_and_keeps_the_audit
     key_backup = client.secrets.transit.backup_key(key)["data"]["backup"]
     assert key_backup
 
+    # A restore never overwrites a key of that name unless forced.
+    with pytest.raises(hvac.exceptions.VaultError, match="already exists"):
+        client.secrets.transit.restore_key(key_backup, name=key)
     # The transit key is lost (a new Vault cluster): nothing opens any more...
     client.secrets.transit.update_key_configuration(key, deletion_allowed=True)
     client.secrets.transit.delete_key(key)
