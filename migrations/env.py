@@ -8,6 +8,7 @@ settings and ``-x allow_data_loss=true``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import sqlalchemy as sa
@@ -96,7 +97,9 @@ def _run_online(connection: sa.Connection, opts: MigrationOptions) -> None:
 
 
 def _run_on_callers_connection(connection: sa.Connection, opts: MigrationOptions) -> None:
-    """Run on a connection a caller manages (its transactions are the caller's)."""
+    """Run on a connection a caller manages (its transactions are the caller's, so data
+    migrations do not commit between their batches)."""
+    opts = dataclasses.replace(opts, commit_batches=False)
     connection.exec_driver_sql(_create_schema_if_missing(opts.schema))
     _configure(opts, connection=connection)
     with context.begin_transaction():

@@ -162,3 +162,25 @@ def table_rows(connection: sa.Connection, table: str) -> list[tuple[Any, ...]]:
         tuple(r)
         for r in connection.execute(sa.text(f"SELECT * FROM dripiq_app.{table} ORDER BY id"))
     ]
+
+
+class PsqlError(Exception):
+    """psql stopped at an error (ON_ERROR_STOP); the message is its stderr."""
+
+
+def run_psql(database_url: str, sql: str) -> None:
+    """Run a script the way a DBA does: psql -f, stopping at the first error."""
+    import subprocess
+
+    from tenantvault.dev.stack import postgres_bin_dir
+
+    result = subprocess.run(
+        [str(postgres_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database_url],
+        input=sql,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise PsqlError(result.stderr)

@@ -7,6 +7,12 @@ config is the default only where the tenant has none, and only unlinked
 senders are linked. It reads nothing back, so it renders offline with --sql.
 Legacy sender rows keep every value, updated_at included.
 
+Senders are linked (and, downgrading, unlinked) in batches of
+``SENDER_BATCH_ROWS`` by primary key, each batch its own transaction: a long
+single UPDATE would hold every sender's row lock until the end, and
+``lock_timeout`` does not bound how long the application then waits. A rerun
+after an interruption links what is left.
+
 Runs as the migrator role: the tables force row-level security, and a data
 migration works across tenants.
 
@@ -22,6 +28,7 @@ from tenantvault.migration_support import (
     LEGACY_SENDGRID_CONFIG,
     LEGACY_SENDGRID_NAME,
     as_migrator,
+    in_batches_as_migrator,
     legacy_sendgrid_config,
     qualified,
 )
@@ -31,6 +38,7 @@ down_revision = "0003_sender_identity_links"
 branch_labels = None
 depends_on = None
 
+TABLE = "email_sender_identities"
 LEGACY_NAME = LEGACY_SENDGRID_NAME
 LEGACY_CONFIG = LEGACY_SENDGRID_CONFIG  # marks the configs this migration made
 
@@ -57,14 +65,18 @@ def upgrade() -> None:
             ON CONFLICT DO NOTHING
             """
         )
-        op.execute(
-            f"""
-            UPDATE {identities} esi SET provider_config_id = c.id
-            FROM {configs} c
-            WHERE c.tenant_id = esi.tenant_id AND c.deleted_at IS NULL AND {_is_legacy_config("c")}
-              AND esi.sendgrid_sender_id IS NOT NULL AND esi.provider_config_id IS NULL
-            """
-        )
+    # Linking touches every SendGrid sender: in batches, each committed at once, so the
+    # application's own updates of a sender never wait long for its row lock.
+    in_batches_as_migrator(
+        TABLE,
+        f"""
+        UPDATE {identities} esi SET provider_config_id = c.id
+        FROM {configs} c
+        WHERE {{batch}} AND c.tenant_id = esi.tenant_id AND c.deleted_at IS NULL
+          AND {_is_legacy_config("c")}
+          AND esi.sendgrid_sender_id IS NOT NULL AND esi.provider_config_id IS NULL
+        """,
+    )
 
 
 def downgrade() -> None:
@@ -73,13 +85,14 @@ def downgrade() -> None:
     # No guard of its own: credentials stored since in these configs are sealed under
     # tenant data keys, and 0005's downgrade, which runs first, refused to delete those
     # keys unless the loss was accepted. What remains here could not be opened.
+    in_batches_as_migrator(
+        TABLE,
+        f"""
+        UPDATE {identities} esi SET provider_config_id = NULL
+        FROM {configs} c
+        WHERE {{batch}} AND c.tenant_id = esi.tenant_id AND c.id = esi.provider_config_id
+          AND {_is_legacy_config("c")}
+        """,
+    )
     with as_migrator():
-        op.execute(
-            f"""
-            UPDATE {identities} esi SET provider_config_id = NULL
-            FROM {configs} c
-            WHERE c.tenant_id = esi.tenant_id AND c.id = esi.provider_config_id
-              AND {_is_legacy_config("c")}
-            """
-        )
         op.execute(f"DELETE FROM {configs} c WHERE {_is_legacy_config('c')}")

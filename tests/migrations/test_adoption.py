@@ -11,7 +11,15 @@ import sqlalchemy as sa
 from tenantvault.errors import MigrationError
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings, load_settings
-from tests.support import REVISIONS, catalog_snapshot, legacy_rows, seed_legacy, table_rows
+from tests.support import (
+    REVISIONS,
+    PsqlError,
+    catalog_snapshot,
+    legacy_rows,
+    run_psql,
+    seed_legacy,
+    table_rows,
+)
 
 DEPLOYED_SCHEMA = (Path(__file__).parent / "fixtures" / "deployed_app_schema.sql").read_text()
 APP_TABLES = (
@@ -228,10 +236,7 @@ def _state(engine: sa.Engine) -> tuple[object, ...]:
 
 
 def _apply(database_url: str, sql: str) -> None:
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True) as raw:
-        raw.execute(sql.encode())
+    run_psql(database_url, sql)
 
 
 def test_the_rendered_adoption_builds_what_the_online_adoption_builds(
@@ -255,9 +260,7 @@ def test_the_rendered_adoption_builds_what_the_online_adoption_builds(
         t: r for t, r in deployed.items() if t != "users"
     }
     # Run twice, the script stops at its guard and changes nothing.
-    import psycopg
-
-    with pytest.raises(psycopg.errors.RaiseException, match="already has tenantvault history"):
+    with pytest.raises(PsqlError, match="already has tenantvault history"):
         _apply(database_url, sql)
     assert _state(owner_engine) == online
 
@@ -268,8 +271,6 @@ def test_the_rendered_downgrade_refuses_where_data_would_be_lost_and_else_restor
     deployed: dict[str, list[tuple[object, ...]]],
     database_url: str,
 ) -> None:
-    import psycopg
-
     from tenantvault.db.migration_support import MigrationOptions
 
     with owner_engine.connect() as connection:
@@ -281,7 +282,7 @@ def test_the_rendered_downgrade_refuses_where_data_would_be_lost_and_else_restor
             "INSERT INTO dripiq_app.email_provider_configs (tenant_id, type, name, config) "
             "VALUES ('t_globex', 'smtp', 'Relay', '{}')"
         )
-    with pytest.raises(psycopg.errors.RaiseException, match="email provider configs"):
+    with pytest.raises(PsqlError, match="email provider configs"):
         _apply(database_url, sql)
     with owner_engine.begin() as connection:
         assert migrate.current_revision(connection, "dripiq_app") != REVISIONS[-1]  # steps ran

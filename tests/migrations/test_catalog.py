@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-import psycopg
 import sqlalchemy as sa
 
 from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.db.models import TENANTVAULT_TABLES
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
-from tests.support import REVISIONS, catalog_snapshot
+from tests.support import REVISIONS, catalog_snapshot, run_psql
 
 DATA_ONLY_REVISIONS = {"0004_default_sendgrid_configs"}
 
@@ -146,6 +145,5 @@ def test_offline_sql_builds_the_same_schema_as_online_migration(
     online = _snapshot(owner_engine)
     with owner_engine.begin() as connection:
         connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
-    with psycopg.connect(database_url, autocommit=True) as raw:
-        raw.execute(sql.encode())
+    run_psql(database_url, sql)
     assert _snapshot(owner_engine) == online

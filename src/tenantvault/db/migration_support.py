@@ -28,6 +28,9 @@ class MigrationOptions:
     migrator_role: str = "tenantvault_migrator"
     lock_timeout_ms: int = 5000
     allow_data_loss: bool = False
+    # Data migrations commit between batches, outside the revision's transaction. False
+    # when the migration runs on a caller's connection: its transactions are the caller's.
+    commit_batches: bool = True
 
     @classmethod
     def from_settings(
@@ -252,3 +255,44 @@ def revoke_granted(revision: str) -> None:
         "  END LOOP;\n"
         "END $$"
     )
+
+
+SENDER_BATCH_ROWS = 5000
+"""Rows per committed batch of a data migration over an application table: about
+50 ms of row locks each at the measured rate (see docs/migration-guide.md)."""
+
+
+def in_batches_as_migrator(table: str, update: str, *, rows: int = SENDER_BATCH_ROWS) -> None:
+    """Run ``update`` over ``table`` (aliased ``esi``) in primary-key ranges of ``rows``,
+    committing after each, as the migrator role.
+
+    ``update`` holds ``{batch}`` where its WHERE clause restricts it to the range. The
+    loop is a DO block outside the revision's transaction (Alembic's autocommit block),
+    so it renders offline as well, and a rerun picks up what an interrupted run left.
+    The revision's earlier statements are committed when the block starts.
+    """
+    name = qualified(table)
+    statement = update.replace("{batch}", "esi.id > after AND esi.id <= upto")
+    commit = options().commit_batches
+
+    def loop() -> None:
+        op.execute(
+            "DO $$ DECLARE after text := ''; upto text; BEGIN\n"
+            "  LOOP\n"
+            f"    SELECT max(id) INTO upto FROM (SELECT id FROM {name} WHERE id > after "
+            f"ORDER BY id LIMIT {rows}) AS batch;\n"
+            "    EXIT WHEN upto IS NULL;\n"
+            f"    {statement.strip()};\n"
+            "    after := upto;\n" + ("    COMMIT;\n" if commit else "") + "  END LOOP;\n"
+            "END $$"
+        )
+
+    if not commit:
+        with as_migrator():
+            loop()
+        return
+    with op.get_context().autocommit_block():
+        # SET ROLE, not SET LOCAL: the loop commits, and the role must outlive each batch.
+        op.execute(f'SET ROLE "{options().migrator_role}"')
+        loop()
+        op.execute("RESET ROLE")
