@@ -237,7 +237,7 @@ def _async_methods() -> dict[str, ast.AsyncFunctionDef]:
 
 def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
     """Each public coroutine of AsyncVault is its docstring and one statement:
-    ``await run_in_greenlet(self._core.<its own name>, ...)`` — no validation, no
+    ``await self._run(self._core.<its own name>, ...)`` — no validation, no
     statement, no error mapping of its own (``dispose`` closes resources)."""
     strays = []
     for name, method in _async_methods().items():
@@ -250,8 +250,7 @@ def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
         target = call.args[0] if isinstance(call, ast.Call) and call.args else None
         if not (
             isinstance(call, ast.Call)
-            and isinstance(call.func, ast.Name)
-            and call.func.id == "run_in_greenlet"
+            and ast.unparse(call.func) == "self._run"
             and isinstance(target, ast.Attribute)
             and target.attr == name
             and ast.unparse(target.value) == "self._core"
