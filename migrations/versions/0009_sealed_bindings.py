@@ -27,7 +27,14 @@ import sqlalchemy as sa
 from alembic import op
 
 from tenantvault.db import TENANT_SETTING
-from tenantvault.migration_support import options, qualified
+from tenantvault.migration_support import (
+    Blocker,
+    MigrationOptions,
+    options,
+    qualified,
+    refuse_blocked,
+    schema_qualified,
+)
 
 revision = "0009_sealed_bindings"
 down_revision = "0008_audit_and_lifecycle"
@@ -129,9 +136,26 @@ def upgrade() -> None:
     )
 
 
+def blockers(opts: MigrationOptions) -> list[Blocker]:
+    """What this downgrade would delete: how often each data key sealed (its nonce
+    budget), and the authentication of where retention cut each audit chain."""
+    return [
+        Blocker(
+            "data-key seal counters (each key's nonce budget)",
+            f"FROM {schema_qualified(opts.schema, KEYS)} WHERE seals > 0",
+        ),
+        Blocker(
+            "authenticated audit anchors (anchor_mac)",
+            f"FROM {schema_qualified(opts.schema, 'audit_chain_heads')} "
+            "WHERE anchor_mac IS NOT NULL",
+        ),
+    ]
+
+
 def downgrade() -> None:
     opts = options()
     keys = qualified(KEYS)
+    refuse_blocked(blockers(opts))
     op.execute(
         f"REVOKE INSERT (tenant_id, version, wrapped_key, kek_version) ON {keys} "
         f'FROM "{opts.app_role}"'
