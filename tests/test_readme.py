@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,9 @@ def test_the_readme_python_runs_as_one_program(
     assert token.version == 1  # fresh for an hour: the refresher did not run
     assert token.access_token.get_secret_value() == access_token
     assert {c.tenant_id for c in vault.list_active_configs(tenant_id)} == {tenant_id}
+    # The async block: the FastAPI-style handler ran on its own event loop through
+    # AsyncVault, opened the SMTP credentials and counted one more send.
+    assert ns["response"] == {"status": "sent", "via": "SmtpCredentials"}
+    assert vault.usage(tenant_id, cfg.id, since=datetime.now(UTC).date()).sent == 2
+    assert ns["async_vault"] is not None
+    assert ns["async_vault"].engine.pool.checkedout() == 0
