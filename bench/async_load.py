@@ -1,0 +1,186 @@
+"""AsyncVault.load_credentials against bare async SQL, in one run on the embedded stack.
+
+floor        a prepared primary-key SELECT of the same columns on one held psycopg
+             AsyncConnection, timed interleaved with the load (p50, p99)
+load         AsyncVault.load_credentials, warm key cache: its pool, its one statement
+64 tasks     loads per second with 64 concurrent tasks over 100 tenants, against bare async
+             SELECTs by 64 tasks through an AsyncEngine pool built the same way
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import hvac
+import psycopg
+
+from tenantvault import AsyncVault, Vault
+from tenantvault.db.session import create_async_engine
+from tenantvault.kms.transit import TransitKeyProvider
+from tenantvault.ops import migrate
+from tenantvault.ops.migrate import migration_engine
+from tenantvault.settings import Settings, load_settings
+
+from ._harness import Timing, throwaway_database
+
+TENANTS = 100
+ITERATIONS = 3000
+TASKS = 64
+SECONDS = 3.0
+APP_LOGIN = "tenantvault_bench_app"
+SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
+SELECT = (
+    "SELECT type, version, config, encrypted_credentials "
+    "FROM dripiq_app.email_provider_configs WHERE id = %s"
+)
+
+
+async def interleaved(
+    operations: dict[str, Callable[[], Awaitable[object]]], iterations: int, warmup: int = 200
+) -> dict[str, Timing]:
+    samples: dict[str, list[float]] = {name: [] for name in operations}
+    for round_number in range(warmup + iterations):
+        for name, operation in operations.items():
+            started = time.perf_counter_ns()
+            await operation()
+            if round_number >= warmup:
+                samples[name].append((time.perf_counter_ns() - started) / 1000)
+    timings = {}
+    for name, values in samples.items():
+        values.sort()
+        timings[name] = Timing(name, statistics.median(values), values[int(len(values) * 0.99) - 1])
+    return timings
+
+
+async def per_second(operation: Callable[[int], Awaitable[object]]) -> float:
+    """Operations per second done by TASKS tasks, each looping for SECONDS."""
+    deadline = time.perf_counter() + SECONDS
+    counts = [0] * TASKS
+
+    async def worker(n: int) -> None:
+        i = n
+        while time.perf_counter() < deadline:
+            await operation(i)
+            counts[n] += 1
+            i += TASKS
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(TASKS)))
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    with throwaway_database() as (url, vault_addr):
+        import os
+
+        token = os.environ["_TENANTVAULT_BENCH_TOKEN"]
+        settings = load_settings(database_url=url, VAULT_ADDR=vault_addr, VAULT_TOKEN=token)
+        migrate.upgrade(settings)
+        owner = migration_engine(settings)
+        with owner.begin() as connection:
+            connection.exec_driver_sql(
+                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN}') "
+                f"THEN CREATE ROLE {APP_LOGIN} LOGIN; END IF; END $$"
+            )
+            connection.exec_driver_sql(f"GRANT tenantvault_app TO {APP_LOGIN}")
+            connection.exec_driver_sql(
+                f"INSERT INTO dripiq_app.tenants (id, name) SELECT 't' || i, 'T' FROM generate_series(1, {TENANTS}) i"
+            )
+        owner.dispose()
+        app_settings = load_settings(
+            database_url=url.replace("postgres@", f"{APP_LOGIN}@"),
+            VAULT_ADDR=vault_addr,
+            VAULT_TOKEN=token,
+        )
+
+        def provider() -> TransitKeyProvider:
+            client = hvac.Client(url=vault_addr, token=token, timeout=5)
+            return TransitKeyProvider(client, key_name="bench")
+
+        seeding = Vault.from_settings(app_settings, key_provider=provider())
+        pairs = [
+            (
+                f"t{i}",
+                seeding.create_config(
+                    f"t{i}", type="smtp", name="R", config=SMTP, credentials={"password": "pw"}
+                ).id,
+            )
+            for i in range(1, TENANTS + 1)
+        ]
+        seeding.engine.dispose()
+        results = asyncio.run(_measure(app_settings, settings, url, provider(), pairs))
+
+    floor, loaded, bare_rate, load_rate = results
+    print(f"{floor.name:<34} p50 {floor.p50_us:8.1f} us  p99 {floor.p99_us:8.1f} us  (baseline)")
+    print(
+        f"{loaded.name:<34} p50 {loaded.p50_us:8.1f} us  p99 {loaded.p99_us:8.1f} us  "
+        f"({loaded.ratio_to(floor)}; target <= 1.5x p50)"
+    )
+    print(f"{f'bare async SELECT, {TASKS} tasks':<34} {bare_rate:10.0f} /s  (baseline)")
+    print(
+        f"{f'AsyncVault.load_credentials, {TASKS} tasks':<34} {load_rate:10.0f} /s  "
+        f"({load_rate / bare_rate:.2f}x the bare SELECTs' rate)"
+    )
+
+
+async def _measure(
+    app_settings: Settings,
+    settings: Settings,
+    owner_url: str,
+    provider: TransitKeyProvider,
+    pairs: list[tuple[str, str]],
+) -> tuple[Timing, Timing, float, float]:
+    vault = AsyncVault.from_settings(app_settings, key_provider=provider)
+    # The baselines read as the owner (no tenant to set), as bench.vault_load's does.
+    bare_engine = create_async_engine(settings)
+    tenant, config_id = pairs[49]
+    for t, c in pairs:  # warm: every tenant's key cached
+        await vault.load_credentials(t, c)
+    held = await psycopg.AsyncConnection.connect(owner_url, autocommit=True)
+
+    async def floor() -> object:
+        cursor = await held.execute(SELECT, (config_id,), prepare=True)
+        return await cursor.fetchone()
+
+    async def load() -> object:
+        return await vault.load_credentials(tenant, config_id)
+
+    timings = await interleaved(
+        {"bare prepared SELECT, held conn": floor, "AsyncVault.load_credentials": load},
+        ITERATIONS,
+    )
+
+    async def bare_select(i: int) -> object:
+        async with bare_engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert isinstance(driver, psycopg.AsyncConnection)
+            # One autocommit statement, as the load's hot path: no BEGIN, no ROLLBACK.
+            await driver.set_autocommit(True)
+            cursor = await driver.execute(SELECT, (pairs[i % TENANTS][1],))
+            row = await cursor.fetchone()
+            await driver.set_autocommit(False)
+            return row
+
+    async def vault_load(i: int) -> object:
+        t, c = pairs[i % TENANTS]
+        return await vault.load_credentials(t, c)
+
+    bare_rate = await per_second(bare_select)
+    load_rate = await per_second(vault_load)
+    await held.close()
+    await bare_engine.dispose()
+    await vault.dispose()
+    return (
+        timings["bare prepared SELECT, held conn"],
+        timings["AsyncVault.load_credentials"],
+        bare_rate,
+        load_rate,
+    )
+
+
+if __name__ == "__main__":
+    main()
