@@ -37,17 +37,21 @@ APP_TABLES = (
 def deployed(owner_engine: sa.Engine) -> dict[str, list[tuple[object, ...]]]:
     """The application's database before tenantvault, with data; returns every app row."""
     with owner_engine.begin() as connection:
-        connection.exec_driver_sql(DEPLOYED_SCHEMA)
-        connection.exec_driver_sql("INSERT INTO dripiq_app.organizations VALUES ('o_1', 'Org');")
-        seed_legacy(connection)
-        connection.exec_driver_sql(
-            "UPDATE dripiq_app.tenants SET organization_id = 'o_1', brand = '{\"color\": \"red\"}', "
-            "website = 'https://acme.test' WHERE id = 't_acme';"
-            "INSERT INTO dripiq_app.contact_campaigns VALUES ('c_1', 't_acme', 's_acme_1');"
-            "INSERT INTO dripiq_app.outbound_messages VALUES ('m_1', 't_acme', 's_acme_2');"
-            "INSERT INTO dripiq_app.send_rate_limits VALUES ('r_1', 's_initech_1');"
-        )
+        _deploy(connection)
         return {t: table_rows(connection, t) for t in APP_TABLES}
+
+
+def _deploy(connection: sa.Connection) -> None:
+    connection.exec_driver_sql(DEPLOYED_SCHEMA)
+    connection.exec_driver_sql("INSERT INTO dripiq_app.organizations VALUES ('o_1', 'Org');")
+    seed_legacy(connection)
+    connection.exec_driver_sql(
+        "UPDATE dripiq_app.tenants SET organization_id = 'o_1', brand = '{\"color\": \"red\"}', "
+        "website = 'https://acme.test' WHERE id = 't_acme';"
+        "INSERT INTO dripiq_app.contact_campaigns VALUES ('c_1', 't_acme', 's_acme_1');"
+        "INSERT INTO dripiq_app.outbound_messages VALUES ('m_1', 't_acme', 's_acme_2');"
+        "INSERT INTO dripiq_app.send_rate_limits VALUES ('r_1', 's_initech_1');"
+    )
 
 
 def _app_rows(engine: sa.Engine) -> dict[str, list[tuple[object, ...]]]:
@@ -210,16 +214,7 @@ def _deploy_again(owner_engine: sa.Engine) -> None:
     """The same deployed database as the ``deployed`` fixture makes, made afresh."""
     with owner_engine.begin() as connection:
         connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
-        connection.exec_driver_sql(DEPLOYED_SCHEMA)
-        connection.exec_driver_sql("INSERT INTO dripiq_app.organizations VALUES ('o_1', 'Org');")
-        seed_legacy(connection)
-        connection.exec_driver_sql(
-            "UPDATE dripiq_app.tenants SET organization_id = 'o_1', brand = '{\"color\": \"red\"}', "
-            "website = 'https://acme.test' WHERE id = 't_acme';"
-            "INSERT INTO dripiq_app.contact_campaigns VALUES ('c_1', 't_acme', 's_acme_1');"
-            "INSERT INTO dripiq_app.outbound_messages VALUES ('m_1', 't_acme', 's_acme_2');"
-            "INSERT INTO dripiq_app.send_rate_limits VALUES ('r_1', 's_initech_1');"
-        )
+        _deploy(connection)
 
 
 def _state(engine: sa.Engine) -> tuple[object, ...]:
