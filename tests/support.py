@@ -94,6 +94,7 @@ REVISIONS = [
     "0007_config_versions",
     "0008_audit_and_lifecycle",
     "0009_sealed_bindings",
+    "0010_no_inherited_privileges",
 ]
 
 

@@ -31,6 +31,7 @@ from sqlalchemy.dialects import postgresql
 from tenantvault.migration_support import (
     Blocker,
     MigrationOptions,
+    audit_partitions_function,
     isolate_tenant_table,
     options,
     qualified,
@@ -160,7 +161,6 @@ def _heads_table() -> None:
 
 
 def _functions() -> None:
-    opts = options()
     op.execute(
         f"""
         CREATE FUNCTION {qualified("tenantvault_audit_digest")}(
@@ -239,43 +239,7 @@ def _functions() -> None:
     )
     # Monthly partitions, each with its own TRUNCATE guard; `tenantvault audit
     # maintain` adds months ahead. Created in SQL so --sql renders it too.
-    op.execute(
-        f"""
-        CREATE FUNCTION {qualified("tenantvault_audit_add_partitions")}(months_ahead int)
-        RETURNS int
-        LANGUAGE plpgsql
-        SET search_path = pg_catalog
-        AS $$
-        DECLARE
-          month date;
-          part text;
-          made int := 0;
-        BEGIN
-          FOR month IN SELECT generate_series(
-              date_trunc('month', timezone('utc', now())),
-              date_trunc('month', timezone('utc', now())) + make_interval(months => months_ahead),
-              interval '1 month')::date
-          LOOP
-            -- No format(): its percent signs do not survive offline (--sql) rendering.
-            part := 'audit_events_' || to_char(month, 'YYYY_MM');
-            IF to_regclass(quote_ident('{opts.schema}') || '.' || quote_ident(part)) IS NULL THEN
-              EXECUTE 'CREATE TABLE ' || quote_ident('{opts.schema}') || '.' || quote_ident(part)
-                || ' PARTITION OF ' || quote_ident('{opts.schema}') || '.{AUDIT}'
-                || ' FOR VALUES FROM (' || quote_literal(month) || ') TO ('
-                || quote_literal((month + interval '1 month')::date) || ')';
-              EXECUTE 'CREATE TRIGGER ' || quote_ident('trg_' || part || '_no_truncate')
-                || ' BEFORE TRUNCATE ON ' || quote_ident('{opts.schema}') || '.'
-                || quote_ident(part)
-                || ' FOR EACH STATEMENT EXECUTE FUNCTION ' || quote_ident('{opts.schema}')
-                || '.tenantvault_audit_append_only()';
-              made := made + 1;
-            END IF;
-          END LOOP;
-          RETURN made;
-        END
-        $$
-        """
-    )
+    op.execute("CREATE " + audit_partitions_function(options().schema, AUDIT))
     op.execute(
         f"REVOKE ALL ON FUNCTION {qualified('tenantvault_audit_add_partitions')}(int) FROM PUBLIC"
     )

@@ -21,6 +21,7 @@ from tests.support import REVISIONS, legacy_rows, seed_legacy, stamp, table_rows
     VERSIONS,
     AUDIT,
     BINDINGS,
+    HEAD,
 ) = REVISIONS
 
 
@@ -81,7 +82,7 @@ def test_data_migration_run_twice_changes_nothing(
         }
     stamp(settings, SENDER_LINKS)  # pretend it never ran, so upgrade runs it again
     migrate.upgrade(settings, SENDGRID_DATA)
-    stamp(settings, BINDINGS)
+    stamp(settings, HEAD)
     with owner_engine.connect() as connection:
         second = {
             t: table_rows(connection, t)
@@ -178,7 +179,7 @@ def test_a_refused_downgrade_names_every_blocker_with_its_count_and_changes_noth
         "Back them up, then rerun with --allow-data-loss"
     )
     with owner_engine.connect() as connection:
-        assert migrate.current_revision(connection, "dripiq_app") == BINDINGS
+        assert migrate.current_revision(connection, "dripiq_app") == HEAD
         assert {t: _all_rows(connection, t) for t in TENANTVAULT_ROWS} == before
 
 
@@ -232,11 +233,11 @@ def test_no_downgrade_goes_below_the_baseline(
     settings: Settings, owner_engine: sa.Engine, seeded: dict[str, list[tuple[object, ...]]]
 ) -> None:
     migrate.upgrade(settings)
-    for target in ("base", "-9"):
+    for target in ("base", "-10"):
         with pytest.raises(MigrationError, match="drop the application's own tables"):
             migrate.downgrade(settings, target, allow_data_loss=True)
     with owner_engine.connect() as connection:
-        assert migrate.current_revision(connection, "dripiq_app") == BINDINGS
+        assert migrate.current_revision(connection, "dripiq_app") == HEAD
         assert legacy_rows(connection) == seeded
 
 
@@ -279,8 +280,8 @@ def test_downgrade_of_versioning_refuses_while_history_holds_changes(
     with pytest.raises(MigrationError, match=r"1 config versions \(the history"):
         migrate.downgrade(settings, DATA_KEYS)
     with owner_engine.connect() as connection:
-        # Refused before anything moved: 0009 and 0008 are still applied.
-        assert migrate.current_revision(connection, "dripiq_app") == BINDINGS
+        # Refused before anything moved: the newest revisions are still applied.
+        assert migrate.current_revision(connection, "dripiq_app") == HEAD
         count = connection.execute(
             sa.text("SELECT count(*) FROM dripiq_app.email_provider_config_versions")
         ).scalar_one()

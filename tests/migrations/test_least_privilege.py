@@ -295,3 +295,60 @@ def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
         assert code == cli.EXIT_USAGE
         assert reason in err
         assert out == ""
+
+
+def test_default_privileges_of_the_schema_reach_none_of_tenantvaults_objects(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    """A platform's ALTER DEFAULT PRIVILEGES would hand every new table to the app login
+    and PUBLIC: DELETE on configs, and the audit partitions, which have no RLS."""
+    from tenantvault.ops import jobs
+
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        for grant in (
+            f"GRANT ALL ON TABLES TO {APP_LOGIN_ROLE}, PUBLIC",
+            f"GRANT EXECUTE ON FUNCTIONS TO {APP_LOGIN_ROLE}",
+        ):
+            connection.exec_driver_sql(
+                f"ALTER DEFAULT PRIVILEGES FOR ROLE {OWNER} IN SCHEMA dripiq_app {grant}"
+            )
+    migrate.upgrade(live_database, adopt=True)
+    assert jobs.audit_partitions_job(live_database, months_ahead=30) > 0  # made after 0010
+    with owner_engine.connect() as connection:
+        holders = connection.exec_driver_sql(
+            "SELECT DISTINCT c.relname, "
+            "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, "
+            "aclexplode(c.relacl) a WHERE n.nspname = 'dripiq_app' AND a.grantee <> c.relowner "
+            "AND (c.relname LIKE 'audit%%' OR c.relname LIKE 'email_provider%%' "
+            "OR c.relname IN ('tenant_data_keys', 'tenantvault_grants')) ORDER BY 1, 2"
+        ).all()
+        functions = (
+            connection.exec_driver_sql(
+                "SELECT DISTINCT a.grantee::regrole::text FROM pg_proc p "
+                "JOIN pg_namespace n ON n.oid = p.pronamespace, aclexplode(p.proacl) a "
+                "WHERE n.nspname = 'dripiq_app' AND a.grantee NOT IN (0, p.proowner)"
+            )
+            .scalars()
+            .all()
+        )
+    assert {grantee for _, grantee in holders} <= {"tenantvault_app", "tenantvault_migrator"}
+    assert not [name for name, _ in holders if name.startswith("audit_events_")]
+    assert set(functions) <= {"tenantvault_app", "tenantvault_migrator"}
+    app = sa.create_engine(
+        live_database.sqlalchemy_url.set(username=APP_LOGIN_ROLE, drivername="postgresql+psycopg")
+    )
+    with app.connect() as connection:
+        partition = connection.exec_driver_sql(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'dripiq_app.audit_events'::regclass ORDER BY 1 DESC LIMIT 1"
+        ).scalar_one()
+        for statement in (
+            f"SELECT count(*) FROM dripiq_app.{partition}",
+            "DELETE FROM dripiq_app.email_provider_configs",
+        ):
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                connection.exec_driver_sql(statement)
+            connection.rollback()
+    app.dispose()

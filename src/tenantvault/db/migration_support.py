@@ -296,3 +296,71 @@ def in_batches_as_migrator(table: str, update: str, *, rows: int = SENDER_BATCH_
         op.execute(f'SET ROLE "{options().migrator_role}"')
         loop()
         op.execute("RESET ROLE")
+
+
+def audit_partitions_function(schema: str, audit_table: str, *, private: bool = False) -> str:
+    """``FUNCTION tenantvault_audit_add_partitions(months_ahead)`` (prefix CREATE or
+    CREATE OR REPLACE): it makes the audit log's missing monthly partitions.
+
+    ``private`` (from 0010): each new partition keeps no privilege the schema's default
+    privileges would give it (but a BYPASSRLS role's SELECT: a backup login's); a
+    partition has no row-level security of its own, and is reached only through its
+    parent."""
+    strip = (
+        """              FOR held IN SELECT a.grantee, a.privilege_type
+                FROM pg_class c, aclexplode(c.relacl) a
+                WHERE c.oid = (quote_ident('{schema}') || '.' || quote_ident(part))::regclass
+                  AND a.grantee <> c.relowner
+                  AND NOT (a.privilege_type = 'SELECT' AND COALESCE(
+                    (SELECT rolbypassrls FROM pg_roles WHERE oid = a.grantee), false))
+              LOOP
+                EXECUTE 'REVOKE ' || held.privilege_type || ' ON ' || quote_ident('{schema}')
+                  || '.' || quote_ident(part) || ' FROM ' || CASE WHEN held.grantee = 0
+                  THEN 'PUBLIC' ELSE held.grantee::regrole::text END;
+              END LOOP;
+""".replace("{schema}", schema)
+        if private
+        else ""
+    )
+    declare = "          held record;\n" if private else ""
+    name = schema_qualified(schema, "tenantvault_audit_add_partitions")
+    text = f"""FUNCTION {name}(months_ahead int)
+        RETURNS int
+        LANGUAGE plpgsql
+        SET search_path = pg_catalog
+        AS $$
+        DECLARE
+          month date;
+          part text;
+          made int := 0;
+        BEGIN
+          FOR month IN SELECT generate_series(
+              date_trunc('month', timezone('utc', now())),
+              date_trunc('month', timezone('utc', now())) + make_interval(months => months_ahead),
+              interval '1 month')::date
+          LOOP
+            -- No format(): its percent signs do not survive offline (--sql) rendering.
+            part := 'audit_events_' || to_char(month, 'YYYY_MM');
+            IF to_regclass(quote_ident('{schema}') || '.' || quote_ident(part)) IS NULL THEN
+              EXECUTE 'CREATE TABLE ' || quote_ident('{schema}') || '.' || quote_ident(part)
+                || ' PARTITION OF ' || quote_ident('{schema}') || '.{audit_table}'
+                || ' FOR VALUES FROM (' || quote_literal(month) || ') TO ('
+                || quote_literal((month + interval '1 month')::date) || ')';
+              EXECUTE 'CREATE TRIGGER ' || quote_ident('trg_' || part || '_no_truncate')
+                || ' BEFORE TRUNCATE ON ' || quote_ident('{schema}') || '.'
+                || quote_ident(part)
+                || ' FOR EACH STATEMENT EXECUTE FUNCTION ' || quote_ident('{schema}')
+                || '.tenantvault_audit_append_only()';
+"""
+    text = text.replace("          made int := 0;\n", "          made int := 0;\n" + declare)
+    return (
+        text
+        + strip
+        + """              made := made + 1;
+            END IF;
+          END LOOP;
+          RETURN made;
+        END
+        $$
+        """
+    )
