@@ -139,8 +139,16 @@ class Cluster:
         return Vault.from_settings(settings, key_provider=key_provider)
 
     def create_database(self, name: str) -> None:
-        # The DBA makes an empty database for the owner (docs/backup.md, "Restore").
-        _dba(self.admin_url, f'CREATE DATABASE "{name}" OWNER {OWNER}')
+        # The DBA makes an empty database the owner may create its schema in
+        # (docs/backup.md, "Restore"), and takes CREATE back once it is restored.
+        _dba(
+            self.admin_url,
+            f'CREATE DATABASE "{name}"',
+            f'GRANT CREATE ON DATABASE "{name}" TO {OWNER}',
+        )
+
+    def restored_by_the_owner(self, name: str) -> None:
+        _dba(self.admin_url, f'REVOKE CREATE ON DATABASE "{name}" FROM {OWNER}')
 
     def drop_database(self, name: str) -> None:
         _dba(self.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -177,6 +185,8 @@ def cluster(
     (indirectly) with the backup login: BACKUP (pg_read_all_data) or BACKUP_NARROW."""
     backup_role = getattr(request, "param", BACKUP)
     major = _server_major(services.admin_url)
+    # The owner's memberships as docs/migration-guide.md, step 2, makes them: never
+    # inheriting (on 15 the owner role itself is NOINHERIT).
     inherit = " WITH INHERIT FALSE" if major >= 16 else ""
     statements = [
         f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
@@ -186,7 +196,8 @@ def cluster(
     statements += [
         f"ALTER ROLE {OWNER} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB",
         f"ALTER ROLE {APP_LOGIN_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS",
-        f"GRANT tenantvault_migrator TO {OWNER}{inherit}",
+        *([] if major >= 16 else [f"ALTER ROLE {OWNER} NOINHERIT"]),
+        f"GRANT tenantvault_migrator, tenantvault_app TO {OWNER}{inherit}",
         f"GRANT tenantvault_app TO {APP_LOGIN_ROLE}",
         # The backup login: reads everything, bypasses RLS, may write nothing.
         f"ALTER ROLE {backup_role} LOGIN NOSUPERUSER BYPASSRLS NOCREATEROLE NOCREATEDB",
@@ -434,6 +445,7 @@ def test_backup_and_restore_as_documented_opens_every_secret_and_keeps_the_audit
         ]
     )
     restore_seconds = time.monotonic() - started
+    cluster.restored_by_the_owner(restored)
     print(
         f"\nPostgreSQL {cluster.major}: dump {dump.stat().st_size} bytes in {dump_seconds:.2f} s, "
         f"restore in {restore_seconds:.2f} s"
@@ -517,15 +529,18 @@ def test_the_naive_dump_as_the_owner_fails_or_dumps_no_tenant_rows(
     assert naive.returncode != 0
     assert "query would be affected by row-level security policy" in naive.stderr
 
-    # With --enable-row-security the owner's policies apply: from PostgreSQL 16 its
-    # membership in the migrator role does not inherit, so no tenant row is dumped, and
-    # the dump exits 0. (On 15 the membership inherits and the rows come through.)
+    # With --enable-row-security the owner's policies apply, and its membership in the
+    # migrator role does not inherit (WITH INHERIT FALSE; on 15 the owner is NOINHERIT),
+    # so no tenant row is dumped, and the dump exits 0: a backup that looks fine.
     plain = _run([pg_dump, "--enable-row-security", "--dbname", cluster.owner_url(source)])
     dumped = _copied_rows(plain.stdout)
-    configs = 0 if cluster.major >= 16 else 3 * len(TENANTS)
-    assert len(dumped["email_provider_configs"]) == configs
-    for table in ("email_provider_config_versions", "email_provider_tokens", "tenant_data_keys"):
-        assert bool(dumped[table]) is (cluster.major < 16), table
+    for table in (
+        "email_provider_configs",
+        "email_provider_config_versions",
+        "email_provider_tokens",
+        "tenant_data_keys",
+    ):
+        assert dumped[table] == [], table
 
     # Dumping as the migrator role (SET ROLE from the owner) is refused: the migrator
     # may not read alembic_version, the application's tables or the audit partitions.

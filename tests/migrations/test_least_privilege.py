@@ -25,22 +25,21 @@ def server_version(connection: sa.Connection) -> int:
     return int(connection.exec_driver_sql("SHOW server_version_num").scalar_one())
 
 
+GUIDE = (Path(__file__).parents[2] / "docs" / "migration-guide.md").read_text()
+
+
+def guide_sql(step: str) -> list[str]:
+    """The ```sql blocks of the migration guide's section that starts with ``step``."""
+    section = GUIDE.split(f"\n## {step}", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```sql\n")[1:]]
+
+
 def dba_role_setup(connection: sa.Connection, owner: str, app_login: str) -> None:
-    """The migration guide's "Roles" step, run once by a DBA, word for word."""
-    for role in ("tenantvault_app", "tenantvault_migrator"):
-        connection.exec_driver_sql(
-            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
-            f"THEN CREATE ROLE {role} NOLOGIN; END IF; END $$"
-        )
-    if server_version(connection) >= 160000:
-        connection.exec_driver_sql(
-            f"GRANT tenantvault_migrator, tenantvault_app TO {owner} WITH INHERIT FALSE"
-        )
-    else:
-        # PostgreSQL 15 has no per-grant INHERIT: the owner's memberships must not
-        # inherit, or it would read every tenant's rows through the migrator's policy.
-        connection.exec_driver_sql(f"ALTER ROLE {owner} NOINHERIT")
-        connection.exec_driver_sql(f"GRANT tenantvault_migrator, tenantvault_app TO {owner}")
+    """The migration guide's step 2, run by a DBA, word for word."""
+    create_roles, on_16, on_15 = guide_sql("2. Roles")
+    memberships = on_16 if server_version(connection) >= 160000 else on_15
+    for block in (create_roles, memberships):
+        connection.exec_driver_sql(block.replace("<owner>", owner))
     connection.exec_driver_sql(f"GRANT tenantvault_app TO {app_login}")
 
 
@@ -85,9 +84,11 @@ def live_database(settings: Settings, owner_engine: sa.Engine) -> Iterator[Setti
         connection.exec_driver_sql(
             "GRANT SELECT (id, tenant_id) ON dripiq_app.email_sender_identities TO tenantvault_app"
         )
-        assert not connection.exec_driver_sql(
-            f"SELECT has_database_privilege('{OWNER}', '{database}', 'CREATE')"
-        ).scalar_one()
+        # The guide's step 1 check: the owner owns the schema and tables, may connect,
+        # and has nothing else on the database, no superuser, CREATEROLE or BYPASSRLS.
+        (check,) = guide_sql("1. Check the owner")
+        row = connection.exec_driver_sql(check.replace("<owner>", OWNER)).one()
+        assert tuple(row) == (OWNER, [OWNER], False, False, False, True, False)
     url = settings.sqlalchemy_url.set(username=OWNER, password=None)
     owner_settings = load_settings(
         database_url=url.render_as_string(hide_password=False),
@@ -190,8 +191,10 @@ def test_status_works_as_the_owner_and_names_what_the_app_login_cannot_check(
     not_checked = [line for line in out.splitlines() if "not checked" in line]
     assert any(line.startswith("schema ") for line in not_checked), out
     assert any(line.startswith("data keys ") for line in not_checked), out
-    # What the app login can check, it does: it sees nothing without a tenant.
+    # What the app login can check, it does: it sees nothing without a tenant, and the
+    # audit log's partitions are ahead.
     assert "0 rows visible to the app role without a tenant" in out
+    assert "audit log     partitions until 20" in out
 
 
 def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
@@ -211,11 +214,19 @@ def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
         connection.execution_options(isolation_level="AUTOCOMMIT")
         connection.exec_driver_sql(f"CREATE ROLE {login} LOGIN")
     owner_url = live_database.database_url.get_secret_value()
-    code, out, err = _run_cli(
+    code, both, err = _run_cli(
         monkeypatch, capsys, owner_url, services, "grants", "--app-login", login
     )
     assert (code, err) == (cli.EXIT_OK, "")
-    dba_part, owner_part = out.split("-- As the schema's owner", 1)
+    # As the guide runs it: each part on its own, by the login it is for.
+    _, dba_part, _ = _run_cli(
+        monkeypatch, capsys, owner_url, services, "grants", "--app-login", login, "--part", "dba"
+    )
+    _, owner_part, _ = _run_cli(
+        monkeypatch, capsys, owner_url, services, "grants", "--app-login", login, "--part", "owner"
+    )
+    assert dba_part + owner_part == both
+    assert f'GRANT "tenantvault_app" TO "{login}";' in dba_part
     assert "email_provider_configs" not in owner_part  # tenantvault's tables: the app role only
     assert '"dripiq_app"."contact_campaigns"' in owner_part  # every table of the application
     with owner_engine.connect() as connection:  # the DBA
@@ -223,7 +234,7 @@ def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
         connection.exec_driver_sql(dba_part)
     owner = migrate.migration_engine(live_database)
     with owner.begin() as connection:  # the schema's owner, no superuser
-        connection.exec_driver_sql("-- " + owner_part)
+        connection.exec_driver_sql(owner_part)
         # The owner itself is bound too: no tenant, no rows (PG 15 as well, NOINHERIT).
         assert (
             connection.exec_driver_sql(

@@ -66,7 +66,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_grants(args: argparse.Namespace) -> int:
-    output.print_app_login_grants(app_login_grants(load_settings(), args.app_login))
+    output.print_app_login_grants(app_login_grants(load_settings(), args.app_login), args.part)
     return EXIT_OK
 
 
@@ -398,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--app-login", required=True, metavar="ROLE", help="the application's login role"
+    )
+    g.add_argument(
+        "--part",
+        choices=["dba", "owner"],
+        help="print only the DBA's statements or only the owner's (default: both)",
     )
     g.set_defaults(handler=_cmd_grants)
 

@@ -354,7 +354,7 @@ def print_status(report: StatusReport) -> None:
         else:
             print(f"transit       {transit.address or '-'}: {transit.detail}")
     _print_kek_check(report)
-    if report.revision:
+    if report.revision or report.revision_detail:
         until = report.audit_partitions_until
         note = "" if report.audit_writable else " (too few: run `tenantvault audit partitions`)"
         print(f"audit log     partitions until {until or 'none'}{note}")
@@ -376,18 +376,24 @@ def _print_kek_check(report: StatusReport) -> None:
                 f"unwraps v{minimum}..v{latest}"
             )
         else:
-            detail = transit.key_detail if transit is not None else ""
+            # The transit side could not be read: say so rather than leave it blank.
+            detail = (transit.key_detail if transit is not None else "") or (
+                "not checked: transit is not reachable"
+            )
             print(f"data keys     wrapped under KEK v{low}..v{high}; transit key {detail}")
 
 
-def print_app_login_grants(grants: AppLoginGrants) -> None:
-    print(f"-- The application's login {grants.login}. As a DBA (or a role with ADMIN on")
-    print("-- the app role), once:")
-    for statement in grants.dba_sql:
-        print(statement)
-    print("-- As the schema's owner (rerun after the application adds a table):")
-    for statement in grants.owner_sql:
-        print(statement)
+def print_app_login_grants(grants: AppLoginGrants, part: str | None = None) -> None:
+    """Both parts, or only the one named (``dba`` or ``owner``) to pipe into psql."""
+    if part in (None, "dba"):
+        print(f"-- The application's login {grants.login}. As a DBA (or a role with ADMIN on")
+        print("-- the app role), once:")
+        for statement in grants.dba_sql:
+            print(statement)
+    if part in (None, "owner"):
+        print("-- As the schema's owner (rerun after the application adds a table):")
+        for statement in grants.owner_sql:
+            print(statement)
 
 
 def print_dev_up(shell: str, env_file: Path) -> None:
