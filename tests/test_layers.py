@@ -244,6 +244,17 @@ def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
         if name == "dispose":
             continue
         body = method.body[1:] if ast.get_docstring(method) is not None else method.body
+        if name == "load_credentials":
+            # The hot path: awaited straight on a held connection, with the core's
+            # own functions for its statement's parameters and for what its row becomes.
+            hot, body = body[:-1], body[-1:]
+            called = {
+                ast.unparse(node.func)
+                for statement in hot
+                for node in ast.walk(statement)
+                if isinstance(node, ast.Call)
+            }
+            assert called == {"self._held.fetch_one", "hot_load_parameters", "finish_hot_load"}
         statement = body[0] if len(body) == 1 else None
         awaited = getattr(statement, "value", None)
         call = awaited.value if isinstance(awaited, ast.Await) else None

@@ -124,3 +124,13 @@ def config_version(
     return select(Version).where(
         Version.tenant_id == tenant_id, Version.config_id == config_id, Version.version == version
     )
+
+
+def hot_load_sql(schema: str) -> str:
+    """The load hot path's one statement (DB-API, ``%s`` parameters: tenant, config):
+    migration 0009's function scopes the tenant for this statement only and returns
+    what opening the credentials needs."""
+    return (
+        "SELECT type, version, config, encrypted_credentials "
+        f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'
+    )

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_async_engine
 from sqlalchemy.orm import Session
 
+from tenantvault.db.held import HeldConnections
 from tenantvault.errors import TenantNotSetError
 from tenantvault.settings import Settings
 
@@ -75,6 +76,16 @@ def create_async_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
     return sqlalchemy_async_engine(
         settings.sqlalchemy_url, **_engine_options(settings), **kwargs
     ).execution_options(schema_translate_map={None: settings.schema_name})
+
+
+def held_connections(settings: Settings) -> HeldConnections:
+    """AsyncVault's hot-path connections: the engines' database, login and options."""
+    url = settings.sqlalchemy_url.set(drivername="postgresql")
+    return HeldConnections(
+        url.render_as_string(hide_password=False),
+        size=settings.async_hot_path_connections,
+        **_engine_options(settings)["connect_args"],
+    )
 
 
 def set_tenant(connection: Connection, tenant_id: str) -> None:

@@ -23,14 +23,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from tenantvault.db.bridge import off_loop, run_in_greenlet, wait_for
+from tenantvault.db.held import HeldConnections
 from tenantvault.db.models import ProviderType
-from tenantvault.db.session import create_async_engine
+from tenantvault.db.session import create_async_engine, held_connections
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
 from tenantvault.kms.factory import key_provider_from_settings
 from tenantvault.kms.provider import KeyProvider
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.core import keyring_from_settings
+from tenantvault.vault.credentials import (
+    finish_hot_load,
+    hot_load_parameters,
+    hot_load_statement,
+)
 from tenantvault.vault.facade import Vault
 from tenantvault.vault.providers import CredentialsModel
 from tenantvault.vault.tokens import ExpiringToken, OAuthToken, RefreshedToken
@@ -87,6 +93,7 @@ class AsyncVault:
         history_credentials_kept: int = 10,
         audit_loads: bool = False,
         max_concurrent: int = 6,
+        held: HeldConnections | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.session.create_async_engine`)
         and ``keyring``, whose provider must be an ``OffLoopKeyProvider``.
@@ -99,6 +106,11 @@ class AsyncVault:
         by tests/vault/test_async.py). Calls that join the caller's session are never held
         back (it already holds its connection, which a turn could be waiting for).
 
+        ``held``: connections for the load hot path (without ``session=`` and load
+        auditing): its one statement, awaited straight on psycopg, its row opened by
+        the core's own functions. Without them the hot path runs in the core, through
+        the engine's pool and the greenlet, which costs about as much again.
+
         Raises:
             ValueError: the provider would block the loop, or a bound is out of range.
         """
@@ -109,6 +121,8 @@ class AsyncVault:
         self.engine = engine
         self.keyring = keyring
         self._admission = asyncio.Semaphore(max_concurrent)
+        self._held = None if audit_loads else held
+        self._hot_load_sql = hot_load_statement(engine.sync_engine)
         # The shared core, on the async engine's sync face: usable only inside the
         # bridge's greenlet, which every method below provides.
         self._core = Vault(
@@ -136,6 +150,7 @@ class AsyncVault:
             keyring_from_settings(settings, provider, wait=wait_for),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
+            held=held_connections(settings),
         )
 
     async def _run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -149,6 +164,8 @@ class AsyncVault:
     async def dispose(self) -> None:
         """Close the pooled connections and let the key provider's threads end."""
         await self.engine.dispose()
+        if self._held is not None:
+            await self._held.close()
         provider = self.keyring.provider
         assert isinstance(provider, OffLoopKeyProvider)
         provider.close()
@@ -455,7 +472,16 @@ class AsyncVault:
         actor: str | None = None,
         session: AsyncSession | None = None,
     ) -> CredentialsModel:
-        """``Vault.load_credentials``, awaited."""
+        """``Vault.load_credentials``, awaited. Its hot path (no ``session=``, the key
+        cached) is one statement on a held connection, its row opened by the core's own
+        functions (:func:`tenantvault.vault.credentials.finish_hot_load`)."""
+        if session is None and self._held is not None:
+            row = await self._held.fetch_one(
+                self._hot_load_sql, hot_load_parameters(tenant_id, config_id)
+            )
+            loaded = finish_hot_load(self.keyring, tenant_id, config_id, row)
+            if loaded is not None:
+                return loaded
         return await self._run(
             self._core.load_credentials,
             tenant_id,

@@ -65,6 +65,18 @@ def keyring_from_settings(
     return Keyring(provider, cache, allow_legacy=settings.open_legacy_format)
 
 
+def schema_of(engine: sa.Engine) -> str:
+    """The schema an engine from :func:`tenantvault.db.create_engine` qualifies names with.
+
+    Raises:
+        ValueError: the engine was built otherwise.
+    """
+    schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
+    if not schema:
+        raise ValueError("the engine must come from tenantvault.db.create_engine")
+    return str(schema)
+
+
 class VaultCore:
     """The shared half of :class:`tenantvault.Vault`; its parts add the public methods."""
 
@@ -82,13 +94,7 @@ class VaultCore:
         self.keyring = keyring
         self.history_credentials_kept = history_credentials_kept
         self.audit_loads = audit_loads
-        schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(None)
-        if not schema:
-            raise ValueError("the engine must come from tenantvault.db.create_engine")
-        self._load_sql = (
-            "SELECT type, version, config, encrypted_credentials "
-            f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'
-        )
+        self._load_sql = queries.hot_load_sql(schema_of(engine))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(engine={self.engine!r}, keyring={self.keyring!r})"

@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import DecryptionError, NotFoundError
+from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.vault.configs import Configs
-from tenantvault.vault.core import log_unopenable
+from tenantvault.vault.core import log_unopenable, schema_of
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage, provider_type
 from tenantvault.vault.versions import checked_note
 
@@ -87,12 +89,12 @@ class Credentials(Configs):
         """The hot path: one statement scopes the tenant and reads the row (migration
         0009's function); the key comes from the cache. None when it is not cached,
         and the caller takes the full path, which may ask the key provider."""
-        check_tenant_id(tenant_id)
+        params = hot_load_parameters(tenant_id, config_id)
         # The DB-API connection straight from the engine's pool, in autocommit for this
         # one statement (its own implicit transaction), then handed back as it was:
         # the hot path skips the ORM and Core layers, not the pool. Only DB-API calls,
         # so the same code runs on psycopg's sync connection (Vault) and, inside
-        # SQLAlchemy's greenlet, on its adapter of psycopg's AsyncConnection (AsyncVault).
+        # SQLAlchemy's greenlet, on its adapter of psycopg's AsyncConnection.
         pooled = self.engine.raw_connection()
         try:
             connection: Any = pooled.dbapi_connection
@@ -100,7 +102,7 @@ class Credentials(Configs):
             try:
                 cursor = connection.cursor()
                 try:
-                    cursor.execute(self._load_sql, (tenant_id, config_id))
+                    cursor.execute(self._load_sql, params)
                     row = cursor.fetchone()
                 finally:
                     cursor.close()
@@ -108,22 +110,7 @@ class Credentials(Configs):
                 connection.autocommit = False
         finally:
             pooled.close()
-        if row is None:
-            raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
-        kind_name, version, config, sealed = row
-        if sealed is None:
-            raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
-        place = CONFIG_CREDENTIALS.place(tenant_id, config_id, bound=(version, config))
-        try:
-            opened = self.keyring.open_cached(tenant_id, sealed, place)
-        except DecryptionError:
-            log_unopenable(tenant_id, config_id, version)
-            raise
-        if opened is None:
-            return None
-        # The config and the cross-checks against it were validated when these
-        # credentials were stored; the hot path rebuilds only the credentials model.
-        return credentials_from_storage(provider_type(kind_name), opened)
+        return finish_hot_load(self.keyring, tenant_id, config_id, row)
 
     def load_many_credentials(
         self, tenant_id: str, config_ids: Sequence[str], *, session: Session | None = None
@@ -135,3 +122,48 @@ class Credentials(Configs):
             return {
                 r.id: self._open_credentials(s, r, sealer) for r in rows if r.encrypted_credentials
             }
+
+
+# --- the hot path's rules, shared by Vault (above) and AsyncVault (its held connections) ---
+
+
+def hot_load_statement(engine: sa.Engine) -> str:
+    """The hot path's one statement for ``engine``'s schema (DB-API, ``%s`` parameters)."""
+    return queries.hot_load_sql(schema_of(engine))
+
+
+def hot_load_parameters(tenant_id: str, config_id: str) -> tuple[str, str]:
+    """The parameters of the hot path's one statement (``queries.hot_load_sql``).
+
+    Raises:
+        InvalidInputError: ``tenant_id`` is malformed (nothing is sent).
+    """
+    return check_tenant_id(tenant_id), config_id
+
+
+def finish_hot_load(
+    keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
+) -> CredentialsModel | None:
+    """What the hot path's row becomes: the opened credentials, or None when the
+    tenant's key is not cached (the caller then takes the full path).
+
+    Raises:
+        NotFoundError: no such live config, or it holds no credentials.
+        DecryptionError: the stored value does not open here (a warning names the config).
+    """
+    if row is None:
+        raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
+    kind_name, version, config, sealed = row
+    if sealed is None:
+        raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
+    place = CONFIG_CREDENTIALS.place(tenant_id, config_id, bound=(version, config))
+    try:
+        opened = keyring.open_cached(tenant_id, sealed, place)
+    except DecryptionError:
+        log_unopenable(tenant_id, config_id, version)
+        raise
+    if opened is None:
+        return None
+    # The config and the cross-checks against it were validated when these
+    # credentials were stored; the hot path rebuilds only the credentials model.
+    return credentials_from_storage(provider_type(kind_name), opened)
