@@ -345,6 +345,14 @@ def test_default_privileges_of_the_schema_reach_none_of_tenantvaults_objects(
             .all()
         )
     assert {grantee for _, grantee in holders} <= {"tenantvault_app", "tenantvault_migrator"}
+    # The grants record, which a downgrade executes as the owner: the owner's alone, and
+    # it holds plain REVOKEs only.
+    assert [name for name, _ in holders if name == "tenantvault_grants"] == []
+    with owner_engine.connect() as connection, pytest.raises(sa.exc.IntegrityError):
+        connection.exec_driver_sql(
+            "INSERT INTO dripiq_app.tenantvault_grants VALUES ('0002_provider_tables', "
+            '\'REVOKE SELECT ON "dripiq_app"."tenants" FROM "x"; DROP TABLE dripiq_app.users\')'
+        )
     assert not [name for name, _ in holders if name.startswith("audit_events_")]
     assert set(functions) <= {"tenantvault_app", "tenantvault_migrator"}
     app = sa.create_engine(

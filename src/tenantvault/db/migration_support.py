@@ -179,12 +179,33 @@ GRANTS_TABLE = "tenantvault_grants"
 that a downgrade revokes exactly those and never one the database had before."""
 
 
+_NAME = '"[a-z_][a-z0-9_]*"'
+REVOKE_PATTERN = (
+    rf"^REVOKE (USAGE|SELECT|INSERT|UPDATE|DELETE)( \({_NAME}\))? "
+    rf"ON (SCHEMA {_NAME}|{_NAME}\.{_NAME}) FROM {_NAME}$"
+)
+"""The only statements the grants record may hold: a downgrade runs them as the owner,
+so a row written by anyone else must not be able to say anything more."""
+
+
 def create_grants_record() -> None:
     op.execute(
         f"CREATE TABLE {qualified(GRANTS_TABLE)} (\n"
         "  revision text NOT NULL,\n"
-        "  revoke text PRIMARY KEY\n"
+        f"  revoke text PRIMARY KEY CHECK (revoke ~ '{REVOKE_PATTERN}')\n"
         ")"
+    )
+    # Whatever the schema's default privileges would give others on it, nobody but the
+    # owner may write (or read) the record.
+    op.execute(
+        "DO $$ DECLARE held record; BEGIN\n"
+        "  FOR held IN SELECT a.grantee, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a\n"
+        f"    WHERE c.oid = '{qualified(GRANTS_TABLE)}'::regclass AND a.grantee <> c.relowner\n"
+        "  LOOP\n"
+        f"    EXECUTE 'REVOKE ' || held.privilege_type || ' ON {qualified(GRANTS_TABLE)} FROM '\n"
+        "      || CASE WHEN held.grantee = 0 THEN 'PUBLIC' ELSE held.grantee::regrole::text END;\n"
+        "  END LOOP;\n"
+        "END $$"
     )
     op.execute(
         f"COMMENT ON TABLE {qualified(GRANTS_TABLE)} IS 'tenantvault: privileges its "
@@ -251,6 +272,11 @@ def revoke_granted(revision: str) -> None:
         f"  IF to_regclass('{qualified(GRANTS_TABLE)}') IS NULL THEN RETURN; END IF;\n"
         f"  FOR granted IN DELETE FROM {qualified(GRANTS_TABLE)} WHERE revision = '{revision}'"
         " RETURNING revoke LOOP\n"
+        # Checked again here: the record's CHECK is only as old as the record.
+        f"    IF granted.revoke !~ '{REVOKE_PATTERN}' THEN\n"
+        "      RAISE EXCEPTION 'tenantvault: refusing a recorded statement that is not a "
+        "plain REVOKE';\n"
+        "    END IF;\n"
         "    EXECUTE granted.revoke;\n"
         "  END LOOP;\n"
         "END $$"
