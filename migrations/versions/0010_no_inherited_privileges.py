@@ -32,6 +32,7 @@ from tenantvault.migration_support import (
     GRANTS_TABLE,
     audit_partitions_function,
     options,
+    revoke_foreign_privileges,
 )
 
 revision = "0010_no_inherited_privileges"
@@ -63,21 +64,11 @@ def upgrade() -> None:
     schema = opts.schema
     ours = f"to_regrole('{opts.app_role}'), to_regrole('{opts.migrator_role}')"
     names = ", ".join(f"'{t}'" for t in TABLES)
-    op.execute(
-        "DO $$ DECLARE r record; BEGIN\n"
-        "  FOR r IN SELECT c.oid::regclass AS relation, a.grantee, a.privilege_type\n"
-        "    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,\n"
-        "         aclexplode(c.relacl) a\n"
-        f"    WHERE n.nspname = '{schema}'\n"
-        f"      AND (c.relname IN ({names}) OR c.oid IN (SELECT inhrelid FROM pg_inherits\n"
-        f"        WHERE inhparent = '\"{schema}\".{AUDIT}'::regclass))\n"
-        f"      AND a.grantee <> c.relowner AND a.grantee NOT IN ({ours})\n"
-        f"      AND NOT {BACKUP_READ}\n"
-        "  LOOP\n"
-        "    EXECUTE 'REVOKE ' || r.privilege_type || ' ON ' || r.relation || ' FROM '\n"
-        "      || CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE r.grantee::regrole::text END;\n"
-        "  END LOOP;\n"
-        "END $$"
+    revoke_foreign_privileges(
+        f"c.relnamespace = '\"{schema}\"'::regnamespace AND (c.relname IN ({names}) "
+        f"OR c.oid IN (SELECT inhrelid FROM pg_inherits "
+        f"WHERE inhparent = '\"{schema}\".{AUDIT}'::regclass))",
+        kept=f"a.grantee IN ({ours}) OR {BACKUP_READ}",
     )
     op.execute(
         "DO $$ DECLARE r record; BEGIN\n"

@@ -1,10 +1,9 @@
 """Any exception a command ends with, as the text of its one ``FAILED:`` line.
 
 tenantvault's own errors already say what failed without a secret. Errors of the
-database driver are reduced to the server's primary message: its DETAIL line can
-quote a row (``Failing row contains (...)``), and SQLAlchemy's text adds the
-statement. Anything else is a bug, named by its type only, since its text was
-never checked for secrets.
+database driver are reduced to the server's primary message
+(:func:`tenantvault.db.failures.server_message`). Anything else is a bug, named by
+its type only, since its text was never checked for secrets.
 """
 
 from __future__ import annotations
@@ -13,12 +12,12 @@ import psycopg
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from tenantvault.db.failures import server_message
 from tenantvault.errors import TenantVaultError
 
 
 def _driver_error(error: BaseException) -> str:
-    diag = getattr(error, "diag", None)
-    primary = getattr(diag, "message_primary", None)
+    primary = server_message(error)
     if primary:
         return f"the database refused: {primary}"
     # No server message: the connection itself failed (libpq's text names host, port,

@@ -197,19 +197,27 @@ def create_grants_record() -> None:
     )
     # Whatever the schema's default privileges would give others on it, nobody but the
     # owner may write (or read) the record.
-    op.execute(
-        "DO $$ DECLARE held record; BEGIN\n"
-        "  FOR held IN SELECT a.grantee, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a\n"
-        f"    WHERE c.oid = '{qualified(GRANTS_TABLE)}'::regclass AND a.grantee <> c.relowner\n"
-        "  LOOP\n"
-        f"    EXECUTE 'REVOKE ' || held.privilege_type || ' ON {qualified(GRANTS_TABLE)} FROM '\n"
-        "      || CASE WHEN held.grantee = 0 THEN 'PUBLIC' ELSE held.grantee::regrole::text END;\n"
-        "  END LOOP;\n"
-        "END $$"
-    )
+    revoke_foreign_privileges(f"c.oid = '{qualified(GRANTS_TABLE)}'::regclass")
     op.execute(
         f"COMMENT ON TABLE {qualified(GRANTS_TABLE)} IS 'tenantvault: privileges its "
         "migrations granted on objects it did not create; each downgrade revokes its own.'"
+    )
+
+
+def revoke_foreign_privileges(relations: str, *, kept: str = "false") -> None:
+    """Revoke every privilege that a role other than the owner holds on the relations
+    ``relations`` selects (SQL on ``pg_class c``), except those ``kept`` keeps (SQL on
+    the ACL item ``a``: ``a.grantee``, ``a.privilege_type``). PUBLIC included."""
+    op.execute(
+        "DO $$ DECLARE held record; BEGIN\n"
+        "  FOR held IN SELECT c.oid::regclass AS relation, a.grantee, a.privilege_type\n"
+        "    FROM pg_class c, aclexplode(c.relacl) a\n"
+        f"    WHERE ({relations}) AND a.grantee <> c.relowner AND NOT ({kept})\n"
+        "  LOOP\n"
+        "    EXECUTE 'REVOKE ' || held.privilege_type || ' ON ' || held.relation || ' FROM '\n"
+        "      || CASE WHEN held.grantee = 0 THEN 'PUBLIC' ELSE held.grantee::regrole::text END;\n"
+        "  END LOOP;\n"
+        "END $$"
     )
 
 

@@ -60,26 +60,18 @@ def app_login_grants(settings: Settings, login: str) -> AppLoginGrants:
     try:
         with engine.connect() as connection:
             _refuse_unsafe_login(connection, settings, login)
-            tables = connection.execute(
+            relations = connection.execute(
                 sa.text(
-                    "SELECT c.relname FROM pg_class c "
+                    "SELECT c.relname, c.relkind = 'S' FROM pg_class c "
                     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :schema "
-                    "AND c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY c.relname"
+                    "AND c.relkind IN ('r', 'p', 'S') AND NOT c.relispartition ORDER BY c.relname"
                 ),
                 {"schema": schema},
-            ).scalars()
-            own = [t for t in tables if t not in _NOT_THE_APPLICATIONS]
-            sequences = connection.execute(
-                sa.text(
-                    "SELECT c.relname FROM pg_class c "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :schema "
-                    "AND c.relkind = 'S' ORDER BY c.relname"
-                ),
-                {"schema": schema},
-            ).scalars()
-            seqs = list(sequences)
+            ).all()
     finally:
         engine.dispose()
+    own = [n for n, sequence in relations if not sequence and n not in _NOT_THE_APPLICATIONS]
+    seqs = [name for name, sequence in relations if sequence]
     owner_sql = [f'GRANT USAGE ON SCHEMA "{schema}" TO "{login}";']
     if own:
         names = ", ".join(f'"{schema}"."{t}"' for t in own)

@@ -11,6 +11,7 @@ from requests.exceptions import RequestException
 from sqlalchemy.exc import DBAPIError
 
 from tenantvault.audit.chain import audit_partitions
+from tenantvault.db.failures import server_message
 from tenantvault.db.models import TENANTVAULT_TABLES
 from tenantvault.errors import TenantVaultError
 from tenantvault.keys import store
@@ -162,9 +163,7 @@ def _tables(connection: sa.Connection, settings: Settings) -> tuple[list[TableSt
 
 
 def _not_checked(exc: DBAPIError) -> str:
-    diag = getattr(exc.orig, "diag", None)
-    reason = getattr(diag, "message_primary", None) or type(exc.orig).__name__
-    return f"not checked: {reason}"
+    return f"not checked: {server_message(exc) or type(exc.orig).__name__}"
 
 
 def transit_status(settings: Settings) -> TransitStatus:

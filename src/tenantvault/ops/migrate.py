@@ -20,6 +20,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
+from tenantvault.db.failures import server_message
 from tenantvault.db.migration_support import ALLOW_DATA_LOSS_FLAG, OPTIONS_KEY, MigrationOptions
 from tenantvault.errors import MigrationError
 from tenantvault.settings import Settings
@@ -76,7 +77,7 @@ class MigrationReport:
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config(MigrationOptions())).get_current_head()
+    head = _script().get_current_head()
     assert head is not None
     return head
 
@@ -92,7 +93,7 @@ def check_revision(revision: str) -> None:
     """
     if revision in {"head", "heads", "base"} or any(c in revision for c in "+-@:"):
         return
-    script = ScriptDirectory.from_config(alembic_config(MigrationOptions()))
+    script = _script()
     try:
         found = script.get_revisions(revision)
     except CommandError:
@@ -174,11 +175,7 @@ def downgrade(
     try:
         before, _ = _inspect(engine, settings.schema_name)
         steps = _downgrade_steps(_script(), before, revision)
-        if BASELINE_REVISION in steps:
-            raise MigrationError(
-                f"tenantvault does not downgrade below {BASELINE_REVISION}: that would drop "
-                f"the application's own tables ({', '.join(LEGACY_TABLES)})"
-            )
+        _refuse_below_baseline(steps)
         if not allow_data_loss:
             _refuse_data_loss(engine, options, steps, revision)
         _run(lambda config: command.downgrade(config, revision), options, engine, downgrading=True)
@@ -190,6 +187,14 @@ def downgrade(
 
 def _script() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config(MigrationOptions()))
+
+
+def _refuse_below_baseline(steps: list[str]) -> None:
+    if BASELINE_REVISION in steps:
+        raise MigrationError(
+            f"tenantvault does not downgrade below {BASELINE_REVISION}: that would drop "
+            f"the application's own tables ({', '.join(LEGACY_TABLES)})"
+        )
 
 
 def _downgrade_steps(script: ScriptDirectory, current: str | None, target: str) -> list[str]:
@@ -265,11 +270,7 @@ def offline_sql(
     if downgrade_from is not None:
         check_revision(downgrade_from)
         start = head_revision() if downgrade_from == "head" else downgrade_from
-        if BASELINE_REVISION in _downgrade_steps(_script(), start, revision):
-            raise MigrationError(
-                f"tenantvault does not downgrade below {BASELINE_REVISION}: that would drop "
-                f"the application's own tables ({', '.join(LEGACY_TABLES)})"
-            )
+        _refuse_below_baseline(_downgrade_steps(_script(), start, revision))
         header = (
             f"-- A downgrade from {start} to {revision}: run it only on a database at {start}.\n"
             + (
@@ -333,11 +334,10 @@ def _run(
     try:
         step(alembic_config(options, connection=engine))
     except DBAPIError as exc:
-        diag = getattr(exc.orig, "diag", None)
-        primary = getattr(diag, "message_primary", None) or type(exc.orig).__name__
+        primary = server_message(exc) or type(exc.orig).__name__
         # The revisions prefix their own refusals for the server's log; here they are ours.
         primary = primary.removeprefix("tenantvault: ")
-        hint = getattr(diag, "message_hint", None) or ""
+        hint = getattr(getattr(exc.orig, "diag", None), "message_hint", None) or ""
         # The revisions' hint names Alembic's flag; this is tenantvault's command.
         hint = hint.replace(f"-x {ALLOW_DATA_LOSS_FLAG}=true", "--allow-data-loss")
         where = _stopped_at(engine, options.schema, downgrading=downgrading)
