@@ -15,6 +15,9 @@ from pathlib import Path
 import psycopg
 
 from tenantvault.dev import stack as devstack
+from tenantvault.ops import migrate
+from tenantvault.ops.migrate import migration_engine
+from tenantvault.settings import Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,12 @@ def measure(
         started = time.perf_counter_ns()
         operation()
         samples.append((time.perf_counter_ns() - started) / 1000)
-    samples.sort()
+    return summarize(name, samples)
+
+
+def summarize(name: str, samples: list[float]) -> Timing:
+    """p50 and p99 of ``samples`` (microseconds)."""
+    samples = sorted(samples)
     return Timing(name, statistics.median(samples), samples[int(len(samples) * 0.99) - 1])
 
 
@@ -52,11 +60,7 @@ def measure_interleaved(
             operation()
             if round_number >= warmup:
                 samples[name].append((time.perf_counter_ns() - started) / 1000)
-    timings = {}
-    for name, values in samples.items():
-        values.sort()
-        timings[name] = Timing(name, statistics.median(values), values[int(len(values) * 0.99) - 1])
-    return timings
+    return {name: summarize(name, values) for name, values in samples.items()}
 
 
 @contextmanager
@@ -73,3 +77,37 @@ def throwaway_database() -> Iterator[tuple[str, str]]:
             yield admin.rsplit("/", 1)[0] + "/" + name, environment["VAULT_ADDR"]
         finally:
             devstack.reset(Path(state))
+
+
+APP_LOGIN = "tenantvault_bench_app"
+
+
+def vault_token() -> str:
+    """The root token of the throwaway stack's OpenBao (set by :func:`throwaway_database`)."""
+    return os.environ["_TENANTVAULT_BENCH_TOKEN"]
+
+
+def migrated_with_app_login(url: str, vault_addr: str, tenants: int) -> tuple[Settings, Settings]:
+    """The throwaway database migrated, ``tenants`` tenant rows ('t1'...), and a login
+    in the app role: (the owner's settings, the application's settings)."""
+    token = vault_token()
+    settings = load_settings(database_url=url, VAULT_ADDR=vault_addr, VAULT_TOKEN=token)
+    migrate.upgrade(settings)
+    owner = migration_engine(settings)
+    with owner.begin() as connection:
+        connection.exec_driver_sql(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN}') "
+            f"THEN CREATE ROLE {APP_LOGIN} LOGIN; END IF; END $$"
+        )
+        connection.exec_driver_sql(f"GRANT tenantvault_app TO {APP_LOGIN}")
+        connection.exec_driver_sql(
+            "INSERT INTO dripiq_app.tenants (id, name) "
+            f"SELECT 't' || i, 'T' FROM generate_series(1, {tenants}) i"
+        )
+    owner.dispose()
+    app_settings = load_settings(
+        database_url=url.replace("postgres@", f"{APP_LOGIN}@"),
+        VAULT_ADDR=vault_addr,
+        VAULT_TOKEN=token,
+    )
+    return settings, app_settings

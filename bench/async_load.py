@@ -11,7 +11,6 @@ load         AsyncVault.load_credentials, warm key cache: its pool, its one stat
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 
@@ -20,17 +19,14 @@ import psycopg
 
 from tenantvault import AsyncVault, Vault
 from tenantvault.kms.transit import TransitKeyProvider
-from tenantvault.ops import migrate
-from tenantvault.ops.migrate import migration_engine
-from tenantvault.settings import Settings, load_settings
+from tenantvault.settings import Settings
 
-from ._harness import Timing, throwaway_database
+from ._harness import Timing, migrated_with_app_login, summarize, throwaway_database, vault_token
 
 TENANTS = 100
 ITERATIONS = 3000
 TASKS = 64
 SECONDS = 3.0
-APP_LOGIN = "tenantvault_bench_app"
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 SELECT = (
     "SELECT type, version, config, encrypted_credentials "
@@ -48,11 +44,7 @@ async def interleaved(
             await operation()
             if round_number >= warmup:
                 samples[name].append((time.perf_counter_ns() - started) / 1000)
-    timings = {}
-    for name, values in samples.items():
-        values.sort()
-        timings[name] = Timing(name, statistics.median(values), values[int(len(values) * 0.99) - 1])
-    return timings
+    return {name: summarize(name, values) for name, values in samples.items()}
 
 
 async def per_second(operation: Callable[[int], Awaitable[object]]) -> float:
@@ -74,27 +66,8 @@ async def per_second(operation: Callable[[int], Awaitable[object]]) -> float:
 
 def main() -> None:
     with throwaway_database() as (url, vault_addr):
-        import os
-
-        token = os.environ["_TENANTVAULT_BENCH_TOKEN"]
-        settings = load_settings(database_url=url, VAULT_ADDR=vault_addr, VAULT_TOKEN=token)
-        migrate.upgrade(settings)
-        owner = migration_engine(settings)
-        with owner.begin() as connection:
-            connection.exec_driver_sql(
-                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN}') "
-                f"THEN CREATE ROLE {APP_LOGIN} LOGIN; END IF; END $$"
-            )
-            connection.exec_driver_sql(f"GRANT tenantvault_app TO {APP_LOGIN}")
-            connection.exec_driver_sql(
-                f"INSERT INTO dripiq_app.tenants (id, name) SELECT 't' || i, 'T' FROM generate_series(1, {TENANTS}) i"
-            )
-        owner.dispose()
-        app_settings = load_settings(
-            database_url=url.replace("postgres@", f"{APP_LOGIN}@"),
-            VAULT_ADDR=vault_addr,
-            VAULT_TOKEN=token,
-        )
+        settings, app_settings = migrated_with_app_login(url, vault_addr, TENANTS)
+        token = vault_token()
 
         def provider() -> TransitKeyProvider:
             client = hvac.Client(url=vault_addr, token=token, timeout=5)

@@ -35,7 +35,7 @@ from tenantvault.rotation.kek import rotate_kek
 from tenantvault.rotation.options import KekRotationOptions
 from tenantvault.settings import Settings, load_settings
 
-from ._harness import throwaway_database
+from ._harness import throwaway_database, vault_token
 
 PER_TENANT = 1000
 SIZES = (100_000, 1_000_000)
@@ -48,7 +48,7 @@ def _settings(url: str, vault_addr: str) -> Settings:
     return load_settings(
         database_url=url,
         VAULT_ADDR=vault_addr,
-        VAULT_TOKEN=os.environ["_TENANTVAULT_BENCH_TOKEN"],
+        VAULT_TOKEN=vault_token(),
         transit_key=TRANSIT_KEY,
     )
 
@@ -159,7 +159,7 @@ def _rotate_in_child(settings: Settings, workers: int, batch_size: int = 2000) -
         **os.environ,
         "TENANTVAULT_DATABASE_URL": settings.database_url.get_secret_value(),
         "VAULT_ADDR": str(settings.vault_addr),
-        "VAULT_TOKEN": os.environ["_TENANTVAULT_BENCH_TOKEN"],
+        "VAULT_TOKEN": vault_token(),
         "TENANTVAULT_TRANSIT_KEY": TRANSIT_KEY,
     }
     done = subprocess.run(

@@ -21,15 +21,17 @@ from tenantvault.crypto.envelope import open_sealed
 from tenantvault.db.session import create_engine
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.kms.transit import TransitKeyProvider
-from tenantvault.ops import migrate
-from tenantvault.ops.migrate import migration_engine
-from tenantvault.settings import load_settings
 
-from ._harness import measure, measure_interleaved, throwaway_database
+from ._harness import (
+    measure,
+    measure_interleaved,
+    migrated_with_app_login,
+    throwaway_database,
+    vault_token,
+)
 
 TENANTS = 100
 ITERATIONS = 3000
-APP_LOGIN = "tenantvault_bench_app"
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 
 
@@ -51,26 +53,8 @@ class Counting:
 
 def main() -> None:
     with throwaway_database() as (url, vault_addr):
-        environment_token = _dev_token()
-        settings = load_settings(
-            database_url=url, VAULT_ADDR=vault_addr, VAULT_TOKEN=environment_token
-        )
-        migrate.upgrade(settings)
-        owner = migration_engine(settings)
-        with owner.begin() as connection:
-            connection.exec_driver_sql(
-                f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_LOGIN}') "
-                f"THEN CREATE ROLE {APP_LOGIN} LOGIN; END IF; END $$"
-            )
-            connection.exec_driver_sql(f"GRANT tenantvault_app TO {APP_LOGIN}")
-            connection.exec_driver_sql(
-                f"INSERT INTO dripiq_app.tenants (id, name) SELECT 't' || i, 'T' FROM generate_series(1, {TENANTS}) i"
-            )
-        app_settings = load_settings(
-            database_url=url.replace("postgres@", f"{APP_LOGIN}@"),
-            VAULT_ADDR=vault_addr,
-            VAULT_TOKEN=environment_token,
-        )
+        settings, app_settings = migrated_with_app_login(url, vault_addr, TENANTS)
+        environment_token = vault_token()
 
         def provider() -> Counting:
             client = hvac.Client(url=vault_addr, token=environment_token, timeout=5)
@@ -150,7 +134,7 @@ def main() -> None:
             cold.load_credentials(f"t{i + 1}", ids[i])
         vault_calls = cold.keyring.provider.calls  # type: ignore[attr-defined]
 
-        for engine in (bare_engine, owner, vault.engine, cold.engine):
+        for engine in (bare_engine, vault.engine, cold.engine):
             engine.dispose()
 
     print(
@@ -172,12 +156,6 @@ def main() -> None:
     print(
         f"{'vault calls':<26} {vault_calls} for 10,000 loads over {TENANTS} tenants, cold cache (target <= 100)"
     )
-
-
-def _dev_token() -> str:
-    import os
-
-    return os.environ["_TENANTVAULT_BENCH_TOKEN"]
 
 
 if __name__ == "__main__":
