@@ -5,7 +5,7 @@ floor        a prepared primary-key SELECT of the same columns on one held psyco
 load         AsyncVault.load_credentials, warm key cache: its pool, its one statement
 64 tasks     loads per second with 64 concurrent tasks over 100 tenants, against bare
              prepared SELECTs by 64 tasks sharing as many held connections as the vault's
-             hot path holds (TENANTVAULT_ASYNC_HOT_PATH_CONNECTIONS)
+             hot path holds (TENANTVAULT_HOT_PATH_CONNECTIONS)
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ async def _measure(
     # The floor at the same concurrency: as many held autocommit connections as the
     # vault's hot path holds, shared by the tasks, each a prepared primary-key SELECT.
     free: asyncio.Queue[psycopg.AsyncConnection[object]] = asyncio.Queue()
-    for _ in range(app_settings.async_hot_path_connections):
+    for _ in range(app_settings.hot_path_connections):
         free.put_nowait(await psycopg.AsyncConnection.connect(owner_url, autocommit=True))
 
     async def bare_select(i: int) -> object:

@@ -82,9 +82,9 @@ class Settings(BaseSettings):
     migration_lock_timeout_ms: int = Field(5000, ge=1, le=600_000)
     statement_timeout_ms: int = Field(30_000, ge=0)
     connect_timeout_seconds: int = Field(10, ge=1, le=600)
-    # AsyncVault's load hot path holds up to this many connections of its own (each
-    # loop's vault; one statement at a time each), beside the engine's pool.
-    async_hot_path_connections: int = Field(6, ge=1, le=100)
+    # The load hot path holds up to this many connections of its own (per Vault, or
+    # per loop's AsyncVault; one statement at a time each), beside the engine's pool.
+    hot_path_connections: int = Field(6, ge=1, le=100)
 
     key_provider: Literal["vault", "local"] = "vault"
     transit_mount: str = Field("transit", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$")

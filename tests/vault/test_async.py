@@ -167,7 +167,7 @@ def test_a_load_cancelled_mid_flight_leaves_no_connection_in_a_bad_state(
     (load auditing on, which always takes it)."""
     pairs = list(seeded.items())[:8]
     # Six at a time either way: the held connections, or the calls that take turns.
-    waiting = min(len(pairs), app_settings.async_hot_path_connections, 6)
+    waiting = min(len(pairs), app_settings.hot_path_connections, 6)
     settings = app_settings.model_copy(update={"audit_loads": path == "full"})
 
     async def scenario(vault: AsyncVault) -> tuple[list[tuple[str, str]], list[str], int]:

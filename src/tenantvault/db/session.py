@@ -83,7 +83,7 @@ def held_connections(settings: Settings) -> HeldConnections:
     url = settings.sqlalchemy_url.set(drivername="postgresql")
     return HeldConnections(
         url.render_as_string(hide_password=False),
-        size=settings.async_hot_path_connections,
+        size=settings.hot_path_connections,
         **_engine_options(settings)["connect_args"],
     )
 
