@@ -35,6 +35,11 @@ class KeyProviderUnavailable(KeyProviderError):  # noqa: N818 - the name the API
     """The key provider could not be reached within the configured timeout."""
 
 
+class KeyProviderRefused(KeyProviderError):  # noqa: N818 - says what happened, as Unavailable
+    """The key provider answered but refused the caller (Vault's 403: a token or policy
+    that may not do it). Like an outage, it makes uncached keys back off."""
+
+
 class KeyDestroyedError(TenantVaultError):
     """The tenant's data key was destroyed (crypto-shredded): its values are gone for good."""
 

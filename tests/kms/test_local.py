@@ -39,3 +39,16 @@ def test_the_provider_refuses_pickling_and_hides_its_key() -> None:
     assert MASTER.hex() not in repr(provider)
     with pytest.raises(TypeError):
         pickle.dumps(provider)
+
+
+def test_a_batch_unwrap_reports_each_item_and_a_bad_one_fails_only_itself() -> None:
+    provider = LocalKeyProvider(MASTER, batch_size=2)
+    keys = [provider.generate_data_key(f"t{i}") for i in range(5)]
+    items = [(f"t{i}", w.ciphertext) for i, (_, w) in enumerate(keys)]
+    items[1] = ("t_other", items[1][1])
+    results = provider.unwrap_many(items)
+    assert [r.tenant_id for r in results] == [t for t, _ in items]
+    assert [r.plaintext for r in results] == [
+        None if i == 1 else plaintext for i, (plaintext, _) in enumerate(keys)
+    ]
+    assert results[1].error == "cannot unwrap data key"

@@ -12,6 +12,7 @@ import pytest
 from tenantvault.errors import DecryptionError, KeyProviderError
 from tenantvault.kms.transit import TransitKeyProvider
 from tests.conftest import Services
+from tests.warm_support import counted_transit
 
 
 def _client(services: Services, token: str | None = None) -> hvac.Client:
@@ -229,3 +230,47 @@ def test_an_approle_token_is_renewed_by_logging_in_again_before_it_expires(
     time.sleep(2.5)  # the first token has expired
     assert provider.unwrap("t_a", wrapped.ciphertext) == plaintext
     assert provider._client.token != first_token  # type: ignore[attr-defined]
+
+
+def test_a_batch_unwrap_is_one_request_and_a_bad_item_fails_only_itself(
+    services: Services,
+) -> None:
+    provider, session = counted_transit(services, key_name="tenantvault-tests", batch_size=4)
+    made = [(f"t{i}", provider.generate_data_key(f"t{i}")) for i in range(6)]
+    items = [(tenant, wrapped.ciphertext) for tenant, (_, wrapped) in made]
+    items[2] = ("t_other", items[2][1])  # wrapped for t2: another tenant's context
+    items[4] = ("t4", "no-version-prefix")  # refused before it is sent
+    before = session.count("transit/decrypt/")
+    results = provider.unwrap_many(items)
+    assert session.count("transit/decrypt/") - before == 2  # 6 items, 4 per request
+    assert [r.tenant_id for r in results] == [t for t, _ in items]
+    assert [i for i, r in enumerate(results) if r.plaintext is None] == [2, 4]
+    assert results[2].error == "cannot unwrap data key"
+    assert results[4].error == "wrapped key has no version prefix"
+    for (_, (plaintext, _)), result in zip(made, results, strict=True):
+        if result.plaintext is not None:
+            assert result.plaintext == plaintext
+            assert plaintext.hex() not in repr(result)
+
+
+def test_a_batch_unwrap_whose_every_item_fails_reports_each_without_halving(
+    services: Services,
+) -> None:
+    # Transit answers 400 when any item fails, with every item's result: that is no
+    # refusal of the request, and halving it would cost 2n - 1 requests.
+    provider, session = counted_transit(services, key_name="tenantvault-tests")
+    items = [("t_other", provider.generate_data_key(f"t{i}")[1].ciphertext) for i in range(8)]
+    before = session.count("transit/decrypt/")
+    results = provider.unwrap_many(items)
+    assert session.count("transit/decrypt/") - before == 1
+    assert [r.error for r in results] == ["cannot unwrap data key"] * 8
+
+
+def test_a_batch_unwrap_the_server_refuses_as_too_large_is_halved(services: Services) -> None:
+    # 300 items are 1,200 JSON strings: OpenBao refuses the request whole.
+    provider, session = counted_transit(services, key_name="tenantvault-tests", batch_size=300)
+    plaintext, wrapped = provider.generate_data_key("t_a")
+    before = session.count("transit/decrypt/")
+    results = provider.unwrap_many([("t_a", wrapped.ciphertext)] * 300)
+    assert session.count("transit/decrypt/") - before == 3  # 300, then 150 and 150
+    assert {r.plaintext for r in results} == {plaintext}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from tenantvault.db.bridge import off_loop
-from tenantvault.kms.provider import KeyProvider, RewrapResult, WrappedKey
+from tenantvault.kms.provider import KeyProvider, RewrapResult, UnwrapResult, WrappedKey
 
 
 class OffLoopKeyProvider:
@@ -34,11 +34,18 @@ class OffLoopKeyProvider:
         """Let the worker threads end once their calls are done."""
         self._executor.shutdown(wait=False)
 
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
     def generate_data_key(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         return off_loop(self._executor, self.inner.generate_data_key, tenant_id)
 
     def unwrap(self, tenant_id: str, wrapped: str) -> bytes:
         return off_loop(self._executor, self.inner.unwrap, tenant_id, wrapped)
+
+    def unwrap_many(self, items: Sequence[tuple[str, str]]) -> list[UnwrapResult]:
+        return off_loop(self._executor, self.inner.unwrap_many, items)
 
     def rewrap(self, items: Sequence[tuple[str, str]]) -> list[RewrapResult]:
         return off_loop(self._executor, self.inner.rewrap, items)

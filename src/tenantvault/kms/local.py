@@ -23,7 +23,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tenantvault.crypto.datakey import DATA_KEY_BYTES
 from tenantvault.errors import DecryptionError, KeyProviderError
-from tenantvault.kms.provider import CheckedKeyProvider, RewrapResult, WrappedKey, kek_version_of
+from tenantvault.kms.provider import (
+    CheckedKeyProvider,
+    RewrapResult,
+    UnwrapResult,
+    WrappedKey,
+    kek_version_of,
+)
 
 
 class LocalKeyProvider(CheckedKeyProvider):
@@ -72,6 +78,15 @@ class LocalKeyProvider(CheckedKeyProvider):
             return self._kek(version, tenant_id).decrypt(raw[:12], raw[12:], tenant_id.encode())
         except (InvalidTag, ValueError):
             raise DecryptionError("cannot unwrap data key") from None
+
+    def _unwrap_batch(self, batch: Sequence[tuple[str, str]]) -> list[UnwrapResult]:
+        results = []
+        for tenant_id, wrapped in batch:
+            try:
+                results.append(UnwrapResult(tenant_id, self._unwrap(tenant_id, wrapped)))
+            except (DecryptionError, KeyProviderError) as exc:
+                results.append(UnwrapResult(tenant_id, error=str(exc)))
+        return results
 
     def _rewrap_batch(self, batch: Sequence[tuple[str, str]]) -> list[RewrapResult]:
         results = []

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from tenantvault.crypto.datakey import DATA_KEY_BYTES
 from tenantvault.errors import KeyProviderError
 
 _KEK_VERSION = re.compile(r"^[a-z]+:v([1-9][0-9]*):")
+_NO_VERSION = "wrapped key has no version prefix"
 
 
 def kek_version_of(wrapped: str) -> int:
     """The KEK version a wrapped key names (``vault:v3:...`` / ``local:v3:...``)."""
     match = _KEK_VERSION.match(wrapped)
     if match is None:
-        raise KeyProviderError("wrapped key has no version prefix")
+        raise KeyProviderError(_NO_VERSION)
     return int(match.group(1))
 
 
@@ -39,8 +40,45 @@ class RewrapResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class UnwrapResult:
+    """One item of a batch unwrap: the data key, or why it did not unwrap (no secrets).
+
+    A failed item is that item's own: a tampered wrapping, or one made for another
+    tenant. A KMS that cannot be reached fails the whole call instead."""
+
+    tenant_id: str
+    plaintext: bytes | None = field(default=None, repr=False)
+    error: str | None = None
+
+
+def _named(wrapped: str) -> bool:
+    """Whether ``wrapped`` names its KEK version (what every wrapping starts with)."""
+    return _KEK_VERSION.match(wrapped) is not None
+
+
+_Answer = TypeVar("_Answer", UnwrapResult, RewrapResult)
+
+
+def _in_order(
+    what: str, batch: Sequence[tuple[str, str]], answered: list[_Answer]
+) -> list[_Answer]:
+    """``answered``, checked to hold one result per item of ``batch``, in its order."""
+    if len(answered) != len(batch):
+        raise KeyProviderError(f"key provider answered a {what} batch with the wrong count")
+    for (tenant_id, _), result in zip(batch, answered, strict=True):
+        if result.tenant_id != tenant_id:
+            raise KeyProviderError(f"key provider answered a {what} batch out of order")
+    return answered
+
+
 class KeyProvider(Protocol):
     """What tenantvault asks of a KMS."""
+
+    @property
+    def batch_size(self) -> int:
+        """How many items one request to the KMS carries (batch unwrap and rewrap)."""
+        ...
 
     def generate_data_key(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         """A fresh 32-byte data key for ``tenant_id``, and the same key wrapped."""
@@ -48,6 +86,15 @@ class KeyProvider(Protocol):
 
     def unwrap(self, tenant_id: str, wrapped: str) -> bytes:
         """The 32-byte data key inside ``wrapped``; only the tenant it was wrapped for works."""
+        ...
+
+    def unwrap_many(self, items: Sequence[tuple[str, str]]) -> list[UnwrapResult]:
+        """Unwrap (tenant_id, wrapped) pairs in requests of at most ``batch_size`` items,
+        a result per item in order; an item that does not unwrap fails only itself.
+
+        Raises:
+            KeyProviderUnavailable, KeyProviderRefused: the KMS did not serve a request.
+        """
         ...
 
     def rewrap(self, items: Sequence[tuple[str, str]]) -> list[RewrapResult]:
@@ -99,17 +146,29 @@ class CheckedKeyProvider:
             raise KeyProviderError("key provider returned a data key of the wrong length")
         return plaintext
 
+    def unwrap_many(self, items: Sequence[tuple[str, str]]) -> list[UnwrapResult]:
+        results: list[UnwrapResult] = []
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            # A wrapping without a version prefix is refused here, as unwrap refuses it;
+            # it is that item's failure, and the others still go to the KMS.
+            sendable = [(tenant_id, wrapped) for tenant_id, wrapped in batch if _named(wrapped)]
+            answered = iter(_in_order("unwrap", sendable, self._unwrap_batch(sendable)))
+            for tenant_id, wrapped in batch:
+                if not _named(wrapped):
+                    results.append(UnwrapResult(tenant_id, error=_NO_VERSION))
+                    continue
+                result = next(answered)
+                if result.plaintext is not None and len(result.plaintext) != DATA_KEY_BYTES:
+                    raise KeyProviderError("key provider returned a data key of the wrong length")
+                results.append(result)
+        return results
+
     def rewrap(self, items: Sequence[tuple[str, str]]) -> list[RewrapResult]:
         results: list[RewrapResult] = []
         for start in range(0, len(items), self.batch_size):
             batch = items[start : start + self.batch_size]
-            answered = self._rewrap_batch(batch)
-            if len(answered) != len(batch):
-                raise KeyProviderError("key provider answered a rewrap batch with the wrong count")
-            for (tenant_id, _), result in zip(batch, answered, strict=True):
-                if result.tenant_id != tenant_id:
-                    raise KeyProviderError("key provider answered a rewrap batch out of order")
-            results.extend(answered)
+            results.extend(_in_order("rewrap", batch, self._rewrap_batch(batch)))
         return results
 
     def rotate_kek(self) -> int:
@@ -156,6 +215,9 @@ class CheckedKeyProvider:
         raise NotImplementedError
 
     def _unwrap(self, tenant_id: str, wrapped: str) -> bytes:
+        raise NotImplementedError
+
+    def _unwrap_batch(self, batch: Sequence[tuple[str, str]]) -> list[UnwrapResult]:
         raise NotImplementedError
 
     def _rewrap_batch(self, batch: Sequence[tuple[str, str]]) -> list[RewrapResult]:

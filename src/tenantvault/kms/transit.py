@@ -17,8 +17,19 @@ from typing import Any, TypeVar
 import hvac
 import requests
 
-from tenantvault.errors import DecryptionError, KeyProviderError, KeyProviderUnavailable
-from tenantvault.kms.provider import CheckedKeyProvider, RewrapResult, WrappedKey, kek_version_of
+from tenantvault.errors import (
+    DecryptionError,
+    KeyProviderError,
+    KeyProviderRefused,
+    KeyProviderUnavailable,
+)
+from tenantvault.kms.provider import (
+    CheckedKeyProvider,
+    RewrapResult,
+    UnwrapResult,
+    WrappedKey,
+    kek_version_of,
+)
 
 T = TypeVar("T")
 _TRANSIENT = (
@@ -29,8 +40,21 @@ _TRANSIENT = (
 )
 
 
-class _PermissionDeniedError(KeyProviderError):
+class _PermissionDeniedError(KeyProviderRefused):
     pass
+
+
+_NOT_UNWRAPPED = "cannot unwrap data key"
+
+
+def _item_results(refusal: hvac.exceptions.InvalidRequest) -> list[dict[str, Any]] | None:
+    """The per-item results a refused batch request carries, or None when the request
+    was refused as a whole. Transit answers 400 when any item fails, with every item's
+    result; a request over the server's JSON limits gets an error and no results."""
+    body = refusal.json if isinstance(refusal.json, dict) else {}
+    data = body.get("data")
+    answered = data.get("batch_results") if isinstance(data, dict) else None
+    return answered if isinstance(answered, list) else None
 
 
 def _unavailable(exc: Exception) -> str:
@@ -271,8 +295,44 @@ class TransitKeyProvider(CheckedKeyProvider):
             )
         except hvac.exceptions.InvalidRequest:
             # Wrong tenant (derivation context), tampered or foreign ciphertext.
-            raise DecryptionError("cannot unwrap data key") from None
+            raise DecryptionError(_NOT_UNWRAPPED) from None
         return base64.b64decode(response["data"]["plaintext"])
+
+    def _unwrap_batch(self, batch: Sequence[tuple[str, str]]) -> list[UnwrapResult]:
+        if not batch:
+            return []
+        self.ensure_key()  # a key that is not derived would unwrap for any tenant
+        items = [{"ciphertext": wrapped, "context": _context(tenant)} for tenant, wrapped in batch]
+        try:
+            response: dict[str, Any] = self._call(
+                "unwrap data keys",
+                lambda: self._transit.decrypt_data(
+                    name=self.key_name,
+                    ciphertext="",
+                    batch_input=items,
+                    mount_point=self.mount_point,
+                ),
+            )
+            answered = response["data"]["batch_results"]
+        except hvac.exceptions.InvalidRequest as refusal:
+            found = _item_results(refusal)
+            if found is None:
+                # Too large for the server's JSON limits (OpenBao counts every string:
+                # 249 items pass, 250 do not): halve until it passes.
+                if len(batch) == 1:
+                    return [UnwrapResult(batch[0][0], error=_NOT_UNWRAPPED)]
+                middle = len(batch) // 2
+                return self._unwrap_batch(batch[:middle]) + self._unwrap_batch(batch[middle:])
+            answered = found
+        if len(answered) != len(batch):
+            raise KeyProviderError("key provider answered an unwrap batch with the wrong count")
+        return [
+            # An item's error is its own: wrong tenant (context), tampered or foreign.
+            UnwrapResult(tenant, error=_NOT_UNWRAPPED)
+            if item.get("error")
+            else UnwrapResult(tenant, base64.b64decode(item["plaintext"]))
+            for (tenant, _), item in zip(batch, answered, strict=True)
+        ]
 
     def _rewrap_batch(self, batch: Sequence[tuple[str, str]]) -> list[RewrapResult]:
         self.ensure_key()
