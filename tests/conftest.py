@@ -222,7 +222,7 @@ def vault(app_settings: Settings, provider: CountingProvider) -> Iterator[Any]:
 
     built = Vault.from_settings(app_settings, key_provider=provider)
     yield built
-    built.engine.dispose()
+    built.dispose()
 
 
 # --- operator jobs (rotation, shredding), as the migration owner ---

@@ -95,6 +95,7 @@ REVISIONS = [
     "0008_audit_and_lifecycle",
     "0009_sealed_bindings",
     "0010_no_inherited_privileges",
+    "0011_load_oauth_token_function",
 ]
 
 
@@ -185,3 +186,16 @@ def run_psql(database_url: str, sql: str) -> None:
     )
     if result.returncode != 0:
         raise PsqlError(result.stderr)
+
+
+def terminate_app_backends(owner_engine: sa.Engine) -> int:
+    """Terminate the test app login's backends in this database, as a restart does."""
+    with owner_engine.connect() as connection:
+        return len(
+            connection.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE usename = 'tenantvault_test_app_login' AND datname = current_database()"
+                )
+            ).all()
+        )

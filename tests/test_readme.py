@@ -95,7 +95,7 @@ def namespace() -> Iterator[dict[str, Any]]:
     yield names
     vault = names.get("vault")
     if vault is not None:
-        vault.engine.dispose()
+        vault.dispose()
 
 
 def test_the_readme_python_runs_as_one_program(

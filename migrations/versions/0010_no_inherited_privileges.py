@@ -32,6 +32,7 @@ from tenantvault.migration_support import (
     GRANTS_TABLE,
     audit_partitions_function,
     options,
+    revoke_foreign_function_privileges,
     revoke_foreign_privileges,
 )
 
@@ -70,19 +71,7 @@ def upgrade() -> None:
         f"WHERE inhparent = '\"{schema}\".{AUDIT}'::regclass))",
         kept=f"a.grantee IN ({ours}) OR {BACKUP_READ}",
     )
-    op.execute(
-        "DO $$ DECLARE r record; BEGIN\n"
-        "  FOR r IN SELECT DISTINCT p.oid::regprocedure AS function, a.grantee\n"
-        "    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace,\n"
-        "         aclexplode(p.proacl) a\n"
-        f"    WHERE n.nspname = '{schema}' AND p.proname LIKE 'tenantvault\\_%'\n"
-        f"      AND a.grantee NOT IN (0, p.proowner, {ours})\n"
-        "  LOOP\n"
-        "    EXECUTE 'REVOKE ALL ON FUNCTION ' || r.function || ' FROM '\n"
-        "      || r.grantee::regrole::text;\n"
-        "  END LOOP;\n"
-        "END $$"
-    )
+    revoke_foreign_function_privileges()
     op.execute("CREATE OR REPLACE " + audit_partitions_function(schema, AUDIT, private=True))
 
 

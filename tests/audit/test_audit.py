@@ -144,7 +144,7 @@ def test_load_auditing_is_off_by_default_and_records_reveals_when_on(
     try:
         audited.load_credentials("t_a", cfg.id, actor="worker:7")
     finally:
-        audited.engine.dispose()
+        audited.dispose()
     last = _events(owner_engine)[-1]
     assert (last.action, last.actor, last.target_id) == ("credentials.revealed", "worker:7", cfg.id)
 

@@ -21,7 +21,7 @@ def other_vault(app_settings: Settings, provider: CountingProvider) -> Iterator[
     """A second application process: its own engine and its own key cache."""
     built = Vault.from_settings(app_settings, key_provider=provider)
     yield built
-    built.engine.dispose()
+    built.dispose()
 
 
 def test_a_first_key_rolled_back_never_seals_a_later_secret(
@@ -61,7 +61,7 @@ def test_a_first_key_rolled_back_never_seals_a_later_secret(
             assert token.access_token is not None
             assert token.access_token.get_secret_value() == "access-ours"
     finally:
-        fresh.engine.dispose()
+        fresh.dispose()
 
 
 def test_a_key_made_in_a_joined_transaction_opens_there_and_is_not_cached(

@@ -65,4 +65,4 @@ def test_outage_keeps_cached_tenants_loading_and_fails_the_rest_within_the_timeo
             sa.text("SELECT count(*) FROM dripiq_app.tenant_data_keys")
         ).scalar_one()
     assert (after, keys) == (before, 2)
-    vault.engine.dispose()
+    vault.dispose()

@@ -387,7 +387,7 @@ def test_backup_and_restore_as_documented_opens_every_secret_and_keeps_the_audit
         stored = _write(writer)
         assert _open_all(writer) == stored
     finally:
-        writer.engine.dispose()
+        writer.dispose()
     heads = tmp_path / "heads.json"
     before = _cli(cluster, source, "audit", "verify", "--heads-out", str(heads))
     assert before.returncode == 0, before.stderr
@@ -428,7 +428,7 @@ def test_backup_and_restore_as_documented_opens_every_secret_and_keeps_the_audit
         with pytest.raises(TenantVaultError):
             lost.load_credentials(TENANTS[0], next(iter(stored))[1])
     finally:
-        lost.engine.dispose()
+        lost.dispose()
     # 3. ...until its backup is restored (docs/backup.md, "Restore the transit keys").
     client.secrets.transit.restore_key(key_backup, name=key)
 
@@ -456,7 +456,7 @@ def test_backup_and_restore_as_documented_opens_every_secret_and_keeps_the_audit
     try:
         assert _open_all(reader) == stored
     finally:
-        reader.engine.dispose()
+        reader.dispose()
 
     # Every row of every table (partitions, chain heads, alembic_version) came back,
     # and so did the schema: RLS enabled and forced, policies, triggers, grants.
@@ -499,7 +499,7 @@ def test_backup_and_restore_as_documented_opens_every_secret_and_keeps_the_audit
         opened = writer.load_credentials(TENANTS[0], config.id)
         assert credentials_to_json(opened) == {"password": "third"}
     finally:
-        writer.engine.dispose()
+        writer.dispose()
     report = audit_verify_job(cluster.owner_settings(restored))
     assert report.ok
     assert report.heads[TENANTS[0]].seq == source_heads[TENANTS[0]]["seq"] + 1
@@ -513,7 +513,7 @@ def test_the_naive_dump_as_the_owner_fails_or_dumps_no_tenant_rows(
     try:
         _write(writer)
     finally:
-        writer.engine.dispose()
+        writer.dispose()
     pg_dump = str(cluster.bin / "pg_dump")
     naive = _run(
         [

@@ -274,7 +274,7 @@ def test_the_grants_command_sets_up_an_app_login_that_keeps_tenants_apart(
         "t_globex", type="smtp", name="Relay", config=smtp, credentials={"password": "pw-1"}
     )
     assert vault.load_credentials("t_globex", cfg.id).password.get_secret_value() == "pw-1"  # type: ignore[union-attr]
-    vault.engine.dispose()
+    vault.dispose()
     with app.begin() as connection:
         # Another tenant's transaction sees none of it; no tenant sees nothing at all.
         connection.exec_driver_sql("SELECT set_config('tenantvault.tenant_id', 't_acme', true)")

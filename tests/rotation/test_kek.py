@@ -36,7 +36,7 @@ def own_vault(
     add_tenants(owner_engine, TENANTS)
     expected = {t: populate(built, t, configs=1) for t in TENANTS}
     yield built, expected
-    built.engine.dispose()
+    built.dispose()
 
 
 def _wrapped(owner_engine: sa.Engine) -> dict[tuple[str, int], tuple[str, int]]:

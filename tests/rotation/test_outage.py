@@ -83,6 +83,6 @@ def test_openbao_outage_mid_rotation_stops_cleanly_and_the_rerun_resumes(
         }
         vault.keyring.cache.clear()
         assert {t: open_everything(vault, t) for t in TENANTS} == expected
-        vault.engine.dispose()
+        vault.dispose()
     finally:
         devstack.down(state)

@@ -10,7 +10,7 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -24,8 +24,9 @@ from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, fresh_keyring
+from tests.support import terminate_app_backends
+from tests.vault.conftest import SMTP, password
 
-SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 T = TypeVar("T")
 
 
@@ -41,40 +42,6 @@ def run(factory: Callable[[AsyncVault], Awaitable[T]], settings: Settings, provi
             await vault.dispose()
 
     return asyncio.run(main())
-
-
-def password(credentials: Any) -> str:
-    return str(credentials.password.get_secret_value())
-
-
-@pytest.fixture
-def tenants(app_settings: Settings, owner_engine: sa.Engine) -> list[str]:
-    """100 tenant rows beside t_a and t_b (in the migrated database)."""
-    names = [f"t{i:03d}" for i in range(100)]
-    with owner_engine.begin() as connection:
-        connection.execute(
-            sa.text("INSERT INTO dripiq_app.tenants (id, name) VALUES (:t, :t)"),
-            [{"t": name} for name in names],
-        )
-    return names
-
-
-@pytest.fixture
-def seeded(
-    tenants: list[str], app_settings: Settings, provider: CountingProvider
-) -> Iterator[dict[str, str]]:
-    """One SMTP config with credentials per tenant, made through the sync Vault:
-    {tenant: config id}."""
-    vault = Vault.from_settings(app_settings, key_provider=provider)
-    try:
-        yield {
-            tenant: vault.create_config(
-                tenant, type="smtp", name="Relay", config=SMTP, credentials={"password": tenant}
-            ).id
-            for tenant in tenants
-        }
-    finally:
-        vault.engine.dispose()
 
 
 def test_the_loop_is_never_blocked_over_20ms_by_1000_cold_loads_over_100_tenants(
@@ -273,7 +240,7 @@ def test_rotation_beside_async_loads_and_stores_loses_nothing(
             )
             assert password(newest.credentials) == last[config_id]
     finally:
-        vault.engine.dispose()
+        vault.dispose()
 
 
 def test_an_async_refresher_runs_once_for_many_concurrent_tasks(
@@ -382,7 +349,7 @@ def test_held_connections_the_server_dropped_cost_no_load_and_carry_no_tenant(
 
     async def scenario(vault: AsyncVault) -> tuple[list[str], list[str], list[object]]:
         await asyncio.gather(*(vault.load_credentials(t, c) for t, c in pairs))  # warm, held
-        terminated = await asyncio.to_thread(_terminate_app_backends, owner_engine)
+        terminated = await asyncio.to_thread(terminate_app_backends, owner_engine)
         assert terminated > 0
         again = await asyncio.gather(*(vault.load_credentials(t, c) for t, c in pairs))
         # What each held connection carries after its loads: no tenant.
@@ -399,15 +366,3 @@ def test_held_connections_the_server_dropped_cost_no_load_and_carry_no_tenant(
     assert loaded == expected
     assert tenant_settings
     assert all(value in (None, "") for value in tenant_settings), tenant_settings
-
-
-def _terminate_app_backends(owner_engine: sa.Engine) -> int:
-    with owner_engine.connect() as connection:
-        return len(
-            connection.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE usename = 'tenantvault_test_app_login' AND datname = current_database()"
-                )
-            ).all()
-        )

@@ -234,7 +234,7 @@ def test_old_format_values_open_while_allowed_are_counted_and_resealed_by_rotati
         strict.keyring.cache.clear()
         assert _password(strict.load_credentials("t_a", config_id)) == "legacy"
     finally:
-        strict.engine.dispose()
+        strict.dispose()
 
 
 def test_a_rotation_refusing_the_old_format_reports_it_and_launders_nothing(

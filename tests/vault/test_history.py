@@ -161,7 +161,7 @@ def test_retention_keeps_only_the_newest_versions_secrets(
         vault.rollback_config("t_a", cfg.id, 4)
         assert _password(vault.load_credentials("t_a", cfg.id)) == "p4"
     finally:
-        vault.engine.dispose()
+        vault.dispose()
 
 
 def test_actor_and_reason_are_validated_without_echoing_them(vault: Vault) -> None:

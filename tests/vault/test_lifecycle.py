@@ -120,7 +120,7 @@ USAGE_CHILD = textwrap.dedent(
     tenant, config_id, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     for n in range(rounds):
         vault.record_usage(tenant, config_id, sent=1, failed=n % 2)
-    vault.engine.dispose()
+    vault.dispose()
     """
 )
 

@@ -57,7 +57,7 @@ CHILD = textwrap.dedent(
         w.join()
     for access, version in results:
         print(access, version)
-    vault.engine.dispose()
+    vault.dispose()
     """
 )
 
@@ -99,7 +99,7 @@ def test_concurrent_refreshes_in_several_processes_run_the_refresher_exactly_onc
     outputs = [child.communicate(timeout=120) for child in children]
     assert [child.returncode for child in children] == [0] * processes, [e for _, e in outputs]
     results = [line.split() for out, _ in outputs for line in out.splitlines()]
-    assert len(results) == processes * threads
+    assert len(results) == processes * threads, outputs
     assert {tuple(r) for r in results} == {("access-two", "2")}
     assert len(log.read_text().splitlines()) == 1
     token = vault.load_oauth_token("t_a", config_id)

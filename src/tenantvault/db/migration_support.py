@@ -221,6 +221,28 @@ def revoke_foreign_privileges(relations: str, *, kept: str = "false") -> None:
     )
 
 
+def revoke_foreign_function_privileges() -> None:
+    """Revoke EXECUTE on tenantvault's functions (``tenantvault_*`` in the schema) from
+    every role but the owner, the app and migrator roles, and PUBLIC (what PostgreSQL
+    grants by default; the revisions revoke it where it matters): a schema's default
+    privileges may have granted it to others. Run by each revision that adds one."""
+    opts = options()
+    ours = f"to_regrole('{opts.app_role}'), to_regrole('{opts.migrator_role}')"
+    op.execute(
+        "DO $$ DECLARE r record; BEGIN\n"
+        "  FOR r IN SELECT DISTINCT p.oid::regprocedure AS function, a.grantee\n"
+        "    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace,\n"
+        "         aclexplode(p.proacl) a\n"
+        f"    WHERE n.nspname = '{opts.schema}' AND p.proname LIKE 'tenantvault\\_%'\n"
+        f"      AND a.grantee NOT IN (0, p.proowner, {ours})\n"
+        "  LOOP\n"
+        "    EXECUTE 'REVOKE ALL ON FUNCTION ' || r.function || ' FROM '\n"
+        "      || r.grantee::regrole::text;\n"
+        "  END LOOP;\n"
+        "END $$"
+    )
+
+
 def drop_grants_record() -> None:
     # IF EXISTS: a database upgraded before the record existed has none.
     op.execute(f"DROP TABLE IF EXISTS {qualified(GRANTS_TABLE)}")

@@ -126,6 +126,15 @@ def config_version(
     )
 
 
+def hot_token_sql(schema: str) -> str:
+    """The token load's one statement (DB-API, ``%s`` parameters: tenant, config):
+    migration 0011's function scopes the tenant and returns the config's token row."""
+    return (
+        "SELECT id, version, token_type, expires_at, scopes, encrypted_access_token, "
+        f'encrypted_refresh_token FROM "{schema}".tenantvault_load_oauth_token(%s, %s)'
+    )
+
+
 def hot_load_sql(schema: str) -> str:
     """The load hot path's one statement (DB-API, ``%s`` parameters: tenant, config):
     migration 0009's function scopes the tenant for this statement only and returns

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_async_engine
 from sqlalchemy.orm import Session
 
-from tenantvault.db.held import HeldConnections
+from tenantvault.db.held import AsyncHeldConnections, HeldConnections
 from tenantvault.errors import TenantNotSetError
 from tenantvault.settings import Settings
 
@@ -78,14 +78,43 @@ def create_async_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
     ).execution_options(schema_translate_map={None: settings.schema_name})
 
 
-def held_connections(settings: Settings) -> HeldConnections:
+def held_connections(engine: Engine, *, size: int) -> HeldConnections:
+    """Vault's hot-path connections, opened as ``engine`` opens its own (login, options,
+    connect hooks) but never taken from its pool, which may hold stale ones."""
+    # A pool of the engine's kind, creator and hooks that never keeps a connection:
+    # each one it opens is detached at once and belongs to the held connections.
+    opener = engine.pool.recreate()
+
+    def connect() -> Any:
+        pooled = opener.connect()
+        pooled.detach()
+        connection: Any = pooled.dbapi_connection
+        connection.rollback()  # whatever connecting left open (nothing is sent when idle)
+        return connection
+
+    return HeldConnections(connect, size=size)
+
+
+def async_held_connections(settings: Settings) -> AsyncHeldConnections:
     """AsyncVault's hot-path connections: the engines' database, login and options."""
     url = settings.sqlalchemy_url.set(drivername="postgresql")
-    return HeldConnections(
+    return AsyncHeldConnections(
         url.render_as_string(hide_password=False),
         size=settings.hot_path_connections,
         **_engine_options(settings)["connect_args"],
     )
+
+
+def fetch_one_in(session: Session, statement: str, params: tuple[Any, ...]) -> Any:
+    """The first row of ``statement`` (DB-API, ``%s`` parameters), run on the driver
+    connection of ``session``'s transaction: one round trip, none of the ORM's or
+    Core's layers. Works on both drivers (inside SQLAlchemy's greenlet for asyncio)."""
+    cursor = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(statement, params)
+        return cursor.fetchone()
+    finally:
+        cursor.close()
 
 
 def set_tenant(connection: Connection, tenant_id: str) -> None:

@@ -23,9 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from tenantvault.db.bridge import off_loop, run_in_greenlet, wait_for
-from tenantvault.db.held import HeldConnections
+from tenantvault.db.held import AsyncHeldConnections
 from tenantvault.db.models import ProviderType
-from tenantvault.db.session import create_async_engine, held_connections
+from tenantvault.db.session import async_held_connections, create_async_engine
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
 from tenantvault.kms.factory import key_provider_from_settings
@@ -93,7 +93,7 @@ class AsyncVault:
         history_credentials_kept: int = 10,
         audit_loads: bool = False,
         max_concurrent: int = 6,
-        held: HeldConnections | None = None,
+        held: AsyncHeldConnections | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.session.create_async_engine`)
         and ``keyring``, whose provider must be an ``OffLoopKeyProvider``.
@@ -130,6 +130,9 @@ class AsyncVault:
             keyring,
             history_credentials_kept=history_credentials_kept,
             audit_loads=audit_loads,
+            # The loop's hot path is this facade's own (``held``); the core's would
+            # block the loop on a thread's wait for a connection.
+            hot_path_connections=0,
         )
 
     def __repr__(self) -> str:
@@ -150,7 +153,7 @@ class AsyncVault:
             keyring_from_settings(settings, provider, wait=wait_for),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
-            held=held_connections(settings),
+            held=async_held_connections(settings),
         )
 
     async def _run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

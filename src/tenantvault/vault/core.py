@@ -22,7 +22,13 @@ from sqlalchemy.orm import Session
 from tenantvault import audit
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction, EmailProviderConfig, ProviderType
-from tenantvault.db.session import create_engine, set_tenant, tenant_session
+from tenantvault.db.session import (
+    create_engine,
+    fetch_one_in,
+    held_connections,
+    set_tenant,
+    tenant_session,
+)
 from tenantvault.errors import DecryptionError, KeyDestroyedError, NotFoundError
 from tenantvault.keys.cache import DataKeyCache, Wait
 from tenantvault.keys.keyring import Keyring, Sealer
@@ -87,14 +93,29 @@ class VaultCore:
         *,
         history_credentials_kept: int = 10,
         audit_loads: bool = False,
+        hot_path_connections: int = 6,
     ) -> None:
+        """A vault on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
+
+        ``hot_path_connections``: the load hot path holds up to this many connections of
+        its own, opened by ``engine`` and detached from its pool (0: none; loads then
+        take the full path). Close them with :meth:`dispose`.
+        """
         if history_credentials_kept < 1:
             raise ValueError("history_credentials_kept must be at least 1")
+        if hot_path_connections < 0:
+            raise ValueError("hot_path_connections must not be negative")
         self.engine = engine
         self.keyring = keyring
         self.history_credentials_kept = history_credentials_kept
         self.audit_loads = audit_loads
         self._load_sql = queries.hot_load_sql(schema_of(engine))
+        self._token_sql = queries.hot_token_sql(schema_of(engine))
+        self._held = (
+            held_connections(engine, size=hot_path_connections)
+            if hot_path_connections and not audit_loads
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(engine={self.engine!r}, keyring={self.keyring!r})"
@@ -111,7 +132,15 @@ class VaultCore:
             keyring_from_settings(settings, provider),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
+            hot_path_connections=settings.hot_path_connections,
         )
+
+    def dispose(self) -> None:
+        """Close the hot path's held connections and the engine's pooled ones (at
+        shutdown; a later call opens new ones)."""
+        if self._held is not None:
+            self._held.close()
+        self.engine.dispose()
 
     @contextmanager
     def _scope(self, tenant_id: str, session: Session | None) -> Iterator[Session]:
@@ -122,6 +151,20 @@ class VaultCore:
             return
         set_tenant(session.connection(), tenant_id)
         yield session
+
+    def _one_statement(
+        self, statement: str, params: tuple[str, str], session: Session | None
+    ) -> tuple[bool, Any]:
+        """A hot path's one statement (a function of 0009/0011 that scopes the tenant
+        itself): (True, its first row), or (False, None) when this vault holds no
+        connections for it. Joined to ``session``, it runs in the caller's transaction,
+        which stays scoped to the tenant, as any call joined to a session leaves it; on
+        its own, in autocommit on a held connection, and the setting ends with it."""
+        if session is not None:
+            return True, fetch_one_in(session, statement, params)
+        if self._held is not None:
+            return True, self._held.fetch_one(statement, params)
+        return False, None
 
     def _sealer(self, session: Session, tenant_id: str) -> Sealer:
         return self.keyring.sealer(session.connection(), tenant_id)

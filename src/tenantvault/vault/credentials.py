@@ -71,8 +71,8 @@ class Credentials(Configs):
             DecryptionError: the stored value does not open (tampered or moved).
             KeyProviderUnavailable: the tenant's key is not cached and Vault is down.
         """
-        if session is None and not self.audit_loads:
-            fast = self._load_credentials_one_round_trip(tenant_id, config_id)
+        if not self.audit_loads:
+            fast = self._load_credentials_one_round_trip(tenant_id, config_id, session)
             if fast is not None:
                 return fast
         actor = checked_note("actor", actor)
@@ -84,33 +84,16 @@ class Credentials(Configs):
             return opened
 
     def _load_credentials_one_round_trip(
-        self, tenant_id: str, config_id: str
+        self, tenant_id: str, config_id: str, session: Session | None
     ) -> CredentialsModel | None:
         """The hot path: one statement scopes the tenant and reads the row (migration
-        0009's function); the key comes from the cache. None when it is not cached,
-        and the caller takes the full path, which may ask the key provider."""
-        params = hot_load_parameters(tenant_id, config_id)
-        # The DB-API connection straight from the engine's pool, in autocommit for this
-        # one statement (its own implicit transaction), then handed back as it was:
-        # the hot path skips the ORM and Core layers, not the pool. Only DB-API calls,
-        # so the same code runs on psycopg's sync connection (Vault) and, inside
-        # SQLAlchemy's greenlet, on its adapter of psycopg's AsyncConnection.
-        pooled = self.engine.raw_connection()
-        try:
-            connection: Any = pooled.dbapi_connection
-            connection.autocommit = True
-            try:
-                cursor = connection.cursor()
-                try:
-                    cursor.execute(self._load_sql, params)
-                    row = cursor.fetchone()
-                finally:
-                    cursor.close()
-            finally:
-                connection.autocommit = False
-        finally:
-            pooled.close()
-        return finish_hot_load(self.keyring, tenant_id, config_id, row)
+        0009's function); the key comes from the cache. None when it is not cached (or
+        this vault holds no connections), and the caller takes the full path, which may
+        ask the key provider."""
+        ran, row = self._one_statement(
+            self._load_sql, hot_load_parameters(tenant_id, config_id), session
+        )
+        return finish_hot_load(self.keyring, tenant_id, config_id, row) if ran else None
 
     def load_many_credentials(
         self, tenant_id: str, config_ids: Sequence[str], *, session: Session | None = None

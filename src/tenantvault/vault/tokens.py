@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from functools import partial
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 import sqlalchemy as sa
 from pydantic import SecretStr
@@ -22,9 +23,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from tenantvault import audit
+from tenantvault.crypto.envelope import SealContext
 from tenantvault.db import queries
 from tenantvault.db.ids import new_id
 from tenantvault.db.models import AuditAction, EmailProviderToken
+from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
 from tenantvault.keys.keyring import Sealer
 from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN
@@ -128,30 +131,9 @@ class OAuthTokens(VaultCore):
         return access_sealed, refresh_sealed
 
     def _token_view(self, session: Session, row: EmailProviderToken) -> OAuthToken:
-        if row.encrypted_access_token is None:
-            raise NotFoundError(
-                f"config {row.config_id} of tenant {row.tenant_id} has no OAuth token"
-            )
-        sealer, bound = self._sealer(session, row.tenant_id), (row.id, row.version)
-        access = sealer.open(
-            row.encrypted_access_token,
-            ACCESS_TOKEN.place(row.tenant_id, row.config_id, bound=bound),
-        )
-        refresh = None
-        if row.encrypted_refresh_token is not None:
-            refresh = sealer.open(
-                row.encrypted_refresh_token,
-                REFRESH_TOKEN.place(row.tenant_id, row.config_id, bound=bound),
-            )
-        return OAuthToken(
-            config_id=row.config_id,
-            access_token=SecretStr(access.decode()),
-            refresh_token=None if refresh is None else SecretStr(refresh.decode()),
-            token_type=row.token_type,
-            expires_at=row.expires_at,
-            scopes=tuple(row.scopes),
-            version=row.version,
-        )
+        opened = opened_token(self._sealer(session, row.tenant_id).open, row.tenant_id, row)
+        assert opened is not None  # a sealer opens or raises
+        return opened
 
     @staticmethod
     def _token_row(
@@ -160,7 +142,7 @@ class OAuthTokens(VaultCore):
         statement = queries.token_of_config(tenant_id, config_id)
         row = session.scalars(statement.with_for_update() if lock else statement).one_or_none()
         if row is None:
-            raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no OAuth token")
+            raise _no_token(tenant_id, config_id)
         return row
 
     @staticmethod
@@ -243,7 +225,21 @@ class OAuthTokens(VaultCore):
     def load_oauth_token(
         self, tenant_id: str, config_id: str, *, session: Session | None = None
     ) -> OAuthToken:
-        """A config's tokens, opened. Raises NotFoundError when it has none."""
+        """A config's tokens, opened. Raises NotFoundError when it has none.
+
+        One round trip when the tenant's key is cached (migration 0011's function, on
+        a held connection or in the caller's transaction), as ``load_credentials``."""
+        ran, row = self._one_statement(
+            self._token_sql, (check_tenant_id(tenant_id), config_id), session
+        )
+        if ran:
+            if row is None:
+                raise _no_token(tenant_id, config_id)
+            loaded = opened_token(
+                partial(self.keyring.open_cached, tenant_id), tenant_id, HotToken.of(config_id, row)
+            )
+            if loaded is not None:
+                return loaded
         with self._scope(tenant_id, session) as s:
             return self._token_view(s, self._token_row(s, tenant_id, config_id))
 
@@ -373,3 +369,87 @@ class OAuthTokens(VaultCore):
             )
             s.expire(row)
             return self._token_view(s, self._token_row(s, tenant_id, config_id))
+
+
+# --- opening a token row, shared by the full path (ORM rows) and the hot path ---
+
+
+class TokenRow(Protocol):
+    """What opening a token needs: an ORM row, or the hot path's :class:`HotToken`."""
+
+    @property
+    def config_id(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def token_type(self) -> str: ...
+    @property
+    def expires_at(self) -> datetime | None: ...
+    @property
+    def scopes(self) -> Sequence[str]: ...
+    @property
+    def encrypted_access_token(self) -> str | None: ...
+    @property
+    def encrypted_refresh_token(self) -> str | None: ...
+
+
+class HotToken(NamedTuple):
+    """The row of migration 0011's function, with the config it was asked for."""
+
+    config_id: str
+    id: str
+    version: int
+    token_type: str
+    expires_at: datetime | None
+    scopes: Sequence[str]
+    encrypted_access_token: str | None
+    encrypted_refresh_token: str | None
+
+    @classmethod
+    def of(cls, config_id: str, row: Sequence[Any]) -> HotToken:
+        """From the function's row, its ``timestamp`` (UTC) made aware, as the ORM does."""
+        id_, version, token_type, expires_at, scopes, access, refresh = row
+        aware = None if expires_at is None else expires_at.replace(tzinfo=UTC)
+        return cls(config_id, id_, version, token_type, aware, scopes, access, refresh)
+
+
+def opened_token(
+    open_: Callable[[str, SealContext], bytes | None], tenant_id: str, row: TokenRow
+) -> OAuthToken | None:
+    """The token of ``row``, its values opened by ``open_`` (a sealer's, or the key
+    cache's, which gives None when the key is not cached: then so does this).
+
+    Raises:
+        NotFoundError: the row holds no access token.
+        DecryptionError: a value does not open (tampered, or copied from elsewhere).
+    """
+    if row.encrypted_access_token is None:
+        raise _no_token(tenant_id, row.config_id)
+    bound = (row.id, row.version)
+    access = open_(
+        row.encrypted_access_token, ACCESS_TOKEN.place(tenant_id, row.config_id, bound=bound)
+    )
+    if access is None:
+        return None
+    refresh = None
+    if row.encrypted_refresh_token is not None:
+        refresh = open_(
+            row.encrypted_refresh_token, REFRESH_TOKEN.place(tenant_id, row.config_id, bound=bound)
+        )
+        if refresh is None:
+            return None
+    return OAuthToken(
+        config_id=row.config_id,
+        access_token=SecretStr(access.decode()),
+        refresh_token=None if refresh is None else SecretStr(refresh.decode()),
+        token_type=row.token_type,
+        expires_at=row.expires_at,
+        scopes=tuple(row.scopes),
+        version=row.version,
+    )
+
+
+def _no_token(tenant_id: str, config_id: str) -> NotFoundError:
+    return NotFoundError(f"config {config_id} of tenant {tenant_id} has no OAuth token")
