@@ -97,11 +97,7 @@ class DataKeyCache:
         entry = self._entries.get(cache_key)
         if entry is None:
             return None
-        if (
-            self._clock() - entry.loaded_at >= self.max_age_seconds
-            or entry.uses >= self.max_uses
-            or (wrapped_digest is not None and entry.wrapped_digest != wrapped_digest)
-        ):
+        if not self._serves(entry, wrapped_digest):
             del self._entries[cache_key]
             return None
         entry.uses += 1
@@ -109,10 +105,25 @@ class DataKeyCache:
         self.stats.hits += 1
         return entry.key
 
+    def _serves(self, entry: _Entry, wrapped_digest: bytes | None) -> bool:
+        """Whether ``entry`` is within its bounds and, when ``wrapped_digest`` is given,
+        was unwrapped from that wrapping."""
+        return (
+            self._clock() - entry.loaded_at < self.max_age_seconds
+            and entry.uses < self.max_uses
+            and (wrapped_digest is None or entry.wrapped_digest == wrapped_digest)
+        )
+
     def get(self, tenant_id: str, version: int) -> DataKey | None:
         """The cached key, or None (never loads)."""
         with self._lock:
             return self._fresh((tenant_id, version))
+
+    def holds(self, tenant_id: str, version: int, wrapped: str) -> bool:
+        """Whether a fresh entry unwrapped from ``wrapped`` is held (counts no use)."""
+        with self._lock:
+            entry = self._entries.get((tenant_id, version))
+            return entry is not None and self._serves(entry, _digest(wrapped))
 
     def put(self, key: DataKey, wrapped: str | None = None) -> None:
         """Cache ``key``, unwrapped from (or wrapped as) ``wrapped``. Only for a key whose

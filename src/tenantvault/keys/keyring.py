@@ -12,8 +12,7 @@ counted as unused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from typing import NoReturn
 
 import sqlalchemy as sa
@@ -22,17 +21,22 @@ from tenantvault.crypto.datakey import DataKey
 from tenantvault.crypto.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
 from tenantvault.errors import DecryptionError, KeyDestroyedError
 from tenantvault.keys import store
+from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache
+from tenantvault.keys.warmup import Transaction, WarmReport, warm_keys
 from tenantvault.kms.provider import KeyProvider
-
-Transaction = Callable[[], AbstractContextManager[sa.Connection]]
 
 
 class Keyring:
     """Data keys per tenant, through a cache, from rows wrapped by the key provider."""
 
     def __init__(
-        self, provider: KeyProvider, cache: DataKeyCache, *, allow_legacy: bool = True
+        self,
+        provider: KeyProvider,
+        cache: DataKeyCache,
+        *,
+        allow_legacy: bool = True,
+        backoff: ProviderBackoff | None = None,
     ) -> None:
         """A keyring over ``provider``, keeping unwrapped keys in ``cache``.
 
@@ -41,10 +45,13 @@ class Keyring:
             cache: where unwrapped keys are kept between transactions.
             allow_legacy: open values in the old format (bound to their place only);
                 turn it off once ``rotate-keys status`` counts none left.
+            backoff: the gate before unwraps after the provider failed (default: 1 s
+                doubling to 30 s).
         """
         self.provider = provider
         self.cache = cache
         self.allow_legacy = allow_legacy
+        self.backoff = backoff or ProviderBackoff()
 
     def __repr__(self) -> str:
         return f"Keyring(provider={self.provider!r}, cache={self.cache!r})"
@@ -74,6 +81,14 @@ class Keyring:
         if key is None:
             return None
         return open_sealed(key, sealed, place, allow_legacy=self.allow_legacy)
+
+    def warm(self, transaction: Transaction, tenant_ids: Sequence[str]) -> WarmReport:
+        """Cache the usable keys of ``tenant_ids`` in batch unwraps: ceil(K / batch size)
+        requests for K keys not cached yet (:mod:`tenantvault.keys.warmup`).
+
+        ``transaction`` opens the application's transactions (its role reads each
+        tenant's keys scoped to that tenant); the ids are checked by the caller."""
+        return warm_keys(self.provider, self.cache, self.backoff, transaction, tenant_ids)
 
     def switch(
         self, transaction: Transaction, tenant_id: str, from_version: int, actor: str
@@ -131,7 +146,10 @@ class Keyring:
         return self._cached(tenant_id, stored)
 
     def _unwrap(self, tenant_id: str, version: int, wrapped: str) -> DataKey:
-        return DataKey(tenant_id, version, self.provider.unwrap(tenant_id, wrapped))
+        """Ask the provider, unless it failed recently (then fail at once: no stampede)."""
+        with self.backoff.call("unwrap a data key"):
+            plaintext = self.provider.unwrap(tenant_id, wrapped)
+        return DataKey(tenant_id, version, plaintext)
 
     def _create(self, connection: sa.Connection, tenant_id: str) -> DataKey:
         plaintext, wrapped = self.provider.generate_data_key(tenant_id)

@@ -112,6 +112,32 @@ def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> StoredKe
     return StoredKey(version, row.wrapped_key, bool(row.ours))
 
 
+@dataclass(frozen=True)
+class TenantKey:
+    """One tenant's usable key, wrapped as stored."""
+
+    tenant_id: str
+    version: int
+    wrapped: str
+
+
+def usable_keys(connection: sa.Connection, tenant_ids: Sequence[str]) -> list[TenantKey]:
+    """The active and draining keys of each of ``tenant_ids``, tenant by tenant in their
+    order, in one statement: migration 0012's function scopes the transaction to each
+    tenant in turn, so row-level security admits each read, and clears the setting at
+    the end. The app role's read; the ids are checked by the caller."""
+    # Functions are not renamed by the engine's schema_translate_map: qualify by hand.
+    schema = connection.get_execution_options()["schema_translate_map"][None]
+    rows = connection.execute(
+        sa.text(
+            "SELECT tenant_id, version, wrapped_key "
+            f'FROM "{schema}".tenantvault_usable_data_keys(CAST(:tenant_ids AS text[]))'
+        ),
+        {"tenant_ids": list(tenant_ids)},
+    )
+    return [TenantKey(tenant_id, version, wrapped_key) for tenant_id, version, wrapped_key in rows]
+
+
 def _insert_next(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> int | None:
     """Insert the tenant's next key version, active; None if another transaction took it.
 
