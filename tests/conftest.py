@@ -151,9 +151,17 @@ class CountingProvider:
         self._count("generate")
         return self.inner.generate_data_key(tenant_id)
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.inner.batch_size)
+
     def unwrap(self, tenant_id: str, wrapped: str) -> bytes:
         self._count("unwrap")
         return bytes(self.inner.unwrap(tenant_id, wrapped))
+
+    def unwrap_many(self, items: Any) -> Any:
+        self._count("unwrap_many")
+        return self.inner.unwrap_many(items)
 
     def rewrap(self, items: Any) -> Any:
         self._count("rewrap")

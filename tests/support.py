@@ -96,6 +96,7 @@ REVISIONS = [
     "0009_sealed_bindings",
     "0010_no_inherited_privileges",
     "0011_load_oauth_token_function",
+    "0012_usable_data_keys_function",
 ]
 
 

@@ -1,6 +1,7 @@
 """The application's door: the ``Vault`` facade (and ``AsyncVault``, the same for
 asyncio), its provider models and templates."""
 
+from tenantvault.keys.warmup import WarmReport
 from tenantvault.vault.aio import AsyncVault
 from tenantvault.vault.facade import Vault
 from tenantvault.vault.tokens import ExpiringToken, OAuthToken, RefreshedToken
@@ -17,4 +18,5 @@ __all__ = [
     "Usage",
     "UsageDay",
     "Vault",
+    "WarmReport",
 ]

@@ -28,6 +28,7 @@ from tenantvault.db.models import ProviderType
 from tenantvault.db.session import async_held_connections, create_async_engine
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
+from tenantvault.keys.warmup import WarmReport
 from tenantvault.kms.factory import key_provider_from_settings
 from tenantvault.kms.provider import KeyProvider
 from tenantvault.settings import Settings, load_settings
@@ -196,6 +197,11 @@ class AsyncVault:
             now=now,
             actor=actor,
         )
+
+    async def warm(self, tenant_ids: Sequence[str]) -> WarmReport:
+        """``Vault.warm``, awaited: the batch unwraps run in the key provider's worker
+        threads, and the backoff after a failed unwrap is the core's own."""
+        return await self._run(self._core.warm, tenant_ids)
 
     async def create_config(
         self,

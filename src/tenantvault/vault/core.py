@@ -30,6 +30,7 @@ from tenantvault.db.session import (
     tenant_session,
 )
 from tenantvault.errors import DecryptionError, KeyDestroyedError, NotFoundError
+from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache, Wait
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
@@ -61,14 +62,18 @@ def keyring_from_settings(
 ) -> Keyring:
     """The keyring both facades build from settings: ``provider`` behind a cache
     within the configured bounds (``wait``: how a cache miss waits for another
-    caller's load of the same key)."""
+    caller's load of the same key) and the configured backoff after a failed unwrap."""
     cache = DataKeyCache(
         max_age_seconds=settings.dek_cache_max_age_seconds,
         max_entries=settings.dek_cache_max_entries,
         max_uses=settings.dek_cache_max_uses,
         wait=wait,
     )
-    return Keyring(provider, cache, allow_legacy=settings.open_legacy_format)
+    backoff = ProviderBackoff(
+        initial_seconds=settings.vault_backoff_initial_seconds,
+        max_seconds=settings.vault_backoff_max_seconds,
+    )
+    return Keyring(provider, cache, allow_legacy=settings.open_legacy_format, backoff=backoff)
 
 
 def schema_of(engine: sa.Engine) -> str:

@@ -6,9 +6,10 @@ from tenantvault.vault.credentials import Credentials
 from tenantvault.vault.history import History
 from tenantvault.vault.tokens import OAuthTokens
 from tenantvault.vault.usage import UsageStatistics
+from tenantvault.vault.warmup import Warmup
 
 
-class Vault(Credentials, History, OAuthTokens, UsageStatistics):
+class Vault(Credentials, History, OAuthTokens, UsageStatistics, Warmup):
     """Store and load tenants' email-provider configs, credentials and OAuth tokens.
 
     Build it with :meth:`from_settings`. Every method runs in one transaction scoped
@@ -17,6 +18,7 @@ class Vault(Credentials, History, OAuthTokens, UsageStatistics):
     credentials and the one-round-trip load (:class:`~tenantvault.vault.credentials.Credentials`),
     kept versions and rollback (:class:`~tenantvault.vault.history.History`), OAuth
     tokens (:class:`~tenantvault.vault.tokens.OAuthTokens`), usage counters
-    (:class:`~tenantvault.vault.usage.UsageStatistics`), on a shared
+    (:class:`~tenantvault.vault.usage.UsageStatistics`), fleet warm-up of the key cache
+    (:class:`~tenantvault.vault.warmup.Warmup`), on a shared
     :class:`~tenantvault.vault.core.VaultCore`.
     """
