@@ -235,3 +235,17 @@ def test_a_refusing_vault_makes_misses_back_off_as_an_unreachable_one_does(
         assert "may not unwrap" in str(outcomes[0])
         assert token not in str(outcomes[0])
         assert (provider.calls, requests.count("transit/decrypt/")) == ({"unwrap": 1}, sent)
+
+
+def test_warm_stops_when_the_cache_is_full_rather_than_push_its_own_keys_out(
+    make_vault: VaultFactory, app_settings: Settings, services: Services, seeded: dict[str, str]
+) -> None:
+    transit, requests = counted_transit(services, batch_size=BATCH)
+    small = app_settings.model_copy(update={"dek_cache_max_entries": 40})
+    with make_vault(small, CountingProvider(transit)) as vault:
+        report = vault.warm(list(seeded))
+        assert (report.warmed, report.unwrap_requests, report.ok) == (40, 2, False)
+        assert report.stopped == "the key cache holds at most 40 keys"
+        assert report.not_warmed == tuple(list(seeded)[40:])
+        assert requests.count("transit/decrypt/") == 2
+        assert all(_cached(vault, tenant, 1) for tenant in list(seeded)[:40])
