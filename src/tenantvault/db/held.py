@@ -41,11 +41,13 @@ class HeldConnections:
             raise ValueError("size must be at least 1")
         self._connect = connect
         self._size = size
-        # A slot per connection: a thread holds one while its statement runs, so no
-        # more than ``size`` connections are ever open, in use or free.
-        self._slots = threading.BoundedSemaphore(size)
-        self._lock = threading.Lock()
+        # One lock guards the free list and the count of open connections (in use or
+        # free), so no more than ``size`` are ever open. The fast path takes it twice
+        # and nothing else: a semaphore would cost more than the rest of the call.
+        self._lock = threading.Condition(threading.Lock())
         self._free: list[psycopg.Cursor[Any]] = []
+        self._open_count = 0
+        self._waiting = 0
 
     def __repr__(self) -> str:
         # A connection's conninfo may hold a password: never in a repr.
@@ -58,52 +60,78 @@ class HeldConnections:
             psycopg.Error: the statement or the connection failed (the connection is
                 dropped; the next call opens another).
         """
-        with self._slots:
-            cursor, reused = self._take()
+        cursor, reused = self._take()
+        try:
+            row = _fetch(cursor, statement, params)
+        except psycopg.OperationalError:
+            lost = cursor.connection.broken  # not a statement's own error (a timeout)
+            if not (reused and lost):
+                self._drop(cursor)
+                raise
+            # A held connection the server dropped while it sat idle (a restart, an
+            # idle timeout): the read is retried once, on a new connection in its slot.
+            _close(cursor)
+            cursor = self._opened_in_slot()
             try:
                 row = _fetch(cursor, statement, params)
-            except psycopg.OperationalError:
-                lost = cursor.connection.broken  # not a statement's own error (a timeout)
-                _close(cursor)
-                if not (reused and lost):
-                    raise
-                # A held connection the server dropped while it sat idle (a restart, an
-                # idle timeout): the read is retried once, on a new connection.
-                cursor = self._open()
-                try:
-                    row = _fetch(cursor, statement, params)
-                except BaseException:
-                    _close(cursor)
-                    raise
-            except BaseException:  # another failure, or an interruption: state unknown
-                _close(cursor)
+            except BaseException:
+                self._drop(cursor)
                 raise
-            with self._lock:
-                self._free.append(cursor)
-            return row
+        except BaseException:  # another failure, or an interruption: state unknown
+            self._drop(cursor)
+            raise
+        with self._lock:
+            self._free.append(cursor)
+            if self._waiting:
+                self._lock.notify()
+        return row
 
     def close(self) -> None:
         """Close the free connections (call when no statement runs any more)."""
         with self._lock:
             free, self._free = self._free, []
+            self._open_count -= len(free)
         for cursor in free:
             _close(cursor)
 
     def _take(self) -> tuple[psycopg.Cursor[Any], bool]:
-        """A free connection's cursor (and True), or a new one's (and False)."""
-        while True:
-            with self._lock:
-                cursor = self._free.pop() if self._free else None
-            if cursor is None:
-                return self._open(), False
-            if not (cursor.connection.closed or cursor.connection.broken):
-                return cursor, True
-            _close(cursor)
+        """A free connection's cursor (and True), or a new one's (and False); waits
+        while ``size`` connections are open and none is free."""
+        with self._lock:
+            while not self._free and self._open_count >= self._size:
+                self._waiting += 1
+                try:
+                    self._lock.wait()
+                finally:
+                    self._waiting -= 1
+            if self._free:
+                cursor = self._free.pop()
+                if not (cursor.connection.closed or cursor.connection.broken):
+                    return cursor, True
+                _close(cursor)  # known dead: its slot goes to a new connection
+            else:
+                self._open_count += 1
+        return self._opened_in_slot(), False
 
-    def _open(self) -> psycopg.Cursor[Any]:
-        connection = self._connect()
-        connection.autocommit = True
-        return connection.cursor()
+    def _opened_in_slot(self) -> psycopg.Cursor[Any]:
+        """A new connection's cursor, in a slot already counted (freed if it fails)."""
+        try:
+            connection = self._connect()
+            connection.autocommit = True
+            return connection.cursor()
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _drop(self, cursor: psycopg.Cursor[Any]) -> None:
+        _close(cursor)
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._open_count -= 1
+            if self._waiting:
+                self._lock.notify()
 
 
 def _fetch(cursor: psycopg.Cursor[Any], statement: str, params: tuple[Any, ...]) -> Row | None:

@@ -139,7 +139,9 @@ def hot_load_sql(schema: str) -> str:
     """The load hot path's one statement (DB-API, ``%s`` parameters: tenant, config):
     migration 0009's function scopes the tenant for this statement only and returns
     what opening the credentials needs."""
+    # The config as the database prints it: its binding's digest is cached by that text
+    # (keys/sealed.stored_config_binding), so it is never decoded on the hot path.
     return (
-        "SELECT type, version, config, encrypted_credentials "
+        "SELECT type, version, config::text, encrypted_credentials "
         f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'
     )

@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from tenantvault.crypto.envelope import SealContext
@@ -38,6 +39,16 @@ def canonical_config(config: Mapping[str, Any]) -> bytes:
 def config_binding(version: int, config: Mapping[str, Any]) -> bytes:
     """What a config's credentials are bound to: its version and its config's digest."""
     return f"config:{version}:".encode() + hashlib.sha256(canonical_config(config)).digest()
+
+
+@lru_cache(maxsize=4096)
+def stored_config_binding(version: int, config_json: str) -> bytes:
+    """:func:`config_binding` of a config as the database prints it (``jsonb::text``).
+
+    The load hot path reads that text instead of a decoded dict: the same row prints
+    the same text, so its digest is computed once per process (a bounded cache of
+    non-secret configs), not decoded and re-encoded on every load."""
+    return config_binding(version, json.loads(config_json))
 
 
 def token_binding(row_id: str, version: int) -> bytes:
@@ -65,12 +76,12 @@ class SealedColumn:
     def place(self, tenant_id: str, *key_values: object, bound: tuple[Any, ...]) -> SealContext:
         """The context of a value in the row named by ``key_values``, whose
         ``bound_to`` columns hold ``bound``."""
+        return self.place_bound(tenant_id, *key_values, binding=self.binding(*bound))
+
+    def place_bound(self, tenant_id: str, *key_values: object, binding: bytes) -> SealContext:
+        """:meth:`place`, with the binding already made (the hot path caches it)."""
         return SealContext(
-            tenant_id,
-            self.table,
-            self.column,
-            ":".join(map(str, key_values)),
-            self.binding(*bound),
+            tenant_id, self.table, self.column, ":".join(map(str, key_values)), binding
         )
 
     @property

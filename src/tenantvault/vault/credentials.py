@@ -13,7 +13,7 @@ from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys.keyring import Keyring
-from tenantvault.keys.sealed import CONFIG_CREDENTIALS
+from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_binding
 from tenantvault.vault.configs import Configs
 from tenantvault.vault.core import log_unopenable, schema_of
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage, provider_type
@@ -136,10 +136,12 @@ def finish_hot_load(
     """
     if row is None:
         raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
-    kind_name, version, config, sealed = row
+    kind_name, version, config_json, sealed = row
     if sealed is None:
         raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
-    place = CONFIG_CREDENTIALS.place(tenant_id, config_id, bound=(version, config))
+    place = CONFIG_CREDENTIALS.place_bound(
+        tenant_id, config_id, binding=stored_config_binding(version, config_json)
+    )
     try:
         opened = keyring.open_cached(tenant_id, sealed, place)
     except DecryptionError:
