@@ -111,3 +111,15 @@ def migrated_with_app_login(url: str, vault_addr: str, tenants: int) -> tuple[Se
         VAULT_TOKEN=token,
     )
     return settings, app_settings
+
+
+def copy_rows(
+    connection: psycopg.Connection, table: str, columns: str, rows: list[tuple[object, ...]]
+) -> None:
+    """``rows`` into ``dripiq_app.<table>`` with COPY (seeding at scale, as the owner)."""
+    with (
+        connection.cursor() as cursor,
+        cursor.copy(f"COPY dripiq_app.{table} ({columns}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row(row)

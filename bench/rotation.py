@@ -35,7 +35,7 @@ from tenantvault.rotation.kek import rotate_kek
 from tenantvault.rotation.options import KekRotationOptions
 from tenantvault.settings import Settings, load_settings
 
-from ._harness import throwaway_database, vault_token
+from ._harness import copy_rows, throwaway_database, vault_token
 
 PER_TENANT = 1000
 SIZES = (100_000, 1_000_000)
@@ -66,24 +66,13 @@ def _new_database(any_url: str) -> str:
     return any_url.rsplit("/", 1)[0] + "/" + name
 
 
-def _copy(
-    connection: psycopg.Connection, table: str, columns: str, rows: list[tuple[object, ...]]
-) -> None:
-    with (
-        connection.cursor() as cursor,
-        cursor.copy(f"COPY dripiq_app.{table} ({columns}) FROM STDIN") as copy,
-    ):
-        for row in rows:
-            copy.write_row(row)
-
-
 def _seed_values(settings: Settings, values: int) -> None:
     """values / 1000 tenants, each with a DEK from transit and 1,000 sealed credentials."""
     provider = _provider(settings)
     tenants = [f"t{n:06d}" for n in range(values // PER_TENANT)]
     url = settings.sqlalchemy_url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url) as connection:
-        _copy(connection, "tenants", "id, name", [(t, t) for t in tenants])
+        copy_rows(connection, "tenants", "id, name", [(t, t) for t in tenants])
         keys = []
         for tenant in tenants:
             plaintext, wrapped = provider.generate_data_key(tenant)
@@ -95,13 +84,15 @@ def _seed_values(settings: Settings, values: int) -> None:
                 place = CONFIG_CREDENTIALS.place(tenant, config_id, bound=(1, {}))
                 sealed = seal(key, CREDENTIALS, place)
                 rows.append((config_id, tenant, "sendgrid", f"c{n}", "{}", sealed))
-            _copy(
+            copy_rows(
                 connection,
                 "email_provider_configs",
                 "id, tenant_id, type, name, config, encrypted_credentials",
                 rows,
             )
-        _copy(connection, "tenant_data_keys", "tenant_id, version, wrapped_key, kek_version", keys)
+        copy_rows(
+            connection, "tenant_data_keys", "tenant_id, version, wrapped_key, kek_version", keys
+        )
         connection.commit()
         connection.autocommit = True
         connection.execute("VACUUM ANALYZE")
@@ -195,8 +186,10 @@ def _seed_keys(settings: Settings) -> None:
             keys.append((tenant, 1, item["ciphertext"], int(item["ciphertext"].split(":")[1][1:])))
     url = settings.sqlalchemy_url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url) as connection:
-        _copy(connection, "tenants", "id, name", [(t, t) for t in tenants])
-        _copy(connection, "tenant_data_keys", "tenant_id, version, wrapped_key, kek_version", keys)
+        copy_rows(connection, "tenants", "id, name", [(t, t) for t in tenants])
+        copy_rows(
+            connection, "tenant_data_keys", "tenant_id, version, wrapped_key, kek_version", keys
+        )
 
 
 def _one_at_a_time(settings: Settings) -> float:
