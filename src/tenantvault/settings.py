@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     # The load hot path holds up to this many connections of its own (per Vault, or
     # per loop's AsyncVault; one statement at a time each), beside the engine's pool.
     hot_path_connections: int = Field(6, ge=1, le=100)
+    # psycopg prepares a statement on the server after its fifth run on a connection. A
+    # pooler in transaction mode hands each transaction a different server connection,
+    # where the statement does not exist (PgBouncer 1.18): off, nothing is prepared.
+    server_prepared_statements: bool = True
+    # The statement timeout travels as a startup option (-c statement_timeout), which
+    # PgBouncer refuses. Off, the server's own statement_timeout (set on the login role
+    # or the database) applies, and each new connection checks it is the one above.
+    send_statement_timeout: bool = True
 
     key_provider: Literal["vault", "local"] = "vault"
     transit_mount: str = Field("transit", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$")

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_async_engine
 from sqlalchemy.orm import Session
 
+from tenantvault.db import startup
 from tenantvault.db.held import AsyncHeldConnections, HeldConnections
 from tenantvault.errors import TenantNotSetError
 from tenantvault.settings import Settings
@@ -49,33 +50,29 @@ def check_tenant_id(tenant_id: str) -> str:
 
 def _engine_options(settings: Settings) -> dict[str, Any]:
     """What both engines are built with (one list, so they cannot drift)."""
-    options = f"-c statement_timeout={settings.statement_timeout_ms}"
     return {
         # No pre-ping: it would add a round trip to every load. A connection the
         # server dropped fails one call, and the pool replaces it.
         "pool_recycle": 1800,
         # Parameters are sealed values and wrapped keys: not secret, but no log needs them.
         "hide_parameters": True,
-        "connect_args": {
-            "connect_timeout": settings.connect_timeout_seconds,
-            "options": options,
-        },
+        "connect_args": startup.connect_args(settings),
     }
 
 
 def create_engine(settings: Settings, **kwargs: object) -> Engine:
     """An engine whose statements are qualified with the configured schema."""
-    return sa.create_engine(
-        settings.sqlalchemy_url, **_engine_options(settings), **kwargs
-    ).execution_options(schema_translate_map={None: settings.schema_name})
+    engine = sa.create_engine(settings.sqlalchemy_url, **_engine_options(settings), **kwargs)
+    startup.check_server_timeout(engine, settings)
+    return engine.execution_options(schema_translate_map={None: settings.schema_name})
 
 
 def create_async_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
     """:func:`create_engine`'s twin on psycopg's ``AsyncConnection`` (SQLAlchemy's
     asyncio layer picks psycopg's async driver for the same ``postgresql+psycopg`` URL)."""
-    return sqlalchemy_async_engine(
-        settings.sqlalchemy_url, **_engine_options(settings), **kwargs
-    ).execution_options(schema_translate_map={None: settings.schema_name})
+    engine = sqlalchemy_async_engine(settings.sqlalchemy_url, **_engine_options(settings), **kwargs)
+    startup.check_server_timeout(engine.sync_engine, settings)
+    return engine.execution_options(schema_translate_map={None: settings.schema_name})
 
 
 def held_connections(engine: Engine, *, size: int) -> HeldConnections:
