@@ -1,7 +1,15 @@
 """Real services for the tests: a throwaway PostgreSQL (or TENANTVAULT_TEST_DATABASE_URL)
 and an OpenBao dev server, started once per session and stopped afterwards, even
 when tests fail or the run is interrupted. A service that cannot start fails the
-run; nothing is skipped."""
+run; nothing is skipped.
+
+The PgBouncer lane (TENANTVAULT_TEST_PGBOUNCER=1; scripts/test runs it when the
+machine has a ``pgbouncer`` binary) also starts a PgBouncer in transaction pooling
+mode in front of that PostgreSQL: the application's connections (``app_url``,
+``app_settings``) and the operator jobs' (``migrated``, ``operator_db``) go through
+it, with the settings docs/pgbouncer.md gives for it; migrations and the tests' own
+owner connections (``settings``, ``owner_engine``) go straight to PostgreSQL, as an
+operator's migration does. tests/pgbouncer/ is collected in that lane only."""
 
 from __future__ import annotations
 
@@ -26,6 +34,23 @@ from tenantvault.settings import Settings, load_settings, parse_database_url
 
 APP_LOGIN_ROLE = "tenantvault_test_app_login"
 
+PGBOUNCER_LANE = os.environ.get("TENANTVAULT_TEST_PGBOUNCER") == "1"
+# What a deployment behind PgBouncer 1.18 in transaction mode sets (docs/pgbouncer.md):
+# in the environment, so that every Settings of the lane (child processes' too) has it.
+PGBOUNCER_SETTINGS = {
+    "TENANTVAULT_SERVER_PREPARED_STATEMENTS": "false",
+    "TENANTVAULT_SEND_STATEMENT_TIMEOUT": "false",
+}
+# The statement timeout a database gets in that lane, where it is not sent: the default
+# of TENANTVAULT_STATEMENT_TIMEOUT_MS, which each new connection checks it against.
+LANE_STATEMENT_TIMEOUT_MS = 30_000
+collect_ignore = [] if PGBOUNCER_LANE else ["pgbouncer"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if PGBOUNCER_LANE:
+        os.environ.update(PGBOUNCER_SETTINGS)
+
 
 @pytest.fixture
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -41,6 +66,16 @@ class Services:
     admin_url: str  # a superuser URL on the server the tests create databases on
     vault_addr: str
     vault_token: str
+    pgbouncer_port: int | None = None  # the PgBouncer lane's, in front of that server
+
+    def pooled(self, url: str) -> str:
+        """``url`` through the lane's PgBouncer (unchanged outside the lane)."""
+        if self.pgbouncer_port is None:
+            return url
+        moved = parse_database_url(url).set(
+            drivername="postgresql", host="127.0.0.1", port=self.pgbouncer_port
+        )
+        return moved.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +89,27 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         admin_url = external or environment["TENANTVAULT_DATABASE_URL"]
         with psycopg.connect(admin_url, connect_timeout=10) as connection:
             connection.execute("SELECT 1")
-        yield Services(admin_url, environment["VAULT_ADDR"], environment["VAULT_TOKEN"])
+        built = Services(admin_url, environment["VAULT_ADDR"], environment["VAULT_TOKEN"])
+        if PGBOUNCER_LANE:
+            built = _behind_pgbouncer(state_dir, built)
+        yield built
     finally:
         devstack.reset(state_dir)
+
+
+def _behind_pgbouncer(state_dir: Path, services: Services) -> Services:
+    """``services`` with a PgBouncer in front of its PostgreSQL, checked to answer."""
+    server = parse_database_url(services.admin_url)
+    record = devstack.pgbouncer_up(
+        state_dir,
+        server_host=server.host or "127.0.0.1",
+        server_port=server.port or 5432,
+        logins=[server.username or "postgres", APP_LOGIN_ROLE],
+    )
+    pooled = Services(services.admin_url, services.vault_addr, services.vault_token, record.port)
+    with psycopg.connect(pooled.pooled(services.admin_url), connect_timeout=10) as connection:
+        connection.execute("SELECT 1")
+    return pooled
 
 
 def _with_database(url: str, name: str) -> str:
@@ -70,6 +123,10 @@ def database_url(services: Services) -> Iterator[str]:
     name = f"tv_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(services.admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
+        if PGBOUNCER_LANE:  # the timeout the lane's connections do not send
+            admin.execute(
+                f'ALTER DATABASE "{name}" SET statement_timeout = {LANE_STATEMENT_TIMEOUT_MS}'
+            )
     try:
         yield _with_database(services.admin_url, name)
     finally:
@@ -109,10 +166,17 @@ def alembic_engine(owner_engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-def migrated(settings: Settings) -> Settings:
-    """The test database upgraded to the newest revision."""
+def migrated(settings: Settings, services: Services) -> Settings:
+    """The test database upgraded to the newest revision (straight on PostgreSQL); the
+    settings returned reach it as operator jobs do (in the PgBouncer lane, through it)."""
     migrate.upgrade(settings)
-    return settings
+    if services.pgbouncer_port is None:
+        return settings
+    return load_settings(
+        database_url=services.pooled(settings.database_url.get_secret_value()),
+        VAULT_ADDR=services.vault_addr,
+        VAULT_TOKEN=services.vault_token,
+    )
 
 
 @pytest.fixture
@@ -265,4 +329,6 @@ def child_environment(settings: Settings, services: Services) -> dict[str, str]:
         VAULT_TOKEN=services.vault_token,
         TENANTVAULT_TRANSIT_KEY="tenantvault-tests",
     )
+    if services.pgbouncer_port is not None:
+        environment.update(PGBOUNCER_SETTINGS)
     return environment

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from alembic import command
 
@@ -200,3 +201,25 @@ def terminate_app_backends(owner_engine: sa.Engine) -> int:
                 )
             ).all()
         )
+
+
+def app_login_connections(owner_engine: sa.Engine, pgbouncer_port: int | None) -> int:
+    """How many connections the test app login has open to this database: its backends,
+    or in the PgBouncer lane (``pgbouncer_port``) its clients of PgBouncer, whose server
+    connections stay pooled after their clients close."""
+    if pgbouncer_port is None:
+        with owner_engine.connect() as connection:
+            return int(
+                connection.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND usename = 'tenantvault_test_app_login'"
+                    )
+                ).scalar_one()
+            )
+    database = owner_engine.url.database
+    console = f"postgresql://{owner_engine.url.username}@127.0.0.1:{pgbouncer_port}/pgbouncer"
+    with psycopg.connect(console, autocommit=True) as admin:
+        clients = admin.execute("SHOW CLIENTS").fetchall()  # the console's own protocol
+    # (type, user, database, ...): SHOW CLIENTS' first columns.
+    return sum(1 for row in clients if row[1:3] == ("tenantvault_test_app_login", database))

@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session
 from tenantvault import NotFoundError, Vault
 from tenantvault.db.held import HeldConnections
 from tenantvault.settings import Settings
-from tests.conftest import CountingProvider
+from tests.conftest import CountingProvider, Services
 from tests.rotation_support import GRAPH
-from tests.support import terminate_app_backends
+from tests.support import app_login_connections, terminate_app_backends
 from tests.vault.conftest import password
 
 TENANT_SETTING = "SELECT current_setting('tenantvault.tenant_id', true)"
@@ -49,16 +49,8 @@ def _tenant_settings(vault: Vault) -> list[object]:
     return values
 
 
-def _app_backends(owner_engine: sa.Engine) -> int:
-    with owner_engine.connect() as connection:
-        return int(
-            connection.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND usename = 'tenantvault_test_app_login'"
-                )
-            ).scalar_one()
-        )
+def _app_backends(owner_engine: sa.Engine, services: Services) -> int:
+    return app_login_connections(owner_engine, services.pgbouncer_port)
 
 
 def test_a_restart_costs_no_load_and_no_tenant_setting_survives_a_load(
@@ -126,6 +118,7 @@ def test_32_threads_each_get_their_own_tenant_within_the_size_setting(
     app_settings: Settings,
     provider: CountingProvider,
     owner_engine: sa.Engine,
+    services: Services,
 ) -> None:
     settings = app_settings.model_copy(update={"hot_path_connections": size})
     vault = Vault.from_settings(settings, key_provider=provider)
@@ -150,11 +143,11 @@ def test_32_threads_each_get_their_own_tenant_within_the_size_setting(
         assert all(tenant == loaded for tenant, loaded in results)
         assert vault.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
         assert len(_held(vault)._free) <= size
-        assert _app_backends(owner_engine) <= size
+        assert _app_backends(owner_engine, services) <= size
         assert all(value in (None, "") for value in _tenant_settings(vault))
     finally:
         vault.dispose()
-    assert _app_backends(owner_engine) == 0
+    assert _app_backends(owner_engine, services) == 0
 
 
 def test_dispose_closes_the_held_connections(
@@ -162,14 +155,15 @@ def test_dispose_closes_the_held_connections(
     app_settings: Settings,
     provider: CountingProvider,
     owner_engine: sa.Engine,
+    services: Services,
 ) -> None:
     vault = Vault.from_settings(app_settings, key_provider=provider)
     tenant, config_id = next(iter(seeded.items()))
     vault.load_credentials(tenant, config_id)
     vault.load_credentials(tenant, config_id)
-    assert _app_backends(owner_engine) >= 1
+    assert _app_backends(owner_engine, services) >= 1
     vault.dispose()
-    assert _app_backends(owner_engine) == 0
+    assert _app_backends(owner_engine, services) == 0
 
 
 @contextmanager

@@ -13,6 +13,10 @@ initialised once with one unseal key; the key and the root token are kept in
 so transit keys survive ``down`` and ``up``. ``reset`` deletes PostgreSQL's data,
 OpenBao's storage and that key file. The listener is plain HTTP on 127.0.0.1 and
 the unseal key sits beside the data it opens: for development and tests only.
+
+``pgbouncer_up`` (for the tests' PgBouncer lane and its bench; ``dev up`` does not)
+adds the machine's PgBouncer (Debian's ``pgbouncer`` package) in transaction pooling
+mode in front of a PostgreSQL, recorded with the rest so that ``down`` stops it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import importlib.util
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -30,7 +35,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +54,11 @@ DEV_EXTRA_INSTALL = "pip install 'tenantvault[dev]'"
 # OpenBao's files under the state dir: ``reset`` deletes exactly these.
 OPENBAO_DIR = "openbao"  # config.json and the Raft storage (data/)
 OPENBAO_KEYS = "openbao-keys.json"  # the unseal key and the root token, mode 0600
+# PgBouncer's config, auth file and log: beside PostgreSQL's data (root: same reason).
+PGBOUNCER_DIR = "pgbouncer"
+PGBOUNCER_INSTALL = "apt-get install pgbouncer"
+# Logins go into PgBouncer's auth file as they are: plain role names only.
+_LOGIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 @dataclass
@@ -64,6 +74,7 @@ class StackState:
     postgres: ServiceRecord | None = None
     openbao: ServiceRecord | None = None
     vault_token: str = ""
+    pgbouncer: ServiceRecord | None = None  # only when asked for: see pgbouncer_up
 
     @classmethod
     def load(cls, path: Path) -> StackState:
@@ -74,6 +85,7 @@ class StackState:
             postgres=ServiceRecord(**raw["postgres"]) if raw.get("postgres") else None,
             openbao=ServiceRecord(**raw["openbao"]) if raw.get("openbao") else None,
             vault_token=raw.get("vault_token", ""),
+            pgbouncer=ServiceRecord(**raw["pgbouncer"]) if raw.get("pgbouncer") else None,
         )
 
     def save(self, path: Path) -> None:
@@ -302,6 +314,8 @@ def ensure_system_user(name: str) -> None:
 
 
 def _pg_run_as() -> str | None:
+    """None, or as root the system user the stack's servers run as (made if missing):
+    PostgreSQL and PgBouncer both refuse to run as root."""
     if os.geteuid() != 0:
         return None
     ensure_system_user(PG_SYSTEM_USER)
@@ -309,7 +323,7 @@ def _pg_run_as() -> str | None:
 
 
 def _give_to(user: str | None, path: Path) -> None:
-    """Let the PostgreSQL system user own ``path`` (a file or directory the stack made)."""
+    """Let the servers' system user own ``path`` (a file or directory the stack made)."""
     if user is None:
         return
     shutil.chown(path, user, user)
@@ -595,13 +609,132 @@ def stop_openbao(state_dir: Path, record: ServiceRecord) -> bool:
     marker = _openbao_marker(state_dir, record)
     if marker is None:
         return False
-    os.kill(record.pid, signal.SIGTERM)
+    return _terminate(record.pid, marker)
+
+
+def _terminate(pid: int, marker: str) -> bool:
+    """SIGTERM ``pid`` if it still runs ``marker`` (then SIGKILL after 10 s); whether it ran."""
+    if not process_alive(pid, marker):
+        return False
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and process_alive(record.pid, marker):
+    while time.monotonic() < deadline and process_alive(pid, marker):
         time.sleep(0.05)
-    if process_alive(record.pid, marker):
-        os.kill(record.pid, signal.SIGKILL)
+    if process_alive(pid, marker):
+        os.kill(pid, signal.SIGKILL)
     return True
+
+
+# --- PgBouncer (asked for by the tests' PgBouncer lane and its bench; not by ``dev up``) ---
+
+
+def pgbouncer_binary() -> Path:
+    """The machine's ``pgbouncer`` (Debian's package puts it in /usr/sbin, which is not on
+    every user's PATH).
+
+    Raises:
+        DevStackError: there is none; the message says how to install it.
+    """
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found is None:
+        raise DevStackError(f"no pgbouncer binary (install it: {PGBOUNCER_INSTALL})")
+    return Path(found)
+
+
+def _pgbouncer_config(state_dir: Path) -> Path:
+    # Resolved: the path is the marker that tells this stack's PgBouncer from any other.
+    return postgres_home(state_dir).resolve() / PGBOUNCER_DIR / "pgbouncer.ini"
+
+
+def _pgbouncer_files(
+    home: Path, port: int, server_host: str, server_port: int, logins: Sequence[str]
+) -> dict[str, str]:
+    """The config and the auth file: transaction pooling, every database of the server
+    (a wildcard: the tests make a database per test), ``logins`` let in without a
+    password and logging in to the server under their own names (trust both ways); the
+    first login may use the admin console (``SHOW CLIENTS`` on database ``pgbouncer``)."""
+    config = (
+        "[databases]\n"
+        f"* = host={server_host} port={server_port}\n"
+        "\n[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {home / 'users.txt'}\nadmin_users = {logins[0]}\n"
+        "pool_mode = transaction\nmax_client_conn = 1000\ndefault_pool_size = 20\n"
+    )
+    users = "".join(f'"{login}" ""\n' for login in logins)
+    return {"pgbouncer.ini": config, "users.txt": users}
+
+
+def start_pgbouncer(
+    state_dir: Path, *, server_host: str, server_port: int, logins: Sequence[str]
+) -> ServiceRecord:
+    """Start a PgBouncer in transaction pooling mode in front of the PostgreSQL at
+    ``server_host:server_port`` (which must trust these logins from loopback).
+
+    Raises:
+        DevStackError: no binary, a login that is not a plain role name, or it did not
+            start (with its log's tail).
+    """
+    binary = pgbouncer_binary()
+    bad = [login for login in logins if not _LOGIN.fullmatch(login)]
+    if bad or not logins:
+        raise DevStackError("pgbouncer logins must be plain role names ([A-Za-z0-9_])")
+    user = _pg_run_as()  # PgBouncer refuses to run as root
+    home = _make_postgres_home(state_dir) / PGBOUNCER_DIR
+    home.mkdir(mode=0o700, exist_ok=True)
+    _give_to(user, home)
+    port = free_port()
+    for name, text in _pgbouncer_files(home, port, server_host, server_port, logins).items():
+        _write_private(home / name, text)
+        _give_to(user, home / name)
+    log = home / "pgbouncer.log"
+    _private_log(log)
+    with log.open("ab") as log_file:
+        process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            [str(binary), str(_pgbouncer_config(state_dir))],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user=user,
+        )
+    record = ServiceRecord(pid=process.pid, port=port)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise DevStackError(f"pgbouncer exited with {process.returncode}; log tail:\n{tail}")
+        return not _port_free(port)
+
+    try:
+        _wait_until(ready, "pgbouncer", log)
+    except BaseException:
+        stop_pgbouncer(state_dir, record)
+        raise
+    return record
+
+
+def stop_pgbouncer(state_dir: Path, record: ServiceRecord) -> bool:
+    return _terminate(record.pid, str(_pgbouncer_config(state_dir)))
+
+
+def pgbouncer_up(
+    state_dir: Path, *, server_host: str, server_port: int, logins: Sequence[str]
+) -> ServiceRecord:
+    """:func:`start_pgbouncer`, recorded in the stack's state so that ``down`` and
+    ``reset`` stop it (one already recorded there is stopped first: its server or
+    logins may have been others)."""
+    path = _state_file(state_dir)
+    state = StackState.load(path)
+    if state.pgbouncer is not None:
+        stop_pgbouncer(state_dir, state.pgbouncer)
+        state.pgbouncer = None
+        state.save(path)
+    state.pgbouncer = start_pgbouncer(
+        state_dir, server_host=server_host, server_port=server_port, logins=logins
+    )
+    state.save(path)
+    return state.pgbouncer
 
 
 # --- the stack ---
@@ -665,7 +798,8 @@ def up(state_dir: Path | None = None, *, postgres: bool = True, openbao: bool = 
 
 def reset(state_dir: Path | None = None) -> list[str]:
     """Stop the stack and delete what it keeps: PostgreSQL's data, OpenBao's storage and
-    key file, the logs, the records. Only what ``up`` made goes; the state dir stays."""
+    key file, PgBouncer's files, the logs, the records. Only what ``up`` (and
+    ``pgbouncer_up``) made goes; the state dir stays."""
     if state_dir is None:
         state_dir = locate_state_dir()[0]
     stopped = down(state_dir)
@@ -674,6 +808,7 @@ def reset(state_dir: Path | None = None) -> list[str]:
         shutil.rmtree(home, ignore_errors=True)
     shutil.rmtree(state_dir / "postgres", ignore_errors=True)
     shutil.rmtree(state_dir / OPENBAO_DIR, ignore_errors=True)
+    shutil.rmtree(state_dir / PGBOUNCER_DIR, ignore_errors=True)
     for name in ("postgres.log", "openbao.log", OPENBAO_KEYS, "stack.json", "env"):
         (state_dir / name).unlink(missing_ok=True)
     return stopped
@@ -686,11 +821,13 @@ def down(state_dir: Path | None = None) -> list[str]:
     path = _state_file(state_dir)
     state = StackState.load(path)
     stopped = []
+    if state.pgbouncer is not None and stop_pgbouncer(state_dir, state.pgbouncer):
+        stopped.append(f"pgbouncer (pid {state.pgbouncer.pid})")
     if state.openbao is not None and stop_openbao(state_dir, state.openbao):
         stopped.append(f"openbao (pid {state.openbao.pid})")
     if state.postgres is not None and stop_postgres(state_dir, state.postgres):
         stopped.append(f"postgres (pid {state.postgres.pid})")
-    state.openbao = state.postgres = None
+    state.openbao = state.postgres = state.pgbouncer = None
     if path.exists():
         state.save(path)
     (state_dir / "env").unlink(missing_ok=True)
