@@ -3,8 +3,8 @@
 Each transaction runs as the migrator role, whose row-level-security policy admits
 every tenant's rows; the login must be allowed to ``SET ROLE`` to it (the
 migration owner is). Work is shared between processes through PostgreSQL only:
-a tenant is claimed with a session-level advisory lock, released when the work
-is done or when the connection dies with its process.
+a tenant is claimed with an advisory lock held by a transaction left open for the
+work, released when the work is done or when the connection dies with its process.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ rotation or a shred: they exclude each other)."""
 
 KEK_ROTATION_LOCK = 1_953_916_003
 """Advisory lock class of "a rotate-keys process is deciding whether to rotate the KEK"."""
+
+
+_CLAIM = sa.text(
+    "SELECT pg_try_advisory_xact_lock(:cls, hashtext(:tenant_id)) "
+    "FROM set_config('idle_in_transaction_session_timeout', '0', true)"
+)
 
 
 class OperatorDatabase:
@@ -69,22 +75,22 @@ class OperatorDatabase:
 
     @contextmanager
     def claim(self, lock_class: int, tenant_id: str) -> Iterator[bool]:
-        """Try to claim ``tenant_id`` for this process; yields whether it got it."""
-        with self.engine.connect() as connection:
+        """Try to claim ``tenant_id`` for this process; yields whether it got it.
+
+        The claim is a transaction's advisory lock, on a connection that stays in that
+        transaction for the block. A session's lock would outlive its transaction on a
+        server connection that a pooler in transaction mode (PgBouncer) then hands to
+        other clients: they would hold the claim too (a session may take its own lock
+        again), and the unlock could run on another server connection and free nothing.
+        """
+        with self.engine.connect() as connection, connection.begin():
+            # One statement. The transaction sits idle while the work runs on other
+            # connections (in READ COMMITTED it pins no snapshot, so VACUUM is not held
+            # back): the server's idle-in-transaction timeout must not end it midway.
             got = connection.execute(
-                sa.text("SELECT pg_try_advisory_lock(:cls, hashtext(:tenant_id))"),
-                {"cls": lock_class, "tenant_id": tenant_id},
+                _CLAIM, {"cls": lock_class, "tenant_id": tenant_id}
             ).scalar_one()
-            connection.commit()
-            try:
-                yield bool(got)
-            finally:
-                if got:
-                    connection.execute(
-                        sa.text("SELECT pg_advisory_unlock(:cls, hashtext(:tenant_id))"),
-                        {"cls": lock_class, "tenant_id": tenant_id},
-                    )
-                    connection.commit()
+            yield bool(got)
 
     def require_tenants(self, tenants: Sequence[str] | None) -> None:
         """Refuse tenant ids with no row in the application's ``tenants`` table: a
