@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -89,9 +90,10 @@ def test_a_connection_broken_mid_statement_fails_that_call_only(
 
         with ThreadPoolExecutor(1) as pool:
             outcome = pool.submit(sleeper)
-            started.wait()
+            assert started.wait(10)
+            deadline = time.monotonic() + 10
             while not _sleeping(owner_engine):
-                pass
+                assert time.monotonic() < deadline, "the statement never started"
             terminate_app_backends(owner_engine)
             assert isinstance(outcome.result(timeout=20), psycopg.OperationalError)
         assert held.fetch_one("SELECT 1", ()) == (1,)  # replaced, not handed out broken
