@@ -29,7 +29,6 @@ import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
 
 from cryptography.exceptions import InvalidTag
 
@@ -69,17 +68,18 @@ class SealContext:
     binding: bytes = b""
 
     def associated_data(self, prefix: str, fmt: int = CURRENT_FORMAT) -> bytes:
-        aad = _LABELS[fmt] + _length_prefixed(prefix.encode()) + self._place
-        return aad + _length_prefixed(self.binding) if fmt >= 2 else aad
-
-    @cached_property
-    def _place(self) -> bytes:
-        # The part after the header, made once per context: a re-seal uses it twice.
-        return (
-            _length_prefixed(self.tenant_id.encode())
-            + _length_prefixed(f"{self.table}.{self.column}".encode())
-            + _length_prefixed(self.row_id.encode())
-        )
+        # Built in one join: a context lives for one open on the hot path, so caching
+        # its parts would cost more than making them.
+        parts = [
+            _LABELS[fmt],
+            _length_prefixed(prefix.encode()),
+            _length_prefixed(self.tenant_id.encode()),
+            _length_prefixed(f"{self.table}.{self.column}".encode()),
+            _length_prefixed(self.row_id.encode()),
+        ]
+        if fmt >= 2:
+            parts.append(_length_prefixed(self.binding))
+        return b"".join(parts)
 
 
 def header(dek_version: int, fmt: int = CURRENT_FORMAT) -> str:
@@ -139,6 +139,24 @@ def _parse(sealed: str) -> tuple[int, int, str]:
     return int(match.group(1)), version, match.group(3)
 
 
+def open_with_key_of(
+    key_of: Callable[[int], DataKey | None],
+    sealed: str,
+    context: SealContext,
+    *,
+    allow_legacy: bool = True,
+) -> bytes | None:
+    """:func:`open_sealed` with the key ``key_of`` gives for the version the value
+    names, parsed once; None when it gives none (a cache without that key).
+
+    Raises:
+        DecryptionError: as :func:`open_sealed`.
+    """
+    fmt, version, encoded = _parse(sealed)
+    key = key_of(version)
+    return None if key is None else _open(key, fmt, version, encoded, context, allow_legacy)
+
+
 def sealed_dek_version(sealed: str) -> int:
     """The data key version a sealed value names (to fetch that key).
 
@@ -184,18 +202,34 @@ def reseal(
     return seal(new_key, plaintext, context)
 
 
+# URL-safe base64 through binascii directly: base64's wrappers cost as much again.
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _decoded(encoded: str) -> bytes:
+    """The bytes of an unpadded URL-safe base64 body (its alphabet already checked).
+
+    Raises:
+        DecryptionError: it does not decode, or is not the one encoding of its bytes
+            (a non-canonical tail: the same value must have one text).
+    """
+    data = encoded.encode("ascii")
+    try:
+        raw = binascii.a2b_base64(data.translate(_FROM_URLSAFE) + b"=" * (-len(data) % 4))
+    except (binascii.Error, ValueError):
+        raise DecryptionError("cannot open sealed value") from None
+    if binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=") != data:
+        raise DecryptionError("cannot open sealed value")
+    return raw
+
+
 def _open(
     key: DataKey, fmt: int, version: int, encoded: str, context: SealContext, allow_legacy: bool
 ) -> bytes:
     if version != key.version or (fmt == LEGACY_FORMAT and not allow_legacy):
         raise DecryptionError("cannot open sealed value")
-    try:
-        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-    except (binascii.Error, ValueError):
-        raise DecryptionError("cannot open sealed value") from None
-    # Re-encoding must give the same text: rejects non-canonical base64 tails.
-    if base64.urlsafe_b64encode(raw).decode().rstrip("=") != encoded:
-        raise DecryptionError("cannot open sealed value")
+    raw = _decoded(encoded)
     if len(raw) < NONCE_BYTES + TAG_BYTES:
         raise DecryptionError("cannot open sealed value")
     try:

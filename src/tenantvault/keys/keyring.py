@@ -13,12 +13,20 @@ counted as unused.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import NoReturn
 
 import sqlalchemy as sa
 
 from tenantvault.crypto.datakey import DataKey
-from tenantvault.crypto.envelope import SealContext, open_sealed, reseal, seal, sealed_dek_version
+from tenantvault.crypto.envelope import (
+    SealContext,
+    open_sealed,
+    open_with_key_of,
+    reseal,
+    seal,
+    sealed_dek_version,
+)
 from tenantvault.errors import DecryptionError, KeyDestroyedError
 from tenantvault.keys import store
 from tenantvault.keys.backoff import ProviderBackoff
@@ -77,10 +85,9 @@ class Keyring:
         Raises:
             DecryptionError: the value is malformed or does not open in ``place``.
         """
-        key = self.cache.get(tenant_id, sealed_dek_version(sealed))
-        if key is None:
-            return None
-        return open_sealed(key, sealed, place, allow_legacy=self.allow_legacy)
+        return open_with_key_of(
+            partial(self.cache.get, tenant_id), sealed, place, allow_legacy=self.allow_legacy
+        )
 
     def warm(self, transaction: Transaction, tenant_ids: Sequence[str]) -> WarmReport:
         """Cache the usable keys of ``tenant_ids`` in batch unwraps: ceil(K / batch size)

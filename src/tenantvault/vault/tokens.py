@@ -30,7 +30,7 @@ from tenantvault.db.models import AuditAction, EmailProviderToken
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
 from tenantvault.keys.keyring import Sealer
-from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN
+from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN, token_binding
 from tenantvault.vault.core import VaultCore
 
 
@@ -427,16 +427,18 @@ def opened_token(
     """
     if row.encrypted_access_token is None:
         raise _no_token(tenant_id, row.config_id)
-    bound = (row.id, row.version)
+    binding = token_binding(row.id, row.version)  # both values are bound alike
     access = open_(
-        row.encrypted_access_token, ACCESS_TOKEN.place(tenant_id, row.config_id, bound=bound)
+        row.encrypted_access_token,
+        ACCESS_TOKEN.place_bound(tenant_id, row.config_id, binding=binding),
     )
     if access is None:
         return None
     refresh = None
     if row.encrypted_refresh_token is not None:
         refresh = open_(
-            row.encrypted_refresh_token, REFRESH_TOKEN.place(tenant_id, row.config_id, bound=bound)
+            row.encrypted_refresh_token,
+            REFRESH_TOKEN.place_bound(tenant_id, row.config_id, binding=binding),
         )
         if refresh is None:
             return None
