@@ -1,6 +1,8 @@
 """KEK rotation against real OpenBao transit: rotate, rewrap in batches, catch up,
-resume, and raise min_decryption_version only when nothing needs an older version.
-Each test has a transit key of its own, so raising its minimum touches no other test."""
+resume, and raise min_decryption_version only when nothing needs an older version;
+an audit event for every key stored, the next batch's rewrap under way while a batch
+is stored, and a tenant's keys in one batch. Each test has a transit key of its own,
+so raising its minimum touches no other test."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ import pytest
 import sqlalchemy as sa
 
 from tenantvault import DecryptionError, Vault
-from tenantvault.errors import RotationError
+from tenantvault.audit.chain import verify_audit
+from tenantvault.errors import KeyProviderUnavailable, RotationError
+from tenantvault.keys import store
+from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.kek import KekProgress, rotate_kek
-from tenantvault.rotation.options import KekRotationOptions
+from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
 from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
-from tests.conftest import CountingProvider, Services, transit_provider
+from tests.conftest import CountingProvider, Services, fresh_keyring, transit_provider
 from tests.rotation_support import add_tenants, open_everything, populate
 
 TENANTS = [f"t_k{n}" for n in range(7)]
@@ -182,3 +187,134 @@ def test_min_decryption_version_is_refused_while_a_data_key_needs_an_old_version
     # A wrapped key from before (an old backup) no longer unwraps.
     with pytest.raises(DecryptionError):
         own_provider.unwrap("t_k3", old_wrapped[("t_k3", 1)][0])
+
+
+def _rewrap_events(operator_db: Any) -> list[tuple[str, str | None, str | None, dict[str, Any]]]:
+    """(tenant, actor, key version, details) of every kek.rewrapped event, in chain order."""
+    with operator_db.transaction() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT tenant_id, actor, target_id, details FROM dripiq_app.audit_events "
+                "WHERE action = 'kek.rewrapped' AND target_type = 'dek' ORDER BY tenant_id, seq"
+            )
+        )
+        return [(t, a, v, d) for t, a, v, d in rows]
+
+
+def test_every_key_stored_has_its_own_audit_event_and_the_chains_verify(
+    own_vault: Any, own_provider: CountingProvider, operator_db: Any
+) -> None:
+    report = rotate_kek(operator_db, own_provider, KekRotationOptions(batch_size=3))
+    assert report.ok
+    assert _rewrap_events(operator_db) == [
+        (tenant, "rotate-keys", "1", {"kek_version": 2}) for tenant in TENANTS
+    ]
+    verified = verify_audit(operator_db, TENANTS)
+    assert verified.ok, verified.breaks
+    assert verified.events > len(TENANTS)  # the events from before are on the same chains
+
+
+def test_a_key_changed_since_it_was_read_is_not_stored_and_gets_no_event(
+    own_vault: Any, own_provider: CountingProvider, operator_db: Any, owner_engine: sa.Engine
+) -> None:
+    own_provider.rotate_kek()
+    before = _wrapped(owner_engine)
+    items = [(t, before[(t, 1)][0]) for t in ("t_k0", "t_k1")]
+    new = [r.wrapped for r in own_provider.rewrap(items) if r.wrapped is not None]
+    assert len(new) == 2
+    with operator_db.transaction() as connection:
+        stored = store.store_rewrapped(
+            connection,
+            [
+                store.Rewrapped("t_k0", 1, before[("t_k0", 1)][0], new[0]),
+                # As if a writer had replaced t_k1's key after the batch read it.
+                store.Rewrapped("t_k1", 1, before[("t_k0", 1)][0], new[1]),
+            ],
+            actor="rotate-keys",
+        )
+    assert stored == 1
+    after = _wrapped(owner_engine)
+    assert after[("t_k0", 1)][1] == 2
+    assert after[("t_k1", 1)] == before[("t_k1", 1)]
+    assert [(t, v) for t, _, v, _ in _rewrap_events(operator_db)] == [("t_k0", "1")]
+
+
+def test_a_tenants_keys_are_never_split_between_two_batches(
+    own_vault: Any, own_provider: CountingProvider, operator_db: Any
+) -> None:
+    # t_k0 gets a second key version; its retired first one is rewrapped too.
+    rotated = rotate_data_keys(
+        operator_db, fresh_keyring(own_provider), ["t_k0"], DekRotationOptions()
+    )
+    assert rotated.ok
+    progress: list[KekProgress] = []
+    report = rotate_kek(
+        operator_db, own_provider, KekRotationOptions(batch_size=1), on_progress=progress.append
+    )
+    assert report.ok
+    # Batches of one key, but t_k0's two keys go together.
+    assert [p.rewrapped for p in progress] == [2, 3, 4, 5, 6, 7, 8]
+    assert [(t, v) for t, _, v, _ in _rewrap_events(operator_db)][:2] == [
+        ("t_k0", "1"),
+        ("t_k0", "2"),
+    ]
+
+
+class _Observed(CountingProvider):
+    """Sets ``started[n]`` when the n-th rewrap call reaches it; ``fail_on`` makes that
+    call fail as an unreachable transit would."""
+
+    def __init__(self, inner: Any, fail_on: int | None = None) -> None:
+        super().__init__(inner)
+        self.started = [threading.Event() for _ in range(20)]
+        self.fail_on = fail_on
+
+    def rewrap(self, items: Any) -> Any:
+        number = self.calls.get("rewrap", 0)
+        self.started[number].set()
+        if number == self.fail_on:
+            self._count("rewrap")
+            raise KeyProviderUnavailable("transit did not answer (test)")
+        return super().rewrap(items)
+
+
+def test_the_next_batch_is_rewrapped_while_the_one_before_is_stored(
+    own_vault: Any, own_provider: CountingProvider, operator_db: Any
+) -> None:
+    observed = _Observed(own_provider.inner)
+    seen_during_progress: list[bool] = []
+
+    def first_committed(event: KekProgress) -> None:
+        if not seen_during_progress:
+            # The second batch's rewrap starts without waiting for the first's commit.
+            seen_during_progress.append(observed.started[1].wait(timeout=10))
+
+    report = rotate_kek(
+        operator_db, observed, KekRotationOptions(batch_size=3), on_progress=first_committed
+    )
+    assert report.ok
+    assert report.rewrapped == 7
+    assert seen_during_progress == [True]
+    assert observed.calls["rewrap"] == 3
+
+
+def test_transit_failing_for_the_batch_sent_ahead_rolls_it_back_and_a_rerun_finishes(
+    own_vault: Any, own_provider: CountingProvider, operator_db: Any, owner_engine: sa.Engine
+) -> None:
+    vault, expected = own_vault
+    observed = _Observed(own_provider.inner, fail_on=1)
+    progress: list[KekProgress] = []
+    with pytest.raises(KeyProviderUnavailable):
+        rotate_kek(
+            operator_db, observed, KekRotationOptions(batch_size=3), on_progress=progress.append
+        )
+    assert [p.rewrapped for p in progress] == [3]
+    assert sorted(kek for _, kek in _wrapped(owner_engine).values()) == [1, 1, 1, 1, 2, 2, 2]
+    # Both batches' transactions ended: no connection is left out of the pool.
+    assert operator_db.engine.pool.checkedout() == 0
+    assert [t for t, _, _, _ in _rewrap_events(operator_db)] == TENANTS[:3]
+
+    rerun = rotate_kek(operator_db, own_provider, KekRotationOptions(batch_size=3))
+    assert (rerun.ok, rerun.rotated, rerun.rewrapped) == (True, False, 4)
+    vault.keyring.cache.clear()
+    assert {t: open_everything(vault, t) for t in TENANTS} == expected

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -74,3 +75,30 @@ def record_many(connection: sa.Connection, events: Iterable[Event]) -> None:
     rows = [event.row() for event in events]
     if rows:
         connection.execute(sa.insert(AuditEvent), rows)
+
+
+def insert_per_row(
+    rows: sa.Select[Any], action: AuditAction, *, actor: str, target_type: str
+) -> sa.Insert:
+    """An INSERT of one event per row of ``rows``, in their order: for a statement that
+    records its own change (``rows`` selects from a data-modifying CTE), so each event
+    exists exactly when its row changed, and the events cost no round trip of their own.
+
+    Args:
+        rows: three columns, per event: tenant_id, target_id (text), details (jsonb).
+        action: what was done to every row.
+        actor: who did it.
+        target_type: the kind of thing each row is.
+    """
+    columns = rows.selected_columns
+    return sa.insert(AuditEvent).from_select(
+        ["tenant_id", "action", "actor", "target_type", "target_id", "details"],
+        rows.with_only_columns(
+            columns[0],
+            sa.literal(action.value, sa.Text),
+            sa.literal(actor[:_MAX_TEXT], sa.Text),
+            sa.literal(target_type, sa.Text),
+            columns[1],
+            columns[2],
+        ),
+    )

@@ -347,17 +347,31 @@ def lock_behind_kek(
     limit: int,
     skip_locked: bool,
 ) -> list[tuple[str, int, str]]:
-    """The next ``limit`` keys behind ``latest`` after (tenant, version), locked for the
-    transaction: (tenant_id, version, wrapped_key). ``skip_locked`` passes over keys
-    another transaction holds."""
-    rows = connection.execute(
-        sa.select(Key.tenant_id, Key.version, Key.wrapped_key)
-        .where(_behind(latest), sa.tuple_(Key.tenant_id, Key.version) > sa.tuple_(*after))
-        .order_by(Key.tenant_id, Key.version)
-        .limit(limit)
-        .with_for_update(skip_locked=skip_locked)
-    ).all()
-    return [(tenant_id, version, str(wrapped_key)) for tenant_id, version, wrapped_key in rows]
+    """The next ``limit`` keys behind ``latest`` after (tenant, version), and the rest of
+    the last one's tenant, locked for the transaction: (tenant_id, version, wrapped_key).
+    ``skip_locked`` passes over keys another transaction holds.
+
+    A tenant's keys are never split between two batches: a rotation holds its next
+    batch while it stores the one before, and a writer sealing for a tenant holds the
+    tenant's audit chain while it waits for that tenant's key; were the tenant in both
+    batches, the first would wait for the writer, the writer for the second, and the
+    second for the first to be stored, a wait PostgreSQL cannot see as a deadlock."""
+
+    def locked(where: sa.ColumnElement[bool], limit: int | None) -> list[tuple[str, int, str]]:
+        rows = connection.execute(
+            sa.select(Key.tenant_id, Key.version, Key.wrapped_key)
+            .where(_behind(latest), where)
+            .order_by(Key.tenant_id, Key.version)
+            .limit(limit)
+            .with_for_update(skip_locked=skip_locked)
+        ).all()
+        return [(tenant_id, version, str(wrapped_key)) for tenant_id, version, wrapped_key in rows]
+
+    rows = locked(sa.tuple_(Key.tenant_id, Key.version) > sa.tuple_(*after), limit)
+    if len(rows) == limit:
+        tenant_id, version, _ = rows[-1]
+        rows += locked(sa.and_(Key.tenant_id == tenant_id, Key.version > version), None)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -369,8 +383,14 @@ class Rewrapped:
 
 
 def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, actor: str) -> int:
-    """Store rewrapped keys in one statement, each only where the key is still the one
-    that was read (a compare-and-swap); returns how many were stored."""
+    """Store rewrapped keys, each only where the key is still the one that was read (a
+    compare-and-swap), with a ``kek.rewrapped`` event for each key stored; returns how
+    many were stored.
+
+    One statement: the UPDATE's returned rows feed the events' INSERT, so a key whose
+    compare-and-swap missed gets no event, and a batch costs one round trip instead of
+    one per event (the events were most of a batch's time). They are inserted in
+    (tenant, version) order, the order the batch's rows were locked in."""
     if not items:
         return 0
     columns: dict[str, list[Any]] = {
@@ -391,28 +411,28 @@ def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, ac
         .table_valued("tenant_id", "version", "old_key", "new_key", "kek_version")
         .render_derived(name="v")
     )
-    stored = connection.execute(
+    stored = (
         sa.update(Key)
         .where(
             Key.tenant_id == values.c.tenant_id,
             Key.version == values.c.version,
             Key.wrapped_key == values.c.old_key,
         )
-        .values(wrapped_key=values.c.new_key, kek_version=values.c.kek_version),
-        columns,
-    ).rowcount
-    audit.record_many(
-        connection,
-        (
-            audit.Event(
-                item.tenant_id,
-                AuditAction.KEK_REWRAPPED,
-                actor=actor,
-                target_type="dek",
-                target_id=str(item.version),
-                details={"kek_version": item.new.kek_version},
-            )
-            for item in items
-        ),
+        .values(wrapped_key=values.c.new_key, kek_version=values.c.kek_version)
+        .returning(Key.tenant_id, Key.version, Key.kek_version)
+        .cte("stored")
     )
-    return int(stored)
+    events = audit.insert_per_row(
+        sa.select(
+            stored.c.tenant_id,
+            sa.cast(stored.c.version, sa.Text),
+            sa.func.jsonb_build_object("kek_version", stored.c.kek_version),
+        ).order_by(stored.c.tenant_id, stored.c.version),
+        AuditAction.KEK_REWRAPPED,
+        actor=actor,
+        target_type="dek",
+    )
+    # An INSERT's row count is kept only when asked for (SQLAlchemy counts UPDATEs and
+    # DELETEs only): one event per stored key, so it counts the keys stored.
+    counted = events.execution_options(preserve_rowcount=True)
+    return int(connection.execute(counted, columns).rowcount)
