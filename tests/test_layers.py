@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tenantvault"
 RANKS: dict[str, int] = {
     "errors": 0,
     "settings": 1,
+    "metrics": 1,  # the OpenTelemetry instruments: below every layer that records
     "crypto": 2,
     "kms": 3,
     "db": 3,
@@ -254,7 +255,14 @@ def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
                 for node in ast.walk(statement)
                 if isinstance(node, ast.Call)
             }
-            assert called == {"self._held.fetch_one", "hot_load_parameters", "finish_hot_load"}
+            # And the load's duration, recorded on the core's instruments.
+            assert called == {
+                "self._held.fetch_one",
+                "hot_load_parameters",
+                "finish_hot_load",
+                "time.perf_counter",
+                "self._core.metrics.loaded",
+            }
         statement = body[0] if len(body) == 1 else None
         awaited = getattr(statement, "value", None)
         call = awaited.value if isinstance(awaited, ast.Await) else None

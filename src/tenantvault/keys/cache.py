@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from tenantvault.crypto.datakey import DataKey
+from tenantvault.metrics import EvictionReason, Metrics, default_metrics
 
 CacheKey = tuple[str, int]
 Wait = Callable[[Future[DataKey]], DataKey]
@@ -62,6 +63,7 @@ class DataKeyCache:
         max_uses: int,
         clock: Callable[[], float] = time.monotonic,
         wait: Wait = Future.result,
+        metrics: Metrics | None = None,
     ) -> None:
         """A cache within these bounds.
 
@@ -72,6 +74,8 @@ class DataKeyCache:
             clock: seconds, monotonic (tests move it).
             wait: how a follower waits for the leader's load of the same key; the
                 default blocks the calling thread.
+            metrics: where hits, misses and evictions are counted (the global meter
+                provider's instruments when None).
         """
         if max_age_seconds <= 0 or max_entries < 1 or max_uses < 1:
             raise ValueError("cache bounds must be positive")
@@ -84,6 +88,7 @@ class DataKeyCache:
         self._in_flight: dict[CacheKey, Future[DataKey]] = {}
         self._lock = threading.Lock()
         self.stats = CacheStats()
+        self._metrics = metrics or default_metrics()
 
     def __repr__(self) -> str:
         return f"DataKeyCache(entries={len(self._entries)}, max_entries={self.max_entries})"
@@ -97,22 +102,32 @@ class DataKeyCache:
         entry = self._entries.get(cache_key)
         if entry is None:
             return None
-        if not self._serves(entry, wrapped_digest):
+        stale = self._stale(entry, wrapped_digest)
+        if stale is not None:
             del self._entries[cache_key]
+            self._metrics.cache_evicted(stale)
             return None
         entry.uses += 1
         self._entries.move_to_end(cache_key)
         self.stats.hits += 1
+        self._metrics.cache_hit()
         return entry.key
 
     def _serves(self, entry: _Entry, wrapped_digest: bytes | None) -> bool:
         """Whether ``entry`` is within its bounds and, when ``wrapped_digest`` is given,
         was unwrapped from that wrapping."""
-        return (
-            self._clock() - entry.loaded_at < self.max_age_seconds
-            and entry.uses < self.max_uses
-            and (wrapped_digest is None or entry.wrapped_digest == wrapped_digest)
-        )
+        return self._stale(entry, wrapped_digest) is None
+
+    def _stale(self, entry: _Entry, wrapped_digest: bytes | None) -> EvictionReason | None:
+        """Why ``entry`` may not be served (the bound it is past, or another wrapping
+        than ``wrapped_digest`` when given); None when it may."""
+        if self._clock() - entry.loaded_at >= self.max_age_seconds:
+            return "max_age"
+        if entry.uses >= self.max_uses:
+            return "max_uses"
+        if wrapped_digest is not None and entry.wrapped_digest != wrapped_digest:
+            return "wrapping_changed"
+        return None
 
     def get(self, tenant_id: str, version: int) -> DataKey | None:
         """The cached key, or None (never loads)."""
@@ -136,6 +151,7 @@ class DataKeyCache:
         self._entries.move_to_end((key.tenant_id, key.version))
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self._metrics.cache_evicted("max_entries")
 
     def get_or_load(
         self,
@@ -162,6 +178,7 @@ class DataKeyCache:
                 self._in_flight[cache_key] = pending
         if not leader:
             return self._wait(pending)
+        self._metrics.cache_miss()
         try:
             key = load()
         except BaseException as exc:
@@ -178,9 +195,13 @@ class DataKeyCache:
 
     def evict_tenant(self, tenant_id: str) -> None:
         with self._lock:
-            for cache_key in [k for k in self._entries if k[0] == tenant_id]:
+            evicted = [k for k in self._entries if k[0] == tenant_id]
+            for cache_key in evicted:
                 del self._entries[cache_key]
+        self._metrics.cache_evicted("tenant_evicted", len(evicted))
 
     def clear(self) -> None:
         with self._lock:
+            evicted = len(self._entries)
             self._entries.clear()
+        self._metrics.cache_evicted("cleared", evicted)

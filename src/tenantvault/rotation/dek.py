@@ -42,6 +42,7 @@ from tenantvault.errors import (
 from tenantvault.keys import store
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
+from tenantvault.metrics import default_metrics
 from tenantvault.rotation.options import DekRotationOptions
 
 RESEAL_PASSES = 3
@@ -204,6 +205,10 @@ class DekRotation:
         self.stop.set()
 
     def _progress(self, event: Progress) -> None:
+        if event.finished is None:
+            default_metrics().rotated("dek", event.rows)
+        else:
+            default_metrics().rotation_tenant_done(event.finished.outcome)
         if self.on_progress is not None:
             self.on_progress(event)
 

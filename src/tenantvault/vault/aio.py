@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, ParamSpec, Self, TypeVar
 
+from opentelemetry.metrics import MeterProvider
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
@@ -29,10 +31,10 @@ from tenantvault.db.session import async_held_connections, create_async_engine
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
 from tenantvault.keys.warmup import WarmReport
-from tenantvault.kms.factory import key_provider_from_settings
 from tenantvault.kms.provider import KeyProvider
+from tenantvault.metrics import Metrics
 from tenantvault.settings import Settings, load_settings
-from tenantvault.vault.core import keyring_from_settings
+from tenantvault.vault.core import keyring_from_settings, metered_provider, metrics_for
 from tenantvault.vault.credentials import (
     finish_hot_load,
     hot_load_parameters,
@@ -95,6 +97,7 @@ class AsyncVault:
         audit_loads: bool = False,
         max_concurrent: int = 6,
         held: AsyncHeldConnections | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.session.create_async_engine`)
         and ``keyring``, whose provider must be an ``OffLoopKeyProvider``.
@@ -134,6 +137,7 @@ class AsyncVault:
             # The loop's hot path is this facade's own (``held``); the core's would
             # block the loop on a thread's wait for a connection.
             hot_path_connections=0,
+            metrics=metrics,
         )
 
     def __repr__(self) -> str:
@@ -141,20 +145,27 @@ class AsyncVault:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings | None = None, *, key_provider: KeyProvider | None = None
+        cls,
+        settings: Settings | None = None,
+        *,
+        key_provider: KeyProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> Self:
         """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings, as ``Vault.from_settings``.
 
         ``key_provider`` is the sync provider (as ``Vault`` takes); its calls run in
-        worker threads."""
+        worker threads. ``meter_provider`` as ``Vault.from_settings`` takes it."""
         settings = settings or load_settings()
-        provider = OffLoopKeyProvider(key_provider or key_provider_from_settings(settings))
+        metrics = metrics_for(meter_provider)
+        # Metered inside the worker threads: a call's duration is Vault's, not the queue's.
+        provider = OffLoopKeyProvider(metered_provider(settings, key_provider, metrics))
         return cls(
             create_async_engine(settings),
-            keyring_from_settings(settings, provider, wait=wait_for),
+            keyring_from_settings(settings, provider, wait=wait_for, metrics=metrics),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
             held=async_held_connections(settings),
+            metrics=metrics,
         )
 
     async def _run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -485,11 +496,13 @@ class AsyncVault:
         cached) is one statement on a held connection, its row opened by the core's own
         functions (:func:`tenantvault.vault.credentials.finish_hot_load`)."""
         if session is None and self._held is not None:
+            started = time.perf_counter()
             row = await self._held.fetch_one(
                 self._hot_load_sql, hot_load_parameters(tenant_id, config_id)
             )
             loaded = finish_hot_load(self.keyring, tenant_id, config_id, row)
             if loaded is not None:
+                self._core.metrics.loaded(started, "hot")
                 return loaded
         return await self._run(
             self._core.load_credentials,

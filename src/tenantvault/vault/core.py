@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Self
 
 import sqlalchemy as sa
+from opentelemetry.metrics import MeterProvider
 from sqlalchemy.orm import Session
 
 from tenantvault import audit
@@ -35,7 +36,9 @@ from tenantvault.keys.cache import DataKeyCache, Wait
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.kms.factory import key_provider_from_settings
+from tenantvault.kms.metered import MeteredKeyProvider
 from tenantvault.kms.provider import KeyProvider
+from tenantvault.metrics import Metrics, default_metrics
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage
 from tenantvault.vault.views import ProviderConfig, config_view
@@ -59,21 +62,37 @@ def keyring_from_settings(
     provider: KeyProvider,
     *,
     wait: Wait = Future.result,
+    metrics: Metrics | None = None,
 ) -> Keyring:
     """The keyring both facades build from settings: ``provider`` behind a cache
     within the configured bounds (``wait``: how a cache miss waits for another
-    caller's load of the same key) and the configured backoff after a failed unwrap."""
+    caller's load of the same key; ``metrics``: where it counts hits, misses and
+    evictions) and the configured backoff after a failed unwrap."""
     cache = DataKeyCache(
         max_age_seconds=settings.dek_cache_max_age_seconds,
         max_entries=settings.dek_cache_max_entries,
         max_uses=settings.dek_cache_max_uses,
         wait=wait,
+        metrics=metrics,
     )
     backoff = ProviderBackoff(
         initial_seconds=settings.vault_backoff_initial_seconds,
         max_seconds=settings.vault_backoff_max_seconds,
     )
     return Keyring(provider, cache, allow_legacy=settings.open_legacy_format, backoff=backoff)
+
+
+def metered_provider(
+    settings: Settings, key_provider: KeyProvider | None, metrics: Metrics
+) -> KeyProvider:
+    """``key_provider`` (the one ``settings`` name when None), each call recorded on
+    ``metrics``: the provider both facades build from settings."""
+    return MeteredKeyProvider(key_provider or key_provider_from_settings(settings), metrics)
+
+
+def metrics_for(meter_provider: MeterProvider | None) -> Metrics:
+    """The instruments on ``meter_provider``, or on the global one when None."""
+    return default_metrics() if meter_provider is None else Metrics(meter_provider)
 
 
 def schema_of(engine: sa.Engine) -> str:
@@ -99,12 +118,16 @@ class VaultCore:
         history_credentials_kept: int = 10,
         audit_loads: bool = False,
         hot_path_connections: int = 6,
+        metrics: Metrics | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
 
         ``hot_path_connections``: the load hot path holds up to this many connections of
         its own, opened by ``engine`` and detached from its pool (0: none; loads then
         take the full path). Close them with :meth:`dispose`.
+
+        ``metrics``: where loads and stores are timed (the global meter provider's
+        instruments when None).
         """
         if history_credentials_kept < 1:
             raise ValueError("history_credentials_kept must be at least 1")
@@ -114,6 +137,7 @@ class VaultCore:
         self.keyring = keyring
         self.history_credentials_kept = history_credentials_kept
         self.audit_loads = audit_loads
+        self.metrics = metrics or default_metrics()
         self._load_sql = queries.hot_load_sql(schema_of(engine))
         self._token_sql = queries.hot_token_sql(schema_of(engine))
         self._held = (
@@ -127,17 +151,27 @@ class VaultCore:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings | None = None, *, key_provider: KeyProvider | None = None
+        cls,
+        settings: Settings | None = None,
+        *,
+        key_provider: KeyProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> Self:
-        """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings."""
+        """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings.
+
+        ``meter_provider``: the OpenTelemetry meter provider its metrics go to (the
+        global one when None, also when the application sets it later)."""
         settings = settings or load_settings()
-        provider = key_provider or key_provider_from_settings(settings)
+        metrics = metrics_for(meter_provider)
         return cls(
             create_engine(settings),
-            keyring_from_settings(settings, provider),
+            keyring_from_settings(
+                settings, metered_provider(settings, key_provider, metrics), metrics=metrics
+            ),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
             hot_path_connections=settings.hot_path_connections,
+            metrics=metrics,
         )
 
     def dispose(self) -> None:

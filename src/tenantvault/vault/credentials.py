@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 import sqlalchemy as sa
@@ -42,15 +43,16 @@ class Credentials(Configs):
         Raises:
             ConcurrentModification: ``expected_version`` is given and the config moved on.
         """
-        return self.update_config(
-            tenant_id,
-            config_id,
-            credentials=credentials,
-            actor=actor,
-            reason=reason,
-            expected_version=expected_version,
-            session=session,
-        ).version
+        with self.metrics.timed_store():
+            return self.update_config(
+                tenant_id,
+                config_id,
+                credentials=credentials,
+                actor=actor,
+                reason=reason,
+                expected_version=expected_version,
+                session=session,
+            ).version
 
     def load_credentials(
         self,
@@ -71,9 +73,11 @@ class Credentials(Configs):
             DecryptionError: the stored value does not open (tampered or moved).
             KeyProviderUnavailable: the tenant's key is not cached and Vault is down.
         """
+        started = perf_counter()
         if not self.audit_loads:
             fast = self._load_credentials_one_round_trip(tenant_id, config_id, session)
             if fast is not None:
+                self.metrics.loaded(started, "hot")
                 return fast
         actor = checked_note("actor", actor)
         with self._scope(tenant_id, session) as s:
@@ -81,7 +85,8 @@ class Credentials(Configs):
             opened = self._open_credentials(s, row)
             if self.audit_loads:
                 self._audit(s, row, AuditAction.CREDENTIALS_REVEALED, actor)
-            return opened
+        self.metrics.loaded(started, "full")
+        return opened
 
     def _load_credentials_one_round_trip(
         self, tenant_id: str, config_id: str, session: Session | None
