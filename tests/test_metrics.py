@@ -74,7 +74,6 @@ ALLOWED = {
         "would resume",
         "would reseal",
     },
-    "path": {"hot", "full"},
     "kind": {"dek", "kek"},
 }
 
@@ -160,13 +159,13 @@ def test_a_cold_load_counts_a_miss_and_a_vault_call_a_warm_one_a_hit(
         key("key_cache.misses"): 1,
         key("key_provider.calls", operation="unwrap", outcome="ok"): 1,
         key("key_provider.duration", operation="unwrap", outcome="ok"): 1,
-        key("credentials.load.duration", path="full"): 1,
+        key("credentials.load.duration"): 1,
     }
 
     metered_vault.load_credentials("t_a", config.id)
     assert changed(cold, readings(reader)) == {
         key("key_cache.hits"): 1,
-        key("credentials.load.duration", path="hot"): 1,
+        key("credentials.load.duration"): 1,
     }
 
 
@@ -238,7 +237,7 @@ def test_each_eviction_reason_is_counted() -> None:
     assert {
         attributes: value
         for (name, attributes), value in readings(reader).items()
-        if name == "tenantvault.key_cache.evictions"
+        if name == "tenantvault.key_cache.evictions" and value
     } == {
         (("reason", "max_age"),): 1,
         (("reason", "max_uses"),): 1,
@@ -301,7 +300,7 @@ def test_the_async_hot_path_records_its_loads(
         loop.close()
     assert moved == {
         key("key_cache.hits"): 1,
-        key("credentials.load.duration", path="hot"): 1,
+        key("credentials.load.duration"): 1,
     }
 
 
@@ -321,7 +320,7 @@ def test_a_global_provider_set_after_the_instruments_were_made_gets_them(
         vault.dispose()
     assert moved == {
         key("key_cache.hits"): 1,
-        key("credentials.load.duration", path="hot"): 1,
+        key("credentials.load.duration"): 1,
     }
 
 

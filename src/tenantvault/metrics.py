@@ -9,19 +9,26 @@ provider set after tenantvault was imported), or one handed to
 Every attribute value comes from a small fixed set named below: never a tenant id
 (tenants are many; one series each would swamp the backend), a config id, a key
 or any part of a secret. The README's "Metrics" section lists the instruments.
+
+The hot path pays for one measurement: a load's duration. A synchronous
+measurement through the SDK costs microseconds (a load costs about a hundred), so
+what happens on every load besides it, the key cache's hits and misses, is
+counted in plain integers under the cache's own lock and read by observable
+counters when the SDK collects.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final, Literal, TypeVar, get_args
 
 from opentelemetry import metrics as otel
-from opentelemetry.metrics import MeterProvider
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from tenantvault.errors import KeyProviderRefused, KeyProviderUnavailable
 
@@ -32,10 +39,6 @@ EvictionReason = Literal[
 ]
 """Why the key cache dropped a key: its age, its uses, room for another key, a row
 stored under another wrapping since, ``evict_tenant`` (a shred), ``clear``."""
-
-LoadPath = Literal["hot", "full"]
-"""``hot``: one statement and the cached key; ``full``: the transaction that may ask
-the key provider (a key not cached, ``session=``, load auditing)."""
 
 RotationKind = Literal["dek", "kek"]
 
@@ -62,12 +65,19 @@ DURATION_BUCKETS: Final = (
     10.0,
 )
 
-# Attribute sets built once: a measurement on the hot path allocates none.
-_HOT: Final = {"path": "hot"}
-_FULL: Final = {"path": "full"}
-_REASONS: Final[Mapping[str, Mapping[str, str]]] = {
-    reason: {"reason": reason} for reason in get_args(EvictionReason)
-}
+EVICTION_REASONS: Final[tuple[EvictionReason, ...]] = get_args(EvictionReason)
+
+
+@dataclass
+class CacheCounts:
+    """One key cache's counts since it was made: kept by the cache under its lock,
+    read when the SDK collects. Never reset, so the sums stay monotonic."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: dict[EvictionReason, int] = field(
+        default_factory=lambda: dict.fromkeys(EVICTION_REASONS, 0)
+    )
 
 
 def _outcome(exc: BaseException | None) -> str:
@@ -97,19 +107,26 @@ class Metrics:
         """Instruments on ``meter_provider``'s ``tenantvault`` meter; the global
         provider's when None (a proxy until the application sets one)."""
         meter = otel.get_meter("tenantvault", _version(), meter_provider=meter_provider)
-        self.key_cache_hits = meter.create_counter(
+        # Every cache made on these instruments, alive or not: a cache's counts stay
+        # part of the sums after it is gone (a counter that shrank would read as a reset).
+        self._caches: list[CacheCounts] = []
+        self._caches_lock = threading.Lock()
+        meter.create_observable_counter(
             "tenantvault.key_cache.hits",
+            [self._observe_hits],
             unit="{hit}",
             description="Data key lookups the key cache served.",
         )
-        self.key_cache_misses = meter.create_counter(
+        meter.create_observable_counter(
             "tenantvault.key_cache.misses",
+            [self._observe_misses],
             unit="{miss}",
             description="Data keys the key cache did not hold and loaded "
             "(concurrent callers for one key share one load and one miss).",
         )
-        self.key_cache_evictions = meter.create_counter(
+        meter.create_observable_counter(
             "tenantvault.key_cache.evictions",
+            [self._observe_evictions],
             unit="{eviction}",
             description="Data keys the key cache dropped, by reason.",
         )
@@ -127,7 +144,7 @@ class Metrics:
         self.load_duration = meter.create_histogram(
             "tenantvault.credentials.load.duration",
             unit="s",
-            description="Duration of successful credential loads, by path.",
+            description="Duration of successful credential loads.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self.store_duration = meter.create_histogram(
@@ -152,15 +169,29 @@ class Metrics:
 
     # --- the key cache ---
 
-    def cache_hit(self) -> None:
-        self.key_cache_hits.add(1)
+    def cache_counts(self) -> CacheCounts:
+        """New counts for a key cache to keep, summed into the key cache counters."""
+        counts = CacheCounts()
+        with self._caches_lock:
+            self._caches.append(counts)
+        return counts
 
-    def cache_miss(self) -> None:
-        self.key_cache_misses.add(1)
+    def _counted(self) -> list[CacheCounts]:
+        with self._caches_lock:
+            return list(self._caches)
 
-    def cache_evicted(self, reason: EvictionReason, count: int = 1) -> None:
-        if count:
-            self.key_cache_evictions.add(count, _REASONS[reason])
+    def _observe_hits(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(sum(c.hits for c in self._counted()))]
+
+    def _observe_misses(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(sum(c.misses for c in self._counted()))]
+
+    def _observe_evictions(self, _: CallbackOptions) -> Iterable[Observation]:
+        caches = self._counted()
+        return [
+            Observation(sum(c.evictions[reason] for c in caches), {"reason": reason})
+            for reason in EVICTION_REASONS
+        ]
 
     # --- the key provider ---
 
@@ -180,9 +211,10 @@ class Metrics:
 
     # --- loads and stores ---
 
-    def loaded(self, started: float, path: LoadPath) -> None:
-        """A load that began at ``started`` (``time.perf_counter()``) succeeded."""
-        self.load_duration.record(time.perf_counter() - started, _HOT if path == "hot" else _FULL)
+    def loaded(self, started: float) -> None:
+        """A load that began at ``started`` (``time.perf_counter()``) succeeded. No
+        attribute: on the hot path an attribute set costs as much again as the record."""
+        self.load_duration.record(time.perf_counter() - started)
 
     @contextmanager
     def timed_store(self) -> Iterator[None]:

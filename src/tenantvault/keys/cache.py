@@ -88,7 +88,9 @@ class DataKeyCache:
         self._in_flight: dict[CacheKey, Future[DataKey]] = {}
         self._lock = threading.Lock()
         self.stats = CacheStats()
-        self._metrics = metrics or default_metrics()
+        # Plain integers under the lock, read when metrics are collected: nothing
+        # on a hit reaches the OpenTelemetry SDK.
+        self._counts = (metrics or default_metrics()).cache_counts()
 
     def __repr__(self) -> str:
         return f"DataKeyCache(entries={len(self._entries)}, max_entries={self.max_entries})"
@@ -105,12 +107,12 @@ class DataKeyCache:
         stale = self._stale(entry, wrapped_digest)
         if stale is not None:
             del self._entries[cache_key]
-            self._metrics.cache_evicted(stale)
+            self._counts.evictions[stale] += 1
             return None
         entry.uses += 1
         self._entries.move_to_end(cache_key)
         self.stats.hits += 1
-        self._metrics.cache_hit()
+        self._counts.hits += 1
         return entry.key
 
     def _serves(self, entry: _Entry, wrapped_digest: bytes | None) -> bool:
@@ -151,7 +153,7 @@ class DataKeyCache:
         self._entries.move_to_end((key.tenant_id, key.version))
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-            self._metrics.cache_evicted("max_entries")
+            self._counts.evictions["max_entries"] += 1
 
     def get_or_load(
         self,
@@ -176,9 +178,9 @@ class DataKeyCache:
             if pending is None:
                 pending = Future()
                 self._in_flight[cache_key] = pending
+                self._counts.misses += 1
         if not leader:
             return self._wait(pending)
-        self._metrics.cache_miss()
         try:
             key = load()
         except BaseException as exc:
@@ -198,10 +200,9 @@ class DataKeyCache:
             evicted = [k for k in self._entries if k[0] == tenant_id]
             for cache_key in evicted:
                 del self._entries[cache_key]
-        self._metrics.cache_evicted("tenant_evicted", len(evicted))
+            self._counts.evictions["tenant_evicted"] += len(evicted)
 
     def clear(self) -> None:
         with self._lock:
-            evicted = len(self._entries)
+            self._counts.evictions["cleared"] += len(self._entries)
             self._entries.clear()
-        self._metrics.cache_evicted("cleared", evicted)

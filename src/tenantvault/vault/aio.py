@@ -502,7 +502,7 @@ class AsyncVault:
             )
             loaded = finish_hot_load(self.keyring, tenant_id, config_id, row)
             if loaded is not None:
-                self._core.metrics.loaded(started, "hot")
+                self._core.metrics.loaded(started)
                 return loaded
         return await self._run(
             self._core.load_credentials,

@@ -77,7 +77,7 @@ class Credentials(Configs):
         if not self.audit_loads:
             fast = self._load_credentials_one_round_trip(tenant_id, config_id, session)
             if fast is not None:
-                self.metrics.loaded(started, "hot")
+                self.metrics.loaded(started)
                 return fast
         actor = checked_note("actor", actor)
         with self._scope(tenant_id, session) as s:
@@ -85,7 +85,7 @@ class Credentials(Configs):
             opened = self._open_credentials(s, row)
             if self.audit_loads:
                 self._audit(s, row, AuditAction.CREDENTIALS_REVEALED, actor)
-        self.metrics.loaded(started, "full")
+        self.metrics.loaded(started)
         return opened
 
     def _load_credentials_one_round_trip(
