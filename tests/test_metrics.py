@@ -9,6 +9,7 @@ fixture sets it, and those tests read what changed."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,10 +25,11 @@ from tenantvault.keys.cache import DataKeyCache
 from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.metrics import Metrics, default_metrics
 from tenantvault.rotation.dek import rotate_data_keys
-from tenantvault.rotation.options import DekRotationOptions
+from tenantvault.rotation.kek import rotate_kek
+from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
 from tenantvault.settings import Settings
 from tests.async_support import LoopThread
-from tests.conftest import CountingProvider, Services, fresh_keyring
+from tests.conftest import CountingProvider, Services, fresh_keyring, transit_provider
 from tests.rotation_support import populate
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
@@ -338,3 +340,24 @@ def test_dek_rotation_counts_the_values_it_reseals(
     assert moved[key("rotation.progress", kind="dek")] == report.resealed
     assert moved[key("rotation.tenants", outcome="rotated")] == 1
     assert_bounded(readings(global_reader), "t_a", "secret", "access", "refresh")
+
+
+def test_kek_rotation_counts_the_keys_it_rewraps(
+    app_settings: Settings,
+    services: Services,
+    operator_db: Any,
+    global_reader: InMemoryMetricReader,
+) -> None:
+    # A transit key of its own: rotating it touches no other test's keys.
+    own = transit_provider(services, key_name=f"kek-{uuid.uuid4().hex[:8]}")
+    vault = Vault.from_settings(app_settings, key_provider=own)
+    try:
+        for tenant in ("t_a", "t_b"):
+            populate(vault, tenant, configs=1)
+    finally:
+        vault.dispose()
+    before = readings(global_reader)
+    report = rotate_kek(operator_db, own, KekRotationOptions(batch_size=1))
+    assert report.ok
+    assert report.rewrapped == 2
+    assert changed(before, readings(global_reader))[key("rotation.progress", kind="kek")] == 2

@@ -38,6 +38,7 @@ from tenantvault.db.operator import KEK_ROTATION_LOCK, OperatorDatabase
 from tenantvault.errors import RotationError
 from tenantvault.keys import store
 from tenantvault.kms.provider import KeyProvider, RewrapResult
+from tenantvault.metrics import default_metrics
 from tenantvault.rotation.options import KekRotationOptions
 
 ACTOR = "rotate-keys"
@@ -173,8 +174,10 @@ def rotate_kek(
                 report.failures.append(RewrapFailure(tenant, version, result.error or "refused"))
                 continue
             done.append(store.Rewrapped(tenant, version, wrapped, result.wrapped))
-        report.rewrapped += store.store_rewrapped(batch.connection, done, actor=ACTOR)
+        stored = store.store_rewrapped(batch.connection, done, actor=ACTOR)
+        report.rewrapped += stored
         batch.commit()
+        default_metrics().rotated("kek", stored)
         if on_progress is not None:
             on_progress(KekProgress(report.rewrapped, total))
 
