@@ -121,12 +121,15 @@ def reader() -> InMemoryMetricReader:
 
 
 @pytest.fixture
+def meter_provider(reader: InMemoryMetricReader) -> MeterProvider:
+    return MeterProvider([reader])
+
+
+@pytest.fixture
 def metered_vault(
-    app_settings: Settings, provider: CountingProvider, reader: InMemoryMetricReader
+    app_settings: Settings, provider: CountingProvider, meter_provider: MeterProvider
 ) -> Iterator[Vault]:
-    built = Vault.from_settings(
-        app_settings, key_provider=provider, meter_provider=MeterProvider([reader])
-    )
+    built = Vault.from_settings(app_settings, key_provider=provider, meter_provider=meter_provider)
     yield built
     built.dispose()
 
@@ -184,6 +187,29 @@ def test_a_store_is_timed_and_every_attribute_is_bounded(
 
     metered_vault.load_credentials("t_b", config.id)
     assert_bounded(readings(reader), "t_b", config.id, SECRET, "first")
+
+
+def test_two_vaults_on_one_meter_provider_both_count(
+    app_settings: Settings,
+    provider: CountingProvider,
+    reader: InMemoryMetricReader,
+    meter_provider: MeterProvider,
+    metered_vault: Vault,
+) -> None:
+    config = metered_vault.create_config(
+        "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": SECRET}
+    )
+    metered_vault.load_credentials("t_a", config.id)
+    second = Vault.from_settings(app_settings, key_provider=provider, meter_provider=meter_provider)
+    try:
+        second.load_credentials("t_a", config.id)  # its own cache: a miss
+        before = readings(reader)
+        metered_vault.load_credentials("t_a", config.id)
+        second.load_credentials("t_a", config.id)
+        moved = changed(before, readings(reader))
+    finally:
+        second.dispose()
+    assert moved == {key("key_cache.hits"): 2, key("credentials.load.duration"): 2}
 
 
 def test_an_eviction_for_room_is_counted(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -251,3 +252,19 @@ def default_metrics() -> Metrics:
             if _default is None:
                 _default = Metrics()
     return _default
+
+
+_by_provider: weakref.WeakKeyDictionary[MeterProvider, Metrics] = weakref.WeakKeyDictionary()
+
+
+def metrics_on(meter_provider: MeterProvider | None) -> Metrics:
+    """The instruments on ``meter_provider`` (the global one's when None), one set per
+    provider: the SDK hands a second registration of an instrument name the first
+    one's instrument, so a second set's observable callbacks would never be read."""
+    if meter_provider is None:
+        return default_metrics()
+    with _default_lock:
+        found = _by_provider.get(meter_provider)
+        if found is None:
+            found = _by_provider[meter_provider] = Metrics(meter_provider)
+        return found

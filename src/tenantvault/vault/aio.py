@@ -32,9 +32,9 @@ from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
 from tenantvault.keys.warmup import WarmReport
 from tenantvault.kms.provider import KeyProvider
-from tenantvault.metrics import Metrics
+from tenantvault.metrics import Metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
-from tenantvault.vault.core import keyring_from_settings, metered_provider, metrics_for
+from tenantvault.vault.core import keyring_from_settings, metered_provider
 from tenantvault.vault.credentials import (
     finish_hot_load,
     hot_load_parameters,
@@ -156,7 +156,7 @@ class AsyncVault:
         ``key_provider`` is the sync provider (as ``Vault`` takes); its calls run in
         worker threads. ``meter_provider`` as ``Vault.from_settings`` takes it."""
         settings = settings or load_settings()
-        metrics = metrics_for(meter_provider)
+        metrics = metrics_on(meter_provider)
         # Metered inside the worker threads: a call's duration is Vault's, not the queue's.
         provider = OffLoopKeyProvider(metered_provider(settings, key_provider, metrics))
         return cls(

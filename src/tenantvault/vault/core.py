@@ -38,7 +38,7 @@ from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.kms.factory import key_provider_from_settings
 from tenantvault.kms.metered import MeteredKeyProvider
 from tenantvault.kms.provider import KeyProvider
-from tenantvault.metrics import Metrics, default_metrics
+from tenantvault.metrics import Metrics, default_metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage
 from tenantvault.vault.views import ProviderConfig, config_view
@@ -88,11 +88,6 @@ def metered_provider(
     """``key_provider`` (the one ``settings`` name when None), each call recorded on
     ``metrics``: the provider both facades build from settings."""
     return MeteredKeyProvider(key_provider or key_provider_from_settings(settings), metrics)
-
-
-def metrics_for(meter_provider: MeterProvider | None) -> Metrics:
-    """The instruments on ``meter_provider``, or on the global one when None."""
-    return default_metrics() if meter_provider is None else Metrics(meter_provider)
 
 
 def schema_of(engine: sa.Engine) -> str:
@@ -162,7 +157,7 @@ class VaultCore:
         ``meter_provider``: the OpenTelemetry meter provider its metrics go to (the
         global one when None, also when the application sets it later)."""
         settings = settings or load_settings()
-        metrics = metrics_for(meter_provider)
+        metrics = metrics_on(meter_provider)
         return cls(
             create_engine(settings),
             keyring_from_settings(
