@@ -3,13 +3,14 @@ the server's checked; statements prepared on the server, or never."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from psycopg import errors
 
-from tenantvault.db.session import create_engine
+from tenantvault.db.session import async_held_connections, create_engine
 from tenantvault.errors import ConfigurationError
 from tenantvault.settings import Settings
 
@@ -100,3 +101,24 @@ def test_statements_are_prepared_on_the_server_unless_turned_off(
 ) -> None:
     assert _prepared_after_runs(_engine(engines, settings, server_prepared_statements=True)) == 2
     assert _prepared_after_runs(_engine(engines, settings, server_prepared_statements=False)) == 0
+
+
+def test_asyncvaults_held_connections_check_the_servers_timeout_too(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    """AsyncVault's hot path opens its connections straight with psycopg, not through
+    an engine: they check the server's timeout as the engines' connections do."""
+    _set_database_timeout(owner_engine, 150)
+
+    async def first_row(**update: object) -> object:
+        held = async_held_connections(
+            settings.model_copy(update={"send_statement_timeout": False, **update})
+        )
+        try:
+            return await held.fetch_one("SELECT current_setting('statement_timeout')", ())
+        finally:
+            await held.close()
+
+    with pytest.raises(ConfigurationError, match="it is 150 ms, not the 30000 ms"):
+        asyncio.run(first_row(statement_timeout_ms=30_000))
+    assert asyncio.run(first_row(statement_timeout_ms=150)) == ("150ms",)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -150,9 +150,19 @@ class AsyncHeldConnections:
     All of them belong to the event loop that opened them, as the vault does.
     """
 
-    def __init__(self, conninfo: str, *, size: int, **connect: Any) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        size: int,
+        check: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+        **connect: Any,
+    ) -> None:
+        """Hold at most ``size`` connections to ``conninfo``, opened with ``connect``'s
+        keywords; ``check`` runs on each new one (a refusal closes it and raises)."""
         if size < 1:
             raise ValueError("size must be at least 1")
+        self._check = check
         self._conninfo = conninfo
         self._connect = connect
         self._size = size
@@ -209,9 +219,16 @@ class AsyncHeldConnections:
         return await self._open(), False
 
     async def _open(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(
+        connection = await psycopg.AsyncConnection.connect(
             self._conninfo, autocommit=True, **self._connect
         )
+        if self._check is not None:
+            try:
+                await self._check(connection)
+            except BaseException:
+                await _aclose(connection)
+                raise
+        return connection
 
 
 async def _fetch_one(

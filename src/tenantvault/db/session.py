@@ -98,6 +98,7 @@ def async_held_connections(settings: Settings) -> AsyncHeldConnections:
     return AsyncHeldConnections(
         url.render_as_string(hide_password=False),
         size=settings.hot_path_connections,
+        check=startup.async_server_timeout_check(settings),
         **_engine_options(settings)["connect_args"],
     )
 

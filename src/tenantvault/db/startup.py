@@ -15,6 +15,7 @@ configured one, so a pooler's setup cannot lose it silently.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -57,13 +58,35 @@ def check_server_timeout(engine: Any, settings: Settings) -> None:
         # The SELECT opened a transaction: ended here, so a pooler in transaction mode
         # gets its server connection back before the connection is handed out.
         dbapi_connection.rollback()
-        server = int(row[0]) if row is not None else None
-        if server != expected:
-            raise ConfigurationError(
-                "TENANTVAULT_SEND_STATEMENT_TIMEOUT is false, so the server's "
-                f"statement_timeout applies, and it is {server} ms, not the "
-                f"{expected} ms of TENANTVAULT_STATEMENT_TIMEOUT_MS: set it on the login "
-                f"role or the database (ALTER ROLE ... SET statement_timeout = {expected})"
-            )
+        _check_timeout(row, expected)
 
     event.listen(engine, "connect", verify)
+
+
+AsyncCheck = Callable[[Any], Awaitable[None]]
+
+
+def async_server_timeout_check(settings: Settings) -> AsyncCheck | None:
+    """:func:`check_server_timeout` for connections opened straight with psycopg's
+    ``AsyncConnection`` in autocommit (AsyncVault's held ones); None when the timeout
+    is sent."""
+    if settings.send_statement_timeout:
+        return None
+    expected = settings.statement_timeout_ms
+
+    async def verify(connection: Any) -> None:
+        cursor = await connection.execute(_SERVER_TIMEOUT)
+        _check_timeout(await cursor.fetchone(), expected)
+
+    return verify
+
+
+def _check_timeout(row: Any, expected: int) -> None:
+    server = int(row[0]) if row is not None else None
+    if server != expected:
+        raise ConfigurationError(
+            "TENANTVAULT_SEND_STATEMENT_TIMEOUT is false, so the server's "
+            f"statement_timeout applies, and it is {server} ms, not the "
+            f"{expected} ms of TENANTVAULT_STATEMENT_TIMEOUT_MS: set it on the login "
+            f"role or the database (ALTER ROLE ... SET statement_timeout = {expected})"
+        )
