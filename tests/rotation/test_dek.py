@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from tenantvault import KeyDestroyedError, RotationError, Vault
+from tenantvault.rotation import dek
 from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.shred import shred_tenant
@@ -166,9 +167,18 @@ def test_a_value_that_does_not_open_is_reported_by_place_and_the_rest_continue(
     assert "secret" not in repr(report)
 
 
+# A batch's values go back in chunks, each chunk's UPDATE running while the next is
+# re-sealed: with chunks of 2, a batch of 5 is three UPDATEs on the writer thread.
+@pytest.mark.parametrize("chunk", [dek.RESEAL_CHUNK, 2])
 def test_concurrent_writers_during_rotation_lose_no_update(
-    vault: Vault, operator_db: Any, provider: Any, owner_engine: sa.Engine
+    vault: Vault,
+    operator_db: Any,
+    provider: Any,
+    owner_engine: sa.Engine,
+    chunk: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(dek, "RESEAL_CHUNK", chunk)
     configs = [
         vault.create_config(
             "t_a",
@@ -263,9 +273,16 @@ def test_shredded_tenant_values_raise_key_destroyed_and_other_tenants_are_untouc
     assert again.ok, again
 
 
+@pytest.mark.parametrize("chunk", [dek.RESEAL_CHUNK, 2])
 def test_a_database_error_in_a_worker_stops_the_run_with_its_reason_and_a_rerun_finishes(
-    vault: Vault, operator_db: Any, provider: Any, owner_engine: sa.Engine
+    vault: Vault,
+    operator_db: Any,
+    provider: Any,
+    owner_engine: sa.Engine,
+    chunk: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(dek, "RESEAL_CHUNK", chunk)
     expected = populate(vault, "t_a")
     with owner_engine.begin() as connection:
         connection.exec_driver_sql(

@@ -22,7 +22,6 @@ re-seals format-1 values.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 import re
@@ -81,6 +80,18 @@ class SealContext:
             parts.append(_length_prefixed(self.binding))
         return b"".join(parts)
 
+    def _after_headers(self) -> tuple[bytes, bytes]:
+        """What follows the label and header in the associated data: (format 1's, format
+        2's). Re-sealing builds two associated data of one place; these parts, once."""
+        place = b"".join(
+            (
+                _length_prefixed(self.tenant_id.encode()),
+                _length_prefixed(f"{self.table}.{self.column}".encode()),
+                _length_prefixed(self.row_id.encode()),
+            )
+        )
+        return place, place + _length_prefixed(self.binding)
+
 
 def header(dek_version: int, fmt: int = CURRENT_FORMAT) -> str:
     """The header of every value sealed under ``dek_version`` (``tv2.<dek_version>.``):
@@ -124,8 +135,12 @@ def seal(
     if len(nonce) != NONCE_BYTES:
         raise ValueError("nonce must be 12 bytes")
     prefix = header(key.version)
-    body = key.aead().encrypt(nonce, plaintext, context.associated_data(prefix))
-    return prefix + base64.urlsafe_b64encode(nonce + body).decode().rstrip("=")
+    return _seal_with(key, prefix, nonce, plaintext, context.associated_data(prefix))
+
+
+def _seal_with(key: DataKey, prefix: str, nonce: bytes, plaintext: bytes, associated: bytes) -> str:
+    body = key.aead().encrypt(nonce, plaintext, associated)
+    return prefix + _encoded(nonce + body)
 
 
 def _parse(sealed: str) -> tuple[int, int, str]:
@@ -198,13 +213,25 @@ def reseal(
         DecryptionError: as :func:`open_sealed`.
     """
     fmt, version, encoded = _parse(sealed)
-    plaintext = _open(key_of(version), fmt, version, encoded, context, allow_legacy)
-    return seal(new_key, plaintext, context)
+    key = key_of(version)
+    place, bound = context._after_headers()
+    opened = _LABELS[fmt] + _length_prefixed(header(version, fmt).encode())
+    plaintext = _open_with(
+        key, fmt, version, encoded, opened + (bound if fmt >= 2 else place), allow_legacy
+    )
+    prefix = header(new_key.version)
+    sealing = _LABELS[CURRENT_FORMAT] + _length_prefixed(prefix.encode()) + bound
+    return _seal_with(new_key, prefix, os.urandom(NONCE_BYTES), plaintext, sealing)
 
 
 # URL-safe base64 through binascii directly: base64's wrappers cost as much again.
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _encoded(raw: bytes) -> str:
+    """``raw`` as unpadded URL-safe base64."""
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
 
 
 def _decoded(encoded: str) -> bytes:
@@ -227,16 +254,20 @@ def _decoded(encoded: str) -> bytes:
 def _open(
     key: DataKey, fmt: int, version: int, encoded: str, context: SealContext, allow_legacy: bool
 ) -> bytes:
+    return _open_with(
+        key, fmt, version, encoded, context.associated_data(header(version, fmt), fmt), allow_legacy
+    )
+
+
+def _open_with(
+    key: DataKey, fmt: int, version: int, encoded: str, associated: bytes, allow_legacy: bool
+) -> bytes:
     if version != key.version or (fmt == LEGACY_FORMAT and not allow_legacy):
         raise DecryptionError("cannot open sealed value")
     raw = _decoded(encoded)
     if len(raw) < NONCE_BYTES + TAG_BYTES:
         raise DecryptionError("cannot open sealed value")
     try:
-        return key.aead().decrypt(
-            raw[:NONCE_BYTES],
-            raw[NONCE_BYTES:],
-            context.associated_data(header(version, fmt), fmt),
-        )
+        return key.aead().decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], associated)
     except InvalidTag:
         raise DecryptionError("cannot open sealed value") from None

@@ -27,13 +27,17 @@ from tenantvault.db.models import (
     EmailProviderToken,
 )
 
+# Made once: json.dumps with options builds an encoder per call, as long as the encoding
+# itself for a small config (key rotation encodes every credentials row's config).
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
 
 def canonical_config(config: Mapping[str, Any]) -> bytes:
     """The one encoding of a config that its digest is taken over: sorted keys, no
     spaces, UTF-8 (the same dict always encodes alike, however it was stored)."""
-    return json.dumps(
-        config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
+    return _CANONICAL.encode(config).encode()
 
 
 def config_binding(version: int, config: Mapping[str, Any]) -> bytes:

@@ -22,12 +22,14 @@ retired, and a value is replaced only by its re-sealed self. A rerun resumes.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import psycopg.types.json
 import sqlalchemy as sa
 
 from tenantvault.crypto.envelope import like_patterns, sql_is_current
@@ -44,10 +46,23 @@ from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
 from tenantvault.metrics import default_metrics
 from tenantvault.rotation.options import DekRotationOptions
+from tenantvault.rotation.writer import Writer
 
 RESEAL_PASSES = 3
+# A batch's values go back in chunks: each chunk's UPDATE runs while the next chunk is
+# re-sealed. Smaller chunks overlap more and cost more statements.
+RESEAL_CHUNK = 250
 _AFTER = "/* after the last row */"  # where a page's keyset condition goes
 ACTOR = "rotate-keys"
+
+
+_JSON = json.JSONDecoder()
+
+
+def _json_loads(data: str | bytes) -> Any:
+    # The server sends UTF-8: json.loads on bytes would detect the encoding first, as
+    # long again as the decoding for a small config (one per credentials row re-sealed).
+    return _JSON.decode(data if isinstance(data, str) else data.decode())
 
 
 def _cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
@@ -55,7 +70,9 @@ def _cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
     transaction): batches of text arrays go out and come back without text quoting."""
     driver = connection.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
-    return driver.cursor(binary=True)
+    cursor = driver.cursor(binary=True)
+    psycopg.types.json.set_json_loads(_json_loads, cursor)
+    return cursor
 
 
 @dataclass(frozen=True)
@@ -257,7 +274,7 @@ class DekRotation:
     ) -> None:
         """Re-seal what the draining keys protect under ``target``, then retire them."""
         with self.db.transaction() as connection:
-            stale = self._stale_counts(connection, tenant_id, draining)
+            stale, _ = self._stale_counts(connection, tenant_id, draining)
         for _ in range(RESEAL_PASSES):
             for column in SEALED_COLUMNS:
                 if not stale[column]:
@@ -294,7 +311,7 @@ class DekRotation:
             result = TenantRotation(tenant_id, "would rotate", active, active + 1, retired=[active])
             draining = [active]
         with self.db.transaction() as connection:
-            stale = self._stale_counts(connection, tenant_id, draining)
+            stale, _ = self._stale_counts(connection, tenant_id, draining)
         result.resealed = {column.name: count for column, count in stale.items() if count}
         return result
 
@@ -315,19 +332,14 @@ class DekRotation:
         )
 
     def _stale_counts(
-        self,
-        connection: sa.Connection,
-        tenant_id: str,
-        draining: list[int],
-        *,
-        blocking_only: bool = False,
-    ) -> dict[SealedColumn, int]:
-        """How many values of each sealed column of the tenant are to be re-sealed
-        (``blocking_only``: only those under a draining key, which keep it from
-        retiring), in one statement for all columns."""
-        where = self._draining_where if blocking_only else self._stale_where
+        self, connection: sa.Connection, tenant_id: str, draining: list[int]
+    ) -> tuple[dict[SealedColumn, int], dict[SealedColumn, int]]:
+        """How many values of each sealed column of the tenant are to be re-sealed, and
+        of those how many are under a draining key (they keep it from retiring), in one
+        statement for all columns, one pass over each table."""
         sql = " UNION ALL ".join(
-            f"SELECT {index}, count(*) FROM {self.db.table(column.table)} WHERE {where(column)}"
+            f"SELECT {index}, count(*), count(*) FILTER (WHERE {self._draining_where(column)}) "
+            f"FROM {self.db.table(column.table)} WHERE {self._stale_where(column)}"
             for index, column in enumerate(SEALED_COLUMNS)
         )
         params = {
@@ -337,7 +349,10 @@ class DekRotation:
         }
         with _cursor(connection) as cursor:
             cursor.execute(sql, params)
-            return {SEALED_COLUMNS[index]: int(count) for index, count in cursor.fetchall()}
+            rows = cursor.fetchall()
+        stale = {SEALED_COLUMNS[index]: int(count) for index, count, _ in rows}
+        blocking = {SEALED_COLUMNS[index]: int(count) for index, _, count in rows}
+        return stale, blocking
 
     def _reseal(
         self, tenant_id: str, column: SealedColumn, target: int, draining: list[int]
@@ -386,12 +401,19 @@ class DekRotation:
                 where_after = f"AND ({key_list}) > ({after})"
                 params.update({f"k{i}": value for i, value in enumerate(rows[-1][:width])})
                 sealer = self.keyring.sealer(connection, tenant_id, active_version=target)
-                resealed = self._reseal_rows(sealer, column, rows, width)
-                if resealed[-1]:
-                    batch = {f"a{i}": values for i, values in enumerate(resealed[:width])}
-                    batch.update(old=resealed[width], new=resealed[width + 1])
-                    cursor.execute(update, {**batch, "t": tenant_id})
-                    moved += cursor.rowcount
+                sent = 0
+                with Writer(cursor.connection) as writer:
+                    for start in range(0, len(rows), RESEAL_CHUNK):
+                        chunk = rows[start : start + RESEAL_CHUNK]
+                        resealed = self._reseal_rows(sealer, column, chunk, width)
+                        if resealed[-1]:
+                            batch: dict[str, Any] = {
+                                f"a{i}": values for i, values in enumerate(resealed[:width])
+                            }
+                            batch.update(old=resealed[width], new=resealed[width + 1], t=tenant_id)
+                            writer.send(update, batch)
+                            sent += len(resealed[-1])
+                    moved += writer.close()
                 seals = sealer.take_seals()
             last_batch = len(rows) < self.options.batch_size
             # Counted after the batch commits, in a transaction of its own: the batch's
@@ -401,9 +423,7 @@ class DekRotation:
                 store.count_seals(connection, tenant_id, target, seals)
             with self._lock:
                 done_tenants = len(self.report.tenants)
-            self._progress(
-                Progress(tenant_id, column.name, len(resealed[-1]), done_tenants, self._total)
-            )
+            self._progress(Progress(tenant_id, column.name, sent, done_tenants, self._total))
             if last_batch:  # a short page was the last one: no empty query to confirm it
                 return moved
 
@@ -441,8 +461,7 @@ class DekRotation:
             found = store.active(connection, tenant_id)
             if found is None or found.version != active:
                 raise _KeysChanged
-            stale = self._stale_counts(connection, tenant_id, draining)
-            blocking = self._stale_counts(connection, tenant_id, draining, blocking_only=True)
+            stale, blocking = self._stale_counts(connection, tenant_id, draining)
             if any(blocking.values()):
                 return stale, []
             return stale, store.retire_draining(connection, tenant_id, active, actor=ACTOR)
