@@ -63,11 +63,13 @@ CHILD = textwrap.dedent(
     provider = key_provider_from_settings(settings)
     ring = keyring_module.Keyring(provider, DataKeyCache(max_age_seconds=60, max_entries=99, max_uses=10**9))
     if point == "seals":
-        real_reseal = keyring_module.Sealer.reseal
+        # Every re-seal, one at a time or a batch's many, goes through the Resealer.
+        from tenantvault.crypto import envelope
+        real_reseal = envelope.Resealer.reseal
         def reseal(*args, **kwargs):
             tick()
             return real_reseal(*args, **kwargs)
-        keyring_module.Sealer.reseal = reseal
+        envelope.Resealer.reseal = reseal
     if point == "switch":
         real_generate = provider.generate_data_key
         def generate(tenant_id):

@@ -80,18 +80,6 @@ class SealContext:
             parts.append(_length_prefixed(self.binding))
         return b"".join(parts)
 
-    def _after_headers(self) -> tuple[bytes, bytes]:
-        """What follows the label and header in the associated data: (format 1's, format
-        2's). Re-sealing builds two associated data of one place; these parts, once."""
-        place = b"".join(
-            (
-                _length_prefixed(self.tenant_id.encode()),
-                _length_prefixed(f"{self.table}.{self.column}".encode()),
-                _length_prefixed(self.row_id.encode()),
-            )
-        )
-        return place, place + _length_prefixed(self.binding)
-
 
 def header(dek_version: int, fmt: int = CURRENT_FORMAT) -> str:
     """The header of every value sealed under ``dek_version`` (``tv2.<dek_version>.``):
@@ -212,16 +200,74 @@ def reseal(
     Raises:
         DecryptionError: as :func:`open_sealed`.
     """
-    fmt, version, encoded = _parse(sealed)
-    key = key_of(version)
-    place, bound = context._after_headers()
-    opened = _LABELS[fmt] + _length_prefixed(header(version, fmt).encode())
-    plaintext = _open_with(
-        key, fmt, version, encoded, opened + (bound if fmt >= 2 else place), allow_legacy
+    resealer = Resealer(
+        context.tenant_id,
+        context.table,
+        context.column,
+        key_of,
+        new_key,
+        allow_legacy=allow_legacy,
     )
-    prefix = header(new_key.version)
-    sealing = _LABELS[CURRENT_FORMAT] + _length_prefixed(prefix.encode()) + bound
-    return _seal_with(new_key, prefix, os.urandom(NONCE_BYTES), plaintext, sealing)
+    return resealer.reseal(sealed, context.row_id, context.binding)
+
+
+class Resealer:
+    """:func:`reseal` for many values of one tenant's column (key rotation): the parts
+    of their associated data they all share (label, header, tenant, table and column)
+    are built once per key version, not twice per value."""
+
+    __slots__ = (
+        "_allow_legacy",
+        "_heads",
+        "_key_of",
+        "_new_key",
+        "_place",
+        "_prefix",
+        "_sealing",
+    )
+
+    def __init__(
+        self,
+        tenant_id: str,
+        table: str,
+        column: str,
+        key_of: Callable[[int], DataKey],
+        new_key: DataKey,
+        *,
+        allow_legacy: bool = True,
+    ) -> None:
+        self._place = _length_prefixed(tenant_id.encode()) + _length_prefixed(
+            f"{table}.{column}".encode()
+        )
+        self._key_of = key_of
+        self._new_key = new_key
+        self._prefix = header(new_key.version)
+        self._sealing = self._head(CURRENT_FORMAT, new_key.version)
+        self._heads: dict[tuple[int, int], bytes] = {}
+        self._allow_legacy = allow_legacy
+
+    def _head(self, fmt: int, version: int) -> bytes:
+        """The associated data up to the row id (what :meth:`SealContext.associated_data`
+        puts first)."""
+        return _LABELS[fmt] + _length_prefixed(header(version, fmt).encode()) + self._place
+
+    def reseal(self, sealed: str, row_id: str, binding: bytes) -> str:
+        """``sealed``, of the row ``row_id`` bound to ``binding``, sealed again.
+
+        Raises:
+            DecryptionError: as :func:`open_sealed`; and what ``key_of`` raises.
+        """
+        fmt, version, encoded = _parse(sealed)
+        head = self._heads.get((fmt, version))
+        if head is None:
+            head = self._heads[(fmt, version)] = self._head(fmt, version)
+        row = _length_prefixed(row_id.encode())
+        bound = row + _length_prefixed(binding)
+        opened = head + (bound if fmt >= 2 else row)
+        key = self._key_of(version)
+        plaintext = _open_with(key, fmt, version, encoded, opened, self._allow_legacy)
+        nonce = os.urandom(NONCE_BYTES)
+        return _seal_with(self._new_key, self._prefix, nonce, plaintext, self._sealing + bound)
 
 
 # URL-safe base64 through binascii directly: base64's wrappers cost as much again.

@@ -12,7 +12,7 @@ counted as unused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NoReturn
 
@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from tenantvault.crypto.datakey import DataKey
 from tenantvault.crypto.envelope import (
+    Resealer,
     SealContext,
     open_sealed,
     open_with_key_of,
@@ -262,6 +263,31 @@ class Sealer:
         self._check(place)
         key = self._key_of(sealed_dek_version(sealed))
         return open_sealed(key, sealed, place, allow_legacy=self._keyring.allow_legacy)
+
+    def resealer(self, table: str, column: str) -> Callable[[str, str, bytes], str]:
+        """:meth:`reseal` for many values of one column (key rotation), each given as
+        ``(sealed, row_id, binding)``: what they share is prepared once. Each counts as a
+        seal. The sealing key is read now, so the values re-sealed later need no
+        statement of their own but for an older key not fetched yet.
+
+        Raises:
+            DecryptionError, KeyDestroyedError: as :meth:`open` (from the callable).
+        """
+        resealer = Resealer(
+            self.tenant_id,
+            table,
+            column,
+            self._key_of,
+            self._sealing_key(),
+            allow_legacy=self._keyring.allow_legacy,
+        )
+
+        def reseal(sealed: str, row_id: str, binding: bytes) -> str:
+            resealed = resealer.reseal(sealed, row_id, binding)
+            self._unrecorded += 1
+            return resealed
+
+        return reseal
 
     def reseal(self, sealed: str, place: SealContext) -> str:
         """Open a value of ``place`` and seal it again under the active key (rotation).

@@ -84,9 +84,12 @@ class SealedColumn:
 
     def place_bound(self, tenant_id: str, *key_values: object, binding: bytes) -> SealContext:
         """:meth:`place`, with the binding already made (the hot path caches it)."""
-        return SealContext(
-            tenant_id, self.table, self.column, ":".join(map(str, key_values)), binding
-        )
+        return SealContext(tenant_id, self.table, self.column, self.row_id(*key_values), binding)
+
+    @staticmethod
+    def row_id(*key_values: object) -> str:
+        """The row id in a value's associated data: the row's ``keys``, joined with ``:``."""
+        return ":".join(map(str, key_values))
 
     @property
     def name(self) -> str:

@@ -435,15 +435,15 @@ class DekRotation:
         left out."""
         out: list[list[Any]] = [[] for _ in range(width + 2)]
         tenant_id = sealer.tenant_id
+        reseal = sealer.resealer(column.table, column.column)
         for row in rows:
             sealed = row[-1]
-            place = column.place(tenant_id, *row[:width], bound=tuple(row[width:-1]))
+            row_id = column.row_id(*row[:width])
+            binding = column.binding(*row[width:-1])
             try:
-                resealed = sealer.reseal(sealed, place)
+                resealed = reseal(sealed, row_id, binding)
             except (DecryptionError, KeyDestroyedError) as exc:
-                self._unopenable(
-                    Unopenable(tenant_id, column.name, place.row_id, type(exc).__name__)
-                )
+                self._unopenable(Unopenable(tenant_id, column.name, row_id, type(exc).__name__))
                 continue
             for index in range(width):
                 out[index].append(row[index])
