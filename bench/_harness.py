@@ -7,7 +7,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,25 @@ class Timing:
 
     def ratio_to(self, baseline: Timing) -> str:
         return f"{self.p50_us / baseline.p50_us:.2f}x p50, {self.p99_us / baseline.p99_us:.2f}x p99"
+
+
+SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
+"""The config every load bench stores (its credentials are one password)."""
+CONFIG_ROW = (
+    "SELECT type, version, config, encrypted_credentials "
+    "FROM dripiq_app.email_provider_configs WHERE id = %s"
+)
+"""The floor of a credentials load: the columns it reads, by primary key (DB-API)."""
+
+
+def line(
+    timing: Timing, baseline: Timing | None = None, *, target: str = "", width: int = 34
+) -> str:
+    """A timing's p50 and p99, and its ratios to ``baseline`` (or "(floor)" if it is one)."""
+    text = f"{timing.name:<{width}} p50 {timing.p50_us:8.1f} us  p99 {timing.p99_us:8.1f} us"
+    if baseline is None:
+        return text + "  (floor)"
+    return text + f"  ({timing.ratio_to(baseline)}{target})"
 
 
 def measure(
@@ -114,7 +133,7 @@ def migrated_with_app_login(url: str, vault_addr: str, tenants: int) -> tuple[Se
 
 
 def copy_rows(
-    connection: psycopg.Connection, table: str, columns: str, rows: list[tuple[object, ...]]
+    connection: psycopg.Connection, table: str, columns: str, rows: Sequence[tuple[object, ...]]
 ) -> None:
     """``rows`` into ``dripiq_app.<table>`` with COPY (seeding at scale, as the owner)."""
     with (

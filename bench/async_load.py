@@ -21,17 +21,20 @@ from tenantvault import AsyncVault, Vault
 from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.settings import Settings
 
-from ._harness import Timing, migrated_with_app_login, summarize, throwaway_database, vault_token
+from ._harness import (
+    CONFIG_ROW,
+    SMTP,
+    Timing,
+    migrated_with_app_login,
+    summarize,
+    throwaway_database,
+    vault_token,
+)
 
 TENANTS = 100
 ITERATIONS = 3000
 TASKS = 64
 SECONDS = 3.0
-SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
-SELECT = (
-    "SELECT type, version, config, encrypted_credentials "
-    "FROM dripiq_app.email_provider_configs WHERE id = %s"
-)
 
 
 async def interleaved(
@@ -114,7 +117,7 @@ async def _measure(
     held = await psycopg.AsyncConnection.connect(owner_url, autocommit=True)
 
     async def floor() -> object:
-        cursor = await held.execute(SELECT, (config_id,), prepare=True)
+        cursor = await held.execute(CONFIG_ROW, (config_id,), prepare=True)
         return await cursor.fetchone()
 
     async def load() -> object:
@@ -134,7 +137,7 @@ async def _measure(
     async def bare_select(i: int) -> object:
         connection = await free.get()
         try:
-            cursor = await connection.execute(SELECT, (pairs[i % TENANTS][1],), prepare=True)
+            cursor = await connection.execute(CONFIG_ROW, (pairs[i % TENANTS][1],), prepare=True)
             return await cursor.fetchone()
         finally:
             free.put_nowait(connection)

@@ -24,10 +24,15 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from tenantvault import Vault
 from tenantvault.kms.transit import TransitKeyProvider
 
-from ._harness import measure_interleaved, migrated_with_app_login, throwaway_database, vault_token
+from ._harness import (
+    SMTP,
+    measure_interleaved,
+    migrated_with_app_login,
+    throwaway_database,
+    vault_token,
+)
 
 ITERATIONS = 5000
-SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 
 
 def main() -> None:

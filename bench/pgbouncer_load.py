@@ -29,7 +29,9 @@ from tenantvault.settings import Settings, load_settings, parse_database_url
 
 from ._harness import (
     APP_LOGIN,
-    Timing,
+    CONFIG_ROW,
+    SMTP,
+    line,
     measure_interleaved,
     migrated_with_app_login,
     throwaway_database,
@@ -38,11 +40,6 @@ from ._harness import (
 
 TENANTS = 100
 ITERATIONS = 5000
-SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
-CONFIG_ROW = (
-    "SELECT type, version, config, encrypted_credentials "
-    "FROM dripiq_app.email_provider_configs WHERE id = %s"
-)
 
 
 @contextmanager
@@ -80,11 +77,6 @@ def select_row(cursor: Any, config_id: str) -> Any:
     """The floor: one statement on a cursor already open."""
     cursor.execute(CONFIG_ROW, (config_id,))
     return cursor.fetchone()
-
-
-def line(timing: Timing, baseline: Timing | None = None) -> str:
-    text = f"{timing.name:<42} p50 {timing.p50_us:8.1f} us  p99 {timing.p99_us:8.1f} us"
-    return text + ("  (floor)" if baseline is None else f"  ({timing.ratio_to(baseline)})")
 
 
 def main() -> None:
@@ -133,8 +125,8 @@ def main() -> None:
             vault.dispose()
 
     baseline = timings["floor: PK SELECT via PgBouncer, held conn"]
-    print(line(baseline))
-    print(line(timings["load_credentials via PgBouncer (warm)"], baseline))
+    print(line(baseline, width=42))
+    print(line(timings["load_credentials via PgBouncer (warm)"], baseline, width=42))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.kms.transit import TransitKeyProvider
 
 from ._harness import (
-    Timing,
+    CONFIG_ROW,
+    SMTP,
+    line,
     measure,
     measure_interleaved,
     migrated_with_app_login,
@@ -42,17 +44,12 @@ from ._harness import (
 
 TENANTS = 100
 ITERATIONS = 5000
-SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 GRAPH = {
     "azure_tenant_id": "contoso.onmicrosoft.com",
     "client_id": "0f0e0d0c-0b0a-4908-8706-050403020100",
     "scopes": ["https://graph.microsoft.com/.default"],
     "auth_type": "client_credentials",
 }
-CONFIG_ROW = (
-    "SELECT type, version, config, encrypted_credentials "
-    "FROM dripiq_app.email_provider_configs WHERE id = %s"
-)
 GRANT_ROW = (
     "SELECT id, version, token_type, expires_at, scopes, encrypted_access_token, "
     "encrypted_refresh_token FROM dripiq_app.email_provider_tokens WHERE config_id = %s"
@@ -63,7 +60,7 @@ class Counting:
     def __init__(self, inner: TransitKeyProvider) -> None:
         self.inner, self.calls = inner, 0
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.inner, name)
         if callable(attribute):
 
@@ -81,13 +78,6 @@ def prepared_select(cursor: Any, statement: str, parameter: str) -> Any:
     return cursor.fetchone()
 
 
-def line(timing: Timing, baseline: Timing | None = None, target: str = "") -> str:
-    text = f"{timing.name:<34} p50 {timing.p50_us:8.1f} us  p99 {timing.p99_us:8.1f} us"
-    if baseline is None:
-        return text + "  (floor)"
-    return text + f"  ({timing.ratio_to(baseline)}{target})"
-
-
 def main() -> None:
     with throwaway_database() as (url, vault_addr):
         settings, app_settings = migrated_with_app_login(url, vault_addr, TENANTS)
@@ -97,7 +87,7 @@ def main() -> None:
             client = hvac.Client(url=vault_addr, token=environment_token, timeout=5)
             return Counting(TransitKeyProvider(client, key_name="bench"))
 
-        vault = Vault.from_settings(app_settings, key_provider=provider())  # type: ignore[arg-type]
+        vault = Vault.from_settings(app_settings, key_provider=provider())
         ids = [
             vault.create_config(
                 f"t{i}", type="smtp", name="Relay", config=SMTP, credentials={"password": f"pw-{i}"}
@@ -164,7 +154,7 @@ def main() -> None:
 
         def naive() -> object:
             _, version, config, sealed = prepared_select(floor_cursor, CONFIG_ROW, config_id)
-            key = DataKey(tenant, 1, naive_provider.unwrap(tenant, wrapped))  # type: ignore[attr-defined]
+            key = DataKey(tenant, 1, naive_provider.unwrap(tenant, wrapped))
             return open_sealed(
                 key, sealed, CONFIG_CREDENTIALS.place(tenant, config_id, bound=(version, config))
             )
@@ -186,7 +176,7 @@ def main() -> None:
         stored = measure("store_credentials", store, iterations=1000)
 
         counted = provider()
-        cold = Vault.from_settings(app_settings, key_provider=counted)  # type: ignore[arg-type]
+        cold = Vault.from_settings(app_settings, key_provider=counted)
         for n in range(10_000):
             i = n % TENANTS
             cold.load_credentials(f"t{i + 1}", ids[i])
@@ -200,15 +190,15 @@ def main() -> None:
     target = "; target <= 1.5x, aim 1.2x"
     loaded = hot["load_credentials (warm)"]
     print(line(hot["floor: prepared PK SELECT"]))
-    print(line(loaded, hot["floor: prepared PK SELECT"], target))
+    print(line(loaded, hot["floor: prepared PK SELECT"], target=target))
     print(line(hot["floor: prepared token SELECT"]))
-    print(line(hot["load_oauth_token (warm)"], hot["floor: prepared token SELECT"], target))
+    print(line(hot["load_oauth_token (warm)"], hot["floor: prepared token SELECT"], target=target))
     print(line(joined["floor: caller's SELECT in its tx"]))
     print(
         line(
             joined["load_credentials(session=...)"],
             joined["floor: caller's SELECT in its tx"],
-            target,
+            target=target,
         )
     )
     print(
