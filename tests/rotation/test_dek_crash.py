@@ -90,8 +90,8 @@ CHILD = textwrap.dedent(
 
     if point == "batches" and limit == 0:
         real_switch = keyring_module.Keyring.switch
-        def switch_then_die(self, *args):
-            real_switch(self, *args)
+        def switch_then_die(self, *args, **kwargs):
+            real_switch(self, *args, **kwargs)
             die()
         keyring_module.Keyring.switch = switch_then_die
 

@@ -66,20 +66,22 @@ def test_openbao_outage_mid_rotation_stops_cleanly_and_the_rerun_resumes(
         assert "key provider failed for tenant" in report.stopped
         assert f"Vault at {environment['VAULT_ADDR']} did not answer within 1s" in report.stopped
         assert not report.ok
-        [done] = report.tenants
-        assert done.tenant_id == paused[0]
-        assert done.outcome == "rotated"
+        done = {t.tenant_id: t.outcome for t in report.tenants}
+        # The first tenant finished before the pause; the next one's keys may have been
+        # asked for ahead, before the pause too (then it finishes without Vault).
+        assert paused[0] in done
+        assert set(done.values()) == {"rotated"}
+        assert len(done) < len(TENANTS)
         # The tenants after the outage were not touched: no new key, no value moved.
         for tenant in TENANTS:
-            if tenant != done.tenant_id:
+            if tenant not in done:
                 assert key_states(owner_engine, tenant) == {1: "active"}
                 assert sealed_versions(owner_engine, tenant) == before[tenant]
 
         resumed = rotate_data_keys(operator_db, fresh_keyring(provider), None)
         assert resumed.ok, resumed
         assert {t.tenant_id: t.to_version for t in resumed.tenants} == {
-            done.tenant_id: 3,
-            **{t: 2 for t in TENANTS if t != done.tenant_id},
+            t: 3 if t in done else 2 for t in TENANTS
         }
         vault.keyring.cache.clear()
         assert {t: open_everything(vault, t) for t in TENANTS} == expected

@@ -26,6 +26,7 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import psycopg
@@ -45,13 +46,17 @@ from tenantvault.keys import store
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
 from tenantvault.metrics import default_metrics
+from tenantvault.rotation.lookahead import Lookahead, NewKey
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.writer import Writer
 
 RESEAL_PASSES = 3
 # A batch's values go back in chunks: each chunk's UPDATE runs while the next chunk is
-# re-sealed. Smaller chunks overlap more and cost more statements.
+# re-sealed. Smaller chunks overlap more and cost more statements. The database's
+# part is the longer one (about 3.8 ms per 250 values, the re-sealing 2.5 ms), so the
+# first chunk is small: the UPDATEs start sooner.
 RESEAL_CHUNK = 250
+FIRST_CHUNK = 50
 _AFTER = "/* after the last row */"  # where a page's keyset condition goes
 ACTOR = "rotate-keys"
 
@@ -73,6 +78,12 @@ def _cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
     cursor = driver.cursor(binary=True)
     psycopg.types.json.set_json_loads(_json_loads, cursor)
     return cursor
+
+
+def _chunks(count: int) -> list[tuple[int, int]]:
+    """Where a batch of ``count`` values is cut: a small first chunk, then full ones."""
+    bounds = [0, *range(min(FIRST_CHUNK, count), count, RESEAL_CHUNK), count]
+    return [(start, end) for start, end in pairwise(bounds) if end > start]
 
 
 @dataclass(frozen=True)
@@ -174,28 +185,36 @@ class DekRotation:
         if tenants is None:
             with self.db.transaction() as connection:
                 tenants = store.tenants_with_keys(connection)
-        queue = [check_tenant_id(t) for t in tenants]
-        queue.reverse()
+        queue = Lookahead(
+            [check_tenant_id(t) for t in tenants],
+            self.keyring,
+            self.db.transaction,
+            new_keys=self.options.new_key and not self.options.dry_run,
+            warm=not self.options.dry_run,
+        )
         self._total = len(queue)
         threads = [
             threading.Thread(target=self._work, args=(queue,), name=f"rotate-dek-{n}")
             for n in range(min(self.options.workers, max(1, len(queue))))
         ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            queue.close()
         self.report.tenants.sort(key=lambda t: t.tenant_id)
         return self.report
 
-    def _work(self, queue: list[str]) -> None:
+    def _work(self, queue: Lookahead) -> None:
         while not self.stop.is_set():
-            with self._lock:
-                if not queue:
-                    return
-                tenant_id = queue.pop()
             try:
-                result = self._tenant(tenant_id)
+                taken = queue.take()
+                if taken is None:
+                    return
+                tenant_id, new_key = taken
+                result = self._tenant(tenant_id, new_key)
             except _Stopped:
                 return
             except KeyProviderError as exc:
@@ -238,31 +257,42 @@ class DekRotation:
 
     # --- one tenant ---
 
-    def _tenant(self, tenant_id: str) -> TenantRotation:
+    def _tenant(self, tenant_id: str, new_key: NewKey | None = None) -> TenantRotation:
+        """Rotate one tenant; ``new_key`` is its new key if the provider was asked ahead."""
         with self.db.claim(DEK_ROTATION_CLAIM, tenant_id) as claimed:
             if not claimed:
                 return TenantRotation(tenant_id, "busy")
             with self.db.transaction() as connection:
                 keys = store.states(connection, tenant_id)
-            active, draining = keys.active, keys.draining
-            # Values under a destroyed (shredded) key are gone for good: never stale.
-            self._destroyed[tenant_id] = like_patterns(keys.destroyed)
-            if active is None:
-                return TenantRotation(tenant_id, "no keys")
+                active, draining = keys.active, keys.draining
+                # Values under a destroyed (shredded) key are gone for good: never stale.
+                self._destroyed[tenant_id] = like_patterns(keys.destroyed)
+                if active is None:
+                    return TenantRotation(tenant_id, "no keys")
+                # A new key makes every value stale; a resumed rotation only those not
+                # yet re-sealed; re-sealing alone, those in the old format. Counted
+                # before the switch: a value a writer seals under the old key after the
+                # count is found by the retirement's recount, and re-sealed then.
+                switching = not draining and self.options.new_key
+                stale, _ = self._stale_counts(
+                    connection, tenant_id, [active] if switching else draining
+                )
             if self.options.dry_run:
-                return self._plan(tenant_id, active, draining)
+                return self._plan(tenant_id, active, draining, stale)
             if draining:
                 result = TenantRotation(tenant_id, "resumed", min(draining), active)
                 target = active
-            elif not self.options.new_key:
+            elif not switching:
                 result = TenantRotation(tenant_id, "resealed", active, active)
                 target = active
             else:
-                target = self.keyring.switch(self.db.transaction, tenant_id, active, ACTOR)
+                target = self.keyring.switch(
+                    self.db.transaction, tenant_id, active, ACTOR, new_key=new_key
+                )
                 result = TenantRotation(tenant_id, "rotated", active, target)
                 draining = [active]
             try:
-                self._drain(tenant_id, target, draining, result)
+                self._drain(tenant_id, target, draining, stale, result)
             except _KeysChanged:
                 # Not by another rotation (the claim excludes it), nor by shred (it takes
                 # the claim too): someone changed the keys by hand. Stop this tenant.
@@ -270,19 +300,25 @@ class DekRotation:
             return result
 
     def _drain(
-        self, tenant_id: str, target: int, draining: list[int], result: TenantRotation
+        self,
+        tenant_id: str,
+        target: int,
+        draining: list[int],
+        stale: dict[SealedColumn, int],
+        result: TenantRotation,
     ) -> None:
-        """Re-seal what the draining keys protect under ``target``, then retire them."""
-        with self.db.transaction() as connection:
-            stale, _ = self._stale_counts(connection, tenant_id, draining)
+        """Re-seal what the draining keys protect under ``target`` (``stale`` counts it
+        per column), then retire them."""
         for _ in range(RESEAL_PASSES):
+            uncounted = 0  # seals of each column's last batch, counted by the retirement
             for column in SEALED_COLUMNS:
                 if not stale[column]:
                     continue
-                done = self._reseal(tenant_id, column, target, draining)
+                done, seals = self._reseal(tenant_id, column, target, draining)
+                uncounted += seals
                 if done:
                     result.resealed[column.name] = result.resealed.get(column.name, 0) + done
-            stale, retired = self._retire(tenant_id, target, draining)
+            stale, retired = self._retire(tenant_id, target, draining, uncounted)
             remaining = sum(stale.values())
             result.remaining, result.retired = remaining, result.retired + retired
             if remaining <= self._unopenable_count(tenant_id):
@@ -299,19 +335,16 @@ class DekRotation:
         if found is None or found.version != target:
             raise _KeysChanged
 
-    def _plan(self, tenant_id: str, active: int, draining: list[int]) -> TenantRotation:
+    def _plan(
+        self, tenant_id: str, active: int, draining: list[int], stale: dict[SealedColumn, int]
+    ) -> TenantRotation:
         """What a real run would do: which key versions, and how many values per column."""
-        # A new key makes every value stale; a resumed rotation only those not yet
-        # re-sealed; re-sealing alone, those in the old format.
         if draining or not self.options.new_key:
             outcome = "would resume" if draining else "would reseal"
             result = TenantRotation(tenant_id, outcome, min(draining, default=active), active)
             result.retired = list(draining)
         else:
             result = TenantRotation(tenant_id, "would rotate", active, active + 1, retired=[active])
-            draining = [active]
-        with self.db.transaction() as connection:
-            stale, _ = self._stale_counts(connection, tenant_id, draining)
         result.resealed = {column.name: count for column, count in stale.items() if count}
         return result
 
@@ -356,8 +389,9 @@ class DekRotation:
 
     def _reseal(
         self, tenant_id: str, column: SealedColumn, target: int, draining: list[int]
-    ) -> int:
-        """Re-seal one column of one tenant in batches; returns how many values moved.
+    ) -> tuple[int, int]:
+        """Re-seal one column of one tenant in batches; returns how many values moved,
+        and how many seals its last batch made (the caller counts those).
 
         Each batch is one transaction and a compare-and-swap: a row is written only
         if it still holds the value that was read, so a value a writer stored in
@@ -397,14 +431,14 @@ class DekRotation:
                 cursor.execute(select.replace(_AFTER, where_after), params)
                 rows = cursor.fetchall()
                 if not rows:
-                    return moved
+                    return moved, 0
                 where_after = f"AND ({key_list}) > ({after})"
                 params.update({f"k{i}": value for i, value in enumerate(rows[-1][:width])})
                 sealer = self.keyring.sealer(connection, tenant_id, active_version=target)
                 sent = 0
                 with Writer(cursor.connection) as writer:
-                    for start in range(0, len(rows), RESEAL_CHUNK):
-                        chunk = rows[start : start + RESEAL_CHUNK]
+                    for start, end in _chunks(len(rows)):
+                        chunk = rows[start:end]
                         resealed = self._reseal_rows(sealer, column, chunk, width)
                         if resealed[-1]:
                             batch: dict[str, Any] = {
@@ -415,17 +449,18 @@ class DekRotation:
                             sent += len(resealed[-1])
                     moved += writer.close()
                 seals = sealer.take_seals()
-            last_batch = len(rows) < self.options.batch_size
-            # Counted after the batch commits, in a transaction of its own: the batch's
-            # row locks and a writer's lock on the key row are never held at once (a
-            # deadlock). A crash in between leaves at most one batch uncounted.
-            with self.db.transaction() as connection:
-                store.count_seals(connection, tenant_id, target, seals)
             with self._lock:
                 done_tenants = len(self.report.tenants)
             self._progress(Progress(tenant_id, column.name, sent, done_tenants, self._total))
-            if last_batch:  # a short page was the last one: no empty query to confirm it
-                return moved
+            if len(rows) < self.options.batch_size:
+                # A short page was the last one: no empty query to confirm it. Its seals
+                # are counted by the retirement's transaction, which follows.
+                return moved, seals
+            # Counted after the batch commits, in a transaction of its own: the batch's
+            # row locks and a writer's lock on the key row are never held at once (a
+            # deadlock). A crash in between leaves this batch uncounted.
+            with self.db.transaction() as connection:
+                store.count_seals(connection, tenant_id, target, seals)
 
     def _reseal_rows(
         self, sealer: Sealer, column: SealedColumn, rows: Sequence[Sequence[Any]], width: int
@@ -452,19 +487,22 @@ class DekRotation:
         return out
 
     def _retire(
-        self, tenant_id: str, active: int, draining: list[int]
+        self, tenant_id: str, active: int, draining: list[int], seals: int
     ) -> tuple[dict[SealedColumn, int], list[int]]:
         """Count what still names a draining key; at zero, retire the draining keys.
-        The count and the retirement are one transaction under the exclusive key lock."""
+        The count and the retirement are one transaction under the exclusive key lock,
+        which also counts ``seals`` (made under ``active`` by batches not counted yet):
+        no writer holds the key row then, so no deadlock with one."""
         with self.db.transaction() as connection:
             store.lock_tenant_keys(connection, tenant_id, exclusive=True)
+            store.count_seals(connection, tenant_id, active, seals)
             found = store.active(connection, tenant_id)
-            if found is None or found.version != active:
-                raise _KeysChanged
-            stale, blocking = self._stale_counts(connection, tenant_id, draining)
-            if any(blocking.values()):
-                return stale, []
-            return stale, store.retire_draining(connection, tenant_id, active, actor=ACTOR)
+            if found is not None and found.version == active:
+                stale, blocking = self._stale_counts(connection, tenant_id, draining)
+                if any(blocking.values()):
+                    return stale, []
+                return stale, store.retire_draining(connection, tenant_id, active, actor=ACTOR)
+        raise _KeysChanged  # after the commit: the seals made are counted all the same
 
     def _unopenable(self, item: Unopenable) -> None:
         with self._lock:
