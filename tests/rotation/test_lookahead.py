@@ -1,10 +1,12 @@
-"""A DEK rotation asks the key provider for the tenants next in line ahead: their
-current keys unwrapped in batches, the next tenant's new key while the current one is
-re-sealed. Real PostgreSQL and OpenBao; the provider is the real one, counted."""
+"""A DEK rotation works ahead: the tenants' current keys are unwrapped in batches, the
+next tenant's new key is asked for, and the next tenant is claimed and switched, while
+the current one is re-sealed. Real PostgreSQL and OpenBao; the provider is the real
+one, counted."""
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -117,4 +119,70 @@ def test_a_resumed_tenant_drops_the_key_asked_for_it_and_makes_no_new_version(
     assert key_states(owner_engine, "t_b") == {1: "retired", 2: "active"}
     vault.keyring.cache.clear()
     for tenant in TENANTS[:2]:
+        assert open_everything(vault, tenant) == expected[tenant]
+
+
+def test_the_next_tenant_is_switched_while_the_current_one_is_rotated(
+    vault: Vault, operator_db: Any, provider: CountingProvider, owner_engine: sa.Engine
+) -> None:
+    add_tenants(owner_engine, TENANTS)
+    expected = {tenant: populate(vault, tenant, configs=1) for tenant in TENANTS[:3]}
+    switched = {1: "draining", 2: "active"}
+    seen: dict[str, dict[int, str]] = {}
+
+    def on_progress(event: Progress) -> None:
+        # t_a's first committed batch waits (at most 10 s) for t_b's switch: the worker
+        # prepares t_b meanwhile; one that took tenants one after another never would.
+        if event.tenant_id == "t_a" and event.column is not None and "t_b" not in seen:
+            deadline = time.monotonic() + 10
+            while key_states(owner_engine, "t_b") != switched and time.monotonic() < deadline:
+                time.sleep(0.02)
+            seen["t_b"] = key_states(owner_engine, "t_b")
+
+    report = rotate_data_keys(
+        operator_db,
+        fresh_keyring(provider),
+        TENANTS[:3],
+        DekRotationOptions(workers=1),
+        on_progress=on_progress,
+    )
+    assert report.ok, report
+    # While t_a was re-sealed, t_b was claimed and switched (one worker).
+    assert seen == {"t_b": switched}
+    vault.keyring.cache.clear()
+    for tenant in TENANTS[:3]:
+        assert key_states(owner_engine, tenant) == {1: "retired", 2: "active"}
+        assert open_everything(vault, tenant) == expected[tenant]
+
+
+def test_a_stop_releases_the_tenant_prepared_ahead_and_a_rerun_finishes_it(
+    vault: Vault, operator_db: Any, provider: CountingProvider, owner_engine: sa.Engine
+) -> None:
+    add_tenants(owner_engine, TENANTS)
+    expected = {tenant: populate(vault, tenant, configs=1) for tenant in TENANTS[:3]}
+    stop = threading.Event()
+
+    def stop_after_first(event: Progress) -> None:
+        if event.finished is not None:
+            stop.set()
+
+    report = rotate_data_keys(
+        operator_db,
+        fresh_keyring(provider),
+        TENANTS[:3],
+        DekRotationOptions(workers=1),
+        stop=stop,
+        on_progress=stop_after_first,
+    )
+    assert report.stopped is not None
+    assert [t.tenant_id for t in report.tenants] == ["t_a"]
+    # The same process's next run is not kept out: t_b's claim was released.
+    rerun = rotate_data_keys(
+        operator_db, fresh_keyring(provider), TENANTS[1:3], DekRotationOptions(workers=1)
+    )
+    assert rerun.ok, rerun
+    assert {t.tenant_id: t.outcome for t in rerun.tenants}["t_b"] in {"resumed", "rotated"}
+    vault.keyring.cache.clear()
+    for tenant in TENANTS[:3]:
+        assert key_states(owner_engine, tenant) == {1: "retired", 2: "active"}
         assert open_everything(vault, tenant) == expected[tenant]

@@ -18,6 +18,11 @@ take other tenants):
 
 A crash at any point leaves every value readable: old keys stay readable until
 retired, and a value is replaced only by its re-sealed self. A rerun resumes.
+
+Each worker works on two tenants at a time: while one is re-sealed and retired,
+the next is claimed, counted and switched by a thread of the worker's own (step 1
+is mostly waiting on the database, and the re-sealing mostly waits for its
+UPDATEs). Four connections per worker: two claims, and a transaction for each.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -148,6 +155,18 @@ class DekRotationReport:
         return self.stopped is None and not self.unopenable and all(t.done for t in self.tenants)
 
 
+@dataclass
+class _Prepared:
+    """A tenant claimed (``claim`` releases it), switched or found draining, and
+    counted (``stale``, per column): ready to re-seal under ``target``."""
+
+    result: TenantRotation
+    claim: ExitStack
+    target: int
+    draining: list[int]
+    stale: dict[SealedColumn, int]
+
+
 class _Stopped(Exception):  # noqa: N818 - internal control flow, never escapes
     pass
 
@@ -204,35 +223,76 @@ class DekRotation:
                 thread.join()
         finally:
             queue.close()
+        if self.stop.is_set() and len(self.report.tenants) < self._total:
+            with self._lock:  # stopped between two tenants: the run is not whole all the same
+                if self.report.stopped is None:
+                    self.report.stopped = "interrupted: stopped between two tenants"
         self.report.tenants.sort(key=lambda t: t.tenant_id)
         return self.report
 
     def _work(self, queue: Lookahead) -> None:
-        while not self.stop.is_set():
-            try:
-                taken = queue.take()
-                if taken is None:
+        """Take tenants until none are left; the next one is prepared meanwhile."""
+        preparing = ThreadPoolExecutor(1, thread_name_prefix="rotate-dek-prepare")
+        ahead = self._prepare_next(queue, preparing)
+        try:
+            while ahead is not None and not self.stop.is_set():
+                tenant_id, prepared = ahead
+                ahead = None
+                try:
+                    current = prepared.result()
+                    ahead = self._prepare_next(queue, preparing)
+                    if isinstance(current, TenantRotation):
+                        result = current
+                    else:
+                        result = self._finish(current)
+                except _Stopped:
                     return
-                tenant_id, new_key = taken
-                result = self._tenant(tenant_id, new_key)
-            except _Stopped:
-                return
-            except KeyProviderError as exc:
-                self._stop_run(f"key provider failed for tenant {tenant_id}: {exc}")
-                return
-            except TenantVaultError as exc:
-                self._stop_run(f"tenant {tenant_id}: {exc}")
-                return
-            except Exception as exc:
-                # A worker thread must not die quietly: stop the run and say so. Only the
-                # class: a database error's text may carry statement parameters.
-                self._stop_run(f"tenant {tenant_id}: {type(exc).__name__}; nothing half-written")
-                return
-            with self._lock:
-                self.report.tenants.append(result)
-                done = len(self.report.tenants)
-            rows = sum(result.resealed.values())
-            self._progress(Progress(tenant_id, None, rows, done, self._total, result))
+                except KeyProviderError as exc:
+                    self._stop_run(f"key provider failed for tenant {tenant_id}: {exc}")
+                    return
+                except TenantVaultError as exc:
+                    self._stop_run(f"tenant {tenant_id}: {exc}")
+                    return
+                except Exception as exc:
+                    # A worker thread must not die quietly: stop the run and say so. Only
+                    # the class: a database error's text may carry statement parameters.
+                    self._stop_run(
+                        f"tenant {tenant_id}: {type(exc).__name__}; nothing half-written"
+                    )
+                    return
+                with self._lock:
+                    self.report.tenants.append(result)
+                    done = len(self.report.tenants)
+                rows = sum(result.resealed.values())
+                self._progress(Progress(tenant_id, None, rows, done, self._total, result))
+        finally:
+            self._abandon(ahead)
+            preparing.shutdown(wait=True)
+
+    def _prepare_next(
+        self, queue: Lookahead, preparing: ThreadPoolExecutor
+    ) -> tuple[str, Future[_Prepared | TenantRotation]] | None:
+        """Start preparing the next tenant of ``queue``; None when none is left."""
+        if self.stop.is_set():
+            return None
+        taken = queue.take()
+        if taken is None:
+            return None
+        tenant_id, new_key = taken
+        return tenant_id, preparing.submit(self._prepare, tenant_id, new_key)
+
+    @staticmethod
+    def _abandon(ahead: tuple[str, Future[_Prepared | TenantRotation]] | None) -> None:
+        """Release the claim of a tenant prepared and not worked on (the run stopped):
+        it is left switched, or as it was, and the next run resumes it."""
+        if ahead is None:
+            return
+        try:
+            prepared = ahead[1].result()
+        except Exception:  # the run already stopped, for this reason or another
+            return
+        if isinstance(prepared, _Prepared):
+            prepared.claim.close()
 
     def _stop_run(self, why: str) -> None:
         with self._lock:
@@ -257,10 +317,12 @@ class DekRotation:
 
     # --- one tenant ---
 
-    def _tenant(self, tenant_id: str, new_key: NewKey | None = None) -> TenantRotation:
-        """Rotate one tenant; ``new_key`` is its new key if the provider was asked ahead."""
-        with self.db.claim(DEK_ROTATION_CLAIM, tenant_id) as claimed:
-            if not claimed:
+    def _prepare(self, tenant_id: str, new_key: NewKey | None) -> _Prepared | TenantRotation:
+        """Claim the tenant, count what is stale, and switch to a new key (``new_key``
+        when the provider was asked ahead); or the tenant's outcome, when there is
+        nothing to re-seal (busy, no keys, a dry run)."""
+        with ExitStack() as claim:
+            if not claim.enter_context(self.db.claim(DEK_ROTATION_CLAIM, tenant_id)):
                 return TenantRotation(tenant_id, "busy")
             with self.db.transaction() as connection:
                 keys = store.states(connection, tenant_id)
@@ -286,18 +348,27 @@ class DekRotation:
                 result = TenantRotation(tenant_id, "resealed", active, active)
                 target = active
             else:
+                self._check_stop()  # a stopped run switches no more tenants
                 target = self.keyring.switch(
                     self.db.transaction, tenant_id, active, ACTOR, new_key=new_key
                 )
                 result = TenantRotation(tenant_id, "rotated", active, target)
                 draining = [active]
+            return _Prepared(result, claim.pop_all(), target, draining, stale)
+
+    def _finish(self, prepared: _Prepared) -> TenantRotation:
+        """Re-seal and retire a prepared tenant; then release its claim."""
+        result = prepared.result
+        with prepared.claim:
             try:
-                self._drain(tenant_id, target, draining, stale, result)
+                self._drain(
+                    result.tenant_id, prepared.target, prepared.draining, prepared.stale, result
+                )
             except _KeysChanged:
                 # Not by another rotation (the claim excludes it), nor by shred (it takes
                 # the claim too): someone changed the keys by hand. Stop this tenant.
                 result.outcome = "keys changed"
-            return result
+        return result
 
     def _drain(
         self,
