@@ -67,9 +67,8 @@ def test_openbao_outage_mid_rotation_stops_cleanly_and_the_rerun_resumes(
         assert f"Vault at {environment['VAULT_ADDR']} did not answer within 1s" in report.stopped
         assert not report.ok
         done = {t.tenant_id: t.outcome for t in report.tenants}
-        # The first tenant finished before the pause; the next one may have been
-        # prepared (keys unwrapped, switched) before the pause too, and then finishes
-        # without Vault.
+        # The first tenant finished before the pause; the next one's keys may have been
+        # asked for ahead, before the pause too (then it finishes without Vault).
         assert paused[0] in done
         assert set(done.values()) == {"rotated"}
         assert len(done) < len(TENANTS)

@@ -32,8 +32,8 @@ from tenantvault.errors import DecryptionError, KeyDestroyedError
 from tenantvault.keys import store
 from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache
-from tenantvault.keys.warmup import Transaction, WarmReport, warm_keys
-from tenantvault.kms.provider import KeyProvider
+from tenantvault.keys.warmup import ReadKeys, Transaction, WarmReport, warm_keys
+from tenantvault.kms.provider import KeyProvider, WrappedKey
 
 
 class Keyring:
@@ -90,41 +90,42 @@ class Keyring:
             partial(self.cache.get, tenant_id), sealed, place, allow_legacy=self.allow_legacy
         )
 
-    def warm(self, transaction: Transaction, tenant_ids: Sequence[str]) -> WarmReport:
+    def warm(
+        self,
+        transaction: Transaction,
+        tenant_ids: Sequence[str],
+        read: ReadKeys = store.usable_keys,
+    ) -> WarmReport:
         """Cache the usable keys of ``tenant_ids`` in batch unwraps: ceil(K / batch size)
         requests for K keys not cached yet (:mod:`tenantvault.keys.warmup`).
 
         ``transaction`` opens the application's transactions (its role reads each
-        tenant's keys scoped to that tenant); the ids are checked by the caller."""
-        return warm_keys(self.provider, self.cache, self.backoff, transaction, tenant_ids)
+        tenant's keys scoped to that tenant), unless ``read`` is the operator's read;
+        the ids are checked by the caller."""
+        return warm_keys(self.provider, self.cache, self.backoff, transaction, tenant_ids, read)
 
     def switch(
-        self, transaction: Transaction, tenant_id: str, from_version: int, actor: str
+        self,
+        transaction: Transaction,
+        tenant_id: str,
+        from_version: int,
+        actor: str,
+        new_key: tuple[bytes, WrappedKey] | None = None,
     ) -> int:
         """A new active key for ``tenant_id``; ``from_version`` starts draining. The new
-        key comes from the key provider before ``transaction`` opens (no lock is held
-        while the provider answers). Returns the new version.
+        key is ``new_key`` (the provider's answer, asked for ahead) or comes from the
+        key provider now, before ``transaction`` opens (no lock is held while the
+        provider answers). Returns the new version.
 
         Raises:
             RotationError: ``from_version`` is not the active key any more.
         """
-        plaintext, wrapped = self.provider.generate_data_key(tenant_id)
+        plaintext, wrapped = new_key or self.provider.generate_data_key(tenant_id)
         with transaction() as connection:
             version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
         # Committed: from here on the key is the one stored.
         self.cache.put(DataKey(tenant_id, version, plaintext), wrapped.ciphertext)
         return version
-
-    def fetch(self, connection: sa.Connection, tenant_id: str, versions: Sequence[int]) -> None:
-        """Have these versions of the tenant's keys in the cache, unwrapping those that
-        are not (a rotation, ahead of the transactions that open values with them).
-
-        Raises:
-            KeyDestroyedError, DecryptionError, KeyProviderError: as a Sealer's first
-                use of the key would.
-        """
-        for version in dict.fromkeys(versions):
-            self._key(connection, tenant_id, version)
 
     # --- for Sealer ---
 

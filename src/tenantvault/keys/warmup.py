@@ -29,6 +29,7 @@ from tenantvault.keys.cache import DataKeyCache
 from tenantvault.kms.provider import KeyProvider
 
 Transaction = Callable[[], AbstractContextManager[sa.Connection]]
+ReadKeys = Callable[[sa.Connection, Sequence[str]], list[store.TenantKey]]
 
 READ_CHUNK = 1000
 """Tenants per statement: a bounded array parameter and a short transaction each."""
@@ -126,14 +127,16 @@ def warm_keys(
     backoff: ProviderBackoff,
     transaction: Transaction,
     tenant_ids: Sequence[str],
+    read: ReadKeys = store.usable_keys,
 ) -> WarmReport:
-    """Unwrap and cache the usable keys of ``tenant_ids`` (checked, as the app's
-    ``transaction`` reads them) in batches; see the module's description."""
+    """Unwrap and cache the usable keys of ``tenant_ids`` (checked), which ``read``
+    reads in ``transaction`` (the app's read by default), in batches; see the
+    module's description."""
     tenants = list(dict.fromkeys(tenant_ids))
     warming = _Warming(provider, cache, backoff)
     for start in range(0, len(tenants), READ_CHUNK):
         with transaction() as connection:
-            keys = store.usable_keys(connection, tenants[start : start + READ_CHUNK])
+            keys = read(connection, tenants[start : start + READ_CHUNK])
         for key in keys:
             warming.take(key)
             if warming.stopped is not None:

@@ -92,8 +92,7 @@ def rotate_dek_job(
 ) -> DekRotationReport:
     """Rotate the data keys of ``tenants`` (None: every tenant with a key)."""
     options = options or DekRotationOptions()
-    # Each worker holds two tenants' claims and a transaction for each (rotation.dek).
-    with _operator(settings, connections=2 * options.workers + 1) as (db, keyring):
+    with _operator(settings, connections=options.workers + 1) as (db, keyring):
         db.require_tenants(tenants)
         return rotate_data_keys(db, keyring, tenants, options, stop=stop, on_progress=on_progress)
 

@@ -18,22 +18,13 @@ take other tenants):
 
 A crash at any point leaves every value readable: old keys stay readable until
 retired, and a value is replaced only by its re-sealed self. A rerun resumes.
-
-Each worker works on two tenants at a time: while one is re-sealed and retired,
-the next is claimed, counted, has the keys it will open unwrapped, and is switched
-to its new key, by a thread of the worker's own. That step is mostly waiting on
-the database and the key provider, as the re-sealing mostly waits for its UPDATEs,
-so the two overlap. Four connections per worker: two claims, and a transaction
-for each.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -55,6 +46,7 @@ from tenantvault.keys import store
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
 from tenantvault.metrics import default_metrics
+from tenantvault.rotation.lookahead import Lookahead, NewKey
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.writer import Writer
 
@@ -156,18 +148,6 @@ class DekRotationReport:
         return self.stopped is None and not self.unopenable and all(t.done for t in self.tenants)
 
 
-@dataclass
-class _Prepared:
-    """A tenant claimed (``claim`` releases it), counted (``stale``, per column), and
-    switched or found draining: ready to re-seal under ``target``."""
-
-    result: TenantRotation
-    claim: contextlib.ExitStack
-    target: int
-    draining: list[int]
-    stale: dict[SealedColumn, int]
-
-
 class _Stopped(Exception):  # noqa: N818 - internal control flow, never escapes
     pass
 
@@ -205,90 +185,54 @@ class DekRotation:
         if tenants is None:
             with self.db.transaction() as connection:
                 tenants = store.tenants_with_keys(connection)
-        queue = [check_tenant_id(t) for t in tenants]
-        queue.reverse()
+        queue = Lookahead(
+            [check_tenant_id(t) for t in tenants],
+            self.keyring,
+            self.db.transaction,
+            new_keys=self.options.new_key and not self.options.dry_run,
+            warm=not self.options.dry_run,
+        )
         self._total = len(queue)
         threads = [
             threading.Thread(target=self._work, args=(queue,), name=f"rotate-dek-{n}")
             for n in range(min(self.options.workers, max(1, len(queue))))
         ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if self.stop.is_set() and len(self.report.tenants) < self._total:
-            with self._lock:  # stopped between two tenants: the run is not whole all the same
-                if self.report.stopped is None:
-                    self.report.stopped = "interrupted: stopped between two tenants"
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            queue.close()
         self.report.tenants.sort(key=lambda t: t.tenant_id)
         return self.report
 
-    def _work(self, queue: list[str]) -> None:
-        """Take tenants until none are left; the next one is prepared meanwhile."""
-        preparing = ThreadPoolExecutor(1, thread_name_prefix="rotate-dek-prepare")
-        ahead = self._prepare_next(queue, preparing)
-        try:
-            while ahead is not None and not self.stop.is_set():
-                tenant_id, prepared = ahead
-                ahead = None
-                try:
-                    current = prepared.result()
-                except Exception as exc:  # nothing claimed is left: _prepare released it
-                    self._failed(tenant_id, exc)
+    def _work(self, queue: Lookahead) -> None:
+        while not self.stop.is_set():
+            try:
+                taken = queue.take()
+                if taken is None:
                     return
-                ahead = self._prepare_next(queue, preparing)
-                try:
-                    if isinstance(current, TenantRotation):
-                        result = current
-                    else:
-                        result = self._finish(current)
-                except Exception as exc:  # _finish released the claim
-                    self._failed(tenant_id, exc)
-                    return
-                with self._lock:
-                    self.report.tenants.append(result)
-                    done = len(self.report.tenants)
-                rows = sum(result.resealed.values())
-                self._progress(Progress(tenant_id, None, rows, done, self._total, result))
-        finally:
-            self._abandon(ahead)
-            preparing.shutdown(wait=True)
-
-    def _prepare_next(
-        self, queue: list[str], preparing: ThreadPoolExecutor
-    ) -> tuple[str, Future[_Prepared | TenantRotation]] | None:
-        """Start preparing the next tenant of ``queue``; None when none is left."""
-        with self._lock:
-            if self.stop.is_set() or not queue:
-                return None
-            tenant_id = queue.pop()
-        return tenant_id, preparing.submit(self._prepare, tenant_id)
-
-    @staticmethod
-    def _abandon(ahead: tuple[str, Future[_Prepared | TenantRotation]] | None) -> None:
-        """Release the claim of a tenant prepared and not worked on (the run stopped):
-        it is left switched, or as it was, and the next run resumes it."""
-        if ahead is None:
-            return
-        try:
-            prepared = ahead[1].result()
-        except Exception:  # the run already stopped, for this reason or another
-            return
-        if isinstance(prepared, _Prepared):
-            prepared.claim.close()
-
-    def _failed(self, tenant_id: str, exc: Exception) -> None:
-        """Stop the run for ``exc``, raised while working on ``tenant_id``."""
-        if isinstance(exc, _Stopped):
-            return  # the stop already says why
-        if isinstance(exc, KeyProviderError):
-            self._stop_run(f"key provider failed for tenant {tenant_id}: {exc}")
-        elif isinstance(exc, TenantVaultError):
-            self._stop_run(f"tenant {tenant_id}: {exc}")
-        else:
-            # A worker thread must not die quietly: stop the run and say so. Only the
-            # class: a database error's text may carry statement parameters.
-            self._stop_run(f"tenant {tenant_id}: {type(exc).__name__}; nothing half-written")
+                tenant_id, new_key = taken
+                result = self._tenant(tenant_id, new_key)
+            except _Stopped:
+                return
+            except KeyProviderError as exc:
+                self._stop_run(f"key provider failed for tenant {tenant_id}: {exc}")
+                return
+            except TenantVaultError as exc:
+                self._stop_run(f"tenant {tenant_id}: {exc}")
+                return
+            except Exception as exc:
+                # A worker thread must not die quietly: stop the run and say so. Only the
+                # class: a database error's text may carry statement parameters.
+                self._stop_run(f"tenant {tenant_id}: {type(exc).__name__}; nothing half-written")
+                return
+            with self._lock:
+                self.report.tenants.append(result)
+                done = len(self.report.tenants)
+            rows = sum(result.resealed.values())
+            self._progress(Progress(tenant_id, None, rows, done, self._total, result))
 
     def _stop_run(self, why: str) -> None:
         with self._lock:
@@ -313,12 +257,10 @@ class DekRotation:
 
     # --- one tenant ---
 
-    def _prepare(self, tenant_id: str) -> _Prepared | TenantRotation:
-        """Claim the tenant, count what is stale, have the keys it opens unwrapped, and
-        switch to a new key; or the tenant's outcome, when there is nothing to re-seal
-        (busy, no keys, a dry run)."""
-        with contextlib.ExitStack() as claim:
-            if not claim.enter_context(self.db.claim(DEK_ROTATION_CLAIM, tenant_id)):
+    def _tenant(self, tenant_id: str, new_key: NewKey | None = None) -> TenantRotation:
+        """Rotate one tenant; ``new_key`` is its new key if the provider was asked ahead."""
+        with self.db.claim(DEK_ROTATION_CLAIM, tenant_id) as claimed:
+            if not claimed:
                 return TenantRotation(tenant_id, "busy")
             with self.db.transaction() as connection:
                 keys = store.states(connection, tenant_id)
@@ -335,8 +277,6 @@ class DekRotation:
                 stale, _ = self._stale_counts(
                     connection, tenant_id, [active] if switching else draining
                 )
-                if not self.options.dry_run:
-                    self._fetch_keys(connection, tenant_id, [active, *draining])
             if self.options.dry_run:
                 return self._plan(tenant_id, active, draining, stale)
             if draining:
@@ -346,33 +286,18 @@ class DekRotation:
                 result = TenantRotation(tenant_id, "resealed", active, active)
                 target = active
             else:
-                self._check_stop()  # a stopped run switches no more tenants
-                target = self.keyring.switch(self.db.transaction, tenant_id, active, ACTOR)
+                target = self.keyring.switch(
+                    self.db.transaction, tenant_id, active, ACTOR, new_key=new_key
+                )
                 result = TenantRotation(tenant_id, "rotated", active, target)
                 draining = [active]
-            return _Prepared(result, claim.pop_all(), target, draining, stale)
-
-    def _fetch_keys(self, connection: sa.Connection, tenant_id: str, versions: list[int]) -> None:
-        """Have the keys the re-sealing will open in the cache now, in the preparing
-        thread, so the worker does not wait on the provider for them. A key that does
-        not unwrap, or a provider that does not answer, is left to the re-sealing: it
-        fails there as it always did (by value, or by stopping the run)."""
-        with contextlib.suppress(TenantVaultError):
-            self.keyring.fetch(connection, tenant_id, versions)
-
-    def _finish(self, prepared: _Prepared) -> TenantRotation:
-        """Re-seal and retire a prepared tenant; then release its claim."""
-        result = prepared.result
-        with prepared.claim:
             try:
-                self._drain(
-                    result.tenant_id, prepared.target, prepared.draining, prepared.stale, result
-                )
+                self._drain(tenant_id, target, draining, stale, result)
             except _KeysChanged:
                 # Not by another rotation (the claim excludes it), nor by shred (it takes
                 # the claim too): someone changed the keys by hand. Stop this tenant.
                 result.outcome = "keys changed"
-        return result
+            return result
 
     def _drain(
         self,
@@ -386,36 +311,20 @@ class DekRotation:
         per column), then retire them."""
         for _ in range(RESEAL_PASSES):
             uncounted = 0  # seals of each column's last batch, counted by the retirement
-            try:
-                for column in SEALED_COLUMNS:
-                    if not stale[column]:
-                        continue
-                    done, seals = self._reseal(tenant_id, column, target, draining)
-                    uncounted += seals
-                    if done:
-                        result.resealed[column.name] = result.resealed.get(column.name, 0) + done
-                try:
-                    stale, retired = self._retire(tenant_id, target, draining, uncounted)
-                except _KeysChanged:
-                    uncounted = 0  # raised after the retirement's commit, which counted them
-                    raise
-                uncounted = 0
-            finally:
-                if uncounted:  # a stop or a failure before the retirement: count them now
-                    self._count_seals(tenant_id, target, uncounted)
+            for column in SEALED_COLUMNS:
+                if not stale[column]:
+                    continue
+                done, seals = self._reseal(tenant_id, column, target, draining)
+                uncounted += seals
+                if done:
+                    result.resealed[column.name] = result.resealed.get(column.name, 0) + done
+            stale, retired = self._retire(tenant_id, target, draining, uncounted)
             remaining = sum(stale.values())
             result.remaining, result.retired = remaining, result.retired + retired
             if remaining <= self._unopenable_count(tenant_id):
                 break
         if result.remaining:
             result.outcome = "incomplete"
-
-    def _count_seals(self, tenant_id: str, version: int, seals: int) -> None:
-        """Count ``seals`` against the key in a transaction of their own; if the database
-        fails too, they stay uncounted, as after a crash (the error on its way out is
-        the one to report)."""
-        with contextlib.suppress(Exception), self.db.transaction() as connection:
-            store.count_seals(connection, tenant_id, version, seals)
 
     def _check_target(self, connection: sa.Connection, tenant_id: str, target: int) -> None:
         """Hold the tenant's key lock (shared) for the transaction, and stop unless
