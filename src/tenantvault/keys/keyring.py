@@ -32,7 +32,7 @@ from tenantvault.errors import DecryptionError, KeyDestroyedError
 from tenantvault.keys import store
 from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache
-from tenantvault.keys.warmup import ReadKeys, Transaction, WarmReport, warm_keys
+from tenantvault.keys.warmup import Transaction, WarmReport, warm_keys
 from tenantvault.kms.provider import KeyProvider, WrappedKey
 
 
@@ -90,19 +90,13 @@ class Keyring:
             partial(self.cache.get, tenant_id), sealed, place, allow_legacy=self.allow_legacy
         )
 
-    def warm(
-        self,
-        transaction: Transaction,
-        tenant_ids: Sequence[str],
-        read: ReadKeys = store.usable_keys,
-    ) -> WarmReport:
+    def warm(self, transaction: Transaction, tenant_ids: Sequence[str]) -> WarmReport:
         """Cache the usable keys of ``tenant_ids`` in batch unwraps: ceil(K / batch size)
         requests for K keys not cached yet (:mod:`tenantvault.keys.warmup`).
 
         ``transaction`` opens the application's transactions (its role reads each
-        tenant's keys scoped to that tenant), unless ``read`` is the operator's read;
-        the ids are checked by the caller."""
-        return warm_keys(self.provider, self.cache, self.backoff, transaction, tenant_ids, read)
+        tenant's keys scoped to that tenant); the ids are checked by the caller."""
+        return warm_keys(self.provider, self.cache, self.backoff, transaction, tenant_ids)
 
     def switch(
         self,
@@ -118,11 +112,18 @@ class Keyring:
         provider answers). Returns the new version.
 
         Raises:
-            RotationError: ``from_version`` is not the active key any more.
+            RotationError: ``from_version`` is not the active key any more, or (made
+                now) the new key's KEK version is older than the active key's.
         """
         plaintext, wrapped = new_key or self.provider.generate_data_key(tenant_id)
-        with transaction() as connection:
-            version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
+        try:
+            with transaction() as connection:
+                version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
+        except store.OlderKekVersionError:
+            if new_key is None:
+                raise
+            # Asked for ahead, before a KEK rotation that ran since: ask again now.
+            return self.switch(transaction, tenant_id, from_version, actor)
         # Committed: from here on the key is the one stored.
         self.cache.put(DataKey(tenant_id, version, plaintext), wrapped.ciphertext)
         return version

@@ -189,6 +189,10 @@ def create_first(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> 
     return version
 
 
+class OlderKekVersionError(RotationError):
+    """A new key wrapped under an older KEK version than the key it would replace."""
+
+
 def switch(
     connection: sa.Connection, tenant_id: str, from_version: int, key: WrappedKey, *, actor: str
 ) -> int:
@@ -197,14 +201,23 @@ def switch(
 
     Raises:
         RotationError: ``from_version`` is not the active key any more.
+        OlderKekVersionError: ``key`` was made before a KEK rotation that has rewrapped the
+            active key since: stored, it would escape that rotation's rewrap, and once
+            ``min_decryption_version`` is raised it would no longer unwrap. Nothing is
+            written; make a new key.
     """
     lock_tenant_keys(connection, tenant_id, exclusive=True)
     drained = connection.execute(
         sa.update(Key)
         .where(Key.tenant_id == tenant_id, Key.state == ACTIVE, Key.version == from_version)
         .values(state=DRAINING)
-        .returning(Key.version)
+        .returning(Key.kek_version)
     ).scalar_one_or_none()
+    if drained is not None and key.kek_version < drained:
+        raise OlderKekVersionError(
+            f"the new data key of tenant {tenant_id} is wrapped under KEK version "
+            f"{key.kek_version}, older than its active key's {drained}"
+        )
     version = None if drained is None else _insert_next(connection, tenant_id, key)
     if version is None:
         # Cannot happen while the caller holds its claim on the tenant; stop rather than guess.

@@ -22,6 +22,7 @@ retired, and a value is replaced only by its re-sealed self. A rerun resumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Sequence
@@ -186,7 +187,8 @@ class DekRotation:
             with self.db.transaction() as connection:
                 tenants = store.tenants_with_keys(connection)
         queue = Lookahead(
-            [check_tenant_id(t) for t in tenants],
+            # A tenant named twice is rotated once (twice, it would find itself busy).
+            list(dict.fromkeys(check_tenant_id(t) for t in tenants)),
             self.keyring,
             self.db.transaction,
             new_keys=self.options.new_key and not self.options.dry_run,
@@ -204,17 +206,26 @@ class DekRotation:
                 thread.join()
         finally:
             queue.close()
+        if len(self.report.tenants) < self._total:
+            with self._lock:  # e.g. stopped between two tenants: the run is not whole
+                if self.report.stopped is None:
+                    self.report.stopped = "interrupted: stopped between two tenants"
         self.report.tenants.sort(key=lambda t: t.tenant_id)
         return self.report
 
     def _work(self, queue: Lookahead) -> None:
         while not self.stop.is_set():
+            taken = queue.take()
+            if taken is None:
+                return
+            tenant_id, new_key = taken
             try:
-                taken = queue.take()
-                if taken is None:
-                    return
-                tenant_id, new_key = taken
                 result = self._tenant(tenant_id, new_key)
+                with self._lock:
+                    self.report.tenants.append(result)
+                    done = len(self.report.tenants)
+                rows = sum(result.resealed.values())
+                self._progress(Progress(tenant_id, None, rows, done, self._total, result))
             except _Stopped:
                 return
             except KeyProviderError as exc:
@@ -224,15 +235,11 @@ class DekRotation:
                 self._stop_run(f"tenant {tenant_id}: {exc}")
                 return
             except Exception as exc:
-                # A worker thread must not die quietly: stop the run and say so. Only the
-                # class: a database error's text may carry statement parameters.
+                # A worker thread must not die quietly (a failing progress callback
+                # included): stop the run and say so. Only the class: a database
+                # error's text may carry statement parameters.
                 self._stop_run(f"tenant {tenant_id}: {type(exc).__name__}; nothing half-written")
                 return
-            with self._lock:
-                self.report.tenants.append(result)
-                done = len(self.report.tenants)
-            rows = sum(result.resealed.values())
-            self._progress(Progress(tenant_id, None, rows, done, self._total, result))
 
     def _stop_run(self, why: str) -> None:
         with self._lock:
@@ -311,20 +318,36 @@ class DekRotation:
         per column), then retire them."""
         for _ in range(RESEAL_PASSES):
             uncounted = 0  # seals of each column's last batch, counted by the retirement
-            for column in SEALED_COLUMNS:
-                if not stale[column]:
-                    continue
-                done, seals = self._reseal(tenant_id, column, target, draining)
-                uncounted += seals
-                if done:
-                    result.resealed[column.name] = result.resealed.get(column.name, 0) + done
-            stale, retired = self._retire(tenant_id, target, draining, uncounted)
+            try:
+                for column in SEALED_COLUMNS:
+                    if not stale[column]:
+                        continue
+                    done, seals = self._reseal(tenant_id, column, target, draining)
+                    uncounted += seals
+                    if done:
+                        result.resealed[column.name] = result.resealed.get(column.name, 0) + done
+                try:
+                    stale, retired = self._retire(tenant_id, target, draining, uncounted)
+                except _KeysChanged:
+                    uncounted = 0  # raised after the retirement's commit, which counted them
+                    raise
+                uncounted = 0
+            finally:
+                if uncounted:  # a stop or a failure before the retirement: count them now
+                    self._count_seals(tenant_id, target, uncounted)
             remaining = sum(stale.values())
             result.remaining, result.retired = remaining, result.retired + retired
             if remaining <= self._unopenable_count(tenant_id):
                 break
         if result.remaining:
             result.outcome = "incomplete"
+
+    def _count_seals(self, tenant_id: str, version: int, seals: int) -> None:
+        """Count ``seals`` against the key in a transaction of their own; if the database
+        fails too, they stay uncounted, as after a crash (the error on its way out is
+        the one to report)."""
+        with contextlib.suppress(Exception), self.db.transaction() as connection:
+            store.count_seals(connection, tenant_id, version, seals)
 
     def _check_target(self, connection: sa.Connection, tenant_id: str, target: int) -> None:
         """Hold the tenant's key lock (shared) for the transaction, and stop unless
@@ -449,18 +472,25 @@ class DekRotation:
                             sent += len(resealed[-1])
                     moved += writer.close()
                 seals = sealer.take_seals()
+            last_batch = len(rows) < self.options.batch_size
+            if not last_batch:
+                # Counted after the batch commits, in a transaction of its own: the
+                # batch's row locks and a writer's lock on the key row are never held at
+                # once (a deadlock). A crash in between leaves this batch uncounted.
+                with self.db.transaction() as connection:
+                    store.count_seals(connection, tenant_id, target, seals)
             with self._lock:
                 done_tenants = len(self.report.tenants)
-            self._progress(Progress(tenant_id, column.name, sent, done_tenants, self._total))
-            if len(rows) < self.options.batch_size:
+            try:
+                self._progress(Progress(tenant_id, column.name, sent, done_tenants, self._total))
+            except BaseException:
+                if last_batch:  # the retirement will not count them: the run stops
+                    self._count_seals(tenant_id, target, seals)
+                raise
+            if last_batch:
                 # A short page was the last one: no empty query to confirm it. Its seals
                 # are counted by the retirement's transaction, which follows.
                 return moved, seals
-            # Counted after the batch commits, in a transaction of its own: the batch's
-            # row locks and a writer's lock on the key row are never held at once (a
-            # deadlock). A crash in between leaves this batch uncounted.
-            with self.db.transaction() as connection:
-                store.count_seals(connection, tenant_id, target, seals)
 
     def _reseal_rows(
         self, sealer: Sealer, column: SealedColumn, rows: Sequence[Sequence[Any]], width: int

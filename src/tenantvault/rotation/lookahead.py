@@ -16,19 +16,22 @@ tenant's 34 ms. So:
   drained key is a cache hit.
 
 Nothing here is an error of its own: a prefetch that failed leaves the tenant's
-rotation to ask the provider in line, where it fails, or backs off, as it would
-have without the lookahead.
+rotation to ask the provider in line, where it fails as it would have without the
+lookahead. A new key asked for ahead may be older than a KEK rotation that ran
+meanwhile: the switch then refuses it and asks again (:func:`keys.store.switch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from tenantvault.keys import store
+from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.keyring import Keyring
-from tenantvault.keys.warmup import Transaction
+from tenantvault.keys.warmup import Transaction, warm_keys
 from tenantvault.kms.provider import WrappedKey
 
 NewKey = tuple[bytes, WrappedKey]
@@ -93,9 +96,26 @@ class Lookahead:
                 window = self._tenants[index : index + self._window]
                 self._warmed_to = index + self._window
         if window:
-            # What does not unwrap here is unwrapped in line, and fails there as it should.
-            self._keyring.warm(self._transaction, window, read=store.usable_keys_of_any)
+            self._warm(window)
         return tenant_id, self._answer(asked)
+
+    def _warm(self, window: list[str]) -> None:
+        """Unwrap the window's usable keys into the cache, as far as that goes.
+
+        Best effort: a key that does not unwrap, Vault down, a database error, leave
+        the keys to be unwrapped in line, where the failure is reported as without
+        the lookahead. Its own backoff: an outage met here does not shut the gate
+        the in-line unwraps pass (they ask Vault themselves, and fail with its error).
+        """
+        with contextlib.suppress(Exception):
+            warm_keys(
+                self._keyring.provider,
+                self._keyring.cache,
+                ProviderBackoff(),
+                self._transaction,
+                window,
+                store.usable_keys_of_any,
+            )
 
     @staticmethod
     def _answer(asked: Future[NewKey] | None) -> NewKey | None:
