@@ -292,3 +292,49 @@ def test_a_data_key_that_does_not_unwrap_ahead_is_reported_by_value_as_before(
     vault.keyring.cache.clear()
     for tenant in ("t_a", "t_c"):
         assert open_everything(vault, tenant) == expected[tenant]
+
+
+def test_a_new_key_made_in_line_before_a_kek_rotation_is_made_again(
+    services: Services,
+    app_settings: Settings,
+    operator_db: Any,
+    owner_engine: sa.Engine,
+) -> None:
+    own = CountingProvider(transit_provider(services, key_name=f"dek-{uuid.uuid4().hex[:8]}"))
+    vault = Vault.from_settings(app_settings, key_provider=own)
+    try:
+        add_tenants(owner_engine, ["t_b"])
+        expected = populate(vault, "t_b", configs=1)
+        # A key Vault made under KEK version 1, handed out after the KEK rotation below:
+        # as if Vault answered the switch's request just before that rotation ran.
+        made_before = own.inner.generate_data_key("t_b")
+        kek = rotate_kek(operator_db, own.inner)
+        assert kek.ok, kek
+
+        class _Late(_Observed):
+            def generate_data_key(self, tenant_id: str) -> Any:
+                self._count("generate")
+                if self.calls["generate"] == 1:
+                    return made_before
+                return self.inner.generate_data_key(tenant_id)
+
+        observed = _Late(own.inner)
+        report = rotate_data_keys(
+            operator_db, fresh_keyring(observed), ["t_b"], DekRotationOptions(workers=1)
+        )
+        assert report.ok, report
+        assert observed.calls["generate"] == 2
+        with owner_engine.connect() as connection:
+            kek_versions = dict(
+                connection.execute(
+                    sa.text(
+                        "SELECT version, kek_version FROM dripiq_app.tenant_data_keys "
+                        "WHERE tenant_id = 't_b'"
+                    )
+                ).all()
+            )
+        assert kek_versions == {1: 2, 2: 2}
+        vault.keyring.cache.clear()
+        assert open_everything(vault, "t_b") == expected
+    finally:
+        vault.dispose()

@@ -112,18 +112,19 @@ class Keyring:
         provider answers). Returns the new version.
 
         Raises:
-            RotationError: ``from_version`` is not the active key any more, or (made
-                now) the new key's KEK version is older than the active key's.
+            RotationError: ``from_version`` is not the active key any more, or a second
+                new key's KEK version is older than the active key's too.
         """
         plaintext, wrapped = new_key or self.provider.generate_data_key(tenant_id)
         try:
             with transaction() as connection:
                 version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
         except store.OlderKekVersionError:
-            if new_key is None:
-                raise
-            # Asked for ahead, before a KEK rotation that ran since: ask again now.
-            return self.switch(transaction, tenant_id, from_version, actor)
+            # Made before a KEK rotation that rewrapped the active key since (asked for
+            # ahead, or in line while the rotation ran): once more, with a key made now.
+            plaintext, wrapped = self.provider.generate_data_key(tenant_id)
+            with transaction() as connection:
+                version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
         # Committed: from here on the key is the one stored.
         self.cache.put(DataKey(tenant_id, version, plaintext), wrapped.ciphertext)
         return version

@@ -215,7 +215,11 @@ class DekRotation:
 
     def _work(self, queue: Lookahead) -> None:
         while not self.stop.is_set():
-            taken = queue.take()
+            try:
+                taken = queue.take()
+            except Exception as exc:  # nothing of a tenant was done yet
+                self._stop_run(f"taking the next tenant: {type(exc).__name__}")
+                return
             if taken is None:
                 return
             tenant_id, new_key = taken

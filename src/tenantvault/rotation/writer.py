@@ -9,6 +9,7 @@ has its own. The caller must not leave the transaction before :meth:`Writer.clos
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
@@ -37,6 +38,12 @@ class Writer:
     def send(self, sql: str, params: dict[str, Any]) -> None:
         """Queue a statement; it runs after those sent before it."""
         self._sent.append(self._thread.submit(self._execute, sql, params))
+        # Hand the interpreter to the writer thread now, so it sends the statement at
+        # once. Otherwise it waits for the caller's next blocking call or the
+        # interpreter's switch interval (5 ms); the caller re-sealing the next chunk
+        # makes neither for as long, and the UPDATEs start that much later (measured:
+        # a DEK rotation ran about 8% slower).
+        time.sleep(0)
 
     def close(self) -> int:
         """Wait for every statement sent; the rows they changed in all.
