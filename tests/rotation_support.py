@@ -96,10 +96,22 @@ def sealed_versions(owner_engine: sa.Engine, tenant: str) -> dict[int, int]:
         return {int(v): int(c) for v, c in connection.execute(sa.text(query), {"t": tenant})}
 
 
-def key_states(owner_engine: sa.Engine, tenant: str) -> dict[int, str]:
+def _keys(owner_engine: sa.Engine, tenant: str, column: str) -> dict[int, Any]:
+    """``column`` of each of the tenant's data keys, by version."""
     with owner_engine.connect() as connection:
         rows = connection.execute(
-            sa.text("SELECT version, state FROM dripiq_app.tenant_data_keys WHERE tenant_id = :t"),
+            sa.text(
+                f"SELECT version, {column} FROM dripiq_app.tenant_data_keys WHERE tenant_id = :t"
+            ),
             {"t": tenant},
         )
-        return {int(v): str(s) for v, s in rows}
+        return {int(v): value for v, value in rows}
+
+
+def key_states(owner_engine: sa.Engine, tenant: str) -> dict[int, str]:
+    return {v: str(s) for v, s in _keys(owner_engine, tenant, "state").items()}
+
+
+def kek_versions(owner_engine: sa.Engine, tenant: str) -> dict[int, int]:
+    """The KEK version each of the tenant's data keys is wrapped under, by version."""
+    return {v: int(k) for v, k in _keys(owner_engine, tenant, "kek_version").items()}

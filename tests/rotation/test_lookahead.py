@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from tenantvault import Vault
@@ -19,6 +21,7 @@ from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, Services, fresh_keyring, transit_provider
 from tests.rotation_support import (
     add_tenants,
+    kek_versions,
     key_states,
     open_everything,
     populate,
@@ -148,54 +151,49 @@ def test_a_warm_up_that_fails_leaves_the_keys_to_be_unwrapped_in_line(
         assert open_everything(vault, tenant) == expected[tenant]
 
 
-def test_a_new_key_asked_ahead_of_a_kek_rotation_is_not_stored(
-    services: Services,
-    app_settings: Settings,
-    operator_db: Any,
-    owner_engine: sa.Engine,
-) -> None:
+@pytest.fixture
+def own_vault(
+    services: Services, app_settings: Settings
+) -> Iterator[tuple[Vault, CountingProvider]]:
+    """A Vault on a transit key of its own: a KEK rotation there touches no other test."""
     own = CountingProvider(transit_provider(services, key_name=f"dek-{uuid.uuid4().hex[:8]}"))
     vault = Vault.from_settings(app_settings, key_provider=own)
-    try:
-        add_tenants(owner_engine, TENANTS)
-        expected = {tenant: populate(vault, tenant, configs=1) for tenant in TENANTS[:2]}
-        observed = _Observed(own.inner)
-        rotated_kek: list[int] = []
+    yield vault, own
+    vault.dispose()
 
-        def kek_rotation_during_t_a(event: Progress) -> None:
-            # t_b's new key was asked for when t_a was taken: under KEK version 1.
-            if event.tenant_id == "t_a" and event.column is not None and not rotated_kek:
-                assert observed.asked["t_b"].wait(timeout=10)
-                kek = rotate_kek(operator_db, own.inner)
-                assert kek.ok, kek
-                rotated_kek.append(kek.rewrapped)
 
-        report = rotate_data_keys(
-            operator_db,
-            fresh_keyring(observed),
-            TENANTS[:2],
-            DekRotationOptions(workers=1),
-            on_progress=kek_rotation_during_t_a,
-        )
-        assert report.ok, report
-        assert rotated_kek
-        with owner_engine.connect() as connection:
-            kek_versions = dict(
-                connection.execute(
-                    sa.text(
-                        "SELECT version, kek_version FROM dripiq_app.tenant_data_keys "
-                        "WHERE tenant_id = 't_b'"
-                    )
-                ).all()
-            )
-        # t_b's new key is the one asked for again after the refusal, under KEK version 2.
-        assert kek_versions == {1: 2, 2: 2}
-        assert observed.calls["generate"] == 3
-        vault.keyring.cache.clear()
-        for tenant in TENANTS[:2]:
-            assert open_everything(vault, tenant) == expected[tenant]
-    finally:
-        vault.dispose()
+def test_a_new_key_asked_ahead_of_a_kek_rotation_is_not_stored(
+    own_vault: tuple[Vault, CountingProvider], operator_db: Any, owner_engine: sa.Engine
+) -> None:
+    vault, own = own_vault
+    add_tenants(owner_engine, TENANTS)
+    expected = {tenant: populate(vault, tenant, configs=1) for tenant in TENANTS[:2]}
+    observed = _Observed(own.inner)
+    rotated_kek: list[int] = []
+
+    def kek_rotation_during_t_a(event: Progress) -> None:
+        # t_b's new key was asked for when t_a was taken: under KEK version 1.
+        if event.tenant_id == "t_a" and event.column is not None and not rotated_kek:
+            assert observed.asked["t_b"].wait(timeout=10)
+            kek = rotate_kek(operator_db, own.inner)
+            assert kek.ok, kek
+            rotated_kek.append(kek.rewrapped)
+
+    report = rotate_data_keys(
+        operator_db,
+        fresh_keyring(observed),
+        TENANTS[:2],
+        DekRotationOptions(workers=1),
+        on_progress=kek_rotation_during_t_a,
+    )
+    assert report.ok, report
+    assert rotated_kek
+    # t_b's new key is the one asked for again after the refusal, under KEK version 2.
+    assert kek_versions(owner_engine, "t_b") == {1: 2, 2: 2}
+    assert observed.calls["generate"] == 3
+    vault.keyring.cache.clear()
+    for tenant in TENANTS[:2]:
+        assert open_everything(vault, tenant) == expected[tenant]
 
 
 def test_a_stop_between_two_tenants_is_reported_and_a_rerun_finishes(
@@ -295,46 +293,30 @@ def test_a_data_key_that_does_not_unwrap_ahead_is_reported_by_value_as_before(
 
 
 def test_a_new_key_made_in_line_before_a_kek_rotation_is_made_again(
-    services: Services,
-    app_settings: Settings,
-    operator_db: Any,
-    owner_engine: sa.Engine,
+    own_vault: tuple[Vault, CountingProvider], operator_db: Any, owner_engine: sa.Engine
 ) -> None:
-    own = CountingProvider(transit_provider(services, key_name=f"dek-{uuid.uuid4().hex[:8]}"))
-    vault = Vault.from_settings(app_settings, key_provider=own)
-    try:
-        add_tenants(owner_engine, ["t_b"])
-        expected = populate(vault, "t_b", configs=1)
-        # A key Vault made under KEK version 1, handed out after the KEK rotation below:
-        # as if Vault answered the switch's request just before that rotation ran.
-        made_before = own.inner.generate_data_key("t_b")
-        kek = rotate_kek(operator_db, own.inner)
-        assert kek.ok, kek
+    vault, own = own_vault
+    add_tenants(owner_engine, ["t_b"])
+    expected = populate(vault, "t_b", configs=1)
+    # A key Vault made under KEK version 1, handed out after the KEK rotation below:
+    # as if Vault answered the switch's request just before that rotation ran.
+    made_before = own.inner.generate_data_key("t_b")
+    kek = rotate_kek(operator_db, own.inner)
+    assert kek.ok, kek
 
-        class _Late(_Observed):
-            def generate_data_key(self, tenant_id: str) -> Any:
-                self._count("generate")
-                if self.calls["generate"] == 1:
-                    return made_before
-                return self.inner.generate_data_key(tenant_id)
+    class _Late(_Observed):
+        def generate_data_key(self, tenant_id: str) -> Any:
+            self._count("generate")
+            if self.calls["generate"] == 1:
+                return made_before
+            return self.inner.generate_data_key(tenant_id)
 
-        observed = _Late(own.inner)
-        report = rotate_data_keys(
-            operator_db, fresh_keyring(observed), ["t_b"], DekRotationOptions(workers=1)
-        )
-        assert report.ok, report
-        assert observed.calls["generate"] == 2
-        with owner_engine.connect() as connection:
-            kek_versions = dict(
-                connection.execute(
-                    sa.text(
-                        "SELECT version, kek_version FROM dripiq_app.tenant_data_keys "
-                        "WHERE tenant_id = 't_b'"
-                    )
-                ).all()
-            )
-        assert kek_versions == {1: 2, 2: 2}
-        vault.keyring.cache.clear()
-        assert open_everything(vault, "t_b") == expected
-    finally:
-        vault.dispose()
+    observed = _Late(own.inner)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(observed), ["t_b"], DekRotationOptions(workers=1)
+    )
+    assert report.ok, report
+    assert observed.calls["generate"] == 2
+    assert kek_versions(owner_engine, "t_b") == {1: 2, 2: 2}
+    vault.keyring.cache.clear()
+    assert open_everything(vault, "t_b") == expected
