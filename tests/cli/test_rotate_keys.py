@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
@@ -14,8 +15,8 @@ import sqlalchemy as sa
 
 from tenantvault import Vault, cli
 from tenantvault.settings import Settings
-from tests.conftest import Services
-from tests.rotation_support import key_states, populate
+from tests.conftest import Services, transit_provider
+from tests.rotation_support import key_states, open_everything, populate
 
 
 @pytest.fixture
@@ -61,6 +62,31 @@ def test_dry_run_and_status_change_nothing_and_json_lines_parse(
     assert status[0]["tenant_id"] == "t_a"
     assert [k["state"] for k in status[0]["keys"]] == ["active"]
     assert key_states(owner_engine, "t_a") == {1: "active"}
+
+
+def test_kek_rotation_with_workers_rewraps_every_key_and_reports_in_json(
+    app_settings: Settings,
+    services: Services,
+    operator_env: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A transit key of its own: rotating the shared one would move every other test's.
+    name = f"cli-kek-{uuid.uuid4().hex[:8]}"
+    provider = transit_provider(services, key_name=name)
+    vault = Vault.from_settings(app_settings, key_provider=provider)
+    try:
+        expected = {t: populate(vault, t) for t in ("t_a", "t_b")}
+        monkeypatch.setenv("TENANTVAULT_TRANSIT_KEY", name)
+        argv = ["rotate-keys", "kek", "--workers", "2", "--batch-size", "1", "--json"]
+        assert cli.main(argv) == cli.EXIT_OK
+        summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()][-1]
+        assert (summary["ok"], summary["rotated"], summary["kek_after"]) == (True, True, 2)
+        assert (summary["rewrapped"], summary["behind"]) == (2, 0)
+        vault.keyring.cache.clear()
+        assert {t: open_everything(vault, t) for t in expected} == expected
+    finally:
+        vault.dispose()
 
 
 def test_a_value_that_will_not_open_exits_4_naming_its_place(

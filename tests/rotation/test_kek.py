@@ -318,3 +318,77 @@ def test_transit_failing_for_the_batch_sent_ahead_rolls_it_back_and_a_rerun_fini
     assert (rerun.ok, rerun.rotated, rerun.rewrapped) == (True, False, 4)
     vault.keyring.cache.clear()
     assert {t: open_everything(vault, t) for t in TENANTS} == expected
+
+
+class _Together(CountingProvider):
+    """Holds the first two rewrap calls until both have arrived, so they are under way
+    at once (two workers' batches); ``fail_on`` makes that call (counted from 0, in the
+    order the calls arrive) fail as an unreachable transit would."""
+
+    def __init__(self, inner: Any, fail_on: int | None = None) -> None:
+        super().__init__(inner)
+        self.both = threading.Barrier(2, timeout=10)
+        self.fail_on = fail_on
+        self._order = threading.Lock()
+        self._arrived = 0
+
+    def rewrap(self, items: Any) -> Any:
+        with self._order:
+            number = self._arrived
+            self._arrived += 1
+        if number < 2:
+            self.both.wait()  # broken (an error) unless a second worker sends meanwhile
+        if number == self.fail_on:
+            raise KeyProviderUnavailable("transit did not answer (test)")
+        return self.inner.rewrap(items)
+
+
+def test_workers_rewrap_batches_at_once_and_store_each_key_once(
+    own_vault: Any, own_provider: CountingProvider, operator_db: Any, owner_engine: sa.Engine
+) -> None:
+    vault, expected = own_vault
+    together = _Together(own_provider.inner)
+    progress: list[KekProgress] = []
+    report = rotate_kek(
+        operator_db,
+        together,
+        KekRotationOptions(batch_size=1, workers=2),
+        on_progress=progress.append,
+    )
+    assert report.ok
+    assert (report.rotated, report.rewrapped, report.behind) == (True, 7, 0)
+    # Progress is counted across the workers, one key more each time.
+    assert sorted(p.rewrapped for p in progress) == list(range(1, 8))
+    assert {kek for _, kek in _wrapped(owner_engine).values()} == {2}
+    assert sorted((t, v) for t, _, v, _ in _rewrap_events(operator_db)) == [
+        (t, "1") for t in TENANTS
+    ]
+    verified = verify_audit(operator_db, TENANTS)
+    assert verified.ok, verified.breaks
+    vault.keyring.cache.clear()
+    assert {t: open_everything(vault, t) for t in TENANTS} == expected
+
+
+def test_a_failing_worker_stops_the_others_and_a_rerun_finishes(
+    own_vault: Any, own_provider: CountingProvider, operator_db: Any, owner_engine: sa.Engine
+) -> None:
+    vault, expected = own_vault
+    together = _Together(own_provider.inner, fail_on=2)
+    with pytest.raises(KeyProviderUnavailable):
+        rotate_kek(operator_db, together, KekRotationOptions(batch_size=1, workers=2))
+    # The other worker stopped: not every key was rewrapped, every stored one has its
+    # event, and no transaction was left open.
+    keks = [kek for _, kek in _wrapped(owner_engine).values()]
+    assert 1 <= keks.count(2) < 7
+    assert len(_rewrap_events(operator_db)) == keks.count(2)
+    assert operator_db.engine.pool.checkedout() == 0
+
+    rerun = rotate_kek(operator_db, own_provider, KekRotationOptions(workers=2))
+    assert (rerun.ok, rerun.rotated, rerun.rewrapped) == (True, False, 7 - keks.count(2))
+    vault.keyring.cache.clear()
+    assert {t: open_everything(vault, t) for t in TENANTS} == expected
+
+
+def test_workers_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        KekRotationOptions(workers=0)

@@ -132,6 +132,7 @@ def _cmd_rotate_kek(args: argparse.Namespace) -> int:
         raise_min_decryption_version=args.min_decryption_version,
         dry_run=args.dry_run,
         batch_size=args.batch_size,
+        workers=args.workers,
     )
     progress = output.RotationOutput.choose(args.json)
     with _stop_on_interrupt() as stop, progress:
@@ -310,6 +311,9 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
         type=_positive,
         default=1000,
         help="data keys per transaction (default: 1000)",
+    )
+    kek.add_argument(
+        "--workers", type=_positive, default=1, help="threads, batches each (default: 1)"
     )
     kek.add_argument("--json", action="store_true", help="JSON lines")
     kek.set_defaults(handler=_cmd_rotate_kek)

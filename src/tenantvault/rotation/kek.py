@@ -139,6 +139,8 @@ def rotate_kek(
 
     report = KekRotationReport(False, before, latest, will_rotate)
     total = _behind(db, latest)
+    reporting = threading.Lock()  # workers add to the report and call on_progress
+    halt = threading.Event()  # a worker failed: the others stop after their batch
 
     def lock_and_send(
         transit: ThreadPoolExecutor, after: tuple[str, int], skip_locked: bool
@@ -171,15 +173,19 @@ def rotate_kek(
             batch.rows, batch.rewrapped.result(), strict=True
         ):
             if result.wrapped is None:
-                report.failures.append(RewrapFailure(tenant, version, result.error or "refused"))
+                with reporting:
+                    report.failures.append(
+                        RewrapFailure(tenant, version, result.error or "refused")
+                    )
                 continue
             done.append(store.Rewrapped(tenant, version, wrapped, result.wrapped))
         stored = store.store_rewrapped(batch.connection, done, actor=ACTOR)
-        report.rewrapped += stored
         batch.commit()
         default_metrics().rotated("kek", stored)
-        if on_progress is not None:
-            on_progress(KekProgress(report.rewrapped, total))
+        with reporting:
+            report.rewrapped += stored
+            if on_progress is not None:
+                on_progress(KekProgress(report.rewrapped, total))
 
     def one_pass(skip_locked: bool) -> None:
         """Rewrap every key still behind, from the first; failed ones are passed over.
@@ -193,7 +199,7 @@ def rotate_kek(
         # One thread: transit's calls go one after another, as without the overlap.
         with ThreadPoolExecutor(1, thread_name_prefix="kek-rewrap") as transit:
             try:
-                while not stop.is_set():
+                while not (stop.is_set() or halt.is_set()):
                     batch = lock_and_send(transit, after, skip_locked)
                     if batch is None:
                         break
@@ -203,7 +209,7 @@ def rotate_kek(
                         store_batch(waiting[0])
                         waiting.popleft()
                 # Stopped: the batch sent ahead is not stored; its keys stay as they were.
-                while waiting and not stop.is_set():
+                while waiting and not (stop.is_set() or halt.is_set()):
                     store_batch(waiting[0])
                     waiting.popleft()
             finally:
@@ -214,7 +220,7 @@ def rotate_kek(
     # First pass: rows another run (or a writer) holds are skipped, so runs share the
     # work. Second pass: wait for what was held; a key another run rewrapped meanwhile
     # no longer matches when its lock is released, a key a writer held is rewrapped.
-    one_pass(skip_locked=True)
+    _in_workers(options.workers, lambda: one_pass(skip_locked=True), halt)
     one_pass(skip_locked=False)
     # The second pass meets the first pass's failures again: report each key once.
     report.failures = list(dict.fromkeys(report.failures))
@@ -225,6 +231,26 @@ def rotate_kek(
     if options.raise_min_decryption_version and report.stopped is None:
         report.min_decryption_version = _raise_min(db, provider, latest, report)
     return report
+
+
+def _in_workers(workers: int, work: Callable[[], None], halt: threading.Event) -> None:
+    """``work`` in ``workers`` threads at once (here, when one); the first error is raised
+    once every thread has ended, the others stopped by ``halt`` after their batch."""
+    if workers == 1:
+        work()
+        return
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException:
+            halt.set()
+            raise
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="kek-worker") as pool:
+        running = [pool.submit(guarded) for _ in range(workers)]
+    for done in running:
+        done.result()
 
 
 def _raise_min(

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 MAX_BATCH_SIZE = 50_000
 
 
-def _check_batch_size(batch_size: int) -> None:
+def _check(workers: int, batch_size: int) -> None:
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}")
 
@@ -32,9 +34,7 @@ class DekRotationOptions:
     new_key: bool = True
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError("workers must be at least 1")
-        _check_batch_size(self.batch_size)
+        _check(self.workers, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,15 @@ class KekRotationOptions:
         raise_min_decryption_version: afterwards, forbid unwrapping with older versions.
         dry_run: report what would change; change nothing (not even the KMS).
         batch_size: wrapped data keys per transaction.
+        workers: threads, each rewrapping and storing batches of its own; other
+            processes share the work the same way (a batch's rows are locked).
     """
 
     rotate: bool = True
     raise_min_decryption_version: bool = False
     dry_run: bool = False
     batch_size: int = 1000
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        _check_batch_size(self.batch_size)
+        _check(self.workers, self.batch_size)
