@@ -134,7 +134,7 @@ class Metrics:
         self.provider_calls = meter.create_counter(
             "tenantvault.key_provider.calls",
             unit="{call}",
-            description="Calls to the key provider (Vault transit), by operation and outcome.",
+            description="Calls to the key provider (transit), by operation and outcome.",
         )
         self.provider_duration = meter.create_histogram(
             "tenantvault.key_provider.duration",

@@ -104,11 +104,11 @@ class Settings(BaseSettings):
     dek_cache_max_age_seconds: float = Field(300.0, gt=0)
     dek_cache_max_entries: int = Field(1024, ge=1)
     dek_cache_max_uses: int = Field(1_000_000, ge=1)
-    # After Vault failed an unwrap (unreachable, or refusing the token), uncached keys fail
+    # After transit failed an unwrap (unreachable, or refusing the token), uncached keys fail
     # at once for a window: this long at first, doubling per failure in a row up to the
     # maximum, jittered; then one call probes (keys/backoff.py).
-    vault_backoff_initial_seconds: float = Field(1.0, gt=0, le=3600)
-    vault_backoff_max_seconds: float = Field(30.0, gt=0, le=3600)
+    transit_backoff_initial_seconds: float = Field(1.0, gt=0, le=3600)
+    transit_backoff_max_seconds: float = Field(30.0, gt=0, le=3600)
 
     # OpenBao refuses a request of more than 1,000 JSON strings: 249 rewrap items (two
     # strings and two keys each) pass, 250 do not. A refused batch is halved and retried.
@@ -156,12 +156,12 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("vault_backoff_max_seconds")
+    @field_validator("transit_backoff_max_seconds")
     @classmethod
     def _backoff_grows(cls, value: float, info: ValidationInfo) -> float:
-        initial = info.data.get("vault_backoff_initial_seconds")
+        initial = info.data.get("transit_backoff_initial_seconds")
         if initial is not None and value < initial:
-            raise ValueError("must be at least TENANTVAULT_VAULT_BACKOFF_INITIAL_SECONDS")
+            raise ValueError("must be at least TENANTVAULT_TRANSIT_BACKOFF_INITIAL_SECONDS")
         return value
 
     @field_validator("database_url")

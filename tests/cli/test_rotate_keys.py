@@ -249,6 +249,6 @@ def test_vault_down_is_said_in_plain_words(
     monkeypatch.setenv("TENANTVAULT_VAULT_TIMEOUT_SECONDS", "1")
     assert cli.main(["rotate-keys", "status"]) == cli.EXIT_FAILED
     assert capsys.readouterr().err == (
-        "FAILED: could not read the transit key: Vault at http://127.0.0.1:1 is unreachable "
+        "FAILED: could not read the transit key: transit at http://127.0.0.1:1 is unreachable "
         "(no connection)\n"
     )

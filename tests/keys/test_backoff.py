@@ -43,14 +43,14 @@ def test_windows_double_per_failure_in_a_row_within_their_upper_half_and_are_cap
 def test_within_the_window_calls_fail_at_once_then_one_probe_goes_through() -> None:
     clock = Clock()
     gate = ProviderBackoff(initial_seconds=2.0, clock=clock, jitter=lambda: 0.999)
-    _fail(gate, KeyProviderUnavailable("could not unwrap: Vault at https://v:8200 is down"))
+    _fail(gate, KeyProviderUnavailable("could not unwrap: transit at https://v:8200 is down"))
     clock.now += 1.0
     with pytest.raises(KeyProviderUnavailable) as refused, gate.call("unwrap a data key"):
         pytest.fail("no call within the window")
     assert str(refused.value) == (
-        "could not unwrap a data key: the key provider (Vault) failed 1.0s ago (1 in a row), "
+        "could not unwrap a data key: the key provider (transit) failed 1.0s ago (1 in a row), "
         "so keys not cached fail at once until its backoff ends; next try in 1.0s. It failed "
-        "with: could not unwrap: Vault at https://v:8200 is down"
+        "with: could not unwrap: transit at https://v:8200 is down"
     )
     clock.now += 1.0
     with (

@@ -64,7 +64,7 @@ def test_openbao_outage_mid_rotation_stops_cleanly_and_the_rerun_resumes(
             os.kill(pid, signal.SIGCONT)
         assert report.stopped is not None
         assert "key provider failed for tenant" in report.stopped
-        assert f"Vault at {environment['VAULT_ADDR']} did not answer within 1s" in report.stopped
+        assert f"transit at {environment['VAULT_ADDR']} did not answer within 1s" in report.stopped
         assert not report.ok
         done = {t.tenant_id: t.outcome for t in report.tenants}
         # The first tenant finished before the pause; the next one's keys may have been

@@ -176,7 +176,7 @@ def test_during_an_outage_misses_back_off_one_probe_goes_through_and_loads_recov
         )
         first = _miss(vault, *pairs[0])
         assert first is not None
-        assert "Vault at" in str(first)
+        assert "transit at" in str(first)
         assert provider.calls == {"unwrap": 1}
         attempts = len(requests.paths)
 

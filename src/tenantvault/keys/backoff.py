@@ -113,7 +113,7 @@ class ProviderBackoff:
             "a retry is under way" if self._probing else f"next try in {self._retry_at - now:.1f}s"
         )
         return (
-            f"could not {what}: the key provider (Vault) failed {now - self._failed_at:.1f}s "
+            f"could not {what}: the key provider (transit) failed {now - self._failed_at:.1f}s "
             f"ago ({self._failures} in a row), so keys not cached fail at once until its "
             f"backoff ends; {when}. It failed with: {self._reason}"
         )

@@ -66,7 +66,7 @@ def _approle_login(settings: Settings) -> Login | None:
             )
         except requests.exceptions.RequestException:
             raise KeyProviderUnavailable(
-                f"could not log in with AppRole: Vault at {client.url.rstrip('/')} is unreachable"
+                f"could not log in with AppRole: transit at {client.url.rstrip('/')} is unreachable"
             ) from None
         except hvac.exceptions.VaultError:
             raise ConfigurationError(

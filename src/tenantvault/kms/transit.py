@@ -150,13 +150,13 @@ class TransitKeyProvider(CheckedKeyProvider):
                 return request()
             except requests.exceptions.Timeout:
                 raise KeyProviderUnavailable(
-                    f"could not {what}: Vault at {self._address} did not answer "
+                    f"could not {what}: transit at {self._address} did not answer "
                     f"within {self.timeout_seconds:g}s"
                 ) from None
             except _TRANSIENT as exc:
                 if time.monotonic() + delay >= deadline:
                     raise KeyProviderUnavailable(
-                        f"could not {what}: Vault at {self._address} {_unavailable(exc)}"
+                        f"could not {what}: transit at {self._address} {_unavailable(exc)}"
                     ) from None
                 self._sleep(delay)
                 delay *= 2

@@ -180,7 +180,9 @@ def transit_status(settings: Settings) -> TransitStatus:
     except hvac.exceptions.Forbidden:
         return TransitStatus(address, False, False, "the token was refused (permission denied)")
     except hvac.exceptions.VaultDown:
-        return TransitStatus(address, False, False, "OpenBao/Vault is sealed or not initialised")
+        return TransitStatus(
+            address, False, False, "the server (OpenBao or Vault) is sealed or not initialised"
+        )
     except RequestException:
         return TransitStatus(address, False, False, "unreachable (no connection)")
     except hvac.exceptions.VaultError as exc:

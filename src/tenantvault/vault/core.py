@@ -76,8 +76,8 @@ def keyring_from_settings(
         metrics=metrics,
     )
     backoff = ProviderBackoff(
-        initial_seconds=settings.vault_backoff_initial_seconds,
-        max_seconds=settings.vault_backoff_max_seconds,
+        initial_seconds=settings.transit_backoff_initial_seconds,
+        max_seconds=settings.transit_backoff_max_seconds,
     )
     return Keyring(provider, cache, allow_legacy=settings.open_legacy_format, backoff=backoff)
 
