@@ -98,24 +98,51 @@ class Keyring:
         tenant's keys scoped to that tenant); the ids are checked by the caller."""
         return warm_keys(self.provider, self.cache, self.backoff, transaction, tenant_ids)
 
+    def warm_window(self) -> int:
+        """How many tenants' keys one warm-up ahead of a rotation should take: one
+        provider batch, and at most a quarter of the cache, which also holds the keys
+        being rotated (two per tenant)."""
+        return max(1, min(self.provider.batch_size, self.cache.max_entries // 4))
+
+    def warm_usable(self, transaction: Transaction, tenant_ids: Sequence[str]) -> WarmReport:
+        """As :meth:`warm`, for a rotation: ``transaction`` is the migrator's, which reads
+        every usable key (draining ones too) of many tenants at once. Its own backoff:
+        an outage met here does not shut the gate the application's unwraps pass."""
+        return warm_keys(
+            self.provider,
+            self.cache,
+            ProviderBackoff(),
+            transaction,
+            tenant_ids,
+            store.usable_keys_of_any,
+        )
+
+    def new_key(self, tenant_id: str) -> NewKey:
+        """A new data key for ``tenant_id`` from the key provider, to hand to
+        :meth:`switch` later (asked for ahead of a rotation); stored nowhere yet."""
+        return NewKey(tenant_id, *self.provider.generate_data_key(tenant_id))
+
     def switch(
         self,
         transaction: Transaction,
         tenant_id: str,
         from_version: int,
         actor: str,
-        new_key: tuple[bytes, WrappedKey] | None = None,
+        new_key: NewKey | None = None,
     ) -> int:
         """A new active key for ``tenant_id``; ``from_version`` starts draining. The new
-        key is ``new_key`` (the provider's answer, asked for ahead) or comes from the
-        key provider now, before ``transaction`` opens (no lock is held while the
-        provider answers). Returns the new version.
+        key is ``new_key`` (asked for ahead) or comes from the key provider now, before
+        ``transaction`` opens (no lock is held while the provider answers). Returns the
+        new version.
 
         Raises:
             RotationError: ``from_version`` is not the active key any more, or a second
                 new key's KEK version is older than the active key's too.
         """
-        plaintext, wrapped = new_key or self.provider.generate_data_key(tenant_id)
+        if new_key is not None and new_key.tenant_id != tenant_id:
+            raise ValueError("a new data key is for the tenant it was made for")
+        made = new_key or self.new_key(tenant_id)
+        plaintext, wrapped = made._plaintext, made.wrapped
         try:
             with transaction() as connection:
                 version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
@@ -184,6 +211,24 @@ class Keyring:
         # commits a different key under the same version. The sealer that asked keeps
         # it for this transaction; later transactions read the committed row.
         return DataKey(tenant_id, version, plaintext)
+
+
+class NewKey:
+    """A data key made for a tenant and not stored yet: for :meth:`Keyring.switch`
+    only. Its bytes stay inside this package; it neither prints nor pickles them."""
+
+    __slots__ = ("_plaintext", "tenant_id", "wrapped")
+
+    def __init__(self, tenant_id: str, plaintext: bytes, wrapped: WrappedKey) -> None:
+        self.tenant_id = tenant_id
+        self._plaintext = plaintext
+        self.wrapped = wrapped
+
+    def __repr__(self) -> str:
+        return f"NewKey(tenant_id={self.tenant_id!r}, kek_version={self.wrapped.kek_version})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a data key cannot be pickled")
 
 
 class Sealer:

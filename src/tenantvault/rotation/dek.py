@@ -44,10 +44,10 @@ from tenantvault.errors import (
     TenantVaultError,
 )
 from tenantvault.keys import store
-from tenantvault.keys.keyring import Keyring, Sealer
+from tenantvault.keys.keyring import Keyring, NewKey, Sealer
 from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
 from tenantvault.metrics import default_metrics
-from tenantvault.rotation.lookahead import Lookahead, NewKey
+from tenantvault.rotation.lookahead import Lookahead
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.writer import Writer
 

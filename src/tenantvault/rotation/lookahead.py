@@ -28,13 +28,8 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from tenantvault.keys import store
-from tenantvault.keys.backoff import ProviderBackoff
-from tenantvault.keys.keyring import Keyring
-from tenantvault.keys.warmup import Transaction, warm_keys
-from tenantvault.kms.provider import WrappedKey
-
-NewKey = tuple[bytes, WrappedKey]
+from tenantvault.keys.keyring import Keyring, NewKey
+from tenantvault.keys.warmup import Transaction
 
 
 class Lookahead:
@@ -53,7 +48,7 @@ class Lookahead:
 
         Args:
             tenants: checked tenant ids.
-            keyring: the provider that makes and unwraps keys, and the cache they go to.
+            keyring: makes the new keys and warms the current ones.
             transaction: the migrator's transactions (the window's keys are read in one).
             new_keys: ask for the next tenant's new key ahead.
             warm: unwrap each window's current keys in batches ahead.
@@ -67,11 +62,7 @@ class Lookahead:
         self._maker = (
             ThreadPoolExecutor(1, thread_name_prefix="rotate-dek-new-key") if new_keys else None
         )
-        # A window's keys go into the run's cache beside the keys being rotated (two per
-        # tenant): a quarter of it leaves room for both.
-        self._window = (
-            max(1, min(keyring.provider.batch_size, keyring.cache.max_entries // 4)) if warm else 0
-        )
+        self._window = keyring.warm_window() if warm else 0
         self._warmed_to = 0  # tenants before this index had their window warmed
 
     def __len__(self) -> int:
@@ -88,9 +79,7 @@ class Lookahead:
             asked = self._asked.pop(tenant_id, None)
             if self._maker is not None and index + 1 < len(self._tenants):
                 following = self._tenants[index + 1]
-                self._asked[following] = self._maker.submit(
-                    self._keyring.provider.generate_data_key, following
-                )
+                self._asked[following] = self._maker.submit(self._keyring.new_key, following)
             window: list[str] = []
             if self._window and index >= self._warmed_to:
                 window = self._tenants[index : index + self._window]
@@ -102,20 +91,11 @@ class Lookahead:
     def _warm(self, window: list[str]) -> None:
         """Unwrap the window's usable keys into the cache, as far as that goes.
 
-        Best effort: a key that does not unwrap, Vault down, a database error, leave
+        Best effort: a key that does not unwrap, transit down, a database error, leave
         the keys to be unwrapped in line, where the failure is reported as without
-        the lookahead. Its own backoff: an outage met here does not shut the gate
-        the in-line unwraps pass (they ask Vault themselves, and fail with its error).
-        """
+        the lookahead."""
         with contextlib.suppress(Exception):
-            warm_keys(
-                self._keyring.provider,
-                self._keyring.cache,
-                ProviderBackoff(),
-                self._transaction,
-                window,
-                store.usable_keys_of_any,
-            )
+            self._keyring.warm_usable(self._transaction, window)
 
     @staticmethod
     def _answer(asked: Future[NewKey] | None) -> NewKey | None:
