@@ -126,6 +126,26 @@ def test_above_the_keyring_nobody_holds_a_plaintext_data_key() -> None:
     assert holders == []
 
 
+# What hands out or holds key bytes: the key provider's plaintext answers, the
+# keyring's cache of unwrapped keys, a new key's bytes.
+KEY_BYTES = {"generate_data_key", "unwrap", "unwrap_many", "cache", "_plaintext"}
+
+
+def test_above_the_keyring_nobody_reaches_for_key_bytes() -> None:
+    """The import rule above cannot see a key fetched through an attribute (the
+    keyring's provider or cache): asking for one by name is refused too."""
+    reaching = [
+        f"{module}: .{node.attr}"
+        for module, path in MODULES.items()
+        if _layer(module) in {"vault", "rotation", "ops", "cli"}
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr in KEY_BYTES
+        and not (isinstance(node.value, ast.Name) and node.value.id == "functools")
+    ]
+    assert reaching == []
+
+
 def test_only_the_cli_and_dev_tooling_import_dev() -> None:
     users = [
         f"{source} -> {target}"
@@ -168,7 +188,13 @@ def _is_docstring(node: ast.Constant, path: Path) -> bool:
 
 
 def test_the_wire_format_lives_in_the_envelope_only() -> None:
-    assert _code_outside("tenantvault.crypto.envelope", r"tv1\.|split_part") == []
+    assert _code_outside("tenantvault.crypto.envelope", r"\btv\d+\.|split_part") == []
+
+
+def test_the_kms_is_called_transit_in_messages() -> None:
+    """``Vault`` is the facade: a message about the KMS names transit (the server may
+    be OpenBao or Vault)."""
+    assert _code_outside("", r"\bVault (at|is|was|did|failed|unreachable)\b|\(Vault\)") == []
 
 
 STATES = {"active", "draining", "retired", "destroyed"}
@@ -236,6 +262,19 @@ def _async_methods() -> dict[str, ast.AsyncFunctionDef]:
     }
 
 
+HOT_PATHS = {
+    # A credentials load also records its duration on the core's instruments.
+    "load_credentials": {
+        "self._held.fetch_one",
+        "hot_load_parameters",
+        "finish_hot_load",
+        "time.perf_counter",
+        "self._core.metrics.loaded",
+    },
+    "load_oauth_token": {"self._held.fetch_one", "hot_load_parameters", "finish_hot_token"},
+}
+
+
 def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
     """Each public coroutine of AsyncVault is its docstring and one statement:
     ``await self._run(self._core.<its own name>, ...)`` — no validation, no
@@ -245,7 +284,7 @@ def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
         if name == "dispose":
             continue
         body = method.body[1:] if ast.get_docstring(method) is not None else method.body
-        if name == "load_credentials":
+        if name in HOT_PATHS:
             # The hot path: awaited straight on a held connection, with the core's
             # own functions for its statement's parameters and for what its row becomes.
             hot, body = body[:-1], body[-1:]
@@ -255,14 +294,7 @@ def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
                 for node in ast.walk(statement)
                 if isinstance(node, ast.Call)
             }
-            # And the load's duration, recorded on the core's instruments.
-            assert called == {
-                "self._held.fetch_one",
-                "hot_load_parameters",
-                "finish_hot_load",
-                "time.perf_counter",
-                "self._core.metrics.loaded",
-            }
+            assert called == HOT_PATHS[name], name
         statement = body[0] if len(body) == 1 else None
         awaited = getattr(statement, "value", None)
         call = awaited.value if isinstance(awaited, ast.Await) else None

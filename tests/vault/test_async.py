@@ -24,6 +24,7 @@ from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, fresh_keyring
+from tests.rotation_support import GRAPH
 from tests.support import terminate_app_backends
 from tests.vault.conftest import SMTP, password
 
@@ -50,19 +51,31 @@ def test_the_loop_is_never_blocked_over_20ms_by_1000_cold_loads_over_100_tenants
     interval = 0.001
     pairs = list(seeded.items()) * 10  # 1,000 loads, ten per tenant
 
-    async def scenario(vault: AsyncVault) -> tuple[list[float], list[str]]:
+    async def scenario(vault: AsyncVault) -> tuple[list[tuple[float, float]], list[str]]:
         done, lags = asyncio.Event(), []
 
         async def ticker() -> None:
-            # How late the ticker wakes up is how long the loop was busy elsewhere.
+            # How late the ticker wakes up is how long the loop was busy elsewhere, or
+            # its thread was runnable with no core free: on a 2-core machine that also
+            # runs PostgreSQL and OpenBao, the scheduler's time is not the loop's block.
             while not done.is_set():
-                started = time.perf_counter()
+                started, queued = time.perf_counter(), _waited_for_a_core()
                 await asyncio.sleep(interval)
-                lags.append(time.perf_counter() - started - interval)
+                late = time.perf_counter() - started - interval
+                lags.append((late, late - (_waited_for_a_core() - queued)))
 
         ticking = asyncio.create_task(ticker())
         await asyncio.sleep(0.05)  # the ticker runs before the burst starts
-        loaded = await asyncio.gather(*(vault.load_credentials(t, c) for t, c in pairs))
+        # The burst's tasks are made 100 at a time: making all 1,000 in one step is this
+        # test's own block of the loop (5-15 ms on a slow machine), not the vault's.
+        loads = []
+        for start in range(0, len(pairs), 100):
+            loads += [
+                asyncio.create_task(vault.load_credentials(t, c))
+                for t, c in pairs[start : start + 100]
+            ]
+            await asyncio.sleep(0)
+        loaded = await asyncio.gather(*loads)
         done.set()
         await ticking
         return lags, [password(c) for c in loaded]
@@ -81,14 +94,29 @@ def test_the_loop_is_never_blocked_over_20ms_by_1000_cold_loads_over_100_tenants
     assert passwords == [tenant for tenant, _ in pairs]
     # A cold cache: one unwrap per tenant, however many tasks asked at once.
     assert provider.calls["unwrap"] - unwraps_before == len(seeded)
-    lags_ms = sorted(lag * 1000 for lag in lags)
-    p99 = lags_ms[max(0, int(len(lags_ms) * 0.99) - 1)]
+    late_ms = sorted(late * 1000 for late, _ in lags)
+    blocked_ms = sorted(max(0.0, blocked) * 1000 for _, blocked in lags)
     print(
-        f"\nloop lag over {len(lags_ms)} ticks during 1,000 cold loads over 100 tenants: "
-        f"p50 {statistics.median(lags_ms):.2f} ms, p99 {p99:.2f} ms, max {lags_ms[-1]:.2f} ms"
+        f"\nloop lag over {len(lags)} ticks during 1,000 cold loads over 100 tenants: "
+        f"{_spread(late_ms)}; blocked (less the time its thread waited for a core): "
+        f"{_spread(blocked_ms)}"
     )
-    assert len(lags_ms) > 10
-    assert lags_ms[-1] <= 20, f"the loop was blocked {lags_ms[-1]:.1f} ms at once"
+    assert len(lags) > 10
+    assert blocked_ms[-1] <= 20, f"the loop was blocked {blocked_ms[-1]:.1f} ms at once"
+
+
+def _waited_for_a_core() -> float:
+    """Seconds this thread has been runnable with no CPU to run on, from the kernel's
+    scheduler statistics (the second field of /proc/thread-self/schedstat, in ns)."""
+    with open("/proc/thread-self/schedstat") as stats:
+        return int(stats.read().split()[1]) / 1e9
+
+
+def _spread(values_ms: list[float]) -> str:
+    p99 = values_ms[max(0, int(len(values_ms) * 0.99) - 1)]
+    return (
+        f"p50 {statistics.median(values_ms):.2f} ms, p99 {p99:.2f} ms, max {values_ms[-1]:.2f} ms"
+    )
 
 
 def test_concurrent_tasks_missing_one_key_make_one_unwrap(
@@ -133,8 +161,8 @@ def test_a_load_cancelled_mid_flight_leaves_no_connection_in_a_bad_state(
     connections (warm cache); full: the core's transaction through the engine's pool
     (load auditing on, which always takes it)."""
     pairs = list(seeded.items())[:8]
-    # Six at a time either way: the held connections, or the calls that take turns.
-    waiting = min(len(pairs), app_settings.hot_path_connections, 6)
+    # As many at a time as the held connections (hot), or as take turns (full).
+    waiting = min(len(pairs), app_settings.hot_path_connections if path == "hot" else 3)
     settings = app_settings.model_copy(update={"audit_loads": path == "full"})
 
     async def scenario(vault: AsyncVault) -> tuple[list[tuple[str, str]], list[str], int]:
@@ -366,3 +394,53 @@ def test_held_connections_the_server_dropped_cost_no_load_and_carry_no_tenant(
     assert loaded == expected
     assert tenant_settings
     assert all(value in (None, "") for value in tenant_settings), tenant_settings
+
+
+def test_a_token_load_runs_on_a_held_connection_only(
+    app_settings: Settings, provider: CountingProvider
+) -> None:
+    """As the credentials' hot path: with the key cached, one statement on a held
+    connection and nothing through the engine's pool."""
+
+    async def scenario(vault: AsyncVault) -> tuple[Any, Any, list[str], int]:
+        cfg = await vault.create_config(
+            "t_a",
+            type="microsoft_graph",
+            name="G",
+            config=GRAPH,
+            credentials={"client_secret": "s"},
+        )
+        await vault.store_oauth_token(
+            "t_a",
+            cfg.id,
+            access_token="access-one",
+            refresh_token="refresh-one",
+            expires_at=datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),
+            scopes=["Mail.Send"],
+        )
+        first = await vault.load_oauth_token("t_a", cfg.id)  # the key is cached now
+        through_engine: list[str] = []
+        sa.event.listen(
+            vault.engine.sync_engine,
+            "before_cursor_execute",
+            lambda *args: through_engine.append(args[2]),
+        )
+        held: Any = vault._held  # the test looks inside on purpose
+        fetch_one, on_held = held.fetch_one, []
+
+        async def counted(statement: str, params: Any) -> Any:
+            on_held.append(statement)
+            return await fetch_one(statement, params)
+
+        held.fetch_one = counted
+        again = await vault.load_oauth_token("t_a", cfg.id)
+        with pytest.raises(NotFoundError, match="has no OAuth token"):
+            await vault.load_oauth_token("t_b", cfg.id)  # another tenant's row is not there
+        return first, again, through_engine, len(on_held)
+
+    first, again, through_engine, on_held = run(scenario, app_settings, provider)
+    assert again == first
+    assert again.access_token is not None
+    assert again.access_token.get_secret_value() == "access-one"
+    assert through_engine == []
+    assert on_held == 2

@@ -42,7 +42,13 @@ from tenantvault.vault.credentials import (
 )
 from tenantvault.vault.facade import Vault
 from tenantvault.vault.providers import CredentialsModel
-from tenantvault.vault.tokens import ExpiringToken, OAuthToken, RefreshedToken
+from tenantvault.vault.tokens import (
+    ExpiringToken,
+    OAuthToken,
+    RefreshedToken,
+    finish_hot_token,
+    hot_token_statement,
+)
 from tenantvault.vault.usage import Usage
 from tenantvault.vault.views import ConfigVersion, ProviderConfig
 
@@ -95,7 +101,7 @@ class AsyncVault:
         *,
         history_credentials_kept: int = 10,
         audit_loads: bool = False,
-        max_concurrent: int = 6,
+        max_concurrent: int = 3,
         held: AsyncHeldConnections | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -106,9 +112,11 @@ class AsyncVault:
         their turn, parked, costing the loop nothing. Without it a burst of a thousand
         calls would all start at once, each running its first steps on the loop before
         queueing in the pool: turns of the loop of tens of milliseconds. A turn runs at
-        most that many calls' steps (6: under 20 ms on a busy 2-core machine, measured
-        by tests/vault/test_async.py). Calls that join the caller's session are never held
-        back (it already holds its connection, which a turn could be waiting for).
+        most that many calls' steps (3: under 20 ms at once on a slow, busy 2-core
+        machine, measured by tests/vault/test_async.py; 6 made turns of up to 25 ms
+        there, and a second core's worth of transactions per loop gains nothing).
+        Calls that join the caller's session are never held back (it already holds
+        its connection, which a turn could be waiting for).
 
         ``held``: connections for the load hot path (without ``session=`` and load
         auditing): its one statement, awaited straight on psycopg, its row opened by
@@ -127,6 +135,7 @@ class AsyncVault:
         self._admission = asyncio.Semaphore(max_concurrent)
         self._held = None if audit_loads else held
         self._hot_load_sql = hot_load_statement(engine.sync_engine)
+        self._hot_token_sql = hot_token_statement(engine.sync_engine)
         # The shared core, on the async engine's sync face: usable only inside the
         # bridge's greenlet, which every method below provides.
         self._core = Vault(
@@ -618,7 +627,15 @@ class AsyncVault:
         *,
         session: AsyncSession | None = None,
     ) -> OAuthToken:
-        """``Vault.load_oauth_token``, awaited."""
+        """``Vault.load_oauth_token``, awaited; its hot path is one statement on a held
+        connection, as :meth:`load_credentials`'s."""
+        if session is None and self._held is not None:
+            row = await self._held.fetch_one(
+                self._hot_token_sql, hot_load_parameters(tenant_id, config_id)
+            )
+            loaded = finish_hot_token(self.keyring, tenant_id, config_id, row)
+            if loaded is not None:
+                return loaded
         return await self._run(
             self._core.load_oauth_token,
             tenant_id,

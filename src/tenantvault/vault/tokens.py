@@ -29,9 +29,9 @@ from tenantvault.db.ids import new_id
 from tenantvault.db.models import AuditAction, EmailProviderToken
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
-from tenantvault.keys.keyring import Sealer
+from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN, token_binding
-from tenantvault.vault.core import VaultCore
+from tenantvault.vault.core import VaultCore, schema_of
 
 
 @dataclass(frozen=True)
@@ -233,11 +233,7 @@ class OAuthTokens(VaultCore):
             self._token_sql, (check_tenant_id(tenant_id), config_id), session
         )
         if ran:
-            if row is None:
-                raise _no_token(tenant_id, config_id)
-            loaded = opened_token(
-                partial(self.keyring.open_cached, tenant_id), tenant_id, HotToken.of(config_id, row)
-            )
+            loaded = finish_hot_token(self.keyring, tenant_id, config_id, row)
             if loaded is not None:
                 return loaded
         with self._scope(tenant_id, session) as s:
@@ -450,6 +446,32 @@ def opened_token(
         expires_at=row.expires_at,
         scopes=tuple(row.scopes),
         version=row.version,
+    )
+
+
+# --- the token hot path's rules, shared by Vault (above) and AsyncVault ---
+
+
+def hot_token_statement(engine: sa.Engine) -> str:
+    """The token hot path's one statement for ``engine``'s schema (DB-API, ``%s``
+    parameters: the checked tenant id, the config id)."""
+    return queries.hot_token_sql(schema_of(engine))
+
+
+def finish_hot_token(
+    keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
+) -> OAuthToken | None:
+    """What the token hot path's row becomes: the opened token, or None when the
+    tenant's key is not cached (the caller then takes the full path).
+
+    Raises:
+        NotFoundError: the config has no token.
+        DecryptionError: a stored token does not open here.
+    """
+    if row is None:
+        raise _no_token(tenant_id, config_id)
+    return opened_token(
+        partial(keyring.open_cached, tenant_id), tenant_id, HotToken.of(config_id, row)
     )
 
 
