@@ -5,17 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
-import hvac
 import sqlalchemy as sa
-from requests.exceptions import RequestException
 from sqlalchemy.exc import DBAPIError
 
 from tenantvault.audit.chain import audit_partitions
 from tenantvault.db.failures import server_message
 from tenantvault.db.models import TENANTVAULT_TABLES
-from tenantvault.errors import TenantVaultError
 from tenantvault.keys import store
-from tenantvault.kms.factory import transit_client
+from tenantvault.kms.health import TransitStatus, transit_status
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
 
@@ -28,20 +25,6 @@ class TableStatus:
     row_level_security: bool
     forced: bool
     policies: int
-
-
-@dataclass(frozen=True)
-class TransitStatus:
-    """Whether the KMS (Vault or OpenBao) answers and has the transit engine mounted."""
-
-    address: str | None
-    reachable: bool
-    mounted: bool
-    detail: str = ""  # why it is not reachable, as a phrase: "unreachable (no connection)"
-    # The transit key's versions that can unwrap: (min_decryption_version, latest_version);
-    # None when the key does not exist or the token may not read it (key_detail says).
-    key_versions: tuple[int, int] | None = None
-    key_detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,48 +147,6 @@ def _tables(connection: sa.Connection, settings: Settings) -> tuple[list[TableSt
 
 def _not_checked(exc: DBAPIError) -> str:
     return f"not checked: {server_message(exc) or type(exc.orig).__name__}"
-
-
-def transit_status(settings: Settings) -> TransitStatus:
-    """Whether transit answers and has its engine mounted (never raises)."""
-    if settings.vault_addr is None:
-        return TransitStatus(None, False, False, "VAULT_ADDR is not set")
-    address = str(settings.vault_addr)
-    try:
-        # The same client the key provider uses: token or AppRole, TLS settings.
-        client = transit_client(settings)
-        mounts = client.sys.list_mounted_secrets_engines()["data"]
-    except TenantVaultError as exc:
-        return TransitStatus(address, False, False, str(exc))
-    except hvac.exceptions.Forbidden:
-        return TransitStatus(address, False, False, "the token was refused (permission denied)")
-    except hvac.exceptions.VaultDown:
-        return TransitStatus(
-            address, False, False, "the server (OpenBao or Vault) is sealed or not initialised"
-        )
-    except RequestException:
-        return TransitStatus(address, False, False, "unreachable (no connection)")
-    except hvac.exceptions.VaultError as exc:
-        refused = f"the request was refused ({type(exc).__name__})"
-        return TransitStatus(address, False, False, refused)
-    mounted = f"{settings.transit_mount.strip('/')}/" in mounts
-    versions, detail = _key_versions(client, settings) if mounted else (None, "")
-    return TransitStatus(address, True, mounted, key_versions=versions, key_detail=detail)
-
-
-def _key_versions(client: hvac.Client, settings: Settings) -> tuple[tuple[int, int] | None, str]:
-    name = f"{settings.transit_mount.strip('/')}/{settings.transit_key}"
-    try:
-        data = client.secrets.transit.read_key(
-            name=settings.transit_key, mount_point=settings.transit_mount
-        )["data"]
-    except hvac.exceptions.InvalidPath:
-        return None, f"missing: no transit key {name}"
-    except hvac.exceptions.Forbidden:
-        return None, f"not checked: the token may not read {name} (a least-privilege token)"
-    except (RequestException, hvac.exceptions.VaultError) as exc:
-        return None, f"not checked: reading {name} failed ({type(exc).__name__})"
-    return (int(data["min_decryption_version"]), int(data["latest_version"])), ""
 
 
 def _wrapped_kek_versions(
