@@ -146,6 +146,19 @@ def test_above_the_keyring_nobody_reaches_for_key_bytes() -> None:
     assert reaching == []
 
 
+def test_only_the_kms_layer_talks_to_the_kms() -> None:
+    """kms/ is the only door to transit: nothing else imports hvac (the dev tooling,
+    which starts and initialises OpenBao, aside)."""
+    talking = [
+        f"{source} -> {target}"
+        for source, targets in GRAPH.items()
+        for target in targets
+        if target.split(".")[0] == "hvac" and _layer(source) not in {"kms", "dev"}
+    ]
+    assert talking == []
+    assert any(target == "hvac" for target in GRAPH["tenantvault.kms.transit"])  # it sees hvac
+
+
 def test_only_the_cli_and_dev_tooling_import_dev() -> None:
     users = [
         f"{source} -> {target}"
