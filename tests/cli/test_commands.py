@@ -230,3 +230,38 @@ def test_status_is_unhealthy_when_data_keys_name_kek_versions_transit_lacks(
     assert "CANNOT BE UNWRAPPED: data keys name KEK v99; the transit key has versions only" in (
         capsys.readouterr().out
     )
+
+
+def test_status_is_unhealthy_when_transit_cannot_show_the_data_keys_unwrap(
+    vault: Any,
+    migrated: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import hvac
+
+    assert migrated.vault_token is not None
+    assert migrated.vault_addr is not None
+    root_token = migrated.vault_token.get_secret_value()
+    vault.create_config("t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"})
+
+    # No transit engine where the settings point: the data keys cannot be unwrapped.
+    _environment(monkeypatch, migrated, root_token)
+    monkeypatch.setenv("TENANTVAULT_TRANSIT_MOUNT", "transit-not-mounted")
+    assert cli.main(["status"]) == cli.EXIT_UNHEALTHY
+    out = capsys.readouterr().out
+    assert "CANNOT BE UNWRAPPED" in out
+    assert "missing: no transit engine mounted at transit-not-mounted/" in out
+
+    # A token that may list the engines but not read the key: not shown to unwrap.
+    root = hvac.Client(url=str(migrated.vault_addr), token=root_token)
+    root.sys.create_or_update_policy(
+        name="status-without-key-read", policy='path "sys/mounts" { capabilities = ["read"] }'
+    )
+    token = root.auth.token.create(policies=["status-without-key-read"], ttl="10m")
+    _environment(monkeypatch, migrated, token["auth"]["client_token"])
+    monkeypatch.delenv("TENANTVAULT_TRANSIT_MOUNT")
+    assert cli.main(["status"]) == cli.EXIT_UNHEALTHY
+    assert "not checked: the token may not read transit/tenantvault-tests" in (
+        capsys.readouterr().out
+    )

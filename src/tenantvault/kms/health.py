@@ -49,8 +49,13 @@ def transit_status(settings: Settings) -> TransitStatus:
     except hvac.exceptions.VaultError as exc:
         refused = f"the request was refused ({type(exc).__name__})"
         return TransitStatus(address, False, False, refused)
-    mounted = f"{settings.transit_mount.strip('/')}/" in mounts
-    versions, detail = _key_versions(client, settings) if mounted else (None, "")
+    mount = f"{settings.transit_mount.strip('/')}/"
+    mounted = mount in mounts
+    versions, detail = (
+        _key_versions(client, settings)
+        if mounted
+        else (None, f"missing: no transit engine mounted at {mount}")
+    )
     return TransitStatus(address, True, mounted, key_versions=versions, key_detail=detail)
 
 

@@ -93,6 +93,12 @@ class StatusReport:
             and bool(self.transit and self.transit.reachable)
             and self.kek_problem is None
             and not self.wrapped_detail.startswith("not checked")
+            # Live keys against a transit key this token may not read: not shown to unwrap.
+            and not (
+                self.wrapped_kek_versions is not None
+                and self.transit is not None
+                and self.transit.key_detail.startswith("not checked")
+            )
         )
 
     @property
