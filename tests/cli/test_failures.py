@@ -31,6 +31,7 @@ DATABASE_COMMANDS = [
     ["rotate-keys", "dek", "--all", "--dry-run"],
     ["rotate-keys", "kek", "--dry-run"],
     ["shred", "--tenant", "t_a", "--dry-run"],
+    ["grants", "--app-login", "app_login"],
     ["demo"],
 ]
 
