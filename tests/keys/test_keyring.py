@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session
@@ -11,7 +13,7 @@ from tenantvault import Vault
 from tenantvault.crypto.datakey import DataKey
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.settings import Settings
-from tests.conftest import CountingProvider
+from tests.conftest import CountingProvider, fresh_keyring
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 
@@ -91,3 +93,16 @@ def test_a_cached_key_is_served_only_for_the_wrapping_it_came_from() -> None:
     assert cache.get_or_load("t", 1, lambda: stored, wrapped="vault:v1:stored") == stored
     assert cache.get_or_load("t", 1, lambda: phantom, wrapped="vault:v1:stored") == stored
     assert cache.get("t", 1) == stored
+
+
+def test_a_new_key_asked_for_ahead_shows_no_bytes_and_serves_only_its_tenant(
+    provider: CountingProvider, operator_db: Any
+) -> None:
+    keyring = fresh_keyring(provider)
+    made = keyring.new_key("t_b")
+    assert repr(made) == f"NewKey(tenant_id='t_b', kek_version={made.wrapped.kek_version})"
+    assert not hasattr(made, "plaintext")
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(made)
+    with pytest.raises(ValueError, match="the tenant it was made for"):
+        keyring.switch(operator_db.transaction, "t_a", 1, "test", new_key=made)
