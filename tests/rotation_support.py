@@ -17,6 +17,13 @@ GRAPH = {
     "scopes": ["https://graph.microsoft.com/.default"],
     "auth_type": "client_credentials",
 }
+# One token pair stored for a Graph config, as the hot-path tests of both facades store it.
+GRAPH_TOKEN: dict[str, Any] = {
+    "access_token": "access-one",
+    "refresh_token": "refresh-one",
+    "expires_at": datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),
+    "scopes": ["Mail.Send"],
+}
 
 
 def add_tenants(owner_engine: sa.Engine, tenants: list[str]) -> None:

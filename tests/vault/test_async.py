@@ -24,7 +24,7 @@ from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, fresh_keyring
-from tests.rotation_support import GRAPH
+from tests.rotation_support import GRAPH, GRAPH_TOKEN
 from tests.support import terminate_app_backends
 from tests.vault.conftest import SMTP, password
 
@@ -410,14 +410,7 @@ def test_a_token_load_runs_on_a_held_connection_only(
             config=GRAPH,
             credentials={"client_secret": "s"},
         )
-        await vault.store_oauth_token(
-            "t_a",
-            cfg.id,
-            access_token="access-one",
-            refresh_token="refresh-one",
-            expires_at=datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),
-            scopes=["Mail.Send"],
-        )
+        await vault.store_oauth_token("t_a", cfg.id, **GRAPH_TOKEN)
         first = await vault.load_oauth_token("t_a", cfg.id)  # the key is cached now
         through_engine: list[str] = []
         sa.event.listen(

@@ -23,7 +23,7 @@ from tenantvault import NotFoundError, Vault
 from tenantvault.db.held import HeldConnections
 from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, Services
-from tests.rotation_support import GRAPH
+from tests.rotation_support import GRAPH, GRAPH_TOKEN
 from tests.support import app_login_connections, terminate_app_backends
 from tests.vault.conftest import password
 
@@ -206,14 +206,7 @@ def test_a_token_load_is_one_round_trip_and_leaves_no_tenant_on_a_held_connectio
     cfg = sync_vault.create_config(
         "t_a", type="microsoft_graph", name="G", config=GRAPH, credentials={"client_secret": "cs"}
     )
-    sync_vault.store_oauth_token(
-        "t_a",
-        cfg.id,
-        access_token="access-one",
-        refresh_token="refresh-one",
-        expires_at=datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),
-        scopes=["Mail.Send"],
-    )
+    sync_vault.store_oauth_token("t_a", cfg.id, **GRAPH_TOKEN)
     held = sync_vault.load_oauth_token("t_a", cfg.id)  # the key is cached now
     assert held.access_token is not None
     assert held.refresh_token is not None
