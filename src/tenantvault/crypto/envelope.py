@@ -2,22 +2,26 @@
 
 Wire format, an ASCII string::
 
-    tv2.<dek_version>.<base64url(nonce[12] || ciphertext || tag[16])>
+    tv3.<dek_version>.<base64url(nonce[12] || ciphertext || tag[16])>
 
 ``dek_version`` is a decimal without leading zeros (1 .. 2**31-1). The header
-(``tv2.<dek_version>.``) is authenticated: it is part of the associated data,
+(``tv3.<dek_version>.``) is authenticated: it is part of the associated data,
 together with the value's place — tenant id, ``table.column`` and row id — and
-its binding: what else the value belongs with (a config's credentials: the
-config's version and a digest of its non-secret config; a token: the token's
-version). Each part is length-prefixed, so no two places encode alike. A value
-copied to another row, column or tenant, put back after its row moved on to a
-newer version, served beside a rewritten config, or with an edited header,
-fails to open. Overhead: 28 bytes of nonce and tag, base64-encoded, plus a
-header of ~6 characters.
+its binding: what else the value belongs with (``keys/sealed.py``: a config's
+credentials, its type, version and a digest of its non-secret config; a token,
+its row and version and its config's type and digest). Each part is
+length-prefixed, so no two places encode alike. A value copied to another row,
+column or tenant, put back after its row moved on to a newer version, served
+beside a rewritten or retyped config, or with an edited header, fails to open.
+Overhead: 28 bytes of nonce and tag, base64-encoded, plus a header of ~6
+characters.
 
-Format 1 (``tv1.``) bound the place only. Values sealed in it still open while
-the legacy format is allowed; sealing always writes format 2, and key rotation
-re-seals format-1 values.
+Older formats: format 1 (``tv1.``) bound the place only; format 2 (``tv2.``)
+bound credentials to their config's version and digest but not its type, and
+tokens to their row only (``SealContext.legacy_binding``). Sealing always
+writes format 3; key rotation re-seals older values; whether they still open is
+the deployment's decision (``allow_legacy`` for format 1; a format-2 value opens
+only where the caller gives its legacy binding).
 """
 
 from __future__ import annotations
@@ -34,15 +38,18 @@ from cryptography.exceptions import InvalidTag
 from tenantvault.crypto.datakey import DataKey
 from tenantvault.errors import DecryptionError
 
-CURRENT_FORMAT = 2
+CURRENT_FORMAT = 3
 LEGACY_FORMAT = 1
+# Format 2 bound values as SealContext.legacy_binding says (no type; tokens to their row).
+BOUND_FORMAT_2 = 2
+FORMATS = (LEGACY_FORMAT, BOUND_FORMAT_2, CURRENT_FORMAT)
 NONCE_BYTES = 12
 TAG_BYTES = 16
 MAX_DEK_VERSION = 2**31 - 1
-_SEALED = re.compile(r"^tv([12])\.([1-9][0-9]{0,9})\.([A-Za-z0-9_-]+)$")
+_SEALED = re.compile(r"^tv([123])\.([1-9][0-9]{0,9})\.([A-Za-z0-9_-]+)$")
 # The same shape, for the database (a CHECK constraint, and queries that must pass
 # over a malformed value instead of failing on it).
-SQL_PATTERN = r"^tv[12]\.[1-9][0-9]{0,9}\.[A-Za-z0-9_-]+$"
+SQL_PATTERN = r"^tv[123]\.[1-9][0-9]{0,9}\.[A-Za-z0-9_-]+$"
 
 
 def _length_prefixed(part: bytes) -> bytes:
@@ -51,20 +58,24 @@ def _length_prefixed(part: bytes) -> bytes:
 
 _LABELS = {
     LEGACY_FORMAT: _length_prefixed(b"tenantvault.sealed.v1"),
-    CURRENT_FORMAT: _length_prefixed(b"tenantvault.sealed.v2"),
+    BOUND_FORMAT_2: _length_prefixed(b"tenantvault.sealed.v2"),
+    CURRENT_FORMAT: _length_prefixed(b"tenantvault.sealed.v3"),
 }
 
 
 @dataclass(frozen=True)
 class SealContext:
     """Where a sealed value lives, and what it is bound to; both go into its
-    associated data. ``binding`` is empty for a value bound to its place only."""
+    associated data. ``binding`` is empty for a value bound to its place only.
+    ``legacy_binding``: what a format-2 value of this place was bound to; None
+    refuses format-2 values here."""
 
     tenant_id: str
     table: str
     column: str
     row_id: str
     binding: bytes = b""
+    legacy_binding: bytes | None = None
 
     def associated_data(self, prefix: str, fmt: int = CURRENT_FORMAT) -> bytes:
         # Built in one join: a context lives for one open on the hot path, so caching
@@ -76,13 +87,15 @@ class SealContext:
             _length_prefixed(f"{self.table}.{self.column}".encode()),
             _length_prefixed(self.row_id.encode()),
         ]
-        if fmt >= 2:
+        if fmt == CURRENT_FORMAT:
             parts.append(_length_prefixed(self.binding))
+        elif fmt == BOUND_FORMAT_2:
+            parts.append(_length_prefixed(self.legacy_binding or b""))
         return b"".join(parts)
 
 
 def header(dek_version: int, fmt: int = CURRENT_FORMAT) -> str:
-    """The header of every value sealed under ``dek_version`` (``tv2.<dek_version>.``):
+    """The header of every value sealed under ``dek_version`` (``tv3.<dek_version>.``):
     a value names that key exactly when it starts with this."""
     if not 1 <= dek_version <= MAX_DEK_VERSION:
         raise ValueError("dek_version out of range")
@@ -99,7 +112,7 @@ def sql_dek_version(column: str) -> str:
 def like_patterns(dek_versions: Iterable[int]) -> list[str]:
     """LIKE patterns that match exactly the values naming one of ``dek_versions``, in
     either format (a prefix test: cheaper per row than parsing the version)."""
-    return [f"{header(v, fmt)}%" for v in dek_versions for fmt in (LEGACY_FORMAT, CURRENT_FORMAT)]
+    return [f"{header(v, fmt)}%" for v in dek_versions for fmt in FORMATS]
 
 
 def sql_is_current(column: str) -> str:
@@ -208,7 +221,7 @@ def reseal(
         new_key,
         allow_legacy=allow_legacy,
     )
-    return resealer.reseal(sealed, context.row_id, context.binding)
+    return resealer.reseal(sealed, context.row_id, context.binding, context.legacy_binding)
 
 
 class Resealer:
@@ -251,8 +264,11 @@ class Resealer:
         puts first)."""
         return _LABELS[fmt] + _length_prefixed(header(version, fmt).encode()) + self._place
 
-    def reseal(self, sealed: str, row_id: str, binding: bytes) -> str:
-        """``sealed``, of the row ``row_id`` bound to ``binding``, sealed again.
+    def reseal(
+        self, sealed: str, row_id: str, binding: bytes, legacy_binding: bytes | None = None
+    ) -> str:
+        """``sealed``, of the row ``row_id`` bound to ``binding`` (a format-2 value: to
+        ``legacy_binding``), sealed again in the current format.
 
         Raises:
             DecryptionError: as :func:`open_sealed`; and what ``key_of`` raises.
@@ -263,7 +279,12 @@ class Resealer:
             head = self._heads[(fmt, version)] = self._head(fmt, version)
         row = _length_prefixed(row_id.encode())
         bound = row + _length_prefixed(binding)
-        opened = head + (bound if fmt >= 2 else row)
+        if fmt == BOUND_FORMAT_2:
+            if legacy_binding is None:
+                raise DecryptionError("cannot open sealed value")
+            opened = head + row + _length_prefixed(legacy_binding)
+        else:
+            opened = head + (bound if fmt == CURRENT_FORMAT else row)
         key = self._key_of(version)
         plaintext = _open_with(key, fmt, version, encoded, opened, self._allow_legacy)
         nonce = os.urandom(NONCE_BYTES)
@@ -300,6 +321,8 @@ def _decoded(encoded: str) -> bytes:
 def _open(
     key: DataKey, fmt: int, version: int, encoded: str, context: SealContext, allow_legacy: bool
 ) -> bytes:
+    if fmt == BOUND_FORMAT_2 and context.legacy_binding is None:
+        raise DecryptionError("cannot open sealed value")
     return _open_with(
         key, fmt, version, encoded, context.associated_data(header(version, fmt), fmt), allow_legacy
     )

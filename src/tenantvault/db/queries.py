@@ -126,12 +126,30 @@ def config_version(
     )
 
 
+_GRANT_COLUMNS = (
+    "token_id, token_version, token_type, expires_at, scopes, encrypted_access_token, "
+    "encrypted_refresh_token"
+)
+
+
 def hot_token_sql(schema: str) -> str:
     """The token load's one statement (DB-API, ``%s`` parameters: tenant, config):
-    migration 0011's function scopes the tenant and returns the config's token row."""
+    migration 0013's function scopes the tenant and returns the live config's type and
+    config (what the tokens are bound to) with its token row."""
     return (
-        "SELECT id, version, token_type, expires_at, scopes, encrypted_access_token, "
-        f'encrypted_refresh_token FROM "{schema}".tenantvault_load_oauth_token(%s, %s)'
+        f"SELECT type, config::text, {_GRANT_COLUMNS} "
+        f'FROM "{schema}".tenantvault_load_oauth_token(%s, %s)'
+    )
+
+
+def hot_open_sql(schema: str) -> str:
+    """``open_config``'s one statement (DB-API, ``%s`` parameters: tenant, config):
+    migration 0013's function scopes the tenant and returns the live config row and
+    its token row (NULLs without one), read in one snapshot."""
+    return (
+        "SELECT type, name, config::text, is_default, is_active, created_at, updated_at, "
+        f"version, encrypted_credentials, {_GRANT_COLUMNS} "
+        f'FROM "{schema}".tenantvault_open_config(%s, %s)'
     )
 
 
@@ -140,7 +158,7 @@ def hot_load_sql(schema: str) -> str:
     migration 0009's function scopes the tenant for this statement only and returns
     what opening the credentials needs."""
     # The config as the database prints it: its binding's digest is cached by that text
-    # (keys/sealed.stored_config_binding), so it is never decoded on the hot path.
+    # (keys/sealed.stored_config_digest), so it is never decoded on the hot path.
     return (
         "SELECT type, version, config::text, encrypted_credentials "
         f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'

@@ -323,11 +323,12 @@ class Sealer:
         key = self._key_of(sealed_dek_version(sealed))
         return open_sealed(key, sealed, place, allow_legacy=self._keyring.allow_legacy)
 
-    def resealer(self, table: str, column: str) -> Callable[[str, str, bytes], str]:
+    def resealer(self, table: str, column: str) -> Callable[[str, str, bytes, bytes | None], str]:
         """:meth:`reseal` for many values of one column (key rotation), each given as
-        ``(sealed, row_id, binding)``: what they share is prepared once. Each counts as a
-        seal. The sealing key is read now, so the values re-sealed later need no
-        statement of their own but for an older key not fetched yet.
+        ``(sealed, row_id, binding, legacy_binding)``: what they share is prepared
+        once. Each counts as a seal. The sealing key is read now, so the values
+        re-sealed later need no statement of their own but for an older key not
+        fetched yet.
 
         Raises:
             DecryptionError, KeyDestroyedError: as :meth:`open` (from the callable).
@@ -341,8 +342,8 @@ class Sealer:
             allow_legacy=self._keyring.allow_legacy,
         )
 
-        def reseal(sealed: str, row_id: str, binding: bytes) -> str:
-            resealed = resealer.reseal(sealed, row_id, binding)
+        def reseal(sealed: str, row_id: str, binding: bytes, legacy: bytes | None) -> str:
+            resealed = resealer.reseal(sealed, row_id, binding, legacy)
             self._unrecorded += 1
             return resealed
 

@@ -45,7 +45,7 @@ from tenantvault.errors import (
 )
 from tenantvault.keys import store
 from tenantvault.keys.keyring import Keyring, NewKey, Sealer
-from tenantvault.keys.sealed import SEALED_COLUMNS, SealedColumn
+from tenantvault.keys.sealed import CONFIG_TABLE, SEALED_COLUMNS, SealedColumn, config_digest
 from tenantvault.metrics import default_metrics
 from tenantvault.rotation.lookahead import Lookahead
 from tenantvault.rotation.options import DekRotationOptions
@@ -379,15 +379,15 @@ class DekRotation:
     def _draining_where(column: SealedColumn) -> str:
         # Values under the draining keys: never one a writer sealed under a newer key,
         # and never one under a destroyed key (gone for good, not stale).
-        return f"tenant_id = %(t)s AND {column.column} LIKE ANY(%(draining)s::text[])"
+        return f"t.tenant_id = %(t)s AND t.{column.column} LIKE ANY(%(draining)s::text[])"
 
     @classmethod
     def _stale_where(cls, column: SealedColumn) -> str:
         # What to re-seal: values under the draining keys, and values in the old format
         # (under any key; a malformed value too, to be reported by row).
-        name = column.column
+        name = f"t.{column.column}"
         return (
-            f"{cls._draining_where(column)} OR (tenant_id = %(t)s AND {name} IS NOT NULL "
+            f"{cls._draining_where(column)} OR (t.tenant_id = %(t)s AND {name} IS NOT NULL "
             f"AND NOT {sql_is_current(name)} AND NOT {name} LIKE ANY(%(destroyed)s::text[]))"
         )
 
@@ -399,7 +399,7 @@ class DekRotation:
         statement for all columns, one pass over each table."""
         sql = " UNION ALL ".join(
             f"SELECT {index}, count(*), count(*) FILTER (WHERE {self._draining_where(column)}) "
-            f"FROM {self.db.table(column.table)} WHERE {self._stale_where(column)}"
+            f"FROM {self.db.table(column.table)} t WHERE {self._stale_where(column)}"
             for index, column in enumerate(SEALED_COLUMNS)
         )
         params = {
@@ -426,13 +426,21 @@ class DekRotation:
         Cheaper than locking the rows first, which would write every row twice."""
         names = [name for name, _ in column.keys]
         key_list = ", ".join(names)
+        row_keys = ", ".join(f"t.{name}" for name in names)
         table = self.db.table(column.table)
         after = ", ".join(f"%(k{i})s::{sql_type}" for i, (_, sql_type) in enumerate(column.keys))
-        bound = "".join(f", {name}" for name in column.bound_to)
+        # What each value is bound to, its config's among it (joined where the row is not
+        # the config): read with the value, so the re-seal binds it to the same.
+        bound = "".join(f", {expression}" for expression in column.bound_to)
+        join = (
+            ""
+            if column.config_join is None
+            else f" JOIN {self.db.table(CONFIG_TABLE)} c ON {column.config_join}"
+        )
         select = (
-            f"SELECT {key_list}{bound}, {column.column} FROM {table} "
+            f"SELECT {row_keys}{bound}, {column.config}, t.{column.column} FROM {table} t{join} "
             f"WHERE ({self._stale_where(column)}) {_AFTER} "
-            f"ORDER BY {key_list} LIMIT %(n)s"
+            f"ORDER BY {row_keys} LIMIT %(n)s"
         )
         arrays = ", ".join(f"%(a{i})b::{sql_type}[]" for i, (_, sql_type) in enumerate(column.keys))
         matches = " AND ".join(f"t.{name} = v.{name}" for name in names)
@@ -459,7 +467,7 @@ class DekRotation:
                 rows = cursor.fetchall()
                 if not rows:
                     return moved, 0
-                where_after = f"AND ({key_list}) > ({after})"
+                where_after = f"AND ({row_keys}) > ({after})"
                 params.update({f"k{i}": value for i, value in enumerate(rows[-1][:width])})
                 sealer = self.keyring.sealer(connection, tenant_id, active_version=target)
                 sent = 0
@@ -508,9 +516,15 @@ class DekRotation:
         for row in rows:
             sealed = row[-1]
             row_id = column.row_id(*row[:width])
-            binding = column.binding(*row[width:-1])
+            *bound, config = row[width:-1]
+            digest = config_digest(config)
             try:
-                resealed = reseal(sealed, row_id, binding)
+                resealed = reseal(
+                    sealed,
+                    row_id,
+                    column.binding(*bound, digest),
+                    column.legacy_binding(*bound, digest),
+                )
             except (DecryptionError, KeyDestroyedError) as exc:
                 self._unopenable(Unopenable(tenant_id, column.name, row_id, type(exc).__name__))
                 continue

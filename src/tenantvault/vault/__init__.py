@@ -4,6 +4,7 @@ asyncio), its provider models and templates."""
 from tenantvault.keys.warmup import WarmReport
 from tenantvault.vault.aio import AsyncVault
 from tenantvault.vault.facade import Vault
+from tenantvault.vault.opening import OpenedConfig
 from tenantvault.vault.tokens import ExpiringToken, OAuthToken, RefreshedToken
 from tenantvault.vault.usage import Usage, UsageDay
 from tenantvault.vault.views import ConfigVersion, ProviderConfig
@@ -13,6 +14,7 @@ __all__ = [
     "ConfigVersion",
     "ExpiringToken",
     "OAuthToken",
+    "OpenedConfig",
     "ProviderConfig",
     "RefreshedToken",
     "Usage",

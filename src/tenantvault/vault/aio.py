@@ -18,6 +18,7 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime, timedelta
+from functools import partial
 from typing import Any, ParamSpec, Self, TypeVar
 
 from opentelemetry.metrics import MeterProvider
@@ -41,6 +42,7 @@ from tenantvault.vault.credentials import (
     hot_load_statement,
 )
 from tenantvault.vault.facade import Vault
+from tenantvault.vault.opening import OpenedConfig, finish_open, open_statement
 from tenantvault.vault.providers import CredentialsModel
 from tenantvault.vault.tokens import (
     ExpiringToken,
@@ -136,6 +138,7 @@ class AsyncVault:
         self._held = None if audit_loads else held
         self._hot_load_sql = hot_load_statement(engine.sync_engine)
         self._hot_token_sql = hot_token_statement(engine.sync_engine)
+        self._open_sql = open_statement(engine.sync_engine)
         # The shared core, on the async engine's sync face: usable only inside the
         # bridge's greenlet, which every method below provides.
         self._core = Vault(
@@ -618,6 +621,30 @@ class AsyncVault:
             scopes=scopes,
             actor=actor,
             session=_joined(session),
+        )
+
+    async def open_config(
+        self,
+        tenant_id: str,
+        config_id: str,
+        *,
+        session: AsyncSession | None = None,
+    ) -> OpenedConfig:
+        """``Vault.open_config``, awaited: a config and its secrets verified together.
+        Its hot path is one statement on a held connection, as :meth:`load_credentials`'s."""
+        if session is None and self._held is not None:
+            started = time.perf_counter()
+            row = await self._held.fetch_one(
+                self._open_sql, hot_load_parameters(tenant_id, config_id)
+            )
+            opened = finish_open(
+                partial(self.keyring.open_cached, tenant_id), tenant_id, config_id, row
+            )
+            if opened is not None:
+                self._core.metrics.loaded(started)
+                return opened
+        return await self._run(
+            self._core.open_config, tenant_id, config_id, session=_joined(session)
         )
 
     async def load_oauth_token(

@@ -14,9 +14,11 @@ from tenantvault.db import queries
 from tenantvault.db.ids import new_id
 from tenantvault.db.models import AuditAction, ConfigChange, EmailProviderConfig, ProviderType
 from tenantvault.errors import InvalidInputError
+from tenantvault.keys.sealed import config_digest
 from tenantvault.vault.core import VaultCore
 from tenantvault.vault.providers import parse_config, parse_credentials, provider_type
 from tenantvault.vault.templates import merged_config, template
+from tenantvault.vault.tokens import reseal_tokens_for_config
 from tenantvault.vault.versions import (
     changes,
     check_expected_version,
@@ -277,9 +279,15 @@ class Configs(VaultCore):
                 self._check_binding(s, row)
             only_credentials = new_name is None and config is None
             change = ConfigChange.CREDENTIALS if only_credentials else ConfigChange.UPDATED
+            digest_before = config_digest(row.config)
             with changes(s, tenant_id, new_name or row.name, joined=session is not None):
                 if config is not None:
                     row.config = parsed.model_dump(mode="json", exclude_none=True)
+                if config_digest(row.config) != digest_before:
+                    # The tokens are bound to the config's content: they follow it here,
+                    # in this transaction (a token that does not open beside the config
+                    # as it was stops the change).
+                    reseal_tokens_for_config(s, self._sealer(s, tenant_id), row, digest_before)
                 if new_name is not None:
                     row.name = new_name
                 row.version += 1

@@ -135,6 +135,7 @@ class VaultCore:
         self.metrics = metrics or default_metrics()
         self._load_sql = queries.hot_load_sql(schema_of(engine))
         self._token_sql = queries.hot_token_sql(schema_of(engine))
+        self._open_sql = queries.hot_open_sql(schema_of(engine))
         self._held = (
             held_connections(engine, size=hot_path_connections)
             if hot_path_connections and not audit_loads
@@ -226,7 +227,9 @@ class VaultCore:
     ) -> CredentialsModel:
         if row.encrypted_credentials is None:
             raise NotFoundError(f"config {row.id} of tenant {row.tenant_id} has no credentials")
-        context = CONFIG_CREDENTIALS.place(row.tenant_id, row.id, bound=(row.version, row.config))
+        context = CONFIG_CREDENTIALS.place(
+            row.tenant_id, row.id, bound=(row.type, row.version), config=row.config
+        )
         sealer = sealer or self._sealer(session, row.tenant_id)
         try:
             opened = sealer.open(row.encrypted_credentials, context)

@@ -14,7 +14,7 @@ from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys.keyring import Keyring
-from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_binding
+from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
 from tenantvault.vault.configs import Configs
 from tenantvault.vault.core import log_unopenable, schema_of
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage, provider_type
@@ -144,8 +144,8 @@ def finish_hot_load(
     kind_name, version, config_json, sealed = row
     if sealed is None:
         raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
-    place = CONFIG_CREDENTIALS.place_bound(
-        tenant_id, config_id, binding=stored_config_binding(version, config_json)
+    place = CONFIG_CREDENTIALS.place_digest(
+        tenant_id, config_id, bound=(kind_name, version), digest=stored_config_digest(config_json)
     )
     try:
         opened = keyring.open_cached(tenant_id, sealed, place)

@@ -14,9 +14,10 @@ from tenantvault.db.models import (
     ProviderType,
 )
 from tenantvault.errors import InvalidInputError, NotFoundError
-from tenantvault.keys.sealed import VERSION_CREDENTIALS
+from tenantvault.keys.sealed import VERSION_CREDENTIALS, config_digest
 from tenantvault.vault.core import VaultCore
 from tenantvault.vault.providers import credentials_from_storage
+from tenantvault.vault.tokens import reseal_tokens_for_config
 from tenantvault.vault.versions import (
     changes,
     check_expected_version,
@@ -41,7 +42,11 @@ class History(VaultCore):
         credentials = None
         if with_credentials and row.encrypted_credentials is not None:
             context = VERSION_CREDENTIALS.place(
-                row.tenant_id, row.config_id, row.version, bound=(row.version, row.config)
+                row.tenant_id,
+                row.config_id,
+                row.version,
+                bound=(kind, row.version),
+                config=row.config,
             )
             sealer = self._sealer(session, row.tenant_id)
             credentials = credentials_from_storage(
@@ -123,9 +128,13 @@ class History(VaultCore):
                     f"to_version: the credentials of version {to_version} are no longer kept "
                     "(pruned by retention, or older than versioning); use update_config"
                 )
+            digest_before = config_digest(row.config)
             with changes(s, tenant_id, old.name, joined=session is not None):
                 row.name = old.name
                 row.config = old.config.model_dump(mode="json", exclude_none=True)
+                if config_digest(row.config) != digest_before:
+                    # As update_config: the tokens follow the config they are bound to.
+                    reseal_tokens_for_config(s, self._sealer(s, tenant_id), row, digest_before)
                 row.version += 1
                 write_version(
                     s,

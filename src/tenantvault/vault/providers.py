@@ -311,6 +311,17 @@ def credentials_from_storage(kind: ProviderType, plaintext: bytes) -> Credential
     return parsed
 
 
+def config_from_storage(kind: ProviderType, config_json: str) -> ProviderConfigModel:
+    """Rebuild a stored config from the text the database prints (validated in full
+    when stored; its digest is what the secrets opened beside it were bound to)."""
+    try:
+        parsed = CONFIG_MODELS[kind].model_validate_json(config_json)
+    except ValidationError as exc:
+        raise InvalidInputError(_describe(exc, "config")) from None
+    assert isinstance(parsed, ProviderConfigModel)
+    return parsed
+
+
 def credentials_to_json(credentials: CredentialsModel) -> dict[str, Any]:
     """The plaintext JSON object that gets sealed (secrets revealed: only for sealing)."""
     out: dict[str, Any] = {}

@@ -26,11 +26,16 @@ from tenantvault import audit
 from tenantvault.crypto.envelope import SealContext
 from tenantvault.db import queries
 from tenantvault.db.ids import new_id
-from tenantvault.db.models import AuditAction, EmailProviderToken
+from tenantvault.db.models import AuditAction, EmailProviderConfig, EmailProviderToken
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
 from tenantvault.keys.keyring import Keyring, Sealer
-from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN, token_binding
+from tenantvault.keys.sealed import (
+    ACCESS_TOKEN,
+    REFRESH_TOKEN,
+    config_digest,
+    stored_config_digest,
+)
 from tenantvault.vault.core import VaultCore, schema_of
 
 
@@ -107,31 +112,16 @@ class OAuthTokens(VaultCore):
 
     # --- helpers ---
 
-    @staticmethod
-    def _seal_tokens(
-        sealer: Sealer,
-        config_id: str,
-        row_id: str,
-        version: int,
-        access: str,
-        refresh: str | None,
-    ) -> tuple[str, str | None]:
-        """Both tokens sealed for the token row ``row_id`` at ``version`` (bound to them:
-        a token of an older version or an earlier grant put back does not open)."""
-        tenant_id, bound = sealer.tenant_id, (row_id, version)
-        access_sealed = sealer.seal(
-            access.encode(), ACCESS_TOKEN.place(tenant_id, config_id, bound=bound)
+    def _token_view(
+        self, session: Session, row: EmailProviderToken, config: EmailProviderConfig
+    ) -> OAuthToken:
+        opened = opened_token(
+            self._sealer(session, row.tenant_id).open,
+            row.tenant_id,
+            row,
+            config.type,
+            config_digest(config.config),
         )
-        refresh_sealed = None
-        if refresh is not None:
-            refresh_sealed = sealer.seal(
-                refresh.encode(), REFRESH_TOKEN.place(tenant_id, config_id, bound=bound)
-            )
-        sealer.record_seals()
-        return access_sealed, refresh_sealed
-
-    def _token_view(self, session: Session, row: EmailProviderToken) -> OAuthToken:
-        opened = opened_token(self._sealer(session, row.tenant_id).open, row.tenant_id, row)
         assert opened is not None  # a sealer opens or raises
         return opened
 
@@ -185,7 +175,7 @@ class OAuthTokens(VaultCore):
             # The config row's lock orders the token writers of this config; the
             # token row's lock waits for a refresh in flight. The version is known
             # before sealing, so the tokens are bound to it.
-            self._live(s, tenant_id, config_id)
+            config = self._live(s, tenant_id, config_id)
             current = s.execute(
                 sa.select(EmailProviderToken.id, EmailProviderToken.version)
                 .where(
@@ -199,9 +189,8 @@ class OAuthTokens(VaultCore):
             row_id, version = (
                 (new_id(), 1) if current is None else (current.id, current.version + 1)
             )
-            sealer = self._sealer(s, tenant_id)
-            access, refresh = self._seal_tokens(
-                sealer, config_id, row_id, version, access_token, refresh_token
+            access, refresh = seal_tokens(
+                self._sealer(s, tenant_id), config, row_id, version, access_token, refresh_token
             )
             values: dict[str, Any] = {
                 "encrypted_access_token": access,
@@ -237,7 +226,8 @@ class OAuthTokens(VaultCore):
             if loaded is not None:
                 return loaded
         with self._scope(tenant_id, session) as s:
-            return self._token_view(s, self._token_row(s, tenant_id, config_id))
+            config = self._live(s, tenant_id, config_id, lock=False)
+            return self._token_view(s, self._token_row(s, tenant_id, config_id), config)
 
     def delete_oauth_token(
         self,
@@ -307,8 +297,11 @@ class OAuthTokens(VaultCore):
         if fresh(current):
             return current
         with self._scope(tenant_id, None) as s:
+            # The config's lock first, as every token writer takes them: a config change
+            # re-seals the tokens and must not interleave with a refresh.
+            config = self._live(s, tenant_id, config_id)
             row = self._token_row(s, tenant_id, config_id, lock=True)
-            current = self._token_view(s, row)
+            current = self._token_view(s, row, config)
             if fresh(current):
                 return current  # refreshed by someone else while we waited
             if current.refresh_token is None:
@@ -329,9 +322,9 @@ class OAuthTokens(VaultCore):
                 if new.refresh_token is not None
                 else current.refresh_token.get_secret_value()
             )
-            access, refresh = self._seal_tokens(
+            access, refresh = seal_tokens(
                 self._sealer(s, tenant_id),
-                config_id,
+                config,
                 row.id,
                 current.version + 1,
                 new.access_token,
@@ -364,7 +357,62 @@ class OAuthTokens(VaultCore):
                 s, tenant_id, config_id, AuditAction.TOKEN_REFRESHED, actor, current.version + 1
             )
             s.expire(row)
-            return self._token_view(s, self._token_row(s, tenant_id, config_id))
+            return self._token_view(s, self._token_row(s, tenant_id, config_id), config)
+
+
+# --- sealing a config's tokens: a grant, a refresh, and a change of the config ---
+
+
+def seal_tokens(
+    sealer: Sealer,
+    config: EmailProviderConfig,
+    row_id: str,
+    version: int,
+    access: str,
+    refresh: str | None,
+) -> tuple[str, str | None]:
+    """Both tokens sealed for the token row ``row_id`` at ``version`` and for ``config``
+    as it is (bound to all of them: a token of an older version or an earlier grant
+    put back does not open, nor one served beside a rewritten or retyped config)."""
+    tenant_id = sealer.tenant_id
+    bound, digest = (row_id, version, config.type), config_digest(config.config)
+    access_sealed = sealer.seal(
+        access.encode(), ACCESS_TOKEN.place_digest(tenant_id, config.id, bound=bound, digest=digest)
+    )
+    refresh_sealed = None
+    if refresh is not None:
+        refresh_sealed = sealer.seal(
+            refresh.encode(),
+            REFRESH_TOKEN.place_digest(tenant_id, config.id, bound=bound, digest=digest),
+        )
+    sealer.record_seals()
+    return access_sealed, refresh_sealed
+
+
+def reseal_tokens_for_config(
+    session: Session, sealer: Sealer, before: EmailProviderConfig, digest_before: bytes
+) -> None:
+    """Re-seal the tokens of ``before``'s config for the config it holds now (its
+    ``config`` already changed in this transaction, ``digest_before`` the digest of
+    what it held): a legitimate change of the config keeps its tokens, in the same
+    transaction. The caller holds the config row's lock.
+
+    Raises:
+        DecryptionError: the stored tokens do not open beside the config as it was
+            (changed outside tenantvault): nothing is written.
+    """
+    row = session.scalars(
+        queries.token_of_config(before.tenant_id, before.id).with_for_update()
+    ).one_or_none()
+    if row is None or row.encrypted_access_token is None:
+        return
+    opened = opened_token(sealer.open, before.tenant_id, row, before.type, digest_before)
+    assert opened is not None  # a sealer opens or raises
+    assert opened.access_token is not None
+    refresh = None if opened.refresh_token is None else opened.refresh_token.get_secret_value()
+    row.encrypted_access_token, row.encrypted_refresh_token = seal_tokens(
+        sealer, before, row.id, row.version, opened.access_token.get_secret_value(), refresh
+    )
 
 
 # --- opening a token row, shared by the full path (ORM rows) and the hot path ---
@@ -392,7 +440,8 @@ class TokenRow(Protocol):
 
 
 class HotToken(NamedTuple):
-    """The row of migration 0011's function, with the config it was asked for."""
+    """A token row of a hot-path function (``tenantvault_load_oauth_token``,
+    ``tenantvault_open_config``), with the config it was asked for."""
 
     config_id: str
     id: str
@@ -412,10 +461,15 @@ class HotToken(NamedTuple):
 
 
 def opened_token(
-    open_: Callable[[str, SealContext], bytes | None], tenant_id: str, row: TokenRow
+    open_: Callable[[str, SealContext], bytes | None],
+    tenant_id: str,
+    row: TokenRow,
+    kind: object,
+    digest: bytes,
 ) -> OAuthToken | None:
     """The token of ``row``, its values opened by ``open_`` (a sealer's, or the key
-    cache's, which gives None when the key is not cached: then so does this).
+    cache's, which gives None when the key is not cached: then so does this), beside
+    its config of type ``kind`` whose config has ``digest``.
 
     Raises:
         NotFoundError: the row holds no access token.
@@ -423,10 +477,10 @@ def opened_token(
     """
     if row.encrypted_access_token is None:
         raise _no_token(tenant_id, row.config_id)
-    binding = token_binding(row.id, row.version)  # both values are bound alike
+    bound = (row.id, row.version, kind)  # both values are bound alike
     access = open_(
         row.encrypted_access_token,
-        ACCESS_TOKEN.place_bound(tenant_id, row.config_id, binding=binding),
+        ACCESS_TOKEN.place_digest(tenant_id, row.config_id, bound=bound, digest=digest),
     )
     if access is None:
         return None
@@ -434,7 +488,7 @@ def opened_token(
     if row.encrypted_refresh_token is not None:
         refresh = open_(
             row.encrypted_refresh_token,
-            REFRESH_TOKEN.place_bound(tenant_id, row.config_id, binding=binding),
+            REFRESH_TOKEN.place_digest(tenant_id, row.config_id, bound=bound, digest=digest),
         )
         if refresh is None:
             return None
@@ -470,8 +524,13 @@ def finish_hot_token(
     """
     if row is None:
         raise _no_token(tenant_id, config_id)
+    kind, config_json, *token = row
     return opened_token(
-        partial(keyring.open_cached, tenant_id), tenant_id, HotToken.of(config_id, row)
+        partial(keyring.open_cached, tenant_id),
+        tenant_id,
+        HotToken.of(config_id, token),
+        kind,
+        stored_config_digest(config_json),
     )
 
 

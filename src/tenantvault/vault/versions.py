@@ -72,12 +72,15 @@ def write_version(
     row.encrypted_credentials = None
     if secret is not None:
         plaintext = _plaintext(secret)
-        bound = (row.version, row.config)
+        bound, config = (row.type, row.version), row.config
         row.encrypted_credentials = sealer.seal(
-            plaintext, CONFIG_CREDENTIALS.place(row.tenant_id, row.id, bound=bound)
+            plaintext, CONFIG_CREDENTIALS.place(row.tenant_id, row.id, bound=bound, config=config)
         )
         sealed_history = sealer.seal(
-            plaintext, VERSION_CREDENTIALS.place(row.tenant_id, row.id, row.version, bound=bound)
+            plaintext,
+            VERSION_CREDENTIALS.place(
+                row.tenant_id, row.id, row.version, bound=bound, config=config
+            ),
         )
         sealer.record_seals()
     session.add(

@@ -1,0 +1,165 @@
+"""A config and its secrets as one verified read: what an application sends mail with.
+
+``open_config`` reads a live config row and its token row in one statement (one
+snapshot, migration 0013's function) and opens the credentials and the tokens
+against that very row: its type, version and config. So the host, endpoint or
+authority the application uses is the one the secrets were sealed with; reading
+the config with ``get_config`` and the secret with ``load_credentials`` apart
+would let a writer change the config in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from time import perf_counter
+from typing import Any, NoReturn
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from tenantvault import audit
+from tenantvault.crypto.envelope import SealContext
+from tenantvault.db import queries
+from tenantvault.db.models import AuditAction
+from tenantvault.db.session import fetch_one_in
+from tenantvault.errors import DecryptionError, NotFoundError
+from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
+from tenantvault.vault.core import VaultCore, log_unopenable, schema_of
+from tenantvault.vault.credentials import hot_load_parameters
+from tenantvault.vault.providers import (
+    CredentialsModel,
+    config_from_storage,
+    credentials_from_storage,
+    provider_type,
+)
+from tenantvault.vault.tokens import HotToken, OAuthToken, opened_token
+from tenantvault.vault.views import ProviderConfig
+
+Opener = Callable[[str, SealContext], bytes | None]
+
+
+@dataclass(frozen=True)
+class OpenedConfig:
+    """A live config with its secrets, all read in one snapshot and all verified
+    against that one config: send with ``config`` exactly what ``credentials`` and
+    ``token`` belong to.
+
+    ``credentials``: the typed credentials model (secrets as ``SecretStr``), None for
+    a config without them. ``token``: the config's OAuth tokens, None without a grant.
+    """
+
+    config: ProviderConfig
+    credentials: CredentialsModel | None
+    token: OAuthToken | None
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("OpenedConfig refuses to be pickled")
+
+
+class Opening(VaultCore):
+    """A config opened with its secrets (``open_config``)."""
+
+    def open_config(
+        self, tenant_id: str, config_id: str, *, session: Session | None = None
+    ) -> OpenedConfig:
+        """A live config, its credentials and its OAuth token, verified together.
+
+        The call to send mail with: the credentials and the token open only beside
+        the config returned (its type, version and content), never beside one a
+        writer changed. One statement when the tenant's key is cached.
+
+        Raises:
+            NotFoundError: no such live config.
+            DecryptionError: a stored secret does not open beside this config.
+            KeyProviderUnavailable: the tenant's key is not cached and transit is down.
+        """
+        started = perf_counter()
+        params = hot_load_parameters(tenant_id, config_id)
+        if not self.audit_loads:
+            ran, row = self._one_statement(self._open_sql, params, session)
+            if ran:
+                opened = finish_open(
+                    partial(self.keyring.open_cached, tenant_id), tenant_id, config_id, row
+                )
+                if opened is not None:
+                    self.metrics.loaded(started)
+                    return opened
+        with self._scope(tenant_id, session) as s:
+            row = fetch_one_in(s, self._open_sql, params)
+            opened = finish_open(self._sealer(s, tenant_id).open, tenant_id, config_id, row)
+            assert opened is not None  # a sealer opens or raises
+            if self.audit_loads and opened.credentials is not None:
+                audit.record(
+                    s.connection(),
+                    tenant_id,
+                    AuditAction.CREDENTIALS_REVEALED,
+                    actor=None,
+                    target_type="config",
+                    target_id=config_id,
+                    details={},
+                )
+        self.metrics.loaded(started)
+        return opened
+
+
+def open_statement(engine: sa.Engine) -> str:
+    """``open_config``'s one statement for ``engine``'s schema (DB-API, ``%s``)."""
+    return queries.hot_open_sql(schema_of(engine))
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC)
+
+
+def finish_open(
+    open_: Opener, tenant_id: str, config_id: str, row: Sequence[Any] | None
+) -> OpenedConfig | None:
+    """What ``open_config``'s row becomes, its secrets opened by ``open_`` (a sealer's,
+    or the key cache's: None when the key is not cached, and the caller takes the
+    full path).
+
+    Raises:
+        NotFoundError: no such live config.
+        DecryptionError: a stored secret does not open beside this config.
+    """
+    if row is None:
+        raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
+    (kind_name, name, config_json, is_default, is_active, created_at, updated_at, version,
+     sealed, *token_row) = row  # fmt: skip
+    kind = provider_type(kind_name)
+    digest = stored_config_digest(config_json)
+    credentials = None
+    if sealed is not None:
+        place = CONFIG_CREDENTIALS.place_digest(
+            tenant_id, config_id, bound=(kind_name, version), digest=digest
+        )
+        try:
+            plaintext = open_(sealed, place)
+        except DecryptionError:
+            log_unopenable(tenant_id, config_id, version)
+            raise
+        if plaintext is None:
+            return None
+        credentials = credentials_from_storage(kind, plaintext)
+    token = None
+    if token_row[0] is not None:
+        token = opened_token(open_, tenant_id, HotToken.of(config_id, token_row), kind, digest)
+        if token is None:
+            return None
+    config = ProviderConfig(
+        id=config_id,
+        tenant_id=tenant_id,
+        type=kind,
+        name=name,
+        config=config_from_storage(kind, config_json),
+        is_default=is_default,
+        is_active=is_active,
+        created_at=_aware(created_at),
+        updated_at=_aware(updated_at),
+        has_credentials=sealed is not None,
+        version=version,
+    )
+    return OpenedConfig(config, credentials, token)
