@@ -36,7 +36,7 @@ def main() -> None:
             owner.execute(
                 "INSERT INTO dripiq_app.tenants (id, name) SELECT 't' || i, 'T' FROM generate_series(1, 1000) i;"
                 "INSERT INTO dripiq_app.email_provider_configs (id, tenant_id, type, name, config, encrypted_credentials) "
-                "SELECT 'c' || i, 't' || i, 'smtp', 'Relay', '{\"host\": \"smtp.example.test\"}', 'tv2.1.' || repeat('x', 114) "
+                "SELECT 'c' || i, 't' || i, 'smtp', 'Relay', '{\"host\": \"smtp.example.test\"}', 'tv3.1.' || repeat('x', 114) "
                 "FROM generate_series(1, 1000) i; ANALYZE"
             )
         app_url = url.replace("postgres@", f"{APP_LOGIN}@")

@@ -192,7 +192,7 @@ def test_ctrl_c_stops_after_the_current_batch_and_exits_130(
     with owner_engine.connect() as connection:
         moved = connection.execute(
             sa.text(
-                "SELECT count(*) FROM dripiq_app.email_provider_configs WHERE encrypted_credentials LIKE 'tv2.2.%'"
+                "SELECT count(*) FROM dripiq_app.email_provider_configs WHERE encrypted_credentials LIKE 'tv3.2.%'"
             )
         ).scalar_one()
     assert moved == 5  # exactly the one batch

@@ -21,18 +21,22 @@ from tenantvault.errors import DecryptionError
 VECTORS_DIR = Path(__file__).parents[1] / "vectors"
 V1 = json.loads((VECTORS_DIR / "envelope_v1.json").read_text())["vectors"]
 V2 = json.loads((VECTORS_DIR / "envelope_v2.json").read_text())["vectors"]
+V3 = json.loads((VECTORS_DIR / "envelope_v3.json").read_text())["vectors"]
 KEY = DataKey("t_acme", 3, bytes(range(32)))
 PLACE = SealContext("t_acme", "email_provider_configs", "encrypted_credentials", "tvrow1")
 
 
-def _vector(v: dict[str, object]) -> tuple[DataKey, SealContext]:
+def _vector(v: dict[str, object], *, legacy: bool = False) -> tuple[DataKey, SealContext]:
+    """The key and place of a vector; ``legacy``: its binding given as format 2's."""
     key = DataKey(str(v["tenant_id"]), int(str(v["dek_version"])), bytes.fromhex(str(v["key_hex"])))
+    binding = bytes.fromhex(str(v.get("binding_hex", "")))
     return key, SealContext(
         str(v["tenant_id"]),
         str(v["table"]),
         str(v["column"]),
         str(v["row_id"]),
-        bytes.fromhex(str(v.get("binding_hex", ""))),
+        b"" if legacy else binding,
+        binding if legacy else None,
     )
 
 
@@ -40,7 +44,7 @@ def _ids(v: dict[str, object]) -> str:
     return f"{v['tenant_id']}-v{v['dek_version']}"
 
 
-@pytest.mark.parametrize("vector", V2, ids=_ids)
+@pytest.mark.parametrize("vector", V3, ids=_ids)
 def test_known_answer_vectors_seal_and_open_exactly(vector: dict[str, object]) -> None:
     key, place = _vector(vector)
     plaintext = bytes.fromhex(str(vector["plaintext_hex"]))
@@ -62,7 +66,7 @@ def test_format_1_vectors_open_only_while_the_legacy_format_is_allowed(
         open_sealed(key, sealed, place, allow_legacy=False)
     # Re-sealing moves it to the current format, for the same place.
     resealed = reseal(sealed, place, lambda _: key, key)
-    assert resealed.startswith(f"tv2.{vector['dek_version']}.")
+    assert resealed.startswith(f"tv3.{vector['dek_version']}.")
     assert open_sealed(key, resealed, place, allow_legacy=False).hex() == vector["plaintext_hex"]
 
 
@@ -74,13 +78,14 @@ def _aad(fmt: int, vector: dict[str, object]) -> bytes:
         f"{vector['table']}.{vector['column']}".encode(),
         str(vector["row_id"]).encode(),
     ]
-    if fmt == 2:
+    if fmt >= 2:
         parts.append(bytes.fromhex(str(vector["binding_hex"])))
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)
 
 
 @pytest.mark.parametrize(
-    ("fmt", "vector"), [(1, v) for v in V1] + [(2, v) for v in V2], ids=lambda x: str(x)[:12]
+    ("fmt", "vector"), [(1, v) for v in V1] + [(2, v) for v in V2] + [(3, v) for v in V3],
+    ids=lambda x: str(x)[:12]
 )
 def test_vectors_follow_the_documented_layout_independently_of_the_code(
     fmt: int, vector: dict[str, object]
@@ -93,6 +98,26 @@ def test_vectors_follow_the_documented_layout_independently_of_the_code(
     plaintext = key.decrypt(raw[:12], raw[12:], _aad(fmt, vector))
     assert plaintext.hex() == vector["plaintext_hex"]
     assert raw[:12].hex() == vector["nonce_hex"]
+
+
+@pytest.mark.parametrize("vector", V2, ids=_ids)
+def test_format_2_vectors_open_only_where_their_legacy_binding_is_given(
+    vector: dict[str, object],
+) -> None:
+    key, place = _vector(vector, legacy=True)
+    sealed = str(vector["sealed"])
+    assert open_sealed(key, sealed, place).hex() == vector["plaintext_hex"]
+    # Without the legacy binding (a place that takes format 3 only), it does not open.
+    _refuses(sealed, key, SealContext(place.tenant_id, place.table, place.column, place.row_id))
+    # Re-sealing binds it to the current binding, in format 3; the old one no longer opens it.
+    current = SealContext(place.tenant_id, place.table, place.column, place.row_id, b"now")
+    moved = SealContext(
+        place.tenant_id, place.table, place.column, place.row_id, b"now", place.legacy_binding
+    )
+    resealed = reseal(sealed, moved, lambda _: key, key)
+    assert resealed.startswith(f"tv3.{vector['dek_version']}.")
+    assert open_sealed(key, resealed, current) == bytes.fromhex(str(vector["plaintext_hex"]))
+    _refuses(resealed, key, place)
 
 
 def test_a_value_served_with_another_binding_fails_to_open() -> None:
@@ -135,7 +160,7 @@ def test_any_truncation_fails_to_open(plaintext: bytes, data: st.DataObject) -> 
 
 def test_an_edited_header_fails_even_with_a_key_of_that_version() -> None:
     sealed = seal(KEY, b"secret", PLACE)
-    edited = sealed.replace("tv2.3.", "tv2.4.", 1)
+    edited = sealed.replace("tv3.3.", "tv3.4.", 1)
     _refuses(edited, DataKey("t_acme", 4, bytes(range(32))))
 
 
@@ -160,7 +185,7 @@ def test_the_wrong_key_fails_to_open() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    ["", "tv1", "tv1.0.AAAA", "tv1.01.AAAA", "tv3.1.AAAA", "tv1.1.!!!!", "tv2.99999999999.AAAA"],
+    ["", "tv1", "tv1.0.AAAA", "tv1.01.AAAA", "tv4.1.AAAA", "tv1.1.!!!!", "tv2.99999999999.AAAA"],
 )
 def test_malformed_values_fail_the_same_way(garbage: str) -> None:
     with pytest.raises(DecryptionError, match=r"^cannot open sealed value$"):

@@ -44,8 +44,8 @@ INSERT INTO dripiq_app.email_sender_identities
   FROM generate_series(1, {TENANTS}) t, generate_series(1, {PER_TENANT}) n;
 INSERT INTO dripiq_app.email_provider_tokens
     (tenant_id, config_id, encrypted_access_token, encrypted_refresh_token, expires_at)
-  SELECT 't_' || lpad(t::text, 5, '0'), 'tv_' || t || '_' || n, 'tv2.1.c2VhbGVk',
-         CASE WHEN n % 2 = 0 THEN 'tv2.1.c2VhbGVk' END,
+  SELECT 't_' || lpad(t::text, 5, '0'), 'tv_' || t || '_' || n, 'tv3.1.c2VhbGVk',
+         CASE WHEN n % 2 = 0 THEN 'tv3.1.c2VhbGVk' END,
          timestamp '2026-11-25' + (t * 7 + n) % 1440 * interval '1 minute'
   FROM generate_series(1, {TENANTS}) t, generate_series(1, 5) n;
 ANALYZE;

@@ -89,7 +89,7 @@ def test_a_full_pg_dump_holds_no_secret_nor_its_base64(vault: Vault, settings: S
         text=True,
         check=True,
     ).stdout
-    assert "tv2.1." in dump  # the sealed values are there...
+    assert "tv3.1." in dump  # the sealed values are there...
     for secret in SECRETS.values():
         for form in _encodings(secret):
             assert form not in dump  # ...and nothing they hide
@@ -116,7 +116,7 @@ def test_logs_at_debug_hold_no_secret(vault: Vault, caplog: pytest.LogCaptureFix
         if r.name.startswith("sqlalchemy.engine") and r.levelno == logging.INFO
     )
     assert "SQL parameters hidden" in statements
-    assert "tv2." not in statements
+    assert "tv3." not in statements
     assert "vault:v" not in statements
 
 

@@ -18,7 +18,7 @@ Downgrade: refused while any value is sealed in format 3 (the older code cannot 
 it, and the older CHECK refuses it); otherwise restores 0011's function and 0009's
 CHECKs and drops ``tenantvault_open_config``.
 
-Revision ID: 0013_open_config_and_bound_tokens
+Revision ID: 0013_open_config_bound_tokens
 Revises: 0012_usable_data_keys_function
 """
 
@@ -37,7 +37,7 @@ from tenantvault.migration_support import (
     schema_qualified,
 )
 
-revision = "0013_open_config_and_bound_tokens"
+revision = "0013_open_config_bound_tokens"
 down_revision = "0012_usable_data_keys_function"
 branch_labels = None
 depends_on = None
