@@ -84,8 +84,9 @@ def _aad(fmt: int, vector: dict[str, object]) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("fmt", "vector"), [(1, v) for v in V1] + [(2, v) for v in V2] + [(3, v) for v in V3],
-    ids=lambda x: str(x)[:12]
+    ("fmt", "vector"),
+    [(1, v) for v in V1] + [(2, v) for v in V2] + [(3, v) for v in V3],
+    ids=lambda x: str(x)[:12],
 )
 def test_vectors_follow_the_documented_layout_independently_of_the_code(
     fmt: int, vector: dict[str, object]
