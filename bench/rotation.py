@@ -84,7 +84,9 @@ def _seed_values(settings: Settings, values: int) -> None:
             key = DataKey(tenant, 1, plaintext)
             for n in range(PER_TENANT):
                 config_id = new_id()
-                place = CONFIG_CREDENTIALS.place(tenant, config_id, bound=(1, {}))
+                place = CONFIG_CREDENTIALS.place(
+                    tenant, config_id, bound=("sendgrid", 1), config={}
+                )
                 sealed = seal(key, CREDENTIALS, place)
                 rows.append((config_id, tenant, "sendgrid", f"c{n}", "{}", sealed))
             copy_rows(

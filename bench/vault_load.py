@@ -8,6 +8,8 @@ floor         a prepared primary-key SELECT of the same row on a held connection
               owner reads), no Python around it
 load          Vault.load_credentials, warm key cache (RLS on, the application role)
 token         Vault.load_oauth_token against the floor's SELECT of the token row
+open          Vault.open_config (a Graph config, its credentials and its token, verified
+              together) against the floor's SELECT of the config row joined to its token row
 joined        load_credentials(session=...) in the caller's open transaction, against
               the caller's own prepared SELECT of the row in that transaction
 naive         a peer that asks transit to decrypt the tenant's key on every load
@@ -50,6 +52,14 @@ GRAPH = {
     "scopes": ["https://graph.microsoft.com/.default"],
     "auth_type": "client_credentials",
 }
+# What open_config reads, as the owner would read it: the config row and its token row.
+OPEN_ROW = (
+    "SELECT c.type, c.name, c.config, c.is_default, c.is_active, c.created_at, c.updated_at, "
+    "c.version, c.encrypted_credentials, t.id, t.version, t.token_type, t.expires_at, t.scopes, "
+    "t.encrypted_access_token, t.encrypted_refresh_token FROM dripiq_app.email_provider_configs c "
+    "LEFT JOIN dripiq_app.email_provider_tokens t ON t.tenant_id = c.tenant_id "
+    "AND t.config_id = c.id WHERE c.id = %s"
+)
 GRANT_ROW = (
     "SELECT id, version, token_type, expires_at, scopes, encrypted_access_token, "
     "encrypted_refresh_token FROM dripiq_app.email_provider_tokens WHERE config_id = %s"
@@ -124,6 +134,10 @@ def main() -> None:
                     floor_cursor, GRANT_ROW, graph_id
                 ),
                 "load_oauth_token (warm)": lambda: vault.load_oauth_token(tenant, graph_id),
+                "floor: prepared config+token SELECT": lambda: prepared_select(
+                    floor_cursor, OPEN_ROW, graph_id
+                ),
+                "open_config (warm)": lambda: vault.open_config(tenant, graph_id),
             },
             iterations=ITERATIONS,
         )
@@ -153,10 +167,12 @@ def main() -> None:
         naive_provider = provider()
 
         def naive() -> object:
-            _, version, config, sealed = prepared_select(floor_cursor, CONFIG_ROW, config_id)
+            kind, version, config, sealed = prepared_select(floor_cursor, CONFIG_ROW, config_id)
             key = DataKey(tenant, 1, naive_provider.unwrap(tenant, wrapped))
             return open_sealed(
-                key, sealed, CONFIG_CREDENTIALS.place(tenant, config_id, bound=(version, config))
+                key,
+                sealed,
+                CONFIG_CREDENTIALS.place(tenant, config_id, bound=(kind, version), config=config),
             )
 
         update = sa.text(
@@ -193,6 +209,10 @@ def main() -> None:
     print(line(loaded, hot["floor: prepared PK SELECT"], target=target))
     print(line(hot["floor: prepared token SELECT"]))
     print(line(hot["load_oauth_token (warm)"], hot["floor: prepared token SELECT"], target=target))
+    print(line(hot["floor: prepared config+token SELECT"]))
+    print(
+        line(hot["open_config (warm)"], hot["floor: prepared config+token SELECT"], target=target)
+    )
     print(line(joined["floor: caller's SELECT in its tx"]))
     print(
         line(

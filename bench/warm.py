@@ -92,7 +92,7 @@ def _seed(settings: Settings, vault_addr: str) -> dict[str, str]:
         for tenant, plaintext, item in zip(batch, plaintexts, answered, strict=True):
             keys.append((tenant, 1, item["ciphertext"], 1))
             config_id = ids[tenant] = new_id()
-            place = CONFIG_CREDENTIALS.place(tenant, config_id, bound=(1, {}))
+            place = CONFIG_CREDENTIALS.place(tenant, config_id, bound=("sendgrid", 1), config={})
             sealed = seal(DataKey(tenant, 1, plaintext), CREDENTIALS, place)
             configs.append((config_id, tenant, "sendgrid", "Relay", "{}", sealed))
     url = settings.sqlalchemy_url.set(drivername="postgresql").render_as_string(hide_password=False)
