@@ -126,6 +126,7 @@ def print_dek_summary(
                 "unopenable": None if report.dry_run else len(report.unopenable),
                 "stopped": report.stopped,
                 "ok": report.ok,
+                "legacy_closed": report.legacy_closed,
             },
         )
         return
@@ -147,6 +148,8 @@ def print_dek_summary(
         out.write(f"; {len(report.unopenable)} could not be opened\n")
     if report.stopped:
         out.write(f"stopped: {report.stopped}\n")
+    if report.legacy_closed:
+        out.write("older formats: none left; the database now refuses them everywhere\n")
 
 
 def print_kek_summary(
@@ -201,6 +204,8 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
                 "behind_kek": report.behind_kek,
                 "draining": report.draining,
                 "legacy_values": report.legacy_values,
+                "refused_values": report.refused_values,
+                "legacy_open": report.legacy_open,
                 "nonce_budget_low": report.nonce_budget_low,
                 "malformed_values": report.malformed_values,
             },
@@ -215,7 +220,8 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
         notes = "".join(
             f"; {count} {what}"
             for count, what in (
-                (tenant.legacy_values, "values in the old format"),
+                (tenant.legacy_values, "values in an older format"),
+                (tenant.refused_values, "of them refused (not recorded at the upgrade)"),
                 (tenant.malformed_values, "values that are not sealed values"),
             )
             if count
@@ -230,8 +236,10 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
             )
     out.write(
         f"summary: {len(report.tenants)} tenants; {report.behind_kek} data keys behind the KEK; "
-        f"{report.draining} draining; {report.legacy_values} values in the old format"
+        f"{report.draining} draining; {report.legacy_values} values in an older format"
         f"{' (re-seal them: rotate-keys dek --all --reseal-only)' if report.legacy_values else ''}"
+        f"{f', {report.refused_values} refused' if report.refused_values else ''}"
+        f"; older formats {'open' if report.legacy_open else 'closed'}"
         f"; {report.malformed_values} not sealed"
         f"; {report.nonce_budget_low} data keys past {SEALS_WARNING} seals\n"
     )

@@ -115,6 +115,12 @@ def like_patterns(dek_versions: Iterable[int]) -> list[str]:
     return [f"{header(v, fmt)}%" for v in dek_versions for fmt in FORMATS]
 
 
+def is_current_format(sealed: str) -> bool:
+    """Whether ``sealed`` names the current format (a prefix test; a malformed value
+    that does is refused when opened)."""
+    return sealed.startswith(f"tv{CURRENT_FORMAT}.")
+
+
 def sql_is_current(column: str) -> str:
     """A PostgreSQL condition: the value in ``column`` is in the current format."""
     return f"starts_with({column}, 'tv{CURRENT_FORMAT}.')"

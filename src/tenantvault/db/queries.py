@@ -137,7 +137,7 @@ def hot_token_sql(schema: str) -> str:
     migration 0013's function scopes the tenant and returns the live config's type and
     config (what the tokens are bound to) with its token row."""
     return (
-        f"SELECT type, config::text, {_GRANT_COLUMNS} "
+        f"SELECT type, config::text, {_GRANT_COLUMNS}, access_ok, refresh_ok "
         f'FROM "{schema}".tenantvault_load_oauth_token(%s, %s)'
     )
 
@@ -148,7 +148,7 @@ def hot_open_sql(schema: str) -> str:
     its token row (NULLs without one), read in one snapshot."""
     return (
         "SELECT type, name, config::text, is_default, is_active, created_at, updated_at, "
-        f"version, encrypted_credentials, {_GRANT_COLUMNS} "
+        f"version, encrypted_credentials, {_GRANT_COLUMNS}, credentials_ok, access_ok, refresh_ok "
         f'FROM "{schema}".tenantvault_open_config(%s, %s)'
     )
 
@@ -160,6 +160,6 @@ def hot_load_sql(schema: str) -> str:
     # The config as the database prints it: its binding's digest is cached by that text
     # (keys/sealed.stored_config_digest), so it is never decoded on the hot path.
     return (
-        "SELECT type, version, config::text, encrypted_credentials "
+        "SELECT type, version, config::text, encrypted_credentials, legacy_ok "
         f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'
     )

@@ -29,7 +29,7 @@ from tenantvault.crypto.envelope import (
     sealed_dek_version,
 )
 from tenantvault.errors import DecryptionError, KeyDestroyedError
-from tenantvault.keys import store
+from tenantvault.keys import legacy, store
 from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.warmup import Transaction, WarmReport, warm_keys
@@ -320,6 +320,7 @@ class Sealer:
             KeyDestroyedError: the key it names was destroyed.
         """
         self._check(place)
+        legacy.check_allowed(self._connection, place, sealed)
         key = self._key_of(sealed_dek_version(sealed))
         return open_sealed(key, sealed, place, allow_legacy=self._keyring.allow_legacy)
 

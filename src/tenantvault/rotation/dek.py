@@ -49,6 +49,7 @@ from tenantvault.keys.sealed import CONFIG_TABLE, SEALED_COLUMNS, SealedColumn, 
 from tenantvault.metrics import default_metrics
 from tenantvault.rotation.lookahead import Lookahead
 from tenantvault.rotation.options import DekRotationOptions
+from tenantvault.rotation.status import close_legacy_formats_when_none_left
 from tenantvault.rotation.writer import Writer
 
 RESEAL_PASSES = 3
@@ -60,6 +61,8 @@ RESEAL_CHUNK = 250
 FIRST_CHUNK = 50
 _AFTER = "/* after the last row */"  # where a page's keyset condition goes
 ACTOR = "rotate-keys"
+# Why an older-format value is left as it is: the database does not let it open.
+NOT_RECORDED = "older format not recorded at the upgrade, or beside another config now"
 
 
 _JSON = json.JSONDecoder()
@@ -139,6 +142,9 @@ class DekRotationReport:
     tenants: list[TenantRotation] = field(default_factory=list)
     unopenable: list[Unopenable] = field(default_factory=list)
     stopped: str | None = None  # why the run ended before finishing every tenant
+    # After a whole run over every tenant: whether the database's switch for older
+    # formats is closed (none left anywhere); None when the run did not look.
+    legacy_closed: bool | None = None
 
     @property
     def resealed(self) -> int:
@@ -182,7 +188,9 @@ class DekRotation:
     # --- the run ---
 
     def run(self, tenants: Sequence[str] | None = None) -> DekRotationReport:
-        """Rotate ``tenants`` (every tenant with a key when None)."""
+        """Rotate ``tenants`` (every tenant with a key when None). A whole run over every
+        tenant that leaves no value in an older format closes the database's switch."""
+        every_tenant = tenants is None
         if tenants is None:
             with self.db.transaction() as connection:
                 tenants = store.tenants_with_keys(connection)
@@ -211,6 +219,8 @@ class DekRotation:
                 if self.report.stopped is None:
                     self.report.stopped = "interrupted: stopped between two tenants"
         self.report.tenants.sort(key=lambda t: t.tenant_id)
+        if every_tenant and not self.options.dry_run and self.report.ok:
+            self.report.legacy_closed = close_legacy_formats_when_none_left(self.db)
         return self.report
 
     def _work(self, queue: Lookahead) -> None:
@@ -437,8 +447,18 @@ class DekRotation:
             if column.config_join is None
             else f" JOIN {self.db.table(CONFIG_TABLE)} c ON {column.config_join}"
         )
+        # And the database's answer for an older-format value (keys/legacy.py): one it
+        # did not record at the upgrade, or beside another config now, is reported, not
+        # re-sealed into the current binding.
+        row_id = " || ':' || ".join(f"t.{name}::text" for name in names)
+        value = f"t.{column.column}"
+        allowed = (
+            f"CASE WHEN {sql_is_current(value)} THEN true ELSE "
+            f"{self.db.table('tenantvault_legacy_opens')}(t.tenant_id, '{column.table}', "
+            f"'{column.column}', {row_id}, {value}) END"
+        )
         select = (
-            f"SELECT {row_keys}{bound}, {column.config}, t.{column.column} FROM {table} t{join} "
+            f"SELECT {row_keys}{bound}, {column.config}, {allowed}, {value} FROM {table} t{join} "
             f"WHERE ({self._stale_where(column)}) {_AFTER} "
             f"ORDER BY {row_keys} LIMIT %(n)s"
         )
@@ -516,8 +536,11 @@ class DekRotation:
         for row in rows:
             sealed = row[-1]
             row_id = column.row_id(*row[:width])
-            *bound, config = row[width:-1]
+            *bound, config, allowed = row[width:-1]
             digest = config_digest(config)
+            if not allowed:
+                self._unopenable(Unopenable(tenant_id, column.name, row_id, NOT_RECORDED))
+                continue
             try:
                 resealed = reseal(
                     sealed,

@@ -40,7 +40,8 @@ class DataKeyStatus:
 class TenantKeyStatus:
     tenant_id: str
     keys: list[DataKeyStatus] = field(default_factory=list)
-    legacy_values: int = 0  # sealed in the old format: re-seal them (rotate-keys dek)
+    legacy_values: int = 0  # sealed in an older format: re-seal them (rotate-keys dek)
+    refused_values: int = 0  # of those, the database refuses (not recorded at the upgrade)
     malformed_values: int = 0  # not sealed values at all (written around tenantvault)
 
     @property
@@ -53,6 +54,7 @@ class KeyStatusReport:
     kek_latest: int
     kek_min_decryption_version: int
     tenants: list[TenantKeyStatus] = field(default_factory=list)
+    legacy_open: bool = False  # the database's switch: older formats (recorded) open
 
     def is_behind(self, key: DataKeyStatus) -> bool:
         """The key is wrapped (not destroyed) under an older KEK version than the latest."""
@@ -74,6 +76,12 @@ class KeyStatusReport:
         return sum(t.legacy_values for t in self.tenants)
 
     @property
+    def refused_values(self) -> int:
+        """Older-format values the database refuses: put in after the upgrade recorded
+        what was there, or beside another config now. Reported, never re-sealed."""
+        return sum(t.refused_values for t in self.tenants)
+
+    @property
     def malformed_values(self) -> int:
         return sum(t.malformed_values for t in self.tenants)
 
@@ -88,30 +96,41 @@ def key_status(
 ) -> KeyStatusReport:
     """Every tenant's keys (or just ``tenants``'), with what each protects; changes nothing."""
     report = KeyStatusReport(provider.kek_version(), provider.min_decryption_version())
-    only = "" if tenants is None else "tenant_id = ANY(:tenants) AND"
+    only = "" if tenants is None else "t.tenant_id = ANY(:tenants) AND"
     params = {"tenants": list(tenants or [])}
     counts: dict[tuple[str, int], int] = {}
     legacy: dict[str, int] = {}
+    refused: dict[str, int] = {}
     malformed: dict[str, int] = {}
     with db.transaction() as connection:
         for column in SEALED_COLUMNS:
-            name = column.column
+            name = f"t.{column.column}"
+            row_id = " || ':' || ".join(f"t.{key}::text" for key, _ in column.keys)
+            # 0: current format; 1: older, and the database lets it open; 2: older, refused.
+            kind = (
+                f"CASE WHEN {sql_is_current(name)} THEN 0 "
+                f"WHEN {db.table('tenantvault_legacy_opens')}(t.tenant_id, '{column.table}', "
+                f"'{column.column}', {row_id}, {name}) THEN 1 ELSE 2 END"
+            )
             rows = connection.execute(
                 sa.text(
-                    f"SELECT tenant_id, {sql_dek_version(name)}, NOT {sql_is_current(name)}, "
-                    f"count(*) FROM {db.table(column.table)} "
+                    f"SELECT t.tenant_id, {sql_dek_version(name)}, {kind}, "
+                    f"count(*) FROM {db.table(column.table)} t "
                     f"WHERE {only} {name} IS NOT NULL GROUP BY 1, 2, 3"
                 ),
                 params,
             )
-            for tenant_id, version, old_format, count in rows:
+            for tenant_id, version, state, count in rows:
                 if version is None:  # not a sealed value: counted, never parsed
                     malformed[tenant_id] = malformed.get(tenant_id, 0) + int(count)
                     continue
                 counts[(tenant_id, version)] = counts.get((tenant_id, version), 0) + int(count)
-                if old_format:
+                if state:
                     legacy[tenant_id] = legacy.get(tenant_id, 0) + int(count)
+                if state == 2:
+                    refused[tenant_id] = refused.get(tenant_id, 0) + int(count)
         keys = store.keys_of(connection, tenants)
+        report.legacy_open = legacy_formats_open(connection, db)
     by_tenant: dict[str, TenantKeyStatus] = {}
     for key in keys:
         entry = by_tenant.setdefault(key.tenant_id, TenantKeyStatus(key.tenant_id))
@@ -122,6 +141,39 @@ def key_status(
     for tenant_id in sorted(set(legacy) | set(malformed)):
         entry = by_tenant.setdefault(tenant_id, TenantKeyStatus(tenant_id))
         entry.legacy_values = legacy.get(tenant_id, 0)
+        entry.refused_values = refused.get(tenant_id, 0)
         entry.malformed_values = malformed.get(tenant_id, 0)
     report.tenants = sorted(by_tenant.values(), key=lambda t: t.tenant_id)
     return report
+
+
+def legacy_formats_open(connection: sa.Connection, db: OperatorDatabase) -> bool:
+    """The database's switch: whether older-format values (recorded ones) open at all."""
+    return bool(
+        connection.execute(
+            sa.text(f"SELECT legacy_open FROM {db.table('tenantvault_sealing')}")
+        ).scalar()
+    )
+
+
+def close_legacy_formats_when_none_left(db: OperatorDatabase) -> bool:
+    """Close the switch once no value in an older format is left in any sealed column
+    (of any tenant); True if it is closed now. The application and every operator
+    job read the same switch, so from then on no older value opens anywhere."""
+    with db.transaction() as connection:
+        if not legacy_formats_open(connection, db):
+            return True
+        for column in SEALED_COLUMNS:
+            name = column.column
+            left = connection.execute(
+                sa.text(
+                    f"SELECT EXISTS (SELECT FROM {db.table(column.table)} "
+                    f"WHERE {name} IS NOT NULL AND NOT {sql_is_current(name)})"
+                )
+            ).scalar()
+            if left:
+                return False
+        connection.execute(
+            sa.text(f"UPDATE {db.table('tenantvault_sealing')} SET legacy_open = false")
+        )
+        return True

@@ -13,6 +13,7 @@ from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import DecryptionError, NotFoundError
+from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
 from tenantvault.vault.configs import Configs
@@ -141,13 +142,14 @@ def finish_hot_load(
     """
     if row is None:
         raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
-    kind_name, version, config_json, sealed = row
+    kind_name, version, config_json, sealed, allowed = row
     if sealed is None:
         raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
     place = CONFIG_CREDENTIALS.place_digest(
         tenant_id, config_id, bound=(kind_name, version), digest=stored_config_digest(config_json)
     )
     try:
+        legacy.check_answer(allowed)
         opened = keyring.open_cached(tenant_id, sealed, place)
     except DecryptionError:
         log_unopenable(tenant_id, config_id, version)

@@ -26,6 +26,7 @@ from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import fetch_one_in
 from tenantvault.errors import DecryptionError, NotFoundError
+from tenantvault.keys import legacy
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
 from tenantvault.vault.core import VaultCore, log_unopenable, schema_of
 from tenantvault.vault.credentials import hot_load_parameters
@@ -128,7 +129,7 @@ def finish_open(
     if row is None:
         raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
     (kind_name, name, config_json, is_default, is_active, created_at, updated_at, version,
-     sealed, *token_row) = row  # fmt: skip
+     sealed, *token_row, credentials_ok, access_ok, refresh_ok) = row  # fmt: skip
     kind = provider_type(kind_name)
     digest = stored_config_digest(config_json)
     credentials = None
@@ -137,6 +138,7 @@ def finish_open(
             tenant_id, config_id, bound=(kind_name, version), digest=digest
         )
         try:
+            legacy.check_answer(credentials_ok)
             plaintext = open_(sealed, place)
         except DecryptionError:
             log_unopenable(tenant_id, config_id, version)
@@ -146,6 +148,8 @@ def finish_open(
         credentials = credentials_from_storage(kind, plaintext)
     token = None
     if token_row[0] is not None:
+        legacy.check_answer(access_ok)
+        legacy.check_answer(refresh_ok)
         token = opened_token(open_, tenant_id, HotToken.of(config_id, token_row), kind, digest)
         if token is None:
             return None

@@ -29,6 +29,7 @@ from tenantvault.db.ids import new_id
 from tenantvault.db.models import AuditAction, EmailProviderConfig, EmailProviderToken
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
+from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import (
     ACCESS_TOKEN,
@@ -524,7 +525,9 @@ def finish_hot_token(
     """
     if row is None:
         raise _no_token(tenant_id, config_id)
-    kind, config_json, *token = row
+    kind, config_json, *token, access_ok, refresh_ok = row
+    legacy.check_answer(access_ok)
+    legacy.check_answer(refresh_ok)
     return opened_token(
         partial(keyring.open_cached, tenant_id),
         tenant_id,

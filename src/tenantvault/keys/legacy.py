@@ -1,0 +1,62 @@
+"""Values sealed in a format older than the current one open only where the database
+says so, for the application and the operator alike (migration 0013).
+
+The database keeps one switch (``tenantvault_sealing.legacy_open``) and the record of
+every older value the upgrade found, with what it sat beside then; its function
+``tenantvault_legacy_opens`` answers for one value. An older value put into a row
+later (from a backup, say), or left in place beside a rewritten config, is refused:
+it neither opens nor gets re-sealed into the current format's binding. The hot paths
+read the answer in their one statement; everyone else asks here.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from tenantvault.crypto.envelope import SealContext, is_current_format
+from tenantvault.errors import DecryptionError
+
+
+def _schema(connection: sa.Connection) -> str:
+    # Functions are not renamed by the engine's schema_translate_map: qualify by hand.
+    return str(connection.get_execution_options()["schema_translate_map"][None])
+
+
+def database_allows(connection: sa.Connection, place: SealContext, sealed: str) -> bool:
+    """Whether the database lets ``sealed``, an older-format value of ``place``, open."""
+    return bool(
+        connection.execute(
+            sa.text(
+                f'SELECT "{_schema(connection)}".tenantvault_legacy_opens('
+                ":tenant, :table, :column, :row, :value)"
+            ),
+            {
+                "tenant": place.tenant_id,
+                "table": place.table,
+                "column": place.column,
+                "row": place.row_id,
+                "value": sealed,
+            },
+        ).scalar()
+    )
+
+
+def check_allowed(connection: sa.Connection, place: SealContext, sealed: str) -> None:
+    """Refuse ``sealed`` unless it is in the current format or the database allows it.
+
+    Raises:
+        DecryptionError: an older-format value the database does not let open.
+    """
+    if not is_current_format(sealed) and not database_allows(connection, place, sealed):
+        raise DecryptionError("cannot open sealed value")
+
+
+def check_answer(allowed: bool | None) -> None:
+    """Refuse a value a hot-path statement said may not open (its ``*_ok`` column:
+    true for a current-format value, the database's answer for an older one).
+
+    Raises:
+        DecryptionError: the statement said no.
+    """
+    if allowed is False:
+        raise DecryptionError("cannot open sealed value")
