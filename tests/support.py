@@ -224,3 +224,52 @@ def app_login_connections(owner_engine: sa.Engine, pgbouncer_port: int | None) -
         clients = admin.execute("SHOW CLIENTS").fetchall()  # the console's own protocol
     # (type, user, database, ...): SHOW CLIENTS' first columns.
     return sum(1 for row in clients if row[1:3] == ("tenantvault_test_app_login", database))
+
+
+# What migration 0013 records each older-format value beside (its ``_bound``): the row id
+# in the value's associated data, the text it sat beside, and where both are read.
+_CONFIGS = "dripiq_app.email_provider_configs"
+_BY_CONFIG = f"JOIN {_CONFIGS} c ON c.tenant_id = t.tenant_id AND c.id = t.config_id"
+LEGACY_RECORD = {
+    ("email_provider_configs", "encrypted_credentials"): (
+        "t.id",
+        "t.type || ':' || t.version || ':' || t.config::text",
+        f"{_CONFIGS} t",
+    ),
+    **{
+        ("email_provider_tokens", column): (
+            "t.config_id",
+            "t.id || ':' || t.version || ':' || c.type || ':' || c.config::text",
+            f"dripiq_app.email_provider_tokens t {_BY_CONFIG}",
+        )
+        for column in ("encrypted_access_token", "encrypted_refresh_token")
+    },
+    ("email_provider_config_versions", "encrypted_credentials"): (
+        "t.config_id || ':' || t.version",
+        "c.type || ':' || t.version || ':' || t.config::text",
+        f"dripiq_app.email_provider_config_versions t {_BY_CONFIG}",
+    ),
+}
+
+
+def record_as_the_upgrade(owner_engine: sa.Engine, tenant_id: str) -> None:
+    """Record ``tenant_id``'s older-format values as migration 0013's upgrade records
+    what it finds: a test that writes such values after the upgrade stands for a
+    database upgraded with them in it (tests/migrations/test_data.py upgrades one for
+    real). The owner writes as the tenant (row-level security is forced on it too)."""
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text("SELECT set_config('tenantvault.tenant_id', :t, true)"), {"t": tenant_id}
+        )
+        for (table, column), (row_id, bound, source) in LEGACY_RECORD.items():
+            connection.execute(
+                sa.text(
+                    "INSERT INTO dripiq_app.tenantvault_legacy_values (tenant_id, table_name, "
+                    "column_name, row_id, value_sha256, bound_sha256) "
+                    f"SELECT t.tenant_id, '{table}', '{column}', {row_id}, "
+                    f"sha256(convert_to(t.{column}, 'UTF8')), sha256(convert_to({bound}, 'UTF8')) "
+                    f"FROM {source} WHERE t.tenant_id = :t AND t.{column} IS NOT NULL "
+                    f"AND NOT starts_with(t.{column}, 'tv3.') ON CONFLICT DO NOTHING"
+                ),
+                {"t": tenant_id},
+            )

@@ -20,13 +20,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tenantvault import DecryptionError, Vault
 from tenantvault.db.session import tenant_session
 from tenantvault.keys.keyring import Keyring
-from tenantvault.rotation.dek import rotate_data_keys
+from tenantvault.rotation.dek import NOT_RECORDED, rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.shred import shred_tenant
 from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
 from tests.async_support import sync_provider
 from tests.conftest import CountingProvider, fresh_keyring
+from tests.support import record_as_the_upgrade
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 PASSWORD = "the-real-smtp-password"
@@ -177,7 +178,9 @@ def _seal_format_1(
     return header + base64.urlsafe_b64encode(nonce + body).decode().rstrip("=")
 
 
-def _legacy_config(vault: Vault, owner_engine: sa.Engine) -> str:
+def _legacy_config(vault: Vault, owner_engine: sa.Engine, *, recorded: bool = True) -> str:
+    """A config whose credentials are a format-1 value; ``recorded``: as if it was there
+    when the upgrade to format 3 recorded the older values (otherwise written after)."""
     cfg = vault.create_config(
         "t_a", type="smtp", name="From 0.1", config=SMTP, credentials={"password": "legacy"}
     )
@@ -201,6 +204,8 @@ def _legacy_config(vault: Vault, owner_engine: sa.Engine) -> str:
             ),
             {"v": value, "id": cfg.id},
         )
+    if recorded:
+        record_as_the_upgrade(owner_engine, "t_a")
     return cfg.id
 
 
@@ -320,3 +325,94 @@ def test_old_format_values_under_a_shredded_key_do_not_keep_rotation_incomplete(
     report = rotate_data_keys(operator_db, fresh_keyring(provider), ["t_a"])
     assert report.ok, report
     assert report.unopenable == []
+
+
+# --- older formats are closed in the database (migration 0013), not per process ---
+
+
+def _credentials_value(owner_engine: sa.Engine) -> str:
+    with owner_engine.connect() as connection:
+        return str(
+            connection.execute(
+                sa.text("SELECT encrypted_credentials FROM dripiq_app.email_provider_configs")
+            ).scalar_one()
+        )
+
+
+def test_an_older_value_put_in_after_the_upgrade_is_refused_and_never_resealed(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: CountingProvider
+) -> None:
+    config_id = _legacy_config(vault, owner_engine, recorded=False)
+    for path in ("hot", "full"):
+        if path == "full":
+            vault.keyring.cache.clear()
+        with pytest.raises(DecryptionError):
+            vault.load_credentials("t_a", config_id)
+        with pytest.raises(DecryptionError):
+            vault.open_config("t_a", config_id)
+    status = key_status(operator_db, provider, ["t_a"])
+    assert (status.legacy_values, status.refused_values, status.legacy_open) == (1, 1, True)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(provider), ["t_a"], DekRotationOptions(new_key=False)
+    )
+    assert not report.ok
+    assert [(u.column, u.row, u.error) for u in report.unopenable] == [
+        ("email_provider_configs.encrypted_credentials", config_id, NOT_RECORDED)
+    ]
+    assert _credentials_value(owner_engine).startswith("tv1.")
+
+
+def test_a_recorded_older_value_beside_a_rewritten_config_is_not_laundered_by_reseal(
+    vault: Vault,
+    owner_engine: sa.Engine,
+    operator_db: Any,
+    provider: CountingProvider,
+    app_url: str,
+) -> None:
+    """The review's path: the app's login rewrites the config beside a format-1 value,
+    and the operator's --reseal-only would bind it to the hostile config."""
+    config_id = _legacy_config(vault, owner_engine)
+    _as_app(
+        app_url,
+        "UPDATE dripiq_app.email_provider_configs "
+        'SET config = config || \'{"host": "smtp.attacker.example"}\' WHERE id = %(id)s',
+        id=config_id,
+    )
+    vault.keyring.cache.clear()
+    with pytest.raises(DecryptionError):
+        vault.load_credentials("t_a", config_id)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(provider), ["t_a"], DekRotationOptions(new_key=False)
+    )
+    assert [(u.row, u.error) for u in report.unopenable] == [(config_id, NOT_RECORDED)]
+    assert _credentials_value(owner_engine).startswith("tv1.")
+
+
+def test_a_whole_reseal_closes_older_formats_for_the_application_and_the_operator(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: CountingProvider
+) -> None:
+    config_id = _legacy_config(vault, owner_engine)
+    legacy_value = _credentials_value(owner_engine)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(provider), None, DekRotationOptions(new_key=False)
+    )
+    assert report.ok, report
+    assert report.legacy_closed is True
+    status = key_status(operator_db, provider)
+    assert (status.legacy_values, status.legacy_open) == (0, False)
+    assert _password(vault.load_credentials("t_a", config_id)) == "legacy"
+    # The recorded value itself, put back: the switch is closed, so it no longer opens.
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = :v"),
+            {"v": legacy_value},
+        )
+    for path in ("hot", "full"):
+        if path == "full":
+            vault.keyring.cache.clear()
+        with pytest.raises(DecryptionError):
+            vault.load_credentials("t_a", config_id)
+    report = rotate_data_keys(
+        operator_db, fresh_keyring(provider), ["t_a"], DekRotationOptions(new_key=False)
+    )
+    assert [(u.row, u.error) for u in report.unopenable] == [(config_id, NOT_RECORDED)]

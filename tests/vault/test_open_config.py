@@ -26,6 +26,7 @@ from tenantvault.rotation.status import key_status
 from tests.async_support import sync_provider
 from tests.conftest import CountingProvider, fresh_keyring
 from tests.rotation_support import GRAPH, GRAPH_TOKEN, SMTP
+from tests.support import record_as_the_upgrade
 
 PASSWORD = "the-real-smtp-password"
 OAUTH_SMTP = {**SMTP, "auth_type": "oauth2"}
@@ -259,7 +260,13 @@ def test_format_2_tokens_open_are_counted_and_move_to_the_config_binding_by_rese
                 "r": _seal_format_2(key, b"refresh-v2", "encrypted_refresh_token", cfg.id, binding),
             },
         )
+    # Not recorded by the upgrade (written after it): refused, on both paths.
+    with pytest.raises(DecryptionError):
+        vault.load_oauth_token("t_a", cfg.id)
     vault.keyring.cache.clear()
+    with pytest.raises(DecryptionError):
+        vault.load_oauth_token("t_a", cfg.id)
+    record_as_the_upgrade(owner_engine, "t_a")  # as if they were there at the upgrade
     assert _secret(vault.load_oauth_token("t_a", cfg.id).access_token) == "access-v2"
     assert key_status(operator_db, provider, ["t_a"]).legacy_values == 2
     report = rotate_data_keys(
