@@ -743,3 +743,27 @@ def test_prune_verifies_what_it_cuts_and_then_drops_it(
     assert (pruned.events_dropped, pruned.chains_verified) == (two_chains, 2)
     after = verify_audit(operator_db, check_mac=provider.verify_mac, expected_heads=report.heads)
     assert after.ok, after.breaks
+
+
+def test_a_kept_head_is_checked_when_retention_took_every_event_before_it(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: Any
+) -> None:
+    cfg = vault.create_config("t_a", type="smtp", name="R", config=SMTP, credentials=None)
+    later = datetime.now(UTC) + timedelta(days=93)
+    prune_audit(
+        operator_db, keep_months=1, now=later, mac=provider.mac, check_mac=provider.verify_mac
+    )
+    assert _count(owner_engine) == 0
+    add_partitions(operator_db, 24)
+    vault.store_credentials("t_a", cfg.id, {"password": "r"})
+    kept = verify_audit(operator_db, check_mac=provider.verify_mac).heads
+    # The owner removes the one event since, and sets the head back to the retention start.
+    _tamper(owner_engine, "DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a'")
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE dripiq_app.audit_chain_heads SET seq = first_seq - 1, hash = anchor_hash"
+        )
+    assert verify_audit(operator_db, check_mac=provider.verify_mac).ok
+    report = verify_audit(operator_db, check_mac=provider.verify_mac, expected_heads=kept)
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", kept["t_a"].seq)]
+    assert "cut from its end" in report.breaks[0].problem
