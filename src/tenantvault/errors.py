@@ -6,6 +6,8 @@ a key, or a value that was being validated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class TenantVaultError(Exception):
     """Base class of every tenantvault error."""
@@ -58,6 +60,16 @@ class RotationError(TenantVaultError):
 
 class AuditError(TenantVaultError):
     """An audit-log job (prune) could not proceed safely; nothing was changed."""
+
+
+class AuditChainBroken(AuditError):  # noqa: N818 - says what happened, as ConcurrentModification
+    """``audit prune`` found a break in a chain it would cut (or at a head kept outside)
+    and refused: nothing was dropped and no start marker signed. ``breaks`` holds the
+    :class:`~tenantvault.audit.chain.ChainBreak` items (tenant ids, seqs, problems)."""
+
+    def __init__(self, message: str, breaks: Sequence[object]) -> None:
+        super().__init__(message)
+        self.breaks = list(breaks)
 
 
 class InvalidInputError(TenantVaultError, ValueError):

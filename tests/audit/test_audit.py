@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from tenantvault import InvalidInputError, RefreshedToken, Vault, cli
 from tenantvault.audit.chain import Head, add_partitions, prune_audit, verify_audit
 from tenantvault.db.session import set_tenant
-from tenantvault.errors import AuditError
+from tenantvault.errors import AuditChainBroken, AuditError
 from tenantvault.settings import Settings
 from tests.rotation_support import SMTP, add_tenants
 
@@ -150,36 +150,41 @@ def test_load_auditing_is_off_by_default_and_records_reveals_when_on(
 
 
 @pytest.mark.parametrize(
-    ("tampering", "seq", "problem"),
+    ("tampering", "seqs", "problem"),
     [
         (
             "UPDATE dripiq_app.audit_events SET actor = 'user:evil' WHERE tenant_id = 't_a' AND seq = 3",
-            3,
+            [3],
             "edited",
         ),
         (
             "UPDATE dripiq_app.audit_events SET details = '{\"version\": 9}' WHERE tenant_id = 't_a' AND seq = 5",
-            5,
+            [5],
             "edited",
         ),
-        ("DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = 4", 4, "deleted"),
+        ("DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = 4", [4], "deleted"),
         (
+            # Two rows swapped: three links no longer hold (into 6, into 7, into 8).
             "UPDATE dripiq_app.audit_events SET seq = CASE seq WHEN 6 THEN 7 ELSE 6 END "
             "WHERE tenant_id = 't_a' AND seq IN (6, 7)",
-            6,
+            [6, 7, 8],
             "does not follow",
         ),
-        ("DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = 13", 13, "missing"),
+        (
+            "DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = 13",
+            [13],
+            "missing",
+        ),
     ],
     ids=["edit-actor", "edit-details", "delete-middle", "reorder", "delete-last"],
 )
-def test_tampering_as_the_owner_is_detected_and_the_first_bad_row_named(
+def test_tampering_as_the_owner_is_detected_and_the_bad_rows_named(
     history: str,
     owner_engine: sa.Engine,
     operator_db: Any,
     vault: Vault,
     tampering: str,
-    seq: int,
+    seqs: list[int],
     problem: str,
     migrated: Settings,
     monkeypatch: pytest.MonkeyPatch,
@@ -189,8 +194,9 @@ def test_tampering_as_the_owner_is_detected_and_the_first_bad_row_named(
     _tamper(owner_engine, tampering)
     report = verify_audit(operator_db)
     assert not report.ok
-    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", seq)]
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", seq) for seq in seqs]
     assert problem in report.breaks[0].problem
+    seq = seqs[0]
     # The CLI names it too, and exits 5.
     monkeypatch.setenv("TENANTVAULT_DATABASE_URL", migrated.database_url.get_secret_value())
     assert cli.main(["audit", "verify"]) == cli.EXIT_AUDIT_BROKEN
@@ -505,3 +511,259 @@ def test_a_row_holding_what_tenantvault_never_writes_is_reported_not_a_crash(
     report = verify_audit(operator_db)
     assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", 3)]
     assert "edited" in report.breaks[0].problem
+
+
+# --- issue 21, item 7: the chain cannot be laundered ---
+
+
+def test_verify_reports_every_break_and_where_each_chain_really_ends(
+    history: str, owner_engine: sa.Engine, operator_db: Any
+) -> None:
+    # Three tamperings of one chain, the first of which used to hide the other two.
+    _tamper(
+        owner_engine,
+        "UPDATE dripiq_app.audit_events SET actor = 'user:evil' WHERE tenant_id = 't_a' AND seq = 3",
+    )
+    _tamper(
+        owner_engine,
+        "UPDATE dripiq_app.audit_events SET details = '{\"version\": 9}' "
+        "WHERE tenant_id = 't_a' AND seq = 8",
+    )
+    _tamper(
+        owner_engine, "DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a' AND seq = 11"
+    )
+    report = verify_audit(operator_db)
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", 3), ("t_a", 8), ("t_a", 11)]
+    assert ["edited" in b.problem for b in report.breaks] == [True, True, False]
+    assert "deleted" in report.breaks[2].problem
+    # The head it reports is the chain's last event, not the row before the first break.
+    last = _events(owner_engine)[-1]
+    assert report.heads["t_a"] == Head(13, last.hash)
+
+
+def test_numbers_the_application_writes_verify_however_they_are_spelled(
+    vault: Vault, app_url: str, operator_db: Any, owner_engine: sa.Engine
+) -> None:
+    spellings = [
+        "1.5",
+        "1.50",
+        "1e2",
+        "1.0E+2",
+        "-0",
+        "-0.0",
+        "0.000",
+        "0e5",
+        "1.5e-7",
+        "1e-20",
+        "-3",
+        "2.5E+3",
+        "1e30",
+        "12345678901234567890123456789.0123456789",
+    ]
+    # As the application's login, as the app (or SQL injected into it) would write them.
+    with psycopg.connect(app_url) as app:
+        app.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
+        for number in spellings:
+            app.execute(
+                "INSERT INTO dripiq_app.audit_events (tenant_id, action, details, prev_hash, hash) "
+                "VALUES ('t_a', 'config.updated', %s::jsonb, '', '')",
+                (f'{{"n": {number}, "in": [{number}, {{"x": {number}}}]}}',),
+            )
+    report = verify_audit(operator_db)
+    assert report.ok, report.breaks
+    assert report.events == len(spellings)
+    # Still bound to the value as stored: 1.5 written as 1.50 is an edit.
+    _tamper(
+        owner_engine,
+        "UPDATE dripiq_app.audit_events SET details = "
+        '\'{"n": 1.50, "in": [1.5, {"x": 1.5}]}\' WHERE tenant_id = \'t_a\' AND seq = 1',
+    )
+    assert [(b.seq, "edited" in b.problem) for b in verify_audit(operator_db).breaks] == [(1, True)]
+
+
+OLD_MONTH = "dripiq_app.audit_events_2020_01"
+
+
+def _launder_into_an_old_month(owner_engine: sa.Engine, *, rehash: bool) -> None:
+    """What the schema owner may do: make a partition for a long-gone month, turn the
+    table's own triggers off, and move t_a's events 1-9 and t_b's whole chain into it
+    (an UPDATE of occurred_at moves a row across partitions). With ``rehash`` it also
+    recomputes both chains and their heads with the database's digest, so nothing
+    inside the database shows it."""
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE TABLE {OLD_MONTH} PARTITION OF dripiq_app.audit_events "
+            "FOR VALUES FROM ('2020-01-01') TO ('2020-02-01')"
+        )
+        connection.exec_driver_sql("ALTER TABLE dripiq_app.audit_events DISABLE TRIGGER USER")
+        moved = connection.exec_driver_sql(
+            "UPDATE dripiq_app.audit_events "
+            "SET occurred_at = timestamp '2020-01-15' + seq * interval '1 second' "
+            "WHERE (tenant_id = 't_a' AND seq <= 9) OR tenant_id = 't_b'"
+        ).rowcount
+        assert moved > 9
+        if rehash:
+            connection.exec_driver_sql(
+                """
+                DO $$ DECLARE r record; prev text; t text; BEGIN
+                  FOREACH t IN ARRAY ARRAY['t_a', 't_b'] LOOP
+                    prev := '';
+                    FOR r IN SELECT * FROM dripiq_app.audit_events WHERE tenant_id = t
+                             ORDER BY seq LOOP
+                      UPDATE dripiq_app.audit_events SET prev_hash = prev,
+                        hash = dripiq_app.tenantvault_audit_digest(prev, r.tenant_id, r.seq,
+                          r.occurred_at, r.actor, r.action, r.target_type, r.target_id,
+                          r.details)
+                      WHERE tenant_id = t AND seq = r.seq RETURNING hash INTO prev;
+                    END LOOP;
+                    UPDATE dripiq_app.audit_chain_heads SET hash = prev WHERE tenant_id = t;
+                  END LOOP;
+                END $$
+                """
+            )
+        connection.exec_driver_sql("ALTER TABLE dripiq_app.audit_events ENABLE TRIGGER USER")
+
+
+def _prune_cli(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    migrated: Settings,
+    services: Any,
+    *extra: str,
+) -> tuple[int, str, str]:
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", migrated.database_url.get_secret_value())
+    monkeypatch.setenv("VAULT_ADDR", services.vault_addr)
+    monkeypatch.setenv("VAULT_TOKEN", services.vault_token)
+    code = cli.main(["audit", "prune", "--keep-months", "1", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _nothing_dropped(owner_engine: sa.Engine, events: int) -> None:
+    assert _count(owner_engine) == events
+    with owner_engine.connect() as connection:
+        assert connection.exec_driver_sql(f"SELECT count(*) FROM {OLD_MONTH}").scalar_one() > 9
+        markers = connection.exec_driver_sql(
+            "SELECT count(*) FROM dripiq_app.audit_chain_heads "
+            "WHERE first_seq <> 1 OR anchor_mac IS NOT NULL"
+        ).scalar_one()
+    assert markers == 0  # no start marker was signed
+
+
+@pytest.fixture
+def two_chains(history: str, vault: Vault, owner_engine: sa.Engine) -> int:
+    """t_a's 13 events and t_b's 3; returns how many events there are."""
+    cfg = vault.create_config("t_b", type="smtp", name="B", config=SMTP, credentials=None)
+    vault.update_config("t_b", cfg.id, name="B2")
+    return _count(owner_engine)
+
+
+def test_prune_refuses_to_drop_chain_events_the_owner_moved_into_an_old_month(
+    two_chains: int,
+    owner_engine: sa.Engine,
+    operator_db: Any,
+    migrated: Settings,
+    services: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _launder_into_an_old_month(owner_engine, rehash=False)
+    # The routine prune, as scheduled (no kept heads): it cuts both chains, verifies
+    # them first, and refuses.
+    code, out, err = _prune_cli(monkeypatch, capsys, migrated, services)
+    assert code == cli.EXIT_AUDIT_BROKEN
+    assert out == ""
+    assert err.startswith("FAILED: audit prune refused: ")
+    assert err.count("\n") == 1
+    for named in ("tenants t_a, t_b", "edited", "nothing dropped"):
+        assert named in err
+    _nothing_dropped(owner_engine, two_chains)
+    # A dry run says the same, and verify still names the moved events.
+    code, _, err = _prune_cli(monkeypatch, capsys, migrated, services, "--dry-run")
+    assert (code, err.count("FAILED:")) == (cli.EXIT_AUDIT_BROKEN, 1)
+    broken = verify_audit(operator_db).breaks
+    assert {(b.tenant_id, b.seq) for b in broken} >= {("t_a", s) for s in range(1, 10)}
+    assert {b.tenant_id for b in broken} == {"t_a", "t_b"}
+
+
+def test_prune_given_the_kept_heads_refuses_a_moved_and_rehashed_chain(
+    two_chains: int,
+    owner_engine: sa.Engine,
+    operator_db: Any,
+    provider: Any,
+    migrated: Settings,
+    services: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+) -> None:
+    kept = tmp_path / "heads.json"
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", migrated.database_url.get_secret_value())
+    assert cli.main(["audit", "verify", "--heads-out", str(kept)]) == cli.EXIT_OK
+    capsys.readouterr()
+    heads = verify_audit(operator_db).heads
+    _launder_into_an_old_month(owner_engine, rehash=True)
+    assert verify_audit(operator_db).ok  # nothing inside the database shows it
+    code, out, err = _prune_cli(
+        monkeypatch, capsys, migrated, services, "--expect-heads", str(kept)
+    )
+    assert (code, out) == (cli.EXIT_AUDIT_BROKEN, "")
+    assert err.startswith("FAILED: audit prune refused: ")
+    assert err.count("\n") == 1
+    for named in ("tenants t_a, t_b", "kept outside", "nothing dropped"):
+        assert named in err
+    _nothing_dropped(owner_engine, two_chains)
+    # The library call refuses the same way, naming every break.
+    with pytest.raises(AuditChainBroken) as refused:
+        prune_audit(
+            operator_db,
+            keep_months=1,
+            mac=provider.mac,
+            check_mac=provider.verify_mac,
+            expected_heads=heads,
+        )
+    assert {b.tenant_id for b in refused.value.breaks} == {"t_a", "t_b"}
+    _nothing_dropped(owner_engine, two_chains)
+
+
+def test_prune_verifies_what_it_cuts_and_then_drops_it(
+    two_chains: int, owner_engine: sa.Engine, operator_db: Any, provider: Any, tmp_path: Any
+) -> None:
+    # Honest chains: the prune verifies both, given their kept heads, and goes ahead.
+    report = verify_audit(operator_db)
+    later = datetime.now(UTC) + timedelta(days=93)
+    pruned = prune_audit(
+        operator_db,
+        keep_months=1,
+        now=later,
+        mac=provider.mac,
+        check_mac=provider.verify_mac,
+        expected_heads=report.heads,
+    )
+    assert (pruned.events_dropped, pruned.chains_verified) == (two_chains, 2)
+    after = verify_audit(operator_db, check_mac=provider.verify_mac, expected_heads=report.heads)
+    assert after.ok, after.breaks
+
+
+def test_a_kept_head_is_checked_when_retention_took_every_event_before_it(
+    vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: Any
+) -> None:
+    cfg = vault.create_config("t_a", type="smtp", name="R", config=SMTP, credentials=None)
+    later = datetime.now(UTC) + timedelta(days=93)
+    prune_audit(
+        operator_db, keep_months=1, now=later, mac=provider.mac, check_mac=provider.verify_mac
+    )
+    assert _count(owner_engine) == 0
+    add_partitions(operator_db, 24)
+    vault.store_credentials("t_a", cfg.id, {"password": "r"})
+    kept = verify_audit(operator_db, check_mac=provider.verify_mac).heads
+    # The owner removes the one event since, and sets the head back to the retention start.
+    _tamper(owner_engine, "DELETE FROM dripiq_app.audit_events WHERE tenant_id = 't_a'")
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE dripiq_app.audit_chain_heads SET seq = first_seq - 1, hash = anchor_hash"
+        )
+    assert verify_audit(operator_db, check_mac=provider.verify_mac).ok
+    report = verify_audit(operator_db, check_mac=provider.verify_mac, expected_heads=kept)
+    assert [(b.tenant_id, b.seq) for b in report.breaks] == [("t_a", kept["t_a"].seq)]
+    assert "cut from its end" in report.breaks[0].problem

@@ -2,11 +2,14 @@
 
 ``verify_audit`` recomputes every tenant's chain in Python
 (:mod:`tenantvault.audit.digest`, never the database's function, which the owner
-could replace) and names the first row that breaks it: an edited row (its hash
+could replace) and names every row that breaks it: an edited row (its hash
 no longer matches its content), a deleted one (a gap in ``seq``, or a chain that
 ends before its head), a reordered one (``prev_hash`` not the previous row's
-hash). It reads heads and events in one snapshot, through a server-side cursor,
-one tenant after another, so memory stays flat whatever the log's size.
+hash). A break does not stop the scan: each row is checked against the row stored
+before it, so an edit behind an earlier one is reported too, and the heads it
+reports are where the chains really end. It reads heads and events in one
+snapshot, through a server-side cursor, one tenant after another, so memory
+stays flat whatever the log's size.
 
 Two things the database owner could still forge are authenticated from outside:
 
@@ -19,22 +22,28 @@ Two things the database owner could still forge are authenticated from outside:
 ``prune_audit`` drops whole monthly partitions older than the retention period
 (never a row: the table refuses UPDATE and DELETE) and records, per tenant, the
 first kept ``seq`` and the hash before it, so the chain still verifies from the
-first kept row. ``add_partitions`` makes the coming months' partitions.
+first kept row. Before it MACs any such marker it verifies every chain it cuts
+(and every head kept outside it is given), with the months to drop locked so
+that what it verified is what goes, and refuses on any break: a marker it
+signed would otherwise vouch for whatever the owner had moved into an old month.
+``add_partitions`` makes the coming months' partitions.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
 
 from tenantvault.audit.digest import event_hash
 from tenantvault.db.operator import OperatorDatabase
-from tenantvault.errors import AuditError
+from tenantvault.errors import AuditChainBroken, AuditError
 
 
 @dataclass(frozen=True)
@@ -56,12 +65,18 @@ class AuditVerifyReport:
     def ok(self) -> bool:
         return not self.breaks
 
+    @property
+    def broken_tenants(self) -> list[str]:
+        """The tenants with at least one break, sorted."""
+        return sorted({b.tenant_id for b in self.breaks})
+
 
 @dataclass(frozen=True)
 class PruneReport:
     dry_run: bool
     dropped: list[str]
     events_dropped: int
+    chains_verified: int = 0  # the chains it cut (and those of the heads it was given)
 
 
 @contextmanager
@@ -124,10 +139,13 @@ def verify_audit(
                 params,
             )
         }
+        # details as the jsonb's text: decoded by the driver, its numbers would be
+        # floats, which lost what the trigger hashed (see tenantvault.audit.digest).
         rows = connection.execution_options(stream_results=True, yield_per=2000).execute(
             sa.text(
                 "SELECT tenant_id, seq, occurred_at, actor, action, target_type, target_id, "
-                f"details, prev_hash, hash FROM {events} {only} ORDER BY tenant_id, seq"
+                f"details::text AS details, prev_hash, hash FROM {events} {only} "
+                "ORDER BY tenant_id, seq"
             ),
             params,
         )
@@ -141,8 +159,10 @@ def verify_audit(
 
 
 def _expected_hash(row: Any) -> str | None:
-    """The hash ``row`` must carry; None when it holds what tenantvault never writes."""
+    """The hash ``row`` must carry (``row.details`` is the jsonb's text); None when it
+    holds what tenantvault never writes."""
     try:
+        details = json.loads(row.details, parse_float=Decimal)
         return event_hash(
             row.prev_hash,
             row.tenant_id,
@@ -152,14 +172,19 @@ def _expected_hash(row: Any) -> str | None:
             row.action,
             row.target_type,
             row.target_id,
-            row.details,
+            details,
         )
-    except TypeError:
+    except (TypeError, ValueError):
         return None
 
 
 class _Chain:
-    """The scan of ``verify_audit``: one tenant's chain at a time, in seq order."""
+    """The scan of ``verify_audit``: one tenant's chain at a time, in seq order.
+
+    Every row is checked against the row stored before it (its seq follows, its
+    ``prev_hash`` is that row's hash) and against its own content; a break is
+    reported and the scan goes on from the row as stored, so one break hides no
+    other, and the head it reports is where the chain really ends."""
 
     def __init__(
         self,
@@ -171,17 +196,15 @@ class _Chain:
         self.report, self.heads, self.expected, self.check_mac = report, heads, expected, check_mac
         self.seen: set[str] = set()
         self.current: str | None = None
-        self.broken = False
         self.last_seq, self.last_hash = 0, ""
         self.met_expected = False
 
     def _break(self, seq: int, occurred_at: datetime | None, problem: str) -> None:
         assert self.current is not None
         self.report.breaks.append(ChainBreak(self.current, seq, occurred_at, problem))
-        self.broken = True
 
     def _start(self, tenant_id: str) -> None:
-        self.current, self.broken, self.met_expected = tenant_id, False, False
+        self.current, self.met_expected = tenant_id, False
         self.seen.add(tenant_id)
         head = self.heads.get(tenant_id)
         first_seq = head.first_seq if head else 1
@@ -210,24 +233,25 @@ class _Chain:
             if self.current is not None:
                 self.finish(self.current)
             self._start(row.tenant_id)
-        if self.broken:
+        if row.seq <= self.last_seq:
+            # A second row at a seq already checked (or before the chain's start): it
+            # is not part of the chain, which goes on from the row before it.
+            self._break(row.seq, row.occurred_at, "seq repeated or out of order")
             return
-        problem, at, when = None, row.seq, row.occurred_at
+        problem = None
         if row.seq > self.last_seq + 1:
-            problem, at, when = (
-                f"deleted (events {self.last_seq + 1}..{row.seq - 1} are missing)",
+            # Its link cannot be checked (the row before it is gone); its content can.
+            self._break(
                 self.last_seq + 1,
                 None,
+                f"deleted (events {self.last_seq + 1}..{row.seq - 1} are missing)",
             )
-        elif row.seq != self.last_seq + 1:
-            problem = "seq repeated or out of order"
         elif row.prev_hash != self.last_hash:
             problem = "does not follow the previous event (reordered, or one was replaced)"
-        elif row.hash != _expected_hash(row):
+        if problem is None and row.hash != _expected_hash(row):
             problem = "content does not match its hash (edited)"
         if problem:
-            self._break(at, when, problem)
-            return
+            self._break(row.seq, row.occurred_at, problem)
         self.last_seq, self.last_hash = row.seq, row.hash
         kept = self.expected.get(row.tenant_id)
         if kept is not None and kept.seq == row.seq:
@@ -240,18 +264,35 @@ class _Chain:
         kept = self.expected.get(tenant_id)
         if head is None:
             self.report.breaks.append(ChainBreak(tenant_id, self.last_seq, None, "no chain head"))
-        elif not self.broken and (head.seq != self.last_seq or head.hash != self.last_hash):
+        elif head.seq > self.last_seq:
             self.report.breaks.append(
                 ChainBreak(
                     tenant_id,
                     self.last_seq + 1,
                     None,
-                    f"events after seq {self.last_seq} are missing (the head is at {head.seq})"
-                    if head.seq != self.last_seq
-                    else "the last event was changed after the head recorded it",
+                    f"events after seq {self.last_seq} are missing (the head is at {head.seq})",
                 )
             )
-        elif not self.broken and kept is not None and not self.met_expected:
+        elif head.seq < self.last_seq:
+            self.report.breaks.append(
+                ChainBreak(
+                    tenant_id,
+                    head.seq + 1,
+                    None,
+                    f"events {head.seq + 1}..{self.last_seq} were added past the head "
+                    "(not by the chain's trigger)",
+                )
+            )
+        elif head.hash != self.last_hash:
+            self.report.breaks.append(
+                ChainBreak(
+                    tenant_id,
+                    self.last_seq,
+                    None,
+                    "the last event was changed after the head recorded it",
+                )
+            )
+        if kept is not None and not self.met_expected:
             self.report.breaks.append(
                 ChainBreak(
                     tenant_id,
@@ -285,6 +326,19 @@ class _Chain:
                     ChainBreak(tenant_id, head.first_seq, None, "every event is missing")
                 )
             else:
+                kept = self.expected.get(tenant_id)
+                if kept is not None and kept.seq >= head.first_seq:
+                    # Retention took every event up to head.seq; the kept head is later.
+                    self.report.breaks.append(
+                        ChainBreak(
+                            tenant_id,
+                            kept.seq,
+                            None,
+                            f"the chain has no event after its retention start "
+                            f"(seq {head.first_seq}), before the head kept outside "
+                            f"(seq {kept.seq}): events were cut from its end",
+                        )
+                    )
                 self.report.heads[tenant_id] = Head(head.seq, head.hash)
         for tenant_id, kept in self.expected.items():
             if tenant_id not in self.seen and tenant_id not in self.heads:
@@ -327,15 +381,28 @@ def prune_audit(
     *,
     keep_months: int,
     mac: Callable[[bytes], str] | None = None,
+    check_mac: MacCheck | None = None,
+    expected_heads: Mapping[str, Head] | None = None,
     dry_run: bool = False,
     now: datetime | None = None,
 ) -> PruneReport:
     """Drop the monthly partitions that end more than ``keep_months`` months before
     ``now``, keeping every chain verifiable from its first kept event.
 
+    First, with those months locked (nobody, the owner included, can add, move or
+    change their rows until they are dropped), it verifies the whole chain of every
+    tenant it cuts, and of every tenant in ``expected_heads``: on any break it
+    raises :class:`~tenantvault.errors.AuditChainBroken` and changes nothing (a dry
+    run too), so a start marker it MACs never vouches for a broken chain.
+
     Args:
         mac: the key provider's MAC: where each chain now starts is authenticated
             with it (required unless ``dry_run``).
+        check_mac: the key provider's MAC check, for chains an earlier prune cut
+            (without it, such a chain is unverified, and the prune refuses).
+        expected_heads: heads an earlier verify reported, kept outside the database:
+            each must still be on its chain. Without them, a chain the owner
+            re-hashed whole (and its head with it) cannot be told from an honest one.
     """
     if keep_months < 1:
         raise ValueError("keep_months must be at least 1")
@@ -352,6 +419,11 @@ def prune_audit(
         old = [name for name, upper in audit_partitions(connection, db.schema) if upper <= cutoff]
         if not old:
             return PruneReport(dry_run, [], 0)
+        # SHARE: readers go on, every writer of these months (a row moved in or out
+        # included) waits until they are dropped. The verify below starts after the
+        # lock is held, so the rows it checks are the rows that go.
+        for name in old:
+            connection.exec_driver_sql(f'LOCK TABLE "{db.schema}"."{name}" IN SHARE MODE')
         connection.exec_driver_sql(f'SET LOCAL ROLE "{db.migrator_role}"')
         # Per tenant, the last event that goes: the chain restarts after it.
         last_dropped = connection.execute(
@@ -388,8 +460,10 @@ def prune_audit(
                 f"{cutoff} out of order; nothing dropped (keep one month more)"
             )
         connection.exec_driver_sql("RESET ROLE")
+        cut = {tenant_id for tenant_id, _, _ in last_dropped}
+        verified = _verify_before_cutting(db, cut, check_mac, expected_heads)
         if dry_run:
-            return PruneReport(True, old, int(count))
+            return PruneReport(True, old, int(count), verified)
         assert mac is not None
         for tenant_id, seq, hash_ in last_dropped:
             connection.execute(
@@ -409,4 +483,27 @@ def prune_audit(
                 f'ALTER TABLE {events} DETACH PARTITION "{db.schema}"."{name}"'
             )
             connection.exec_driver_sql(f'DROP TABLE "{db.schema}"."{name}"')
-    return PruneReport(False, old, int(count))
+    return PruneReport(False, old, int(count), verified)
+
+
+def _verify_before_cutting(
+    db: OperatorDatabase,
+    cut: set[str],
+    check_mac: MacCheck | None,
+    expected_heads: Mapping[str, Head] | None,
+) -> int:
+    """Verify the chains of ``cut`` and of every kept head (in a snapshot of its own,
+    taken while the caller holds the months to drop); raise on any break. Returns how
+    many chains it verified."""
+    tenants = sorted(cut | set(expected_heads or {}))
+    report = verify_audit(db, tenants, check_mac=check_mac, expected_heads=expected_heads)
+    if report.ok:
+        return len(tenants)
+    first = report.breaks[0]
+    raise AuditChainBroken(
+        f"audit prune refused: {len(report.breaks)} breaks in the chains of tenants "
+        f"{', '.join(report.broken_tenants)} (first: tenant {first.tenant_id} seq "
+        f"{first.seq}: {first.problem}); nothing dropped and no start marker signed "
+        "(audit verify names every break)",
+        report.breaks,
+    )

@@ -6,7 +6,14 @@ the previous hash and the row's fields (the trigger's ``tenantvault_audit_digest
 computes the same when an event is written). That text is: arrays and objects with
 ``", "`` and ``": "`` between items, object keys ordered shortest first and then by
 their UTF-8 bytes (duplicates: the last wins), strings with ``"``, ``\\`` and control
-characters escaped, numbers as written, ``null``, ``true``, ``false``.
+characters escaped, ``null``, ``true``, ``false``, and numbers as PostgreSQL's
+``numeric`` prints the value it stored (see :func:`number_text`).
+
+Numbers are why ``audit verify`` reads ``details`` as the ``jsonb``'s text and
+parses it here with :class:`~decimal.Decimal`, never as floats: a float has lost
+what the trigger hashed (``1.50`` and ``1.5`` are one float, two texts). The
+encoding the trigger writes is unchanged since migration 0008, so every chain
+already stored verifies with it; there is no second digest version.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 _ESCAPES = {
@@ -37,6 +45,20 @@ def _string(value: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def number_text(value: Decimal | float) -> str:
+    """A JSON number as ``jsonb`` prints it: the value ``numeric`` stored, in plain
+    notation (no exponent), with the scale it was written with (``1.50`` stays
+    ``1.50``, ``1.5e-7`` is ``0.00000015``, ``1E+2`` is ``100``) and no negative zero.
+
+    A float is taken as ``json.dumps`` would send it (its shortest repr)."""
+    number = Decimal(repr(value)) if isinstance(value, float) else value
+    if not number.is_finite():
+        raise TypeError("not a JSON number: not finite")
+    text = format(number, "f")
+    # numeric has no negative zero: '-0.0' is stored as 0.0.
+    return text[1:] if number.is_zero() and text.startswith("-") else text
+
+
 def jsonb_text(value: Any) -> str:
     """``value`` as PostgreSQL prints it as ``jsonb`` text."""
     if value is None:
@@ -47,8 +69,8 @@ def jsonb_text(value: Any) -> str:
         return "false"
     if isinstance(value, int):
         return str(value)
-    # No floats: tenantvault never writes one to the log, and PostgreSQL's numeric
-    # output is not Python's; a float in a row is reported as a changed row.
+    if isinstance(value, Decimal | float):
+        return number_text(value)
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, Mapping):

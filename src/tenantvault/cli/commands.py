@@ -18,7 +18,12 @@ from tenantvault.audit.chain import Head
 from tenantvault.cli import failures, output
 from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.dev import stack as devstack
-from tenantvault.errors import AuditError, InvalidInputError, TenantVaultError
+from tenantvault.errors import (
+    AuditChainBroken,
+    AuditError,
+    InvalidInputError,
+    TenantVaultError,
+)
 from tenantvault.ops import jobs, migrate
 from tenantvault.ops.grants import app_login_grants
 from tenantvault.ops.health import status
@@ -195,9 +200,17 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_prune(args: argparse.Namespace) -> int:
-    report = jobs.audit_prune_job(
-        load_settings(), keep_months=args.keep_months, dry_run=args.dry_run
-    )
+    expected = None if args.expect_heads is None else _read_heads(args.expect_heads)
+    try:
+        report = jobs.audit_prune_job(
+            load_settings(),
+            keep_months=args.keep_months,
+            dry_run=args.dry_run,
+            expected_heads=expected,
+        )
+    except AuditChainBroken as exc:
+        output.print_failed(failures.describe(exc))
+        return EXIT_AUDIT_BROKEN
     output.print_audit_prune(report)
     return EXIT_OK
 
@@ -220,11 +233,12 @@ def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.Argumen
     audit = commands.add_parser(
         "audit",
         help="verify the audit chains, keep partitions ahead, drop old months",
-        description="Exit codes: 0 done; 1 failed; 2 usage; 5 an audit chain is broken "
-        "(each broken tenant's first bad row is named).",
+        description="Exit codes: 0 done; 1 failed (one FAILED: line); 2 usage; 5 an audit "
+        "chain is broken (verify names every bad row; prune refuses with one FAILED: line, "
+        "dropping nothing).",
     )
     jobs = audit.add_subparsers(dest="job", required=True)
-    verify = jobs.add_parser("verify", help="recompute every chain; name the first broken row")
+    verify = jobs.add_parser("verify", help="recompute every chain; name every broken row")
     verify.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
     verify.add_argument("--json", action="store_true", help="JSON lines")
     verify.add_argument(
@@ -246,6 +260,12 @@ def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.Argumen
         help="keep this many whole months before the current one",
     )
     prune.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    prune.add_argument(
+        "--expect-heads",
+        metavar="FILE",
+        help="a --heads-out file of audit verify: each head must still be on its chain "
+        "before anything is dropped (without it, a chain re-hashed whole passes)",
+    )
     prune.set_defaults(handler=_cmd_audit_prune)
     partitions = jobs.add_parser("partitions", help="create the coming months' partitions")
     partitions.add_argument(

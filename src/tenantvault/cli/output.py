@@ -279,7 +279,11 @@ def print_audit_verify(
     for item in report.breaks:
         when = f" at {item.occurred_at.isoformat()}" if item.occurred_at else ""
         out.write(f"BROKEN tenant {item.tenant_id} seq {item.seq}{when}: {item.problem}\n")
-    state = "every chain intact" if report.ok else f"{len(report.breaks)} broken chains"
+    state = (
+        "every chain intact"
+        if report.ok
+        else f"{len(report.breaks)} breaks in {len(report.broken_tenants)} chains"
+    )
     out.write(f"audit: {report.events} events of {report.tenants} tenants; {state}\n")
 
 
@@ -420,7 +424,10 @@ def print_dev_down(stopped: Sequence[str], looked: str | None = None) -> None:
 def print_audit_prune(report: PruneReport) -> None:
     verb = "would drop" if report.dry_run else "dropped"
     names = ", ".join(report.dropped) or "no partition"
-    print(f"audit: {verb} {names} ({report.events_dropped} events)")
+    print(
+        f"audit: {verb} {names} ({report.events_dropped} events; "
+        f"{report.chains_verified} chains verified first)"
+    )
 
 
 def print_audit_partitions(made: int, months_ahead: int) -> None:

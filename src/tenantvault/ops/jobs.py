@@ -17,6 +17,7 @@ from datetime import timedelta
 from tenantvault.audit.chain import (
     AuditVerifyReport,
     Head,
+    MacCheck,
     PruneReport,
     add_partitions,
     prune_audit,
@@ -103,30 +104,53 @@ def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> S
         return shred_tenant(db, tenant_id, dry_run=dry_run)
 
 
+def _mac_check(settings: Settings) -> MacCheck:
+    """The key provider's MAC check, the provider built on first use only (verify
+    needs it just for chains whose start retention cut)."""
+    provider = functools.cache(lambda: key_provider_from_settings(settings))
+
+    def check_mac(message: bytes, mac: str) -> bool:
+        return provider().verify_mac(message, mac)
+
+    return check_mac
+
+
 def audit_verify_job(
     settings: Settings,
     tenants: Sequence[str] | None = None,
     *,
     expected_heads: Mapping[str, Head] | None = None,
 ) -> AuditVerifyReport:
-    """Recompute the audit chains; the report names the first broken row per tenant.
+    """Recompute the audit chains; the report names every broken row.
     The key provider is reached only for chains whose start retention cut."""
-    provider = functools.cache(lambda: key_provider_from_settings(settings))
-
-    def check_mac(message: bytes, mac: str) -> bool:
-        return provider().verify_mac(message, mac)
-
     with _database(settings) as db:
         db.require_tenants(tenants)
-        return verify_audit(db, tenants, check_mac=check_mac, expected_heads=expected_heads)
+        return verify_audit(
+            db, tenants, check_mac=_mac_check(settings), expected_heads=expected_heads
+        )
 
 
-def audit_prune_job(settings: Settings, *, keep_months: int, dry_run: bool = False) -> PruneReport:
-    """Drop audit partitions older than ``keep_months`` months (whole months only); where
-    each chain now starts is authenticated by the key provider."""
+def audit_prune_job(
+    settings: Settings,
+    *,
+    keep_months: int,
+    dry_run: bool = False,
+    expected_heads: Mapping[str, Head] | None = None,
+) -> PruneReport:
+    """Drop audit partitions older than ``keep_months`` months (whole months only),
+    after verifying every chain it cuts (and the ``expected_heads``); where each chain
+    now starts is authenticated by the key provider. Raises
+    :class:`~tenantvault.errors.AuditChainBroken` on a break, dropping nothing."""
     mac = None if dry_run else key_provider_from_settings(settings).mac
     with _database(settings) as db:
-        return prune_audit(db, keep_months=keep_months, mac=mac, dry_run=dry_run)
+        return prune_audit(
+            db,
+            keep_months=keep_months,
+            mac=mac,
+            check_mac=_mac_check(settings),
+            expected_heads=expected_heads,
+            dry_run=dry_run,
+        )
 
 
 def audit_partitions_job(settings: Settings, *, months_ahead: int = 24) -> int:
