@@ -119,8 +119,8 @@ class Settings(BaseSettings):
     # An audit event for every load of credentials: off, since loads are the hot path.
     audit_loads: bool = False
     # Open values sealed in the old format (1), which bound a value to its place only.
-    # Turn off once `rotate-keys status` counts none: then an old value copied back
-    # into a row from a backup no longer opens.
+    # False: this process refuses format-1 values even while the database's switch
+    # (keys/legacy.py) still lets recorded ones open. It narrows, never widens, it.
     open_legacy_format: bool = True
     vault_approle_mount: str = Field("approle", min_length=1)
     vault_approle_role_id: str | None = None
