@@ -285,6 +285,14 @@ HOT_PATHS = {
         "self._core.metrics.loaded",
     },
     "load_oauth_token": {"self._held.fetch_one", "hot_load_parameters", "finish_hot_token"},
+    "open_config": {
+        "self._held.fetch_one",
+        "hot_load_parameters",
+        "finish_open",
+        "partial",
+        "time.perf_counter",
+        "self._core.metrics.loaded",
+    },
 }
 
 

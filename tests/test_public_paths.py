@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC_NAMES = {
     "AsyncVault",
+    "OpenedConfig",
     "ConcurrentModification",
     "ConfigVersion",
     "ConfigurationError",
