@@ -99,6 +99,7 @@ REVISIONS = [
     "0011_load_oauth_token_function",
     "0012_usable_data_keys_function",
     "0013_open_config_bound_tokens",
+    "0014_grants_record_targets",
 ]
 
 

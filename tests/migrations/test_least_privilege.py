@@ -371,3 +371,299 @@ def test_default_privileges_of_the_schema_reach_none_of_tenantvaults_objects(
                 connection.exec_driver_sql(statement)
             connection.rollback()
     app.dispose()
+
+
+# --- grants --app-login refuses every login that could cross tenants (issue 21, item 8) ---
+
+
+def _grants_cli(settings: Settings, services: Services, login: str) -> tuple[int, str, str]:
+    """``tenantvault grants --app-login LOGIN`` as a real process, as the schema's owner."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_environment
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tenantvault.cli", "grants", "--app-login", login],
+        env=child_environment(settings, services),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+# Each case: the roles to make (name suffix -> attributes), the memberships (member ->
+# role, by suffix; "owner" and "migrator" name the schema's owner and the migrator
+# role), and what the refusal must say.
+UNSAFE_LOGINS = {
+    "superuser": ({"login": "LOGIN SUPERUSER"}, [], "is a superuser"),
+    "bypassrls": ({"login": "LOGIN BYPASSRLS"}, [], "has BYPASSRLS"),
+    "createrole": ({"login": "LOGIN CREATEROLE"}, [], "has CREATEROLE"),
+    "member of a superuser, through a group": (
+        {"login": "LOGIN", "group": "NOLOGIN", "admin": "NOLOGIN SUPERUSER"},
+        [("login", "group"), ("group", "admin")],
+        "is a member of {admin} ({login} > {group} > {admin}), which is a superuser",
+    ),
+    "member of a BYPASSRLS role": (
+        {"login": "LOGIN", "reader": "NOLOGIN BYPASSRLS"},
+        [("login", "reader")],
+        "is a member of {reader} ({login} > {reader}), which has BYPASSRLS",
+    ),
+    "member of a CREATEROLE role, through two groups": (
+        {"login": "LOGIN", "a": "NOLOGIN", "b": "NOLOGIN", "maker": "NOLOGIN CREATEROLE"},
+        [("login", "a"), ("a", "b"), ("b", "maker")],
+        "is a member of {maker} ({login} > {a} > {b} > {maker}), which has CREATEROLE",
+    ),
+    "member of the owner, through a group": (
+        {"login": "LOGIN", "group": "NOLOGIN"},
+        [("login", "group"), ("group", "owner")],
+        f"is a member of {OWNER} ({{login}} > {{group}} > {OWNER}), which owns the schema",
+    ),
+    "member of the migrator role, through a group": (
+        {"login": "LOGIN", "group": "NOLOGIN"},
+        [("login", "group"), ("group", "migrator")],
+        "is a member of tenantvault_migrator ({login} > {group} > tenantvault_migrator), "
+        "which is the migrator role",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE_LOGINS))
+def test_grants_refuses_a_login_that_could_cross_tenants_with_its_reason(
+    case: str, live_database: Settings, owner_engine: sa.Engine, services: Services
+) -> None:
+    import uuid
+
+    migrate.upgrade(live_database, adopt=True)
+    attributes, memberships, expected = UNSAFE_LOGINS[case]
+    suffix = uuid.uuid4().hex[:8]
+    names = {key: f"tv_{key}_{suffix}" for key in attributes}
+    names.update(owner=OWNER, migrator="tenantvault_migrator")
+    with owner_engine.connect() as connection:  # a DBA (the tests' superuser) makes them
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        for key, attribute in attributes.items():
+            connection.exec_driver_sql(f"CREATE ROLE {names[key]} {attribute}")
+        for member, role in memberships:
+            connection.exec_driver_sql(f"GRANT {names[role]} TO {names[member]}")
+        # Also a member of the app role, as a real app login would be: no excuse.
+        connection.exec_driver_sql(f"GRANT tenantvault_app TO {names['login']}")
+    try:
+        code, out, err = _grants_cli(live_database, services, names["login"])
+    finally:
+        with owner_engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            for key in attributes:
+                connection.exec_driver_sql(f"DROP ROLE {names[key]}")
+    assert code == cli.EXIT_USAGE, (out, err)
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"FAILED: --app-login: {names['login']} "), err
+    assert expected.format(**names) in lines[0], err
+
+
+def test_grants_accepts_a_login_that_is_a_member_of_the_app_role_only(
+    live_database: Settings, owner_engine: sa.Engine, services: Services
+) -> None:
+    """The refusals are not blanket: a login in the app role, through a group too."""
+    import uuid
+
+    migrate.upgrade(live_database, adopt=True)
+    login, group = (f"tv_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("login", "group"))
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(f"CREATE ROLE {login} LOGIN; CREATE ROLE {group} NOLOGIN")
+        connection.exec_driver_sql(f"GRANT {group} TO {login}; GRANT tenantvault_app TO {group}")
+    try:
+        code, out, err = _grants_cli(live_database, services, login)
+    finally:
+        with owner_engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            connection.exec_driver_sql(f"DROP ROLE {login}; DROP ROLE {group}")
+    assert (code, err) == (cli.EXIT_OK, "")
+    assert f'GRANT "tenantvault_app" TO "{login}";' in out
+
+
+# --- the grants record names only the schema's objects and tenantvault's roles (item 13) ---
+
+HOSTILE_REVOKES = [
+    'REVOKE SELECT ON "pg_catalog"."pg_authid" FROM "postgres"',
+    f'REVOKE SELECT ON "dripiq_app"."tenants" FROM "{APP_LOGIN_ROLE}"',
+    'REVOKE USAGE ON SCHEMA "public" FROM "tenantvault_app"',
+    'REVOKE SELECT ON "public"."tenants" FROM "tenantvault_migrator"',
+    'REVOKE SELECT ON "dripiq_app"."tenants" FROM "postgres"',
+]
+
+
+def test_the_owner_cannot_record_a_revoke_of_anything_but_the_schemas_objects_from_our_roles(
+    live_database: Settings,
+) -> None:
+    migrate.upgrade(live_database, adopt=True)
+    owner = migrate.migration_engine(live_database)
+    try:
+        for hostile in HOSTILE_REVOKES:
+            with owner.connect() as connection, pytest.raises(sa.exc.IntegrityError):
+                connection.execute(
+                    sa.text("INSERT INTO dripiq_app.tenantvault_grants VALUES ('x', :r)"),
+                    {"r": hostile},
+                )
+        with owner.connect() as connection:  # what tenantvault records still goes in
+            for fine in (
+                'REVOKE SELECT ON "dripiq_app"."users" FROM "tenantvault_migrator"',
+                'REVOKE SELECT ("email") ON "dripiq_app"."users" FROM "tenantvault_app"',
+                'REVOKE USAGE ON SCHEMA "dripiq_app" FROM "tenantvault_app"',
+            ):
+                connection.execute(
+                    sa.text("INSERT INTO dripiq_app.tenantvault_grants VALUES ('x', :r)"),
+                    {"r": fine},
+                )
+            connection.rollback()
+    finally:
+        owner.dispose()
+
+
+def _plant_past_the_check(owner_engine: sa.Engine, revision: str, statement: str) -> None:
+    """A row the record's CHECK would refuse, as one that got in before 0014 or with the
+    CHECK dropped: a superuser drops the CHECK, inserts, and puts the CHECK back for the
+    rows to come (NOT VALID)."""
+    with owner_engine.begin() as connection:
+        definition = connection.exec_driver_sql(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conname = 'tenantvault_grants_revoke_check'"
+        ).scalar_one()
+        assert "dripiq_app" in definition  # 0014's
+        connection.exec_driver_sql(
+            "ALTER TABLE dripiq_app.tenantvault_grants "
+            "DROP CONSTRAINT tenantvault_grants_revoke_check"
+        )
+        connection.execute(
+            sa.text("INSERT INTO dripiq_app.tenantvault_grants VALUES (:v, :r)"),
+            {"v": revision, "r": statement},
+        )
+        connection.exec_driver_sql(
+            "ALTER TABLE dripiq_app.tenantvault_grants "
+            f"ADD CONSTRAINT tenantvault_grants_revoke_check {definition} NOT VALID"
+        )
+
+
+def _app_login_reads_tenants(owner_engine: sa.Engine) -> bool:
+    with owner_engine.connect() as connection:
+        return bool(
+            connection.exec_driver_sql(
+                f"SELECT has_table_privilege('{APP_LOGIN_ROLE}', 'dripiq_app.tenants', 'SELECT')"
+            ).scalar_one()
+        )
+
+
+def test_a_recorded_revoke_of_anything_else_makes_the_downgrade_refuse_changing_nothing(
+    live_database: Settings,
+    owner_engine: sa.Engine,
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The owner (or a row from before 0014) records a REVOKE of the application login's
+    own privilege: a downgrade run by anyone would take it away. It refuses first."""
+    migrate.upgrade(live_database, adopt=True)
+    hostile = f'REVOKE SELECT ON "dripiq_app"."tenants" FROM "{APP_LOGIN_ROLE}"'
+    _plant_past_the_check(owner_engine, "0003_sender_identity_links", hostile)
+    assert _app_login_reads_tenants(owner_engine)
+    with owner_engine.connect() as connection:
+        before = catalog_snapshot(connection)
+    owner_url = live_database.database_url.get_secret_value()
+    code, out, err = _run_cli(
+        monkeypatch,
+        capsys,
+        owner_url,
+        services,
+        "migrate",
+        "--downgrade",
+        "--revision",
+        REVISIONS[1],
+        "--allow-data-loss",
+    )
+    assert code == cli.EXIT_FAILED, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(
+        f"FAILED: downgrade to {REVISIONS[1]} refused, nothing was changed: "
+        "dripiq_app.tenantvault_grants holds, for 0003_sender_identity_links, a statement "
+        "tenantvault does not write"
+    ), err
+    assert APP_LOGIN_ROLE in lines[0]
+    with owner_engine.connect() as connection:
+        assert catalog_snapshot(connection) == before
+        assert migrate.current_revision(connection, "dripiq_app") == REVISIONS[-1]
+    assert _app_login_reads_tenants(owner_engine)
+
+
+def test_each_downgrade_step_checks_the_recorded_revokes_before_it_runs_one(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    """Plain Alembic, or a row written while a downgrade runs: the step that would run
+    it refuses, and that step changes nothing."""
+    from alembic import command
+
+    from tenantvault.db.migration_support import MigrationOptions
+    from tenantvault.errors import MigrationError
+
+    migrate.upgrade(live_database, adopt=True)
+    hostile = f'REVOKE SELECT ON "dripiq_app"."tenants" FROM "{APP_LOGIN_ROLE}"'
+    _plant_past_the_check(owner_engine, "0003_sender_identity_links", hostile)
+    owner = migrate.migration_engine(live_database)
+    options = MigrationOptions.from_settings(live_database, allow_data_loss=True)
+    try:
+        with pytest.raises(MigrationError, match="downgrade of 0003_sender_identity_links refused"):
+            command.downgrade(migrate.alembic_config(options, connection=owner), REVISIONS[1])
+    finally:
+        owner.dispose()
+    with owner_engine.connect() as connection:
+        # The steps above it ran; 0003 did not: its record is all there, the row too.
+        assert migrate.current_revision(connection, "dripiq_app") == REVISIONS[2]
+        recorded = (
+            connection.exec_driver_sql(
+                "SELECT revoke FROM dripiq_app.tenantvault_grants "
+                "WHERE revision = '0003_sender_identity_links'"
+            )
+            .scalars()
+            .all()
+        )
+        assert hostile in recorded
+        assert len(recorded) >= 2  # the migrator's SELECT on sender identities too
+    assert _app_login_reads_tenants(owner_engine)
+
+
+def test_the_upgrade_to_the_strict_record_refuses_a_row_the_old_check_let_in(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    """Before 0014 the owner could record a REVOKE on pg_catalog from postgres; the
+    upgrade to 0014 names it and changes nothing until it is deleted."""
+    from tenantvault.errors import MigrationError
+
+    strict = "0014_grants_record_targets"
+    before_it = REVISIONS[REVISIONS.index(strict) - 1]
+    migrate.upgrade(live_database, before_it, adopt=True)
+    hostile = 'REVOKE SELECT ON "pg_catalog"."pg_authid" FROM "postgres"'
+    owner = migrate.migration_engine(live_database)
+    try:
+        with owner.begin() as connection:  # the old CHECK admits it
+            connection.execute(
+                sa.text("INSERT INTO dripiq_app.tenantvault_grants VALUES ('x', :r)"),
+                {"r": hostile},
+            )
+        with pytest.raises(MigrationError) as refused:
+            migrate.upgrade(live_database)
+        assert "tenantvault does not write: " + hostile in str(refused.value)
+        assert "Nothing was changed by this step" in str(refused.value)
+        with owner.connect() as connection:
+            assert migrate.current_revision(connection, "dripiq_app") == before_it
+        with owner.begin() as connection:
+            connection.exec_driver_sql(
+                "DELETE FROM dripiq_app.tenantvault_grants WHERE revision = 'x'"
+            )
+        assert migrate.upgrade(live_database).after == REVISIONS[-1]
+    finally:
+        owner.dispose()

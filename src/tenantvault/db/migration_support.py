@@ -6,6 +6,7 @@ Revisions emit plain SQL through these, so every one also renders in offline
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from alembic import op
 
 from tenantvault.db.session import TENANT_SETTING
+from tenantvault.errors import MigrationError
 from tenantvault.settings import Settings
 
 OPTIONS_KEY = "tenantvault_options"
@@ -184,8 +186,49 @@ REVOKE_PATTERN = (
     rf"^REVOKE (USAGE|SELECT|INSERT|UPDATE|DELETE)( \({_NAME}\))? "
     rf"ON (SCHEMA {_NAME}|{_NAME}\.{_NAME}) FROM {_NAME}$"
 )
-"""The only statements the grants record may hold: a downgrade runs them as the owner,
-so a row written by anyone else must not be able to say anything more."""
+"""The shape of the statements the grants record held before 0014 (its first CHECK):
+any single-privilege REVOKE, on any schema or relation, from any role."""
+
+GRANTS_CHECK = f"{GRANTS_TABLE}_revoke_check"
+
+
+def recorded_revoke_pattern(schema: str, roles: Sequence[str]) -> str:
+    """The only statements the grants record may hold (from 0014): a REVOKE of one
+    privilege on ``schema`` itself or on one of its relations (or a column of one), from
+    one of ``roles`` (tenantvault's app and migrator roles). A downgrade runs them as
+    whoever runs it, so a row must not be able to name anything else: no other schema
+    (``pg_catalog``), no other grantee (a superuser, the application's login).
+
+    One regular expression read the same way by PostgreSQL and by Python's ``re`` (with
+    ``fullmatch``): the names are plain lower-case identifiers (settings refuse others),
+    so they need no escaping."""
+    grantees = "|".join(f'"{role}"' for role in roles)
+    return (
+        rf'^REVOKE (USAGE ON SCHEMA "{schema}"|(SELECT|INSERT|UPDATE|DELETE)( \({_NAME}\))? '
+        rf'ON "{schema}"\.{_NAME}) FROM ({grantees})$'
+    )
+
+
+def tenantvault_revoke_pattern(opts: MigrationOptions) -> str:
+    """:func:`recorded_revoke_pattern` for the schema and roles of ``opts``."""
+    return recorded_revoke_pattern(opts.schema, (opts.app_role, opts.migrator_role))
+
+
+def unexpected_revoke(statement: str, revision: str, opts: MigrationOptions) -> str | None:
+    """Why a statement recorded for ``revision`` must not run (None: it may), checked
+    against :func:`recorded_revoke_pattern` in Python, whatever the record's CHECK says:
+    the owner may drop a CHECK, and a row written before 0014 met only the looser one.
+
+    The reason names the revision and the statement (the record holds SQL, no secret)."""
+    if re.fullmatch(tenantvault_revoke_pattern(opts), statement):
+        return None
+    shown = statement if len(statement) <= 160 else statement[:160] + "..."
+    return (
+        f"{opts.schema}.{GRANTS_TABLE} holds, for {revision}, a statement tenantvault does "
+        f"not write ({shown!r}); a downgrade runs only a REVOKE of one privilege on schema "
+        f"{opts.schema} or its relations from {opts.app_role} or {opts.migrator_role}. Find "
+        "out who wrote that row, delete it, and rerun"
+    )
 
 
 def create_grants_record() -> None:
@@ -295,17 +338,45 @@ def grant_kept_apart(
 
 
 def revoke_granted(revision: str) -> None:
-    """Revoke what :func:`grant_kept_apart` granted for ``revision``, and nothing else."""
+    """Revoke what :func:`grant_kept_apart` granted for ``revision``, and nothing else.
+
+    Online, the recorded statements are read, each checked in Python
+    (:func:`unexpected_revoke`) before any runs, and run as read. Rendered offline
+    (``--sql``), a DO block checks each against the same pattern in the database."""
+    opts = options()
+    table = qualified(GRANTS_TABLE)
+    if not op.get_context().as_sql:
+        connection = op.get_bind()
+        # A database upgraded before the record existed has none: nothing is revoked.
+        if connection.exec_driver_sql(f"SELECT to_regclass('{table}')").scalar() is None:
+            return
+        recorded = (
+            connection.exec_driver_sql(
+                f"DELETE FROM {table} WHERE revision = '{revision}' RETURNING revoke"
+            )
+            .scalars()
+            .all()
+        )
+        for statement in recorded:  # all checked before the first runs
+            reason = unexpected_revoke(statement, revision, opts)
+            if reason is not None:
+                raise MigrationError(
+                    f"downgrade of {revision} refused, this step changed nothing: {reason}"
+                )
+        for statement in recorded:
+            connection.exec_driver_sql(statement)
+        return
+    pattern = tenantvault_revoke_pattern(opts)
     op.execute(
         "DO $$ DECLARE granted record; BEGIN\n"
-        # A database upgraded before the record existed has none: nothing is revoked.
-        f"  IF to_regclass('{qualified(GRANTS_TABLE)}') IS NULL THEN RETURN; END IF;\n"
-        f"  FOR granted IN DELETE FROM {qualified(GRANTS_TABLE)} WHERE revision = '{revision}'"
+        f"  IF to_regclass('{table}') IS NULL THEN RETURN; END IF;\n"
+        f"  FOR granted IN DELETE FROM {table} WHERE revision = '{revision}'"
         " RETURNING revoke LOOP\n"
-        # Checked again here: the record's CHECK is only as old as the record.
-        f"    IF granted.revoke !~ '{REVOKE_PATTERN}' THEN\n"
-        "      RAISE EXCEPTION 'tenantvault: refusing a recorded statement that is not a "
-        "plain REVOKE';\n"
+        # Checked again here: the owner may have dropped the record's CHECK.
+        f"    IF granted.revoke !~ '{pattern}' THEN\n"
+        # (No % placeholder: percent signs do not survive offline rendering.)
+        "      RAISE EXCEPTION USING MESSAGE = 'tenantvault: downgrade refused: the grants "
+        "record holds a statement tenantvault does not write: ' || granted.revoke;\n"
         "    END IF;\n"
         "    EXECUTE granted.revoke;\n"
         "  END LOOP;\n"

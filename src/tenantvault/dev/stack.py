@@ -42,6 +42,7 @@ from pathlib import Path
 import hvac
 import psycopg
 
+from tenantvault.dev import trust
 from tenantvault.errors import DevStackError
 
 # Where a stack's state lives, relative to the directory it serves (see locate_state_dir).
@@ -89,36 +90,12 @@ class StackState:
         )
 
     def save(self, path: Path) -> None:
-        _write_private(path, json.dumps(asdict(self), indent=2))
+        trust.write_private(path, json.dumps(asdict(self), indent=2))
 
 
-def _private_log(path: Path) -> None:
-    """An (appendable) log file only its owner may read."""
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text(text)
-
-
-def _write_secret(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in a file that is 0600 from its creation on: a new
-    file (O_EXCL, never one that was there) renamed over the old one once written."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+def _private_log(path: Path, user: str | None = None) -> None:
+    """An (appendable) log file only its owner (the running user, or ``user``) may read."""
+    trust.private_log(path, owner=None if user is None else pwd.getpwnam(user).pw_uid)
 
 
 @dataclass(frozen=True)
@@ -410,7 +387,7 @@ def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceReco
         f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
         "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
     )
-    _private_log(log)
+    _private_log(log, user if log.exists() else None)
     _give_to(user, log)
     _pg(["pg_ctl", "-D", str(data_dir), "-l", str(log), "-w", "-t", "60", "start"], user, log)
     pid = _postmaster_pid(data_dir)
@@ -501,7 +478,7 @@ def _initialise_and_unseal(state_dir: Path, port: int) -> str:
         # is replaced. The keys are written at once: lost, the storage cannot be opened.
         result = client.sys.initialize(secret_shares=1, secret_threshold=1)
         keys = {"unseal_key": result["keys_base64"][0], "root_token": result["root_token"]}
-        _write_secret(keys_path, json.dumps(keys, indent=2))
+        trust.write_private(keys_path, json.dumps(keys, indent=2))
     elif keys is None:
         raise DevStackError(
             f"OpenBao's storage under {state_dir / OPENBAO_DIR} is initialised but its key "
@@ -547,7 +524,7 @@ def start_openbao(state_dir: Path, record: ServiceRecord | None) -> tuple[Servic
     # Plain HTTP on loopback only. OpenBao 2 has no mlock (disable_mlock is refused as
     # an unknown field) and no "file" storage: Raft, one node, on its default timing
     # scaled down (performance_multiplier 1) so a new node elects itself within seconds.
-    _write_private(
+    trust.write_private(
         config,
         json.dumps(
             {
@@ -685,10 +662,10 @@ def start_pgbouncer(
     _give_to(user, home)
     port = free_port()
     for name, text in _pgbouncer_files(home, port, server_host, server_port, logins).items():
-        _write_private(home / name, text)
+        trust.write_private(home / name, text)
         _give_to(user, home / name)
     log = home / "pgbouncer.log"
-    _private_log(log)
+    _private_log(log)  # PgBouncer's log goes to its stdout: the running user's file
     with log.open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [str(binary), str(_pgbouncer_config(state_dir))],
@@ -724,7 +701,7 @@ def pgbouncer_up(
     """:func:`start_pgbouncer`, recorded in the stack's state so that ``down`` and
     ``reset`` stop it (one already recorded there is stopped first: its server or
     logins may have been others)."""
-    path = _state_file(state_dir)
+    path = _state_file(_trusted(state_dir))
     state = StackState.load(path)
     if state.pgbouncer is not None:
         stop_pgbouncer(state_dir, state.pgbouncer)
@@ -744,6 +721,30 @@ def _state_file(state_dir: Path) -> Path:
     return state_dir / "stack.json"
 
 
+def _trusted(state_dir: Path) -> Path:
+    """``state_dir``, checked before anything in it is read or written: it, the
+    ``.tenantvault`` above it (when it is one), and each file and directory of the
+    stack's found in it are the running user's, and no one else may write them
+    (:mod:`tenantvault.dev.trust`).
+
+    Raises:
+        DevStackError: names the first path refused and why.
+    """
+    trust.check_private(state_dir, "directory")
+    if state_dir.parent.name == STATE_DIR_NAME.parent.name:
+        trust.check_private(state_dir.parent, "directory")
+    for name in ("stack.json", "env", OPENBAO_KEYS, "openbao.log"):
+        trust.check_private(state_dir / name)
+    trust.check_private(state_dir / OPENBAO_DIR, "directory")
+    trust.check_private(state_dir / OPENBAO_DIR / "config.json")
+    trust.check_private(state_dir / OPENBAO_DIR / "data", "directory")
+    if postgres_home(state_dir) == state_dir:  # as root, PostgreSQL's own (root-only) dir
+        trust.check_private(state_dir / "postgres", "directory")
+        trust.check_private(state_dir / "postgres.log")
+        trust.check_private(state_dir / PGBOUNCER_DIR, "directory")
+    return state_dir
+
+
 def stack_env(state_dir: Path | None = None, *, looked: str | None = None) -> StackEnv:
     """The environment for a running stack (``state_dir``: see ``locate_state_dir``).
 
@@ -753,7 +754,12 @@ def stack_env(state_dir: Path | None = None, *, looked: str | None = None) -> St
     """
     if state_dir is None:
         state_dir, looked = locate_state_dir()
-    state = StackState.load(_state_file(state_dir))
+    if not state_dir.exists():
+        raise DevStackError(
+            f"no dev stack is running (looked in {looked or state_dir.absolute()}): "
+            "run `tenantvault dev up`"
+        )
+    state = StackState.load(_state_file(_trusted(state_dir)))
     variables: dict[str, str] = {}
     if state.postgres is not None:
         variables["TENANTVAULT_DATABASE_URL"] = (
@@ -780,10 +786,9 @@ def up(state_dir: Path | None = None, *, postgres: bool = True, openbao: bool = 
     _require_dev_extra([package for package, needed in wanted if needed])
     if state_dir is None:
         state_dir = locate_state_dir()[0]
-    if not state_dir.exists():
-        state_dir.mkdir(parents=True)
-        state_dir.chmod(0o700)  # made here; one that existed is left as it was
-    path = _state_file(state_dir)
+    # Made 0700 with any missing directory above; one that existed is checked, not changed.
+    trust.make_private_dir(state_dir)
+    path = _state_file(_trusted(state_dir))
     state = StackState.load(path)
     if postgres:
         state.postgres = start_postgres(state_dir, state.postgres)
@@ -792,7 +797,7 @@ def up(state_dir: Path | None = None, *, postgres: bool = True, openbao: bool = 
         state.openbao, state.vault_token = start_openbao(state_dir, state.openbao)
         state.save(path)
     environment = stack_env(state_dir)
-    _write_private(state_dir / "env", environment.as_shell())
+    trust.write_private(state_dir / "env", environment.as_shell())
     return environment
 
 
@@ -802,6 +807,8 @@ def reset(state_dir: Path | None = None) -> list[str]:
     ``pgbouncer_up``) made goes; the state dir stays."""
     if state_dir is None:
         state_dir = locate_state_dir()[0]
+    if state_dir.exists():
+        _trusted(state_dir)
     stopped = down(state_dir)
     home = postgres_home(state_dir)
     if home != state_dir:
@@ -818,6 +825,8 @@ def down(state_dir: Path | None = None) -> list[str]:
     """Stop the processes ``up`` recorded in ``state_dir``; returns what was stopped."""
     if state_dir is None:
         state_dir = locate_state_dir()[0]
+    if state_dir.exists():
+        _trusted(state_dir)
     path = _state_file(state_dir)
     state = StackState.load(path)
     stopped = []

@@ -16,6 +16,11 @@ import sqlalchemy as sa
 from tenantvault.crypto.envelope import SealContext, is_current_format
 from tenantvault.errors import DecryptionError
 
+# Migration 0013's names: the switch, the record and the function that reads both.
+SWITCH_TABLE = "tenantvault_sealing"
+RECORD_TABLE = "tenantvault_legacy_values"
+OPENS_FUNCTION = "tenantvault_legacy_opens"
+
 
 def _schema(connection: sa.Connection) -> str:
     # Functions are not renamed by the engine's schema_translate_map: qualify by hand.
@@ -27,7 +32,7 @@ def database_allows(connection: sa.Connection, place: SealContext, sealed: str) 
     return bool(
         connection.execute(
             sa.text(
-                f'SELECT "{_schema(connection)}".tenantvault_legacy_opens('
+                f'SELECT "{_schema(connection)}".{OPENS_FUNCTION}('
                 ":tenant, :table, :column, :row, :value)"
             ),
             {

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from tenantvault.db.migration_support import GRANTS_TABLE
 from tenantvault.db.models import Base
 from tenantvault.errors import InvalidInputError
+from tenantvault.keys.legacy import RECORD_TABLE, SWITCH_TABLE
 from tenantvault.ops.migrate import LEGACY_TABLES, migration_engine
 from tenantvault.settings import Settings
 
@@ -32,6 +33,8 @@ _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 _NOT_THE_APPLICATIONS = {name for name in Base.metadata.tables if name not in LEGACY_TABLES} | {
     "alembic_version",
     GRANTS_TABLE,
+    RECORD_TABLE,
+    SWITCH_TABLE,
 }
 
 
@@ -50,8 +53,9 @@ def app_login_grants(settings: Settings, login: str) -> AppLoginGrants:
 
     Raises:
         InvalidInputError: ``login`` is not an existing login role, or it could cross
-            tenants (a superuser, BYPASSRLS, the schema's owner, or a member of the
-            migrator role).
+            tenants: it is a superuser, has BYPASSRLS or CREATEROLE, or is a member,
+            directly or through other roles, of a role that has one of those, of the
+            owner of the schema or of tenantvault's tables, or of the migrator role.
     """
     if not _ROLE_NAME.fullmatch(login):
         raise InvalidInputError("--app-login: must be a role name (letters, digits, _, $)")
@@ -82,35 +86,100 @@ def app_login_grants(settings: Settings, login: str) -> AppLoginGrants:
     return AppLoginGrants(login, [f'GRANT "{settings.app_role}" TO "{login}";'], owner_sql)
 
 
+# Every role ``login`` reaches through pg_auth_members, followed to any depth (each
+# with the chain that reaches it), with what makes it unsafe. Depth 0 is the login
+# itself. A member may SET ROLE to any role it reaches (on 16+ unless each grant says
+# SET FALSE; refused all the same: the grant can be changed without us), so it can act
+# with each one's attributes and ownerships.
+_REACHED_ROLES = """
+WITH RECURSIVE reached(oid, chain, depth) AS (
+    SELECT r.oid, r.rolname::text, 0 FROM pg_roles r WHERE r.rolname = :login
+  UNION
+    SELECT m.roleid, reached.chain || ' > ' || g.rolname, reached.depth + 1
+    FROM reached
+    JOIN pg_auth_members m ON m.member = reached.oid
+    JOIN pg_roles g ON g.oid = m.roleid
+    -- PostgreSQL refuses circular memberships; the bound only keeps a bad catalog finite.
+    WHERE reached.depth < 32
+)
+SELECT DISTINCT ON (reached.oid) r.rolname, reached.chain, reached.depth, r.rolsuper,
+       r.rolbypassrls, r.rolcreaterole,
+       r.oid = n.nspowner OR r.oid IN (
+         SELECT c.relowner FROM pg_class c WHERE c.relnamespace = n.oid
+           AND c.relname = ANY(:tenantvault_tables)),
+       r.rolname = :migrator
+FROM reached JOIN pg_roles r ON r.oid = reached.oid, pg_namespace n
+WHERE n.nspname = :schema
+ORDER BY reached.oid, reached.depth
+"""
+
+
 def _refuse_unsafe_login(connection: sa.Connection, settings: Settings, login: str) -> None:
-    row = connection.execute(
+    """Refuse a login that could cross tenants, naming the first reason found (the
+    login's own attributes first, then the nearest role it is a member of)."""
+    found = connection.execute(
         sa.text(
-            "SELECT r.rolcanlogin, r.rolsuper OR r.rolbypassrls, "
-            "  pg_has_role(r.oid, n.nspowner, 'MEMBER'), "
-            "  pg_has_role(r.oid, to_regrole(:migrator), 'MEMBER') "
+            "SELECT r.rolcanlogin, pg_has_role(r.oid, n.nspowner, 'MEMBER') "
             "FROM pg_roles r, pg_namespace n WHERE r.rolname = :login AND n.nspname = :schema"
         ),
-        {"login": login, "migrator": settings.migrator_role, "schema": settings.schema_name},
+        {"login": login, "schema": settings.schema_name},
     ).one_or_none()
-    if row is None:
+    if found is None:
         raise InvalidInputError(
             f"--app-login: no login role {login}, or no schema {settings.schema_name}"
         )
-    can_login, bypasses, owns, migrates = row
+    can_login, member_of_owner = found
     if not can_login:
         raise InvalidInputError(f"--app-login: {login} cannot log in")
-    if bypasses:
+    reached = connection.execute(
+        sa.text(_REACHED_ROLES),
+        {
+            "login": login,
+            "schema": settings.schema_name,
+            "migrator": settings.migrator_role,
+            "tenantvault_tables": sorted(_NOT_THE_APPLICATIONS - {"alembic_version"}),
+        },
+    ).all()
+    for role, chain, depth, superuser, bypassrls, createrole, owner, migrator in sorted(
+        reached, key=lambda row: (row.depth, row.rolname)
+    ):
+        reason = _unsafe(superuser, bypassrls, createrole, owner, migrator, settings)
+        if reason is None:
+            continue
+        if depth == 0:
+            raise InvalidInputError(f"--app-login: {login} {reason}")
         raise InvalidInputError(
-            f"--app-login: {login} is a superuser or BYPASSRLS: row-level security "
-            "would not bind it"
+            f"--app-login: {login} is a member of {role} ({chain}), which {reason}"
         )
-    if owns:
+    # A membership pg_auth_members does not list (pg_database_owner's, the database
+    # owner's): pg_has_role still sees it.
+    if member_of_owner:
         raise InvalidInputError(
-            f"--app-login: {login} owns the schema (or is a member of its owner): it could "
-            "alter or drop the tables"
+            f"--app-login: {login} is a member of the schema's owner: it could alter or "
+            "drop the tables"
         )
-    if migrates:
-        raise InvalidInputError(
-            f"--app-login: {login} is a member of {settings.migrator_role}, whose policy "
-            "admits every tenant's rows"
+
+
+def _unsafe(
+    superuser: bool,
+    bypassrls: bool,
+    createrole: bool,
+    owner: bool,
+    migrator: bool,
+    settings: Settings,
+) -> str | None:
+    """Why a role (the login, or one it reaches) lets the login cross tenants."""
+    if superuser:
+        return "is a superuser: row-level security would not bind it"
+    if bypassrls:
+        return "has BYPASSRLS: row-level security would not bind it"
+    if createrole:
+        return (
+            f"has CREATEROLE: it could grant itself {settings.migrator_role} "
+            "(PostgreSQL 15) or make roles that cross tenants"
         )
+    if owner:
+        return "owns the schema or tenantvault's tables: it could alter or drop them"
+    if migrator:
+        return "is the migrator role, whose policy admits every tenant's rows"
+    return None

@@ -21,7 +21,14 @@ from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
 from tenantvault.db.failures import server_message
-from tenantvault.db.migration_support import ALLOW_DATA_LOSS_FLAG, OPTIONS_KEY, MigrationOptions
+from tenantvault.db.migration_support import (
+    ALLOW_DATA_LOSS_FLAG,
+    GRANTS_TABLE,
+    OPTIONS_KEY,
+    MigrationOptions,
+    schema_qualified,
+    unexpected_revoke,
+)
 from tenantvault.errors import MigrationError
 from tenantvault.settings import Settings
 
@@ -176,6 +183,7 @@ def downgrade(
         before, _ = _inspect(engine, settings.schema_name)
         steps = _downgrade_steps(_script(), before, revision)
         _refuse_below_baseline(steps)
+        _refuse_foreign_revokes(engine, options, steps, revision)
         if not allow_data_loss:
             _refuse_data_loss(engine, options, steps, revision)
         _run(lambda config: command.downgrade(config, revision), options, engine, downgrading=True)
@@ -215,6 +223,24 @@ def _downgrade_steps(script: ScriptDirectory, current: str | None, target: str) 
     if resolved is None or resolved.revision not in done:
         return []
     return done[: done.index(resolved.revision)]
+
+
+def _refuse_foreign_revokes(
+    engine: sa.Engine, options: MigrationOptions, steps: list[str], target: str
+) -> None:
+    """Refuse, before anything changes, a downgrade whose steps would run a recorded
+    statement tenantvault does not write (each step checks again before it runs one)."""
+    table = schema_qualified(options.schema, GRANTS_TABLE)
+    with engine.connect() as connection:
+        if connection.exec_driver_sql(f"SELECT to_regclass('{table}')").scalar() is None:
+            return
+        recorded = connection.exec_driver_sql(
+            f"SELECT revision, revoke FROM {table} ORDER BY revision, revoke"
+        ).all()
+    for step, statement in recorded:
+        reason = unexpected_revoke(statement, step, options) if step in steps else None
+        if reason is not None:
+            raise MigrationError(f"downgrade to {target} refused, nothing was changed: {reason}")
 
 
 def _refuse_data_loss(

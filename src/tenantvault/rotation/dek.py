@@ -45,6 +45,7 @@ from tenantvault.errors import (
 )
 from tenantvault.keys import store
 from tenantvault.keys.keyring import Keyring, NewKey, Sealer
+from tenantvault.keys.legacy import OPENS_FUNCTION
 from tenantvault.keys.sealed import CONFIG_TABLE, SEALED_COLUMNS, SealedColumn, config_digest
 from tenantvault.metrics import default_metrics
 from tenantvault.rotation.lookahead import Lookahead
@@ -454,7 +455,7 @@ class DekRotation:
         value = f"t.{column.column}"
         allowed = (
             f"CASE WHEN {sql_is_current(value)} THEN true ELSE "
-            f"{self.db.table('tenantvault_legacy_opens')}(t.tenant_id, '{column.table}', "
+            f"{self.db.table(OPENS_FUNCTION)}(t.tenant_id, '{column.table}', "
             f"'{column.column}', {row_id}, {value}) END"
         )
         select = (

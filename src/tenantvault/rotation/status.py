@@ -15,6 +15,7 @@ from tenantvault.crypto.envelope import sql_dek_version, sql_is_current
 from tenantvault.db.models import DataKeyState
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.keys import store
+from tenantvault.keys.legacy import OPENS_FUNCTION, SWITCH_TABLE
 from tenantvault.keys.sealed import SEALED_COLUMNS
 from tenantvault.kms.provider import KeyProvider
 
@@ -109,7 +110,7 @@ def key_status(
             # 0: current format; 1: older, and the database lets it open; 2: older, refused.
             kind = (
                 f"CASE WHEN {sql_is_current(name)} THEN 0 "
-                f"WHEN {db.table('tenantvault_legacy_opens')}(t.tenant_id, '{column.table}', "
+                f"WHEN {db.table(OPENS_FUNCTION)}(t.tenant_id, '{column.table}', "
                 f"'{column.column}', {row_id}, {name}) THEN 1 ELSE 2 END"
             )
             rows = connection.execute(
@@ -150,9 +151,7 @@ def key_status(
 def legacy_formats_open(connection: sa.Connection, db: OperatorDatabase) -> bool:
     """The database's switch: whether older-format values (recorded ones) open at all."""
     return bool(
-        connection.execute(
-            sa.text(f"SELECT legacy_open FROM {db.table('tenantvault_sealing')}")
-        ).scalar()
+        connection.execute(sa.text(f"SELECT legacy_open FROM {db.table(SWITCH_TABLE)}")).scalar()
     )
 
 
@@ -173,7 +172,5 @@ def close_legacy_formats_when_none_left(db: OperatorDatabase) -> bool:
             ).scalar()
             if left:
                 return False
-        connection.execute(
-            sa.text(f"UPDATE {db.table('tenantvault_sealing')} SET legacy_open = false")
-        )
+        connection.execute(sa.text(f"UPDATE {db.table(SWITCH_TABLE)} SET legacy_open = false"))
         return True
