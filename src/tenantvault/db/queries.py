@@ -15,12 +15,14 @@ from datetime import datetime
 from sqlalchemy import Delete, Select, delete, select
 
 from tenantvault.db.models import (
+    DataKeyState,
     EmailProviderConfig,
     EmailProviderConfigVersion,
     EmailProviderToken,
     EmailSenderIdentity,
     ProviderType,
 )
+from tenantvault.db.session import TENANT_SETTING
 
 Config = EmailProviderConfig
 Version = EmailProviderConfigVersion
@@ -126,22 +128,47 @@ def config_version(
     )
 
 
+def oldest_usable_key_sql(schema: str) -> str:
+    """A scalar subquery for the hot path's statements: the oldest active or draining
+    data key version of the tenant the statement's function scoped it to (NULL when it
+    has none). A cached key older than that was retired or destroyed by another process
+    (a rotation, a shred), and must open nothing.
+
+    It names the tenant by the setting the function has just made: the subquery in the
+    select list is evaluated for the function's first row, after the function ran (a
+    set-returning function in FROM runs to its end first). Were it ever evaluated
+    before, the setting would be empty, the subquery NULL, and the load would take the
+    full path, which reads the key's state itself: it fails closed."""
+    # Until the hot-path functions (0009, 0011) return it themselves, the statement
+    # adds it: one more column, no second round trip.
+    return (
+        f'(SELECT min(k.version) FROM "{schema}".tenant_data_keys k '
+        f"WHERE k.tenant_id = current_setting('{TENANT_SETTING}', true) "
+        f"AND k.state IN ({DataKeyState.ACTIVE.sql}, {DataKeyState.DRAINING.sql})) "
+        "AS oldest_usable_key"
+    )
+
+
 def hot_token_sql(schema: str) -> str:
     """The token load's one statement (DB-API, ``%s`` parameters: tenant, config):
-    migration 0011's function scopes the tenant and returns the config's token row."""
+    migration 0011's function scopes the tenant and returns the config's token row,
+    and the tenant's oldest usable key version follows (:func:`oldest_usable_key_sql`)."""
     return (
         "SELECT id, version, token_type, expires_at, scopes, encrypted_access_token, "
-        f'encrypted_refresh_token FROM "{schema}".tenantvault_load_oauth_token(%s, %s)'
+        f"encrypted_refresh_token, {oldest_usable_key_sql(schema)} "
+        f'FROM "{schema}".tenantvault_load_oauth_token(%s, %s)'
     )
 
 
 def hot_load_sql(schema: str) -> str:
     """The load hot path's one statement (DB-API, ``%s`` parameters: tenant, config):
     migration 0009's function scopes the tenant for this statement only and returns
-    what opening the credentials needs."""
+    what opening the credentials needs, and the tenant's oldest usable key version
+    follows (:func:`oldest_usable_key_sql`)."""
     # The config as the database prints it: its binding's digest is cached by that text
     # (keys/sealed.stored_config_binding), so it is never decoded on the hot path.
     return (
-        "SELECT type, version, config::text, encrypted_credentials "
+        f"SELECT type, version, config::text, encrypted_credentials, "
+        f"{oldest_usable_key_sql(schema)} "
         f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'
     )

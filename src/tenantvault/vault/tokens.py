@@ -392,7 +392,8 @@ class TokenRow(Protocol):
 
 
 class HotToken(NamedTuple):
-    """The row of migration 0011's function, with the config it was asked for."""
+    """The row of migration 0011's function, with the config it was asked for, and the
+    tenant's oldest usable data key version the statement adds."""
 
     config_id: str
     id: str
@@ -402,13 +403,14 @@ class HotToken(NamedTuple):
     scopes: Sequence[str]
     encrypted_access_token: str | None
     encrypted_refresh_token: str | None
+    oldest_usable_key: int | None
 
     @classmethod
     def of(cls, config_id: str, row: Sequence[Any]) -> HotToken:
-        """From the function's row, its ``timestamp`` (UTC) made aware, as the ORM does."""
-        id_, version, token_type, expires_at, scopes, access, refresh = row
+        """From the statement's row, its ``timestamp`` (UTC) made aware, as the ORM does."""
+        id_, version, token_type, expires_at, scopes, access, refresh, oldest = row
         aware = None if expires_at is None else expires_at.replace(tzinfo=UTC)
-        return cls(config_id, id_, version, token_type, aware, scopes, access, refresh)
+        return cls(config_id, id_, version, token_type, aware, scopes, access, refresh, oldest)
 
 
 def opened_token(
@@ -462,7 +464,8 @@ def finish_hot_token(
     keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
 ) -> OAuthToken | None:
     """What the token hot path's row becomes: the opened token, or None when the
-    tenant's key is not cached (the caller then takes the full path).
+    tenant's key is not cached, or a value names a key older than the tenant's oldest
+    usable one (the caller then takes the full path, which refuses it).
 
     Raises:
         NotFoundError: the config has no token.
@@ -470,8 +473,11 @@ def finish_hot_token(
     """
     if row is None:
         raise _no_token(tenant_id, config_id)
+    hot = HotToken.of(config_id, row)
     return opened_token(
-        partial(keyring.open_cached, tenant_id), tenant_id, HotToken.of(config_id, row)
+        partial(keyring.open_cached, tenant_id, oldest_usable_version=hot.oldest_usable_key),
+        tenant_id,
+        hot,
     )
 
 
