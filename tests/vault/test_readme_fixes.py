@@ -73,7 +73,9 @@ def test_a_refused_unknown_tenant_leaves_the_callers_transaction_usable(vault: V
 @pytest.mark.parametrize("bad", ["", "t;DROP TABLE tenants", "x" * 129, "t\x00a", "tenant a"])
 def test_a_malformed_tenant_id_is_invalid_input_naming_the_field(vault: Vault, bad: str) -> None:
     calls = [
-        lambda: vault.create_config(bad, type="smtp", name="Relay", config=SMTP),
+        lambda: vault.create_config(
+            bad, type="smtp", name="Relay", config=SMTP, credentials={"password": "p"}
+        ),
         lambda: vault.load_credentials(bad, "cfg_1"),
         lambda: vault.list_active_configs(bad),
     ]

@@ -82,7 +82,9 @@ def _forge_tokens(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id
         "SELECT id, version FROM dripiq_app.email_provider_tokens WHERE config_id = :id",
         id=config_id,
     )
-    access = seal(key, b"forged-access", ACCESS_TOKEN.place("t_a", config_id, bound=(row_id, version)))
+    access = seal(
+        key, b"forged-access", ACCESS_TOKEN.place("t_a", config_id, bound=(row_id, version))
+    )
     refresh = seal(
         key, b"forged-refresh", REFRESH_TOKEN.place("t_a", config_id, bound=(row_id, version))
     )
@@ -108,7 +110,11 @@ def test_after_a_dek_rotation_the_old_key_opens_and_forges_nothing(
         "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": PASSWORD}
     )
     graph = vault.create_config(
-        "t_a", type="microsoft_graph", name="Graph", config=GRAPH, credentials={"client_secret": "cs"}
+        "t_a",
+        type="microsoft_graph",
+        name="Graph",
+        config=GRAPH,
+        credentials={"client_secret": "cs"},
     )
     vault.store_oauth_token("t_a", graph.id, **GRAPH_TOKEN)
     # This process serves t_a: key 1 is in its cache.
@@ -123,7 +129,9 @@ def test_after_a_dek_rotation_the_old_key_opens_and_forges_nothing(
     # Everything the tenant had opens, re-sealed under key 2.
     assert vault.load_credentials("t_a", smtp.id).password.get_secret_value() == PASSWORD
     assert vault.load_oauth_token("t_a", graph.id).access_token.get_secret_value() == "access-one"
-    assert vault.keyring.cache.get("t_a", 1) is not None  # still cached here: the rotation ran elsewhere
+    assert (
+        vault.keyring.cache.get("t_a", 1) is not None
+    )  # still cached here: the rotation ran elsewhere
 
     _forge_credentials(owner_engine, app_url, leaked, smtp.id)
     _forge_tokens(owner_engine, app_url, leaked, graph.id)
@@ -145,9 +153,8 @@ def test_after_a_dek_rotation_the_old_key_opens_and_forges_nothing(
     ]
     for what, load in refused:
         stale_cache()
-        with pytest.raises(DecryptionError):
+        with pytest.raises(DecryptionError):  # DID NOT RAISE: the forged value opened
             load()
-            pytest.fail(f"{what}: a value forged under the retired key opened")
         # The retired key left this process's cache.
         assert vault.keyring.cache.get("t_a", 1) is None, what
     # The full path that fetches and unwraps the key: nothing cached.
@@ -161,7 +168,8 @@ def test_after_a_dek_rotation_the_old_key_opens_and_forges_nothing(
             load()
         assert provider.calls.get("unwrap", 0) == unwraps  # refused before asking transit
     assert "names retired data key 1: refused" in caplog.text
-    assert PASSWORD not in caplog.text and "forged" not in caplog.text
+    assert PASSWORD not in caplog.text
+    assert "forged" not in caplog.text
     # The tenant's genuine values still open, on the hot path (no unwrap once cached).
     graph_creds = vault.load_credentials("t_a", graph.id)
     assert graph_creds.client_secret.get_secret_value() == "cs"

@@ -32,6 +32,10 @@ from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFou
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import ACCESS_TOKEN, REFRESH_TOKEN, token_binding
 from tenantvault.vault.core import VaultCore, schema_of
+from tenantvault.vault.providers import SCOPES_MAX_ITEMS, secret_problem
+
+TOKEN_TYPE_MAX_LENGTH = 64
+SCOPE_MAX_LENGTH = 512
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ def _check_token_fields(
         raise InvalidInputError("access_token: required")
     if refresh_token is not None and (not isinstance(refresh_token, str) or not refresh_token):
         raise InvalidInputError("refresh_token: must be a non-empty string or None")
+    for name, token in (("access_token", access_token), ("refresh_token", refresh_token)):
+        problem = None if token is None else secret_problem(token)
+        if problem is not None:
+            raise InvalidInputError(f"{name}: {problem}")
     if expires_at is not None and (
         not isinstance(expires_at, datetime) or expires_at.tzinfo is None
     ):
@@ -96,10 +104,16 @@ def _check_token_fields(
     # token_type and scopes are stored as text: printable, so no NUL the database refuses.
     if not isinstance(token_type, str) or not token_type.isprintable() or not token_type:
         raise InvalidInputError("token_type: must be a non-empty printable string")
+    if len(token_type) > TOKEN_TYPE_MAX_LENGTH:
+        raise InvalidInputError(f"token_type: must be at most {TOKEN_TYPE_MAX_LENGTH} characters")
     if isinstance(scopes, str) or any(
         not isinstance(x, str) or not x or not x.isprintable() for x in scopes
     ):
         raise InvalidInputError("scopes: each scope must be a non-empty printable string")
+    if len(scopes) > SCOPES_MAX_ITEMS or any(len(str(x)) > SCOPE_MAX_LENGTH for x in scopes):
+        raise InvalidInputError(
+            f"scopes: at most {SCOPES_MAX_ITEMS}, each at most {SCOPE_MAX_LENGTH} characters"
+        )
 
 
 class OAuthTokens(VaultCore):
