@@ -404,8 +404,12 @@ def test_verify_raises_no_false_alarm_while_writers_append(
         try:
             while not stop.is_set():
                 tenant = tenants[(worker + n) % len(tenants)]
-                vault.create_config(
-                    tenant, type="smtp", name=f"v{worker}-{n}", config=SMTP, credentials=None
+                vault.create_config(  # OAuth: a config row alone, no password
+                    tenant,
+                    type="smtp",
+                    name=f"v{worker}-{n}",
+                    config={**SMTP, "auth_type": "oauth2"},
+                    credentials=None,
                 )
                 n += 1
         except BaseException as exc:
