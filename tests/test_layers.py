@@ -288,8 +288,7 @@ HOT_PATHS = {
     "open_config": {
         "self._held.fetch_one",
         "hot_load_parameters",
-        "finish_open",
-        "partial",
+        "finish_hot_open",
         "time.perf_counter",
         "self._core.metrics.loaded",
     },

@@ -44,6 +44,7 @@ ALLOWED = {
         "max_uses",
         "max_entries",
         "wrapping_changed",
+        "retired",
         "tenant_evicted",
         "cleared",
     },

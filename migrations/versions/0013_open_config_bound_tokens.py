@@ -25,6 +25,9 @@ closed in the database.
   functions return its answer for each older value they read; the full path and key
   rotation ask it. Row-level security on the record as on every tenant table.
 - ``tenantvault_load_credentials`` returns that answer too (``legacy_ok``).
+- All three return the tenant's oldest active or draining data key version last
+  (``oldest_usable_key``): a process still caching a key that a rotation or a shred
+  in another process retired or destroyed opens nothing with it.
 
 The functions: EXECUTE for the application role only (as 0010); the record and the
 switch: SELECT for the application role, the migrator may also delete recorded
@@ -266,6 +269,12 @@ def upgrade() -> None:
     credentials_ok = _legacy_ok(
         "email_provider_configs", "encrypted_credentials", "c.encrypted_credentials", "c.id"
     )
+    # The tenant's oldest active or draining key version (NULL: none): a key a process
+    # still caches that another process retired or destroyed since opens nothing.
+    oldest = (
+        f"(SELECT min(k.version) FROM {qualified('tenant_data_keys')} k "
+        "WHERE k.tenant_id = p_tenant_id AND k.state IN ('active', 'draining'))"
+    )
     tokens_ok = ", ".join(
         _legacy_ok("email_provider_tokens", column, f"t.{column}", "t.config_id")
         for column in ("encrypted_access_token", "encrypted_refresh_token")
@@ -275,10 +284,10 @@ def upgrade() -> None:
         "type text, name text, config jsonb, is_default boolean, is_active boolean, "
         "created_at timestamp, updated_at timestamp, version integer, "
         f"encrypted_credentials text, {ROW_COLUMNS}, credentials_ok boolean, "
-        "access_ok boolean, refresh_ok boolean",
+        "access_ok boolean, refresh_ok boolean, oldest_usable_key integer",
         "SELECT c.type, c.name, c.config, c.is_default, c.is_active, c.created_at, "
         f"c.updated_at, c.version, c.encrypted_credentials, {ROW_VALUES}, "
-        f"{credentials_ok}, {tokens_ok} "
+        f"{credentials_ok}, {tokens_ok}, {oldest} "
         f"FROM {configs} c LEFT JOIN {tokens} t "
         "ON t.tenant_id = c.tenant_id AND t.config_id = c.id "
         f"WHERE {live}",
@@ -288,8 +297,9 @@ def upgrade() -> None:
     op.execute(f"DROP FUNCTION {qualified(LOAD_TOKEN)}(text, text)")
     _function(
         LOAD_TOKEN,
-        f"type text, config jsonb, {ROW_COLUMNS}, access_ok boolean, refresh_ok boolean",
-        f"SELECT c.type, c.config, {ROW_VALUES}, {tokens_ok} "
+        f"type text, config jsonb, {ROW_COLUMNS}, access_ok boolean, refresh_ok boolean, "
+        "oldest_usable_key integer",
+        f"SELECT c.type, c.config, {ROW_VALUES}, {tokens_ok}, {oldest} "
         f"FROM {configs} c JOIN {tokens} t "
         "ON t.tenant_id = c.tenant_id AND t.config_id = c.id "
         f"WHERE {live}",

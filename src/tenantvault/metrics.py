@@ -36,10 +36,17 @@ from tenantvault.errors import KeyProviderRefused, KeyProviderUnavailable
 T = TypeVar("T")
 
 EvictionReason = Literal[
-    "max_age", "max_uses", "max_entries", "wrapping_changed", "tenant_evicted", "cleared"
+    "max_age",
+    "max_uses",
+    "max_entries",
+    "wrapping_changed",
+    "retired",
+    "tenant_evicted",
+    "cleared",
 ]
 """Why the key cache dropped a key: its age, its uses, room for another key, a row
-stored under another wrapping since, ``evict_tenant`` (a shred), ``clear``."""
+stored under another wrapping since, the key retired or destroyed since (another
+process rotated or shredded the tenant), ``evict_tenant`` (a shred), ``clear``."""
 
 RotationKind = Literal["dek", "kek"]
 

@@ -190,7 +190,9 @@ def test_tampering_as_the_owner_is_detected_and_the_bad_rows_named(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    vault.create_config("t_b", type="smtp", name="other", config=SMTP)
+    vault.create_config(
+        "t_b", type="smtp", name="other", config=SMTP, credentials={"password": "p"}
+    )
     _tamper(owner_engine, tampering)
     report = verify_audit(operator_db)
     assert not report.ok
@@ -252,14 +254,25 @@ def test_a_failed_operation_or_a_rolled_back_transaction_leaves_no_event(
     vault.create_config("t_a", type="smtp", name="R", config=SMTP, credentials={"password": SECRET})
     before = _count(owner_engine)
     with pytest.raises(InvalidInputError):
-        vault.create_config("t_a", type="smtp", name="R", config=SMTP)  # name taken
+        vault.create_config(
+            "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
+        )  # name taken
     with pytest.raises(InvalidInputError):
-        vault.create_config("t_a", type="smtp", name="X", config={**SMTP, "port": 0})
+        vault.create_config(
+            "t_a", type="smtp", name="X", config={**SMTP, "port": 0}, credentials={"password": "p"}
+        )
     assert _count(owner_engine) == before
     with Session(vault.engine) as session:
         session.begin()
         set_tenant(session.connection(), "t_a")
-        vault.create_config("t_a", type="smtp", name="Y", config=SMTP, session=session)
+        vault.create_config(
+            "t_a",
+            type="smtp",
+            name="Y",
+            config=SMTP,
+            credentials={"password": "p"},
+            session=session,
+        )
         session.rollback()
     assert _count(owner_engine) == before
     with owner_engine.connect() as connection:
@@ -397,8 +410,12 @@ def test_verify_raises_no_false_alarm_while_writers_append(
         try:
             while not stop.is_set():
                 tenant = tenants[(worker + n) % len(tenants)]
-                vault.create_config(
-                    tenant, type="smtp", name=f"v{worker}-{n}", config=SMTP, credentials=None
+                vault.create_config(  # OAuth: a config row alone, no password
+                    tenant,
+                    type="smtp",
+                    name=f"v{worker}-{n}",
+                    config={**SMTP, "auth_type": "oauth2"},
+                    credentials=None,
                 )
                 n += 1
         except BaseException as exc:
@@ -425,7 +442,14 @@ def test_a_replaced_digest_function_does_not_hide_an_edited_event(
     history: str, owner_engine: sa.Engine, operator_db: Any, vault: Vault
 ) -> None:
     # Odd characters in what is hashed: the Python encoding must equal the trigger's.
-    vault.create_config("t_a", type="smtp", name="odd", config=SMTP, actor='user:"é"\\ñ 日本 x')
+    vault.create_config(
+        "t_a",
+        type="smtp",
+        name="odd",
+        config=SMTP,
+        credentials={"password": "p"},
+        actor='user:"é"\\ñ 日本 x',
+    )
     assert verify_audit(operator_db).ok
     with owner_engine.begin() as connection:
         # The owner makes the database's digest answer the stored hash, whatever the row.

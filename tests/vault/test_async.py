@@ -277,7 +277,9 @@ def test_an_async_refresher_runs_once_for_many_concurrent_tasks(
     calls: list[int] = []
 
     async def scenario(vault: AsyncVault) -> list[int]:
-        cfg = await vault.create_config("t_a", type="smtp", name="R", config=SMTP)
+        cfg = await vault.create_config(
+            "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
+        )
         await vault.store_oauth_token(
             "t_a",
             cfg.id,
@@ -309,14 +311,24 @@ def test_a_joined_async_session_commits_and_rolls_back_with_the_caller(
     async def scenario(vault: AsyncVault) -> None:
         async with AsyncSession(vault.engine) as session, session.begin():
             gone = await vault.create_config(
-                "t_a", type="smtp", name="Gone", config=SMTP, session=session
+                "t_a",
+                type="smtp",
+                name="Gone",
+                config=SMTP,
+                credentials={"password": "p"},
+                session=session,
             )
             await session.rollback()
         with pytest.raises(NotFoundError):
             await vault.get_config("t_a", gone.id)
         async with AsyncSession(vault.engine) as session, session.begin():
             kept = await vault.create_config(
-                "t_a", type="smtp", name="Kept", config=SMTP, session=session
+                "t_a",
+                type="smtp",
+                name="Kept",
+                config=SMTP,
+                credentials={"password": "p"},
+                session=session,
             )
             # Two calls, one transaction: the second sees the first's uncommitted row.
             assert (await vault.get_config("t_a", kept.id, session=session)).name == "Kept"

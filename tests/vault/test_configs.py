@@ -423,7 +423,9 @@ def test_a_nul_in_a_name_or_scope_is_refused_by_name_not_by_the_driver(
     vault: Vault, owner_engine: sa.Engine
 ) -> None:
     with pytest.raises(InvalidInputError, match=r"^name: must be printable text$"):
-        vault.create_config("t_a", type="smtp", name="Re\x00lay", config=SMTP)
+        vault.create_config(
+            "t_a", type="smtp", name="Re\x00lay", config=SMTP, credentials={"password": "p"}
+        )
     cfg = vault.create_config("t_a", type="microsoft_graph", name="G", config=GRAPH)
     with pytest.raises(InvalidInputError, match=r"^scopes: "):
         vault.store_oauth_token("t_a", cfg.id, access_token="a", scopes=["Mail.\x00Send"])

@@ -166,10 +166,24 @@ def test_retention_keeps_only_the_newest_versions_secrets(
 
 def test_actor_and_reason_are_validated_without_echoing_them(vault: Vault) -> None:
     with pytest.raises(InvalidInputError, match="actor: must be") as refused:
-        vault.create_config("t_a", type="smtp", name="R", config=SMTP, actor="x" * 501)
+        vault.create_config(
+            "t_a",
+            type="smtp",
+            name="R",
+            config=SMTP,
+            credentials={"password": "p"},
+            actor="x" * 501,
+        )
     assert "xxxx" not in str(refused.value)
     with pytest.raises(InvalidInputError, match="reason: must be printable"):
-        vault.create_config("t_a", type="smtp", name="R", config=SMTP, reason="bad\x00reason")
+        vault.create_config(
+            "t_a",
+            type="smtp",
+            name="R",
+            config=SMTP,
+            credentials={"password": "p"},
+            reason="bad\x00reason",
+        )
 
 
 def test_history_is_isolated_per_tenant_and_the_app_role_cannot_delete_it(
@@ -215,7 +229,9 @@ def test_a_history_secret_is_bound_to_its_version(vault: Vault, owner_engine: sa
 
 
 def test_a_rename_onto_a_taken_name_is_refused_and_writes_no_version(vault: Vault) -> None:
-    vault.create_config("t_a", type="smtp", name="Taken", config=SMTP)
+    vault.create_config(
+        "t_a", type="smtp", name="Taken", config=SMTP, credentials={"password": "p"}
+    )
     cfg = vault.create_config(
         "t_a", type="smtp", name="Mine", config=SMTP, credentials={"password": "p"}
     )

@@ -37,7 +37,14 @@ def test_a_deleted_config_is_invisible_and_frees_its_name_and_default(vault: Vau
     with pytest.raises(NotFoundError):
         vault.get_default_config("t_a")
     assert vault.list_active_configs("t_a") == []
-    new = vault.create_config("t_a", type="smtp", name="Relay", config=SMTP, is_default=True)
+    new = vault.create_config(
+        "t_a",
+        type="smtp",
+        name="Relay",
+        config=SMTP,
+        credentials={"password": "p"},
+        is_default=True,
+    )
     assert vault.get_default_config("t_a").id == new.id
     with pytest.raises(InvalidInputError, match="restore it under another name with name="):
         vault.restore_config("t_a", old.id)
@@ -128,7 +135,9 @@ USAGE_CHILD = textwrap.dedent(
 def test_usage_counters_are_exact_under_concurrent_senders_in_several_processes(
     vault: Vault, app_settings: Settings, services: Services
 ) -> None:
-    cfg = vault.create_config("t_a", type="smtp", name="R", config=SMTP)
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
+    )
     environment = child_environment(app_settings, services)
     processes, rounds = 4, 60
     children = [
@@ -146,7 +155,9 @@ def test_usage_counters_are_exact_under_concurrent_senders_in_several_processes(
 
 
 def test_usage_is_per_day_and_bad_counts_or_unknown_configs_are_refused(vault: Vault) -> None:
-    cfg = vault.create_config("t_a", type="smtp", name="R", config=SMTP)
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "p"}
+    )
     monday = datetime(2026, 11, 23, 9, tzinfo=UTC)
     vault.record_usage("t_a", cfg.id, sent=5, now=monday)
     vault.record_usage("t_a", cfg.id, sent=2, failed=1, now=monday + timedelta(hours=3))
@@ -226,6 +237,7 @@ def test_templates_validate_like_any_config_and_name_the_field(vault: Vault) -> 
         "google_workspace_smtp_relay",
         name="x",
         config={"user": "u@a.example", "tls": {"ciphers": "HIGH"}},
+        credentials={"password": "p"},
     )
     assert made.config.tls.reject_unauthorized is True  # type: ignore[union-attr]
     assert made.config.tls.ciphers == "HIGH"  # type: ignore[union-attr]

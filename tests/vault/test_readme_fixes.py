@@ -41,9 +41,13 @@ def test_create_config_for_a_tenant_without_a_row_is_invalid_input(
 ) -> None:
     # With credentials the first write to refuse is the tenant's first data key
     # (fk_tenant_data_keys_tenant_id_tenants); without, the config row
-    # (fk_email_provider_configs_tenant_id_tenants).
+    # (fk_email_provider_configs_tenant_id_tenants): an OAuth SMTP config, which needs no
+    # password.
+    config = SMTP if credentials else {**SMTP, "auth_type": "oauth2"}
     with pytest.raises(InvalidInputError, match=f"^tenant_id: tenant {GHOST} does not exist"):
-        vault.create_config(GHOST, type="smtp", name="Relay", config=SMTP, credentials=credentials)
+        vault.create_config(
+            GHOST, type="smtp", name="Relay", config=config, credentials=credentials
+        )
     for table in ("email_provider_configs", "email_provider_config_versions", "tenant_data_keys"):
         assert _rows(owner_engine, table) == 0, table
 
@@ -73,7 +77,9 @@ def test_a_refused_unknown_tenant_leaves_the_callers_transaction_usable(vault: V
 @pytest.mark.parametrize("bad", ["", "t;DROP TABLE tenants", "x" * 129, "t\x00a", "tenant a"])
 def test_a_malformed_tenant_id_is_invalid_input_naming_the_field(vault: Vault, bad: str) -> None:
     calls = [
-        lambda: vault.create_config(bad, type="smtp", name="Relay", config=SMTP),
+        lambda: vault.create_config(
+            bad, type="smtp", name="Relay", config=SMTP, credentials={"password": "p"}
+        ),
         lambda: vault.load_credentials(bad, "cfg_1"),
         lambda: vault.list_active_configs(bad),
     ]

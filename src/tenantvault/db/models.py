@@ -454,7 +454,7 @@ class DataKeyState(enum.StrEnum):
 
     ACTIVE = "active"  # seals new values
     DRAINING = "draining"  # superseded; DEK rotation is re-sealing what it still protects
-    RETIRED = "retired"  # opens old values only
+    RETIRED = "retired"  # nothing named it when it retired: opens nothing (kept for audit)
     DESTROYED = "destroyed"  # crypto-shredded: its values can never be opened
 
     @property

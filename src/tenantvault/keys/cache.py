@@ -195,6 +195,21 @@ class DataKeyCache:
         pending.set_result(key)
         return key
 
+    def evict_unusable(self, tenant_id: str, oldest_usable: int | None) -> int:
+        """Drop the tenant's keys older than ``oldest_usable`` (all of them when None):
+        keys another process retired or destroyed since they were cached. Returns how
+        many were dropped."""
+        with self._lock:
+            evicted = [
+                k
+                for k in self._entries
+                if k[0] == tenant_id and (oldest_usable is None or k[1] < oldest_usable)
+            ]
+            for cache_key in evicted:
+                del self._entries[cache_key]
+            self._counts.evictions["retired"] += len(evicted)
+            return len(evicted)
+
     def evict_tenant(self, tenant_id: str) -> None:
         with self._lock:
             evicted = [k for k in self._entries if k[0] == tenant_id]

@@ -12,8 +12,8 @@ counted as unused.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import NoReturn
 
 import sqlalchemy as sa
@@ -34,6 +34,8 @@ from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.warmup import Transaction, WarmReport, warm_keys
 from tenantvault.kms.provider import KeyProvider, WrappedKey
+
+log = logging.getLogger("tenantvault")
 
 
 class Keyring:
@@ -80,15 +82,35 @@ class Keyring:
         """
         return Sealer(self, connection, tenant_id, active_version)
 
-    def open_cached(self, tenant_id: str, sealed: str, place: SealContext) -> bytes | None:
-        """Open ``sealed`` if its key is cached; None otherwise (no database, no KMS).
+    def open_cached(
+        self,
+        tenant_id: str,
+        sealed: str,
+        place: SealContext,
+        *,
+        oldest_usable_version: int | None,
+    ) -> bytes | None:
+        """Open ``sealed`` if its key is cached and still usable; None otherwise (no
+        database, no KMS: the caller then takes the full path, which reads the key's
+        state and refuses a retired or destroyed one).
+
+        ``oldest_usable_version`` is the tenant's oldest active or draining key version
+        as the database holds it now (None: the tenant has none), read by the hot
+        path's own statement. The cache alone cannot know that another process (a
+        rotation, a shred) retired or destroyed a key it holds: a value naming an older
+        version is not opened here, and those keys leave the cache.
 
         Raises:
             DecryptionError: the value is malformed or does not open in ``place``.
         """
-        return open_with_key_of(
-            partial(self.cache.get, tenant_id), sealed, place, allow_legacy=self.allow_legacy
-        )
+
+        def usable_key(version: int) -> DataKey | None:
+            if oldest_usable_version is None or version < oldest_usable_version:
+                self.cache.evict_unusable(tenant_id, oldest_usable_version)
+                return None
+            return self.cache.get(tenant_id, version)
+
+        return open_with_key_of(usable_key, sealed, place, allow_legacy=self.allow_legacy)
 
     def warm(self, transaction: Transaction, tenant_ids: Sequence[str]) -> WarmReport:
         """Cache the usable keys of ``tenant_ids`` in batch unwraps: ceil(K / batch size)
@@ -177,21 +199,33 @@ class Keyring:
         )
 
     def _key(self, connection: sa.Connection, tenant_id: str, version: int) -> DataKey:
-        """The key of ``version``; no database or provider call while it is cached.
+        """The key of ``version``, if its row says it may still open values; no provider
+        call while it is cached.
+
+        The row is read even when the key is cached: another process may have retired
+        or destroyed it since (a leaked retired key must open nothing).
 
         Raises:
             KeyDestroyedError: the tenant's keys were shredded.
-            DecryptionError: no such key version (the sealed value names a key that never was).
+            DecryptionError: no such key version (the sealed value names a key that never
+                was), or the key is retired (no value may name it any more: one that
+                does was forged or put back by SQL).
         """
-        cached = self.cache.get(tenant_id, version)
-        if cached is not None:
-            return cached
         try:
             stored = store.wrapped(connection, tenant_id, version)
         except LookupError:
             raise DecryptionError("cannot open sealed value") from None
         if stored is None:
+            self.cache.evict_unusable(tenant_id, version + 1)
             raise KeyDestroyedError(f"data key {version} of tenant {tenant_id} was destroyed")
+        if stored.state == store.RETIRED:
+            # Versions retire oldest first, so every version up to this one is retired
+            # or destroyed: none of them may stay cached.
+            self.cache.evict_unusable(tenant_id, version + 1)
+            log.warning(
+                "a value of tenant %s names retired data key %s: refused", tenant_id, version
+            )
+            raise DecryptionError("cannot open sealed value")
         return self._cached(tenant_id, stored)
 
     def _unwrap(self, tenant_id: str, version: int, wrapped: str) -> DataKey:

@@ -25,7 +25,6 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from tenantvault.crypto.envelope import SealContext
@@ -34,6 +33,7 @@ from tenantvault.db.models import (
     EmailProviderConfigVersion,
     EmailProviderToken,
 )
+from tenantvault.keys.bindingcache import ByteBoundedCache
 
 # Made once: json.dumps with options builds an encoder per call, as long as the encoding
 # itself for a small config (key rotation encodes every credentials row's config).
@@ -53,14 +53,25 @@ def config_digest(config: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(canonical_config(config)).digest()
 
 
-@lru_cache(maxsize=4096)
+BINDING_CACHE_MAX_BYTES = 4 * 1024 * 1024
+"""What the hot path's cache of config digests may hold: 4 MiB (about 10,000 typical
+configs, or 60 of the largest a config may be)."""
+_DIGESTS = ByteBoundedCache(BINDING_CACHE_MAX_BYTES)
+
+
 def stored_config_digest(config_json: str) -> bytes:
     """:func:`config_digest` of a config as the database prints it (``jsonb::text``).
 
     The load hot path reads that text instead of a decoded dict: the same row prints
-    the same text, so its digest is computed once per process (a bounded cache of
-    non-secret configs), not decoded and re-encoded on every load."""
-    return config_digest(json.loads(config_json))
+    the same text, so its digest is computed once per process, not decoded and
+    re-encoded on every load. The cache of non-secret configs is bounded by the bytes
+    it holds (:data:`BINDING_CACHE_MAX_BYTES`), whatever the configs' sizes."""
+    return _DIGESTS.get_or_compute((config_json,), lambda: config_digest(json.loads(config_json)))
+
+
+def binding_cache() -> ByteBoundedCache:
+    """The process's cache of :func:`stored_config_digest` (to read its size)."""
+    return _DIGESTS
 
 
 def _type_name(kind: object) -> str:

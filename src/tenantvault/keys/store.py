@@ -81,12 +81,13 @@ _VERSION = sa.select(Key.wrapped_key, Key.state, _OURS).where(
 
 @dataclass(frozen=True)
 class StoredKey:
-    """A key's wrapped form as stored, and whether this transaction wrote it
-    (uncommitted: it may yet roll back)."""
+    """A key's wrapped form as stored, whether this transaction wrote it (uncommitted:
+    it may yet roll back), and its state."""
 
     version: int
     wrapped: str
     uncommitted: bool
+    state: DataKeyState = ACTIVE
 
 
 def active(connection: sa.Connection, tenant_id: str) -> StoredKey | None:
@@ -99,7 +100,8 @@ def active(connection: sa.Connection, tenant_id: str) -> StoredKey | None:
 
 
 def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> StoredKey | None:
-    """One key version as stored; None when it was destroyed.
+    """One key version as stored, with its state; None when it was destroyed. A retired
+    key is returned too (the caller refuses to open with it: see ``Keyring._key``).
 
     Raises:
         LookupError: the tenant never had that version.
@@ -109,7 +111,7 @@ def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> StoredKe
         raise LookupError(version)
     if row.state == DESTROYED or row.wrapped_key is None:
         return None
-    return StoredKey(version, row.wrapped_key, bool(row.ours))
+    return StoredKey(version, row.wrapped_key, bool(row.ours), DataKeyState(row.state))
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ What it cannot reach: a database backup taken before the shred still holds the
 wrapped keys, and Vault can still unwrap them. Raising the transit key's
 ``min_decryption_version`` after a KEK rotation (``rotate-keys kek
 --min-decryption-version``) closes that, for every tenant's old backups at once.
-A process that had a key cached keeps it until its cache entry expires
-(``TENANTVAULT_DEK_CACHE_MAX_AGE_SECONDS``).
+A process that had a key cached opens nothing with it after the shred: every load
+reads whether the key it names is still usable (the hot path in its one statement),
+refuses, and drops the key from the cache.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime, timedelta
-from functools import partial
 from typing import Any, ParamSpec, Self, TypeVar
 
 from opentelemetry.metrics import MeterProvider
@@ -42,7 +41,7 @@ from tenantvault.vault.credentials import (
     hot_load_statement,
 )
 from tenantvault.vault.facade import Vault
-from tenantvault.vault.opening import OpenedConfig, finish_open, open_statement
+from tenantvault.vault.opening import OpenedConfig, finish_hot_open, open_statement
 from tenantvault.vault.providers import CredentialsModel
 from tenantvault.vault.tokens import (
     ExpiringToken,
@@ -637,9 +636,7 @@ class AsyncVault:
             row = await self._held.fetch_one(
                 self._open_sql, hot_load_parameters(tenant_id, config_id)
             )
-            opened = finish_open(
-                partial(self.keyring.open_cached, tenant_id), tenant_id, config_id, row
-            )
+            opened = finish_hot_open(self.keyring, tenant_id, config_id, row)
             if opened is not None:
                 self._core.metrics.loaded(started)
                 return opened

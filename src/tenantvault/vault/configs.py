@@ -16,7 +16,12 @@ from tenantvault.db.models import AuditAction, ConfigChange, EmailProviderConfig
 from tenantvault.errors import InvalidInputError
 from tenantvault.keys.sealed import config_digest
 from tenantvault.vault.core import VaultCore
-from tenantvault.vault.providers import parse_config, parse_credentials, provider_type
+from tenantvault.vault.providers import (
+    check_credentials_present,
+    parse_config,
+    parse_credentials,
+    provider_type,
+)
 from tenantvault.vault.templates import merged_config, template
 from tenantvault.vault.tokens import reseal_tokens_for_config
 from tenantvault.vault.versions import (
@@ -59,6 +64,7 @@ class Configs(VaultCore):
         actor, reason = checked_note("actor", actor), checked_note("reason", reason)
         parsed = parse_config(kind, config)
         secret = None if credentials is None else parse_credentials(kind, credentials, parsed)
+        check_credentials_present(parsed, secret is not None)
         if is_default and not is_active:
             raise InvalidInputError("is_default: an inactive config cannot be the default")
         config_id = new_id()
@@ -273,7 +279,9 @@ class Configs(VaultCore):
                 kept = self._open_credentials(s, row)
                 if config is not None:
                     parse_credentials(row.type, kept, parsed)
-            elif row.encrypted_credentials is not None:
+            if config is not None:  # a config that needs credentials has them
+                check_credentials_present(parsed, kept is not None)
+            if row.encrypted_credentials is not None and secret is not None:
                 # New credentials replace them, but are never sealed beside a config
                 # rewritten by SQL: the stored ones must still open with the row first.
                 self._check_binding(s, row)

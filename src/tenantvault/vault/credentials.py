@@ -134,7 +134,9 @@ def finish_hot_load(
     keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
 ) -> CredentialsModel | None:
     """What the hot path's row becomes: the opened credentials, or None when the
-    tenant's key is not cached (the caller then takes the full path).
+    tenant's key is not cached, or the value names a key older than the tenant's
+    oldest usable one (the row's last column): the caller then takes the full path,
+    which refuses a retired or destroyed key.
 
     Raises:
         NotFoundError: no such live config, or it holds no credentials.
@@ -142,7 +144,7 @@ def finish_hot_load(
     """
     if row is None:
         raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
-    kind_name, version, config_json, sealed, allowed = row
+    kind_name, version, config_json, sealed, allowed, oldest_usable_key = row
     if sealed is None:
         raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
     place = CONFIG_CREDENTIALS.place_digest(
@@ -150,7 +152,9 @@ def finish_hot_load(
     )
     try:
         legacy.check_answer(allowed)
-        opened = keyring.open_cached(tenant_id, sealed, place)
+        opened = keyring.open_cached(
+            tenant_id, sealed, place, oldest_usable_version=oldest_usable_key
+        )
     except DecryptionError:
         log_unopenable(tenant_id, config_id, version)
         raise

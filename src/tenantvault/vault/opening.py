@@ -27,6 +27,7 @@ from tenantvault.db.models import AuditAction
 from tenantvault.db.session import fetch_one_in
 from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys import legacy
+from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
 from tenantvault.vault.core import VaultCore, log_unopenable, schema_of
 from tenantvault.vault.credentials import hot_load_parameters
@@ -82,9 +83,7 @@ class Opening(VaultCore):
         if not self.audit_loads:
             ran, row = self._one_statement(self._open_sql, params, session)
             if ran:
-                opened = finish_open(
-                    partial(self.keyring.open_cached, tenant_id), tenant_id, config_id, row
-                )
+                opened = finish_hot_open(self.keyring, tenant_id, config_id, row)
                 if opened is not None:
                     self.metrics.loaded(started)
                     return opened
@@ -115,6 +114,17 @@ def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC)
 
 
+def finish_hot_open(
+    keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
+) -> OpenedConfig | None:
+    """``open_config``'s row opened with the cached keys only (None when a key is not
+    cached, or older than the tenant's oldest usable one: the caller takes the full
+    path). Raises as :func:`finish_open`."""
+    oldest = None if row is None else row[-1]
+    opener = partial(keyring.open_cached, tenant_id, oldest_usable_version=oldest)
+    return finish_open(opener, tenant_id, config_id, row)
+
+
 def finish_open(
     open_: Opener, tenant_id: str, config_id: str, row: Sequence[Any] | None
 ) -> OpenedConfig | None:
@@ -129,7 +139,7 @@ def finish_open(
     if row is None:
         raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
     (kind_name, name, config_json, is_default, is_active, created_at, updated_at, version,
-     sealed, *token_row, credentials_ok, access_ok, refresh_ok) = row  # fmt: skip
+     sealed, *token_row, credentials_ok, access_ok, refresh_ok, oldest) = row  # fmt: skip
     kind = provider_type(kind_name)
     digest = stored_config_digest(config_json)
     credentials = None
@@ -150,7 +160,8 @@ def finish_open(
     if token_row[0] is not None:
         legacy.check_answer(access_ok)
         legacy.check_answer(refresh_ok)
-        token = opened_token(open_, tenant_id, HotToken.of(config_id, token_row), kind, digest)
+        hot = HotToken.of(config_id, [*token_row, oldest])
+        token = opened_token(open_, tenant_id, hot, kind, digest)
         if token is None:
             return None
     config = ProviderConfig(

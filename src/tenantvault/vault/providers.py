@@ -3,6 +3,13 @@
 Per provider: a model of the non-secret ``config`` (stored as JSONB) and one of
 the secret credentials (sealed). Unknown fields are refused, secrets are
 ``SecretStr``, and validation errors name the field but never echo its value.
+
+Everything is bounded (README, "Limits"), so no caller can make a process hold or
+hash megabytes per config (the hot path caches each config's binding): a config's
+JSON at most :data:`CONFIG_MAX_BYTES`, each of its strings at most 1,024 characters
+(scopes 512, at most :data:`SCOPES_MAX_ITEMS` of them), each secret non-empty and at
+most :data:`SECRET_MAX_BYTES`. Numbers and flags are strict: ``True`` is no port, and
+``1`` or ``"yes"`` no flag.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from pydantic import (
     Field,
     HttpUrl,
     SecretStr,
+    StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -25,6 +34,14 @@ from pydantic import (
 
 from tenantvault.db.models import ProviderType
 from tenantvault.errors import InvalidInputError
+from tenantvault.keys.sealed import canonical_config
+
+CONFIG_MAX_BYTES = 64 * 1024
+"""A config's JSON (canonical: sorted keys, no spaces, UTF-8) at most this long."""
+SECRET_MAX_BYTES = 16 * 1024
+"""Each secret (a credentials field, an OAuth token) at most this long, in UTF-8."""
+SCOPES_MAX_ITEMS = 64
+"""A config's (or a token's) scopes: at most this many, each at most 512 characters."""
 
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
@@ -54,9 +71,33 @@ def _guid(value: str) -> str:
     return value
 
 
-Hostname = Annotated[str, AfterValidator(_hostname)]
-Scopes = Annotated[list[Annotated[str, Field(min_length=1, max_length=512)]], Field(min_length=1)]
+def secret_problem(text: str) -> str | None:
+    """What is wrong with a secret's text (empty, or too long), or None."""
+    if not text:
+        return "must not be empty"
+    # Characters never outnumber UTF-8 bytes: the cheap test first (a 10 MB value).
+    if len(text) > SECRET_MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > (
+        SECRET_MAX_BYTES
+    ):
+        return f"must be at most {SECRET_MAX_BYTES} bytes"
+    return None
+
+
+def _bounded_secret(value: SecretStr | None) -> SecretStr | None:
+    problem = None if value is None else secret_problem(value.get_secret_value())
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+Hostname = Annotated[str, Field(max_length=253), AfterValidator(_hostname)]
+Scopes = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=512)]],
+    Field(min_length=1, max_length=SCOPES_MAX_ITEMS),
+]
 NonEmpty = Annotated[str, Field(min_length=1, max_length=1024)]
+Secret = Annotated[SecretStr, AfterValidator(_bounded_secret)]
+"""A secret: not empty, at most :data:`SECRET_MAX_BYTES`."""
 
 
 class _Model(BaseModel):
@@ -76,11 +117,11 @@ class SendGridConfig(_Model):
     ip_pool_name: Annotated[str, Field(min_length=2, max_length=64)] | None = None
     # Set by the data migration on the configs it made for tenants that used the
     # application-wide SendGrid key before tenantvault; such configs hold no credentials.
-    legacy: bool = False
+    legacy: StrictBool = False
 
 
 class SendGridCredentials(_Secret):
-    api_key: SecretStr
+    api_key: Secret
 
     @field_validator("api_key")
     @classmethod
@@ -94,14 +135,14 @@ class SendGridCredentials(_Secret):
 
 
 class SmtpTls(_Model):
-    reject_unauthorized: bool = True
+    reject_unauthorized: StrictBool = True
     ciphers: NonEmpty | None = None
 
 
 class SmtpConfig(_Model):
     host: Hostname
-    port: Annotated[int, Field(ge=1, le=65535)]
-    secure: bool
+    port: Annotated[StrictInt, Field(ge=1, le=65535)]
+    secure: StrictBool
     auth_type: Literal["login", "oauth2"]
     user: NonEmpty
     tls: SmtpTls = SmtpTls()
@@ -118,7 +159,7 @@ class SmtpConfig(_Model):
 
 class SmtpCredentials(_Secret):
     # login: the password. oauth2: nothing here; the tokens are stored as OAuth tokens.
-    password: SecretStr | None = None
+    password: Secret | None = None
 
 
 # --- Microsoft Graph ---
@@ -152,7 +193,7 @@ class MicrosoftGraphConfig(_Model):
 
 
 class MicrosoftGraphCredentials(_Secret):
-    client_secret: Annotated[SecretStr, Field(min_length=1)]
+    client_secret: Secret
 
 
 # --- Google Workspace ---
@@ -197,8 +238,10 @@ def _pem(value: SecretStr | None) -> SecretStr | None:
 
 
 class GoogleWorkspaceCredentials(_Secret):
-    private_key: Annotated[SecretStr | None, AfterValidator(_pem)] = None
-    client_secret: SecretStr | None = None
+    private_key: Annotated[
+        SecretStr | None, AfterValidator(_bounded_secret), AfterValidator(_pem)
+    ] = None
+    client_secret: Secret | None = None
 
 
 CONFIG_MODELS: dict[ProviderType, type[_Model]] = {
@@ -253,7 +296,11 @@ def parse_config(kind: ProviderType, value: Any) -> ProviderConfigModel:
     """
     parsed = _validated(CONFIG_MODELS[kind], value, "config")
     assert isinstance(parsed, ProviderConfigModel)
-    _refuse_nul(parsed.model_dump(mode="json"), "config")
+    stored = parsed.model_dump(mode="json", exclude_none=True)
+    _refuse_nul(stored, "config")
+    # Each field is bounded already; this bounds them together, as stored and hashed.
+    if len(canonical_config(stored)) > CONFIG_MAX_BYTES:
+        raise InvalidInputError(f"config: must be at most {CONFIG_MAX_BYTES} bytes as JSON")
     return parsed
 
 
@@ -282,6 +329,17 @@ def parse_credentials(
     assert isinstance(parsed, CredentialsModel)
     _check_against_config(parsed, config)
     return parsed
+
+
+def check_credentials_present(config: ProviderConfigModel, present: bool) -> None:
+    """Refuse a config that cannot work without credentials when it has none (given
+    now or stored).
+
+    Raises:
+        InvalidInputError: naming the missing field.
+    """
+    if not present and isinstance(config, SmtpConfig) and config.auth_type == "login":
+        raise InvalidInputError("credentials.password: required for auth_type login")
 
 
 def _check_against_config(credentials: CredentialsModel, config: ProviderConfigModel) -> None:

@@ -38,6 +38,10 @@ from tenantvault.keys.sealed import (
     stored_config_digest,
 )
 from tenantvault.vault.core import VaultCore, schema_of
+from tenantvault.vault.providers import SCOPES_MAX_ITEMS, secret_problem
+
+TOKEN_TYPE_MAX_LENGTH = 64
+SCOPE_MAX_LENGTH = 512
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,10 @@ def _check_token_fields(
         raise InvalidInputError("access_token: required")
     if refresh_token is not None and (not isinstance(refresh_token, str) or not refresh_token):
         raise InvalidInputError("refresh_token: must be a non-empty string or None")
+    for name, token in (("access_token", access_token), ("refresh_token", refresh_token)):
+        problem = None if token is None else secret_problem(token)
+        if problem is not None:
+            raise InvalidInputError(f"{name}: {problem}")
     if expires_at is not None and (
         not isinstance(expires_at, datetime) or expires_at.tzinfo is None
     ):
@@ -102,10 +110,16 @@ def _check_token_fields(
     # token_type and scopes are stored as text: printable, so no NUL the database refuses.
     if not isinstance(token_type, str) or not token_type.isprintable() or not token_type:
         raise InvalidInputError("token_type: must be a non-empty printable string")
+    if len(token_type) > TOKEN_TYPE_MAX_LENGTH:
+        raise InvalidInputError(f"token_type: must be at most {TOKEN_TYPE_MAX_LENGTH} characters")
     if isinstance(scopes, str) or any(
         not isinstance(x, str) or not x or not x.isprintable() for x in scopes
     ):
         raise InvalidInputError("scopes: each scope must be a non-empty printable string")
+    if len(scopes) > SCOPES_MAX_ITEMS or any(len(str(x)) > SCOPE_MAX_LENGTH for x in scopes):
+        raise InvalidInputError(
+            f"scopes: at most {SCOPES_MAX_ITEMS}, each at most {SCOPE_MAX_LENGTH} characters"
+        )
 
 
 class OAuthTokens(VaultCore):
@@ -442,7 +456,8 @@ class TokenRow(Protocol):
 
 class HotToken(NamedTuple):
     """A token row of a hot-path function (``tenantvault_load_oauth_token``,
-    ``tenantvault_open_config``), with the config it was asked for."""
+    ``tenantvault_open_config``), with the config it was asked for, and the tenant's
+    oldest usable data key version (the statement's last column)."""
 
     config_id: str
     id: str
@@ -452,13 +467,14 @@ class HotToken(NamedTuple):
     scopes: Sequence[str]
     encrypted_access_token: str | None
     encrypted_refresh_token: str | None
+    oldest_usable_key: int | None
 
     @classmethod
     def of(cls, config_id: str, row: Sequence[Any]) -> HotToken:
-        """From the function's row, its ``timestamp`` (UTC) made aware, as the ORM does."""
-        id_, version, token_type, expires_at, scopes, access, refresh = row
+        """From the statement's row, its ``timestamp`` (UTC) made aware, as the ORM does."""
+        id_, version, token_type, expires_at, scopes, access, refresh, oldest = row
         aware = None if expires_at is None else expires_at.replace(tzinfo=UTC)
-        return cls(config_id, id_, version, token_type, aware, scopes, access, refresh)
+        return cls(config_id, id_, version, token_type, aware, scopes, access, refresh, oldest)
 
 
 def opened_token(
@@ -517,7 +533,8 @@ def finish_hot_token(
     keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
 ) -> OAuthToken | None:
     """What the token hot path's row becomes: the opened token, or None when the
-    tenant's key is not cached (the caller then takes the full path).
+    tenant's key is not cached, or a value names a key older than the tenant's oldest
+    usable one (the caller then takes the full path, which refuses it).
 
     Raises:
         NotFoundError: the config has no token.
@@ -525,13 +542,14 @@ def finish_hot_token(
     """
     if row is None:
         raise _no_token(tenant_id, config_id)
-    kind, config_json, *token, access_ok, refresh_ok = row
+    kind, config_json, *token, access_ok, refresh_ok, oldest = row
     legacy.check_answer(access_ok)
     legacy.check_answer(refresh_ok)
+    hot = HotToken.of(config_id, [*token, oldest])
     return opened_token(
-        partial(keyring.open_cached, tenant_id),
+        partial(keyring.open_cached, tenant_id, oldest_usable_version=hot.oldest_usable_key),
         tenant_id,
-        HotToken.of(config_id, token),
+        hot,
         kind,
         stored_config_digest(config_json),
     )
