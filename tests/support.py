@@ -98,6 +98,7 @@ REVISIONS = [
     "0010_no_inherited_privileges",
     "0011_load_oauth_token_function",
     "0012_usable_data_keys_function",
+    "0015_replay_guards_and_claims",
 ]
 
 

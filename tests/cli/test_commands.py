@@ -26,7 +26,7 @@ def test_migrate_then_status_reports_an_isolated_up_to_date_schema(
     monkeypatch.setenv("VAULT_ADDR", str(settings.vault_addr))
     monkeypatch.setenv("VAULT_TOKEN", settings.vault_token.get_secret_value())
     assert cli.main(["migrate"]) == cli.EXIT_OK
-    assert "none -> 0012_usable_data_keys_function" in capsys.readouterr().out
+    assert "none -> 0015_replay_guards_and_claims" in capsys.readouterr().out
     assert cli.main(["status"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "up to date" in out
