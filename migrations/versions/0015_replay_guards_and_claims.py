@@ -6,8 +6,9 @@ together with the ciphertext sealed for that version):
 - ``tenantvault_sealed_rows``: every config and token row id ever inserted, when
   its row was deleted (that id never comes back), and for each config the highest
   version ever kept in its history (a new history row must be above it). Owned by
-  the schema owner; no role but the owner holds a privilege on it; written only by
-  the triggers below (SECURITY DEFINER). Existing configs and tokens are recorded;
+  the schema owner; no role but the owner holds a privilege on it (but a backup
+  login's SELECT, as 0010 keeps it); written only by the triggers below (SECURITY
+  DEFINER). Existing configs and tokens are recorded;
   a config's history mark starts at its current version.
 - On ``email_provider_configs`` and ``email_provider_tokens``: an INSERT whose id
   was ever deleted is refused (a deleted token grant or a config deleted with its
@@ -63,6 +64,11 @@ DELETED_ROW = "tenantvault_guard_deleted_row"
 NEW_VERSION = "tenantvault_guard_new_history_version"
 REWRITE = "tenantvault_refuse_rewrite"
 
+# A backup login's read, as 0010 keeps it: SELECT by a BYPASSRLS role.
+BACKUP_READ = (
+    "(a.privilege_type = 'SELECT' AND "
+    "COALESCE((SELECT rolbypassrls FROM pg_roles WHERE oid = a.grantee), false))"
+)
 # (table, kind recorded in ROWS)
 ROW_TABLES = ((CONFIGS, "config"), (TOKENS, "token"))
 FUNCTIONS = (NEW_ROW, DELETED_ROW, NEW_VERSION, REWRITE)
@@ -141,8 +147,9 @@ def _tables() -> None:
     )
     # Whatever the schema's default privileges give others, nobody but the owner holds a
     # privilege on the marks; on the claims, the migrator role its insert (and select).
+    # As 0010, a BYPASSRLS role's SELECT stays: a backup login's (docs/backup.md).
     for table in (ROWS, CLAIMS):
-        revoke_foreign_privileges(f"c.oid = '{qualified(table)}'::regclass")
+        revoke_foreign_privileges(f"c.oid = '{qualified(table)}'::regclass", kept=BACKUP_READ)
     op.execute(f'GRANT SELECT, INSERT ON {claims} TO "{opts.migrator_role}"')
 
 
