@@ -100,6 +100,7 @@ REVISIONS = [
     "0012_usable_data_keys_function",
     "0013_open_config_bound_tokens",
     "0014_grants_record_targets",
+    "0015_replay_guards_and_claims",
 ]
 
 

@@ -303,3 +303,48 @@ def test_a_lock_timeout_names_where_the_database_stopped(
         f"the database is at {PROVIDER_TABLES}"
     )
     migrate.upgrade(settings)  # rerun: it continues from there
+
+
+def test_the_replay_guards_record_the_rows_there_are_when_installed(
+    settings: Settings, owner_engine: sa.Engine, seeded: dict[str, list[tuple[object, ...]]]
+) -> None:
+    migrate.upgrade(settings, REVISIONS[-2])
+    with owner_engine.begin() as connection:
+        config_id, tenant_id = connection.execute(
+            sa.text("SELECT id, tenant_id FROM dripiq_app.email_provider_configs LIMIT 1")
+        ).one()
+        connection.execute(
+            sa.text(
+                "INSERT INTO dripiq_app.email_provider_tokens (tenant_id, config_id) "
+                "VALUES (:t, :c)"
+            ),
+            {"t": tenant_id, "c": config_id},
+        )
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        marks = connection.execute(
+            sa.text(
+                "SELECT kind, count(*), max(history_version), count(deleted_at) "
+                "FROM dripiq_app.tenantvault_sealed_rows GROUP BY kind ORDER BY kind"
+            )
+        ).all()
+        configs = connection.execute(
+            sa.text("SELECT count(*) FROM dripiq_app.email_provider_configs")
+        ).scalar_one()
+    assert marks == [("config", configs, 1, 0), ("token", 1, 0, 0)]
+    # The baseline version 0007 kept is the config's mark: it cannot be inserted again.
+    history = (
+        "INSERT INTO dripiq_app.email_provider_config_versions "
+        "(tenant_id, config_id, version, change, name, config) "
+        "VALUES (:t, :c, :v, 'updated', 'n', '{}'::jsonb)"
+    )
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text("DELETE FROM dripiq_app.email_provider_config_versions WHERE config_id = :c"),
+            {"c": config_id},
+        )
+    refused = pytest.raises(sa.exc.IntegrityError, match="already kept a version 1 or later")
+    with refused, owner_engine.begin() as connection:
+        connection.execute(sa.text(history), {"t": tenant_id, "c": config_id, "v": 1})
+    with owner_engine.begin() as connection:
+        connection.execute(sa.text(history), {"t": tenant_id, "c": config_id, "v": 2})

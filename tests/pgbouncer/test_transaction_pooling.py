@@ -110,11 +110,13 @@ def test_a_claim_excludes_another_process_when_they_share_a_server_connection(
             assert not during
 
 
-def _advisory_locks(owner_engine: sa.Engine) -> list[Any]:
+def _claims_held(owner_engine: sa.Engine) -> list[Any]:
+    """The locks a claim's transaction holds on the claims table (none once it ended)."""
     with owner_engine.connect() as connection:
         return list(
             connection.exec_driver_sql(
-                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                "SELECT pid FROM pg_locks WHERE granted AND relation = "
+                "'dripiq_app.tenantvault_operator_claims'::regclass"
             ).all()
         )
 
@@ -126,11 +128,11 @@ def test_a_claim_ends_with_its_block_while_another_client_holds_its_server_conne
     with ExitStack() as claim:
         assert claim.enter_context(one.claim(DEK_ROTATION_CLAIM, "t_a"))
         # The other process's transaction gets the server connection the claim was
-        # taken on, if the claim let it go: a session's unlock would then run on another
-        # server connection, free nothing, and leave the tenant claimed for good.
+        # taken on, if the claim let it go: a session's lock would then be released on
+        # another server connection, or not at all, and leave the tenant claimed for good.
         with other.transaction() as busy:
             busy.exec_driver_sql("SELECT 1")
             claim.close()  # the claim's block ends here
-            assert _advisory_locks(owner_engine) == []
+            assert _claims_held(owner_engine) == []
     with other.claim(DEK_ROTATION_CLAIM, "t_a") as again:
         assert again

@@ -41,6 +41,18 @@ def _as_app(app_url: str, statement: str, **params: object) -> None:
         connection.commit()
 
 
+def _copy_back(app_url: str, owner_engine: sa.Engine, statement: str, **params: object) -> None:
+    """Put an old sealed value back into its row at the row's version: the application's
+    login is refused (migration 0015); the operator's role, which re-seals in place, is
+    not, and the value must still not open there (its binding)."""
+    with pytest.raises(
+        psycopg.errors.IntegrityConstraintViolation, match="may change only with a new version"
+    ):
+        _as_app(app_url, statement, **params)
+    with owner_engine.begin() as connection:
+        connection.exec_driver_sql(statement, params)
+
+
 def _password(creds: Any) -> str:
     return str(creds.password.get_secret_value())
 
@@ -92,8 +104,9 @@ def test_an_old_secret_copied_back_into_the_live_row_does_not_open(
     vault.store_credentials("t_a", cfg.id, {"password": "new"})  # a credential rotation
     # From a backup of the row, or from the history row of version 1.
     for old in (backup, _history_value(owner_engine, 1)):
-        _as_app(
+        _copy_back(
             app_url,
+            owner_engine,
             "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = %(v)s "
             "WHERE id = %(id)s",
             v=old,
@@ -133,8 +146,9 @@ def test_an_old_token_copied_back_does_not_open(
         ).one()
     assert vault.store_oauth_token("t_a", cfg.id, access_token="access-2") == 2
     assert vault.load_oauth_token("t_a", cfg.id).access_token.get_secret_value() == "access-2"  # type: ignore[union-attr]
-    _as_app(
+    _copy_back(
         app_url,
+        owner_engine,
         "UPDATE dripiq_app.email_provider_tokens SET encrypted_access_token = %(a)s, "
         "encrypted_refresh_token = %(r)s WHERE config_id = %(id)s",
         a=old[0],
@@ -301,8 +315,9 @@ def test_tokens_of_a_deleted_grant_do_not_open_in_the_next_one(
         ).one()
     assert vault.delete_oauth_token("t_a", cfg.id)
     assert vault.store_oauth_token("t_a", cfg.id, access_token="grant-2", refresh_token="r2") == 1
-    _as_app(
+    _copy_back(
         app_url,
+        owner_engine,
         "UPDATE dripiq_app.email_provider_tokens SET encrypted_access_token = %(a)s, "
         "encrypted_refresh_token = %(r)s WHERE config_id = %(id)s",
         a=old[0],

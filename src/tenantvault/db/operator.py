@@ -3,8 +3,11 @@
 Each transaction runs as the migrator role, whose row-level-security policy admits
 every tenant's rows; the login must be allowed to ``SET ROLE`` to it (the
 migration owner is). Work is shared between processes through PostgreSQL only:
-a tenant is claimed with an advisory lock held by a transaction left open for the
-work, released when the work is done or when the connection dies with its process.
+a tenant is claimed by a row of migration 0015's claims table, inserted by a
+transaction left open for the work and rolled back when the work is done or when the
+connection dies with its process. Only the migrator role may write that table, so
+the application's login can neither take a claim nor hold one up; the key is the
+exact tenant id (no hash, so no two tenants share a claim).
 """
 
 from __future__ import annotations
@@ -19,18 +22,21 @@ from tenantvault.db.session import check_tenant_id, create_engine
 from tenantvault.errors import InvalidInputError, RotationError
 from tenantvault.settings import Settings
 
-DEK_ROTATION_CLAIM = 1_953_916_002
-"""Advisory lock class of "an operator job is changing this tenant's data keys" (a DEK
-rotation or a shred: they exclude each other)."""
+DEK_ROTATION_CLAIM = "tenant_keys"
+"""Claim of "an operator job is changing this tenant's data keys" (a DEK rotation or a
+shred: they exclude each other)."""
 
-KEK_ROTATION_LOCK = 1_953_916_003
-"""Advisory lock class of "a rotate-keys process is deciding whether to rotate the KEK"."""
+KEK_ROTATION_CLAIM = "kek_rotation"
+"""Claim of "a rotate-keys process is deciding whether to rotate the KEK" (no tenant)."""
 
+CLAIMS_TABLE = "tenantvault_operator_claims"
+"""Migration 0015's table of claims: the migrator role alone may write it, so the
+application's login cannot take (or hold) a claim, as it could an advisory lock."""
 
-_CLAIM = sa.text(
-    "SELECT pg_try_advisory_xact_lock(:cls, hashtext(:tenant_id)) "
-    "FROM set_config('idle_in_transaction_session_timeout', '0', true)"
-)
+BUSY_AFTER_MS = 50
+"""How long a claim waits for another holder before it reports the tenant busy."""
+
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 class OperatorDatabase:
@@ -64,33 +70,67 @@ class OperatorDatabase:
             if snapshot:  # the pool puts the default back when the connection returns
                 connection.execution_options(isolation_level="REPEATABLE READ")
             with connection.begin():
-                try:
-                    connection.exec_driver_sql(f'SET LOCAL ROLE "{self.migrator_role}"')
-                except DBAPIError:
-                    raise RotationError(
-                        f"this login may not SET ROLE {self.migrator_role}: run operator "
-                        "commands with the migration owner's TENANTVAULT_DATABASE_URL"
-                    ) from None
+                self._set_role(connection)
                 yield connection
 
-    @contextmanager
-    def claim(self, lock_class: int, tenant_id: str) -> Iterator[bool]:
-        """Try to claim ``tenant_id`` for this process; yields whether it got it.
+    def _set_role(self, connection: sa.Connection) -> None:
+        try:
+            connection.exec_driver_sql(f'SET LOCAL ROLE "{self.migrator_role}"')
+        except DBAPIError:
+            raise RotationError(
+                f"this login may not SET ROLE {self.migrator_role}: run operator "
+                "commands with the migration owner's TENANTVAULT_DATABASE_URL"
+            ) from None
 
-        The claim is a transaction's advisory lock, on a connection that stays in that
-        transaction for the block. A session's lock would outlive its transaction on a
-        server connection that a pooler in transaction mode (PgBouncer) then hands to
-        other clients: they would hold the claim too (a session may take its own lock
-        again), and the unlock could run on another server connection and free nothing.
+    @contextmanager
+    def claim(self, job: str, tenant_id: str, *, wait: bool = False) -> Iterator[bool]:
+        """Try to claim ``tenant_id`` for ``job`` (``''`` for a job of no tenant); yields
+        whether this process got it. ``wait``: wait for another holder to finish (up to
+        the statement timeout) instead of reporting it busy.
+
+        The claim is an uncommitted row of the claims table, in a transaction that stays
+        open for the block and is then rolled back: another claimer's insert of the same
+        row waits for that transaction (``BUSY_AFTER_MS`` unless ``wait``), and no row is
+        ever left behind. Transaction-scoped, it holds behind a pooler in transaction
+        mode (PgBouncer), as a session's advisory lock would not: PgBouncer would hand
+        the session, lock and all, to other clients.
         """
-        with self.engine.connect() as connection, connection.begin():
-            # One statement. The transaction sits idle while the work runs on other
-            # connections (in READ COMMITTED it pins no snapshot, so VACUUM is not held
-            # back): the server's idle-in-transaction timeout must not end it midway.
-            got = connection.execute(
-                _CLAIM, {"cls": lock_class, "tenant_id": tenant_id}
-            ).scalar_one()
-            yield bool(got)
+        with self.engine.connect() as connection:
+            transaction = connection.begin()
+            try:
+                yield self._insert_claim(connection, job, tenant_id, wait=wait)
+            finally:
+                transaction.rollback()  # the claim ends; nothing of it was ever committed
+
+    def _insert_claim(
+        self, connection: sa.Connection, job: str, tenant_id: str, *, wait: bool
+    ) -> bool:
+        # The transaction sits idle while the work runs on other connections (in READ
+        # COMMITTED it pins no snapshot, so VACUUM is not held back): the server's
+        # idle-in-transaction timeout must not end it midway.
+        timeout = "0" if wait else f"{BUSY_AFTER_MS}ms"
+        connection.execute(
+            sa.text(
+                "SELECT set_config('idle_in_transaction_session_timeout', '0', true), "
+                "set_config('lock_timeout', :timeout, true)"
+            ),
+            {"timeout": timeout},
+        )
+        self._set_role(connection)
+        try:
+            inserted = connection.execute(
+                sa.text(
+                    f"INSERT INTO {self.table(CLAIMS_TABLE)} (job, tenant_id) "
+                    "VALUES (:job, :tenant_id) ON CONFLICT DO NOTHING RETURNING true"
+                ),
+                {"job": job, "tenant_id": tenant_id},
+            ).first()
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                return False  # another process holds it
+            raise
+        # A committed row (none is, but for an owner's by hand) claims it for good: busy.
+        return inserted is not None
 
     def require_tenants(self, tenants: Sequence[str] | None) -> None:
         """Refuse tenant ids with no row in the application's ``tenants`` table: a

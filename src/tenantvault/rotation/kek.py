@@ -15,7 +15,7 @@ about half of a batch; overlapped, a batch costs the longer of the two.
 A run rotates the transit key only when every wrapped DEK is already at its
 latest version; otherwise it finishes the rewrap a previous run left behind, so
 a rerun after a crash completes the job instead of rotating again. The decision
-is made under an advisory lock, so two runs started together rotate once.
+is made under a claim (db/operator.py), so two runs started together rotate once.
 
 Raising ``min_decryption_version`` makes older KEK versions unusable for good
 (and, with them, every wrapped DEK in older backups). It is refused unless a
@@ -32,9 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-import sqlalchemy as sa
-
-from tenantvault.db.operator import KEK_ROTATION_LOCK, OperatorDatabase
+from tenantvault.db.operator import KEK_ROTATION_CLAIM, OperatorDatabase
 from tenantvault.errors import RotationError
 from tenantvault.keys import store
 from tenantvault.kms.provider import KeyProvider, RewrapResult
@@ -124,14 +122,18 @@ def rotate_kek(
     """
     options = options or KekRotationOptions()
     stop = stop or threading.Event()
-    with db.transaction() as connection:
-        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:c, 0)"), {"c": KEK_ROTATION_LOCK})
-        # Read under the lock: a run that just rotated is seen, and not rotated again.
-        before = provider.kek_version()
-        pending = store.count_behind_kek(connection, before)
-        will_rotate = options.rotate and pending == 0
-        if will_rotate and not options.dry_run:
-            provider.rotate_kek()
+    # Waits for another run's decision (up to the statement timeout); the application's
+    # login cannot take or hold this claim (db/operator.py).
+    with db.claim(KEK_ROTATION_CLAIM, "", wait=True) as claimed:
+        if not claimed:  # only a claims row committed by hand stands in the way
+            raise RotationError("the KEK rotation claim is held: nothing was rotated")
+        with db.transaction() as connection:
+            # Read under the claim: a run that just rotated is seen, and not rotated again.
+            before = provider.kek_version()
+            pending = store.count_behind_kek(connection, before)
+            will_rotate = options.rotate and pending == 0
+            if will_rotate and not options.dry_run:
+                provider.rotate_kek()
     latest = provider.kek_version()
     if options.dry_run:
         target = before + 1 if will_rotate else before

@@ -410,7 +410,8 @@ def reseal_tokens_for_config(
     """Re-seal the tokens of ``before``'s config for the config it holds now (its
     ``config`` already changed in this transaction, ``digest_before`` the digest of
     what it held): a legitimate change of the config keeps its tokens, in the same
-    transaction. The caller holds the config row's lock.
+    transaction, at the token row's next version (a sealed value changes only with a
+    new version: migration 0015). The caller holds the config row's lock.
 
     Raises:
         DecryptionError: the stored tokens do not open beside the config as it was
@@ -425,9 +426,11 @@ def reseal_tokens_for_config(
     assert opened is not None  # a sealer opens or raises
     assert opened.access_token is not None
     refresh = None if opened.refresh_token is None else opened.refresh_token.get_secret_value()
+    version = row.version + 1
     row.encrypted_access_token, row.encrypted_refresh_token = seal_tokens(
-        sealer, before, row.id, row.version, opened.access_token.get_secret_value(), refresh
+        sealer, before, row.id, version, opened.access_token.get_secret_value(), refresh
     )
+    row.version = version
 
 
 # --- opening a token row, shared by the full path (ORM rows) and the hot path ---
