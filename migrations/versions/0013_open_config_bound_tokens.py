@@ -309,9 +309,10 @@ def upgrade() -> None:
     op.execute(f"DROP FUNCTION {qualified(LOAD)}(text, text)")
     _function(
         LOAD,
-        "type text, version integer, config jsonb, encrypted_credentials text, legacy_ok boolean",
+        "type text, version integer, config jsonb, encrypted_credentials text, "
+        "legacy_ok boolean, oldest_usable_key integer",
         "SELECT c.type, c.version, c.config, c.encrypted_credentials, "
-        f"{credentials_ok} FROM {configs} c WHERE {live}",
+        f"{credentials_ok}, {oldest} FROM {configs} c WHERE {live}",
         "Scope the transaction to a tenant and read one live config''s type, version, config "
         "and sealed credentials (the load hot path; RLS applies).",
     )
