@@ -76,6 +76,11 @@ class InvalidInputError(TenantVaultError, ValueError):
     """Caller input failed validation; the message names each field, never its value."""
 
 
+class UnknownRevisionError(MigrationError, InvalidInputError):
+    """A migration was asked for a revision no revision answers to; the message names
+    the option it came from (``--revision``, ``--from``). Nothing was changed."""
+
+
 class TenantNotSetError(InvalidInputError):
     """A tenant-scoped operation was given an empty or malformed tenant id.
 

@@ -124,7 +124,7 @@ def test_an_unknown_revision_is_one_line_and_changes_nothing(
         ["migrate", "--sql", "--revision", "bogus"],
         ["migrate", "--revision", "-3"],
     ):
-        assert cli.main(command) == cli.EXIT_FAILED, command
+        assert cli.main(command) == cli.EXIT_USAGE, command
         captured = capsys.readouterr()
         line = _one_failed_line(captured.out, captured.err)
         assert "revision" in line, line

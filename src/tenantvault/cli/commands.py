@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 from tenantvault.audit.chain import Head
 from tenantvault.cli import failures, output
@@ -27,7 +29,12 @@ from tenantvault.errors import (
 from tenantvault.ops import jobs, migrate
 from tenantvault.ops.grants import app_login_grants
 from tenantvault.ops.health import status
-from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
+from tenantvault.rotation.options import (
+    MAX_BATCH_SIZE,
+    MAX_WORKERS,
+    DekRotationOptions,
+    KekRotationOptions,
+)
 from tenantvault.settings import load_settings
 
 EXIT_OK = 0
@@ -182,7 +189,13 @@ def _cmd_shred(args: argparse.Namespace) -> int:
 def _read_heads(path: str) -> dict[str, Head]:
     """Heads written by ``audit verify --heads-out``."""
     try:
-        raw = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise InvalidInputError(f"--expect-heads: {path} does not exist") from None
+    except OSError as exc:
+        raise InvalidInputError(f"--expect-heads: cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
         return {str(t): Head(int(h["seq"]), str(h["hash"])) for t, h in raw.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         raise AuditError(
@@ -190,12 +203,30 @@ def _read_heads(path: str) -> dict[str, Head]:
         ) from None
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse a ``--heads-out`` file that cannot be written, before a verify that may
+    take minutes: its heads would be lost at the end."""
+    if path.is_dir():
+        raise InvalidInputError(f"--heads-out: {path} is a directory")
+    where = path if path.exists() else path.parent
+    if not where.is_dir() and not path.exists():
+        raise InvalidInputError(f"--heads-out: cannot write {path}: {where} does not exist")
+    if not os.access(where, os.W_OK):
+        raise InvalidInputError(f"--heads-out: cannot write {path}: permission denied")
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    heads_out = None if args.heads_out is None else Path(args.heads_out)
+    if heads_out is not None:
+        _check_writable(heads_out)
     expected = None if args.expect_heads is None else _read_heads(args.expect_heads)
     report = jobs.audit_verify_job(load_settings(), args.tenant or None, expected_heads=expected)
     output.print_audit_verify(report, args.json)
-    if args.heads_out is not None:
-        output.write_heads(report.heads, Path(args.heads_out))
+    if heads_out is not None:
+        try:
+            output.write_heads(report.heads, heads_out)
+        except OSError as exc:
+            raise AuditError(f"--heads-out: cannot write {heads_out}: {exc.strerror}") from None
     return EXIT_OK if report.ok else EXIT_AUDIT_BROKEN
 
 
@@ -229,7 +260,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_lifecycle_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     audit = commands.add_parser(
         "audit",
         help="verify the audit chains, keep partitions ahead, drop old months",
@@ -290,14 +321,43 @@ def _add_lifecycle_parsers(commands: argparse._SubParsersAction[argparse.Argumen
     purge.set_defaults(handler=_cmd_purge)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+class _Count:
+    """An option's type: a whole number from ``low`` (up to ``high`` where given).
+    Its refusals name the range, never an internal function."""
+
+    def __init__(self, low: int = 1, high: int | None = None) -> None:
+        self.low, self.high = low, high
+
+    @property
+    def range(self) -> str:
+        return f"{self.low}..{self.high}" if self.high else f"at least {self.low}"
+
+    def __call__(self, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number ({self.range})"
+            ) from None
+        if value < self.low or (self.high is not None and value > self.high):
+            raise argparse.ArgumentTypeError(f"must be {self.range}, not {value}")
+        return value
 
 
-def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+_positive = _Count()
+_batch_size = _Count(1, MAX_BATCH_SIZE)
+_workers = _Count(1, MAX_WORKERS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one ``FAILED:`` line (exit 2) like every other
+    failure, pointing at the command's ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"FAILED: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_rotation_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     rotate = commands.add_parser(
         "rotate-keys",
         help="rotate the KEK (transit key) or tenants' data keys; show what each key protects",
@@ -328,12 +388,17 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
     kek.add_argument("--dry-run", action="store_true", help="report, change nothing")
     kek.add_argument(
         "--batch-size",
-        type=_positive,
+        type=_batch_size,
         default=1000,
-        help="data keys per transaction (default: 1000)",
+        metavar="N",
+        help=f"data keys per transaction ({_batch_size.range}; default: 1000)",
     )
     kek.add_argument(
-        "--workers", type=_positive, default=1, help="threads, batches each (default: 1)"
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help=f"threads, batches each ({_workers.range}; default: 1)",
     )
     kek.add_argument("--json", action="store_true", help="JSON lines")
     kek.set_defaults(handler=_cmd_rotate_kek)
@@ -345,10 +410,18 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[argparse.Argument
     which.add_argument("--tenant", action="append", help="a tenant id (repeatable)")
     which.add_argument("--all", action="store_true", help="every tenant that has a data key")
     dek.add_argument(
-        "--workers", type=_positive, default=1, help="threads, a whole tenant each (default: 1)"
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help=f"threads, a whole tenant each ({_workers.range}; default: 1)",
     )
     dek.add_argument(
-        "--batch-size", type=_positive, default=1000, help="rows per transaction (default: 1000)"
+        "--batch-size",
+        type=_batch_size,
+        default=1000,
+        metavar="N",
+        help=f"rows per transaction ({_batch_size.range}; default: 1000)",
     )
     dek.add_argument(
         "--reseal-only",
@@ -377,7 +450,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tenantvault",
         description="Tenant-isolated, envelope-encrypted email credentials.",
         epilog="Exit codes: 0 done; 1 failed (one FAILED: line on stderr); 2 usage (bad "

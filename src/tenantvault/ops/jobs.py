@@ -99,8 +99,14 @@ def rotate_dek_job(
 
 
 def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> ShredReport:
-    """Destroy a tenant's data keys (crypto-shredding)."""
+    """Destroy a tenant's data keys (crypto-shredding).
+
+    Raises:
+        InvalidInputError: ``tenant_id`` has no row in the ``tenants`` table (a
+            mistyped id must not read as "destroyed no keys").
+    """
     with _database(settings) as db:
+        db.require_tenants([tenant_id])
         return shred_tenant(db, tenant_id, dry_run=dry_run)
 
 

@@ -29,7 +29,7 @@ from tenantvault.db.migration_support import (
     schema_qualified,
     unexpected_revoke,
 )
-from tenantvault.errors import MigrationError
+from tenantvault.errors import MigrationError, UnknownRevisionError
 from tenantvault.settings import Settings
 
 BASELINE_REVISION = "0001_baseline"
@@ -89,14 +89,15 @@ def head_revision() -> str:
     return head
 
 
-def check_revision(revision: str) -> None:
+def check_revision(revision: str, flag: str = "--revision") -> None:
     """Refuse a target no revision answers to, before anything is changed.
 
     Relative targets (``-1``, ``head-2``) depend on where the database is: Alembic
     resolves them when it runs, and :func:`_run` turns its refusal into the same error.
 
     Raises:
-        MigrationError: ``revision`` names no revision (the message lists them).
+        UnknownRevisionError: ``revision`` names no revision (the message names
+            ``flag``, the option it came from, and lists the revisions).
     """
     if revision in {"head", "heads", "base"} or any(c in revision for c in "+-@:"):
         return
@@ -107,8 +108,8 @@ def check_revision(revision: str) -> None:
         found = ()
     if not found:
         known = ", ".join(r.revision for r in reversed(list(script.walk_revisions())))
-        raise MigrationError(
-            f"--revision {revision}: no such revision (head, base, or one of: {known})"
+        raise UnknownRevisionError(
+            f"{flag} {revision}: no such revision (head, base, or one of: {known})"
         )
 
 
@@ -294,7 +295,7 @@ def offline_sql(
     """
     check_revision(revision)
     if downgrade_from is not None:
-        check_revision(downgrade_from)
+        check_revision(downgrade_from, "--from")
         start = head_revision() if downgrade_from == "head" else downgrade_from
         _refuse_below_baseline(_downgrade_steps(_script(), start, revision))
         header = (
@@ -324,7 +325,7 @@ def _render(options: MigrationOptions, step: Callable[[Config], object]) -> str:
     try:
         step(config)
     except CommandError as exc:
-        raise MigrationError(str(exc)) from None
+        raise _refusal(exc) from None
     buffer = config.output_buffer
     assert isinstance(buffer, io.StringIO)
     return buffer.getvalue()
@@ -368,8 +369,17 @@ def _run(
         hint = hint.replace(f"-x {ALLOW_DATA_LOSS_FLAG}=true", "--allow-data-loss")
         where = _stopped_at(engine, options.schema, downgrading=downgrading)
         raise MigrationError(f"{primary}{f' ({hint})' if hint else ''}; {where}") from exc
-    except CommandError as exc:  # a relative target that does not resolve, for one
-        raise MigrationError(str(exc)) from None
+    except CommandError as exc:
+        raise _refusal(exc) from None
+
+
+def _refusal(exc: CommandError) -> MigrationError:
+    """Alembic's refusal as ours: a relative target that does not resolve from where
+    the database is (``-3`` three steps above base) is a bad ``--revision``."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Relative revision"):
+        return UnknownRevisionError(f"--revision: {text}")
+    return MigrationError(text)
 
 
 def _stopped_at(engine: sa.Engine, schema: str, *, downgrading: bool) -> str:
