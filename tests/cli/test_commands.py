@@ -187,7 +187,7 @@ def test_status_names_a_refused_token_and_aligns_its_table(
     _environment(monkeypatch, migrated, "not-a-valid-token")
     assert cli.main(["status"]) == cli.EXIT_UNHEALTHY
     out = capsys.readouterr().out
-    assert re.search(r"^transit +http\S+: the token was refused \(permission denied\)$", out, re.M)
+    assert re.search(r"^transit +http\S+: the token was refused \(not a valid token: ", out, re.M)
     assert "not-a-valid-token" not in out
     columns = {line.index(" RLS ") for line in out.splitlines() if " RLS " in line}
     assert len(columns) == 1, out

@@ -3,9 +3,6 @@ is a usage error (2) in one ``FAILED:`` line naming the option and what it accep
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,40 +10,8 @@ import pytest
 from tenantvault import cli
 from tenantvault.rotation.options import MAX_BATCH_SIZE, MAX_WORKERS
 from tenantvault.settings import Settings
+from tests.cli.process import failed_line, run_cli
 from tests.conftest import Services
-
-SRC = Path(__file__).resolve().parents[2] / "src"
-# Reached only if an argument is not refused first: that is what these tests catch.
-NO_DATABASE = "postgresql://nobody:pw@127.0.0.1:1/none"
-
-
-def run_cli(*args: str, **environment: str) -> subprocess.CompletedProcess[str]:
-    """``python -m tenantvault.cli`` from this checkout, with only the settings given."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": str(SRC),
-        "TENANTVAULT_DATABASE_URL": NO_DATABASE,
-        "TENANTVAULT_CONNECT_TIMEOUT_SECONDS": "3",
-        **environment,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "tenantvault.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-
-
-def failed_line(result: subprocess.CompletedProcess[str], code: int) -> str:
-    """The one ``FAILED:`` line a failed run printed, checking its exit code."""
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("FAILED: "), result.stderr
-    assert result.returncode == code, (result.returncode, lines[0])
-    return lines[0]
 
 
 @pytest.mark.parametrize("job", [["kek"], ["dek", "--all"]])

@@ -388,11 +388,20 @@ def _print_kek_check(report: StatusReport) -> None:
                 f"unwraps v{minimum}..v{latest}"
             )
         else:
-            # The transit side could not be read: say so rather than leave it blank.
-            detail = (transit.key_detail if transit is not None else "") or (
-                "not checked: transit is not reachable"
-            )
+            # The transit side could not be read: say why (the transit line's reason,
+            # not a second one that contradicts it) rather than leave it blank.
+            detail = _transit_key_detail(report)
             print(f"data keys     wrapped under KEK v{low}..v{high}; transit key {detail}")
+
+
+def _transit_key_detail(report: StatusReport) -> str:
+    transit = report.transit
+    if transit is None:
+        return "not checked"
+    if transit.key_detail:
+        return transit.key_detail
+    reason = transit.detail or "transit did not answer"
+    return reason if reason.startswith("not checked") else f"not checked: {reason}"
 
 
 def print_app_login_grants(grants: AppLoginGrants, part: str | None = None) -> None:

@@ -9,6 +9,7 @@ import hvac
 from requests.exceptions import RequestException
 
 from tenantvault.errors import TenantVaultError
+from tenantvault.kms.diagnose import TOKEN_REFUSED, token_refused, unresolved_host
 from tenantvault.kms.factory import transit_client
 from tenantvault.settings import Settings
 
@@ -35,16 +36,27 @@ def transit_status(settings: Settings) -> TransitStatus:
     try:
         # The same client the key provider uses: token or AppRole, TLS settings.
         client = transit_client(settings)
-        mounts = client.sys.list_mounted_secrets_engines()["data"]
     except TenantVaultError as exc:
         return TransitStatus(address, False, False, str(exc))
+    try:
+        mounts = client.sys.list_mounted_secrets_engines()["data"]
     except hvac.exceptions.Forbidden:
-        return TransitStatus(address, False, False, "the token was refused (permission denied)")
+        refused = (
+            TOKEN_REFUSED
+            if token_refused(client)
+            else "not checked: the token may not list the secrets engines (read sys/mounts)"
+        )
+        return TransitStatus(address, False, False, refused)
     except hvac.exceptions.VaultDown:
         return TransitStatus(
             address, False, False, "the server (OpenBao or Vault) is sealed or not initialised"
         )
-    except RequestException:
+    except RequestException as exc:
+        host = unresolved_host(exc, address)
+        if host is not None:
+            return TransitStatus(
+                address, False, False, f"not found: the host name {host} does not resolve"
+            )
         return TransitStatus(address, False, False, "unreachable (no connection)")
     except hvac.exceptions.VaultError as exc:
         refused = f"the request was refused ({type(exc).__name__})"

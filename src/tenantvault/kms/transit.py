@@ -23,6 +23,7 @@ from tenantvault.errors import (
     KeyProviderRefused,
     KeyProviderUnavailable,
 )
+from tenantvault.kms.diagnose import TOKEN_REFUSED, token_refused, unanswered
 from tenantvault.kms.provider import (
     CheckedKeyProvider,
     RewrapResult,
@@ -55,15 +56,6 @@ def _item_results(refusal: hvac.exceptions.InvalidRequest) -> list[dict[str, Any
     data = body.get("data")
     answered = data.get("batch_results") if isinstance(data, dict) else None
     return answered if isinstance(answered, list) else None
-
-
-def _unavailable(exc: Exception) -> str:
-    """Why Vault did not serve a request, as the end of a sentence."""
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        return "is unreachable (no connection)"
-    if isinstance(exc, hvac.exceptions.VaultDown):
-        return "is sealed or not initialised"
-    return f"answered with a server error ({type(exc).__name__})"
 
 
 # Contexts of the probe that a key is derived; no tenant id has a NUL byte.
@@ -156,7 +148,8 @@ class TransitKeyProvider(CheckedKeyProvider):
             except _TRANSIENT as exc:
                 if time.monotonic() + delay >= deadline:
                     raise KeyProviderUnavailable(
-                        f"could not {what}: transit at {self._address} {_unavailable(exc)}"
+                        f"could not {what}: transit at {self._address} "
+                        f"{unanswered(exc, self._address)}"
                     ) from None
                 self._sleep(delay)
                 delay *= 2
@@ -164,6 +157,11 @@ class TransitKeyProvider(CheckedKeyProvider):
                 if not relogged and self._fresh_token(refused=True):
                     relogged = True
                     continue
+                if token_refused(self._client):
+                    # Not "may not <do it>": no request of this token would pass.
+                    raise KeyProviderRefused(
+                        f"could not {what}: transit at {self._address}: {TOKEN_REFUSED}"
+                    ) from None
                 raise _PermissionDeniedError(
                     f"the transit token may not {what} with transit key "
                     f"{self.mount_point}/{self.key_name}"
