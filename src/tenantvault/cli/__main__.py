@@ -1,5 +1,5 @@
 import sys
 
-from tenantvault.cli.commands import main
+from tenantvault.cli import main
 
 sys.exit(main())

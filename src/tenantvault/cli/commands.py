@@ -12,12 +12,21 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
 from tenantvault.audit.chain import Head
 from tenantvault.cli import failures, output
+from tenantvault.cli.basics import (
+    EXIT_AUDIT_BROKEN,
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    EXIT_USAGE,
+    installed_version,
+)
 from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.dev import stack as devstack
 from tenantvault.errors import (
@@ -36,14 +45,6 @@ from tenantvault.rotation.options import (
     KekRotationOptions,
 )
 from tenantvault.settings import load_settings
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNHEALTHY = 3
-EXIT_INCOMPLETE = 4
-EXIT_AUDIT_BROKEN = 5
-EXIT_INTERRUPTED = 130
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -442,13 +443,6 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[_Parser]) -> None
     shred.set_defaults(handler=_cmd_shred)
 
 
-def _version() -> str:
-    try:
-        return metadata.version("tenantvault")
-    except metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
-        return "(not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tenantvault",
@@ -457,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments, an unknown tenant); 3 status found the deployment unhealthy; 4 a rotation "
         "finished incomplete; 5 an audit chain is broken; 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     m = commands.add_parser("migrate", help="upgrade (or downgrade) the database schema")
