@@ -276,7 +276,8 @@ def _add_lifecycle_parsers(commands: argparse._SubParsersAction[_Parser]) -> Non
     verify.add_argument(
         "--heads-out",
         metavar="FILE",
-        help="write where each chain ends (keep it where the database's owner cannot write)",
+        help="write where each chain ends, checked writable before verifying (keep it where "
+        "the database's owner cannot write)",
     )
     verify.add_argument(
         "--expect-heads",
@@ -447,9 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tenantvault",
         description="Tenant-isolated, envelope-encrypted email credentials.",
-        epilog="Exit codes: 0 done; 1 failed (one FAILED: line on stderr); 2 usage (bad "
-        "arguments, an unknown tenant); 3 status found the deployment unhealthy; 4 a rotation "
-        "finished incomplete; 5 an audit chain is broken; 130 interrupted.",
+        epilog="Exit codes: 0 done; 1 failed (one FAILED: line on stderr); 2 usage (one "
+        "FAILED: line naming the option: a number out of its range, an unknown tenant or "
+        "revision, a file that cannot be read or written); 3 status found the deployment "
+        "unhealthy; 4 a rotation finished incomplete; 5 an audit chain is broken; "
+        "130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
