@@ -79,7 +79,10 @@ def rotate_kek_job(
     on_progress: Callable[[KekProgress], None] | None = None,
 ) -> KekRotationReport:
     """Rotate the transit key (or only catch up) and rewrap every tenant's data keys."""
-    with _operator(settings) as (db, keyring):
+    options = options or KekRotationOptions()
+    # Each worker may hold two connections at once (its batch, and the store of the one
+    # before), and the run one more for its claim: sized by --workers, up to its maximum.
+    with _operator(settings, connections=2 * options.workers + 1) as (db, keyring):
         return rotate_kek(db, keyring.provider, options, stop=stop, on_progress=on_progress)
 
 
