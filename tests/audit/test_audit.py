@@ -677,7 +677,7 @@ def _nothing_dropped(owner_engine: sa.Engine, events: int) -> None:
 @pytest.fixture
 def two_chains(history: str, vault: Vault, owner_engine: sa.Engine) -> int:
     """t_a's 13 events and t_b's 3; returns how many events there are."""
-    cfg = vault.create_config("t_b", type="smtp", name="B", config=SMTP, credentials=None)
+    cfg = vault.create_config("t_b", type="smtp", name="B", config={**SMTP, "auth_type": "oauth2"})
     vault.update_config("t_b", cfg.id, name="B2")
     return _count(owner_engine)
 
@@ -772,7 +772,7 @@ def test_prune_verifies_what_it_cuts_and_then_drops_it(
 def test_a_kept_head_is_checked_when_retention_took_every_event_before_it(
     vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: Any
 ) -> None:
-    cfg = vault.create_config("t_a", type="smtp", name="R", config=SMTP, credentials=None)
+    cfg = vault.create_config("t_a", type="smtp", name="R", config={**SMTP, "auth_type": "oauth2"})
     later = datetime.now(UTC) + timedelta(days=93)
     prune_audit(
         operator_db, keep_months=1, now=later, mac=provider.mac, check_mac=provider.verify_mac

@@ -77,7 +77,9 @@ def test_a_config_restored_whole_at_an_older_version_is_refused(
     vault.keyring.cache.clear()
     assert _password(vault, cfg.id) == "new"
     # An id moved onto another row is refused too.
-    other = vault.create_config("t_a", type="smtp", name="Other", config=SMTP)
+    other = vault.create_config(
+        "t_a", type="smtp", name="Other", config=SMTP, credentials={"password": "other"}
+    )
     _refused(
         app_url,
         f"UPDATE {CONFIGS} SET id = %(new)s WHERE id = %(id)s",

@@ -59,12 +59,12 @@ def _leak_key(owner_engine: sa.Engine, provider: CountingProvider) -> tuple[Data
 def _forge_credentials(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id: str) -> None:
     """Credentials sealed under ``key`` exactly as tenantvault seals them for the row as
     it stands (its version and config), written by the application's login."""
-    version, config = _one(
+    kind, version, config = _one(
         owner_engine,
-        "SELECT version, config FROM dripiq_app.email_provider_configs WHERE id = :id",
+        "SELECT type, version, config FROM dripiq_app.email_provider_configs WHERE id = :id",
         id=config_id,
     )
-    place = CONFIG_CREDENTIALS.place("t_a", config_id, bound=(version, config))
+    place = CONFIG_CREDENTIALS.place("t_a", config_id, bound=(kind, version), config=config)
     forged = seal(key, json.dumps({"password": "forged"}).encode(), place)
     _as_app(
         app_url,
@@ -76,17 +76,21 @@ def _forge_credentials(owner_engine: sa.Engine, app_url: str, key: DataKey, conf
 
 
 def _forge_tokens(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id: str) -> None:
-    """Both tokens of the config's token row sealed under ``key`` for that row and version."""
-    row_id, version = _one(
+    """Both tokens of the config's token row sealed under ``key`` for that row, its
+    version and its config, exactly as tenantvault seals them."""
+    row_id, version, kind, config = _one(
         owner_engine,
-        "SELECT id, version FROM dripiq_app.email_provider_tokens WHERE config_id = :id",
+        "SELECT t.id, t.version, c.type, c.config FROM dripiq_app.email_provider_tokens t "
+        "JOIN dripiq_app.email_provider_configs c ON c.id = t.config_id "
+        "WHERE t.config_id = :id",
         id=config_id,
     )
+    bound = (row_id, version, kind)
     access = seal(
-        key, b"forged-access", ACCESS_TOKEN.place("t_a", config_id, bound=(row_id, version))
+        key, b"forged-access", ACCESS_TOKEN.place("t_a", config_id, bound=bound, config=config)
     )
     refresh = seal(
-        key, b"forged-refresh", REFRESH_TOKEN.place("t_a", config_id, bound=(row_id, version))
+        key, b"forged-refresh", REFRESH_TOKEN.place("t_a", config_id, bound=bound, config=config)
     )
     _as_app(
         app_url,
