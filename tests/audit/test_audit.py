@@ -772,7 +772,9 @@ def test_prune_verifies_what_it_cuts_and_then_drops_it(
 def test_a_kept_head_is_checked_when_retention_took_every_event_before_it(
     vault: Vault, owner_engine: sa.Engine, operator_db: Any, provider: Any
 ) -> None:
-    cfg = vault.create_config("t_a", type="smtp", name="R", config={**SMTP, "auth_type": "oauth2"})
+    cfg = vault.create_config(
+        "t_a", type="smtp", name="R", config=SMTP, credentials={"password": "q"}
+    )
     later = datetime.now(UTC) + timedelta(days=93)
     prune_audit(
         operator_db, keep_months=1, now=later, mac=provider.mac, check_mac=provider.verify_mac

@@ -57,27 +57,28 @@ def _leak_key(owner_engine: sa.Engine, provider: CountingProvider) -> tuple[Data
 
 
 def _forge_credentials(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id: str) -> None:
-    """Credentials sealed under ``key`` exactly as tenantvault seals them for the row as
-    it stands (its version and config), written by the application's login."""
+    """Credentials sealed under ``key`` exactly as tenantvault seals them for the row at
+    its next version (the database takes a new sealed value only with a new version),
+    written by the application's login with that version."""
     kind, version, config = _one(
         owner_engine,
         "SELECT type, version, config FROM dripiq_app.email_provider_configs WHERE id = :id",
         id=config_id,
     )
-    place = CONFIG_CREDENTIALS.place("t_a", config_id, bound=(kind, version), config=config)
+    place = CONFIG_CREDENTIALS.place("t_a", config_id, bound=(kind, version + 1), config=config)
     forged = seal(key, json.dumps({"password": "forged"}).encode(), place)
     _as_app(
         app_url,
-        "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = %(v)s "
-        "WHERE id = %(id)s",
+        "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = %(v)s, "
+        "version = version + 1 WHERE id = %(id)s",
         v=forged,
         id=config_id,
     )
 
 
 def _forge_tokens(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id: str) -> None:
-    """Both tokens of the config's token row sealed under ``key`` for that row, its
-    version and its config, exactly as tenantvault seals them."""
+    """Both tokens of the config's token row sealed under ``key`` for that row at its next
+    version and for its config, exactly as tenantvault seals them, written so."""
     row_id, version, kind, config = _one(
         owner_engine,
         "SELECT t.id, t.version, c.type, c.config FROM dripiq_app.email_provider_tokens t "
@@ -85,7 +86,7 @@ def _forge_tokens(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id
         "WHERE t.config_id = :id",
         id=config_id,
     )
-    bound = (row_id, version, kind)
+    bound = (row_id, version + 1, kind)
     access = seal(
         key, b"forged-access", ACCESS_TOKEN.place("t_a", config_id, bound=bound, config=config)
     )
@@ -95,7 +96,7 @@ def _forge_tokens(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id
     _as_app(
         app_url,
         "UPDATE dripiq_app.email_provider_tokens SET encrypted_access_token = %(a)s, "
-        "encrypted_refresh_token = %(r)s WHERE config_id = %(id)s",
+        "encrypted_refresh_token = %(r)s, version = version + 1 WHERE config_id = %(id)s",
         a=access,
         r=refresh,
         id=config_id,
