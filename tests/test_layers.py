@@ -6,7 +6,10 @@ breaks a layer fails here before review."""
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -262,12 +265,14 @@ def test_only_the_cli_output_prints() -> None:
     assert printers == []
 
 
-# --- one implementation of the rules: AsyncVault is a thin driver over the shared core ---
+# --- one implementation of the rules: both facades are made from one declared list ---
 
 ASYNC_FACADE = "tenantvault.vault.aio"
+DECLARED = "tenantvault.vault.methods"
 
 
 def _async_methods() -> dict[str, ast.AsyncFunctionDef]:
+    """The coroutines written by hand in AsyncVault's body."""
     tree = ast.parse(MODULES[ASYNC_FACADE].read_text())
     facade = next(
         node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "AsyncVault"
@@ -297,20 +302,157 @@ HOT_PATHS = {
         "self._core.metrics.loaded",
     },
 }
+# Written by hand in AsyncVault: the hot paths, the refresher (a coroutine function is
+# awaited on the loop), and dispose (closes resources). Every other coroutine is derived.
+HAND_WRITTEN = {*HOT_PATHS, "refresh_oauth_token", "dispose"}
 
 
-def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
-    """Each public coroutine of AsyncVault is its docstring and one statement:
-    ``await self._run(self._core.<its own name>, ...)`` — no validation, no
-    statement, no error mapping of its own (``dispose`` closes resources)."""
+def _declared_lists() -> dict[str, ast.ClassDef]:
+    """Every service's declared list: a class on ``FacadeMethods[...]``, by module."""
+    return {
+        module: node
+        for module in MODULES
+        if _layer(module) == "vault"
+        for node in ast.parse(MODULES[module].read_text()).body
+        if isinstance(node, ast.ClassDef)
+        and any(ast.unparse(base).startswith("FacadeMethods[") for base in node.bases)
+    }
+
+
+def test_every_declared_method_runs_the_service_method_of_its_own_name() -> None:
+    """Each service module declares its facade methods beside the service, each as
+    ``name = Runs(<Service>.name)``; every public method of every service is declared
+    (none is left off the facades), and the facades join every list."""
+    from tenantvault import Vault
+    from tenantvault.vault.methods import declared
+
+    lists = _declared_lists()
+    strays = []
+    for module, body in lists.items():
+        for node in body.body:
+            if isinstance(node, ast.Expr):  # the docstring
+                continue
+            call = node.value if isinstance(node, ast.Assign) else None
+            target = node.targets[0] if isinstance(node, ast.Assign) else None
+            method = call.args[0] if isinstance(call, ast.Call) and len(call.args) == 1 else None
+            if not (
+                isinstance(call, ast.Call)
+                and ast.unparse(call.func) == "Runs"
+                and isinstance(method, ast.Attribute)
+                and isinstance(target, ast.Name)
+                and method.attr == target.id
+            ):
+                strays.append(f"{module}: {ast.unparse(node)}")
+    assert strays == []
+    services = {
+        member
+        for module in lists
+        for member in vars(importlib.import_module(module)).values()
+        if isinstance(member, type)
+        and member.__module__ == module
+        and member.__name__.endswith("Service")
+    }
+    offered = {
+        name
+        for service in services
+        for name, member in vars(service).items()
+        if callable(member) and not name.startswith("_")
+    }
+    made = declared(Vault)
+    assert {runs.service for runs in made.values()} == services
+    assert set(made) == offered
+    assert {body.name for body in lists.values()} <= {base.__name__ for base in Vault.__mro__}
+
+
+def test_both_facades_are_made_from_the_declared_list() -> None:
+    """Every declared method is a method of ``Vault`` and of ``AsyncVault``, derived from
+    its declaration (closing over exactly its service's method of that name), except
+    the coroutines AsyncVault writes by hand; neither facade has another public method
+    but its constructors and ``dispose``."""
+    from tenantvault import AsyncVault, Vault
+    from tenantvault.vault import methods
+
+    declared = methods.declared(Vault)
+    assert methods.declared(AsyncVault) == declared
+    for facade, derivation in ((Vault, methods.called), (AsyncVault, methods.awaited)):
+        public = {n for n in dir(facade) if not n.startswith("_") and callable(getattr(facade, n))}
+        assert public == {*declared, "from_settings", "dispose"}, facade
+        for name, runs in declared.items():
+            if name in vars(facade) and facade is AsyncVault and name in HAND_WRITTEN:
+                continue
+            made = vars(facade)[name]
+            assert made.__code__ is derivation(runs.method, runs.service).__code__, name
+            assert inspect.getclosurevars(made).nonlocals == {
+                "method": getattr(runs.service, name),
+                "service": runs.service,
+            }, name
+    assert set(_async_methods()) == HAND_WRITTEN
+
+
+def test_a_derived_method_only_runs_its_service_method() -> None:
+    """A derivation is one statement: the service's method on the facade's instance of
+    that service, with the caller's arguments (Vault: called; AsyncVault: awaited in
+    ``self._run``). Run on a stand-in facade, every derived coroutine hands ``_run``
+    exactly that and returns what it gives back."""
+    import asyncio
+
+    from tenantvault import AsyncVault
+    from tenantvault.vault import methods
+
+    tree = ast.parse(MODULES[DECLARED].read_text())
+    derivations = {
+        node.name: node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name in {"called", "awaited"}
+    }
+    expected = {
+        "called": "return method(facade._services.of(service), *args, **kwargs)",
+        "awaited": "return await facade._run(method, facade._services.of(service), *args, **kwargs)",
+    }
+    for name, derivation in derivations.items():
+        (run,) = [
+            n for n in derivation.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+        ]
+        assert [ast.unparse(statement) for statement in run.body] == [expected[name]], name
+    assert set(derivations) == set(expected)
+
+    class StandIn:
+        def __init__(self) -> None:
+            self.instances: dict[type, object] = {}
+            self.ran: list[tuple[object, ...]] = []
+            self._services = self
+
+        def of(self, service: type) -> object:
+            return self.instances.setdefault(service, object())
+
+        async def _run(self, function: object, *args: object, **kwargs: object) -> str:
+            self.ran.append((function, args, kwargs))
+            return "its result"
+
+    for name, runs in methods.declared(AsyncVault).items():
+        if name in HAND_WRITTEN:
+            continue
+        facade = StandIn()
+        result = asyncio.run(vars(AsyncVault)[name](facade, "t", session="s"))
+        service_method = getattr(runs.service, name)
+        assert (result, facade.ran) == (
+            "its result",
+            [(service_method, (facade.of(runs.service), "t"), {"session": "s"})],
+        ), name
+
+
+def test_every_hand_written_async_method_only_runs_the_service_method_of_its_own_name() -> None:
+    """Each coroutine AsyncVault writes by hand is its docstring and one statement:
+    ``await self._run(self._services.<service>.<its own name>, ...)`` — no validation,
+    no statement, no error mapping of its own (``dispose`` closes resources); a hot
+    path first awaits its one statement on a held connection, with the core's own
+    functions for its statement's parameters and for what its row becomes."""
     strays = []
     for name, method in _async_methods().items():
         if name == "dispose":
             continue
         body = method.body[1:] if ast.get_docstring(method) is not None else method.body
         if name in HOT_PATHS:
-            # The hot path: awaited straight on a held connection, with the core's
-            # own functions for its statement's parameters and for what its row becomes.
             hot, body = body[:-1], body[-1:]
             called = {
                 ast.unparse(node.func)
@@ -328,20 +470,28 @@ def test_every_async_method_only_runs_the_core_method_of_its_own_name() -> None:
             and ast.unparse(call.func) == "self._run"
             and isinstance(target, ast.Attribute)
             and target.attr == name
-            and ast.unparse(target.value) == "self._core"
+            and isinstance(target.value, ast.Attribute)
+            and ast.unparse(target.value.value) == "self._services"
         ):
             strays.append(name)
     assert strays == []
 
 
-def test_the_async_facade_holds_no_sql_no_rules_and_no_private_core_calls() -> None:
-    source = MODULES[ASYNC_FACADE].read_text()
+@pytest.mark.parametrize(
+    "module", [ASYNC_FACADE, DECLARED, "tenantvault.vault.facade", "tenantvault.vault.services"]
+)
+def test_the_facades_hold_no_sql_no_rules_and_no_private_core_calls(module: str) -> None:
+    """The facades (and what makes their methods) only run services."""
+    source = MODULES[module].read_text()
     # No statement text, and nothing that builds or runs statements.
-    assert _sql_text_in(ASYNC_FACADE) == []
+    assert _sql_text_in(module) == []
     allowed_sqlalchemy = {"sqlalchemy.ext.asyncio", "sqlalchemy.orm"}
-    imported = GRAPH[ASYNC_FACADE]
+    if module == "tenantvault.vault.facade":
+        allowed_sqlalchemy.add("sqlalchemy")  # the Engine type its constructor takes
+    imported = GRAPH[module]
     assert {t for t in imported if t.startswith(("sqlalchemy", "psycopg"))} <= allowed_sqlalchemy
-    # The rules live in the core: no validators, sealed places, audit, queries, errors here.
+    # The rules live in the services and the core: no validators, sealed places, audit,
+    # queries, errors here.
     rules = {
         "tenantvault.vault.versions",
         "tenantvault.keys.sealed",
@@ -352,7 +502,7 @@ def test_the_async_facade_holds_no_sql_no_rules_and_no_private_core_calls() -> N
         "tenantvault.crypto.envelope",
     }
     assert imported & rules == set()
-    assert not re.search(r"self\._core\._", source), "calls into the core's private parts"
+    assert not re.search(r"_core\._", source), "calls into the core's private parts"
     assert "parse_config" not in source
     assert "parse_credentials" not in source
 
@@ -371,15 +521,20 @@ def _sql_text_in(module: str) -> list[str]:
 
 
 def test_async_vault_has_every_vault_method_with_the_same_signature() -> None:
-    """Same names, parameters, kinds, defaults and results; only ``session`` (an
-    AsyncSession) and ``refresher`` (which may be a coroutine function) differ."""
-    import inspect
+    """Same names, parameters, kinds, defaults and results (the coroutines' docstrings
+    name Vault's method); only ``session``
+    (an AsyncSession) and ``refresher`` (which may be a coroutine function) differ."""
+    from collections.abc import Callable
 
-    from tenantvault import AsyncVault, Vault
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
 
-    def public(cls: type) -> dict[str, inspect.Signature]:
+    from tenantvault import AsyncVault, OAuthToken, RefreshedToken, Vault
+    from tenantvault.vault.aio import Refresher
+
+    def public(cls: type) -> dict[str, typing.Any]:
         return {
-            name: inspect.signature(member)
+            name: member
             for name, member in inspect.getmembers(cls)
             if not name.startswith("_") and callable(member)
         }
@@ -387,20 +542,26 @@ def test_async_vault_has_every_vault_method_with_the_same_signature() -> None:
     sync, asynchronous = public(Vault), public(AsyncVault)
     assert set(sync) == set(asynchronous)
     differ = {
-        ("session", "Session | None"): "AsyncSession | None",
-        ("refresher", "Callable[[OAuthToken], RefreshedToken]"): "Refresher",
+        ("session", Session | None): AsyncSession | None,
+        ("refresher", Callable[[OAuthToken], RefreshedToken]): Refresher,
     }
-    for name, signature in sync.items():
-        theirs = asynchronous[name]
-        assert signature.return_annotation == theirs.return_annotation, name
+    for name, member in sync.items():
+        signature, theirs = inspect.signature(member), inspect.signature(asynchronous[name])
+        hints, their_hints = (
+            typing.get_type_hints(member),
+            typing.get_type_hints(asynchronous[name]),
+        )
+        assert hints["return"] == their_hints["return"], name
         assert list(signature.parameters) == list(theirs.parameters), name
         for parameter in signature.parameters.values():
             other = theirs.parameters[parameter.name]
             assert (parameter.kind, parameter.default) == (other.kind, other.default), name
-            expected = differ.get((parameter.name, parameter.annotation), parameter.annotation)
-            assert other.annotation == expected, f"{name}({parameter.name})"
-        if name != "from_settings":
-            assert inspect.iscoroutinefunction(getattr(AsyncVault, name)), name
+            hint = hints.get(parameter.name)
+            expected = differ.get((parameter.name, hint), hint)
+            assert their_hints.get(parameter.name) == expected, f"{name}({parameter.name})"
+        if name not in {"from_settings", "dispose"}:
+            assert inspect.iscoroutinefunction(asynchronous[name]), name
+            assert f"Vault.{name}" in (asynchronous[name].__doc__ or ""), name
 
 
 def test_only_the_bridge_knows_greenlets() -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+
+import tenantvault
 
 
 def test_the_package_ships_the_typed_marker() -> None:
@@ -30,3 +33,55 @@ def test_a_strict_caller_sees_types_not_any(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "py.typed" not in done.stdout
+
+
+# Calls through both facades; a line ending in "# wrong" must be refused (so the
+# signatures mypy sees are the real ones, not ``...``), every other line accepted.
+CALLER = """\
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from tenantvault import AsyncVault, OAuthToken, ProviderConfig, RefreshedToken, Vault
+
+
+def sync(vault: Vault, session: Session) -> ProviderConfig:
+    vault.store_oauth_token("t", "c", access_token="a", scopes=["s"], session=session)
+    vault.get_config("t", "c", session=AsyncSession())  # wrong
+    vault.get_config("t", "c", with_credential=True)  # wrong
+    number: int = vault.get_config("t", "c")  # wrong
+    return vault.get_config("t", "c", with_credentials=True, session=session)
+
+
+async def asynchronous(vault: AsyncVault, session: AsyncSession) -> ProviderConfig:
+    async def refresher(token: OAuthToken) -> RefreshedToken:
+        return RefreshedToken("a", None)
+
+    await vault.refresh_oauth_token("t", "c", refresher)
+    await vault.load_credentials("t", "c", session=session)
+    await vault.get_config("t", "c", session=Session())  # wrong
+    await vault.store_oauth_token("t", "c", session=session)  # wrong
+    vault.delete_config("t", "c")  # wrong
+    return await vault.get_config("t", "c", with_credentials=True, session=session)
+"""
+
+
+def test_mypy_sees_each_facade_method_s_own_signature(tmp_path: Path) -> None:
+    caller = tmp_path / "caller.py"
+    caller.write_text(CALLER)
+    # The package under test (the one this process imported), not whichever the
+    # interpreter has installed; errors inside it are not the caller's.
+    under_test = Path(tenantvault.__file__).parents[1]
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent"]
+    done = subprocess.run(
+        [*mypy, str(caller)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "MYPYPATH": str(under_test)},
+    )
+    assert "Found" in done.stdout or "Success" in done.stdout, done.stdout + done.stderr
+    refused = {int(line.split(":")[1]) for line in done.stdout.splitlines() if ": error:" in line}
+    wrong = {n for n, line in enumerate(CALLER.splitlines(), 1) if line.endswith("# wrong")}
+    assert refused == wrong, done.stdout + done.stderr

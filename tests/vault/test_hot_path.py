@@ -31,7 +31,7 @@ TENANT_SETTING = "SELECT current_setting('tenantvault.tenant_id', true)"
 
 
 def _held(vault: Vault) -> Any:
-    held = vault._held  # the tests look inside on purpose
+    held = vault._core.held  # the tests look inside on purpose
     assert isinstance(held, HeldConnections)
     return held
 

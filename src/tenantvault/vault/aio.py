@@ -1,7 +1,8 @@
 """``AsyncVault``: the ``Vault`` contract for asyncio applications, as a thin driver.
 
-It holds no rule of its own. Each method runs the same method of a ``Vault``
-(the shared core: validation, sealing, statements, error mapping, audit events)
+It holds no rule of its own. Each method runs the same service method as ``Vault``
+(the shared core: validation, sealing, statements, error mapping, audit events),
+made from the one declared list (:mod:`tenantvault.vault.methods`),
 inside SQLAlchemy's asyncio greenlet (:mod:`tenantvault.db.bridge`), on an engine
 of psycopg's ``AsyncConnection``: the core's database I/O suspends the task
 instead of blocking the loop. The key provider runs in worker threads
@@ -16,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import date, datetime, timedelta
-from typing import Any, ParamSpec, Self, TypeVar
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import ParamSpec, Self, TypeVar
 
 from opentelemetry.metrics import MeterProvider
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -26,32 +27,27 @@ from sqlalchemy.orm import Session
 
 from tenantvault.db.bridge import off_loop, run_in_greenlet, wait_for
 from tenantvault.db.held import AsyncHeldConnections
-from tenantvault.db.models import ProviderType
 from tenantvault.db.session import async_held_connections, create_async_engine
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
-from tenantvault.keys.warmup import WarmReport
 from tenantvault.kms.provider import KeyProvider
 from tenantvault.metrics import Metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
-from tenantvault.vault.core import keyring_from_settings, metered_provider
+from tenantvault.vault.core import VaultCore, keyring_from_settings, metered_provider
 from tenantvault.vault.credentials import (
     finish_hot_load,
     hot_load_parameters,
     hot_load_statement,
 )
-from tenantvault.vault.facade import Vault
 from tenantvault.vault.opening import OpenedConfig, finish_hot_open, open_statement
 from tenantvault.vault.providers import CredentialsModel
+from tenantvault.vault.services import Services, VaultMethods
 from tenantvault.vault.tokens import (
-    ExpiringToken,
     OAuthToken,
     RefreshedToken,
     finish_hot_token,
     hot_token_statement,
 )
-from tenantvault.vault.usage import Usage
-from tenantvault.vault.views import ConfigVersion, ProviderConfig
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -60,10 +56,10 @@ Refresher = Callable[[OAuthToken], RefreshedToken | Awaitable[RefreshedToken]]
 (run in a worker thread, so its HTTP call does not block the loop)."""
 
 
-def _joined(session: AsyncSession | None) -> Session | None:
+def _sync_face(session: AsyncSession) -> Session:
     # The AsyncSession's own sync session: what AsyncSession.run_sync hands its callable.
     # The core joins its transaction exactly as it joins a sync caller's.
-    return None if session is None else session.sync_session
+    return session.sync_session
 
 
 def _in_the_core(refresher: Refresher) -> Callable[[OAuthToken], RefreshedToken]:
@@ -84,7 +80,7 @@ def _in_the_core(refresher: Refresher) -> Callable[[OAuthToken], RefreshedToken]
     return call
 
 
-class AsyncVault:
+class AsyncVault(VaultMethods[AsyncSession]):
     """Store and load tenants' email-provider configs, credentials and OAuth tokens
     from asyncio code: every method of :class:`tenantvault.Vault`, as a coroutine
     with the same arguments, errors and results.
@@ -139,10 +135,11 @@ class AsyncVault:
         self._hot_token_sql = hot_token_statement(engine.sync_engine)
         self._open_sql = open_statement(engine.sync_engine)
         # The shared core, on the async engine's sync face: usable only inside the
-        # bridge's greenlet, which every method below provides.
-        self._core = Vault(
+        # bridge's greenlet, which every method provides.
+        self._core = VaultCore(
             engine.sync_engine,
             keyring,
+            join=_sync_face,
             history_credentials_kept=history_credentials_kept,
             audit_loads=audit_loads,
             # The loop's hot path is this facade's own (``held``); the core's would
@@ -150,6 +147,7 @@ class AsyncVault:
             hot_path_connections=0,
             metrics=metrics,
         )
+        self._services = Services(self._core)
 
     def __repr__(self) -> str:
         return f"AsyncVault(engine={self.engine!r}, keyring={self.keyring!r})"
@@ -211,288 +209,13 @@ class AsyncVault:
         plain function (run in a worker thread); either runs at most once per expiry
         across tasks, threads and processes."""
         return await self._run(
-            self._core.refresh_oauth_token,
+            self._services.tokens.refresh_oauth_token,
             tenant_id,
             config_id,
             _in_the_core(refresher),
             min_validity=min_validity,
             now=now,
             actor=actor,
-        )
-
-    async def warm(self, tenant_ids: Sequence[str]) -> WarmReport:
-        """``Vault.warm``, awaited: the batch unwraps run in the key provider's worker
-        threads, and the backoff after a failed unwrap is the core's own."""
-        return await self._run(self._core.warm, tenant_ids)
-
-    async def create_config(
-        self,
-        tenant_id: str,
-        *,
-        type: str | ProviderType,
-        name: str,
-        config: Any,
-        credentials: Any = None,
-        is_default: bool = False,
-        is_active: bool = True,
-        actor: str | None = None,
-        reason: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.create_config``, awaited."""
-        return await self._run(
-            self._core.create_config,
-            tenant_id,
-            type=type,
-            name=name,
-            config=config,
-            credentials=credentials,
-            is_default=is_default,
-            is_active=is_active,
-            actor=actor,
-            reason=reason,
-            session=_joined(session),
-        )
-
-    async def create_config_from_template(
-        self,
-        tenant_id: str,
-        template_key: str,
-        *,
-        name: str,
-        config: Any = None,
-        credentials: Any = None,
-        is_default: bool = False,
-        actor: str | None = None,
-        reason: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.create_config_from_template``, awaited."""
-        return await self._run(
-            self._core.create_config_from_template,
-            tenant_id,
-            template_key,
-            name=name,
-            config=config,
-            credentials=credentials,
-            is_default=is_default,
-            actor=actor,
-            reason=reason,
-            session=_joined(session),
-        )
-
-    async def get_config(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        with_credentials: bool = False,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.get_config``, awaited."""
-        return await self._run(
-            self._core.get_config,
-            tenant_id,
-            config_id,
-            with_credentials=with_credentials,
-            session=_joined(session),
-        )
-
-    async def get_default_config(
-        self,
-        tenant_id: str,
-        *,
-        with_credentials: bool = False,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.get_default_config``, awaited."""
-        return await self._run(
-            self._core.get_default_config,
-            tenant_id,
-            with_credentials=with_credentials,
-            session=_joined(session),
-        )
-
-    async def get_config_by_name(
-        self,
-        tenant_id: str,
-        name: str,
-        *,
-        with_credentials: bool = False,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.get_config_by_name``, awaited."""
-        return await self._run(
-            self._core.get_config_by_name,
-            tenant_id,
-            name,
-            with_credentials=with_credentials,
-            session=_joined(session),
-        )
-
-    async def get_config_for_sender(
-        self,
-        tenant_id: str,
-        sender_id: str,
-        *,
-        with_credentials: bool = False,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.get_config_for_sender``, awaited."""
-        return await self._run(
-            self._core.get_config_for_sender,
-            tenant_id,
-            sender_id,
-            with_credentials=with_credentials,
-            session=_joined(session),
-        )
-
-    async def list_active_configs(
-        self,
-        tenant_id: str,
-        *,
-        session: AsyncSession | None = None,
-    ) -> list[ProviderConfig]:
-        """``Vault.list_active_configs``, awaited."""
-        return await self._run(
-            self._core.list_active_configs,
-            tenant_id,
-            session=_joined(session),
-        )
-
-    async def list_configs_of_type(
-        self,
-        tenant_id: str,
-        type: str | ProviderType,
-        *,
-        session: AsyncSession | None = None,
-    ) -> list[ProviderConfig]:
-        """``Vault.list_configs_of_type``, awaited."""
-        return await self._run(
-            self._core.list_configs_of_type,
-            tenant_id,
-            type,
-            session=_joined(session),
-        )
-
-    async def update_config(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        name: str | None = None,
-        config: Any = None,
-        credentials: Any = None,
-        actor: str | None = None,
-        reason: str | None = None,
-        expected_version: int | None = None,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.update_config``, awaited."""
-        return await self._run(
-            self._core.update_config,
-            tenant_id,
-            config_id,
-            name=name,
-            config=config,
-            credentials=credentials,
-            actor=actor,
-            reason=reason,
-            expected_version=expected_version,
-            session=_joined(session),
-        )
-
-    async def set_default(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        actor: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> None:
-        """``Vault.set_default``, awaited."""
-        await self._run(
-            self._core.set_default,
-            tenant_id,
-            config_id,
-            actor=actor,
-            session=_joined(session),
-        )
-
-    async def deactivate_config(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        actor: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> None:
-        """``Vault.deactivate_config``, awaited."""
-        await self._run(
-            self._core.deactivate_config,
-            tenant_id,
-            config_id,
-            actor=actor,
-            session=_joined(session),
-        )
-
-    async def delete_config(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        actor: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> None:
-        """``Vault.delete_config``, awaited."""
-        await self._run(
-            self._core.delete_config,
-            tenant_id,
-            config_id,
-            actor=actor,
-            session=_joined(session),
-        )
-
-    async def restore_config(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        name: str | None = None,
-        actor: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.restore_config``, awaited."""
-        return await self._run(
-            self._core.restore_config,
-            tenant_id,
-            config_id,
-            name=name,
-            actor=actor,
-            session=_joined(session),
-        )
-
-    async def store_credentials(
-        self,
-        tenant_id: str,
-        config_id: str,
-        credentials: Any,
-        *,
-        actor: str | None = None,
-        reason: str | None = None,
-        expected_version: int | None = None,
-        session: AsyncSession | None = None,
-    ) -> int:
-        """``Vault.store_credentials``, awaited."""
-        return await self._run(
-            self._core.store_credentials,
-            tenant_id,
-            config_id,
-            credentials,
-            actor=actor,
-            reason=reason,
-            expected_version=expected_version,
-            session=_joined(session),
         )
 
     async def load_credentials(
@@ -516,110 +239,11 @@ class AsyncVault:
                 self._core.metrics.loaded(started)
                 return loaded
         return await self._run(
-            self._core.load_credentials,
+            self._services.credentials.load_credentials,
             tenant_id,
             config_id,
             actor=actor,
-            session=_joined(session),
-        )
-
-    async def load_many_credentials(
-        self,
-        tenant_id: str,
-        config_ids: Sequence[str],
-        *,
-        session: AsyncSession | None = None,
-    ) -> dict[str, CredentialsModel]:
-        """``Vault.load_many_credentials``, awaited."""
-        return await self._run(
-            self._core.load_many_credentials,
-            tenant_id,
-            config_ids,
-            session=_joined(session),
-        )
-
-    async def list_config_versions(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        session: AsyncSession | None = None,
-    ) -> list[ConfigVersion]:
-        """``Vault.list_config_versions``, awaited."""
-        return await self._run(
-            self._core.list_config_versions,
-            tenant_id,
-            config_id,
-            session=_joined(session),
-        )
-
-    async def get_config_version(
-        self,
-        tenant_id: str,
-        config_id: str,
-        version: int,
-        *,
-        with_credentials: bool = False,
-        session: AsyncSession | None = None,
-    ) -> ConfigVersion:
-        """``Vault.get_config_version``, awaited."""
-        return await self._run(
-            self._core.get_config_version,
-            tenant_id,
-            config_id,
-            version,
-            with_credentials=with_credentials,
-            session=_joined(session),
-        )
-
-    async def rollback_config(
-        self,
-        tenant_id: str,
-        config_id: str,
-        to_version: int,
-        *,
-        actor: str | None = None,
-        reason: str | None = None,
-        expected_version: int | None = None,
-        session: AsyncSession | None = None,
-    ) -> ProviderConfig:
-        """``Vault.rollback_config``, awaited."""
-        return await self._run(
-            self._core.rollback_config,
-            tenant_id,
-            config_id,
-            to_version,
-            actor=actor,
-            reason=reason,
-            expected_version=expected_version,
-            session=_joined(session),
-        )
-
-    async def store_oauth_token(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        access_token: str,
-        refresh_token: str | None = None,
-        token_type: str = "Bearer",  # noqa: S107 - a token type, not a token
-        expires_at: datetime | None = None,
-        scopes: Sequence[str] = (),
-        actor: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> int:
-        """``Vault.store_oauth_token``, awaited."""
-        return await self._run(
-            self._core.store_oauth_token,
-            tenant_id,
-            config_id,
-            access_token=access_token,
-            refresh_token=refresh_token,
-            token_type=token_type,
-            expires_at=expires_at,
-            scopes=scopes,
-            actor=actor,
-            session=_joined(session),
+            session=session,
         )
 
     async def open_config(
@@ -641,7 +265,7 @@ class AsyncVault:
                 self._core.metrics.loaded(started)
                 return opened
         return await self._run(
-            self._core.open_config, tenant_id, config_id, session=_joined(session)
+            self._services.opening.open_config, tenant_id, config_id, session=session
         )
 
     async def load_oauth_token(
@@ -661,80 +285,8 @@ class AsyncVault:
             if loaded is not None:
                 return loaded
         return await self._run(
-            self._core.load_oauth_token,
+            self._services.tokens.load_oauth_token,
             tenant_id,
             config_id,
-            session=_joined(session),
-        )
-
-    async def delete_oauth_token(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        actor: str | None = None,
-        session: AsyncSession | None = None,
-    ) -> bool:
-        """``Vault.delete_oauth_token``, awaited."""
-        return await self._run(
-            self._core.delete_oauth_token,
-            tenant_id,
-            config_id,
-            actor=actor,
-            session=_joined(session),
-        )
-
-    async def tokens_expiring(
-        self,
-        tenant_id: str,
-        *,
-        within: timedelta,
-        now: datetime | None = None,
-        session: AsyncSession | None = None,
-    ) -> list[ExpiringToken]:
-        """``Vault.tokens_expiring``, awaited."""
-        return await self._run(
-            self._core.tokens_expiring,
-            tenant_id,
-            within=within,
-            now=now,
-            session=_joined(session),
-        )
-
-    async def record_usage(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        sent: int = 0,
-        failed: int = 0,
-        now: datetime | None = None,
-        session: AsyncSession | None = None,
-    ) -> None:
-        """``Vault.record_usage``, awaited."""
-        await self._run(
-            self._core.record_usage,
-            tenant_id,
-            config_id,
-            sent=sent,
-            failed=failed,
-            now=now,
-            session=_joined(session),
-        )
-
-    async def usage(
-        self,
-        tenant_id: str,
-        config_id: str,
-        *,
-        since: date,
-        session: AsyncSession | None = None,
-    ) -> Usage:
-        """``Vault.usage``, awaited."""
-        return await self._run(
-            self._core.usage,
-            tenant_id,
-            config_id,
-            since=since,
-            session=_joined(session),
+            session=session,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -15,7 +15,8 @@ from tenantvault.db.ids import new_id
 from tenantvault.db.models import AuditAction, ConfigChange, EmailProviderConfig, ProviderType
 from tenantvault.errors import InvalidInputError
 from tenantvault.keys.sealed import config_digest
-from tenantvault.vault.core import VaultCore
+from tenantvault.vault.core import CallerSession, VaultCore
+from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import (
     check_credentials_present,
     parse_config,
@@ -36,8 +37,11 @@ from tenantvault.vault.views import ProviderConfig
 log = logging.getLogger("tenantvault")
 
 
-class Configs(VaultCore):
+class ConfigService(Generic[CallerSession]):
     """A tenant's provider configs."""
+
+    def __init__(self, core: VaultCore[CallerSession]) -> None:
+        self._core = core
 
     def create_config(
         self,
@@ -51,7 +55,7 @@ class Configs(VaultCore):
         is_active: bool = True,
         actor: str | None = None,
         reason: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """Create a config at version 1; everything is validated before anything is written.
 
@@ -68,7 +72,7 @@ class Configs(VaultCore):
         if is_default and not is_active:
             raise InvalidInputError("is_default: an inactive config cannot be the default")
         config_id = new_id()
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             if is_default:
                 _clear_default(s, tenant_id)
             row = EmailProviderConfig(
@@ -85,15 +89,15 @@ class Configs(VaultCore):
                 s.add(row)
                 write_version(
                     s,
-                    self._sealer(s, tenant_id),
+                    self._core.sealer(s, tenant_id),
                     row,
                     ConfigChange.CREATED,
                     secret,
-                    credentials_kept=self.history_credentials_kept,
+                    credentials_kept=self._core.history_credentials_kept,
                     actor=actor,
                     reason=reason,
                 )
-            self._audit(
+            self._core.audit_config(
                 s,
                 row,
                 AuditAction.CONFIG_CREATED,
@@ -104,7 +108,7 @@ class Configs(VaultCore):
                 is_default=is_default,
             )
             log.info("config created tenant=%s config=%s type=%s", tenant_id, config_id, kind.value)
-            return self._view(s, row, with_credentials=False)
+            return self._core.view(s, row, with_credentials=False)
 
     def create_config_from_template(
         self,
@@ -117,7 +121,7 @@ class Configs(VaultCore):
         is_default: bool = False,
         actor: str | None = None,
         reason: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """Create a config from a built-in template (``tenantvault.templates.TEMPLATES``):
         ``config`` is merged over the template's settings, and the result validated
@@ -149,10 +153,10 @@ class Configs(VaultCore):
         statement: sa.Select[EmailProviderConfig],
         missing: str,
         with_credentials: bool,
-        session: Session | None,
+        session: CallerSession | None,
     ) -> ProviderConfig:
-        with self._scope(tenant_id, session) as s:
-            return self._view(s, self._one(s, statement, missing), with_credentials)
+        with self._core.scope(tenant_id, session) as s:
+            return self._core.view(s, self._core.one(s, statement, missing), with_credentials)
 
     def get_config(
         self,
@@ -160,7 +164,7 @@ class Configs(VaultCore):
         config_id: str,
         *,
         with_credentials: bool = False,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """A live config by id. Raises NotFoundError."""
         return self._get(
@@ -172,7 +176,11 @@ class Configs(VaultCore):
         )
 
     def get_default_config(
-        self, tenant_id: str, *, with_credentials: bool = False, session: Session | None = None
+        self,
+        tenant_id: str,
+        *,
+        with_credentials: bool = False,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """The tenant's default config. Raises NotFoundError."""
         return self._get(
@@ -189,7 +197,7 @@ class Configs(VaultCore):
         name: str,
         *,
         with_credentials: bool = False,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """A live config by name. Raises NotFoundError."""
         return self._get(
@@ -206,7 +214,7 @@ class Configs(VaultCore):
         sender_id: str,
         *,
         with_credentials: bool = False,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """The config a sender identity sends through. Raises NotFoundError."""
         return self._get(
@@ -218,23 +226,23 @@ class Configs(VaultCore):
         )
 
     def list_active_configs(
-        self, tenant_id: str, *, session: Session | None = None
+        self, tenant_id: str, *, session: CallerSession | None = None
     ) -> list[ProviderConfig]:
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             rows = s.scalars(queries.active_configs(tenant_id)).all()
-            return [self._view(s, row, False) for row in rows]
+            return [self._core.view(s, row, False) for row in rows]
 
     def list_configs_of_type(
         self,
         tenant_id: str,
         type: str | ProviderType,
         *,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> list[ProviderConfig]:
         kind = provider_type(type)
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             rows = s.scalars(queries.configs_of_type(tenant_id, kind)).all()
-            return [self._view(s, row, False) for row in rows]
+            return [self._core.view(s, row, False) for row in rows]
 
     # --- changing ---
 
@@ -249,7 +257,7 @@ class Configs(VaultCore):
         actor: str | None = None,
         reason: str | None = None,
         expected_version: int | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """Change name, config and/or credentials together, as one new version.
 
@@ -261,11 +269,11 @@ class Configs(VaultCore):
         """
         new_name = None if name is None else checked_name(name)
         actor, reason = checked_note("actor", actor), checked_note("reason", reason)
-        with self._scope(tenant_id, session) as s:
-            row = self._live(s, tenant_id, config_id)
+        with self._core.scope(tenant_id, session) as s:
+            row = self._core.live(s, tenant_id, config_id)
             check_expected_version(row, expected_version)
             if new_name is None and config is None and credentials is None:
-                return self._view(s, row, with_credentials=False)
+                return self._core.view(s, row, with_credentials=False)
             parsed = parse_config(row.type, row.config if config is None else config)
             secret = (
                 None if credentials is None else parse_credentials(row.type, credentials, parsed)
@@ -276,7 +284,7 @@ class Configs(VaultCore):
                 # The history row keeps this version's credentials too; and a new config
                 # must still fit them (e.g. SMTP login to oauth2 while a password is
                 # stored): checked before writing.
-                kept = self._open_credentials(s, row)
+                kept = self._core.open_credentials(s, row)
                 if config is not None:
                     parse_credentials(row.type, kept, parsed)
             if config is not None:  # a config that needs credentials has them
@@ -284,7 +292,7 @@ class Configs(VaultCore):
             if row.encrypted_credentials is not None and secret is not None:
                 # New credentials replace them, but are never sealed beside a config
                 # rewritten by SQL: the stored ones must still open with the row first.
-                self._check_binding(s, row)
+                self._core.check_binding(s, row)
             only_credentials = new_name is None and config is None
             change = ConfigChange.CREDENTIALS if only_credentials else ConfigChange.UPDATED
             digest_before = config_digest(row.config)
@@ -295,17 +303,17 @@ class Configs(VaultCore):
                     # The tokens are bound to the config's content: they follow it here,
                     # in this transaction (a token that does not open beside the config
                     # as it was stops the change).
-                    reseal_tokens_for_config(s, self._sealer(s, tenant_id), row, digest_before)
+                    reseal_tokens_for_config(s, self._core.sealer(s, tenant_id), row, digest_before)
                 if new_name is not None:
                     row.name = new_name
                 row.version += 1
                 write_version(
                     s,
-                    self._sealer(s, tenant_id),
+                    self._core.sealer(s, tenant_id),
                     row,
                     change,
                     kept,
-                    credentials_kept=self.history_credentials_kept,
+                    credentials_kept=self._core.history_credentials_kept,
                     actor=actor,
                     reason=reason,
                 )
@@ -317,9 +325,9 @@ class Configs(VaultCore):
             action = (
                 AuditAction.CREDENTIALS_STORED if only_credentials else AuditAction.CONFIG_UPDATED
             )
-            self._audit(s, row, action, actor, version=row.version, changed=changed)
+            self._core.audit_config(s, row, action, actor, version=row.version, changed=changed)
             log.info("config updated tenant=%s config=%s", tenant_id, config_id)
-            return self._view(s, row, with_credentials=False)
+            return self._core.view(s, row, with_credentials=False)
 
     def set_default(
         self,
@@ -327,19 +335,19 @@ class Configs(VaultCore):
         config_id: str,
         *,
         actor: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> None:
         """Make ``config_id`` the tenant's only default, atomically (one transaction)."""
         actor = checked_note("actor", actor)
-        with self._scope(tenant_id, session) as s:
-            row = self._live(s, tenant_id, config_id)
+        with self._core.scope(tenant_id, session) as s:
+            row = self._core.live(s, tenant_id, config_id)
             if not row.is_active:
                 raise InvalidInputError("config_id: an inactive config cannot be the default")
             _clear_default(s, tenant_id)
             s.flush()
             row.is_default = True
             s.flush()
-            self._audit(s, row, AuditAction.DEFAULT_SET, actor)
+            self._core.audit_config(s, row, AuditAction.DEFAULT_SET, actor)
 
     def deactivate_config(
         self,
@@ -347,16 +355,16 @@ class Configs(VaultCore):
         config_id: str,
         *,
         actor: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> None:
         """Keep the config but stop using it; it stops being the default."""
         actor = checked_note("actor", actor)
-        with self._scope(tenant_id, session) as s:
-            row = self._live(s, tenant_id, config_id)
+        with self._core.scope(tenant_id, session) as s:
+            row = self._core.live(s, tenant_id, config_id)
             row.is_active = False
             row.is_default = False
             s.flush()
-            self._audit(s, row, AuditAction.CONFIG_DEACTIVATED, actor)
+            self._core.audit_config(s, row, AuditAction.CONFIG_DEACTIVATED, actor)
 
     def delete_config(
         self,
@@ -364,17 +372,17 @@ class Configs(VaultCore):
         config_id: str,
         *,
         actor: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> None:
         """Soft delete: invisible to reads, its name and default slot freed. Its secrets
         stay (sealed) until ``restore_config`` or the operator's purge."""
         actor = checked_note("actor", actor)
-        with self._scope(tenant_id, session) as s:
-            row = self._live(s, tenant_id, config_id)
+        with self._core.scope(tenant_id, session) as s:
+            row = self._core.live(s, tenant_id, config_id)
             row.is_default = False
             row.deleted_at = datetime.now(UTC)
             s.flush()
-            self._audit(s, row, AuditAction.CONFIG_DELETED, actor)
+            self._core.audit_config(s, row, AuditAction.CONFIG_DELETED, actor)
             log.info("config deleted tenant=%s config=%s", tenant_id, config_id)
 
     def restore_config(
@@ -384,7 +392,7 @@ class Configs(VaultCore):
         *,
         name: str | None = None,
         actor: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """Bring a soft-deleted config back (not as the default), under its name or ``name``.
 
@@ -394,8 +402,8 @@ class Configs(VaultCore):
         """
         new_name = None if name is None else checked_name(name)
         actor = checked_note("actor", actor)
-        with self._scope(tenant_id, session) as s:
-            row = self._one(
+        with self._core.scope(tenant_id, session) as s:
+            row = self._core.one(
                 s,
                 queries.deleted_config(tenant_id, config_id).with_for_update(),
                 f"no deleted config {config_id} for tenant {tenant_id}",
@@ -406,8 +414,28 @@ class Configs(VaultCore):
                 row.deleted_at = None
                 if new_name is not None:
                     row.name = new_name
-            self._audit(s, row, AuditAction.CONFIG_RESTORED, actor, name_changed=name is not None)
-            return self._view(s, row, with_credentials=False)
+            self._core.audit_config(
+                s, row, AuditAction.CONFIG_RESTORED, actor, name_changed=name is not None
+            )
+            return self._core.view(s, row, with_credentials=False)
+
+
+class ConfigMethods(FacadeMethods[CallerSession]):
+    """ConfigService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    create_config = Runs(ConfigService[CallerSession].create_config)
+    create_config_from_template = Runs(ConfigService[CallerSession].create_config_from_template)
+    get_config = Runs(ConfigService[CallerSession].get_config)
+    get_default_config = Runs(ConfigService[CallerSession].get_default_config)
+    get_config_by_name = Runs(ConfigService[CallerSession].get_config_by_name)
+    get_config_for_sender = Runs(ConfigService[CallerSession].get_config_for_sender)
+    list_active_configs = Runs(ConfigService[CallerSession].list_active_configs)
+    list_configs_of_type = Runs(ConfigService[CallerSession].list_configs_of_type)
+    update_config = Runs(ConfigService[CallerSession].update_config)
+    set_default = Runs(ConfigService[CallerSession].set_default)
+    deactivate_config = Runs(ConfigService[CallerSession].deactivate_config)
+    delete_config = Runs(ConfigService[CallerSession].delete_config)
+    restore_config = Runs(ConfigService[CallerSession].restore_config)
 
 
 def _clear_default(session: Session, tenant_id: str) -> None:

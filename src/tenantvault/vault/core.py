@@ -1,5 +1,6 @@
-"""What every part of the ``Vault`` facade shares: the engine, the keyring, the tenant
-scope, row lookups, sealing by place, audit events. It never hands out a key.
+"""What every service of a facade shares (``VaultCore``: the engine, the keyring, the
+tenant scope, row lookups, sealing by place, audit events; it never hands out a key),
+and what both facades build from settings.
 
 Every call runs in one transaction scoped to the tenant by row-level security.
 Pass ``session=`` to join the caller's SQLAlchemy session and transaction (the
@@ -11,25 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any, Self
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
-from opentelemetry.metrics import MeterProvider
 from sqlalchemy.orm import Session
 
 from tenantvault import audit
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction, EmailProviderConfig, ProviderType
-from tenantvault.db.session import (
-    create_engine,
-    fetch_one_in,
-    held_connections,
-    set_tenant,
-    tenant_session,
-)
+from tenantvault.db.session import fetch_one_in, held_connections, set_tenant, tenant_session
 from tenantvault.errors import DecryptionError, KeyDestroyedError, NotFoundError
 from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache, Wait
@@ -38,8 +32,8 @@ from tenantvault.keys.sealed import CONFIG_CREDENTIALS
 from tenantvault.kms.factory import key_provider_from_settings
 from tenantvault.kms.metered import MeteredKeyProvider
 from tenantvault.kms.provider import KeyProvider
-from tenantvault.metrics import Metrics, default_metrics, metrics_on
-from tenantvault.settings import Settings, load_settings
+from tenantvault.metrics import Metrics, default_metrics
+from tenantvault.settings import Settings
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage
 from tenantvault.vault.views import ProviderConfig, config_view
 
@@ -102,20 +96,36 @@ def schema_of(engine: sa.Engine) -> str:
     return str(schema)
 
 
-class VaultCore:
-    """The shared half of :class:`tenantvault.Vault`; its parts add the public methods."""
+CallerSession = TypeVar("CallerSession")
+"""The session a facade's callers join with ``session=``: ``Session`` for ``Vault``,
+``AsyncSession`` for ``AsyncVault``. The services take it as given; the core joins
+it (:meth:`VaultCore.scope`)."""
+
+
+def same_session(session: Session) -> Session:
+    """How ``Vault``'s core joins a caller's session: as it is."""
+    return session
+
+
+class VaultCore(Generic[CallerSession]):
+    """What every service of a facade holds: the engine, the keyring, the tenant scope,
+    the lookups, sealing by place and audit events. It never hands out a key."""
 
     def __init__(
         self,
         engine: sa.Engine,
         keyring: Keyring,
         *,
+        join: Callable[[CallerSession], Session],
         history_credentials_kept: int = 10,
         audit_loads: bool = False,
         hot_path_connections: int = 6,
         metrics: Metrics | None = None,
     ) -> None:
-        """A vault on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
+        """A core on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
+
+        ``join``: the caller's session as the core works in it (the same ``Session``
+        for ``Vault``; an ``AsyncSession``'s sync session for ``AsyncVault``).
 
         ``hot_path_connections``: the load hot path holds up to this many connections of
         its own, opened by ``engine`` and detached from its pool (0: none; loads then
@@ -133,10 +143,11 @@ class VaultCore:
         self.history_credentials_kept = history_credentials_kept
         self.audit_loads = audit_loads
         self.metrics = metrics or default_metrics()
-        self._load_sql = queries.hot_load_sql(schema_of(engine))
-        self._token_sql = queries.hot_token_sql(schema_of(engine))
-        self._open_sql = queries.hot_open_sql(schema_of(engine))
-        self._held = (
+        self._join = join
+        self.load_sql = queries.hot_load_sql(schema_of(engine))
+        self.token_sql = queries.hot_token_sql(schema_of(engine))
+        self.open_sql = queries.hot_open_sql(schema_of(engine))
+        self.held = (
             held_connections(engine, size=hot_path_connections)
             if hot_path_connections and not audit_loads
             else None
@@ -145,50 +156,28 @@ class VaultCore:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(engine={self.engine!r}, keyring={self.keyring!r})"
 
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings | None = None,
-        *,
-        key_provider: KeyProvider | None = None,
-        meter_provider: MeterProvider | None = None,
-    ) -> Self:
-        """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings.
-
-        ``meter_provider``: the OpenTelemetry meter provider its metrics go to (the
-        global one when None, also when the application sets it later)."""
-        settings = settings or load_settings()
-        metrics = metrics_on(meter_provider)
-        return cls(
-            create_engine(settings),
-            keyring_from_settings(
-                settings, metered_provider(settings, key_provider, metrics), metrics=metrics
-            ),
-            history_credentials_kept=settings.config_history_credentials_kept,
-            audit_loads=settings.audit_loads,
-            hot_path_connections=settings.hot_path_connections,
-            metrics=metrics,
-        )
-
     def dispose(self) -> None:
         """Close the hot path's held connections and the engine's pooled ones (at
         shutdown; a later call opens new ones)."""
-        if self._held is not None:
-            self._held.close()
+        if self.held is not None:
+            self.held.close()
         self.engine.dispose()
 
     @contextmanager
-    def _scope(self, tenant_id: str, session: Session | None) -> Iterator[Session]:
+    def scope(self, tenant_id: str, session: CallerSession | None) -> Iterator[Session]:
+        """A transaction scoped to ``tenant_id``: the caller's (``session``, joined; the
+        tenant setting stays for the rest of it), or one of its own, committed at the end."""
         # Both branches check tenant_id before touching the database.
         if session is None:
             with tenant_session(self.engine, tenant_id) as own:
                 yield own
             return
-        set_tenant(session.connection(), tenant_id)
-        yield session
+        joined = self._join(session)
+        set_tenant(joined.connection(), tenant_id)
+        yield joined
 
-    def _one_statement(
-        self, statement: str, params: tuple[str, str], session: Session | None
+    def one_statement(
+        self, statement: str, params: tuple[str, str], session: CallerSession | None
     ) -> tuple[bool, Any]:
         """A hot path's one statement (a function of 0009/0011 that scopes the tenant
         itself): (True, its first row), or (False, None) when this vault holds no
@@ -196,41 +185,58 @@ class VaultCore:
         which stays scoped to the tenant, as any call joined to a session leaves it; on
         its own, in autocommit on a held connection, and the setting ends with it."""
         if session is not None:
-            return True, fetch_one_in(session, statement, params)
-        if self._held is not None:
-            return True, self._held.fetch_one(statement, params)
+            return True, fetch_one_in(self._join(session), statement, params)
+        if self.held is not None:
+            return True, self.held.fetch_one(statement, params)
         return False, None
 
-    def _sealer(self, session: Session, tenant_id: str) -> Sealer:
+    def sealer(self, session: Session, tenant_id: str) -> Sealer:
+        """The keyring's sealer for ``tenant_id`` in ``session``'s transaction."""
         return self.keyring.sealer(session.connection(), tenant_id)
 
     @staticmethod
-    def _one(session: Session, statement: Any, what: str) -> EmailProviderConfig:
+    def one(session: Session, statement: Any, what: str) -> EmailProviderConfig:
+        """The one config row ``statement`` selects.
+
+        Raises:
+            NotFoundError: none (the message is ``what``).
+        """
         row = session.scalars(statement).one_or_none()
         if row is None:
             raise NotFoundError(what)
         assert isinstance(row, EmailProviderConfig)
         return row
 
-    def _live(
+    def live(
         self, session: Session, tenant_id: str, config_id: str, *, lock: bool = True
     ) -> EmailProviderConfig:
+        """A live config's row, locked for update unless ``lock`` is False.
+
+        Raises:
+            NotFoundError: no such live config.
+        """
         statement = queries.config_by_id(tenant_id, config_id)
-        return self._one(
+        return self.one(
             session,
             statement.with_for_update() if lock else statement,
             f"no live config {config_id} for tenant {tenant_id}",
         )
 
-    def _open_credentials(
+    def open_credentials(
         self, session: Session, row: EmailProviderConfig, sealer: Sealer | None = None
     ) -> CredentialsModel:
+        """The row's credentials, opened beside its config and version.
+
+        Raises:
+            NotFoundError: the row holds none.
+            DecryptionError: they do not open here (a warning names the config).
+        """
         if row.encrypted_credentials is None:
             raise NotFoundError(f"config {row.id} of tenant {row.tenant_id} has no credentials")
         context = CONFIG_CREDENTIALS.place(
             row.tenant_id, row.id, bound=(row.type, row.version), config=row.config
         )
-        sealer = sealer or self._sealer(session, row.tenant_id)
+        sealer = sealer or self.sealer(session, row.tenant_id)
         try:
             opened = sealer.open(row.encrypted_credentials, context)
         except DecryptionError:
@@ -240,7 +246,7 @@ class VaultCore:
         # so loads, cached or not, rebuild only the credentials model.
         return credentials_from_storage(ProviderType(row.type), opened)
 
-    def _check_binding(self, session: Session, row: EmailProviderConfig) -> None:
+    def check_binding(self, session: Session, row: EmailProviderConfig) -> None:
         """Open the row's credentials, so their binding to its config and version is
         checked; a tenant whose keys were shredded has nothing left to check.
 
@@ -248,24 +254,26 @@ class VaultCore:
             DecryptionError: they do not open beside the row's config and version.
         """
         with contextlib.suppress(KeyDestroyedError):
-            self._open_credentials(session, row)
+            self.open_credentials(session, row)
 
-    def _view(
+    def view(
         self, session: Session, row: EmailProviderConfig, with_credentials: bool
     ) -> ProviderConfig:
+        """What the caller gets for ``row`` (its credentials opened if asked and held)."""
         credentials = None
         if with_credentials and row.encrypted_credentials is not None:
-            credentials = self._open_credentials(session, row)
+            credentials = self.open_credentials(session, row)
         return config_view(row, credentials)
 
     @staticmethod
-    def _audit(
+    def audit_config(
         session: Session,
         row: EmailProviderConfig,
         action: AuditAction,
         actor: str | None,
         **details: str | int | bool | list[str] | None,
     ) -> None:
+        """An audit event about ``row``, in ``session``'s transaction."""
         audit.record(
             session.connection(),
             row.tenant_id,

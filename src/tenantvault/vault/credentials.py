@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, Generic
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
@@ -16,14 +15,21 @@ from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
-from tenantvault.vault.configs import Configs
-from tenantvault.vault.core import log_unopenable, schema_of
+from tenantvault.vault.configs import ConfigService
+from tenantvault.vault.core import CallerSession, VaultCore, log_unopenable, schema_of
+from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage, provider_type
 from tenantvault.vault.versions import checked_note
 
 
-class Credentials(Configs):
+class CredentialService(Generic[CallerSession]):
     """A config's secret credentials."""
+
+    def __init__(
+        self, core: VaultCore[CallerSession], configs: ConfigService[CallerSession]
+    ) -> None:
+        self._core = core
+        self._configs = configs
 
     def store_credentials(
         self,
@@ -34,7 +40,7 @@ class Credentials(Configs):
         actor: str | None = None,
         reason: str | None = None,
         expected_version: int | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> int:
         """Validate and seal new credentials for a live config: credential rotation.
 
@@ -44,8 +50,8 @@ class Credentials(Configs):
         Raises:
             ConcurrentModification: ``expected_version`` is given and the config moved on.
         """
-        with self.metrics.timed_store():
-            return self.update_config(
+        with self._core.metrics.timed_store():
+            return self._configs.update_config(
                 tenant_id,
                 config_id,
                 credentials=credentials,
@@ -61,7 +67,7 @@ class Credentials(Configs):
         config_id: str,
         *,
         actor: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> CredentialsModel:
         """The opened credentials of a live config (secrets as ``SecretStr``).
 
@@ -75,42 +81,52 @@ class Credentials(Configs):
             KeyProviderUnavailable: the tenant's key is not cached and Vault is down.
         """
         started = perf_counter()
-        if not self.audit_loads:
+        if not self._core.audit_loads:
             fast = self._load_credentials_one_round_trip(tenant_id, config_id, session)
             if fast is not None:
-                self.metrics.loaded(started)
+                self._core.metrics.loaded(started)
                 return fast
         actor = checked_note("actor", actor)
-        with self._scope(tenant_id, session) as s:
-            row = self._live(s, tenant_id, config_id, lock=False)
-            opened = self._open_credentials(s, row)
-            if self.audit_loads:
-                self._audit(s, row, AuditAction.CREDENTIALS_REVEALED, actor)
-        self.metrics.loaded(started)
+        with self._core.scope(tenant_id, session) as s:
+            row = self._core.live(s, tenant_id, config_id, lock=False)
+            opened = self._core.open_credentials(s, row)
+            if self._core.audit_loads:
+                self._core.audit_config(s, row, AuditAction.CREDENTIALS_REVEALED, actor)
+        self._core.metrics.loaded(started)
         return opened
 
     def _load_credentials_one_round_trip(
-        self, tenant_id: str, config_id: str, session: Session | None
+        self, tenant_id: str, config_id: str, session: CallerSession | None
     ) -> CredentialsModel | None:
         """The hot path: one statement scopes the tenant and reads the row (migration
         0009's function); the key comes from the cache. None when it is not cached (or
         this vault holds no connections), and the caller takes the full path, which may
         ask the key provider."""
-        ran, row = self._one_statement(
-            self._load_sql, hot_load_parameters(tenant_id, config_id), session
+        ran, row = self._core.one_statement(
+            self._core.load_sql, hot_load_parameters(tenant_id, config_id), session
         )
-        return finish_hot_load(self.keyring, tenant_id, config_id, row) if ran else None
+        return finish_hot_load(self._core.keyring, tenant_id, config_id, row) if ran else None
 
     def load_many_credentials(
-        self, tenant_id: str, config_ids: Sequence[str], *, session: Session | None = None
+        self, tenant_id: str, config_ids: Sequence[str], *, session: CallerSession | None = None
     ) -> dict[str, CredentialsModel]:
         """Credentials of many configs of one tenant: one query, one key fetch per key version."""
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             rows = s.scalars(queries.configs_by_ids(tenant_id, list(config_ids))).all()
-            sealer = self._sealer(s, tenant_id)
+            sealer = self._core.sealer(s, tenant_id)
             return {
-                r.id: self._open_credentials(s, r, sealer) for r in rows if r.encrypted_credentials
+                r.id: self._core.open_credentials(s, r, sealer)
+                for r in rows
+                if r.encrypted_credentials
             }
+
+
+class CredentialMethods(FacadeMethods[CallerSession]):
+    """CredentialService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    store_credentials = Runs(CredentialService[CallerSession].store_credentials)
+    load_credentials = Runs(CredentialService[CallerSession].load_credentials)
+    load_many_credentials = Runs(CredentialService[CallerSession].load_many_credentials)
 
 
 # --- the hot path's rules, shared by Vault (above) and AsyncVault (its held connections) ---

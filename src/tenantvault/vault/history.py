@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Generic
 
 from sqlalchemy.orm import Session
 
@@ -15,7 +16,8 @@ from tenantvault.db.models import (
 )
 from tenantvault.errors import InvalidInputError, NotFoundError
 from tenantvault.keys.sealed import VERSION_CREDENTIALS, config_digest
-from tenantvault.vault.core import VaultCore
+from tenantvault.vault.core import CallerSession, VaultCore
+from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import credentials_from_storage
 from tenantvault.vault.tokens import reseal_tokens_for_config
 from tenantvault.vault.versions import (
@@ -29,8 +31,11 @@ from tenantvault.vault.views import ConfigVersion, ProviderConfig, version_view
 log = logging.getLogger("tenantvault")
 
 
-class History(VaultCore):
+class HistoryService(Generic[CallerSession]):
     """The kept versions of a tenant's configs."""
+
+    def __init__(self, core: VaultCore[CallerSession]) -> None:
+        self._core = core
 
     def _version_view(
         self,
@@ -48,7 +53,7 @@ class History(VaultCore):
                 bound=(kind, row.version),
                 config=row.config,
             )
-            sealer = self._sealer(session, row.tenant_id)
+            sealer = self._core.sealer(session, row.tenant_id)
             credentials = credentials_from_storage(
                 kind, sealer.open(row.encrypted_credentials, context)
             )
@@ -66,11 +71,11 @@ class History(VaultCore):
         return row
 
     def list_config_versions(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
+        self, tenant_id: str, config_id: str, *, session: CallerSession | None = None
     ) -> list[ConfigVersion]:
         """Every kept version of a live config, oldest first (no secrets opened)."""
-        with self._scope(tenant_id, session) as s:
-            config = self._live(s, tenant_id, config_id, lock=False)
+        with self._core.scope(tenant_id, session) as s:
+            config = self._core.live(s, tenant_id, config_id, lock=False)
             rows = s.scalars(queries.config_versions(tenant_id, config_id)).all()
             return [self._version_view(s, r, ProviderType(config.type), False) for r in rows]
 
@@ -81,15 +86,15 @@ class History(VaultCore):
         version: int,
         *,
         with_credentials: bool = False,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ConfigVersion:
         """One kept version of a live config, its credentials opened if asked and kept.
 
         Raises:
             NotFoundError: no such config or version.
         """
-        with self._scope(tenant_id, session) as s:
-            config = self._live(s, tenant_id, config_id, lock=False)
+        with self._core.scope(tenant_id, session) as s:
+            config = self._core.live(s, tenant_id, config_id, lock=False)
             row = self._kept_version(s, tenant_id, config_id, version)
             return self._version_view(s, row, ProviderType(config.type), with_credentials)
 
@@ -102,7 +107,7 @@ class History(VaultCore):
         actor: str | None = None,
         reason: str | None = None,
         expected_version: int | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> ProviderConfig:
         """Make a kept version current again, as a new version (history only grows).
 
@@ -114,8 +119,8 @@ class History(VaultCore):
         """
         actor = checked_note("actor", actor)
         reason = checked_note("reason", reason) or f"rollback to version {to_version}"
-        with self._scope(tenant_id, session) as s:
-            row = self._live(s, tenant_id, config_id)
+        with self._core.scope(tenant_id, session) as s:
+            row = self._core.live(s, tenant_id, config_id)
             check_expected_version(row, expected_version)
             old = self._version_view(
                 s,
@@ -134,19 +139,19 @@ class History(VaultCore):
                 row.config = old.config.model_dump(mode="json", exclude_none=True)
                 if config_digest(row.config) != digest_before:
                     # As update_config: the tokens follow the config they are bound to.
-                    reseal_tokens_for_config(s, self._sealer(s, tenant_id), row, digest_before)
+                    reseal_tokens_for_config(s, self._core.sealer(s, tenant_id), row, digest_before)
                 row.version += 1
                 write_version(
                     s,
-                    self._sealer(s, tenant_id),
+                    self._core.sealer(s, tenant_id),
                     row,
                     ConfigChange.ROLLBACK,
                     old.credentials,
-                    credentials_kept=self.history_credentials_kept,
+                    credentials_kept=self._core.history_credentials_kept,
                     actor=actor,
                     reason=reason,
                 )
-            self._audit(
+            self._core.audit_config(
                 s,
                 row,
                 AuditAction.CONFIG_ROLLED_BACK,
@@ -157,4 +162,12 @@ class History(VaultCore):
             log.info(
                 "config rolled back tenant=%s config=%s to=%s", tenant_id, config_id, to_version
             )
-            return self._view(s, row, with_credentials=False)
+            return self._core.view(s, row, with_credentials=False)
+
+
+class HistoryMethods(FacadeMethods[CallerSession]):
+    """HistoryService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    list_config_versions = Runs(HistoryService[CallerSession].list_config_versions)
+    get_config_version = Runs(HistoryService[CallerSession].get_config_version)
+    rollback_config = Runs(HistoryService[CallerSession].rollback_config)

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from time import perf_counter
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from tenantvault import audit
 from tenantvault.crypto.envelope import SealContext
@@ -29,8 +28,9 @@ from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
-from tenantvault.vault.core import VaultCore, log_unopenable, schema_of
+from tenantvault.vault.core import CallerSession, VaultCore, log_unopenable, schema_of
 from tenantvault.vault.credentials import hot_load_parameters
+from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import (
     CredentialsModel,
     config_from_storage,
@@ -61,11 +61,14 @@ class OpenedConfig:
         raise TypeError("OpenedConfig refuses to be pickled")
 
 
-class Opening(VaultCore):
+class OpeningService(Generic[CallerSession]):
     """A config opened with its secrets (``open_config``)."""
 
+    def __init__(self, core: VaultCore[CallerSession]) -> None:
+        self._core = core
+
     def open_config(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
+        self, tenant_id: str, config_id: str, *, session: CallerSession | None = None
     ) -> OpenedConfig:
         """A live config, its credentials and its OAuth token, verified together.
 
@@ -80,18 +83,18 @@ class Opening(VaultCore):
         """
         started = perf_counter()
         params = hot_load_parameters(tenant_id, config_id)
-        if not self.audit_loads:
-            ran, row = self._one_statement(self._open_sql, params, session)
+        if not self._core.audit_loads:
+            ran, row = self._core.one_statement(self._core.open_sql, params, session)
             if ran:
-                opened = finish_hot_open(self.keyring, tenant_id, config_id, row)
+                opened = finish_hot_open(self._core.keyring, tenant_id, config_id, row)
                 if opened is not None:
-                    self.metrics.loaded(started)
+                    self._core.metrics.loaded(started)
                     return opened
-        with self._scope(tenant_id, session) as s:
-            row = fetch_one_in(s, self._open_sql, params)
-            opened = finish_open(self._sealer(s, tenant_id).open, tenant_id, config_id, row)
+        with self._core.scope(tenant_id, session) as s:
+            row = fetch_one_in(s, self._core.open_sql, params)
+            opened = finish_open(self._core.sealer(s, tenant_id).open, tenant_id, config_id, row)
             assert opened is not None  # a sealer opens or raises
-            if self.audit_loads and opened.credentials is not None:
+            if self._core.audit_loads and opened.credentials is not None:
                 audit.record(
                     s.connection(),
                     tenant_id,
@@ -101,8 +104,14 @@ class Opening(VaultCore):
                     target_id=config_id,
                     details={},
                 )
-        self.metrics.loaded(started)
+        self._core.metrics.loaded(started)
         return opened
+
+
+class OpeningMethods(FacadeMethods[CallerSession]):
+    """OpeningService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    open_config = Runs(OpeningService[CallerSession].open_config)
 
 
 def open_statement(engine: sa.Engine) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, NamedTuple, NoReturn, Protocol
+from typing import Any, Generic, NamedTuple, NoReturn, Protocol
 
 import sqlalchemy as sa
 from pydantic import SecretStr
@@ -37,7 +37,8 @@ from tenantvault.keys.sealed import (
     config_digest,
     stored_config_digest,
 )
-from tenantvault.vault.core import VaultCore, schema_of
+from tenantvault.vault.core import CallerSession, VaultCore, schema_of
+from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import SCOPES_MAX_ITEMS, secret_problem
 
 TOKEN_TYPE_MAX_LENGTH = 64
@@ -122,8 +123,11 @@ def _check_token_fields(
         )
 
 
-class OAuthTokens(VaultCore):
+class TokenService(Generic[CallerSession]):
     """OAuth tokens of a tenant's configs."""
+
+    def __init__(self, core: VaultCore[CallerSession]) -> None:
+        self._core = core
 
     # --- helpers ---
 
@@ -131,7 +135,7 @@ class OAuthTokens(VaultCore):
         self, session: Session, row: EmailProviderToken, config: EmailProviderConfig
     ) -> OAuthToken:
         opened = opened_token(
-            self._sealer(session, row.tenant_id).open,
+            self._core.sealer(session, row.tenant_id).open,
             row.tenant_id,
             row,
             config.type,
@@ -182,15 +186,15 @@ class OAuthTokens(VaultCore):
         expires_at: datetime | None = None,
         scopes: Sequence[str] = (),
         actor: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> int:
         """Seal and upsert a config's tokens (a new grant); returns the token version."""
         _check_token_fields(access_token, refresh_token, token_type, expires_at, scopes)
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             # The config row's lock orders the token writers of this config; the
             # token row's lock waits for a refresh in flight. The version is known
             # before sealing, so the tokens are bound to it.
-            config = self._live(s, tenant_id, config_id)
+            config = self._core.live(s, tenant_id, config_id)
             current = s.execute(
                 sa.select(EmailProviderToken.id, EmailProviderToken.version)
                 .where(
@@ -205,7 +209,12 @@ class OAuthTokens(VaultCore):
                 (new_id(), 1) if current is None else (current.id, current.version + 1)
             )
             access, refresh = seal_tokens(
-                self._sealer(s, tenant_id), config, row_id, version, access_token, refresh_token
+                self._core.sealer(s, tenant_id),
+                config,
+                row_id,
+                version,
+                access_token,
+                refresh_token,
             )
             values: dict[str, Any] = {
                 "encrypted_access_token": access,
@@ -227,21 +236,21 @@ class OAuthTokens(VaultCore):
             return int(version)
 
     def load_oauth_token(
-        self, tenant_id: str, config_id: str, *, session: Session | None = None
+        self, tenant_id: str, config_id: str, *, session: CallerSession | None = None
     ) -> OAuthToken:
         """A config's tokens, opened. Raises NotFoundError when it has none.
 
         One round trip when the tenant's key is cached (migration 0011's function, on
         a held connection or in the caller's transaction), as ``load_credentials``."""
-        ran, row = self._one_statement(
-            self._token_sql, (check_tenant_id(tenant_id), config_id), session
+        ran, row = self._core.one_statement(
+            self._core.token_sql, (check_tenant_id(tenant_id), config_id), session
         )
         if ran:
-            loaded = finish_hot_token(self.keyring, tenant_id, config_id, row)
+            loaded = finish_hot_token(self._core.keyring, tenant_id, config_id, row)
             if loaded is not None:
                 return loaded
-        with self._scope(tenant_id, session) as s:
-            config = self._live(s, tenant_id, config_id, lock=False)
+        with self._core.scope(tenant_id, session) as s:
+            config = self._core.live(s, tenant_id, config_id, lock=False)
             return self._token_view(s, self._token_row(s, tenant_id, config_id), config)
 
     def delete_oauth_token(
@@ -250,10 +259,10 @@ class OAuthTokens(VaultCore):
         config_id: str,
         *,
         actor: str | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> bool:
         """Remove a config's tokens; True if there were any."""
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             deleted = s.execute(queries.delete_tokens_of_config(tenant_id, config_id))
             gone = bool(getattr(deleted, "rowcount", 0))
             if gone:
@@ -266,12 +275,12 @@ class OAuthTokens(VaultCore):
         *,
         within: timedelta,
         now: datetime | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> list[ExpiringToken]:
         """The tenant's tokens whose access token expires within ``within`` of ``now``
         (the expiry scan the refresher runs; served by the tokens' unique index)."""
         moment = now or datetime.now(UTC)
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             rows = s.scalars(queries.tokens_expiring(tenant_id, moment + within)).all()
             return [
                 ExpiringToken(r.config_id, r.expires_at, r.encrypted_refresh_token is not None)
@@ -311,10 +320,10 @@ class OAuthTokens(VaultCore):
         current = self.load_oauth_token(tenant_id, config_id)
         if fresh(current):
             return current
-        with self._scope(tenant_id, None) as s:
+        with self._core.scope(tenant_id, None) as s:
             # The config's lock first, as every token writer takes them: a config change
             # re-seals the tokens and must not interleave with a refresh.
-            config = self._live(s, tenant_id, config_id)
+            config = self._core.live(s, tenant_id, config_id)
             row = self._token_row(s, tenant_id, config_id, lock=True)
             current = self._token_view(s, row, config)
             if fresh(current):
@@ -338,7 +347,7 @@ class OAuthTokens(VaultCore):
                 else current.refresh_token.get_secret_value()
             )
             access, refresh = seal_tokens(
-                self._sealer(s, tenant_id),
+                self._core.sealer(s, tenant_id),
                 config,
                 row.id,
                 current.version + 1,
@@ -373,6 +382,16 @@ class OAuthTokens(VaultCore):
             )
             s.expire(row)
             return self._token_view(s, self._token_row(s, tenant_id, config_id), config)
+
+
+class TokenMethods(FacadeMethods[CallerSession]):
+    """TokenService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    store_oauth_token = Runs(TokenService[CallerSession].store_oauth_token)
+    load_oauth_token = Runs(TokenService[CallerSession].load_oauth_token)
+    delete_oauth_token = Runs(TokenService[CallerSession].delete_oauth_token)
+    tokens_expiring = Runs(TokenService[CallerSession].tokens_expiring)
+    refresh_oauth_token = Runs(TokenService[CallerSession].refresh_oauth_token)
 
 
 # --- sealing a config's tokens: a grant, a refresh, and a change of the config ---

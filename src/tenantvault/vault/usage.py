@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Generic
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from tenantvault.db.models import EmailProviderUsage
 from tenantvault.errors import InvalidInputError, NotFoundError
-from tenantvault.vault.core import VaultCore
+from tenantvault.vault.core import CallerSession, VaultCore
+from tenantvault.vault.methods import FacadeMethods, Runs
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,11 @@ def _count(name: str, value: object) -> int:
     return value
 
 
-class UsageStatistics(VaultCore):
+class UsageService(Generic[CallerSession]):
     """Per-day sending counters of a tenant's configs."""
+
+    def __init__(self, core: VaultCore[CallerSession]) -> None:
+        self._core = core
 
     def record_usage(
         self,
@@ -65,7 +69,7 @@ class UsageStatistics(VaultCore):
         sent: int = 0,
         failed: int = 0,
         now: datetime | None = None,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> None:
         """Add ``sent`` and ``failed`` to the config's counters of the day (UTC).
 
@@ -97,7 +101,7 @@ class UsageStatistics(VaultCore):
             },
         )
         try:
-            with self._scope(tenant_id, session) as s:
+            with self._core.scope(tenant_id, session) as s:
                 if session is None:
                     s.execute(statement)
                 else:  # a savepoint, so a refusal does not abort the caller's transaction
@@ -114,10 +118,10 @@ class UsageStatistics(VaultCore):
         config_id: str,
         *,
         since: date,
-        session: Session | None = None,
+        session: CallerSession | None = None,
     ) -> Usage:
         """The config's counters from ``since`` (a UTC day) on, oldest first."""
-        with self._scope(tenant_id, session) as s:
+        with self._core.scope(tenant_id, session) as s:
             rows = s.scalars(
                 sa.select(EmailProviderUsage)
                 .where(
@@ -131,3 +135,10 @@ class UsageStatistics(VaultCore):
                 config_id,
                 [UsageDay(r.day, r.sent, r.failed, r.last_used_at) for r in rows],
             )
+
+
+class UsageMethods(FacadeMethods[CallerSession]):
+    """UsageService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    record_usage = Runs(UsageService[CallerSession].record_usage)
+    usage = Runs(UsageService[CallerSession].usage)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import InvalidInputError
 from tenantvault.keys.warmup import WarmReport
-from tenantvault.vault.core import VaultCore
+from tenantvault.vault.core import CallerSession, VaultCore
+from tenantvault.vault.methods import FacadeMethods, Runs
 
 
-class Warmup(VaultCore):
+class WarmupService:
     """Filling the key cache before traffic does."""
+
+    def __init__(self, core: VaultCore[Any]) -> None:
+        self._core = core
 
     def warm(self, tenant_ids: Sequence[str]) -> WarmReport:
         """Unwrap and cache the usable data keys (active and draining) of ``tenant_ids``
@@ -31,4 +36,14 @@ class Warmup(VaultCore):
         if isinstance(tenant_ids, str):
             raise InvalidInputError("tenant_ids must be a sequence of tenant ids, not one string")
         checked = [check_tenant_id(tenant_id) for tenant_id in tenant_ids]
-        return self.keyring.warm(self.engine.begin, checked)
+        return self._core.keyring.warm(self._core.engine.begin, checked)
+
+
+class WarmupMethods(FacadeMethods[CallerSession]):
+    """WarmupService's method on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    warm = Runs(
+        WarmupService.warm,
+        async_note="the batch unwraps run in the key provider's worker threads, and the "
+        "backoff after a failed unwrap is the core's own",
+    )
