@@ -147,3 +147,30 @@ def test_offline_sql_builds_the_same_schema_as_online_migration(
         connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
     run_psql(database_url, sql)
     assert _snapshot(owner_engine) == online
+
+
+def test_every_function_tenantvault_makes_fixes_its_search_path(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    """No tenantvault function resolves a name through its caller's search_path, where
+    a role that may create objects in an earlier schema could shadow a built-in (issue
+    22, item 16): every function in the schema, whichever revision made it."""
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        functions = connection.exec_driver_sql(
+            "SELECT p.proname, p.prosecdef, p.proconfig "
+            "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'dripiq_app' ORDER BY 1"
+        ).all()
+    assert len(functions) >= 15  # 0002 to 0016 make them all in the schema
+    unfixed = [
+        name for name, _, config in functions if "search_path=pg_catalog" not in (config or [])
+    ]
+    assert unfixed == []
+    # The three 0016 fixes are SECURITY INVOKER: they run with the caller's rights.
+    invokers = {name for name, definer, _ in functions if not definer}
+    assert {
+        "tenantvault_new_id",
+        "tenantvault_touch_updated_at",
+        "tenantvault_audit_append_only",
+    } <= invokers
