@@ -79,7 +79,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_grants(args: argparse.Namespace) -> int:
-    output.print_app_login_grants(app_login_grants(load_settings(), args.app_login), args.part)
+    grants = app_login_grants(load_settings(), args.app_login)
+    if args.part != "dba":
+        grants.checked_owner_sql()  # SQL its owner could not run is refused, not printed
+    output.print_app_login_grants(grants, args.part)
     return EXIT_OK
 
 
