@@ -110,12 +110,24 @@ def schema_qualified(schema: str, name: str) -> str:
     return f'"{schema}"."{name}"'
 
 
+_STOPPED_AT = "tenantvault.downgrade_at"
+
+
 def refuse_blocked(blockers: Sequence[Blocker]) -> None:
     """Stop the downgrade at the first blocker with rows (see :func:`refuse_if_rows`).
 
     ``tenantvault migrate --downgrade`` counts every blocker of every revision it would
     step through before it changes anything; these checks are the same guard for a
     downgrade run by plain Alembic, and for rows written while a downgrade runs."""
+    if options().rendered_downgrade_to is not None:
+        # The revision the database is at, for the hint: read as the owner, since the
+        # guards run as the migrator role, which may not read alembic_version.
+        op.execute(
+            "DO $$ BEGIN\n"
+            f"  PERFORM set_config('{_STOPPED_AT}', (SELECT version_num FROM "
+            f"{qualified('alembic_version')}), true);\n"
+            "END $$"
+        )
     with as_migrator():
         for blocker in blockers:
             refuse_if_rows(f"SELECT 1 {blocker.rows}", blocker.what)
@@ -140,7 +152,7 @@ def refuse_if_rows(exists_query: str, what: str) -> None:
     if target is not None:
         # A script run with psql: the steps above this one are undone and committed,
         # and the database stays at this revision (read when the guard fires).
-        at = f"(SELECT version_num FROM {qualified('alembic_version')})"
+        at = f"current_setting('{_STOPPED_AT}', true)"
         hint = (
             "'Nothing was changed by this step; the steps above it were undone and the "
             f"database is at ' || {at} || '. Back up the data, then render the rest of the "
