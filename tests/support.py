@@ -101,6 +101,7 @@ REVISIONS = [
     "0013_open_config_bound_tokens",
     "0014_grants_record_targets",
     "0015_replay_guards_and_claims",
+    "0016_function_search_paths",
 ]
 
 

@@ -76,8 +76,12 @@ def _create_roles() -> None:
     opts = options()
     # Roles are cluster-wide and may be shared with other databases, so they are
     # created when missing and never dropped by a downgrade.
+    # The comments inside the blocks are for a reviewer of the rendered SQL (--sql).
     op.execute(
         "DO $$ BEGIN\n"
+        "  -- The two roles, only where the cluster lacks them. Where a DBA made them\n"
+        "  -- beforehand (docs/migration-guide.md, step 2: a least-privilege owner may\n"
+        "  -- not CREATE ROLE), this block does nothing.\n"
         f"  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{opts.app_role}') THEN\n"
         f'    CREATE ROLE "{opts.app_role}" NOLOGIN;\n'
         "  END IF;\n"
@@ -92,6 +96,9 @@ def _create_roles() -> None:
     # sessions stay bound by FORCE ROW LEVEL SECURITY and only SET ROLE crosses tenants.
     op.execute(
         "DO $$ BEGIN\n"
+        "  -- The owner's membership in the migrator role (used only by SET ROLE), only\n"
+        "  -- where it lacks one. Where a DBA granted it (docs/migration-guide.md, step 2)\n"
+        "  -- this block does nothing; granting it here needs ADMIN on the role.\n"
         f"  IF NOT pg_has_role(current_user, '{opts.migrator_role}', 'MEMBER') THEN\n"
         "    IF current_setting('server_version_num')::int >= 160000 THEN\n"
         f"      EXECUTE 'GRANT \"{opts.migrator_role}\" TO CURRENT_USER WITH INHERIT FALSE';\n"

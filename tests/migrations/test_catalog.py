@@ -147,3 +147,68 @@ def test_offline_sql_builds_the_same_schema_as_online_migration(
         connection.exec_driver_sql("DROP SCHEMA dripiq_app CASCADE")
     run_psql(database_url, sql)
     assert _snapshot(owner_engine) == online
+
+
+def test_every_function_tenantvault_makes_fixes_its_search_path(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    """No tenantvault function resolves a name through its caller's search_path, where
+    a role that may create objects in an earlier schema could shadow a built-in (issue
+    22, item 16): every function in the schema, whichever revision made it."""
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        functions = connection.exec_driver_sql(
+            "SELECT p.proname, p.prosecdef, p.proconfig "
+            "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'dripiq_app' ORDER BY 1"
+        ).all()
+    assert len(functions) >= 15  # 0002 to 0016 make them all in the schema
+    unfixed = [
+        name for name, _, config in functions if "search_path=pg_catalog" not in (config or [])
+    ]
+    assert unfixed == []
+    # The three 0016 fixes are SECURITY INVOKER: they run with the caller's rights.
+    invokers = {name for name, definer, _ in functions if not definer}
+    assert {
+        "tenantvault_new_id",
+        "tenantvault_touch_updated_at",
+        "tenantvault_audit_append_only",
+    } <= invokers
+
+
+def test_schema_md_documents_every_table_and_function_tenantvault_makes(
+    settings: Settings, owner_engine: sa.Engine
+) -> None:
+    """docs/schema.md names, in its own section's text, every table tenantvault makes
+    (the record of older values, the switch, the replay marks, the claims, the grants
+    record, Alembic's bookkeeping) and every function (issue 22, item 17)."""
+    from pathlib import Path
+
+    schema_md = (Path(__file__).parents[2] / "docs" / "schema.md").read_text()
+    tables_section = schema_md.split("\n## Tables\n", 1)[1].split("\n## Tenant isolation", 1)[0]
+    migrate.upgrade(settings, REVISIONS[0])
+    with owner_engine.connect() as connection:
+        applications = set(
+            connection.exec_driver_sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'dripiq_app'"
+            ).scalars()
+        ) - {"alembic_version"}
+    migrate.upgrade(settings)
+    with owner_engine.connect() as connection:
+        tables = set(
+            connection.exec_driver_sql(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'dripiq_app' AND c.relkind IN ('r', 'p') "
+                "AND NOT c.relispartition"
+            ).scalars()
+        )
+        functions = set(
+            connection.exec_driver_sql(
+                "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = 'dripiq_app'"
+            ).scalars()
+        )
+    ours = tables - applications
+    assert {"tenantvault_grants", "tenantvault_operator_claims", "alembic_version"} <= ours
+    assert [t for t in sorted(ours) if f"`{t}`" not in tables_section] == []
+    assert [f for f in sorted(functions) if f"`{f}" not in schema_md] == []

@@ -5,6 +5,7 @@ had is taken away, not even by a downgrade."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tenantvault import cli
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings, load_settings
 from tests.conftest import APP_LOGIN_ROLE, Services
-from tests.support import REVISIONS, catalog_snapshot, seed_legacy
+from tests.support import REVISIONS, catalog_snapshot, run_psql, seed_legacy
 
 DEPLOYED_SCHEMA = (Path(__file__).parent / "fixtures" / "deployed_app_schema.sql").read_text()
 OWNER = "tenantvault_test_schema_owner"
@@ -88,7 +89,7 @@ def live_database(settings: Settings, owner_engine: sa.Engine) -> Iterator[Setti
         # and has nothing else on the database, no superuser, CREATEROLE or BYPASSRLS.
         (check,) = guide_sql("1. Check the owner")
         row = connection.exec_driver_sql(check.replace("<owner>", OWNER)).one()
-        assert tuple(row) == (OWNER, [OWNER], False, False, False, True, False)
+        assert tuple(row) == (OWNER, None, False, False, False, True, False)
     url = settings.sqlalchemy_url.set(username=OWNER, password=None)
     owner_settings = load_settings(
         database_url=url.render_as_string(hide_password=False),
@@ -667,3 +668,364 @@ def test_the_upgrade_to_the_strict_record_refuses_a_row_the_old_check_let_in(
         assert migrate.upgrade(live_database).after == REVISIONS[-1]
     finally:
         owner.dispose()
+
+
+# --- the adopting DBA's items (issue 22, items 11, 12, 13, 15, 16, 17) ---
+
+OTHER_OWNER = "tenantvault_test_other_owner"
+
+
+def _psql_url(settings: Settings) -> str:
+    """The URL of ``settings``' login as psql takes it."""
+    return settings.sqlalchemy_url.set(drivername="postgresql").render_as_string(
+        hide_password=False
+    )
+
+
+def _cli(settings: Settings, services: Services, *args: str, **env: str) -> tuple[int, str, str]:
+    """``tenantvault ARGS`` as a real process, as the login of ``settings``."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_environment
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tenantvault.cli", *args],
+        env={**child_environment(settings, services), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture
+def foreign_table(live_database: Settings, owner_engine: sa.Engine) -> Settings:
+    """The live database where one application table has another owner: a service of
+    the application's made it, as the DBA adopting tenantvault found."""
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
+            f"'{OTHER_OWNER}') THEN CREATE ROLE {OTHER_OWNER}; END IF; END $$"
+        )
+        connection.exec_driver_sql(
+            f"ALTER TABLE dripiq_app.contact_campaigns OWNER TO {OTHER_OWNER}"
+        )
+    return live_database
+
+
+def _step_1(owner_engine: sa.Engine) -> tuple[object, ...]:
+    (check,) = guide_sql("1. Check the owner")
+    with owner_engine.connect() as connection:
+        return tuple(connection.exec_driver_sql(check.replace("<owner>", OWNER)).one())
+
+
+def test_step_1_lists_every_table_the_owner_does_not_own(
+    foreign_table: Settings, owner_engine: sa.Engine
+) -> None:
+    """Item 11: the check covers every table of the schema, not the three the
+    migrations alter: the owner's grants of step 5 need them all."""
+    assert _step_1(owner_engine) == (OWNER, ["contact_campaigns"], False, False, False, True, False)
+    with owner_engine.connect() as connection:  # the fix the guide gives, by a DBA
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(f"ALTER TABLE dripiq_app.contact_campaigns OWNER TO {OWNER}")
+    assert _step_1(owner_engine)[1] is None
+
+
+def test_grants_names_the_tables_the_owner_must_be_given(
+    foreign_table: Settings, owner_engine: sa.Engine, services: Services
+) -> None:
+    """Item 11: the owner's part would fail in psql (permission denied for table
+    contact_campaigns); grants refuses it instead, naming the table and its owner."""
+    code, out, err = _cli(foreign_table, services, "grants", "--app-login", APP_LOGIN_ROLE)
+    assert (code, out) == (cli.EXIT_FAILED, ""), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("FAILED: "), err
+    assert f"dripiq_app.contact_campaigns (owned by {OTHER_OWNER})" in lines[0]
+    assert f"OWNER TO {OWNER}" in lines[0]
+    assert "users" not in lines[0]  # only the ones it does not own
+    part = ("grants", "--app-login", APP_LOGIN_ROLE, "--part")
+    assert _cli(foreign_table, services, *part, "owner")[0] == cli.EXIT_FAILED
+    code, _, err = _cli(foreign_table, services, *part, "dba")
+    assert (code, err) == (cli.EXIT_OK, "")  # the DBA's part does not depend on it
+    with owner_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(f"ALTER TABLE dripiq_app.contact_campaigns OWNER TO {OWNER}")
+    code, owner_part, err = _cli(foreign_table, services, *part, "owner")
+    assert (code, err) == (cli.EXIT_OK, "")
+    run_psql(_psql_url(foreign_table), owner_part)  # as the owner
+
+
+def _step_headings() -> list[str]:
+    return [line[3:] for line in GUIDE.splitlines() if line[:3] == "## " and line[3].isdigit()]
+
+
+def _run_guide_block(
+    step: str, settings: Settings, services: Services, dba_url: str, app_login: str, tmp: Path
+) -> None:
+    """The ```bash block of the guide's step ``step``, word for word: its tenantvault
+    commands as the owner (the export it starts with), its psql runs as the login
+    each names (<dba>: the tests' superuser; <owner>: the schema's owner)."""
+    section = GUIDE.split(f"\n## {step}", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    urls = {"<dba>": dba_url, "<owner>": _psql_url(settings)}
+    for line in block.replace("<app_login>", app_login).splitlines():
+        words = line.split()
+        if words[0] == "export":
+            assert "<owner>" in line  # the commands run as the owner
+        elif words[0] == "tenantvault":
+            command, _, target = line.partition(" > ")
+            code, out, err = _cli(settings, services, *command.split()[1:])
+            assert (code, err) == (cli.EXIT_OK, ""), line
+            if target:
+                (tmp / target.strip()).write_text(out)
+        elif words[0] == "psql":
+            role = next(r for r in urls if r in line)
+            run_psql(urls[role], (tmp / words[-1]).read_text())
+        else:
+            raise AssertionError(f"a line the test does not know how to run: {line}")
+
+
+def test_the_app_login_is_set_up_before_adoption_and_never_needs_the_owner(
+    live_database: Settings,
+    owner_engine: sa.Engine,
+    services: Services,
+    tmp_path: Path,
+) -> None:
+    """Item 13: the guide sets up the application's login (step 5) before adoption
+    (step 6), so the application never runs as the owner beside tenantvault's tables;
+    that login keeps working across the adoption with nothing rerun."""
+    import uuid
+
+    from tenantvault import Vault
+
+    order = _step_headings()
+    login_step = next(h for h in order if "application's login" in h)
+    adopt_step = next(h for h in order if h.split(". ", 1)[1].startswith("Adopt"))
+    assert order.index(login_step) < order.index(adopt_step), order
+    login = f"tv_app_{uuid.uuid4().hex[:8]}"
+    with owner_engine.connect() as connection:  # a DBA makes the login
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql(f"CREATE ROLE {login} LOGIN")
+    dba_url = owner_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    _run_guide_block(login_step, live_database, services, dba_url, login, tmp_path)
+    url = live_database.sqlalchemy_url.set(username=login).render_as_string(hide_password=False)
+    app = sa.create_engine(url)
+    with app.begin() as connection:  # the application on its own tables, before adoption
+        assert connection.exec_driver_sql("SELECT count(*) FROM dripiq_app.tenants").scalar() == 3
+        connection.exec_driver_sql("INSERT INTO dripiq_app.organizations VALUES ('o_9', 'O')")
+    _run_guide_block(adopt_step, live_database, services, dba_url, login, tmp_path)
+    with owner_engine.connect() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") == REVISIONS[-1]
+    vault = Vault.from_settings(
+        load_settings(
+            database_url=url,
+            VAULT_ADDR=services.vault_addr,
+            VAULT_TOKEN=services.vault_token,
+            transit_key="tenantvault-tests",
+        )
+    )
+    smtp = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login"}
+    cfg = vault.create_config(
+        "t_globex",
+        type="smtp",
+        name="Relay",
+        config={**smtp, "user": "u"},
+        credentials={"password": "pw-1"},
+    )
+    assert vault.load_credentials("t_globex", cfg.id).password.get_secret_value() == "pw-1"  # type: ignore[union-attr]
+    vault.dispose()
+    with app.connect() as connection:  # still tenant-scoped: nothing without a tenant
+        count = "SELECT count(*) FROM dripiq_app.email_provider_configs"
+        assert connection.exec_driver_sql(count).scalar() == 0
+    app.dispose()
+
+
+def _security_policy(section: str) -> list[str]:
+    """The ```hcl blocks of SECURITY.md's section ``section``."""
+    text = (Path(__file__).parents[2] / "SECURITY.md").read_text()
+    part = text.split(f"\n### {section}\n", 1)[1].split("\n### ", 1)[0]
+    return [block.split("```", 1)[0] for block in part.split("```hcl\n")[1:]]
+
+
+def _policy_token(services: Services, name: str, hcl: str) -> str:
+    import hvac
+
+    root = hvac.Client(url=services.vault_addr, token=services.vault_token)
+    # The policy names the key "tenantvault"; the tests' key is "tenantvault-tests".
+    hcl = hcl.replace('/tenantvault"', '/tenantvault-tests"').replace(
+        "/tenantvault/", "/tenantvault-tests/"
+    )
+    root.sys.create_or_update_policy(name, hcl)
+    return str(root.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"])
+
+
+def test_status_exits_0_as_the_owner_with_exactly_the_operators_policy(
+    live_database: Settings, services: Services
+) -> None:
+    """Item 12: the guide's "exit 0" with SECURITY.md's operator policy (its two
+    blocks: what the application's token may, and what the operator's adds)."""
+    migrate.upgrade(live_database, adopt=True)
+    application, operator = _security_policy("Vault policy (least privilege)")
+    token = _policy_token(services, "tv-operator-doc", application + operator)
+    code, out, err = _cli(live_database, services, "status", VAULT_TOKEN=token)
+    assert (code, err) == (cli.EXIT_OK, ""), out
+    assert "reachable, engine mounted" in out
+    assert "not checked" not in out
+
+
+def test_status_as_the_app_login_says_of_transit_what_the_guide_says(
+    live_database: Settings, services: Services
+) -> None:
+    """Item 12: the transit lines the app login's status prints are the guide's."""
+    migrate.upgrade(live_database, adopt=True)
+    (application, _) = _security_policy("Vault policy (least privilege)")
+    app_settings = load_settings(
+        database_url=live_database.sqlalchemy_url.set(username=APP_LOGIN_ROLE).render_as_string(
+            hide_password=False
+        ),
+        VAULT_ADDR=services.vault_addr,
+        VAULT_TOKEN=services.vault_token,
+    )
+    guide = " ".join(GUIDE.split("\n## 7. Verify", 1)[1].split("\n## ", 1)[0].split())
+    for token, line in (
+        (
+            _policy_token(services, "tv-app-doc", application),
+            "not checked: the token may not list the secrets engines (read sys/mounts)",
+        ),
+        (
+            "s.not-a-token",
+            "the token was refused (not a valid token: mistyped, expired or revoked)",
+        ),
+    ):
+        code, out, err = _cli(app_settings, services, "status", VAULT_TOKEN=token)
+        assert (code, err) == (cli.EXIT_UNHEALTHY, ""), out
+        transit = [row for row in out.splitlines() if row.startswith("transit ")]
+        assert len(transit) == 1, out
+        assert transit[0].endswith(f": {line}"), out
+        assert line in guide  # documented where the DBA meets it
+
+
+def test_a_rendered_downgrade_stopped_by_psql_names_the_command_that_renders_the_rest(
+    live_database: Settings, owner_engine: sa.Engine, services: Services, tmp_path: Path
+) -> None:
+    """Item 15: the hint of a guard in a script rendered by `tenantvault migrate --sql
+    --downgrade` is tenantvault's command, from where the database stopped, not
+    Alembic's -x flag; following it finishes the downgrade. The guide quotes it."""
+    from tests.support import PsqlError
+
+    migrate.upgrade(live_database, adopt=True)
+    with owner_engine.begin() as connection:  # a usage counter: 0008's downgrade deletes it
+        connection.exec_driver_sql(
+            "INSERT INTO dripiq_app.email_provider_usage (tenant_id, config_id, day, last_used_at) "
+            "SELECT tenant_id, id, current_date, now() FROM dripiq_app.email_provider_configs LIMIT 1"
+        )
+    owner_url = _psql_url(live_database)
+    render = ("migrate", "--sql", "--downgrade", "--revision", REVISIONS[0])
+    code, script, err = _cli(live_database, services, *render)
+    assert (code, err) == (cli.EXIT_OK, "")
+    with pytest.raises(PsqlError) as stopped:
+        run_psql(owner_url, script)
+    hints = [line for line in str(stopped.value).splitlines() if line.startswith("HINT:")]
+    assert len(hints) == 1, stopped.value
+    command = (
+        f"tenantvault migrate --sql --downgrade --revision {REVISIONS[0]} --allow-data-loss "
+        "--from 0008_audit_and_lifecycle"
+    )
+    assert hints[0].endswith(command)
+    assert "-x" not in hints[0]
+    assert "the database is at 0008_audit_and_lifecycle" in hints[0]
+    assert hints[0] in GUIDE  # the guide quotes it as psql prints it
+    with owner_engine.connect() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") == "0008_audit_and_lifecycle"
+    code, rest, err = _cli(live_database, services, *command.split()[1:])
+    assert (code, err) == (cli.EXIT_OK, "")
+    run_psql(owner_url, rest)
+    with owner_engine.connect() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") == REVISIONS[0]
+
+
+def test_the_rendered_adoption_says_its_role_blocks_do_nothing_after_step_2(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    """Item 16: the CREATE ROLE and GRANT ... TO CURRENT_USER blocks a reviewer meets
+    in adopt.sql say, where they are, that they do nothing after step 2; the guide's
+    step 3 says so too; and the owner, who may not create roles, runs the script."""
+    from tenantvault.db.migration_support import MigrationOptions
+
+    script = migrate.offline_sql(MigrationOptions(), adopt=True)
+    blocks = [b for b in script.split("DO $$") if "CREATE ROLE" in b or "TO CURRENT_USER" in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        comment = " ".join(
+            line.strip().removeprefix("-- ") for line in block.splitlines() if "--" in line
+        )
+        assert "step 2" in comment, block
+        assert "this block does nothing" in comment, block
+    step_3 = " ".join(GUIDE.split("\n## 3.", 1)[1].split("\n## ", 1)[0].split())
+    assert "TO CURRENT_USER" in step_3
+    assert "after step 2 nothing is" in step_3
+    run_psql(_psql_url(live_database), script)
+    with owner_engine.connect() as connection:
+        assert migrate.current_revision(connection, "dripiq_app") == REVISIONS[-1]
+
+
+def test_a_downgrade_and_upgrade_leave_the_dropped_columns_the_guide_names(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    """Item 17: each downgrade below 0003 and upgrade again leaves two dropped columns
+    in the application's sender table (PostgreSQL keeps a dropped column's slot); the
+    guide says so."""
+    dropped = (
+        "SELECT count(*) FROM pg_attribute WHERE attisdropped "
+        "AND attrelid = 'dripiq_app.email_sender_identities'::regclass"
+    )
+    migrate.upgrade(live_database, adopt=True)
+    for cycle in (1, 2):
+        migrate.downgrade(live_database, REVISIONS[1], allow_data_loss=True)
+        migrate.upgrade(live_database)
+        with owner_engine.connect() as connection:
+            assert connection.exec_driver_sql(dropped).scalar() == 2 * cycle
+    roll_back = " ".join(GUIDE.split("\n## 8. Roll back", 1)[1].split())
+    assert "two dropped columns" in roll_back
+
+
+ANALYZE_WARNING = re.compile(r"`(WARNING:  [^`]*\"<table>\"[^`]*)`")
+
+
+def test_the_owners_analyze_warns_only_as_the_backup_guide_says(
+    live_database: Settings, owner_engine: sa.Engine
+) -> None:
+    """Item 17: docs/backup.md's step "As the owner, ANALYZE" quotes the warnings the
+    owner gets (the catalogs it does not own), in 15's words and in 16+'s."""
+    import psycopg
+
+    migrate.upgrade(live_database, adopt=True)
+    backup = (Path(__file__).parents[2] / "docs" / "backup.md").read_text()
+    quoted = ANALYZE_WARNING.findall(" ".join(backup.split()).replace("WARNING: ", "WARNING:  "))
+    assert len(quoted) >= 2, quoted
+    forms = [
+        re.compile(re.escape(q).replace(re.escape('"<table>"'), '"(?P<t>[^"]+)"') + "$")
+        for q in quoted
+    ]
+    notices: list[str] = []
+    url = live_database.sqlalchemy_url.set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(f"{d.severity}:  {d.message_primary}"))
+        conn.execute("ANALYZE")
+    assert notices  # the system catalogs it does not own
+    with owner_engine.connect() as connection:
+        catalogs = set(
+            connection.exec_driver_sql(
+                "SELECT relname FROM pg_class WHERE relnamespace IN "
+                "('pg_catalog'::regnamespace, 'information_schema'::regnamespace, "
+                "'pg_toast'::regnamespace)"
+            ).scalars()
+        )
+    for notice in notices:
+        match = next((m for f in forms if (m := f.match(notice))), None)
+        assert match is not None, (notice, quoted)
+        assert match["t"] in catalogs  # never one of the schema's tables

@@ -79,7 +79,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_grants(args: argparse.Namespace) -> int:
-    output.print_app_login_grants(app_login_grants(load_settings(), args.app_login), args.part)
+    grants = app_login_grants(load_settings(), args.app_login)
+    if args.part != "dba":
+        grants.checked_owner_sql()  # SQL its owner could not run is refused, not printed
+    output.print_app_login_grants(grants, args.part)
     return EXIT_OK
 
 
@@ -488,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the SQL that sets up the application's login (tenant isolation kept)",
         description="Prints, for the schema's owner to run, the grants on the application's "
         "own tables and sequences, and, for a DBA, the membership in the app role. Refuses a "
-        "login that could cross tenants.",
+        "login that could cross tenants, and the owner's part where the schema's owner does "
+        "not own every table and sequence (each named).",
     )
     g.add_argument(
         "--app-login", required=True, metavar="ROLE", help="the application's login role"

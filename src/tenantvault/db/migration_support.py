@@ -30,6 +30,10 @@ class MigrationOptions:
     migrator_role: str = "tenantvault_migrator"
     lock_timeout_ms: int = 5000
     allow_data_loss: bool = False
+    # The target of a downgrade rendered by `tenantvault migrate --sql --downgrade`:
+    # its guards' hints then name that command (with --from where the database
+    # stopped), not Alembic's -x flag.
+    rendered_downgrade_to: str | None = None
     # Data migrations commit between batches, outside the revision's transaction. False
     # when the migration runs on a caller's connection: its transactions are the caller's.
     commit_batches: bool = True
@@ -106,12 +110,24 @@ def schema_qualified(schema: str, name: str) -> str:
     return f'"{schema}"."{name}"'
 
 
+_STOPPED_AT = "tenantvault.downgrade_at"
+
+
 def refuse_blocked(blockers: Sequence[Blocker]) -> None:
     """Stop the downgrade at the first blocker with rows (see :func:`refuse_if_rows`).
 
     ``tenantvault migrate --downgrade`` counts every blocker of every revision it would
     step through before it changes anything; these checks are the same guard for a
     downgrade run by plain Alembic, and for rows written while a downgrade runs."""
+    if options().rendered_downgrade_to is not None:
+        # The revision the database is at, for the hint: read as the owner, since the
+        # guards run as the migrator role, which may not read alembic_version.
+        op.execute(
+            "DO $$ BEGIN\n"
+            f"  PERFORM set_config('{_STOPPED_AT}', (SELECT version_num FROM "
+            f"{qualified('alembic_version')}), true);\n"
+            "END $$"
+        )
     with as_migrator():
         for blocker in blockers:
             refuse_if_rows(f"SELECT 1 {blocker.rows}", blocker.what)
@@ -119,22 +135,34 @@ def refuse_blocked(blockers: Sequence[Blocker]) -> None:
 
 def refuse_if_rows(exists_query: str, what: str) -> None:
     """Stop the downgrade when ``exists_query`` finds a row, unless the operator
-    acknowledged the loss with ``-x allow_data_loss=true``.
+    acknowledged the loss (``-x allow_data_loss=true``, or ``--allow-data-loss``).
 
     The check runs in the database (a DO block), so it also guards SQL rendered
     offline with ``--sql``.
     """
-    if options().allow_data_loss:
+    opts = options()
+    if opts.allow_data_loss:
         return
     message = f"tenantvault: downgrade refused: it would delete {what}".replace("'", "''")
     hint = (
-        "Nothing was changed by this step. Back up the data, then rerun with "
-        f"-x {ALLOW_DATA_LOSS_FLAG}=true to acknowledge the loss."
+        "'Nothing was changed by this step. Back up the data, then rerun with "
+        f"-x {ALLOW_DATA_LOSS_FLAG}=true to acknowledge the loss.'"
     )
+    target = opts.rendered_downgrade_to
+    if target is not None:
+        # A script run with psql: the steps above this one are undone and committed,
+        # and the database stays at this revision (read when the guard fires).
+        at = f"current_setting('{_STOPPED_AT}', true)"
+        hint = (
+            "'Nothing was changed by this step; the steps above it were undone and the "
+            f"database is at ' || {at} || '. Back up the data, then render the rest of the "
+            f"downgrade again, acknowledging the loss: tenantvault migrate --sql --downgrade "
+            f"--revision {target} --allow-data-loss --from ' || {at}"
+        )
     op.execute(
         "DO $$ BEGIN\n"
         f"  IF EXISTS ({exists_query}) THEN\n"
-        f"    RAISE EXCEPTION USING MESSAGE = '{message}', HINT = '{hint}';\n"
+        f"    RAISE EXCEPTION USING MESSAGE = '{message}', HINT = {hint};\n"
         "  END IF;\n"
         "END $$"
     )

@@ -15,13 +15,13 @@ security only through FORCE, and may alter or drop the tables). Its new login ge
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
 from tenantvault.db.migration_support import GRANTS_TABLE
 from tenantvault.db.models import Base
-from tenantvault.errors import InvalidInputError
+from tenantvault.errors import InvalidInputError, MigrationError
 from tenantvault.keys.legacy import RECORD_TABLE, SWITCH_TABLE
 from tenantvault.ops.migrate import LEGACY_TABLES, migration_engine
 from tenantvault.settings import Settings
@@ -41,11 +41,39 @@ _NOT_THE_APPLICATIONS = {name for name in Base.metadata.tables if name not in LE
 @dataclass(frozen=True)
 class AppLoginGrants:
     """The SQL for one login: ``owner_sql`` for the schema's owner, ``dba_sql`` for a
-    role that may grant membership in the app role (a DBA)."""
+    role that may grant membership in the app role (a DBA).
+
+    ``not_grantable`` names the application's tables and sequences the schema's owner
+    may not grant on (it neither owns them nor holds the privileges WITH GRANT OPTION),
+    each with its owner: ``owner_sql`` would fail on them, so :meth:`checked_owner_sql`
+    refuses."""
 
     login: str
+    schema: str
+    schema_owner: str
     dba_sql: list[str]
     owner_sql: list[str]
+    not_grantable: list[tuple[str, str]] = field(default_factory=list)
+
+    def checked_owner_sql(self) -> list[str]:
+        """``owner_sql``, or a refusal naming every relation the owner cannot grant on.
+
+        Raises:
+            MigrationError: the schema's owner does not own some of the application's
+                tables or sequences (the migration guide's step 1 asks that it own
+                every one): the message names each, with its owner, and the fix.
+        """
+        if not self.not_grantable:
+            return self.owner_sql
+        named = ", ".join(
+            f"{self.schema}.{name} (owned by {owner})" for name, owner in self.not_grantable
+        )
+        raise MigrationError(
+            f"the owner's part grants on every table and sequence of schema {self.schema}, "
+            f"and its owner {self.schema_owner} may not grant on {named}: give them to it "
+            f"(ALTER TABLE ... OWNER TO {self.schema_owner}, as a DBA, as the migration "
+            "guide's step 1 says), then rerun"
+        )
 
 
 def app_login_grants(settings: Settings, login: str) -> AppLoginGrants:
@@ -64,18 +92,17 @@ def app_login_grants(settings: Settings, login: str) -> AppLoginGrants:
     try:
         with engine.connect() as connection:
             _refuse_unsafe_login(connection, settings, login)
-            relations = connection.execute(
-                sa.text(
-                    "SELECT c.relname, c.relkind = 'S' FROM pg_class c "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :schema "
-                    "AND c.relkind IN ('r', 'p', 'S') AND NOT c.relispartition ORDER BY c.relname"
-                ),
-                {"schema": schema},
-            ).all()
+            relations = connection.execute(sa.text(_RELATIONS), {"schema": schema}).all()
+            schema_owner = connection.execute(
+                sa.text("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = :s"),
+                {"s": schema},
+            ).scalar_one()
     finally:
         engine.dispose()
-    own = [n for n, sequence in relations if not sequence and n not in _NOT_THE_APPLICATIONS]
-    seqs = [name for name, sequence in relations if sequence]
+    ours = [r for r in relations if r.is_sequence or r.relname not in _NOT_THE_APPLICATIONS]
+    own = [r.relname for r in ours if not r.is_sequence]
+    seqs = [r.relname for r in ours if r.is_sequence]
+    not_grantable = [(r.relname, r.owner) for r in ours if not r.grantable]
     owner_sql = [f'GRANT USAGE ON SCHEMA "{schema}" TO "{login}";']
     if own:
         names = ", ".join(f'"{schema}"."{t}"' for t in own)
@@ -83,7 +110,35 @@ def app_login_grants(settings: Settings, login: str) -> AppLoginGrants:
     if seqs:
         names = ", ".join(f'"{schema}"."{s}"' for s in seqs)
         owner_sql.append(f'GRANT USAGE, SELECT, UPDATE ON SEQUENCE {names} TO "{login}";')
-    return AppLoginGrants(login, [f'GRANT "{settings.app_role}" TO "{login}";'], owner_sql)
+    return AppLoginGrants(
+        login,
+        schema,
+        schema_owner,
+        [f'GRANT "{settings.app_role}" TO "{login}";'],
+        owner_sql,
+        not_grantable,
+    )
+
+
+# The schema's tables and sequences, each with its owner and whether the schema's
+# owner may grant on it what the owner's part grants (owning it, or holding each
+# privilege WITH GRANT OPTION): whoever runs the command, the owner runs that part.
+_RELATIONS = """
+SELECT c.relname, c.relkind = 'S' AS is_sequence, c.relowner::regrole::text AS owner,
+       CASE WHEN c.relkind = 'S' THEN
+         has_sequence_privilege(n.nspowner, c.oid, 'USAGE WITH GRANT OPTION')
+         AND has_sequence_privilege(n.nspowner, c.oid, 'SELECT WITH GRANT OPTION')
+         AND has_sequence_privilege(n.nspowner, c.oid, 'UPDATE WITH GRANT OPTION')
+       ELSE
+         has_table_privilege(n.nspowner, c.oid, 'SELECT WITH GRANT OPTION')
+         AND has_table_privilege(n.nspowner, c.oid, 'INSERT WITH GRANT OPTION')
+         AND has_table_privilege(n.nspowner, c.oid, 'UPDATE WITH GRANT OPTION')
+         AND has_table_privilege(n.nspowner, c.oid, 'DELETE WITH GRANT OPTION')
+       END AS grantable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = :schema AND c.relkind IN ('r', 'p', 'S') AND NOT c.relispartition
+ORDER BY c.relname
+"""
 
 
 # Every role ``login`` reaches through pg_auth_members, followed to any depth (each

@@ -6,6 +6,7 @@ Alembic's revisions live in ``migrations/`` (shipped inside the wheel as
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,13 +298,21 @@ def offline_sql(
     if downgrade_from is not None:
         check_revision(downgrade_from, "--from")
         start = head_revision() if downgrade_from == "head" else downgrade_from
-        _refuse_below_baseline(_downgrade_steps(_script(), start, revision))
+        steps = _downgrade_steps(_script(), start, revision)
+        _refuse_below_baseline(steps)
+        # The guards' hints name the target as an absolute revision: a relative one
+        # ("-2") would mean another target from where the script stopped.
+        below = _script().get_revision(steps[-1]).down_revision if steps else None
+        target = below if isinstance(below, str) else revision
+        options = dataclasses.replace(options, rendered_downgrade_to=target)
         header = (
             f"-- A downgrade from {start} to {revision}: run it only on a database at {start}.\n"
             + (
                 "-- It deletes what the older schema cannot hold (--allow-data-loss).\n\n"
                 if options.allow_data_loss
-                else "-- Each step refuses, changing nothing, where it would delete data.\n\n"
+                else "-- Each step refuses, changing nothing, where it would delete data; the\n"
+                "-- steps above it stay undone, and its hint gives the command that renders\n"
+                "-- the rest from there (--from) with --allow-data-loss.\n\n"
             )
         )
         return header + _render(
