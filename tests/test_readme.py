@@ -97,6 +97,9 @@ def test_readme_adds_each_tenant_its_blocks_name_right_before_the_first_block() 
     assert literal(_TENANT.pattern, first.code) in added
     assert named <= set(added), f"tenants no README line adds: {named - set(added)}"
     assert f"tenantvault dev add-tenant {literal(_TENANT.pattern, first.code)}" in last_bash[1]
+    # scripts/demo ends by naming the same line.
+    demo = (README.parents[0] / "scripts" / "demo").read_text()
+    assert f"tenantvault dev add-tenant {literal(_TENANT.pattern, first.code)}" in demo
 
 
 def test_the_first_block_ends_by_closing_its_vault() -> None:
