@@ -276,3 +276,12 @@ def record_as_the_upgrade(owner_engine: sa.Engine, tenant_id: str) -> None:
                 ),
                 {"t": tenant_id},
             )
+
+
+def write_as_app(app_url: str, statement: str, **params: object) -> None:
+    """One transaction as the application's own login, scoped to t_a: as an SQL injection
+    or a leaked application login would write."""
+    with psycopg.connect(app_url, autocommit=False) as connection:
+        connection.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
+        connection.execute(statement, params)
+        connection.commit()

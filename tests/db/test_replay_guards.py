@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from tenantvault import Vault
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.ops.purge import purge_deleted_configs
+from tests.support import write_as_app
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 OAUTH = {**SMTP, "auth_type": "oauth2"}
@@ -28,18 +29,9 @@ TOKENS = "dripiq_app.email_provider_tokens"
 VERSIONS = "dripiq_app.email_provider_config_versions"
 
 
-def _as_app(app_url: str, statement: str, **params: object) -> None:
-    """One transaction as the application's own login, scoped to t_a (as an SQL injection
-    or a leaked application login would write)."""
-    with psycopg.connect(app_url) as connection:
-        connection.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
-        connection.execute(statement, params)
-        connection.commit()
-
-
 def _refused(app_url: str, statement: str, match: str, **params: object) -> None:
     with pytest.raises(psycopg.errors.IntegrityConstraintViolation, match=match):
-        _as_app(app_url, statement, **params)
+        write_as_app(app_url, statement, **params)
 
 
 def _row(owner_engine: sa.Engine, table: str, where: str, **params: object) -> dict[str, Any]:
@@ -132,7 +124,7 @@ def test_a_pruned_history_secret_is_not_put_back(
     )
     kept = _row(owner_engine, VERSIONS, "config_id = :id AND version = 1", id=cfg.id)
     where = "WHERE config_id = %(id)s AND version = 1"
-    _as_app(app_url, f"UPDATE {VERSIONS} SET encrypted_credentials = NULL {where}", id=cfg.id)
+    write_as_app(app_url, f"UPDATE {VERSIONS} SET encrypted_credentials = NULL {where}", id=cfg.id)
     _refused(
         app_url,
         f"UPDATE {VERSIONS} SET encrypted_credentials = %(e)s {where}",

@@ -27,18 +27,10 @@ from tenantvault.rotation.status import key_status
 from tenantvault.settings import Settings
 from tests.async_support import sync_provider
 from tests.conftest import CountingProvider, fresh_keyring
-from tests.support import record_as_the_upgrade
+from tests.support import record_as_the_upgrade, write_as_app
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
 PASSWORD = "the-real-smtp-password"
-
-
-def _as_app(app_url: str, statement: str, **params: object) -> None:
-    """Write as the application's own login, as an SQL injection would."""
-    with psycopg.connect(app_url, autocommit=False) as connection:
-        connection.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
-        connection.execute(statement, params)
-        connection.commit()
 
 
 def _copy_back(app_url: str, owner_engine: sa.Engine, statement: str, **params: object) -> None:
@@ -48,7 +40,7 @@ def _copy_back(app_url: str, owner_engine: sa.Engine, statement: str, **params: 
     with pytest.raises(
         psycopg.errors.IntegrityConstraintViolation, match="may change only with a new version"
     ):
-        _as_app(app_url, statement, **params)
+        write_as_app(app_url, statement, **params)
     with owner_engine.begin() as connection:
         connection.exec_driver_sql(statement, params)
 
@@ -73,7 +65,7 @@ def test_a_config_rewritten_by_sql_never_comes_back_with_the_credentials(
         "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": PASSWORD}
     )
     assert _password(vault.load_credentials("t_a", cfg.id)) == PASSWORD  # warm: hot path
-    _as_app(
+    write_as_app(
         app_url,
         f"UPDATE dripiq_app.email_provider_configs SET {rewrite} WHERE id = %(id)s",
         id=cfg.id,
@@ -279,7 +271,7 @@ def test_a_rewritten_config_is_refused_before_new_credentials_are_bound_to_it(
     cfg = vault.create_config(
         "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": PASSWORD}
     )
-    _as_app(
+    write_as_app(
         app_url,
         "UPDATE dripiq_app.email_provider_configs "
         "SET config = jsonb_set(config, '{host}', '\"smtp.attacker.example\"') WHERE id = %(id)s",
@@ -387,7 +379,7 @@ def test_a_recorded_older_value_beside_a_rewritten_config_is_not_laundered_by_re
     """The review's path: the app's login rewrites the config beside a format-1 value,
     and the operator's --reseal-only would bind it to the hostile config."""
     config_id = _legacy_config(vault, owner_engine)
-    _as_app(
+    write_as_app(
         app_url,
         "UPDATE dripiq_app.email_provider_configs "
         'SET config = config || \'{"host": "smtp.attacker.example"}\' WHERE id = %(id)s',

@@ -26,23 +26,15 @@ from tenantvault.rotation.status import key_status
 from tests.async_support import sync_provider
 from tests.conftest import CountingProvider, fresh_keyring
 from tests.rotation_support import GRAPH, GRAPH_TOKEN, SMTP
-from tests.support import record_as_the_upgrade
+from tests.support import record_as_the_upgrade, write_as_app
 
 PASSWORD = "the-real-smtp-password"
 OAUTH_SMTP = {**SMTP, "auth_type": "oauth2"}
 HOSTILE = 'config = config || \'{"host": "smtp.attacker.example"}\''
 
 
-def _as_app(app_url: str, statement: str, **params: object) -> None:
-    """Write as the application's own login, as an SQL injection would."""
-    with psycopg.connect(app_url, autocommit=False) as connection:
-        connection.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
-        connection.execute(statement, params)
-        connection.commit()
-
-
 def _rewrite(app_url: str, config_id: str, change: str) -> None:
-    _as_app(
+    write_as_app(
         app_url,
         f"UPDATE dripiq_app.email_provider_configs SET {change} WHERE id = %(id)s",
         id=config_id,

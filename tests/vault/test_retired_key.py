@@ -15,7 +15,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -28,16 +27,9 @@ from tenantvault.rotation.options import DekRotationOptions
 from tenantvault.rotation.shred import shred_tenant
 from tests.conftest import CountingProvider, fresh_keyring
 from tests.rotation_support import GRAPH, GRAPH_TOKEN, SMTP, key_states
+from tests.support import write_as_app
 
 PASSWORD = "the-real-password"
-
-
-def _as_app(app_url: str, statement: str, **params: object) -> None:
-    """Write as the application's own login, as an SQL injection would."""
-    with psycopg.connect(app_url, autocommit=False) as connection:
-        connection.execute("SELECT set_config('tenantvault.tenant_id', 't_a', true)")
-        connection.execute(statement, params)
-        connection.commit()
 
 
 def _one(owner_engine: sa.Engine, query: str, **params: object) -> Any:
@@ -67,7 +59,7 @@ def _forge_credentials(owner_engine: sa.Engine, app_url: str, key: DataKey, conf
     )
     place = CONFIG_CREDENTIALS.place("t_a", config_id, bound=(kind, version + 1), config=config)
     forged = seal(key, json.dumps({"password": "forged"}).encode(), place)
-    _as_app(
+    write_as_app(
         app_url,
         "UPDATE dripiq_app.email_provider_configs SET encrypted_credentials = %(v)s, "
         "version = version + 1 WHERE id = %(id)s",
@@ -93,7 +85,7 @@ def _forge_tokens(owner_engine: sa.Engine, app_url: str, key: DataKey, config_id
     refresh = seal(
         key, b"forged-refresh", REFRESH_TOKEN.place("t_a", config_id, bound=bound, config=config)
     )
-    _as_app(
+    write_as_app(
         app_url,
         "UPDATE dripiq_app.email_provider_tokens SET encrypted_access_token = %(a)s, "
         "encrypted_refresh_token = %(r)s, version = version + 1 WHERE config_id = %(id)s",
