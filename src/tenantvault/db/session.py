@@ -67,6 +67,14 @@ def create_engine(settings: Settings, **kwargs: object) -> Engine:
     return engine.execution_options(schema_translate_map={None: settings.schema_name})
 
 
+def function_name(connection: Connection, name: str) -> str:
+    """``name``, a function of the schema, qualified for ``connection`` (from an engine of
+    :func:`create_engine`): the engine's schema_translate_map renames tables, not
+    functions called in SQL text."""
+    schema = connection.get_execution_options()["schema_translate_map"][None]
+    return f'"{schema}".{name}'
+
+
 def create_async_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
     """:func:`create_engine`'s twin on psycopg's ``AsyncConnection`` (SQLAlchemy's
     asyncio layer picks psycopg's async driver for the same ``postgresql+psycopg`` URL)."""

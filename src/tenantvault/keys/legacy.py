@@ -14,7 +14,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from tenantvault.crypto.envelope import SealContext, is_current_format
+from tenantvault.db.session import function_name
 from tenantvault.errors import DecryptionError
+from tenantvault.keys.sealed import SealedColumn
 
 # Migration 0013's names: the switch, the record and the function that reads both.
 SWITCH_TABLE = "tenantvault_sealing"
@@ -22,9 +24,14 @@ RECORD_TABLE = "tenantvault_legacy_values"
 OPENS_FUNCTION = "tenantvault_legacy_opens"
 
 
-def _schema(connection: sa.Connection) -> str:
-    # Functions are not renamed by the engine's schema_translate_map: qualify by hand.
-    return str(connection.get_execution_options()["schema_translate_map"][None])
+def sql_opens(column: SealedColumn, function: str) -> str:
+    """An SQL condition on a row ``t`` of ``column``'s table: the database lets its
+    value (an older-format one; current ones need no asking) open. ``function`` is
+    :data:`OPENS_FUNCTION`, qualified for the caller's schema."""
+    return (
+        f"{function}(t.tenant_id, '{column.table}', '{column.column}', "
+        f"{column.sql_row_id('t')}, t.{column.column})"
+    )
 
 
 def database_allows(connection: sa.Connection, place: SealContext, sealed: str) -> bool:
@@ -32,7 +39,7 @@ def database_allows(connection: sa.Connection, place: SealContext, sealed: str) 
     return bool(
         connection.execute(
             sa.text(
-                f'SELECT "{_schema(connection)}".{OPENS_FUNCTION}('
+                f"SELECT {function_name(connection, OPENS_FUNCTION)}("
                 ":tenant, :table, :column, :row, :value)"
             ),
             {

@@ -148,6 +148,11 @@ class SealedColumn:
         """The row id in a value's associated data: the row's ``keys``, joined with ``:``."""
         return ":".join(map(str, key_values))
 
+    def sql_row_id(self, alias: str) -> str:
+        """:meth:`row_id` as an SQL expression over the row ``alias`` (its ``keys`` as
+        text, joined with ``:``)."""
+        return " || ':' || ".join(f"{alias}.{key}::text" for key, _ in self.keys)
+
     @property
     def name(self) -> str:
         return f"{self.table}.{self.column}"

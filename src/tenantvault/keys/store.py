@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from tenantvault import audit
 from tenantvault.db.models import AuditAction, DataKeyState, TenantDataKey
+from tenantvault.db.session import function_name
 from tenantvault.errors import RotationError
 from tenantvault.kms.provider import WrappedKey
 
@@ -128,12 +129,10 @@ def usable_keys(connection: sa.Connection, tenant_ids: Sequence[str]) -> list[Te
     order, in one statement: migration 0012's function scopes the transaction to each
     tenant in turn, so row-level security admits each read, and clears the setting at
     the end. The app role's read; the ids are checked by the caller."""
-    # Functions are not renamed by the engine's schema_translate_map: qualify by hand.
-    schema = connection.get_execution_options()["schema_translate_map"][None]
+    function = function_name(connection, "tenantvault_usable_data_keys")
     rows = connection.execute(
         sa.text(
-            "SELECT tenant_id, version, wrapped_key "
-            f'FROM "{schema}".tenantvault_usable_data_keys(CAST(:tenant_ids AS text[]))'
+            f"SELECT tenant_id, version, wrapped_key FROM {function}(CAST(:tenant_ids AS text[]))"
         ),
         {"tenant_ids": list(tenant_ids)},
     )

@@ -45,7 +45,7 @@ from tenantvault.errors import (
 )
 from tenantvault.keys import store
 from tenantvault.keys.keyring import Keyring, NewKey, Sealer
-from tenantvault.keys.legacy import OPENS_FUNCTION
+from tenantvault.keys.legacy import OPENS_FUNCTION, sql_opens
 from tenantvault.keys.sealed import CONFIG_TABLE, SEALED_COLUMNS, SealedColumn, config_digest
 from tenantvault.metrics import default_metrics
 from tenantvault.rotation.lookahead import Lookahead
@@ -451,12 +451,10 @@ class DekRotation:
         # And the database's answer for an older-format value (keys/legacy.py): one it
         # did not record at the upgrade, or beside another config now, is reported, not
         # re-sealed into the current binding.
-        row_id = " || ':' || ".join(f"t.{name}::text" for name in names)
         value = f"t.{column.column}"
         allowed = (
-            f"CASE WHEN {sql_is_current(value)} THEN true ELSE "
-            f"{self.db.table(OPENS_FUNCTION)}(t.tenant_id, '{column.table}', "
-            f"'{column.column}', {row_id}, {value}) END"
+            f"CASE WHEN {sql_is_current(value)} THEN true "
+            f"ELSE {sql_opens(column, self.db.table(OPENS_FUNCTION))} END"
         )
         select = (
             f"SELECT {row_keys}{bound}, {column.config}, {allowed}, {value} FROM {table} t{join} "

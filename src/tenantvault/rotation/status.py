@@ -15,7 +15,7 @@ from tenantvault.crypto.envelope import sql_dek_version, sql_is_current
 from tenantvault.db.models import DataKeyState
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.keys import store
-from tenantvault.keys.legacy import OPENS_FUNCTION, SWITCH_TABLE
+from tenantvault.keys.legacy import OPENS_FUNCTION, SWITCH_TABLE, sql_opens
 from tenantvault.keys.sealed import SEALED_COLUMNS
 from tenantvault.kms.provider import KeyProvider
 
@@ -106,12 +106,10 @@ def key_status(
     with db.transaction() as connection:
         for column in SEALED_COLUMNS:
             name = f"t.{column.column}"
-            row_id = " || ':' || ".join(f"t.{key}::text" for key, _ in column.keys)
             # 0: current format; 1: older, and the database lets it open; 2: older, refused.
             kind = (
                 f"CASE WHEN {sql_is_current(name)} THEN 0 "
-                f"WHEN {db.table(OPENS_FUNCTION)}(t.tenant_id, '{column.table}', "
-                f"'{column.column}', {row_id}, {name}) THEN 1 ELSE 2 END"
+                f"WHEN {sql_opens(column, db.table(OPENS_FUNCTION))} THEN 1 ELSE 2 END"
             )
             rows = connection.execute(
                 sa.text(
