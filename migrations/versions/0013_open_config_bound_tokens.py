@@ -221,7 +221,10 @@ def _legacy_record() -> None:
     )
 
 
-def _function(name: str, returns: str, body: str, comment: str) -> None:
+def _function(name: str, returns: str, body: str, comment: str, *, lead: str = " ") -> None:
+    """A hot-path function: it scopes the transaction to ``p_tenant_id``, then returns
+    ``body``'s rows (``lead``: the text between ``RETURN QUERY`` and ``body``, so that a
+    downgrade can make 0009's and 0011's functions again to the character)."""
     opts = options()
     qualified_name = qualified(name)
     op.execute(
@@ -233,7 +236,7 @@ def _function(name: str, returns: str, body: str, comment: str) -> None:
         AS $$
         BEGIN
           PERFORM set_config('{TENANT_SETTING}', p_tenant_id, true);
-          RETURN QUERY {body};
+          RETURN QUERY{lead}{body};
         END
         $$
         """
@@ -334,27 +337,8 @@ def blockers(opts: MigrationOptions) -> list[Blocker]:
 
 def _restore(name: str, returns: str, query: str, comment: str) -> None:
     """The function as 0009 or 0011 made it, to the character (a downgrade restores the
-    catalog exactly)."""
-    opts = options()
-    qualified_name = qualified(name)
-    op.execute(
-        f"""
-        CREATE FUNCTION {qualified_name}(p_tenant_id text, p_config_id text)
-        RETURNS TABLE ({returns})
-        LANGUAGE plpgsql VOLATILE SECURITY INVOKER
-        SET search_path = pg_catalog
-        AS $$
-        BEGIN
-          PERFORM set_config('{TENANT_SETTING}', p_tenant_id, true);
-          RETURN QUERY
-            {query};
-        END
-        $$
-        """
-    )
-    op.execute(f"COMMENT ON FUNCTION {qualified_name}(text, text) IS '{comment}'")
-    op.execute(f"REVOKE ALL ON FUNCTION {qualified_name}(text, text) FROM PUBLIC")
-    op.execute(f'GRANT EXECUTE ON FUNCTION {qualified_name}(text, text) TO "{opts.app_role}"')
+    catalog exactly): its query on a line of its own."""
+    _function(name, returns, query, comment, lead="\n            ")
 
 
 def downgrade() -> None:
