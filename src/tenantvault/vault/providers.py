@@ -359,12 +359,16 @@ def _check_against_config(credentials: CredentialsModel, config: ProviderConfigM
             raise InvalidInputError("credentials.client_secret: required for oauth2")
 
 
+def _from_json(model: type[_Model], stored: str | bytes, prefix: str) -> _Model:
+    try:
+        return model.model_validate_json(stored)
+    except ValidationError as exc:
+        raise InvalidInputError(_describe(exc, prefix)) from None
+
+
 def credentials_from_storage(kind: ProviderType, plaintext: bytes) -> CredentialsModel:
     """Rebuild credentials from their opened JSON (validated in full when stored)."""
-    try:
-        parsed = CREDENTIAL_MODELS[kind].model_validate_json(plaintext)
-    except ValidationError as exc:
-        raise InvalidInputError(_describe(exc, "credentials")) from None
+    parsed = _from_json(CREDENTIAL_MODELS[kind], plaintext, "credentials")
     assert isinstance(parsed, CredentialsModel)
     return parsed
 
@@ -372,10 +376,7 @@ def credentials_from_storage(kind: ProviderType, plaintext: bytes) -> Credential
 def config_from_storage(kind: ProviderType, config_json: str) -> ProviderConfigModel:
     """Rebuild a stored config from the text the database prints (validated in full
     when stored; its digest is what the secrets opened beside it were bound to)."""
-    try:
-        parsed = CONFIG_MODELS[kind].model_validate_json(config_json)
-    except ValidationError as exc:
-        raise InvalidInputError(_describe(exc, "config")) from None
+    parsed = _from_json(CONFIG_MODELS[kind], config_json, "config")
     assert isinstance(parsed, ProviderConfigModel)
     return parsed
 
