@@ -37,16 +37,14 @@ from tenantvault.vault.core import VaultCore, keyring_from_settings, metered_pro
 from tenantvault.vault.credentials import (
     finish_hot_load,
     hot_load_parameters,
-    hot_load_statement,
 )
-from tenantvault.vault.opening import OpenedConfig, finish_hot_open, open_statement
+from tenantvault.vault.opening import OpenedConfig, finish_hot_open
 from tenantvault.vault.providers import CredentialsModel
 from tenantvault.vault.services import Services, VaultMethods
 from tenantvault.vault.tokens import (
     OAuthToken,
     RefreshedToken,
     finish_hot_token,
-    hot_token_statement,
 )
 
 P = ParamSpec("P")
@@ -131,9 +129,6 @@ class AsyncVault(VaultMethods[AsyncSession]):
         self.keyring = keyring
         self._admission = asyncio.Semaphore(max_concurrent)
         self._held = None if audit_loads else held
-        self._hot_load_sql = hot_load_statement(engine.sync_engine)
-        self._hot_token_sql = hot_token_statement(engine.sync_engine)
-        self._open_sql = open_statement(engine.sync_engine)
         # The shared core, on the async engine's sync face: usable only inside the
         # bridge's greenlet, which every method provides.
         self._core = VaultCore(
@@ -232,7 +227,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         if session is None and self._held is not None:
             started = time.perf_counter()
             row = await self._held.fetch_one(
-                self._hot_load_sql, hot_load_parameters(tenant_id, config_id)
+                self._core.load_sql, hot_load_parameters(tenant_id, config_id)
             )
             loaded = finish_hot_load(self.keyring, tenant_id, config_id, row)
             if loaded is not None:
@@ -258,7 +253,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         if session is None and self._held is not None:
             started = time.perf_counter()
             row = await self._held.fetch_one(
-                self._open_sql, hot_load_parameters(tenant_id, config_id)
+                self._core.open_sql, hot_load_parameters(tenant_id, config_id)
             )
             opened = finish_hot_open(self.keyring, tenant_id, config_id, row)
             if opened is not None:
@@ -279,7 +274,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         connection, as :meth:`load_credentials`'s."""
         if session is None and self._held is not None:
             row = await self._held.fetch_one(
-                self._hot_token_sql, hot_load_parameters(tenant_id, config_id)
+                self._core.token_sql, hot_load_parameters(tenant_id, config_id)
             )
             loaded = finish_hot_token(self.keyring, tenant_id, config_id, row)
             if loaded is not None:

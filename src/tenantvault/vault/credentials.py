@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from time import perf_counter
 from typing import Any, Generic
 
-import sqlalchemy as sa
-
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
@@ -16,7 +14,7 @@ from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
 from tenantvault.vault.configs import ConfigService
-from tenantvault.vault.core import CallerSession, VaultCore, log_unopenable, schema_of
+from tenantvault.vault.core import CallerSession, VaultCore, log_unopenable
 from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage, provider_type
 from tenantvault.vault.versions import checked_note
@@ -130,11 +128,6 @@ class CredentialMethods(FacadeMethods[CallerSession]):
 
 
 # --- the hot path's rules, shared by Vault (above) and AsyncVault (its held connections) ---
-
-
-def hot_load_statement(engine: sa.Engine) -> str:
-    """The hot path's one statement for ``engine``'s schema (DB-API, ``%s`` parameters)."""
-    return queries.hot_load_sql(schema_of(engine))
 
 
 def hot_load_parameters(tenant_id: str, config_id: str) -> tuple[str, str]:

@@ -17,18 +17,15 @@ from functools import partial
 from time import perf_counter
 from typing import Any, Generic, NoReturn
 
-import sqlalchemy as sa
-
 from tenantvault import audit
 from tenantvault.crypto.envelope import SealContext
-from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import fetch_one_in
 from tenantvault.errors import DecryptionError, NotFoundError
 from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
-from tenantvault.vault.core import CallerSession, VaultCore, log_unopenable, schema_of
+from tenantvault.vault.core import CallerSession, VaultCore, log_unopenable
 from tenantvault.vault.credentials import hot_load_parameters
 from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import (
@@ -112,11 +109,6 @@ class OpeningMethods(FacadeMethods[CallerSession]):
     """OpeningService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
 
     open_config = Runs(OpeningService[CallerSession].open_config)
-
-
-def open_statement(engine: sa.Engine) -> str:
-    """``open_config``'s one statement for ``engine``'s schema (DB-API, ``%s``)."""
-    return queries.hot_open_sql(schema_of(engine))
 
 
 def _aware(moment: datetime) -> datetime:

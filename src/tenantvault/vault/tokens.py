@@ -37,7 +37,7 @@ from tenantvault.keys.sealed import (
     config_digest,
     stored_config_digest,
 )
-from tenantvault.vault.core import CallerSession, VaultCore, schema_of
+from tenantvault.vault.core import CallerSession, VaultCore
 from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import SCOPES_MAX_ITEMS, secret_problem
 
@@ -543,12 +543,6 @@ def opened_token(
 
 
 # --- the token hot path's rules, shared by Vault (above) and AsyncVault ---
-
-
-def hot_token_statement(engine: sa.Engine) -> str:
-    """The token hot path's one statement for ``engine``'s schema (DB-API, ``%s``
-    parameters: the checked tenant id, the config id)."""
-    return queries.hot_token_sql(schema_of(engine))
 
 
 def finish_hot_token(
