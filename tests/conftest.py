@@ -219,6 +219,18 @@ class CountingProvider:
     def batch_size(self) -> int:
         return int(self.inner.batch_size)
 
+    @property
+    def ref(self) -> str:
+        return str(self.inner.ref)
+
+    def wrap(self, tenant_id: str, plaintext: bytes) -> Any:
+        self._count("wrap")
+        return self.inner.wrap(tenant_id, plaintext)
+
+    def check_usable(self) -> None:
+        self._count("check_usable")
+        self.inner.check_usable()
+
     def unwrap(self, tenant_id: str, wrapped: str) -> bytes:
         self._count("unwrap")
         return bytes(self.inner.unwrap(tenant_id, wrapped))

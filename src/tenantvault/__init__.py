@@ -23,6 +23,7 @@ from tenantvault.errors import (
     KeyProviderUnavailable,
     NotFoundError,
     RotationError,
+    TenantKeyUnavailable,
     TenantNotSetError,
     TenantVaultError,
 )
@@ -160,6 +161,7 @@ __all__ = [
     "ProviderType",
     "RefreshedToken",
     "RotationError",
+    "TenantKeyUnavailable",
     "TenantNotSetError",
     "TenantVaultError",
     "Vault",

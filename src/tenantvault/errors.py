@@ -42,6 +42,18 @@ class KeyProviderRefused(KeyProviderError):  # noqa: N818 - says what happened, 
     that may not do it). Like an outage, it makes uncached keys back off."""
 
 
+class TenantKeyUnavailable(KeyProviderError):  # noqa: N818 - the name the API promises
+    """A tenant's own KEK (a customer-managed key) does not wrap or unwrap: revoked,
+    disabled, deleted, or its KMS unreachable. Only that tenant's keys fail; the message
+    names the tenant and the key reference, never key material."""
+
+    def __init__(self, tenant_id: str, kek_ref: str, reason: str = "") -> None:
+        self.tenant_id = tenant_id
+        self.kek_ref = kek_ref
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"the KEK {kek_ref} of tenant {tenant_id} is unavailable{detail}")
+
+
 class KeyDestroyedError(TenantVaultError):
     """The tenant's data key was destroyed (crypto-shredded): its values are gone for good."""
 

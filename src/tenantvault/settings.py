@@ -170,6 +170,14 @@ class Settings(BaseSettings):
         parse_database_url(value.get_secret_value())
         return value
 
+    @property
+    def default_kek_ref(self) -> str:
+        """The deployment's KEK as a key reference (kms/refs.py): what wraps the data
+        keys of every tenant that has no KEK of its own."""
+        if self.key_provider == "local":
+            return "local:default"
+        return f"transit:{self.transit_key}"
+
     @cached_property
     def sqlalchemy_url(self) -> URL:
         """The database URL for SQLAlchemy (psycopg 3 driver); its repr hides the password."""

@@ -100,7 +100,10 @@ def test_a_new_key_asked_for_ahead_shows_no_bytes_and_serves_only_its_tenant(
 ) -> None:
     keyring = fresh_keyring(provider)
     made = keyring.new_key("t_b")
-    assert repr(made) == f"NewKey(tenant_id='t_b', kek_version={made.wrapped.kek_version})"
+    assert repr(made) == (
+        f"NewKey(tenant_id='t_b', kek_ref='transit:tenantvault-tests', "
+        f"kek_version={made.wrapped.kek_version})"
+    )
     assert not hasattr(made, "plaintext")
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(made)

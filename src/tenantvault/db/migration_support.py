@@ -37,6 +37,9 @@ class MigrationOptions:
     # Data migrations commit between batches, outside the revision's transaction. False
     # when the migration runs on a caller's connection: its transactions are the caller's.
     commit_batches: bool = True
+    # The deployment's KEK (Settings.default_kek_ref): what wrapped every data key that
+    # migration 0018 finds, since until then one KEK wrapped them all.
+    default_kek_ref: str = "transit:tenantvault"
 
     @classmethod
     def from_settings(
@@ -48,6 +51,7 @@ class MigrationOptions:
             migrator_role=settings.migrator_role,
             lock_timeout_ms=settings.migration_lock_timeout_ms,
             allow_data_loss=allow_data_loss,
+            default_kek_ref=settings.default_kek_ref,
         )
 
 

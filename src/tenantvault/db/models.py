@@ -37,6 +37,10 @@ from sqlalchemy.types import TypeDecorator
 from tenantvault.crypto.envelope import SQL_PATTERN as SEALED_PATTERN
 from tenantvault.db.ids import new_id
 
+KEK_REF_PATTERN = r"^[a-z][a-z0-9]*:[^[:space:]]+$"
+"""A KEK reference as stored: the provider, a colon, and the provider's name of the
+key (``transit:tenantvault``, ``awskms:arn:aws:kms:...``); kms/refs.py parses it."""
+
 NAMING_CONVENTION = {
     "pk": "%(table_name)s_pkey",  # PostgreSQL's own default, as the deployed tables have
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -490,7 +494,8 @@ class TenantDataKey(Base):
             r"wrapped_key IS NULL OR wrapped_key ~ ('^[a-z]+\:v' || kek_version || '\:')",
             name="kek_version_matches",
         ),
-        {"comment": "Tenant data keys (DEKs), wrapped by the Vault transit KEK; never plaintext."},
+        CheckConstraint(f"kek_ref ~ '{KEK_REF_PATTERN}'", name="kek_ref_format"),
+        {"comment": "Tenant data keys (DEKs), wrapped by a KEK; never plaintext."},
     )
 
     tenant_id: Mapped[str] = mapped_column(
@@ -502,10 +507,10 @@ class TenantDataKey(Base):
         Integer, primary_key=True, comment="DEK version, from 1 per tenant."
     )
     wrapped_key: Mapped[str | None] = mapped_column(
-        comment="The DEK encrypted by the transit KEK for this tenant; NULL once destroyed."
+        comment="The DEK encrypted by the KEK kek_ref for this tenant; NULL once destroyed."
     )
     kek_version: Mapped[int] = mapped_column(
-        Integer, comment="Transit key version that wrapped wrapped_key."
+        Integer, comment="Version of the KEK that wrapped wrapped_key."
     )
     # Random 96-bit nonces bound one key to about 2**32 seals (NIST SP 800-38D): the
     # count lets rotate-keys status warn long before.
@@ -519,6 +524,45 @@ class TenantDataKey(Base):
         server_default=text(f"{DataKeyState.ACTIVE.sql}::text"),
         comment="active (new values), draining (superseded, being re-sealed), retired "
         "(read only), destroyed (shredded).",
+    )
+    created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
+    updated_at: Mapped[UpdatedAt] = mapped_column(
+        comment="Last change (UTC); maintained by a trigger."
+    )
+    # The default is the deployment's KEK when migration 0018 ran: the KEK of every row
+    # written before it, and of a row a process older than 0018 inserts meanwhile.
+    kek_ref: Mapped[str] = mapped_column(
+        Text,
+        comment="The KEK that wrapped wrapped_key: transit:<key> or awskms:<key id or ARN>.",
+    )
+
+
+class TenantKek(Base):
+    """The KEK a tenant chose for its data keys (a customer-managed key); a tenant
+    without a row uses the deployment's KEK. Written by operators only."""
+
+    __tablename__ = "tenant_keks"
+    __table_args__ = (
+        CheckConstraint(f"kek_ref ~ '{KEK_REF_PATTERN}'", name="kek_ref_format"),
+        CheckConstraint(
+            "cache_max_age_seconds IS NULL OR cache_max_age_seconds > 0",
+            name="cache_max_age_positive",
+        ),
+        {"comment": "Per-tenant KEKs (customer-managed keys); operators write, the app reads."},
+    )
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE", name="fk_tenant_keks_tenant_id_tenants"),
+        primary_key=True,
+        comment="The tenant; the RLS key.",
+    )
+    kek_ref: Mapped[str] = mapped_column(
+        Text, comment="The tenant's KEK: transit:<key> or awskms:<key id or ARN>."
+    )
+    cache_max_age_seconds: Mapped[int | None] = mapped_column(
+        Integer,
+        comment="How long an unwrapped data key of this tenant is cached at most (the "
+        "revocation delay); NULL: the deployment's TENANTVAULT_DEK_CACHE_MAX_AGE_SECONDS.",
     )
     created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
     updated_at: Mapped[UpdatedAt] = mapped_column(
@@ -580,6 +624,7 @@ class AuditAction(enum.StrEnum):
     DEK_RETIRED = "dek.retired"
     DEK_DESTROYED = "dek.destroyed"
     KEK_REWRAPPED = "kek.rewrapped"
+    TENANT_KEK_SET = "kek.tenant_set"
 
 
 class AuditEvent(Base):

@@ -40,6 +40,9 @@ class _Entry:
     loaded_at: float
     wrapped_digest: bytes | None
     uses: int = 0
+    # Its tenant's own bound (tenant_keks: the revocation delay of a customer's key),
+    # when lower than the cache's.
+    max_age_seconds: float | None = None
 
 
 def _digest(wrapped: str | None) -> bytes | None:
@@ -123,7 +126,10 @@ class DataKeyCache:
     def _stale(self, entry: _Entry, wrapped_digest: bytes | None) -> EvictionReason | None:
         """Why ``entry`` may not be served (the bound it is past, or another wrapping
         than ``wrapped_digest`` when given); None when it may."""
-        if self._clock() - entry.loaded_at >= self.max_age_seconds:
+        max_age = self.max_age_seconds
+        if entry.max_age_seconds is not None:
+            max_age = min(max_age, entry.max_age_seconds)
+        if self._clock() - entry.loaded_at >= max_age:
             return "max_age"
         if entry.uses >= self.max_uses:
             return "max_uses"
@@ -142,14 +148,21 @@ class DataKeyCache:
             entry = self._entries.get((tenant_id, version))
             return entry is not None and self._serves(entry, _digest(wrapped))
 
-    def put(self, key: DataKey, wrapped: str | None = None) -> None:
-        """Cache ``key``, unwrapped from (or wrapped as) ``wrapped``. Only for a key whose
-        row is committed: a key of a transaction that may still roll back stays out."""
+    def put(
+        self, key: DataKey, wrapped: str | None = None, *, max_age_seconds: float | None = None
+    ) -> None:
+        """Cache ``key``, unwrapped from (or wrapped as) ``wrapped``, for at most
+        ``max_age_seconds`` when given and lower than the cache's bound. Only for a key
+        whose row is committed: a key of a transaction that may still roll back stays out."""
         with self._lock:
-            self._store(key, _digest(wrapped))
+            self._store(key, _digest(wrapped), max_age_seconds)
 
-    def _store(self, key: DataKey, wrapped_digest: bytes | None) -> None:
-        self._entries[(key.tenant_id, key.version)] = _Entry(key, self._clock(), wrapped_digest, 1)
+    def _store(
+        self, key: DataKey, wrapped_digest: bytes | None, max_age_seconds: float | None
+    ) -> None:
+        self._entries[(key.tenant_id, key.version)] = _Entry(
+            key, self._clock(), wrapped_digest, 1, max_age_seconds
+        )
         self._entries.move_to_end((key.tenant_id, key.version))
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -162,11 +175,12 @@ class DataKeyCache:
         load: Callable[[], DataKey],
         *,
         wrapped: str | None = None,
+        max_age_seconds: float | None = None,
     ) -> DataKey:
         """The cached key, or the result of ``load`` shared by every concurrent caller.
 
         ``wrapped`` is the stored wrapped key ``load`` unwraps: an entry made from
-        another wrapping is not served."""
+        another wrapping is not served. ``max_age_seconds``: as :meth:`put`."""
         cache_key = (tenant_id, version)
         digest = _digest(wrapped)
         with self._lock:
@@ -190,7 +204,7 @@ class DataKeyCache:
             raise
         with self._lock:
             self.stats.loads += 1
-            self._store(key, digest)
+            self._store(key, digest, max_age_seconds)
             del self._in_flight[cache_key]
         pending.set_result(key)
         return key

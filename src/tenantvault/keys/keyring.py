@@ -28,11 +28,17 @@ from tenantvault.crypto.envelope import (
     seal,
     sealed_dek_version,
 )
-from tenantvault.errors import DecryptionError, KeyDestroyedError
+from tenantvault.errors import (
+    DecryptionError,
+    KeyDestroyedError,
+    KeyProviderError,
+    TenantKeyUnavailable,
+)
 from tenantvault.keys import legacy, store
 from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.warmup import Transaction, WarmReport, warm_keys
+from tenantvault.kms.keks import Keks
 from tenantvault.kms.provider import KeyProvider, WrappedKey
 
 log = logging.getLogger("tenantvault")
@@ -48,21 +54,28 @@ class Keyring:
         *,
         allow_legacy: bool = True,
         backoff: ProviderBackoff | None = None,
+        keks: Keks | None = None,
     ) -> None:
         """A keyring over ``provider``, keeping unwrapped keys in ``cache``.
 
         Args:
-            provider: the KMS that wraps and unwraps the data keys.
+            provider: the deployment's KEK, which wraps the data keys of every tenant
+                without a KEK of its own.
             cache: where unwrapped keys are kept between transactions.
             allow_legacy: open values in the old format (bound to their place only);
                 turn it off once ``rotate-keys status`` counts none left.
             backoff: the gate before unwraps after the provider failed (default: 1 s
-                doubling to 30 s).
+                doubling to 30 s). Each tenant KEK gets a gate of its own, alike, so
+                a customer's revoked key shuts out only its tenants.
+            keks: the KEKs by reference, ``provider`` the default among them (default:
+                ``provider`` alone).
         """
         self.provider = provider
+        self.keks = keks or Keks(provider)
         self.cache = cache
         self.allow_legacy = allow_legacy
         self.backoff = backoff or ProviderBackoff()
+        self._gates: dict[str, ProviderBackoff] = {self.keks.default_ref: self.backoff}
 
     def __repr__(self) -> str:
         return f"Keyring(provider={self.provider!r}, cache={self.cache!r})"
@@ -118,7 +131,7 @@ class Keyring:
 
         ``transaction`` opens the application's transactions (its role reads each
         tenant's keys scoped to that tenant); the ids are checked by the caller."""
-        return warm_keys(self.provider, self.cache, self.backoff, transaction, tenant_ids)
+        return warm_keys(self.keks, self.cache, self.gate, transaction, tenant_ids)
 
     def warm_window(self) -> int:
         """How many tenants' keys one warm-up ahead of a rotation should take: one
@@ -130,19 +143,44 @@ class Keyring:
         """As :meth:`warm`, for a rotation: ``transaction`` is the migrator's, which reads
         every usable key (draining ones too) of many tenants at once. Its own backoff:
         an outage met here does not shut the gate the application's unwraps pass."""
+        gates: dict[str, ProviderBackoff] = {}
         return warm_keys(
-            self.provider,
+            self.keks,
             self.cache,
-            ProviderBackoff(),
+            lambda ref: gates.setdefault(ref, ProviderBackoff()),
             transaction,
             tenant_ids,
             store.usable_keys_of_any,
         )
 
-    def new_key(self, tenant_id: str) -> NewKey:
-        """A new data key for ``tenant_id`` from the key provider, to hand to
-        :meth:`switch` later (asked for ahead of a rotation); stored nowhere yet."""
-        return NewKey(tenant_id, *self.provider.generate_data_key(tenant_id))
+    def gate(self, kek_ref: str) -> ProviderBackoff:
+        """The backoff gate before ``kek_ref``'s unwraps (one per KEK)."""
+        found = self._gates.get(kek_ref)
+        if found is None:
+            found = self._gates.setdefault(
+                kek_ref,
+                ProviderBackoff(
+                    initial_seconds=self.backoff.initial_seconds,
+                    max_seconds=self.backoff.max_seconds,
+                ),
+            )
+        return found
+
+    def new_key(self, tenant_id: str, kek_ref: str | None = None) -> NewKey:
+        """A new data key for ``tenant_id`` wrapped by ``kek_ref`` (the deployment's KEK
+        when None), to hand to :meth:`switch` later (asked for ahead of a rotation);
+        stored nowhere yet."""
+        ref = kek_ref or self.keks.default_ref
+        plaintext, wrapped = self._generate(tenant_id, ref)
+        return NewKey(tenant_id, plaintext, wrapped, ref)
+
+    def _generate(self, tenant_id: str, kek_ref: str) -> tuple[bytes, WrappedKey]:
+        if self.keks.is_default(kek_ref):
+            return self.provider.generate_data_key(tenant_id)
+        try:
+            return self.keks.provider(kek_ref).generate_data_key(tenant_id)
+        except KeyProviderError as exc:
+            raise TenantKeyUnavailable(tenant_id, kek_ref, _reason(exc)) from None
 
     def switch(
         self,
@@ -164,18 +202,33 @@ class Keyring:
         if new_key is not None and new_key.tenant_id != tenant_id:
             raise ValueError("a new data key is for the tenant it was made for")
         made = new_key or self.new_key(tenant_id)
-        plaintext, wrapped = made._plaintext, made.wrapped
-        try:
-            with transaction() as connection:
-                version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
-        except store.OlderKekVersionError:
-            # Made before a KEK rotation that rewrapped the active key since (asked for
-            # ahead, or in line while the rotation ran): once more, with a key made now.
-            plaintext, wrapped = self.provider.generate_data_key(tenant_id)
-            with transaction() as connection:
-                version = store.switch(connection, tenant_id, from_version, wrapped, actor=actor)
+        for attempt in range(3):
+            try:
+                with transaction() as connection:
+                    version = store.switch(
+                        connection,
+                        tenant_id,
+                        from_version,
+                        made.wrapped,
+                        made.kek_ref,
+                        default_ref=self.keks.default_ref,
+                        actor=actor,
+                    )
+                break
+            except store.OlderKekVersionError:
+                # Made before a KEK rotation that rewrapped the active key since (asked
+                # for ahead, or in line while the rotation ran): again, with a key made now.
+                if attempt == 2:
+                    raise
+                made = self.new_key(tenant_id, made.kek_ref)
+            except store.KekChangedError as changed:
+                # Asked for ahead under the deployment's KEK, and the tenant has its own
+                # (or its KEK changed since): again, under the tenant's KEK.
+                if attempt == 2:
+                    raise
+                made = self.new_key(tenant_id, changed.kek_ref)
         # Committed: from here on the key is the one stored.
-        self.cache.put(DataKey(tenant_id, version, plaintext), wrapped.ciphertext)
+        self.cache.put(DataKey(tenant_id, version, made._plaintext), made.wrapped.ciphertext)
         return version
 
     # --- for Sealer ---
@@ -190,12 +243,13 @@ class Keyring:
     def _cached(self, tenant_id: str, stored: store.StoredKey) -> DataKey:
         """The key of ``stored``, through the cache unless this transaction wrote it."""
         if stored.uncommitted:  # made earlier in this transaction: it may roll back
-            return self._unwrap(tenant_id, stored.version, stored.wrapped)
+            return self._unwrap(tenant_id, stored)
         return self.cache.get_or_load(
             tenant_id,
             stored.version,
-            lambda: self._unwrap(tenant_id, stored.version, stored.wrapped),
+            lambda: self._unwrap(tenant_id, stored),
             wrapped=stored.wrapped,
+            max_age_seconds=stored.max_age_seconds,
         )
 
     def _key(self, connection: sa.Connection, tenant_id: str, version: int) -> DataKey:
@@ -228,15 +282,39 @@ class Keyring:
             raise DecryptionError("cannot open sealed value")
         return self._cached(tenant_id, stored)
 
-    def _unwrap(self, tenant_id: str, version: int, wrapped: str) -> DataKey:
-        """Ask the provider, unless it failed recently (then fail at once: no stampede)."""
-        with self.backoff.call("unwrap a data key"):
-            plaintext = self.provider.unwrap(tenant_id, wrapped)
-        return DataKey(tenant_id, version, plaintext)
+    def _unwrap(self, tenant_id: str, stored: store.StoredKey) -> DataKey:
+        """Ask the key's KEK, unless it failed recently (then fail at once: no stampede).
+
+        Raises:
+            TenantKeyUnavailable: the key is under the tenant's own KEK, and that KEK
+                refuses, is gone, or cannot be reached; the other tenants are untouched.
+        """
+        ref = stored.kek_ref
+        if self.keks.is_default(ref):
+            with self.backoff.call("unwrap a data key"):
+                plaintext = self.provider.unwrap(tenant_id, stored.wrapped)
+            return DataKey(tenant_id, stored.version, plaintext)
+        try:
+            with self.gate(ref).call("unwrap a data key"):
+                provider = self.keks.provider(ref)
+                plaintext = provider.unwrap(tenant_id, stored.wrapped)
+        except KeyProviderError as exc:
+            raise TenantKeyUnavailable(tenant_id, ref, _reason(exc)) from None
+        except DecryptionError:
+            # A deleted transit key answers as a ciphertext that does not open: tell a
+            # revoked KEK (which fails the probe) from a tampered wrapping (which fails
+            # alone).
+            try:
+                provider.check_usable()
+            except KeyProviderError as exc:
+                raise TenantKeyUnavailable(tenant_id, ref, _reason(exc)) from None
+            raise
+        return DataKey(tenant_id, stored.version, plaintext)
 
     def _create(self, connection: sa.Connection, tenant_id: str) -> DataKey:
-        plaintext, wrapped = self.provider.generate_data_key(tenant_id)
-        version = store.create_first(connection, tenant_id, wrapped)
+        ref = store.tenant_kek(connection, tenant_id) or self.keks.default_ref
+        plaintext, wrapped = self._generate(tenant_id, ref)
+        version = store.create_first(connection, tenant_id, wrapped, ref)
         if version is None:  # another process made it first: use theirs
             found = store.active(connection, tenant_id)
             assert found is not None
@@ -247,19 +325,29 @@ class Keyring:
         return DataKey(tenant_id, version, plaintext)
 
 
+def _reason(exc: KeyProviderError) -> str:
+    """Why a tenant's KEK failed, in the provider's words (they name addresses and keys,
+    never key material)."""
+    return str(exc)
+
+
 class NewKey:
     """A data key made for a tenant and not stored yet: for :meth:`Keyring.switch`
     only. Its bytes stay inside this package; it neither prints nor pickles them."""
 
-    __slots__ = ("_plaintext", "tenant_id", "wrapped")
+    __slots__ = ("_plaintext", "kek_ref", "tenant_id", "wrapped")
 
-    def __init__(self, tenant_id: str, plaintext: bytes, wrapped: WrappedKey) -> None:
+    def __init__(self, tenant_id: str, plaintext: bytes, wrapped: WrappedKey, kek_ref: str) -> None:
         self.tenant_id = tenant_id
         self._plaintext = plaintext
         self.wrapped = wrapped
+        self.kek_ref = kek_ref
 
     def __repr__(self) -> str:
-        return f"NewKey(tenant_id={self.tenant_id!r}, kek_version={self.wrapped.kek_version})"
+        return (
+            f"NewKey(tenant_id={self.tenant_id!r}, kek_ref={self.kek_ref!r}, "
+            f"kek_version={self.wrapped.kek_version})"
+        )
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("a data key cannot be pickled")

@@ -20,12 +20,23 @@ from tenantvault.kms.provider import KeyProvider, RewrapResult, UnwrapResult, Wr
 class OffLoopKeyProvider:
     """``inner``'s methods, each run in a worker thread; call inside the bridge's greenlet."""
 
-    def __init__(self, inner: KeyProvider, *, max_workers: int = 8) -> None:
-        """Wrap ``inner``; at most ``max_workers`` of its calls run at once."""
+    def __init__(
+        self,
+        inner: KeyProvider,
+        *,
+        max_workers: int = 8,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        """Wrap ``inner``; at most ``max_workers`` of its calls run at once (in
+        ``executor`` when given: the pool of the provider it shares with)."""
         self.inner = inner
-        self._executor = ThreadPoolExecutor(
+        self._executor = executor or ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="tenantvault-kms"
         )
+
+    def sharing(self, inner: KeyProvider) -> OffLoopKeyProvider:
+        """``inner`` (a tenant's KEK) run in this provider's worker threads."""
+        return OffLoopKeyProvider(inner, executor=self._executor)
 
     def __repr__(self) -> str:
         return f"OffLoopKeyProvider({self.inner!r})"
@@ -37,6 +48,16 @@ class OffLoopKeyProvider:
     @property
     def batch_size(self) -> int:
         return self.inner.batch_size
+
+    @property
+    def ref(self) -> str:
+        return self.inner.ref
+
+    def wrap(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
+        return off_loop(self._executor, self.inner.wrap, tenant_id, plaintext)
+
+    def check_usable(self) -> None:
+        off_loop(self._executor, self.inner.check_usable)
 
     def generate_data_key(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         return off_loop(self._executor, self.inner.generate_data_key, tenant_id)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from tenantvault import audit
-from tenantvault.db.models import AuditAction, DataKeyState, TenantDataKey
+from tenantvault.db.models import AuditAction, DataKeyState, TenantDataKey, TenantKek
 from tenantvault.db.session import function_name
 from tenantvault.errors import RotationError
 from tenantvault.kms.provider import WrappedKey
@@ -65,6 +65,7 @@ class KeyRow:
     state: DataKeyState
     kek_version: int
     seals: int
+    kek_ref: str
 
 
 # Whether this transaction made the row: such a key may still roll back, so it must not
@@ -72,11 +73,18 @@ class KeyRow:
 # (now()), which no other transaction shares but by a microsecond's coincidence (then
 # a key merely skips the cache); unlike xmin, it holds inside savepoints too.
 _OURS = (Key.created_at == sa.func.timezone("utc", sa.func.now())).label("ours")
-_ACTIVE = sa.select(Key.version, Key.wrapped_key, _OURS).where(
-    Key.tenant_id == sa.bindparam("tenant_id"), Key.state == ACTIVE
+# With each key, its KEK and how long its tenant lets it be cached (tenant_keks).
+_KEK = (Key.kek_ref, TenantKek.cache_max_age_seconds)
+_WITH_TENANT_KEK = sa.outerjoin(Key, TenantKek, TenantKek.tenant_id == Key.tenant_id)
+_ACTIVE = (
+    sa.select(Key.version, Key.wrapped_key, _OURS, *_KEK)
+    .select_from(_WITH_TENANT_KEK)
+    .where(Key.tenant_id == sa.bindparam("tenant_id"), Key.state == ACTIVE)
 )
-_VERSION = sa.select(Key.wrapped_key, Key.state, _OURS).where(
-    Key.tenant_id == sa.bindparam("tenant_id"), Key.version == sa.bindparam("version")
+_VERSION = (
+    sa.select(Key.wrapped_key, Key.state, _OURS, *_KEK)
+    .select_from(_WITH_TENANT_KEK)
+    .where(Key.tenant_id == sa.bindparam("tenant_id"), Key.version == sa.bindparam("version"))
 )
 
 
@@ -88,6 +96,8 @@ class StoredKey:
     version: int
     wrapped: str
     uncommitted: bool
+    kek_ref: str
+    max_age_seconds: float | None = None
     state: DataKeyState = ACTIVE
 
 
@@ -97,7 +107,9 @@ def active(connection: sa.Connection, tenant_id: str) -> StoredKey | None:
     if row is None:
         return None
     assert row.wrapped_key is not None  # an active key always has its wrapped form (CHECK)
-    return StoredKey(row.version, row.wrapped_key, bool(row.ours))
+    return StoredKey(
+        row.version, row.wrapped_key, bool(row.ours), row.kek_ref, row.cache_max_age_seconds
+    )
 
 
 def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> StoredKey | None:
@@ -112,16 +124,26 @@ def wrapped(connection: sa.Connection, tenant_id: str, version: int) -> StoredKe
         raise LookupError(version)
     if row.state == DESTROYED or row.wrapped_key is None:
         return None
-    return StoredKey(version, row.wrapped_key, bool(row.ours), DataKeyState(row.state))
+    return StoredKey(
+        version,
+        row.wrapped_key,
+        bool(row.ours),
+        row.kek_ref,
+        row.cache_max_age_seconds,
+        DataKeyState(row.state),
+    )
 
 
 @dataclass(frozen=True)
 class TenantKey:
-    """One tenant's usable key, wrapped as stored."""
+    """One tenant's usable key, wrapped as stored, with its KEK and how long the tenant
+    lets it be cached (None: the deployment's setting)."""
 
     tenant_id: str
     version: int
     wrapped: str
+    kek_ref: str
+    max_age_seconds: float | None = None
 
 
 def usable_keys(connection: sa.Connection, tenant_ids: Sequence[str]) -> list[TenantKey]:
@@ -132,11 +154,12 @@ def usable_keys(connection: sa.Connection, tenant_ids: Sequence[str]) -> list[Te
     function = function_name(connection, "tenantvault_usable_data_keys")
     rows = connection.execute(
         sa.text(
-            f"SELECT tenant_id, version, wrapped_key FROM {function}(CAST(:tenant_ids AS text[]))"
+            "SELECT tenant_id, version, wrapped_key, kek_ref, cache_max_age_seconds "
+            f"FROM {function}(CAST(:tenant_ids AS text[]))"
         ),
         {"tenant_ids": list(tenant_ids)},
     )
-    return [TenantKey(tenant_id, version, wrapped_key) for tenant_id, version, wrapped_key in rows]
+    return [TenantKey(*row) for row in rows]
 
 
 def usable_keys_of_any(connection: sa.Connection, tenant_ids: Sequence[str]) -> list[TenantKey]:
@@ -144,40 +167,52 @@ def usable_keys_of_any(connection: sa.Connection, tenant_ids: Sequence[str]) -> 
     read (its row-level-security policy admits every tenant), for a rotation warming
     the keys of the tenants it is about to re-seal."""
     rows = connection.execute(
-        sa.select(Key.tenant_id, Key.version, Key.wrapped_key)
+        sa.select(Key.tenant_id, Key.version, Key.wrapped_key, *_KEK)
+        .select_from(_WITH_TENANT_KEK)
         .where(Key.tenant_id.in_(list(tenant_ids)), Key.state.in_([ACTIVE, DRAINING]))
         .order_by(Key.tenant_id, Key.version)
     )
     # An active or draining key always has its wrapped form (CHECK); the test is for the type.
-    return [TenantKey(tenant, version, wrapped) for tenant, version, wrapped in rows if wrapped]
+    return [
+        TenantKey(tenant, version, wrapped, ref, max_age)
+        for tenant, version, wrapped, ref, max_age in rows
+        if wrapped
+    ]
 
 
-def _insert_next(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> int | None:
+def _insert_next(
+    connection: sa.Connection, tenant_id: str, key: WrappedKey, kek_ref: str
+) -> int | None:
     """Insert the tenant's next key version, active; None if another transaction took it.
 
     The one place a version number is chosen: one past the highest the tenant ever had
     (destroyed versions included, so a sealed value never names two keys)."""
     # The state is left to its default, active: the application role may insert only
-    # these four columns (migration 0009).
+    # these five columns (migrations 0009 and 0018).
     next_version = sa.select(
         sa.literal(tenant_id, sa.Text),
         sa.func.coalesce(sa.func.max(Key.version), 0) + 1,
         sa.literal(key.ciphertext, sa.Text),
         sa.literal(key.kek_version, sa.Integer),
+        sa.literal(kek_ref, sa.Text),
     ).where(Key.tenant_id == tenant_id)
     insert = (
         pg_insert(Key)
-        .from_select(["tenant_id", "version", "wrapped_key", "kek_version"], next_version)
+        .from_select(
+            ["tenant_id", "version", "wrapped_key", "kek_version", "kek_ref"], next_version
+        )
         .on_conflict_do_nothing()
         .returning(Key.version)
     )
     return connection.execute(insert).scalar_one_or_none()
 
 
-def create_first(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> int | None:
-    """Store a tenant's first key; None when another process made one first (the
-    primary key lets exactly one in)."""
-    version = _insert_next(connection, tenant_id, key)
+def create_first(
+    connection: sa.Connection, tenant_id: str, key: WrappedKey, kek_ref: str
+) -> int | None:
+    """Store a tenant's first key, wrapped by ``kek_ref``; None when another process
+    made one first (the primary key lets exactly one in)."""
+    version = _insert_next(connection, tenant_id, key, kek_ref)
     if version is not None:
         audit.record(
             connection,
@@ -185,7 +220,7 @@ def create_first(connection: sa.Connection, tenant_id: str, key: WrappedKey) -> 
             AuditAction.DEK_CREATED,
             target_type="dek",
             target_id=str(version),
-            details={"kek_version": key.kek_version},
+            details={"kek_version": key.kek_version, "kek_ref": kek_ref},
         )
     return version
 
@@ -194,8 +229,23 @@ class OlderKekVersionError(RotationError):
     """A new key wrapped under an older KEK version than the key it would replace."""
 
 
+class KekChangedError(RotationError):
+    """A new key wrapped by another KEK than the one its tenant now has."""
+
+    def __init__(self, tenant_id: str, kek_ref: str) -> None:
+        super().__init__(f"the KEK of tenant {tenant_id} is now {kek_ref}")
+        self.kek_ref = kek_ref
+
+
 def switch(
-    connection: sa.Connection, tenant_id: str, from_version: int, key: WrappedKey, *, actor: str
+    connection: sa.Connection,
+    tenant_id: str,
+    from_version: int,
+    key: WrappedKey,
+    kek_ref: str,
+    *,
+    default_ref: str,
+    actor: str,
 ) -> int:
     """The active key ``from_version`` starts draining and ``key`` becomes active, under
     the tenant's exclusive key lock; returns the new version.
@@ -206,20 +256,25 @@ def switch(
             active key since: stored, it would escape that rotation's rewrap, and once
             ``min_decryption_version`` is raised it would no longer unwrap. Nothing is
             written; make a new key.
+        KekChangedError: ``kek_ref`` is not the tenant's KEK (``default_ref`` when it
+            has none of its own) any more; nothing is written: make a new key under it.
     """
     lock_tenant_keys(connection, tenant_id, exclusive=True)
+    chosen = tenant_kek(connection, tenant_id) or default_ref
+    if chosen != kek_ref:
+        raise KekChangedError(tenant_id, chosen)
     drained = connection.execute(
         sa.update(Key)
         .where(Key.tenant_id == tenant_id, Key.state == ACTIVE, Key.version == from_version)
         .values(state=DRAINING)
-        .returning(Key.kek_version)
-    ).scalar_one_or_none()
-    if drained is not None and key.kek_version < drained:
+        .returning(Key.kek_version, Key.kek_ref)
+    ).one_or_none()
+    if drained is not None and drained.kek_ref == kek_ref and key.kek_version < drained.kek_version:
         raise OlderKekVersionError(
             f"the new data key of tenant {tenant_id} is wrapped under KEK version "
-            f"{key.kek_version}, older than its active key's {drained}"
+            f"{key.kek_version}, older than its active key's {drained.kek_version}"
         )
-    version = None if drained is None else _insert_next(connection, tenant_id, key)
+    version = None if drained is None else _insert_next(connection, tenant_id, key, kek_ref)
     if version is None:
         # Cannot happen while the caller holds its claim on the tenant; stop rather than guess.
         raise RotationError(f"the active data key of tenant {tenant_id} moved meanwhile")
@@ -230,7 +285,7 @@ def switch(
         actor=actor,
         target_type="dek",
         target_id=str(version),
-        details={"from_version": from_version, "kek_version": key.kek_version},
+        details={"from_version": from_version, "kek_version": key.kek_version, "kek_ref": kek_ref},
     )
     return version
 
@@ -336,38 +391,41 @@ def tenants_with_keys(connection: sa.Connection) -> list[str]:
 def keys_of(connection: sa.Connection, tenants: Sequence[str] | None) -> list[KeyRow]:
     """Every key of ``tenants`` (of every tenant when None), by tenant and version."""
     statement = sa.select(
-        Key.tenant_id, Key.version, Key.state, Key.kek_version, Key.seals
+        Key.tenant_id, Key.version, Key.state, Key.kek_version, Key.seals, Key.kek_ref
     ).order_by(Key.tenant_id, Key.version)
     if tenants is not None:
         statement = statement.where(Key.tenant_id.in_(list(tenants)))
     return [KeyRow(*row) for row in connection.execute(statement)]
 
 
-# --- the transit side: wrapped keys behind the latest KEK version ---
+# --- the KMS side: wrapped keys behind the latest version of their KEK ---
 
 
-def _behind(latest: int) -> sa.ColumnElement[bool]:
-    return sa.and_(Key.state != DESTROYED, Key.kek_version < latest)
+def _behind(kek_ref: str, latest: int) -> sa.ColumnElement[bool]:
+    return sa.and_(Key.state != DESTROYED, Key.kek_ref == kek_ref, Key.kek_version < latest)
 
 
-def kek_versions_in_use(connection: sa.Connection) -> tuple[int, int] | None:
-    """The lowest and highest KEK version a live (not destroyed) data key is wrapped
-    under; None when there is no live key."""
+def kek_versions_in_use(connection: sa.Connection, kek_ref: str) -> tuple[int, int] | None:
+    """The lowest and highest version of KEK ``kek_ref`` a live (not destroyed) data key
+    is wrapped under; None when it wraps no live key."""
     low, high = connection.execute(
         sa.select(sa.func.min(Key.kek_version), sa.func.max(Key.kek_version)).where(
-            Key.state != DESTROYED
+            Key.state != DESTROYED, Key.kek_ref == kek_ref
         )
     ).one()
     return None if low is None else (int(low), int(high))
 
 
-def count_behind_kek(connection: sa.Connection, latest: int) -> int:
-    """Wrapped keys (not destroyed) under a KEK version older than ``latest``."""
-    return int(connection.execute(sa.select(sa.func.count()).where(_behind(latest))).scalar_one())
+def count_behind_kek(connection: sa.Connection, kek_ref: str, latest: int) -> int:
+    """Wrapped keys (not destroyed) under a version of ``kek_ref`` older than ``latest``."""
+    return int(
+        connection.execute(sa.select(sa.func.count()).where(_behind(kek_ref, latest))).scalar_one()
+    )
 
 
 def lock_behind_kek(
     connection: sa.Connection,
+    kek_ref: str,
     latest: int,
     *,
     after: tuple[str, int],
@@ -387,7 +445,7 @@ def lock_behind_kek(
     def locked(where: sa.ColumnElement[bool], limit: int | None) -> list[tuple[str, int, str]]:
         rows = connection.execute(
             sa.select(Key.tenant_id, Key.version, Key.wrapped_key)
-            .where(_behind(latest), where)
+            .where(_behind(kek_ref, latest), where)
             .order_by(Key.tenant_id, Key.version)
             .limit(limit)
             .with_for_update(skip_locked=skip_locked)
@@ -403,10 +461,13 @@ def lock_behind_kek(
 
 @dataclass(frozen=True)
 class Rewrapped:
+    """A key wrapped anew: by the latest version of its KEK, or by another KEK."""
+
     tenant_id: str
     version: int
     old: str
     new: WrappedKey
+    kek_ref: str
 
 
 def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, actor: str) -> int:
@@ -426,6 +487,7 @@ def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, ac
         "old": [i.old for i in items],
         "new": [i.new.ciphertext for i in items],
         "keks": [i.new.kek_version for i in items],
+        "refs": [i.kek_ref for i in items],
     }
     values = (
         sa.func.unnest(
@@ -434,8 +496,9 @@ def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, ac
             sa.cast(sa.bindparam("old"), sa.ARRAY(sa.Text)),
             sa.cast(sa.bindparam("new"), sa.ARRAY(sa.Text)),
             sa.cast(sa.bindparam("keks"), sa.ARRAY(sa.Integer)),
+            sa.cast(sa.bindparam("refs"), sa.ARRAY(sa.Text)),
         )
-        .table_valued("tenant_id", "version", "old_key", "new_key", "kek_version")
+        .table_valued("tenant_id", "version", "old_key", "new_key", "kek_version", "kek_ref")
         .render_derived(name="v")
     )
     stored = (
@@ -445,15 +508,21 @@ def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, ac
             Key.version == values.c.version,
             Key.wrapped_key == values.c.old_key,
         )
-        .values(wrapped_key=values.c.new_key, kek_version=values.c.kek_version)
-        .returning(Key.tenant_id, Key.version, Key.kek_version)
+        .values(
+            wrapped_key=values.c.new_key,
+            kek_version=values.c.kek_version,
+            kek_ref=values.c.kek_ref,
+        )
+        .returning(Key.tenant_id, Key.version, Key.kek_version, Key.kek_ref)
         .cte("stored")
     )
     events = audit.insert_per_row(
         sa.select(
             stored.c.tenant_id,
             sa.cast(stored.c.version, sa.Text),
-            sa.func.jsonb_build_object("kek_version", stored.c.kek_version),
+            sa.func.jsonb_build_object(
+                "kek_version", stored.c.kek_version, "kek_ref", stored.c.kek_ref
+            ),
         ).order_by(stored.c.tenant_id, stored.c.version),
         AuditAction.KEK_REWRAPPED,
         actor=actor,
@@ -463,3 +532,91 @@ def store_rewrapped(connection: sa.Connection, items: Sequence[Rewrapped], *, ac
     # DELETEs only): one event per stored key, so it counts the keys stored.
     counted = events.execution_options(preserve_rowcount=True)
     return int(connection.execute(counted, columns).rowcount)
+
+
+# --- tenants' own KEKs (tenant_keks): the operator writes, the application reads ---
+
+
+def tenant_kek(connection: sa.Connection, tenant_id: str) -> str | None:
+    """The KEK ``tenant_id`` chose; None: the deployment's."""
+    return connection.execute(
+        sa.select(TenantKek.kek_ref).where(TenantKek.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+
+
+def tenant_keks(connection: sa.Connection, tenants: Sequence[str] | None) -> dict[str, str]:
+    """Each tenant's own KEK, for ``tenants`` (every tenant that has one when None)."""
+    statement = sa.select(TenantKek.tenant_id, TenantKek.kek_ref)
+    if tenants is not None:
+        statement = statement.where(TenantKek.tenant_id.in_(list(tenants)))
+    return {tenant: ref for tenant, ref in connection.execute(statement)}
+
+
+def set_tenant_kek(
+    connection: sa.Connection,
+    tenant_id: str,
+    kek_ref: str | None,
+    *,
+    cache_max_age_seconds: int | None,
+    actor: str,
+) -> None:
+    """Record ``kek_ref`` as the tenant's KEK (None: back to the deployment's), under
+    the tenant's exclusive key lock so no first key is made meanwhile under the old one."""
+    lock_tenant_keys(connection, tenant_id, exclusive=True)
+    if kek_ref is None:
+        connection.execute(sa.delete(TenantKek).where(TenantKek.tenant_id == tenant_id))
+    else:
+        upsert = pg_insert(TenantKek).values(
+            tenant_id=tenant_id, kek_ref=kek_ref, cache_max_age_seconds=cache_max_age_seconds
+        )
+        connection.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[TenantKek.tenant_id],
+                set_={
+                    "kek_ref": upsert.excluded.kek_ref,
+                    "cache_max_age_seconds": upsert.excluded.cache_max_age_seconds,
+                },
+            )
+        )
+    audit.record(
+        connection,
+        tenant_id,
+        AuditAction.TENANT_KEK_SET,
+        actor=actor,
+        target_type="kek",
+        target_id=kek_ref or "default",
+        details={"cache_max_age_seconds": cache_max_age_seconds},
+    )
+
+
+def lock_not_under(
+    connection: sa.Connection, tenant_id: str, kek_ref: str, *, limit: int
+) -> list[tuple[int, str, str]]:
+    """Up to ``limit`` live keys of the tenant not wrapped by ``kek_ref``, locked for the
+    transaction: (version, wrapped_key, their kek_ref)."""
+    rows = connection.execute(
+        sa.select(Key.version, Key.wrapped_key, Key.kek_ref)
+        .where(Key.tenant_id == tenant_id, Key.state != DESTROYED, Key.kek_ref != kek_ref)
+        .order_by(Key.version)
+        .limit(limit)
+        .with_for_update()
+    ).all()
+    return [(version, str(wrapped), ref) for version, wrapped, ref in rows]
+
+
+def count_not_under(
+    connection: sa.Connection, default_ref: str, tenants: Sequence[str] | None
+) -> dict[str, int]:
+    """Per tenant, its live keys wrapped by a KEK other than the tenant's own (the
+    deployment's, ``default_ref``, for a tenant without one): what a ``tenant-key set``
+    or ``unset`` still has to move."""
+    chosen = sa.func.coalesce(TenantKek.kek_ref, sa.literal(default_ref, sa.Text))
+    statement = (
+        sa.select(Key.tenant_id, sa.func.count())
+        .select_from(_WITH_TENANT_KEK)
+        .where(Key.state != DESTROYED, Key.kek_ref != chosen)
+        .group_by(Key.tenant_id)
+    )
+    if tenants is not None:
+        statement = statement.where(Key.tenant_id.in_(list(tenants)))
+    return dict(connection.execute(statement).tuples().all())

@@ -5,13 +5,16 @@ miss: one request to the key provider per key, while traffic waits. Warm-up read
 the usable keys (active and draining) of the tenants it is given, a chunk of
 tenants per statement, each tenant's read scoped to it by row-level security
 (:func:`tenantvault.keys.store.usable_keys`), and unwraps them in batches of the
-provider's batch size: ceil(K / batch size) requests for K keys. Each key enters
+provider's batch size, each KEK's keys in requests of their own: ceil(K / batch
+size) requests for K keys under one KEK. Each key enters
 the cache tied to the wrapping it was unwrapped from, as a miss puts it, so a key
 rewrapped or replaced since is a miss again.
 
-A key that does not unwrap fails only itself. An outage stops the warm-up (the
-backoff then keeps later misses from calling, as after any failed unwrap); so
-does a full cache, whose oldest keys the next ones would push out.
+A key that does not unwrap fails only itself, and so do the keys of a tenant's own
+KEK that is unavailable (revoked, or its KMS down). An outage of the deployment's
+KEK stops the warm-up (the backoff then keeps later misses from calling, as after
+any failed unwrap); so does a full cache, whose oldest keys the next ones would
+push out.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from tenantvault.crypto.datakey import DataKey
+from tenantvault.errors import KeyProviderError, TenantKeyUnavailable
 from tenantvault.keys import store
 from tenantvault.keys.backoff import OUTAGE, ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache
-from tenantvault.kms.provider import KeyProvider
+from tenantvault.kms.keks import Keks
+
+Gate = Callable[[str], ProviderBackoff]
+"""The backoff gate before a KEK's unwraps, by key reference."""
 
 Transaction = Callable[[], AbstractContextManager[sa.Connection]]
 ReadKeys = Callable[[sa.Connection, Sequence[str]], list[store.TenantKey]]
@@ -69,13 +76,11 @@ class WarmReport:
 class _Warming:
     """One warm-up's progress: the keys waiting for a batch, and what was done."""
 
-    def __init__(
-        self, provider: KeyProvider, cache: DataKeyCache, backoff: ProviderBackoff
-    ) -> None:
-        self.provider = provider
+    def __init__(self, keks: Keks, cache: DataKeyCache, gate: Gate) -> None:
+        self.keks = keks
         self.cache = cache
-        self.backoff = backoff
-        self.pending: list[store.TenantKey] = []
+        self.gate = gate
+        self.pending: dict[str, list[store.TenantKey]] = {}  # by KEK
         self.warmed = self.already_cached = self.requests = 0
         self.failed: list[WarmFailure] = []
         self.stopped: str | None = None
@@ -86,35 +91,61 @@ class _Warming:
         if self.cache.holds(key.tenant_id, key.version, key.wrapped):
             self.already_cached += 1
             return
-        if self.warmed + self.already_cached + len(self.pending) >= self.cache.max_entries:
-            self.flush()
+        queued = sum(map(len, self.pending.values()))
+        if self.warmed + self.already_cached + queued >= self.cache.max_entries:
+            self.flush_all()
             if self.stopped is None:
                 self.stop(
                     key.tenant_id, f"the key cache holds at most {self.cache.max_entries} keys"
                 )
             return
-        self.pending.append(key)
-        if len(self.pending) >= self.provider.batch_size:
-            self.flush()
+        pending = self.pending.setdefault(key.kek_ref, [])
+        pending.append(key)
+        if len(pending) >= self._batch_size(key.kek_ref):
+            self.flush(key.kek_ref)
 
-    def flush(self) -> None:
-        """Unwrap the queued keys in one request and cache those that unwrapped."""
-        if not self.pending or self.stopped is not None:
-            return
-        batch, self.pending = self.pending, []
+    def _batch_size(self, kek_ref: str) -> int:
         try:
-            with self.backoff.call("unwrap data keys"):
+            return self.keks.provider(kek_ref).batch_size
+        except KeyProviderError:
+            return 1  # no provider for it: each key fails at once, alone
+
+    def flush_all(self) -> None:
+        for kek_ref in list(self.pending):
+            self.flush(kek_ref)
+
+    def flush(self, kek_ref: str) -> None:
+        """Unwrap the keys queued for one KEK in one request and cache those that
+        unwrapped."""
+        batch = self.pending.pop(kek_ref, [])
+        if not batch or self.stopped is not None:
+            return
+        try:
+            with self.gate(kek_ref).call("unwrap data keys"):
+                provider = self.keks.provider(kek_ref)
                 self.requests += 1
-                results = self.provider.unwrap_many([(k.tenant_id, k.wrapped) for k in batch])
-        except OUTAGE as exc:
-            self.stop(batch[0].tenant_id, str(exc))
+                results = provider.unwrap_many([(k.tenant_id, k.wrapped) for k in batch])
+        except KeyProviderError as exc:
+            if self.keks.is_default(kek_ref):
+                if not isinstance(exc, OUTAGE):
+                    raise
+                self.stop(batch[0].tenant_id, str(exc))
+                return
+            # A tenant's own KEK: its keys fail; the other tenants' warm on.
+            for key in batch:
+                reason = str(TenantKeyUnavailable(key.tenant_id, kek_ref))
+                self.failed.append(WarmFailure(key.tenant_id, key.version, reason))
             return
         for key, result in zip(batch, results, strict=True):
             if result.plaintext is None:
                 reason = result.error or "did not unwrap"
                 self.failed.append(WarmFailure(key.tenant_id, key.version, reason))
                 continue
-            self.cache.put(DataKey(key.tenant_id, key.version, result.plaintext), key.wrapped)
+            self.cache.put(
+                DataKey(key.tenant_id, key.version, result.plaintext),
+                key.wrapped,
+                max_age_seconds=key.max_age_seconds,
+            )
             self.warmed += 1
 
     def stop(self, tenant_id: str, reason: str) -> None:
@@ -122,9 +153,9 @@ class _Warming:
 
 
 def warm_keys(
-    provider: KeyProvider,
+    keks: Keks,
     cache: DataKeyCache,
-    backoff: ProviderBackoff,
+    gate: Gate,
     transaction: Transaction,
     tenant_ids: Sequence[str],
     read: ReadKeys = store.usable_keys,
@@ -133,7 +164,7 @@ def warm_keys(
     reads in ``transaction`` (the app's read by default), in batches; see the
     module's description."""
     tenants = list(dict.fromkeys(tenant_ids))
-    warming = _Warming(provider, cache, backoff)
+    warming = _Warming(keks, cache, gate)
     for start in range(0, len(tenants), READ_CHUNK):
         with transaction() as connection:
             keys = read(connection, tenants[start : start + READ_CHUNK])
@@ -143,7 +174,7 @@ def warm_keys(
                 break
         if warming.stopped is not None:
             break
-    warming.flush()
+    warming.flush_all()
     not_warmed: list[str] = []
     if warming.stopped_at is not None:
         not_warmed = tenants[tenants.index(warming.stopped_at) :]

@@ -9,9 +9,10 @@ from collections.abc import Callable
 import hvac
 import requests
 
-from tenantvault.errors import ConfigurationError, KeyProviderUnavailable
+from tenantvault.errors import ConfigurationError, KeyProviderError, KeyProviderUnavailable
+from tenantvault.kms.keks import Resolve, split_ref
 from tenantvault.kms.local import LocalKeyProvider
-from tenantvault.kms.provider import CheckedKeyProvider
+from tenantvault.kms.provider import CheckedKeyProvider, KeyProvider
 from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.settings import Settings
 
@@ -82,6 +83,10 @@ def key_provider_from_settings(settings: Settings) -> CheckedKeyProvider:
     """The key provider the settings choose. Local only when named and acknowledged."""
     if settings.key_provider == "local":
         return _local(settings)
+    return _transit(settings)
+
+
+def _transit(settings: Settings) -> TransitKeyProvider:
     client = _client(settings)
     login = _approle_login(settings)
     if login is None:
@@ -116,3 +121,27 @@ def _local(settings: Settings) -> LocalKeyProvider:
     if len(master) != 32:
         raise ConfigurationError("TENANTVAULT_LOCAL_MASTER_KEY must be base64 of 32 bytes")
     return LocalKeyProvider(master, batch_size=settings.transit_batch_size)
+
+
+def kek_resolver(settings: Settings, wrap: Callable[[KeyProvider], KeyProvider]) -> Resolve:
+    """The providers of KEK references other than the deployment's (tenants' own
+    keys), each wrapped by ``wrap`` (metering). One client per KMS, from the settings,
+    made on first use and shared by all its keys."""
+    roots: dict[str, CheckedKeyProvider] = {}
+
+    def root(scheme: str) -> CheckedKeyProvider:
+        if scheme not in roots:
+            if scheme != "transit":
+                raise KeyProviderError(
+                    f"no key provider for '{scheme}:' KEK references in this deployment"
+                )
+            roots[scheme] = _transit(settings)
+        return roots[scheme]
+
+    def resolve(ref: str) -> KeyProvider:
+        scheme, key = split_ref(ref)
+        found = root(scheme)
+        assert isinstance(found, TransitKeyProvider)
+        return wrap(found.for_key(key))
+
+    return resolve

@@ -47,6 +47,10 @@ class LocalKeyProvider(CheckedKeyProvider):
     def __repr__(self) -> str:
         return f"LocalKeyProvider(kek_version={self._latest})"
 
+    @property
+    def ref(self) -> str:
+        return "local:default"
+
     def __reduce__(self) -> str:
         raise TypeError("LocalKeyProvider refuses to be pickled")
 
@@ -66,6 +70,9 @@ class LocalKeyProvider(CheckedKeyProvider):
     def _generate(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         plaintext = os.urandom(DATA_KEY_BYTES)
         return plaintext, self._wrap(tenant_id, plaintext, self._latest)
+
+    def _wrap_key(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
+        return self._wrap(tenant_id, plaintext, self._latest)
 
     def _unwrap(self, tenant_id: str, wrapped: str) -> bytes:
         version = kek_version_of(wrapped)

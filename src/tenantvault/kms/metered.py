@@ -27,6 +27,16 @@ class MeteredKeyProvider:
     def batch_size(self) -> int:
         return self.inner.batch_size
 
+    @property
+    def ref(self) -> str:
+        return self.inner.ref
+
+    def wrap(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
+        return self._metrics.provider_call("wrap", lambda: self.inner.wrap(tenant_id, plaintext))
+
+    def check_usable(self) -> None:
+        self._metrics.provider_call("check_usable", self.inner.check_usable)
+
     def generate_data_key(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         return self._metrics.provider_call(
             "generate", lambda: self.inner.generate_data_key(tenant_id)

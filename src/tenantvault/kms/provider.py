@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from tenantvault.crypto.datakey import DATA_KEY_BYTES
-from tenantvault.errors import KeyProviderError
+from tenantvault.errors import DecryptionError, KeyProviderError
 
 _KEK_VERSION = re.compile(r"^[a-z]+:v([1-9][0-9]*):")
 _NO_VERSION = "wrapped key has no version prefix"
@@ -73,7 +73,12 @@ def _in_order(
 
 
 class KeyProvider(Protocol):
-    """What tenantvault asks of a KMS."""
+    """What tenantvault asks of one KEK in a KMS."""
+
+    @property
+    def ref(self) -> str:
+        """This KEK as a key reference (``transit:<key>``, ``awskms:<key id>``)."""
+        ...
 
     @property
     def batch_size(self) -> int:
@@ -84,8 +89,21 @@ class KeyProvider(Protocol):
         """A fresh 32-byte data key for ``tenant_id``, and the same key wrapped."""
         ...
 
+    def wrap(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
+        """A data key made elsewhere, wrapped by this KEK for ``tenant_id`` (moving a
+        tenant's keys from one KEK to another)."""
+        ...
+
     def unwrap(self, tenant_id: str, wrapped: str) -> bytes:
         """The 32-byte data key inside ``wrapped``; only the tenant it was wrapped for works."""
+        ...
+
+    def check_usable(self) -> None:
+        """Raise unless this KEK wraps and unwraps now, for one tenant only.
+
+        Raises:
+            KeyProviderError: the key is missing, refused, or does not bind the tenant.
+        """
         ...
 
     def unwrap_many(self, items: Sequence[tuple[str, str]]) -> list[UnwrapResult]:
@@ -126,10 +144,43 @@ class KeyProvider(Protocol):
         ...
 
 
+# Tenants of the usability probe; no tenant id has a NUL byte.
+PROBE_TENANTS = ("tenantvault\x00probe-a", "tenantvault\x00probe-b")
+
+
 class CheckedKeyProvider:
     """Public methods with invariants; subclasses implement the ``_`` hooks."""
 
     batch_size: int = 200
+
+    @property
+    def ref(self) -> str:
+        raise NotImplementedError
+
+    def wrap(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
+        if len(plaintext) != DATA_KEY_BYTES:
+            raise ValueError("a data key is 32 bytes")
+        wrapped = self._wrap_key(tenant_id, plaintext)
+        if wrapped.kek_version < 1 or kek_version_of(wrapped.ciphertext) != wrapped.kek_version:
+            raise KeyProviderError("key provider returned an inconsistent KEK version")
+        return wrapped
+
+    def check_usable(self) -> None:
+        plaintext, wrapped = self.generate_data_key(PROBE_TENANTS[0])
+        try:
+            opened = self.unwrap(PROBE_TENANTS[0], wrapped.ciphertext)
+        except DecryptionError:
+            raise KeyProviderError(f"{self.ref} does not unwrap what it wrapped") from None
+        if opened != plaintext:
+            raise KeyProviderError(f"{self.ref} does not unwrap what it wrapped")
+        try:
+            self.unwrap(PROBE_TENANTS[1], wrapped.ciphertext)
+        except DecryptionError:
+            return  # refused for another tenant: the key binds the tenant
+        raise KeyProviderError(
+            f"{self.ref} unwraps one tenant's key for another: it does not bind the tenant "
+            "(a transit key must be created with derived=true)"
+        )
 
     def generate_data_key(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
         plaintext, wrapped = self._generate(tenant_id)
@@ -200,6 +251,9 @@ class CheckedKeyProvider:
         return self._verify_mac(message, mac) is True
 
     def _generate(self, tenant_id: str) -> tuple[bytes, WrappedKey]:
+        raise NotImplementedError
+
+    def _wrap_key(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
         raise NotImplementedError
 
     def _mac(self, message: bytes) -> str:

@@ -9,6 +9,7 @@ to another tenant does not unwrap. Only transient failures (connection errors,
 from __future__ import annotations
 
 import base64
+import copy
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from tenantvault.errors import (
 )
 from tenantvault.kms.diagnose import TOKEN_REFUSED, token_refused, unanswered
 from tenantvault.kms.provider import (
+    PROBE_TENANTS,
     CheckedKeyProvider,
     RewrapResult,
     UnwrapResult,
@@ -56,10 +58,6 @@ def _item_results(refusal: hvac.exceptions.InvalidRequest) -> list[dict[str, Any
     data = body.get("data")
     answered = data.get("batch_results") if isinstance(data, dict) else None
     return answered if isinstance(answered, list) else None
-
-
-# Contexts of the probe that a key is derived; no tenant id has a NUL byte.
-_PROBE_TENANTS = ("tenantvault\x00probe-a", "tenantvault\x00probe-b")
 
 
 def _context(tenant_id: str) -> str:
@@ -107,11 +105,29 @@ class TransitKeyProvider(CheckedKeyProvider):
         self._mac_key_checked = False
         self._login_lock = threading.Lock()
         self._renew_at = 0.0
+        # Whose login keeps the shared client's token fresh: this provider's, or that of
+        # the provider it was made from (for_key).
+        self._logins = self
         if login is not None:
             self._log_in()
 
     def __repr__(self) -> str:
         return f"TransitKeyProvider(key={self.mount_point}/{self.key_name})"
+
+    @property
+    def ref(self) -> str:
+        return f"transit:{self.key_name}"
+
+    def for_key(self, key_name: str) -> TransitKeyProvider:
+        """A provider for another transit key on the same mount, sharing this one's
+        client and login; it never creates the key (a tenant's KEK is made by its owner)."""
+        sibling = copy.copy(self)
+        sibling.key_name = key_name
+        sibling._create_key = False
+        sibling._key_checked = False
+        sibling._lock = threading.Lock()
+        sibling._logins = self._logins
+        return sibling
 
     def _log_in(self) -> None:
         assert self._login is not None
@@ -120,11 +136,12 @@ class TransitKeyProvider(CheckedKeyProvider):
 
     def _fresh_token(self, *, refused: bool = False) -> bool:
         """Log in again when the token is due (or was just refused); True if it did."""
-        if self._login is None:
+        logins = self._logins
+        if logins._login is None:
             return False
-        with self._login_lock:
-            if refused or time.monotonic() >= self._renew_at:
-                self._log_in()
+        with logins._login_lock:
+            if refused or time.monotonic() >= logins._renew_at:
+                logins._log_in()
                 return True
         return False
 
@@ -231,7 +248,7 @@ class TransitKeyProvider(CheckedKeyProvider):
                 lambda: self._transit.generate_data_key(
                     name=self.key_name,
                     key_type="plaintext",  # the one the application's policy allows
-                    context=_context(_PROBE_TENANTS[0]),
+                    context=_context(PROBE_TENANTS[0]),
                     bits=256,
                     mount_point=self.mount_point,
                 ),
@@ -245,7 +262,7 @@ class TransitKeyProvider(CheckedKeyProvider):
                 lambda: self._transit.decrypt_data(
                     name=self.key_name,
                     ciphertext=ciphertext,
-                    context=_context(_PROBE_TENANTS[1]),
+                    context=_context(PROBE_TENANTS[1]),
                     mount_point=self.mount_point,
                 ),
             )
@@ -278,6 +295,23 @@ class TransitKeyProvider(CheckedKeyProvider):
         ciphertext = response["data"]["ciphertext"]
         plaintext = base64.b64decode(response["data"]["plaintext"])
         return plaintext, WrappedKey(ciphertext, kek_version_of(ciphertext))
+
+    def _wrap_key(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
+        self.ensure_key()
+        try:
+            response: dict[str, Any] = self._call(
+                "wrap a data key",
+                lambda: self._transit.encrypt_data(
+                    name=self.key_name,
+                    plaintext=base64.b64encode(plaintext).decode(),
+                    context=_context(tenant_id),
+                    mount_point=self.mount_point,
+                ),
+            )
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+            raise KeyProviderError(self._missing_key_message()) from None
+        ciphertext = response["data"]["ciphertext"]
+        return WrappedKey(ciphertext, kek_version_of(ciphertext))
 
     def _unwrap(self, tenant_id: str, wrapped: str) -> bytes:
         self.ensure_key()  # a key that is not derived would unwrap for any tenant

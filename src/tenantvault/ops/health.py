@@ -161,7 +161,7 @@ def _wrapped_kek_versions(
     """Read as the migrator role: row-level security shows it every tenant's keys."""
     try:
         connection.execute(sa.text(f'SET LOCAL ROLE "{settings.migrator_role}"'))
-        return store.kek_versions_in_use(connection), ""
+        return store.kek_versions_in_use(connection, settings.default_kek_ref), ""
     except DBAPIError as exc:
         return None, _not_checked(exc)
     finally:

@@ -93,9 +93,9 @@ class _Batch:
         self._transaction.__exit__(_RolledBackError, _RolledBackError(), None)
 
 
-def _behind(db: OperatorDatabase, latest: int) -> int:
+def _behind(db: OperatorDatabase, kek_ref: str, latest: int) -> int:
     with db.transaction() as connection:
-        return store.count_behind_kek(connection, latest)
+        return store.count_behind_kek(connection, kek_ref, latest)
 
 
 def rotate_kek(
@@ -130,17 +130,19 @@ def rotate_kek(
         with db.transaction() as connection:
             # Read under the claim: a run that just rotated is seen, and not rotated again.
             before = provider.kek_version()
-            pending = store.count_behind_kek(connection, before)
+            pending = store.count_behind_kek(connection, provider.ref, before)
             will_rotate = options.rotate and pending == 0
             if will_rotate and not options.dry_run:
                 provider.rotate_kek()
     latest = provider.kek_version()
     if options.dry_run:
         target = before + 1 if will_rotate else before
-        return KekRotationReport(True, before, target, will_rotate, behind=_behind(db, target))
+        return KekRotationReport(
+            True, before, target, will_rotate, behind=_behind(db, provider.ref, target)
+        )
 
     report = KekRotationReport(False, before, latest, will_rotate)
-    total = _behind(db, latest)
+    total = _behind(db, provider.ref, latest)
     reporting = threading.Lock()  # workers add to the report and call on_progress
     halt = threading.Event()  # a worker failed: the others stop after their batch
 
@@ -152,6 +154,7 @@ def rotate_kek(
         try:
             batch.rows = store.lock_behind_kek(
                 batch.connection,
+                provider.ref,
                 latest,
                 after=after,
                 limit=options.batch_size,
@@ -180,7 +183,7 @@ def rotate_kek(
                         RewrapFailure(tenant, version, result.error or "refused")
                     )
                 continue
-            done.append(store.Rewrapped(tenant, version, wrapped, result.wrapped))
+            done.append(store.Rewrapped(tenant, version, wrapped, result.wrapped, provider.ref))
         stored = store.store_rewrapped(batch.connection, done, actor=ACTOR)
         batch.commit()
         default_metrics().rotated("kek", stored)
@@ -229,7 +232,7 @@ def rotate_kek(
     if stop.is_set():
         report.stopped = "interrupted: stopped after the current batch"
 
-    report.behind = _behind(db, latest)
+    report.behind = _behind(db, provider.ref, latest)
     if options.raise_min_decryption_version and report.stopped is None:
         report.min_decryption_version = _raise_min(db, provider, latest, report)
     return report
@@ -268,7 +271,7 @@ def _raise_min(
         )
     previous = provider.min_decryption_version()
     provider.set_min_decryption_version(latest)
-    stragglers = _behind(db, latest)
+    stragglers = _behind(db, provider.ref, latest)
     if stragglers:
         provider.set_min_decryption_version(previous)
         raise RotationError(

@@ -30,6 +30,7 @@ from tenantvault.db.held import AsyncHeldConnections
 from tenantvault.db.session import async_held_connections, create_async_engine
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
+from tenantvault.kms.metered import MeteredKeyProvider
 from tenantvault.kms.provider import KeyProvider
 from tenantvault.metrics import Metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
@@ -165,7 +166,13 @@ class AsyncVault(VaultMethods[AsyncSession]):
         provider = OffLoopKeyProvider(metered_provider(settings, key_provider, metrics))
         return cls(
             create_async_engine(settings),
-            keyring_from_settings(settings, provider, wait=wait_for, metrics=metrics),
+            keyring_from_settings(
+                settings,
+                provider,
+                wait=wait_for,
+                metrics=metrics,
+                wrap=lambda kek: provider.sharing(MeteredKeyProvider(kek, metrics)),
+            ),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
             held=async_held_connections(settings),

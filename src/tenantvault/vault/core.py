@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -29,7 +30,8 @@ from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache, Wait
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS
-from tenantvault.kms.factory import key_provider_from_settings
+from tenantvault.kms.factory import kek_resolver, key_provider_from_settings
+from tenantvault.kms.keks import Keks
 from tenantvault.kms.metered import MeteredKeyProvider
 from tenantvault.kms.provider import KeyProvider
 from tenantvault.metrics import Metrics, default_metrics
@@ -57,11 +59,14 @@ def keyring_from_settings(
     *,
     wait: Wait = Future.result,
     metrics: Metrics | None = None,
+    wrap: Callable[[KeyProvider], KeyProvider] | None = None,
 ) -> Keyring:
     """The keyring both facades build from settings: ``provider`` behind a cache
     within the configured bounds (``wait``: how a cache miss waits for another
     caller's load of the same key; ``metrics``: where it counts hits, misses and
-    evictions) and the configured backoff after a failed unwrap."""
+    evictions) and the configured backoff after a failed unwrap. Tenants' own KEKs
+    come from the settings' KMS clients, each wrapped by ``wrap`` (metered by default,
+    as ``provider`` is)."""
     cache = DataKeyCache(
         max_age_seconds=settings.dek_cache_max_age_seconds,
         max_entries=settings.dek_cache_max_entries,
@@ -73,7 +78,13 @@ def keyring_from_settings(
         initial_seconds=settings.transit_backoff_initial_seconds,
         max_seconds=settings.transit_backoff_max_seconds,
     )
-    return Keyring(provider, cache, allow_legacy=settings.open_legacy_format, backoff=backoff)
+    if wrap is None:
+        measured = metrics or default_metrics()
+        wrap = partial(MeteredKeyProvider, metrics=measured)
+    keks = Keks(provider, kek_resolver(settings, wrap))
+    return Keyring(
+        provider, cache, allow_legacy=settings.open_legacy_format, backoff=backoff, keks=keks
+    )
 
 
 def metered_provider(
