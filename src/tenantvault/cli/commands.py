@@ -220,6 +220,37 @@ def _cmd_shred(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_tenant_key_set(args: argparse.Namespace) -> int:
+    return _move_tenant_keys(args, args.key, args.cache_max_age)
+
+
+def _cmd_tenant_key_unset(args: argparse.Namespace) -> int:
+    return _move_tenant_keys(args, None, None)
+
+
+def _move_tenant_keys(args: argparse.Namespace, key: str | None, max_age: int | None) -> int:
+    progress = output.TenantKeyOutput(args.json)
+    with _stop_on_interrupt() as stop:
+        report = jobs.tenant_key_job(
+            load_settings(),
+            args.tenant,
+            key,
+            cache_max_age_seconds=max_age,
+            stop=stop,
+            on_progress=progress.moved,
+        )
+    output.print_tenant_key_summary(report, args.json)
+    if report.failures and report.stopped is None:
+        return EXIT_INCOMPLETE
+    return _run_exit(report.ok, report.stopped)
+
+
+def _cmd_tenant_key_show(args: argparse.Namespace) -> int:
+    report = jobs.tenant_key_status(load_settings(), args.tenant or None)
+    output.print_tenant_keys(report, args.json)
+    return EXIT_OK if all(t.usable for t in report) else EXIT_UNHEALTHY
+
+
 def _read_heads(path: str) -> dict[str, Head]:
     """Heads written by ``audit verify --heads-out``."""
     try:
@@ -477,6 +508,54 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[_Parser]) -> None
     shred.set_defaults(handler=_cmd_shred)
 
 
+def _add_tenant_key_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    tenant_key = commands.add_parser(
+        "tenant-key",
+        help="a tenant's own KEK (a customer-managed key): set, show, unset",
+        description="Exit codes: 0 done; 1 failed (one FAILED: line; the KEK is checked "
+        "before anything is written); 2 usage; 3 (show) a tenant's KEK is not usable now; "
+        "4 finished but keys are left under another KEK (rerun); 130 interrupted (rerun "
+        "to resume).",
+    )
+    actions = tenant_key.add_subparsers(dest="action", required=True)
+    set_parser = actions.add_parser(
+        "set", help="wrap the tenant's data keys by KEY from now on, and move its keys under it"
+    )
+    set_parser.add_argument("--tenant", required=True, help="the tenant id")
+    set_parser.add_argument(
+        "--key",
+        required=True,
+        help="the KEK: transit:<key name> (a derived key on the configured mount) or "
+        "awskms:<key id or ARN>",
+    )
+    set_parser.add_argument(
+        "--cache-max-age",
+        type=_positive,
+        metavar="SECONDS",
+        help="cache the tenant's unwrapped data keys at most this long: the delay before a "
+        "revoked key stops serving (default: TENANTVAULT_DEK_CACHE_MAX_AGE_SECONDS)",
+    )
+    set_parser.add_argument("--json", action="store_true", help="JSON lines")
+    set_parser.set_defaults(handler=_cmd_tenant_key_set)
+    show = actions.add_parser(
+        "show", help="each tenant's KEK, whether it is usable now, and keys left elsewhere"
+    )
+    show.add_argument(
+        "--tenant",
+        action="append",
+        help="only this tenant (repeatable; default: every tenant with its own KEK or keys "
+        "to move)",
+    )
+    show.add_argument("--json", action="store_true", help="JSON lines")
+    show.set_defaults(handler=_cmd_tenant_key_show)
+    unset = actions.add_parser(
+        "unset", help="back to the deployment's KEK, moving the tenant's keys under it"
+    )
+    unset.add_argument("--tenant", required=True, help="the tenant id")
+    unset.add_argument("--json", action="store_true", help="JSON lines")
+    unset.set_defaults(handler=_cmd_tenant_key_unset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tenantvault",
@@ -538,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     _add_rotation_parsers(commands)
+    _add_tenant_key_parsers(commands)
     _add_lifecycle_parsers(commands)
 
     _add_dev_parsers(commands)

@@ -27,6 +27,8 @@ from tenantvault.rotation.dek import DekRotationReport, Progress, TenantRotation
 from tenantvault.rotation.kek import KekProgress, KekRotationReport
 from tenantvault.rotation.shred import ShredReport
 from tenantvault.rotation.status import SEALS_WARNING, KeyStatusReport
+from tenantvault.rotation.tenantkek import KekProgress as TenantKekProgress
+from tenantvault.rotation.tenantkek import TenantKekReport, TenantKekStatus
 
 
 def _json_line(out: TextIO, event: str, payload: object) -> None:
@@ -44,6 +46,8 @@ def _tenant_line(t: TenantRotation) -> str:
     retired = f", retired {', '.join(f'v{v}' for v in t.retired)}" if t.retired else ""
     left = f", {t.remaining} values still on an older key" if t.remaining else ""
     resealed = sum(t.resealed.values())
+    if t.reason:
+        return f"tenant {t.tenant_id}: {t.outcome}: {t.reason}; skipped"
     return f"tenant {t.tenant_id}: {t.outcome} {versions}, {resealed} values{retired}{left}"
 
 
@@ -258,6 +262,54 @@ def print_shred(report: ShredReport, json_lines: bool, out: TextIO | None = None
         f"tenant {report.tenant_id}: {verb} {versions}; "
         f"{report.sealed_values} sealed values can never be opened again\n"
     )
+
+
+class TenantKeyOutput:
+    """Progress of a ``tenant-key set``/``unset``: a line per batch of keys moved."""
+
+    def __init__(self, json_lines: bool, out: TextIO | None = None) -> None:
+        self._json = json_lines
+        self._out = out or sys.stdout
+
+    def moved(self, event: TenantKekProgress) -> None:
+        if self._json:
+            _json_line(self._out, "progress", event)
+        else:
+            self._out.write(f"tenant {event.tenant_id}: {event.moved} data keys moved\n")
+        self._out.flush()
+
+
+def print_tenant_key_summary(
+    report: TenantKekReport, json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    if json_lines:
+        _json_line(out, "summary", report)
+        return
+    for failure in report.failures:
+        out.write(f"tenant {report.tenant_id}: not moved: {failure}\n")
+    out.write(
+        f"tenant {report.tenant_id}: KEK {report.kek_ref}; {report.moved} data keys moved, "
+        f"{report.left} left under another KEK\n"
+    )
+
+
+def print_tenant_keys(
+    report: Sequence[TenantKekStatus], json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    for tenant in report:
+        if json_lines:
+            _json_line(out, "tenant", tenant)
+            continue
+        whose = "its own" if tenant.own else "the deployment's"
+        state = "usable" if tenant.usable else f"NOT USABLE ({tenant.reason})"
+        out.write(
+            f"tenant {tenant.tenant_id}: KEK {tenant.kek_ref} ({whose}), {state}; "
+            f"{tenant.keys_elsewhere} data keys under another KEK\n"
+        )
+    if not report:
+        out.write("no tenant has a KEK of its own\n")
 
 
 def print_audit_verify(

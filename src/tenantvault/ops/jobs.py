@@ -26,13 +26,23 @@ from tenantvault.audit.chain import (
 from tenantvault.db.operator import OperatorDatabase
 from tenantvault.keys.cache import DataKeyCache
 from tenantvault.keys.keyring import Keyring
-from tenantvault.kms.factory import key_provider_from_settings
+from tenantvault.kms.factory import kek_resolver, key_provider_from_settings
+from tenantvault.kms.keks import Keks
 from tenantvault.ops.purge import PurgeReport, purge_deleted_configs
 from tenantvault.rotation.dek import DekRotationReport, Progress, rotate_data_keys
 from tenantvault.rotation.kek import KekProgress, KekRotationReport, rotate_kek
 from tenantvault.rotation.options import DekRotationOptions, KekRotationOptions
 from tenantvault.rotation.shred import ShredReport, shred_tenant
 from tenantvault.rotation.status import KeyStatusReport, key_status
+from tenantvault.rotation.tenantkek import (
+    KekProgress as TenantKekProgress,
+)
+from tenantvault.rotation.tenantkek import (
+    TenantKekReport,
+    TenantKekStatus,
+    move_tenant_keys,
+    tenant_kek_status,
+)
 from tenantvault.settings import Settings
 
 
@@ -58,7 +68,8 @@ def _operator(
     )
     try:
         provider = key_provider_from_settings(settings)
-        yield db, Keyring(provider, cache, allow_legacy=settings.open_legacy_format)
+        keks = Keks(provider, kek_resolver(settings, lambda kek: kek))
+        yield db, Keyring(provider, cache, allow_legacy=settings.open_legacy_format, keks=keks)
     finally:
         cache.clear()
         db.dispose()
@@ -99,6 +110,40 @@ def rotate_dek_job(
     with _operator(settings, connections=options.workers + 1) as (db, keyring):
         db.require_tenants(tenants)
         return rotate_data_keys(db, keyring, tenants, options, stop=stop, on_progress=on_progress)
+
+
+def tenant_key_job(
+    settings: Settings,
+    tenant_id: str,
+    kek_ref: str | None,
+    *,
+    cache_max_age_seconds: int | None = None,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[TenantKekProgress], None] | None = None,
+) -> TenantKekReport:
+    """Give ``tenant_id`` its own KEK (None: the deployment's again) and move its data
+    keys under it (``tenantvault tenant-key set`` / ``unset``)."""
+    with _operator(settings, connections=2) as (db, keyring):
+        db.require_tenants([tenant_id])
+        return move_tenant_keys(
+            db,
+            keyring,
+            tenant_id,
+            kek_ref,
+            cache_max_age_seconds=cache_max_age_seconds,
+            stop=stop,
+            on_progress=on_progress,
+        )
+
+
+def tenant_key_status(
+    settings: Settings, tenants: Sequence[str] | None = None
+) -> list[TenantKekStatus]:
+    """Each tenant's KEK, whether it is usable now, and its keys under another KEK
+    (``tenantvault tenant-key show``)."""
+    with _operator(settings, connections=1) as (db, keyring):
+        db.require_tenants(tenants)
+        return tenant_kek_status(db, keyring, tenants)
 
 
 def shred_job(settings: Settings, tenant_id: str, *, dry_run: bool = False) -> ShredReport:

@@ -41,6 +41,7 @@ from tenantvault.errors import (
     DecryptionError,
     KeyDestroyedError,
     KeyProviderError,
+    TenantKeyUnavailable,
     TenantVaultError,
 )
 from tenantvault.keys import store
@@ -112,13 +113,14 @@ class TenantRotation:
 
     tenant_id: str
     # rotated | resumed | resealed | no keys | busy | incomplete | keys changed
-    # | would rotate | would resume | would reseal
+    # | kek unavailable | would rotate | would resume | would reseal
     outcome: str
     from_version: int | None = None
     to_version: int | None = None
     resealed: dict[str, int] = field(default_factory=dict)
     retired: list[int] = field(default_factory=list)
     remaining: int = 0  # values still naming an older key afterwards
+    reason: str = ""  # why a tenant was skipped (its own KEK unavailable), no secrets
 
     @property
     def done(self) -> bool:
@@ -243,6 +245,14 @@ class DekRotation:
                 self._progress(Progress(tenant_id, None, rows, done, self._total, result))
             except _Stopped:
                 return
+            except TenantKeyUnavailable as exc:
+                # The tenant's own KEK (a customer's key) is revoked or unreachable: that
+                # tenant is skipped, with why; the others rotate on.
+                result = TenantRotation(tenant_id, "kek unavailable", reason=str(exc))
+                with self._lock:
+                    self.report.tenants.append(result)
+                    done = len(self.report.tenants)
+                self._progress(Progress(tenant_id, None, 0, done, self._total, result))
             except KeyProviderError as exc:
                 self._stop_run(f"key provider failed for tenant {tenant_id}: {exc}")
                 return

@@ -31,6 +31,7 @@ class DataKeyStatus:
     kek_version: int
     protects: int  # sealed values that name this key version
     seals: int = 0  # values ever sealed under it (the nonce budget)
+    kek_ref: str = ""  # the KEK that wraps it
 
     @property
     def nonce_budget_low(self) -> bool:
@@ -56,10 +57,16 @@ class KeyStatusReport:
     kek_min_decryption_version: int
     tenants: list[TenantKeyStatus] = field(default_factory=list)
     legacy_open: bool = False  # the database's switch: older formats (recorded) open
+    kek_ref: str = ""  # the deployment's KEK, whose versions the two above are
 
     def is_behind(self, key: DataKeyStatus) -> bool:
-        """The key is wrapped (not destroyed) under an older KEK version than the latest."""
-        return key.state != DataKeyState.DESTROYED and key.kek_version < self.kek_latest
+        """The key is wrapped (not destroyed) under an older version of the deployment's
+        KEK than the latest (a tenant's own KEK is its owner's to rotate)."""
+        return (
+            key.state != DataKeyState.DESTROYED
+            and key.kek_ref == self.kek_ref
+            and key.kek_version < self.kek_latest
+        )
 
     @property
     def behind_kek(self) -> int:
@@ -96,7 +103,9 @@ def key_status(
     db: OperatorDatabase, provider: KeyProvider, tenants: Sequence[str] | None = None
 ) -> KeyStatusReport:
     """Every tenant's keys (or just ``tenants``'), with what each protects; changes nothing."""
-    report = KeyStatusReport(provider.kek_version(), provider.min_decryption_version())
+    report = KeyStatusReport(
+        provider.kek_version(), provider.min_decryption_version(), kek_ref=provider.ref
+    )
     only = "" if tenants is None else "t.tenant_id = ANY(:tenants) AND"
     params = {"tenants": list(tenants or [])}
     counts: dict[tuple[str, int], int] = {}
@@ -135,7 +144,7 @@ def key_status(
         entry = by_tenant.setdefault(key.tenant_id, TenantKeyStatus(key.tenant_id))
         protects = counts.get((key.tenant_id, key.version), 0)
         entry.keys.append(
-            DataKeyStatus(key.version, key.state, key.kek_version, protects, key.seals)
+            DataKeyStatus(key.version, key.state, key.kek_version, protects, key.seals, key.kek_ref)
         )
     for tenant_id in sorted(set(legacy) | set(malformed)):
         entry = by_tenant.setdefault(tenant_id, TenantKeyStatus(tenant_id))

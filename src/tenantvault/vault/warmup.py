@@ -1,22 +1,32 @@
-"""Fleet warm-up: a cold process unwraps many tenants' data keys in a few requests."""
+"""A tenant's keys seen from the application: fleet warm-up (a cold process unwraps many
+tenants' data keys in a few requests) and which KEK wraps a tenant's keys."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Generic
 
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import InvalidInputError
+from tenantvault.keys import store
 from tenantvault.keys.warmup import WarmReport
 from tenantvault.vault.core import CallerSession, VaultCore
 from tenantvault.vault.methods import FacadeMethods, Runs
 
 
-class WarmupService:
-    """Filling the key cache before traffic does."""
+class WarmupService(Generic[CallerSession]):
+    """Filling the key cache before traffic does; which KEK a tenant's keys are under."""
 
-    def __init__(self, core: VaultCore[Any]) -> None:
+    def __init__(self, core: VaultCore[CallerSession]) -> None:
         self._core = core
+
+    def tenant_key(self, tenant_id: str, *, session: CallerSession | None = None) -> str:
+        """The reference of the KEK that wraps ``tenant_id``'s new data keys: the one
+        an operator set for it (``tenantvault tenant-key set``: a customer-managed key),
+        or the deployment's (``transit:<TENANTVAULT_TRANSIT_KEY>``, ``awskms:<key id>``)."""
+        with self._core.scope(tenant_id, session) as s:
+            own = store.tenant_kek(s.connection(), tenant_id)
+        return own or self._core.keyring.keks.default_ref
 
     def warm(self, tenant_ids: Sequence[str]) -> WarmReport:
         """Unwrap and cache the usable data keys (active and draining) of ``tenant_ids``
@@ -40,10 +50,12 @@ class WarmupService:
 
 
 class WarmupMethods(FacadeMethods[CallerSession]):
-    """WarmupService's method on both facades (:mod:`tenantvault.vault.methods`)."""
+    """WarmupService's methods on both facades (:mod:`tenantvault.vault.methods`)."""
+
+    tenant_key = Runs(WarmupService[CallerSession].tenant_key)
 
     warm = Runs(
-        WarmupService.warm,
+        WarmupService[CallerSession].warm,
         async_note="the batch unwraps run in the key provider's worker threads, and the "
         "backoff after a failed unwrap is the core's own",
     )
