@@ -236,6 +236,7 @@ def _move_tenant_keys(args: argparse.Namespace, key: str | None, max_age: int | 
             args.tenant,
             key,
             cache_max_age_seconds=max_age,
+            batch_size=args.batch_size,
             stop=stop,
             on_progress=progress.moved,
         )
@@ -535,7 +536,6 @@ def _add_tenant_key_parsers(commands: argparse._SubParsersAction[_Parser]) -> No
         help="cache the tenant's unwrapped data keys at most this long: the delay before a "
         "revoked key stops serving (default: TENANTVAULT_DEK_CACHE_MAX_AGE_SECONDS)",
     )
-    set_parser.add_argument("--json", action="store_true", help="JSON lines")
     set_parser.set_defaults(handler=_cmd_tenant_key_set)
     show = actions.add_parser(
         "show", help="each tenant's KEK, whether it is usable now, and keys left elsewhere"
@@ -552,8 +552,16 @@ def _add_tenant_key_parsers(commands: argparse._SubParsersAction[_Parser]) -> No
         "unset", help="back to the deployment's KEK, moving the tenant's keys under it"
     )
     unset.add_argument("--tenant", required=True, help="the tenant id")
-    unset.add_argument("--json", action="store_true", help="JSON lines")
     unset.set_defaults(handler=_cmd_tenant_key_unset)
+    for moving in (set_parser, unset):
+        moving.add_argument(
+            "--batch-size",
+            type=_batch_size,
+            default=100,
+            metavar="N",
+            help=f"data keys moved per transaction ({_batch_size.range}; default: 100)",
+        )
+        moving.add_argument("--json", action="store_true", help="JSON lines")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -619,4 +619,4 @@ def count_not_under(
     )
     if tenants is not None:
         statement = statement.where(Key.tenant_id.in_(list(tenants)))
-    return dict(connection.execute(statement).tuples().all())
+    return {tenant: int(count) for tenant, count in connection.execute(statement)}

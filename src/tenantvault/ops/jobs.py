@@ -118,6 +118,7 @@ def tenant_key_job(
     kek_ref: str | None,
     *,
     cache_max_age_seconds: int | None = None,
+    batch_size: int = 100,
     stop: threading.Event | None = None,
     on_progress: Callable[[TenantKekProgress], None] | None = None,
 ) -> TenantKekReport:
@@ -131,6 +132,7 @@ def tenant_key_job(
             tenant_id,
             kek_ref,
             cache_max_age_seconds=cache_max_age_seconds,
+            batch_size=batch_size,
             stop=stop,
             on_progress=on_progress,
         )

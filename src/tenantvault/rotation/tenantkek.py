@@ -27,8 +27,6 @@ from tenantvault.keys.keyring import Keyring
 from tenantvault.kms.keks import split_ref
 
 ACTOR = "tenant-key"
-BATCH_KEYS = 100
-"""Keys moved per transaction: a tenant has a few; the bound keeps a transaction short."""
 
 
 @dataclass
@@ -60,11 +58,15 @@ def move_tenant_keys(
     kek_ref: str | None,
     *,
     cache_max_age_seconds: int | None = None,
+    batch_size: int = 100,
     stop: threading.Event | None = None,
     on_progress: Callable[[KekProgress], None] | None = None,
 ) -> TenantKekReport:
     """Make ``kek_ref`` the tenant's KEK (None: the deployment's again) and move its
     data keys under it.
+
+    ``batch_size`` keys move per transaction (a tenant has a few; the bound keeps each
+    transaction, which holds its keys' rows while the KMS answers, short).
 
     The KEK is checked before anything is written: it must exist, and this
     deployment's credentials must wrap and unwrap with it, for one tenant only (a
@@ -100,7 +102,7 @@ def move_tenant_keys(
             )
         while not stop.is_set():
             with db.transaction() as connection:
-                rows = store.lock_not_under(connection, tenant_id, target, limit=BATCH_KEYS)
+                rows = store.lock_not_under(connection, tenant_id, target, limit=batch_size)
                 moved = []
                 for version, wrapped, old_ref in rows:
                     try:
