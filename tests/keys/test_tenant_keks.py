@@ -278,6 +278,10 @@ def test_a_deleted_tenant_key_shows_unusable_and_rotation_skips_only_that_tenant
     assert "tenant t_a: KEK transit:customer-d (its own), NOT USABLE" in shown.stdout
     assert f"tenant t_b: KEK {DEFAULT_REF} (the deployment's), usable" in shown.stdout
 
+    health = run_cli("status", **operator_env)
+    assert health.returncode == 3, health.stdout + health.stderr
+    assert "tenant KEK    NOT USABLE: tenant t_a: KEK transit:customer-d:" in health.stdout
+
     rotated = run_cli("rotate-keys", "dek", "--all", **operator_env)
     assert rotated.returncode == 4, rotated.stdout + rotated.stderr
     assert "tenant t_a: kek unavailable: the KEK transit:customer-d of tenant t_a" in (

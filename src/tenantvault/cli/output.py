@@ -420,6 +420,12 @@ def print_status(report: StatusReport) -> None:
         else:
             print(f"transit       {transit.address or '-'}: {transit.detail}")
     _print_kek_check(report)
+    for problem in report.tenant_kek_problems:
+        print(f"tenant KEK    NOT USABLE: {problem}")
+    if report.tenant_keks_detail:
+        print(f"tenant KEKs   {report.tenant_keks_detail}")
+    elif report.tenant_keks_checked and not report.tenant_kek_problems:
+        print(f"tenant KEKs   {report.tenant_keks_checked} in use, each wraps and unwraps")
     if report.revision or report.revision_detail:
         until = report.audit_partitions_until
         note = "" if report.audit_writable else " (too few: run `tenantvault audit partitions`)"

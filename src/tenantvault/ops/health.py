@@ -11,7 +11,9 @@ from sqlalchemy.exc import DBAPIError
 from tenantvault.audit.chain import audit_partitions
 from tenantvault.db.failures import server_message
 from tenantvault.db.models import TENANTVAULT_TABLES
+from tenantvault.errors import ConfigurationError, KeyProviderError
 from tenantvault.keys import store
+from tenantvault.kms.factory import kek_resolver
 from tenantvault.kms.health import TransitStatus, transit_status
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
@@ -46,6 +48,11 @@ class StatusReport:
     # key, or not checked, and then wrapped_detail says why).
     wrapped_kek_versions: tuple[int, int] | None = None
     wrapped_detail: str = ""
+    # Tenants' own KEKs (customer-managed keys) that do not wrap and unwrap now, one line
+    # each naming the tenants and why; tenant_keks_detail says when they were not read.
+    tenant_kek_problems: list[str] = field(default_factory=list)
+    tenant_keks_checked: int = 0
+    tenant_keks_detail: str = ""
 
     @property
     def kek_problem(self) -> str | None:
@@ -93,6 +100,8 @@ class StatusReport:
             and bool(self.transit and self.transit.reachable)
             and self.kek_problem is None
             and not self.wrapped_detail.startswith("not checked")
+            and not self.tenant_kek_problems
+            and not self.tenant_keks_detail.startswith("not checked")
             # Live keys against a transit key this token may not read: not shown to unwrap.
             and not (
                 self.wrapped_kek_versions is not None
@@ -168,6 +177,29 @@ def _wrapped_kek_versions(
         connection.rollback()
 
 
+def _tenant_keks(connection: sa.Connection, settings: Settings) -> tuple[list[str], int, str]:
+    """Each tenant KEK in use, probed once with this deployment's credentials: the
+    problems (tenants and why), how many KEKs were probed, and why none was read."""
+    try:
+        connection.execute(sa.text(f'SET LOCAL ROLE "{settings.migrator_role}"'))
+        own = store.tenant_keks(connection, None)
+    except DBAPIError as exc:
+        return [], 0, _not_checked(exc)
+    finally:
+        connection.rollback()
+    by_ref: dict[str, list[str]] = {}
+    for tenant_id, ref in sorted(own.items()):
+        by_ref.setdefault(ref, []).append(tenant_id)
+    resolve = kek_resolver(settings, lambda kek: kek)
+    problems = []
+    for ref, tenants in by_ref.items():
+        try:
+            resolve(ref).check_usable()
+        except (KeyProviderError, ConfigurationError) as exc:
+            problems.append(f"tenant {', '.join(tenants)}: KEK {ref}: {exc}")
+    return problems, len(by_ref), ""
+
+
 def status(settings: Settings) -> StatusReport:
     """Read the deployment's state; changes nothing."""
     with migrate.migration_engine(settings).connect() as connection:
@@ -188,6 +220,9 @@ def status(settings: Settings) -> StatusReport:
         wrapped, wrapped_detail = (
             _wrapped_kek_versions(connection, settings) if installed else (None, "")
         )
+        problems, probed, keks_detail = (
+            _tenant_keks(connection, settings) if installed else ([], 0, "")
+        )
     return StatusReport(
         database=settings.database_url_for_display(),
         server_version=str(version),
@@ -200,4 +235,7 @@ def status(settings: Settings) -> StatusReport:
         audit_partitions_until=until,
         wrapped_kek_versions=wrapped,
         wrapped_detail=wrapped_detail,
+        tenant_kek_problems=problems,
+        tenant_keks_checked=probed,
+        tenant_keks_detail=keks_detail,
     )
