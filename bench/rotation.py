@@ -44,6 +44,7 @@ PER_TENANT = 1000
 SIZES = (100_000, 1_000_000)
 KEK_TENANTS = 10_000
 TRANSIT_KEY = "bench-rotation"
+KEK_REF = f"transit:{TRANSIT_KEY}"
 CREDENTIALS = b'{"api_key":"SG.benchmarkid.benchmarksecretbenchmarksecret00"}'
 
 
@@ -79,7 +80,7 @@ def _seed_values(settings: Settings, values: int) -> None:
         keys = []
         for tenant in tenants:
             plaintext, wrapped = provider.generate_data_key(tenant)
-            keys.append((tenant, 1, wrapped.ciphertext, wrapped.kek_version))
+            keys.append((tenant, 1, wrapped.ciphertext, wrapped.kek_version, KEK_REF))
             rows = []
             key = DataKey(tenant, 1, plaintext)
             for n in range(PER_TENANT):
@@ -96,7 +97,10 @@ def _seed_values(settings: Settings, values: int) -> None:
                 rows,
             )
         copy_rows(
-            connection, "tenant_data_keys", "tenant_id, version, wrapped_key, kek_version", keys
+            connection,
+            "tenant_data_keys",
+            "tenant_id, version, wrapped_key, kek_version, kek_ref",
+            keys,
         )
         connection.commit()
         connection.autocommit = True
@@ -188,12 +192,16 @@ def _seed_keys(settings: Settings) -> None:
             name=TRANSIT_KEY, plaintext="", batch_input=items, mount_point="transit"
         )["data"]["batch_results"]
         for tenant, item in zip(batch, answered, strict=True):
-            keys.append((tenant, 1, item["ciphertext"], int(item["ciphertext"].split(":")[1][1:])))
+            version = int(item["ciphertext"].split(":")[1][1:])
+            keys.append((tenant, 1, item["ciphertext"], version, KEK_REF))
     url = settings.sqlalchemy_url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url) as connection:
         copy_rows(connection, "tenants", "id, name", [(t, t) for t in tenants])
         copy_rows(
-            connection, "tenant_data_keys", "tenant_id, version, wrapped_key, kek_version", keys
+            connection,
+            "tenant_data_keys",
+            "tenant_id, version, wrapped_key, kek_version, kek_ref",
+            keys,
         )
 
 

@@ -42,6 +42,7 @@ from ._harness import copy_rows, migrated_with_app_login, throwaway_database, va
 
 TENANTS = 10_000
 TRANSIT_KEY = "bench-warm"
+KEK_REF = f"transit:{TRANSIT_KEY}"
 CREDENTIALS = b'{"api_key":"SG.benchmarkid.benchmarksecretbenchmarksecret00"}'
 OUTAGE_SECONDS = 5.0
 THREADS = 16
@@ -90,7 +91,7 @@ def _seed(settings: Settings, vault_addr: str) -> dict[str, str]:
             name=TRANSIT_KEY, plaintext="", batch_input=items
         )["data"]["batch_results"]
         for tenant, plaintext, item in zip(batch, plaintexts, answered, strict=True):
-            keys.append((tenant, 1, item["ciphertext"], 1))
+            keys.append((tenant, 1, item["ciphertext"], 1, KEK_REF))
             config_id = ids[tenant] = new_id()
             place = CONFIG_CREDENTIALS.place(tenant, config_id, bound=("sendgrid", 1), config={})
             sealed = seal(DataKey(tenant, 1, plaintext), CREDENTIALS, place)
@@ -98,7 +99,10 @@ def _seed(settings: Settings, vault_addr: str) -> dict[str, str]:
     url = settings.sqlalchemy_url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url) as connection:
         copy_rows(
-            connection, "tenant_data_keys", "tenant_id, version, wrapped_key, kek_version", keys
+            connection,
+            "tenant_data_keys",
+            "tenant_id, version, wrapped_key, kek_version, kek_ref",
+            keys,
         )
         copy_rows(
             connection,

@@ -131,7 +131,7 @@ def test_above_the_keyring_nobody_holds_a_plaintext_data_key() -> None:
 
 # What hands out or holds key bytes: the key provider's plaintext answers, the
 # keyring's cache of unwrapped keys, a new key's bytes.
-KEY_BYTES = {"generate_data_key", "unwrap", "unwrap_many", "cache", "_plaintext"}
+KEY_BYTES = {"generate_data_key", "unwrap", "unwrap_many", "wrap", "cache", "_plaintext"}
 
 
 def test_above_the_keyring_nobody_reaches_for_key_bytes() -> None:

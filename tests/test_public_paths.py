@@ -25,6 +25,7 @@ PUBLIC_NAMES = {
     "ExpiringToken",
     "InvalidInputError",
     "KeyDestroyedError",
+    "TenantKeyUnavailable",
     "KeyProviderError",
     "KeyProviderUnavailable",
     "NotFoundError",

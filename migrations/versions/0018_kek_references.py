@@ -98,8 +98,12 @@ def _replace_actions_check(actions: tuple[str, ...]) -> None:
         f"ALTER TABLE {audit} ADD CONSTRAINT ck_{AUDIT}_action CHECK (action IN ({listed})) "
         "NOT VALID"
     )
+    validate = f"ALTER TABLE {audit} VALIDATE CONSTRAINT ck_{AUDIT}_action"
+    if not options().commit_batches:  # on a caller's connection: its transaction
+        op.execute(validate)
+        return
     with op.get_context().autocommit_block():
-        op.execute(f"ALTER TABLE {audit} VALIDATE CONSTRAINT ck_{AUDIT}_action")
+        op.execute(validate)
 
 
 def _literal(value: str) -> str:
@@ -161,6 +165,11 @@ def upgrade() -> None:
         "transit:<key> or awskms:<key id or ARN>.'"
     )
     op.execute(f'GRANT INSERT (kek_ref) ON {keys} TO "{opts.app_role}"')
+    _key_comments(
+        "Tenant data keys (DEKs), wrapped by a KEK; never plaintext.",
+        "The DEK encrypted by the KEK kek_ref for this tenant; NULL once destroyed.",
+        "Version of the KEK that wrapped wrapped_key.",
+    )
 
     op.execute(
         f"""
@@ -209,6 +218,13 @@ def upgrade() -> None:
     _replace_actions_check(ACTIONS)
 
 
+def _key_comments(table: str, wrapped_key: str, kek_version: str) -> None:
+    keys = qualified(KEYS)
+    op.execute(f"COMMENT ON TABLE {keys} IS {_literal(table)}")
+    op.execute(f"COMMENT ON COLUMN {keys}.wrapped_key IS {_literal(wrapped_key)}")
+    op.execute(f"COMMENT ON COLUMN {keys}.kek_version IS {_literal(kek_version)}")
+
+
 def blockers(opts: MigrationOptions) -> list[Blocker]:
     """What this downgrade would lose: data keys wrapped by a KEK other than the
     deployment's, which code older than this revision would unwrap with the wrong KEK."""
@@ -237,3 +253,8 @@ def downgrade() -> None:
     op.execute(f"DROP TABLE {qualified(TENANT_KEKS)}")
     op.execute(f'REVOKE INSERT (kek_ref) ON {qualified(KEYS)} FROM "{opts.app_role}"')
     op.execute(f"ALTER TABLE {qualified(KEYS)} DROP COLUMN kek_ref")
+    _key_comments(
+        "Tenant data keys (DEKs), wrapped by the Vault transit KEK; never plaintext.",
+        "The DEK encrypted by the transit KEK for this tenant; NULL once destroyed.",
+        "Transit key version that wrapped wrapped_key.",
+    )

@@ -214,8 +214,16 @@ def test_status_is_unhealthy_when_data_keys_name_kek_versions_transit_lacks(
         r"^data keys +wrapped under KEK v\d+\.\.v\d+; the transit key unwraps", out, re.M
     )
 
-    # As after a dev server that forgot its keys: a transit key of that name is missing.
+    # As after a dev server that forgot its keys: the transit key the data keys name
+    # (and the deployment's) is missing.
     monkeypatch.setenv("TENANTVAULT_TRANSIT_KEY", "tenantvault-never-created")
+    with owner_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE dripiq_app.tenant_data_keys "
+                "SET kek_ref = 'transit:tenantvault-never-created'"
+            )
+        )
     assert cli.main(["status"]) == cli.EXIT_UNHEALTHY
     out = capsys.readouterr().out
     assert "data keys     CANNOT BE UNWRAPPED: data keys are wrapped under KEK v" in out
@@ -227,6 +235,7 @@ def test_status_is_unhealthy_when_data_keys_name_kek_versions_transit_lacks(
         connection.execute(
             sa.text(
                 "UPDATE dripiq_app.tenant_data_keys SET kek_version = 99, "
+                "kek_ref = 'transit:tenantvault-tests', "
                 "wrapped_key = regexp_replace(wrapped_key, '^vault:v\\d+:', 'vault:v99:')"
             )
         )

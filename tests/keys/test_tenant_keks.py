@@ -80,7 +80,11 @@ def _tenant_key(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
 
 
 def test_set_moves_the_tenants_keys_and_new_keys_follow_while_others_stay(
-    vault: Vault, owner_engine: sa.Engine, root: hvac.Client, operator_env: dict[str, str]
+    vault: Vault,
+    owner_engine: sa.Engine,
+    root: hvac.Client,
+    operator_env: dict[str, str],
+    app_settings: Settings,
 ) -> None:
     expected = populate(vault, "t_a", configs=1)
     other = populate(vault, "t_b", configs=1)
@@ -102,6 +106,24 @@ def test_set_moves_the_tenants_keys_and_new_keys_follow_while_others_stay(
     rotated = run_cli("rotate-keys", "dek", "--tenant", "t_a", **operator_env)
     assert rotated.returncode == 0, rotated.stderr
     assert set(_refs(owner_engine, "t_a").values()) == {ref}
+
+    # The customer rotates their key; the operator rewraps the tenant's keys to it.
+    root.secrets.transit.rotate_key(name="customer-a")
+    caught_up = run_cli("rotate-keys", "kek", "--key", ref, "--no-rotate", **operator_env)
+    assert caught_up.returncode == 0, caught_up.stderr
+    with owner_engine.connect() as connection:
+        versions = connection.execute(
+            sa.text(
+                "SELECT DISTINCT kek_version FROM dripiq_app.tenant_data_keys "
+                "WHERE tenant_id = 't_a'"
+            )
+        ).scalars()
+        assert set(versions) == {2}
+    cold = _app_vault(app_settings)
+    try:
+        assert open_everything(cold, "t_a") == expected
+    finally:
+        cold.dispose()
 
     shown = _tenant_key(operator_env, "show", "--json")
     assert shown.returncode == 0, shown.stderr

@@ -207,7 +207,8 @@ def test_every_key_stored_has_its_own_audit_event_and_the_chains_verify(
     report = rotate_kek(operator_db, own_provider, KekRotationOptions(batch_size=3))
     assert report.ok
     assert _rewrap_events(operator_db) == [
-        (tenant, "rotate-keys", "1", {"kek_version": 2}) for tenant in TENANTS
+        (tenant, "rotate-keys", "1", {"kek_version": 2, "kek_ref": own_provider.ref})
+        for tenant in TENANTS
     ]
     verified = verify_audit(operator_db, TENANTS)
     assert verified.ok, verified.breaks
@@ -226,9 +227,9 @@ def test_a_key_changed_since_it_was_read_is_not_stored_and_gets_no_event(
         stored = store.store_rewrapped(
             connection,
             [
-                store.Rewrapped("t_k0", 1, before[("t_k0", 1)][0], new[0]),
+                store.Rewrapped("t_k0", 1, before[("t_k0", 1)][0], new[0], own_provider.ref),
                 # As if a writer had replaced t_k1's key after the batch read it.
-                store.Rewrapped("t_k1", 1, before[("t_k0", 1)][0], new[1]),
+                store.Rewrapped("t_k1", 1, before[("t_k0", 1)][0], new[1], own_provider.ref),
             ],
             actor="rotate-keys",
         )

@@ -81,10 +81,15 @@ def test_warm_takes_active_and_draining_keys_and_leaves_retired_and_destroyed_on
             )
             connection.execute(
                 sa.text(
-                    f"INSERT INTO {KEYS} (tenant_id, version, wrapped_key, kek_version) "
-                    "VALUES (:t, 2, :wrapped, :kek)"
+                    f"INSERT INTO {KEYS} (tenant_id, version, wrapped_key, kek_version, kek_ref) "
+                    "VALUES (:t, 2, :wrapped, :kek, :ref)"
                 ),
-                {"t": tenant, "wrapped": new.ciphertext, "kek": new.kek_version},
+                {
+                    "t": tenant,
+                    "wrapped": new.ciphertext,
+                    "kek": new.kek_version,
+                    "ref": transit.ref,
+                },
             )
         connection.execute(
             sa.text(

@@ -182,7 +182,9 @@ def _cmd_rotate_kek(args: argparse.Namespace) -> int:
     )
     progress = output.RotationOutput.choose(args.json)
     with _stop_on_interrupt() as stop, progress:
-        report = jobs.rotate_kek_job(settings, options, stop=stop, on_progress=progress.kek)
+        report = jobs.rotate_kek_job(
+            settings, options, stop=stop, on_progress=progress.kek, kek_ref=args.key
+        )
     output.print_kek_summary(report, args.json)
     return _run_exit(report.ok, report.stopped)
 
@@ -451,6 +453,12 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[_Parser]) -> None
         action="store_true",
         help="afterwards forbid unwrapping with older KEK versions (refused unless no data "
         "key still needs one)",
+    )
+    kek.add_argument(
+        "--key",
+        metavar="REF",
+        help="a tenant's own KEK (transit:<key>) instead of the deployment's: rewrap the data "
+        "keys under it to its latest version (with --no-rotate after its owner rotated it)",
     )
     kek.add_argument("--dry-run", action="store_true", help="report, change nothing")
     kek.add_argument(

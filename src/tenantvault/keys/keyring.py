@@ -75,7 +75,7 @@ class Keyring:
         self.cache = cache
         self.allow_legacy = allow_legacy
         self.backoff = backoff or ProviderBackoff()
-        self._gates: dict[str, ProviderBackoff] = {self.keks.default_ref: self.backoff}
+        self._gates: dict[str, ProviderBackoff] = {}  # tenant KEKs' own
 
     def __repr__(self) -> str:
         return f"Keyring(provider={self.provider!r}, cache={self.cache!r})"
@@ -153,8 +153,22 @@ class Keyring:
             store.usable_keys_of_any,
         )
 
+    def wrapped_anew(self, tenant_id: str, wrapped: str, from_ref: str, to_ref: str) -> WrappedKey:
+        """A tenant's data key, wrapped by ``from_ref`` as ``wrapped``, wrapped by
+        ``to_ref`` instead (moving a tenant to its own KEK, or back). The key's bytes
+        stay here; the caller gets only the new wrapping.
+
+        Raises:
+            KeyProviderError, DecryptionError: the old KEK does not unwrap it, or the new
+                one does not wrap.
+        """
+        plaintext = self.keks.provider(from_ref).unwrap(tenant_id, wrapped)
+        return self.keks.provider(to_ref).wrap(tenant_id, plaintext)
+
     def gate(self, kek_ref: str) -> ProviderBackoff:
         """The backoff gate before ``kek_ref``'s unwraps (one per KEK)."""
+        if self.keks.is_default(kek_ref):
+            return self.backoff
         found = self._gates.get(kek_ref)
         if found is None:
             found = self._gates.setdefault(

@@ -88,13 +88,16 @@ def rotate_kek_job(
     *,
     stop: threading.Event | None = None,
     on_progress: Callable[[KekProgress], None] | None = None,
+    kek_ref: str | None = None,
 ) -> KekRotationReport:
-    """Rotate the transit key (or only catch up) and rewrap every tenant's data keys."""
+    """Rotate the deployment's KEK (or ``kek_ref``, a tenant's own; or only catch up)
+    and rewrap every data key under it."""
     options = options or KekRotationOptions()
     # Each worker may hold two connections at once (its batch, and the store of the one
     # before), and the run one more for its claim: sized by --workers, up to its maximum.
     with _operator(settings, connections=2 * options.workers + 1) as (db, keyring):
-        return rotate_kek(db, keyring.provider, options, stop=stop, on_progress=on_progress)
+        provider = keyring.provider if kek_ref is None else keyring.keks.provider(kek_ref)
+        return rotate_kek(db, provider, options, stop=stop, on_progress=on_progress)
 
 
 def rotate_dek_job(

@@ -83,8 +83,7 @@ def move_tenant_keys(
     if kek_ref is not None:
         split_ref(kek_ref)
     target = kek_ref or keyring.keks.default_ref
-    provider = keyring.keks.provider(target)
-    provider.check_usable()
+    keyring.keks.provider(target).check_usable()
     stop = stop or threading.Event()
     report = TenantKekReport(tenant_id, target)
     with db.claim(DEK_ROTATION_CLAIM, tenant_id) as claimed:
@@ -106,8 +105,7 @@ def move_tenant_keys(
                 moved = []
                 for version, wrapped, old_ref in rows:
                     try:
-                        plaintext = keyring.keks.provider(old_ref).unwrap(tenant_id, wrapped)
-                        new = provider.wrap(tenant_id, plaintext)
+                        new = keyring.wrapped_anew(tenant_id, wrapped, old_ref, target)
                     except (KeyProviderError, DecryptionError) as exc:
                         report.failures.append(f"data key {version} (under {old_ref}): {exc}")
                         continue
@@ -123,9 +121,8 @@ def move_tenant_keys(
             report.left = store.count_not_under(
                 connection, keyring.keks.default_ref, [tenant_id]
             ).get(tenant_id, 0)
-    # Keys cached under the old wrapping are not served again (the cache ties each
-    # key to its wrapping); this process's own go now.
-    keyring.cache.evict_tenant(tenant_id)
+    # A process that cached a key under its old wrapping is not served it again: the
+    # cache ties each key to the wrapping it came from, and a load reads the row's.
     return report
 
 
