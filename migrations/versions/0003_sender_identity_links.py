@@ -17,10 +17,12 @@ which keeps the application from reading or writing senders
 lock timeout, a cancel), the first part stays committed and the database stays at
 0002: a rerun makes the key and the index again, hence the IF [NOT] EXISTS.
 
-Earlier releases made the key and the index inside the revision's transaction,
-which held ACCESS EXCLUSIVE while both scanned the table. Databases that ran that
-version need nothing: the schema this one makes is the same, catalog for catalog
-(a validated key, a valid index, the same names, comments and grants).
+This revision changed after databases had run it: it used to make the key and
+the index inside its transaction, holding ACCESS EXCLUSIVE while both scanned the
+table. Changing an applied revision is sound only because the end state is
+identical, catalog for catalog (a validated key, a valid index, the same names,
+column order, comments, compression and grants; compared at this revision and at
+the head): those databases need nothing, and get nothing.
 
 Revision ID: 0003_sender_identity_links
 Revises: 0002_provider_tables

@@ -38,8 +38,8 @@ def seed_senders(connection: sa.Connection, *, senders: int, tenants: int) -> No
 
     One INSERT ... SELECT, with the senders' unique constraint and foreign keys dropped
     while it runs and added again after (with the definitions the catalog had): their
-    rows are checked once in bulk instead of row by row, seven times faster at
-    2,000,000, and the schema is the same."""
+    rows are checked once in bulk instead of row by row (at 2,000,000 senders 7 s
+    instead of 42 s on a 2-core machine), and the schema is the same."""
     connection.exec_driver_sql(DEPLOYED_SCHEMA)
     connection.exec_driver_sql(
         "INSERT INTO dripiq_app.users (id, supabase_id, email) VALUES ('u_1', 'sb_1', 'u@x.test')"
