@@ -45,7 +45,18 @@ if TYPE_CHECKING:
         Vault,
     )
     from tenantvault.vault.aio import AsyncVault
-    from tenantvault.vault.providers import CredentialsModel
+    from tenantvault.vault.providers import (
+        CredentialsModel,
+        GoogleWorkspaceConfig,
+        GoogleWorkspaceCredentials,
+        MicrosoftGraphConfig,
+        MicrosoftGraphCredentials,
+        ProviderConfigModel,
+        SendGridConfig,
+        SendGridCredentials,
+        SmtpConfig,
+        SmtpCredentials,
+    )
 
 _moved.install()
 
@@ -61,6 +72,15 @@ _LAZY = {
     "Vault": "tenantvault.vault",
     "AsyncVault": "tenantvault.vault.aio",
     "CredentialsModel": "tenantvault.vault.providers",
+    "GoogleWorkspaceConfig": "tenantvault.vault.providers",
+    "GoogleWorkspaceCredentials": "tenantvault.vault.providers",
+    "MicrosoftGraphConfig": "tenantvault.vault.providers",
+    "MicrosoftGraphCredentials": "tenantvault.vault.providers",
+    "ProviderConfigModel": "tenantvault.vault.providers",
+    "SendGridConfig": "tenantvault.vault.providers",
+    "SendGridCredentials": "tenantvault.vault.providers",
+    "SmtpConfig": "tenantvault.vault.providers",
+    "SmtpCredentials": "tenantvault.vault.providers",
 }
 
 
@@ -156,18 +176,27 @@ __all__ = [
     "DatabaseUnavailable",
     "DecryptionError",
     "ExpiringToken",
+    "GoogleWorkspaceConfig",
+    "GoogleWorkspaceCredentials",
     "InvalidInputError",
     "KeyDestroyedError",
     "KeyProviderError",
     "KeyProviderUnavailable",
+    "MicrosoftGraphConfig",
+    "MicrosoftGraphCredentials",
     "NotFoundError",
     "OAuthToken",
     "OpenedConfig",
     "ProviderConfig",
+    "ProviderConfigModel",
     "ProviderType",
     "RefreshedToken",
     "RotationError",
     "SchemaNotMigrated",
+    "SendGridConfig",
+    "SendGridCredentials",
+    "SmtpConfig",
+    "SmtpCredentials",
     "TenantNotSetError",
     "TenantVaultError",
     "Vault",
