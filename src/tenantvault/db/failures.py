@@ -15,7 +15,7 @@ import functools
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import psycopg
 import psycopg.errors
@@ -120,10 +120,7 @@ def translating(function: F) -> F:
             try:
                 return await function(*args, **kwargs)
             except (psycopg.Error, SQLAlchemyError) as error:
-                mapped = tenantvault_error(error)
-                if mapped is None:
-                    raise
-                raise mapped from _driver_error(error)
+                _raise_translated(error)
 
         return cast(F, awaited)
 
@@ -132,16 +129,16 @@ def translating(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except (psycopg.Error, SQLAlchemyError) as error:
-            mapped = tenantvault_error(error)
-            if mapped is None:
-                raise
-            raise mapped from _driver_error(error)
+            _raise_translated(error)
 
     return cast(F, called)
 
 
-def _driver_error(error: BaseException) -> BaseException:
-    """The driver's own error inside SQLAlchemy's wrapper (whose text holds the
-    statement), or ``error`` itself."""
+def _raise_translated(error: BaseException) -> NoReturn:
+    """Raise :func:`tenantvault_error`'s error for ``error``, chained to the driver's own
+    error (not SQLAlchemy's wrapper, whose text holds the statement); or ``error``."""
+    mapped = tenantvault_error(error)
+    if mapped is None:
+        raise error
     orig = error.orig if isinstance(error, DBAPIError) else None
-    return orig if isinstance(orig, BaseException) else error
+    raise mapped from orig if isinstance(orig, BaseException) else error
