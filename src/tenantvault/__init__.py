@@ -16,6 +16,9 @@ from tenantvault import _moved
 from tenantvault.errors import (
     ConcurrentModification,
     ConfigurationError,
+    DatabaseError,
+    DatabaseTimeout,
+    DatabaseUnavailable,
     DecryptionError,
     InvalidInputError,
     KeyDestroyedError,
@@ -23,6 +26,7 @@ from tenantvault.errors import (
     KeyProviderUnavailable,
     NotFoundError,
     RotationError,
+    SchemaNotMigrated,
     TenantKeyUnavailable,
     TenantNotSetError,
     TenantVaultError,
@@ -42,7 +46,18 @@ if TYPE_CHECKING:
         Vault,
     )
     from tenantvault.vault.aio import AsyncVault
-    from tenantvault.vault.providers import CredentialsModel
+    from tenantvault.vault.providers import (
+        CredentialsModel,
+        GoogleWorkspaceConfig,
+        GoogleWorkspaceCredentials,
+        MicrosoftGraphConfig,
+        MicrosoftGraphCredentials,
+        ProviderConfigModel,
+        SendGridConfig,
+        SendGridCredentials,
+        SmtpConfig,
+        SmtpCredentials,
+    )
 
 _moved.install()
 
@@ -58,6 +73,15 @@ _LAZY = {
     "Vault": "tenantvault.vault",
     "AsyncVault": "tenantvault.vault.aio",
     "CredentialsModel": "tenantvault.vault.providers",
+    "GoogleWorkspaceConfig": "tenantvault.vault.providers",
+    "GoogleWorkspaceCredentials": "tenantvault.vault.providers",
+    "MicrosoftGraphConfig": "tenantvault.vault.providers",
+    "MicrosoftGraphCredentials": "tenantvault.vault.providers",
+    "ProviderConfigModel": "tenantvault.vault.providers",
+    "SendGridConfig": "tenantvault.vault.providers",
+    "SendGridCredentials": "tenantvault.vault.providers",
+    "SmtpConfig": "tenantvault.vault.providers",
+    "SmtpCredentials": "tenantvault.vault.providers",
 }
 
 
@@ -148,19 +172,32 @@ __all__ = [
     "ConfigVersion",
     "ConfigurationError",
     "CredentialsModel",
+    "DatabaseError",
+    "DatabaseTimeout",
+    "DatabaseUnavailable",
     "DecryptionError",
     "ExpiringToken",
+    "GoogleWorkspaceConfig",
+    "GoogleWorkspaceCredentials",
     "InvalidInputError",
     "KeyDestroyedError",
     "KeyProviderError",
     "KeyProviderUnavailable",
+    "MicrosoftGraphConfig",
+    "MicrosoftGraphCredentials",
     "NotFoundError",
     "OAuthToken",
     "OpenedConfig",
     "ProviderConfig",
+    "ProviderConfigModel",
     "ProviderType",
     "RefreshedToken",
     "RotationError",
+    "SchemaNotMigrated",
+    "SendGridConfig",
+    "SendGridCredentials",
+    "SmtpConfig",
+    "SmtpCredentials",
     "TenantKeyUnavailable",
     "TenantNotSetError",
     "TenantVaultError",

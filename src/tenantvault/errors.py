@@ -25,6 +25,26 @@ class DevStackError(TenantVaultError):
     """The embedded development stack (PostgreSQL, OpenBao) could not start or stop."""
 
 
+class DatabaseError(TenantVaultError):
+    """The database failed a call; the message names the condition (and its SQLSTATE),
+    never the statement or a value. The driver's error is chained as ``__cause__``."""
+
+
+class DatabaseUnavailable(DatabaseError):  # noqa: N818 - the name the API promises
+    """The database could not be reached, or dropped the connection, or cannot serve
+    now (shutting down, out of connections): worth retrying later."""
+
+
+class SchemaNotMigrated(DatabaseError):  # noqa: N818 - says what happened, as Unavailable
+    """The database has no tenantvault schema of this version: run ``tenantvault migrate``
+    (or check ``TENANTVAULT_SCHEMA_NAME``)."""
+
+
+class DatabaseTimeout(DatabaseError):  # noqa: N818 - says what happened, as Unavailable
+    """The database cancelled the statement: it ran past the statement timeout
+    (``TENANTVAULT_STATEMENT_TIMEOUT_MS``), waited past a lock timeout, or was cancelled."""
+
+
 class DecryptionError(TenantVaultError):
     """A sealed value could not be opened. Deliberately says nothing about why."""
 

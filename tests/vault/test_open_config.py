@@ -18,7 +18,17 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tenantvault import DecryptionError, NotFoundError, OpenedConfig, Vault
+from tenantvault import (
+    DecryptionError,
+    InvalidInputError,
+    MicrosoftGraphCredentials,
+    NotFoundError,
+    OpenedConfig,
+    SendGridConfig,
+    SmtpConfig,
+    SmtpCredentials,
+    Vault,
+)
 from tenantvault.db.session import tenant_session
 from tenantvault.rotation.dek import rotate_data_keys
 from tenantvault.rotation.options import DekRotationOptions
@@ -43,6 +53,26 @@ def _rewrite(app_url: str, config_id: str, change: str) -> None:
 
 def _secret(value: Any) -> str:
     return str(value.get_secret_value())
+
+
+def test_the_typed_accessors_give_the_expected_provider_s_models_and_refuse_another(
+    vault: Vault,
+) -> None:
+    smtp = vault.create_config(
+        "t_a", type="smtp", name="Relay", config=SMTP, credentials={"password": PASSWORD}
+    )
+    oauth = vault.create_config("t_a", type="smtp", name="OAuth relay", config=OAUTH_SMTP)
+    opened = vault.open_config("t_a", smtp.id)
+    assert opened.config_as(SmtpConfig) is opened.config.config
+    assert _secret(opened.credentials_as(SmtpCredentials).password) == PASSWORD
+    for wrong in (lambda: opened.config_as(SendGridConfig),
+                  lambda: opened.credentials_as(MicrosoftGraphCredentials)):  # fmt: skip
+        with pytest.raises(InvalidInputError, match=r"^model: .* is a smtp config") as refused:
+            wrong()
+        assert PASSWORD not in str(refused.value)
+        assert SMTP["host"] not in str(refused.value)
+    with pytest.raises(NotFoundError, match="has no credentials"):
+        vault.open_config("t_a", oauth.id).credentials_as(SmtpCredentials)
 
 
 def test_open_config_returns_the_config_its_credentials_and_its_token_together(

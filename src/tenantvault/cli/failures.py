@@ -12,7 +12,7 @@ import psycopg
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from tenantvault.db.failures import server_message
+from tenantvault.db.failures import connection_failure, server_message
 from tenantvault.errors import TenantVaultError
 
 
@@ -20,11 +20,9 @@ def _driver_error(error: BaseException) -> str:
     primary = server_message(error)
     if primary:
         return f"the database refused: {primary}"
-    # No server message: the connection itself failed (libpq's text names host, port,
-    # user and database, never the password). Its lines become one.
-    text = " ".join(str(error).split())
+    # No server message: the connection itself failed.
     if isinstance(error, psycopg.OperationalError):
-        return f"cannot connect to the database: {text}".replace(" connection failed:", "")
+        return f"cannot connect to the database: {connection_failure(error)}"
     return f"the database driver failed: {type(error).__name__}"
 
 

@@ -9,7 +9,7 @@ from typing import Any, Generic
 from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
-from tenantvault.errors import DecryptionError, NotFoundError
+from tenantvault.errors import DecryptionError, InvalidInputError, NotFoundError
 from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
@@ -134,8 +134,11 @@ def hot_load_parameters(tenant_id: str, config_id: str) -> tuple[str, str]:
     """The parameters of the hot path's one statement (``queries.hot_load_sql``).
 
     Raises:
-        InvalidInputError: ``tenant_id`` is malformed (nothing is sent).
+        InvalidInputError: ``tenant_id`` is malformed, or ``config_id`` holds a NUL
+            character, which no text in PostgreSQL can (nothing is sent).
     """
+    if isinstance(config_id, str) and "\x00" in config_id:
+        raise InvalidInputError("config_id must not contain a NUL character")
     return check_tenant_id(tenant_id), config_id
 
 

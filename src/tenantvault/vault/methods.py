@@ -30,6 +30,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from tenantvault.db.failures import translating
 from tenantvault.vault.core import CallerSession
 
 Service = TypeVar("Service")
@@ -79,8 +80,9 @@ class FacadeMethods(Generic[CallerSession]):
     """The base of each service's declared list and of the facades: a class made
     with a session type (``Vault``: ``Session``; ``AsyncVault``: ``AsyncSession``) gets
     every declared method of its bases made for it (:func:`called`, :func:`awaited`),
-    except those it writes itself. It holds its services in ``_services``
-    (:class:`tenantvault.vault.services.Services`).
+    except those it writes itself; each of them, made or written, raises a database
+    error as tenantvault's (:func:`tenantvault.db.failures.translating`). It holds its
+    services in ``_services`` (:class:`tenantvault.vault.services.Services`).
     """
 
     def __init_subclass__(cls, **options: Any) -> None:
@@ -90,8 +92,13 @@ class FacadeMethods(Generic[CallerSession]):
             return  # a declared list (made with CallerSession), or a facade's subclass
         derive = {Session: called, AsyncSession: awaited}[session]
         for name, runs in declared(cls).items():
-            if name not in vars(cls):  # AsyncVault's hand-written hot paths stay
-                setattr(cls, name, _named(derive(runs.method, runs.service), cls, runs, session))
+            made = vars(cls).get(name)  # AsyncVault's hand-written hot paths stay
+            if made is None:
+                made = _named(derive(runs.method, runs.service), cls, runs, session)
+            # The one place a database error becomes tenantvault's, for every path of
+            # both facades (the hot path's psycopg errors and the full path's SQLAlchemy
+            # ones): no method maps its own.
+            setattr(cls, name, translating(made))
 
 
 def declared(facade: type) -> dict[str, Runs[Any, ..., Any]]:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from time import perf_counter
-from typing import Any, Generic, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 from tenantvault import audit
 from tenantvault.crypto.envelope import SealContext
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import fetch_one_in
-from tenantvault.errors import DecryptionError, NotFoundError
+from tenantvault.errors import DecryptionError, InvalidInputError, NotFoundError
 from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
@@ -30,6 +30,7 @@ from tenantvault.vault.credentials import hot_load_parameters
 from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import (
     CredentialsModel,
+    ProviderConfigModel,
     config_from_storage,
     credentials_from_storage,
     provider_type,
@@ -38,6 +39,9 @@ from tenantvault.vault.tokens import HotToken, OAuthToken, opened_token
 from tenantvault.vault.views import ProviderConfig
 
 Opener = Callable[[str, SealContext], bytes | None]
+Config = TypeVar("Config", bound=ProviderConfigModel)
+Credentials = TypeVar("Credentials", bound=CredentialsModel)
+Model = TypeVar("Model")
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,48 @@ class OpenedConfig:
 
     ``credentials``: the typed credentials model (secrets as ``SecretStr``), None for
     a config without them. ``token``: the config's OAuth tokens, None without a grant.
+    :meth:`config_as` and :meth:`credentials_as` give the config and the credentials
+    as the models of the provider the caller sends with, typed and checked.
     """
 
     config: ProviderConfig
     credentials: CredentialsModel | None
     token: OAuthToken | None
 
+    def config_as(self, model: type[Config]) -> Config:
+        """The config's model as ``model`` (``SmtpConfig``, ...).
+
+        Raises:
+            InvalidInputError: the config is another provider's (the message names both
+                types and the config's id, never its content).
+        """
+        return _expect(self.config, self.config.config, model)
+
+    def credentials_as(self, model: type[Credentials]) -> Credentials:
+        """The credentials as ``model`` (``SmtpCredentials``, ...).
+
+        Raises:
+            NotFoundError: the config holds no credentials.
+            InvalidInputError: the config is another provider's.
+        """
+        if self.credentials is None:
+            raise NotFoundError(
+                f"config {self.config.id} of tenant {self.config.tenant_id} has no credentials"
+            )
+        return _expect(self.config, self.credentials, model)
+
     def __reduce__(self) -> NoReturn:
         raise TypeError("OpenedConfig refuses to be pickled")
+
+
+def _expect(config: ProviderConfig, value: object, model: type[Model]) -> Model:
+    """``value``, part of ``config``, if it is a ``model``."""
+    if not isinstance(value, model):
+        raise InvalidInputError(
+            f"model: config {config.id} of tenant {config.tenant_id} is a {config.type.value} "
+            f"config ({type(value).__name__}), not {model.__name__}"
+        )
+    return value
 
 
 class OpeningService(Generic[CallerSession]):
