@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     # or the database) applies, and each new connection checks it is the one above.
     send_statement_timeout: bool = True
 
-    key_provider: Literal["vault", "local"] = "vault"
+    key_provider: Literal["vault", "local", "awskms"] = "vault"
     transit_mount: str = Field("transit", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$")
     transit_key: str = Field("tenantvault", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     # The transit key that authenticates the audit log's retention markers (operators only;
@@ -130,6 +130,14 @@ class Settings(BaseSettings):
     )
     # The local provider keeps its master key beside the data: it must be acknowledged.
     local_key_provider_is_for_development: bool = False
+    # AWS KMS (TENANTVAULT_KEY_PROVIDER=awskms): the symmetric key that wraps data keys
+    # (id, ARN or alias) and the HMAC_256 key of the audit markers. Region, credentials
+    # and endpoint are boto3's own settings (AWS_REGION, AWS_ACCESS_KEY_ID, a profile or
+    # role, AWS_ENDPOINT_URL); the timeout is TENANTVAULT_VAULT_TIMEOUT_SECONDS.
+    awskms_key_id: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9:/_.-]+$")
+    awskms_audit_key_id: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9:/_.-]+$")
+    # Decrypt and ReEncrypt take one key a request: this many run at once in a batch.
+    awskms_concurrency: int = Field(8, ge=1, le=64)
     # Plain http to a KMS on another host sends tokens and data keys in clear.
     allow_plain_http_vault: bool = False
 

@@ -1,19 +1,24 @@
-"""Build the configured key provider: Vault transit (token or AppRole) or local."""
+"""Build the configured key provider: Vault transit (token or AppRole), AWS KMS, or
+local; and ask a provider that reports its own health for it (``status``)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import hvac
 import requests
 
 from tenantvault.errors import ConfigurationError, KeyProviderUnavailable
 from tenantvault.kms.local import LocalKeyProvider
-from tenantvault.kms.provider import CheckedKeyProvider
+from tenantvault.kms.provider import CheckedKeyProvider, KmsStatus
 from tenantvault.kms.transit import TransitKeyProvider
 from tenantvault.settings import Settings
+
+if TYPE_CHECKING:
+    from tenantvault.kms.awskms import AwsKmsKeyProvider
 
 Login = Callable[[hvac.Client], float]
 
@@ -82,6 +87,8 @@ def key_provider_from_settings(settings: Settings) -> CheckedKeyProvider:
     """The key provider the settings choose. Local only when named and acknowledged."""
     if settings.key_provider == "local":
         return _local(settings)
+    if settings.key_provider == "awskms":
+        return _awskms(settings)
     client = _client(settings)
     login = _approle_login(settings)
     if login is None:
@@ -116,3 +123,61 @@ def _local(settings: Settings) -> LocalKeyProvider:
     if len(master) != 32:
         raise ConfigurationError("TENANTVAULT_LOCAL_MASTER_KEY must be base64 of 32 bytes")
     return LocalKeyProvider(master, batch_size=settings.transit_batch_size)
+
+
+def provider_status(settings: Settings) -> KmsStatus | None:
+    """The status of a provider that reports its own (never raises); None for transit,
+    whose status kms/health.py reads (and for local, which has none of its own)."""
+    if settings.key_provider != "awskms":
+        return None
+    try:
+        provider = _awskms(settings)
+    except ConfigurationError as exc:
+        return KmsStatus("aws kms", None, False, False, str(exc))
+    return provider.status()
+
+
+def awskms_client(settings: Settings) -> object:
+    """A boto3 KMS client from boto3's own settings (region, credentials, endpoint),
+    with botocore's retries off and both timeouts at TENANTVAULT_VAULT_TIMEOUT_SECONDS:
+    the provider retries transient failures itself, inside that timeout."""
+    try:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        raise ConfigurationError(
+            "TENANTVAULT_KEY_PROVIDER=awskms needs boto3: pip install 'tenantvault[aws]'"
+        ) from None
+    config = Config(
+        connect_timeout=settings.vault_timeout_seconds,
+        read_timeout=settings.vault_timeout_seconds,
+        retries={"total_max_attempts": 1},
+        max_pool_connections=settings.awskms_concurrency,
+    )
+    try:
+        return boto3.session.Session().client("kms", config=config)
+    except BotoCoreError as exc:  # no region, or a malformed endpoint
+        raise ConfigurationError(
+            f"AWS KMS client: {exc} (set AWS_REGION or AWS_DEFAULT_REGION)"
+            if "region" in str(exc).lower()
+            else f"AWS KMS client: {type(exc).__name__}"
+        ) from None
+
+
+def _awskms(settings: Settings) -> AwsKmsKeyProvider:
+    if settings.awskms_key_id is None:
+        raise ConfigurationError(
+            "TENANTVAULT_AWSKMS_KEY_ID is required with TENANTVAULT_KEY_PROVIDER=awskms"
+        )
+    client = awskms_client(settings)  # first: it says when boto3 is missing
+    from tenantvault.kms.awskms import AwsKmsKeyProvider
+
+    return AwsKmsKeyProvider(
+        client,
+        key_id=settings.awskms_key_id,
+        mac_key_id=settings.awskms_audit_key_id,
+        timeout_seconds=settings.vault_timeout_seconds,
+        batch_size=settings.transit_batch_size,
+        concurrency=settings.awskms_concurrency,
+    )
