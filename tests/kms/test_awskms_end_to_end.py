@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
+import time
 
 import boto3
 import pytest
 import sqlalchemy as sa
 
 from tenantvault import Vault, cli
+from tenantvault.errors import KeyProviderUnavailable
 from tenantvault.settings import Settings, load_settings
 
 SMTP = {"host": "smtp.example.com", "port": 587, "secure": False, "auth_type": "login", "user": "u"}
@@ -93,6 +96,38 @@ def test_a_vault_on_aws_kms_stores_loads_and_survives_a_kek_rotation(
     assert re.search(
         r"^data keys +wrapped under KEK v2\.\.v2; the AWS KMS key \S+ unwraps v1\.\.v2$", out, re.M
     )
+
+
+def test_an_unreachable_aws_kms_fails_loads_within_the_timeout_then_backs_off(
+    aws_vault: Vault, app_settings: Settings, key_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = aws_vault.create_config(
+        "t_a", type="smtp", name="Office", config=SMTP, credentials={"password": "p0"}
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", nowhere)
+    cold = Vault.from_settings(
+        load_settings(
+            database_url=app_settings.database_url.get_secret_value(),
+            key_provider="awskms",
+            awskms_key_id=key_id,
+            vault_timeout_seconds=1,
+        )
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeyProviderUnavailable, match=f"AWS KMS at {nowhere}"):
+            cold.load_credentials("t_a", cfg.id)
+        assert time.monotonic() - started < 1.8
+        # The backoff gate (keys/backoff.py) shuts: the next miss fails without a call.
+        started = time.monotonic()
+        with pytest.raises(KeyProviderUnavailable, match="until its backoff ends"):
+            cold.load_credentials("t_a", cfg.id)
+        assert time.monotonic() - started < 0.2
+    finally:
+        cold.dispose()
 
 
 def test_raising_min_decryption_version_on_aws_kms_fails_with_one_clear_line(
