@@ -37,7 +37,8 @@ def _sql_identifier(value: str) -> str:
     return value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine."""
     if host.strip("[]").lower() in {"localhost", "localhost."}:
         return True
     try:
@@ -138,7 +139,8 @@ class Settings(BaseSettings):
     awskms_audit_key_id: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9:/_.-]+$")
     # Decrypt and ReEncrypt take one key a request: this many run at once in a batch.
     awskms_concurrency: int = Field(8, ge=1, le=64)
-    # Plain http to a KMS on another host sends tokens and data keys in clear.
+    # Plain http to a KMS on another host sends tokens and data keys in clear (VAULT_ADDR,
+    # and the AWS KMS endpoint boto3 is given).
     allow_plain_http_vault: bool = False
 
     vault_addr: AnyHttpUrl | None = Field(None, validation_alias="VAULT_ADDR")
@@ -157,7 +159,7 @@ class Settings(BaseSettings):
     def _tls_off_loopback(cls, value: AnyHttpUrl | None, info: ValidationInfo) -> AnyHttpUrl | None:
         if value is None or value.scheme != "http" or info.data.get("allow_plain_http_vault"):
             return value
-        if not _is_loopback(value.host or ""):
+        if not is_loopback(value.host or ""):
             raise ValueError(
                 "is plain http to another host (tokens and data keys would cross the network "
                 "in clear): use https, or set TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT=true"

@@ -106,3 +106,17 @@ def test_aws_kms_without_boto3_says_which_extra_to_install(monkeypatch: pytest.M
 def test_an_unknown_key_provider_is_named_with_the_choices() -> None:
     with pytest.raises(ConfigurationError, match=r"TENANTVAULT_KEY_PROVIDER.*'awskms'"):
         load_settings(database_url=URL, key_provider="gcpkms")
+
+
+def test_aws_kms_over_plain_http_to_another_host_is_refused_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://kms.internal:4566")
+    aws = {"key_provider": "awskms", "awskms_key_id": "alias/k"}
+    with pytest.raises(ConfigurationError, match="AWS_ENDPOINT_URL is plain http to another"):
+        key_provider_from_settings(load_settings(database_url=URL, **aws))
+    allowed = load_settings(database_url=URL, allow_plain_http_vault=True, **aws)
+    assert key_provider_from_settings(allowed).address == "http://kms.internal:4566"  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:4566")
+    key_provider_from_settings(load_settings(database_url=URL, **aws))

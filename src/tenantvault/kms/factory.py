@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import hvac
 import requests
@@ -15,7 +16,7 @@ from tenantvault.errors import ConfigurationError, KeyProviderUnavailable
 from tenantvault.kms.local import LocalKeyProvider
 from tenantvault.kms.provider import CheckedKeyProvider, KmsStatus
 from tenantvault.kms.transit import TransitKeyProvider
-from tenantvault.settings import Settings
+from tenantvault.settings import Settings, is_loopback
 
 if TYPE_CHECKING:
     from tenantvault.kms.awskms import AwsKmsKeyProvider
@@ -137,7 +138,7 @@ def provider_status(settings: Settings) -> KmsStatus | None:
     return provider.status()
 
 
-def awskms_client(settings: Settings) -> object:
+def awskms_client(settings: Settings) -> Any:  # boto3 ships no types
     """A boto3 KMS client from boto3's own settings (region, credentials, endpoint),
     with botocore's retries off and both timeouts at TENANTVAULT_VAULT_TIMEOUT_SECONDS:
     the provider retries transient failures itself, inside that timeout."""
@@ -171,6 +172,14 @@ def _awskms(settings: Settings) -> AwsKmsKeyProvider:
             "TENANTVAULT_AWSKMS_KEY_ID is required with TENANTVAULT_KEY_PROVIDER=awskms"
         )
     client = awskms_client(settings)  # first: it says when boto3 is missing
+    endpoint = urlsplit(str(client.meta.endpoint_url))
+    plain = endpoint.scheme == "http" and not is_loopback(endpoint.hostname or "")
+    if plain and not settings.allow_plain_http_vault:
+        raise ConfigurationError(
+            "AWS_ENDPOINT_URL is plain http to another host (credentials' signatures and "
+            "data keys would cross the network in clear): use https, or set "
+            "TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT=true"
+        )
     from tenantvault.kms.awskms import AwsKmsKeyProvider
 
     return AwsKmsKeyProvider(
