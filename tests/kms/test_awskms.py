@@ -274,7 +274,7 @@ def test_status_shows_a_key_policy_that_denies_describing_it_as_not_checked() ->
 def test_status_shows_an_unreachable_kms(closed_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     status = _at(f"http://127.0.0.1:{closed_port}", monkeypatch, timeout=0.5).status()
     assert (status.reachable, status.ready) == (False, False)
-    assert status.detail == "unreachable (no answer)"
+    assert status.detail == "unreachable (no connection)"
 
 
 def test_moto_does_not_refuse_decrypt_under_a_disabled_or_pending_deletion_key() -> None:

@@ -214,7 +214,7 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
         )
         return
     out.write(
-        f"transit key: latest v{report.kek_latest}, "
+        f"KEK: latest v{report.kek_latest}, "
         f"min_decryption_version {report.kek_min_decryption_version}\n"
     )
     for tenant in report.tenants:

@@ -422,8 +422,10 @@ class AwsKmsKeyProvider(CheckedKeyProvider):
             described: dict[str, Any] = self._call(
                 "describe the AWS KMS key", lambda: self._client.describe_key(KeyId=self.key_id)
             )
-        except KeyProviderUnavailable:
-            return KmsStatus(_KIND, self.address, False, False, "unreachable (no answer)")
+        except KeyProviderUnavailable as exc:
+            # "... AWS KMS at <address> is unreachable (no connection)": the phrase after it.
+            why = str(exc).partition(f" at {self.address} ")[2].removeprefix("is ")
+            return KmsStatus(_KIND, self.address, False, False, why or str(exc))
         except KeyProviderError as exc:  # it answered, and refused: not shown usable
             return KmsStatus(
                 _KIND,
