@@ -75,6 +75,7 @@ _REFUSED = {
     "InvalidSignatureException",
     "SignatureDoesNotMatch",
 }
+_INVALID_MAC = "KMSInvalidMacException"
 # The request reached a KMS that refused this ciphertext or this key's state: the
 # item's own failure. Which key state it was is said; never anything of the key.
 _UNUSABLE = {
@@ -84,6 +85,7 @@ _UNUSABLE = {
     "KMSInvalidStateException": "the AWS KMS key is not in a usable state (pending deletion?)",
     "NotFoundException": "the AWS KMS key does not exist",
     "KeyUnavailableException": "the AWS KMS key is unavailable",
+    _INVALID_MAC: "",  # VerifyMac: not this key's MAC of this message
 }
 # Worth another try inside the timeout: the service, not the request, failed.
 _TRANSIENT = {
@@ -369,8 +371,7 @@ class AwsKmsKeyProvider(CheckedKeyProvider):
     def _set_min_version(self, version: int) -> None:
         raise KeyProviderError(
             "AWS KMS keeps every version of a key able to decrypt: min_decryption_version "
-            "stays 1 and cannot be raised (the data keys were rewrapped; to retire old "
-            "key material, move to a new KMS key)"
+            "stays 1 and cannot be raised (to retire old key material, move to a new KMS key)"
         )
 
     def _mac_key(self) -> str:
@@ -408,9 +409,9 @@ class AwsKmsKeyProvider(CheckedKeyProvider):
                     KeyId=key, Message=message, Mac=raw, MacAlgorithm=_MAC_ALGORITHM
                 ),
             )
-        except KeyProviderError as exc:
-            if "KMSInvalidMacException" in str(exc):
-                return False  # not this key's MAC of this message
+        except _UnusableError as exc:
+            if exc.code == _INVALID_MAC:
+                return False
             raise
         return bool(answer.get("MacValid"))
 
