@@ -98,6 +98,21 @@ def test_a_wrapped_key_of_another_kms_key_does_not_unwrap() -> None:
         mine.unwrap("t_a", wrapped.ciphertext)
 
 
+def test_another_kms_key_shares_the_client_and_wraps_a_key_made_elsewhere() -> None:
+    """The hooks a tenant's own KEK needs: a sibling provider for another key, and
+    wrapping a data key made by another KEK (moving a tenant's keys)."""
+    deployment = _provider()
+    tenant_key = _new_key()
+    own = deployment.for_key(tenant_key)
+    assert (own.ref, own._client) == (f"awskms:{tenant_key}", deployment._client)
+    plaintext, _ = deployment.generate_data_key("t_a")
+    moved = own._wrap_key("t_a", plaintext)
+    assert moved.ciphertext.startswith("awskms:v1:")
+    assert own.unwrap("t_a", moved.ciphertext) == plaintext
+    with pytest.raises(DecryptionError):
+        own.unwrap("t_b", moved.ciphertext)
+
+
 def test_rotation_makes_a_new_version_and_rewrap_moves_keys_to_it() -> None:
     provider = _provider()
     plaintext, wrapped = provider.generate_data_key("t_a")

@@ -169,6 +169,23 @@ class AwsKmsKeyProvider(CheckedKeyProvider):
         return f"AwsKmsKeyProvider(key={self.key_id})"
 
     @property
+    def ref(self) -> str:
+        """This KEK as a key reference: ``awskms:<key id, ARN or alias>``."""
+        return f"{_PREFIX}:{self.key_id}"
+
+    def for_key(self, key_id: str) -> AwsKmsKeyProvider:
+        """A provider for another KMS key (a tenant's own), sharing this one's client."""
+        return AwsKmsKeyProvider(
+            self._client,
+            key_id=key_id,
+            mac_key_id=self.mac_key_id,
+            timeout_seconds=self.timeout_seconds,
+            batch_size=self.batch_size,
+            concurrency=self.concurrency,
+            sleep=self._sleep,
+        )
+
+    @property
     def address(self) -> str:
         """Where the client sends its requests (the endpoint URL, region included)."""
         return str(getattr(self._client.meta, "endpoint_url", "") or "AWS KMS")
@@ -289,6 +306,17 @@ class AwsKmsKeyProvider(CheckedKeyProvider):
             ),
         )
         return bytes(answer["Plaintext"]), self._wrapped(answer["CiphertextBlob"], version)
+
+    def _wrap_key(self, tenant_id: str, plaintext: bytes) -> WrappedKey:
+        """A data key made elsewhere, wrapped by this key for ``tenant_id`` (Encrypt)."""
+        version = self._latest_version()  # before the wrap, as in _generate
+        answer: dict[str, Any] = self._call(
+            "wrap a data key",
+            lambda: self._client.encrypt(
+                KeyId=self.key_id, Plaintext=plaintext, EncryptionContext=_context(tenant_id)
+            ),
+        )
+        return self._wrapped(answer["CiphertextBlob"], version)
 
     def _decrypt(self, tenant_id: str, wrapped: str) -> bytes:
         blob = self._blob(wrapped)
