@@ -97,6 +97,45 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         devstack.reset(state_dir)
 
 
+# What boto3 reads to reach the test AWS KMS (moto's server): its address, a region
+# and credentials moto accepts (any, unless IAM enforcement is turned on).
+AWS_TEST_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def aws_kms() -> Iterator[str]:
+    """moto's AWS server on a free loopback port, started once, its address in
+    AWS_ENDPOINT_URL (with a region and fake credentials) for the session: the AWS KMS
+    the tests talk to over real HTTP. Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    environment = {**AWS_TEST_ENVIRONMENT, "AWS_ENDPOINT_URL": endpoint}
+    saved = {name: os.environ.get(name) for name in environment}
+    # Neither a profile nor a config file on this machine may change what boto3 uses.
+    saved |= {name: os.environ.get(name) for name in ("AWS_PROFILE", "AWS_CONFIG_FILE")}
+    os.environ.update(environment, AWS_CONFIG_FILE=os.devnull)
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _behind_pgbouncer(state_dir: Path, services: Services) -> Services:
     """``services`` with a PgBouncer in front of its PostgreSQL, checked to answer."""
     server = parse_database_url(services.admin_url)

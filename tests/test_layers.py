@@ -150,16 +150,18 @@ def test_above_the_keyring_nobody_reaches_for_key_bytes() -> None:
 
 
 def test_only_the_kms_layer_talks_to_the_kms() -> None:
-    """kms/ is the only door to transit: nothing else imports hvac (the dev tooling,
-    which starts and initialises OpenBao, aside)."""
+    """kms/ is the only door to transit and AWS KMS: nothing else imports hvac, boto3 or
+    botocore (the dev tooling, which starts and initialises OpenBao, aside)."""
+    clients = {"hvac", "boto3", "botocore"}
     talking = [
         f"{source} -> {target}"
         for source, targets in GRAPH.items()
         for target in targets
-        if target.split(".")[0] == "hvac" and _layer(source) not in {"kms", "dev"}
+        if target.split(".")[0] in clients and _layer(source) not in {"kms", "dev"}
     ]
     assert talking == []
     assert any(target == "hvac" for target in GRAPH["tenantvault.kms.transit"])  # it sees hvac
+    assert any(t.startswith("botocore") for t in GRAPH["tenantvault.kms.awskms"])
 
 
 def test_only_the_cli_and_dev_tooling_import_dev() -> None:

@@ -37,7 +37,8 @@ def _sql_identifier(value: str) -> str:
     return value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine."""
     if host.strip("[]").lower() in {"localhost", "localhost."}:
         return True
     try:
@@ -94,7 +95,7 @@ class Settings(BaseSettings):
     # or the database) applies, and each new connection checks it is the one above.
     send_statement_timeout: bool = True
 
-    key_provider: Literal["vault", "local"] = "vault"
+    key_provider: Literal["vault", "local", "awskms"] = "vault"
     transit_mount: str = Field("transit", min_length=1, pattern=r"^[A-Za-z0-9_./-]+$")
     transit_key: str = Field("tenantvault", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     # The transit key that authenticates the audit log's retention markers (operators only;
@@ -130,7 +131,16 @@ class Settings(BaseSettings):
     )
     # The local provider keeps its master key beside the data: it must be acknowledged.
     local_key_provider_is_for_development: bool = False
-    # Plain http to a KMS on another host sends tokens and data keys in clear.
+    # AWS KMS (TENANTVAULT_KEY_PROVIDER=awskms): the symmetric key that wraps data keys
+    # (id, ARN or alias) and the HMAC_256 key of the audit markers. Region, credentials
+    # and endpoint are boto3's own settings (AWS_REGION, AWS_ACCESS_KEY_ID, a profile or
+    # role, AWS_ENDPOINT_URL); the timeout is TENANTVAULT_VAULT_TIMEOUT_SECONDS.
+    awskms_key_id: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9:/_.-]+$")
+    awskms_audit_key_id: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9:/_.-]+$")
+    # Decrypt and ReEncrypt take one key a request: this many run at once in a batch.
+    awskms_concurrency: int = Field(8, ge=1, le=64)
+    # Plain http to a KMS on another host sends tokens and data keys in clear (VAULT_ADDR,
+    # and the AWS KMS endpoint boto3 is given).
     allow_plain_http_vault: bool = False
 
     vault_addr: AnyHttpUrl | None = Field(None, validation_alias="VAULT_ADDR")
@@ -149,7 +159,7 @@ class Settings(BaseSettings):
     def _tls_off_loopback(cls, value: AnyHttpUrl | None, info: ValidationInfo) -> AnyHttpUrl | None:
         if value is None or value.scheme != "http" or info.data.get("allow_plain_http_vault"):
             return value
-        if not _is_loopback(value.host or ""):
+        if not is_loopback(value.host or ""):
             raise ValueError(
                 "is plain http to another host (tokens and data keys would cross the network "
                 "in clear): use https, or set TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT=true"
@@ -176,6 +186,8 @@ class Settings(BaseSettings):
         keys of every tenant that has no KEK of its own."""
         if self.key_provider == "local":
             return "local:default"
+        if self.key_provider == "awskms":
+            return f"awskms:{self.awskms_key_id}"
         return f"transit:{self.transit_key}"
 
     @cached_property

@@ -24,7 +24,7 @@ from tenantvault.kms.factory import kek_resolver
 from tenantvault.kms.keks import Keks
 from tenantvault.settings import Settings, load_settings
 from tests.cli.process import SRC, failed_line, run_cli
-from tests.conftest import Services, child_environment, transit_provider
+from tests.conftest import AWS_TEST_ENVIRONMENT, Services, child_environment, transit_provider
 from tests.rotation_support import open_everything, populate
 
 DEFAULT_REF = "transit:tenantvault-tests"
@@ -359,3 +359,47 @@ def test_the_application_keyring_resolves_tenant_keks_from_its_settings(
     assert keks.provider(ref) is keks.provider(ref)  # one provider per reference
     assert keks.provider(ref).ref == ref
     keks.provider(ref).check_usable()
+
+
+def test_a_tenant_kek_in_aws_kms_beside_the_deployments_transit_key(
+    vault: Vault,
+    owner_engine: sa.Engine,
+    operator_env: dict[str, str],
+    app_settings: Settings,
+    aws_kms: str,
+) -> None:
+    """Against moto's server: a tenant moved from transit to its own AWS KMS key (and
+    back), its keys unwrapped by AWS with the tenant in the encryption context."""
+    import boto3
+
+    key_id = boto3.client("kms").create_key()["KeyMetadata"]["KeyId"]
+    ref = f"awskms:{key_id}"
+    expected = populate(vault, "t_a", configs=1)
+    env = {**operator_env, **AWS_TEST_ENVIRONMENT, "AWS_ENDPOINT_URL": aws_kms}
+    env["AWS_CONFIG_FILE"] = os.devnull
+
+    moved = _tenant_key(env, "set", "--tenant", "t_a", "--key", ref, "--json")
+    assert moved.returncode == 0, moved.stderr
+    assert set(_refs(owner_engine, "t_a").values()) == {ref}
+    cold = _app_vault(app_settings)
+    try:
+        assert cold.tenant_key("t_a") == ref
+        assert open_everything(cold, "t_a") == expected
+    finally:
+        cold.dispose()
+    with owner_engine.connect() as connection:
+        wrapped = connection.execute(
+            sa.text(
+                "SELECT wrapped_key FROM dripiq_app.tenant_data_keys "
+                "WHERE tenant_id = 't_a' AND state = 'active'"
+            )
+        ).scalar_one()
+    aws = kek_resolver(app_settings, lambda kek: kek)(ref)
+    assert len(aws.unwrap("t_a", wrapped)) == 32
+    with pytest.raises(DecryptionError):
+        aws.unwrap("t_b", wrapped)  # the encryption context names another tenant
+
+    back = _tenant_key(env, "unset", "--tenant", "t_a")
+    assert back.returncode == 0, back.stderr
+    assert set(_refs(owner_engine, "t_a").values()) == {DEFAULT_REF}
+    assert open_everything(vault, "t_a") == expected

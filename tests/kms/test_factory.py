@@ -59,3 +59,64 @@ def test_local_needs_a_32_byte_master_key_and_never_echoes_it() -> None:
         load_settings(database_url=URL, local_master_key=good, **dev)
     )
     assert isinstance(provider, LocalKeyProvider)
+
+
+def test_aws_kms_needs_its_key_id() -> None:
+    with pytest.raises(ConfigurationError, match="TENANTVAULT_AWSKMS_KEY_ID is required"):
+        key_provider_from_settings(load_settings(database_url=URL, key_provider="awskms"))
+
+
+def test_aws_kms_is_built_from_boto3s_settings_with_the_timeout_and_no_retries_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tenantvault.kms.awskms import AwsKmsKeyProvider
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    provider = key_provider_from_settings(
+        load_settings(
+            database_url=URL,
+            key_provider="awskms",
+            awskms_key_id="alias/tenantvault",
+            awskms_audit_key_id="alias/tenantvault-audit",
+            vault_timeout_seconds=2.5,
+        )
+    )
+    assert isinstance(provider, AwsKmsKeyProvider)
+    assert (provider.key_id, provider.mac_key_id) == (
+        "alias/tenantvault",
+        "alias/tenantvault-audit",
+    )
+    assert provider.address == "https://kms.eu-west-1.amazonaws.com"
+    config = provider._client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (2.5, 2.5)
+    assert config.retries["total_max_attempts"] == 1
+
+
+def test_aws_kms_without_boto3_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'tenantvault\[aws\]'"):
+        key_provider_from_settings(
+            load_settings(database_url=URL, key_provider="awskms", awskms_key_id="alias/k")
+        )
+
+
+def test_an_unknown_key_provider_is_named_with_the_choices() -> None:
+    with pytest.raises(ConfigurationError, match=r"TENANTVAULT_KEY_PROVIDER.*'awskms'"):
+        load_settings(database_url=URL, key_provider="gcpkms")
+
+
+def test_aws_kms_over_plain_http_to_another_host_is_refused_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://kms.internal:4566")
+    aws = {"key_provider": "awskms", "awskms_key_id": "alias/k"}
+    with pytest.raises(ConfigurationError, match="AWS_ENDPOINT_URL is plain http to another"):
+        key_provider_from_settings(load_settings(database_url=URL, **aws))
+    allowed = load_settings(database_url=URL, allow_plain_http_vault=True, **aws)
+    assert key_provider_from_settings(allowed).address == "http://kms.internal:4566"  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:4566")
+    key_provider_from_settings(load_settings(database_url=URL, **aws))

@@ -429,7 +429,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_rotation_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     rotate = commands.add_parser(
         "rotate-keys",
-        help="rotate the KEK (transit key) or tenants' data keys; show what each key protects",
+        help="rotate the KEK (the transit or AWS KMS key) or tenants' data keys; show what each "
+        "key protects",
         description="Exit codes: 0 done; 1 failed (one FAILED: line); 2 usage; 4 finished but "
         "incomplete (values that would not open, tenants busy in another process); "
         "130 interrupted (stopped after a batch; rerun to resume).",
@@ -441,7 +442,7 @@ def _add_rotation_parsers(commands: argparse._SubParsersAction[_Parser]) -> None
     status_parser.add_argument("--json", action="store_true", help="JSON lines")
     status_parser.set_defaults(handler=_cmd_rotate_status)
 
-    kek = jobs.add_parser("kek", help="rotate the transit key and rewrap every data key")
+    kek = jobs.add_parser("kek", help="rotate the KEK and rewrap every data key")
     kek.add_argument(
         "--no-rotate",
         action="store_true",
@@ -608,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.set_defaults(handler=_cmd_migrate)
 
-    s = commands.add_parser("status", help="schema revision, tenant isolation and transit state")
+    s = commands.add_parser("status", help="schema revision, tenant isolation and the KMS's state")
     s.set_defaults(handler=_cmd_status)
 
     g = commands.add_parser(

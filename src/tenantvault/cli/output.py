@@ -218,7 +218,7 @@ def print_key_status(report: KeyStatusReport, json_lines: bool, out: TextIO | No
         )
         return
     out.write(
-        f"transit key: latest v{report.kek_latest}, "
+        f"KEK: latest v{report.kek_latest}, "
         f"min_decryption_version {report.kek_min_decryption_version}\n"
     )
     for tenant in report.tenants:
@@ -412,13 +412,12 @@ def print_status(report: StatusReport) -> None:
             f"  {table.name:<{width}} {rls}, {table.policies} policies, "
             f"{seen} rows visible to the app role without a tenant"
         )
-    transit = report.transit
-    if transit is not None:
-        if transit.reachable:
-            mounted = "engine mounted" if transit.mounted else "engine NOT mounted"
-            print(f"transit       {transit.address}: reachable, {mounted}")
+    kms = report.kms
+    if kms is not None:
+        if kms.reachable:
+            print(f"{kms.kind:<13} {kms.address}: reachable, {kms.summary}")
         else:
-            print(f"transit       {transit.address or '-'}: {transit.detail}")
+            print(f"{kms.kind:<13} {kms.address or '-'}: {kms.detail}")
     _print_kek_check(report)
     for problem in report.tenant_kek_problems:
         print(f"tenant KEK    NOT USABLE: {problem}")
@@ -433,7 +432,7 @@ def print_status(report: StatusReport) -> None:
 
 
 def _print_kek_check(report: StatusReport) -> None:
-    transit = report.transit
+    kms = report.kms
     problem = report.kek_problem
     if problem is not None:
         print(f"data keys     CANNOT BE UNWRAPPED: {problem}")
@@ -441,26 +440,27 @@ def _print_kek_check(report: StatusReport) -> None:
         print(f"data keys     KEK versions {report.wrapped_detail}")
     elif report.wrapped_kek_versions is not None:
         low, high = report.wrapped_kek_versions
-        if transit is not None and transit.key_versions is not None:
-            minimum, latest = transit.key_versions
+        if kms is not None and kms.key_versions is not None:
+            minimum, latest = kms.key_versions
             print(
-                f"data keys     wrapped under KEK v{low}..v{high}; the transit key "
+                f"data keys     wrapped under KEK v{low}..v{high}; {kms.key_label} "
                 f"unwraps v{minimum}..v{latest}"
             )
         else:
-            # The transit side could not be read: say why (the transit line's reason,
-            # not a second one that contradicts it) rather than leave it blank.
-            detail = _transit_key_detail(report)
-            print(f"data keys     wrapped under KEK v{low}..v{high}; transit key {detail}")
+            # The KMS side could not be read: say why (the KMS line's reason, not a
+            # second one that contradicts it) rather than leave it blank.
+            key = kms.key_label.removeprefix("the ") if kms is not None else "KMS key"
+            detail = _kms_key_detail(report)
+            print(f"data keys     wrapped under KEK v{low}..v{high}; {key} {detail}")
 
 
-def _transit_key_detail(report: StatusReport) -> str:
-    transit = report.transit
-    if transit is None:
+def _kms_key_detail(report: StatusReport) -> str:
+    kms = report.kms
+    if kms is None:
         return "not checked"
-    if transit.key_detail:
-        return transit.key_detail
-    reason = transit.detail or "transit did not answer"
+    if kms.key_detail:
+        return kms.key_detail
+    reason = kms.detail or f"{kms.kind} did not answer"
     return reason if reason.startswith("not checked") else f"not checked: {reason}"
 
 

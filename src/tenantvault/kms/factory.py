@@ -1,10 +1,13 @@
-"""Build the configured key provider: Vault transit (token or AppRole) or local."""
+"""Build the configured key provider: Vault transit (token or AppRole), AWS KMS, or
+local; and ask a provider that reports its own health for it (``status``)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import hvac
 import requests
@@ -12,9 +15,12 @@ import requests
 from tenantvault.errors import ConfigurationError, KeyProviderError, KeyProviderUnavailable
 from tenantvault.kms.keks import Resolve, split_ref
 from tenantvault.kms.local import LocalKeyProvider
-from tenantvault.kms.provider import CheckedKeyProvider, KeyProvider
+from tenantvault.kms.provider import CheckedKeyProvider, KeyProvider, KmsStatus
 from tenantvault.kms.transit import TransitKeyProvider
-from tenantvault.settings import Settings
+from tenantvault.settings import Settings, is_loopback
+
+if TYPE_CHECKING:
+    from tenantvault.kms.awskms import AwsKmsKeyProvider
 
 Login = Callable[[hvac.Client], float]
 
@@ -83,6 +89,8 @@ def key_provider_from_settings(settings: Settings) -> CheckedKeyProvider:
     """The key provider the settings choose. Local only when named and acknowledged."""
     if settings.key_provider == "local":
         return _local(settings)
+    if settings.key_provider == "awskms":
+        return _awskms(settings)
     return _transit(settings)
 
 
@@ -123,25 +131,93 @@ def _local(settings: Settings) -> LocalKeyProvider:
     return LocalKeyProvider(master, batch_size=settings.transit_batch_size)
 
 
+def provider_status(settings: Settings) -> KmsStatus | None:
+    """The status of a provider that reports its own (never raises); None for transit,
+    whose status kms/health.py reads (and for local, which has none of its own)."""
+    if settings.key_provider != "awskms":
+        return None
+    try:
+        provider = _awskms(settings)
+    except ConfigurationError as exc:
+        return KmsStatus("aws kms", None, False, False, str(exc))
+    return provider.status()
+
+
+def awskms_client(settings: Settings) -> Any:  # boto3 ships no types
+    """A boto3 KMS client from boto3's own settings (region, credentials, endpoint),
+    with botocore's retries off and both timeouts at TENANTVAULT_VAULT_TIMEOUT_SECONDS:
+    the provider retries transient failures itself, inside that timeout."""
+    try:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        raise ConfigurationError(
+            "TENANTVAULT_KEY_PROVIDER=awskms needs boto3: pip install 'tenantvault[aws]'"
+        ) from None
+    config = Config(
+        connect_timeout=settings.vault_timeout_seconds,
+        read_timeout=settings.vault_timeout_seconds,
+        retries={"total_max_attempts": 1},
+        max_pool_connections=settings.awskms_concurrency,
+    )
+    try:
+        return boto3.session.Session().client("kms", config=config)
+    except BotoCoreError as exc:  # no region, or a malformed endpoint
+        raise ConfigurationError(
+            f"AWS KMS client: {exc} (set AWS_REGION or AWS_DEFAULT_REGION)"
+            if "region" in str(exc).lower()
+            else f"AWS KMS client: {type(exc).__name__}"
+        ) from None
+
+
+def _awskms(settings: Settings, key_id: str | None = None) -> AwsKmsKeyProvider:
+    """The AWS KMS provider of ``key_id`` (the deployment's, TENANTVAULT_AWSKMS_KEY_ID,
+    when None)."""
+    key_id = key_id or settings.awskms_key_id
+    if key_id is None:
+        raise ConfigurationError(
+            "TENANTVAULT_AWSKMS_KEY_ID is required with TENANTVAULT_KEY_PROVIDER=awskms"
+        )
+    client = awskms_client(settings)  # first: it says when boto3 is missing
+    endpoint = urlsplit(str(client.meta.endpoint_url))
+    plain = endpoint.scheme == "http" and not is_loopback(endpoint.hostname or "")
+    if plain and not settings.allow_plain_http_vault:
+        raise ConfigurationError(
+            "AWS_ENDPOINT_URL is plain http to another host (credentials' signatures and "
+            "data keys would cross the network in clear): use https, or set "
+            "TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT=true"
+        )
+    from tenantvault.kms.awskms import AwsKmsKeyProvider
+
+    return AwsKmsKeyProvider(
+        client,
+        key_id=key_id,
+        mac_key_id=settings.awskms_audit_key_id,
+        timeout_seconds=settings.vault_timeout_seconds,
+        batch_size=settings.transit_batch_size,
+        concurrency=settings.awskms_concurrency,
+    )
+
+
 def kek_resolver(settings: Settings, wrap: Callable[[KeyProvider], KeyProvider]) -> Resolve:
     """The providers of KEK references other than the deployment's (tenants' own
-    keys), each wrapped by ``wrap`` (metering). One client per KMS, from the settings,
-    made on first use and shared by all its keys."""
-    roots: dict[str, CheckedKeyProvider] = {}
-
-    def root(scheme: str) -> CheckedKeyProvider:
-        if scheme not in roots:
-            if scheme != "transit":
-                raise KeyProviderError(
-                    f"no key provider for '{scheme}:' KEK references in this deployment"
-                )
-            roots[scheme] = _transit(settings)
-        return roots[scheme]
+    keys), each wrapped by ``wrap`` (metering). One client per KMS, from the settings
+    (transit: VAULT_ADDR and its token; AWS KMS: boto3's own), made on first use and
+    shared by all its keys."""
+    transit: list[TransitKeyProvider] = []
+    awskms: list[AwsKmsKeyProvider] = []
 
     def resolve(ref: str) -> KeyProvider:
         scheme, key = split_ref(ref)
-        found = root(scheme)
-        assert isinstance(found, TransitKeyProvider)
-        return wrap(found.for_key(key))
+        if scheme == "transit":
+            if not transit:
+                transit.append(_transit(settings))
+            return wrap(transit[0].for_key(key))
+        if scheme == "awskms":
+            if not awskms:
+                awskms.append(_awskms(settings, key))
+            return wrap(awskms[0].for_key(key))
+        raise KeyProviderError(f"no key provider for '{scheme}:' KEK references")
 
     return resolve

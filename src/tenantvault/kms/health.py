@@ -1,34 +1,31 @@
-"""Whether the transit server answers, has its engine mounted, and which versions of
-the transit key can unwrap: the KMS part of ``tenantvault status`` (never raises)."""
+"""The KMS part of ``tenantvault status`` (never raises): for transit, whether the
+server answers, has its engine mounted, and which versions of the transit key can
+unwrap; another provider reports its own (:func:`tenantvault.kms.factory.provider_status`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 
 import hvac
 from requests.exceptions import RequestException
 
 from tenantvault.errors import TenantVaultError
 from tenantvault.kms.diagnose import TOKEN_REFUSED, token_refused, unresolved_host
-from tenantvault.kms.factory import transit_client
+from tenantvault.kms.factory import provider_status, transit_client
+from tenantvault.kms.provider import KmsStatus
 from tenantvault.settings import Settings
 
-
-@dataclass(frozen=True)
-class TransitStatus:
-    """Whether the KMS (Vault or OpenBao) answers and has the transit engine mounted."""
-
-    address: str | None
-    reachable: bool
-    mounted: bool
-    detail: str = ""  # why it is not reachable, as a phrase: "unreachable (no connection)"
-    # The transit key's versions that can unwrap: (min_decryption_version, latest_version);
-    # None when the key does not exist or the token may not read it (key_detail says).
-    key_versions: tuple[int, int] | None = None
-    key_detail: str = ""
+# Transit's status: the key versions are the transit key's (None when it does not
+# exist or the token may not read it, and key_detail says which).
+TransitStatus = partial(KmsStatus, "transit", key_label="the transit key")
 
 
-def transit_status(settings: Settings) -> TransitStatus:
+def kms_status(settings: Settings) -> KmsStatus:
+    """The configured KMS's status (never raises)."""
+    return provider_status(settings) or transit_status(settings)
+
+
+def transit_status(settings: Settings) -> KmsStatus:
     """Whether transit answers and has its engine mounted (never raises)."""
     if settings.vault_addr is None:
         return TransitStatus(None, False, False, "VAULT_ADDR is not set")
@@ -68,7 +65,14 @@ def transit_status(settings: Settings) -> TransitStatus:
         if mounted
         else (None, f"missing: no transit engine mounted at {mount}")
     )
-    return TransitStatus(address, True, mounted, key_versions=versions, key_detail=detail)
+    return TransitStatus(
+        address,
+        True,
+        mounted,
+        key_versions=versions,
+        key_detail=detail,
+        summary="engine mounted" if mounted else "engine NOT mounted",
+    )
 
 
 def _key_versions(client: hvac.Client, settings: Settings) -> tuple[tuple[int, int] | None, str]:

@@ -52,6 +52,26 @@ class UnwrapResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class KmsStatus:
+    """What ``tenantvault status`` shows of the configured KMS, whichever it is.
+
+    A check this caller could not make leaves ``key_versions`` None with a
+    ``key_detail`` that starts with "not checked:"; a key that is not there (or
+    cannot wrap) one that starts with "missing:"."""
+
+    kind: str  # the status line's label: "transit", "aws kms"
+    address: str | None
+    reachable: bool
+    ready: bool  # transit: its engine mounted; AWS KMS: the key enabled and usable
+    detail: str = ""  # why it is not reachable, as a phrase: "unreachable (no connection)"
+    # The KEK versions that can unwrap: (min_decryption_version, latest).
+    key_versions: tuple[int, int] | None = None
+    key_detail: str = ""
+    summary: str = ""  # what follows "reachable, " on the status line
+    key_label: str = "the KEK"  # how messages name the key: "the transit key"
+
+
 def _named(wrapped: str) -> bool:
     """Whether ``wrapped`` names its KEK version (what every wrapping starts with)."""
     return _KEK_VERSION.match(wrapped) is not None
@@ -144,8 +164,9 @@ class KeyProvider(Protocol):
         ...
 
 
-# Tenants of the usability probe; no tenant id has a NUL byte.
-PROBE_TENANTS = ("tenantvault\x00probe-a", "tenantvault\x00probe-b")
+# Tenants of the usability probe: no tenant id has a space (db/session.py), and a KMS's
+# context may refuse control bytes (AWS's encryption context is printable text).
+PROBE_TENANTS = ("tenantvault probe a", "tenantvault probe b")
 
 
 class CheckedKeyProvider:

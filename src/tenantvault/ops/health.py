@@ -1,4 +1,4 @@
-"""What state a tenantvault deployment is in: schema revision, isolation, transit."""
+"""What state a tenantvault deployment is in: schema revision, isolation, the KMS."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from tenantvault.db.models import TENANTVAULT_TABLES
 from tenantvault.errors import ConfigurationError, KeyProviderError
 from tenantvault.keys import store
 from tenantvault.kms.factory import kek_resolver
-from tenantvault.kms.health import TransitStatus, transit_status
+from tenantvault.kms.health import kms_status
+from tenantvault.kms.provider import KmsStatus
 from tenantvault.ops import migrate
 from tenantvault.settings import Settings
 
@@ -42,7 +43,7 @@ class StatusReport:
     revision_detail: str = ""
     visibility_detail: str = ""
     tables: list[TableStatus] = field(default_factory=list)
-    transit: TransitStatus | None = None
+    kms: KmsStatus | None = None
     audit_partitions_until: date | None = None  # first day no audit partition covers
     # The lowest and highest KEK version live data keys are wrapped under (None: no live
     # key, or not checked, and then wrapped_detail says why).
@@ -56,26 +57,28 @@ class StatusReport:
 
     @property
     def kek_problem(self) -> str | None:
-        """Why some data key cannot be unwrapped by the transit key, if one cannot: a
-        KEK version the key does not have (a dev server that lost its keys, a restore
-        of the database without its transit key) or one below min_decryption_version."""
-        if self.wrapped_kek_versions is None or self.transit is None:
+        """Why some data key cannot be unwrapped by the KMS key, if one cannot: a KEK
+        version the key does not have (a dev server that lost its keys, a restore of
+        the database without its transit key), one below min_decryption_version, or a
+        key that is gone or disabled."""
+        if self.wrapped_kek_versions is None or self.kms is None:
             return None
         low, high = self.wrapped_kek_versions
-        if self.transit.key_versions is None:
-            if self.transit.key_detail.startswith("missing"):
-                return f"data keys are wrapped under KEK v{low}..v{high}; {self.transit.key_detail}"
+        key = self.kms.key_label
+        if self.kms.key_versions is None:
+            if self.kms.key_detail.startswith("missing"):
+                return f"data keys are wrapped under KEK v{low}..v{high}; {self.kms.key_detail}"
             return None
-        minimum, latest = self.transit.key_versions
+        minimum, latest = self.kms.key_versions
         if high > latest:
             return (
-                f"data keys name KEK v{high}; the transit key has versions only up to "
-                f"v{latest}: they cannot be unwrapped (was the transit key lost or restored "
+                f"data keys name KEK v{high}; {key} has versions only up to "
+                f"v{latest}: they cannot be unwrapped (was {key} lost or restored "
                 "from an older backup?)"
             )
         if low < minimum:
             return (
-                f"data keys are wrapped under KEK v{low}, below the transit key's "
+                f"data keys are wrapped under KEK v{low}, below {key}'s "
                 f"min_decryption_version {minimum}: run `tenantvault rotate-keys kek "
                 "--no-rotate` after lowering it"
             )
@@ -91,22 +94,22 @@ class StatusReport:
 
     @property
     def healthy(self) -> bool:
-        """Up to date, isolated, audit partitions ahead, transit reachable, and every
-        live data key unwrappable by the transit key."""
+        """Up to date, isolated, audit partitions ahead, the KMS reachable, and every
+        live data key unwrappable by its key."""
         return (
             self.up_to_date
             and self.isolated
             and self.audit_writable
-            and bool(self.transit and self.transit.reachable)
+            and bool(self.kms and self.kms.reachable)
             and self.kek_problem is None
             and not self.wrapped_detail.startswith("not checked")
             and not self.tenant_kek_problems
             and not self.tenant_keks_detail.startswith("not checked")
-            # Live keys against a transit key this token may not read: not shown to unwrap.
+            # Live keys against a KMS key this caller may not read: not shown to unwrap.
             and not (
                 self.wrapped_kek_versions is not None
-                and self.transit is not None
-                and self.transit.key_detail.startswith("not checked")
+                and self.kms is not None
+                and self.kms.key_detail.startswith("not checked")
             )
         )
 
@@ -231,7 +234,7 @@ def status(settings: Settings) -> StatusReport:
         revision_detail=revision_detail,
         visibility_detail=visibility_detail,
         tables=tables,
-        transit=transit_status(settings),
+        kms=kms_status(settings),
         audit_partitions_until=until,
         wrapped_kek_versions=wrapped,
         wrapped_detail=wrapped_detail,
