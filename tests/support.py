@@ -102,6 +102,7 @@ REVISIONS = [
     "0014_grants_record_targets",
     "0015_replay_guards_and_claims",
     "0016_function_search_paths",
+    "0017_lean_hot_functions",
     "0018_kek_references",
 ]
 

@@ -27,7 +27,7 @@ unset`` for those tenants first, or acknowledge the loss. Then the function is
 restored, the table and the column dropped.
 
 Revision ID: 0018_kek_references
-Revises: 0016_function_search_paths
+Revises: 0017_lean_hot_functions
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from tenantvault.migration_support import (
 )
 
 revision = "0018_kek_references"
-down_revision = "0016_function_search_paths"
+down_revision = "0017_lean_hot_functions"
 branch_labels = None
 depends_on = None
 

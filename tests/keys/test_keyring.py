@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import pickle
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.orm import Session
 
 from tenantvault import Vault
 from tenantvault.crypto.datakey import DataKey
+from tenantvault.crypto.envelope import SealContext, header, open_sealed, seal
 from tenantvault.keys.cache import DataKeyCache
+from tenantvault.keys.keyring import Keyring
 from tenantvault.settings import Settings
 from tests.conftest import CountingProvider, fresh_keyring
 
@@ -109,3 +114,23 @@ def test_a_new_key_asked_for_ahead_shows_no_bytes_and_serves_only_its_tenant(
         pickle.dumps(made)
     with pytest.raises(ValueError, match="the tenant it was made for"):
         keyring.switch(operator_db.transaction, "t_a", 1, "test", new_key=made)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_the_hot_path_opens_no_older_format_without_asking_the_database(fmt: int) -> None:
+    # The hot statements no longer return the database's answer for an older value
+    # (migration 0017): the cache-only open leaves any such value to the full path,
+    # which asks tenantvault_legacy_opens, even when its key is cached and would open it.
+    key = DataKey("t", 1, os.urandom(32))
+    cache = DataKeyCache(max_age_seconds=60, max_entries=10, max_uses=100)
+    cache.put(key)
+    keyring = Keyring(object(), cache, allow_legacy=True)  # type: ignore[arg-type]
+    place = SealContext("t", "email_provider_configs", "encrypted_credentials", "c1", b"b3", b"b2")
+    prefix = header(1, fmt)
+    nonce = os.urandom(12)
+    body = AESGCM(key.material()).encrypt(nonce, b"old", place.associated_data(prefix, fmt))
+    older = prefix + base64.urlsafe_b64encode(nonce + body).decode().rstrip("=")
+    assert open_sealed(key, older, place) == b"old"  # the key opens it: refusing is the rule
+    assert keyring.open_cached("t", older, place, oldest_usable_version=1) is None
+    current = seal(key, b"new", place)
+    assert keyring.open_cached("t", current, place, oldest_usable_version=1) == b"new"

@@ -134,36 +134,38 @@ _GRANT_COLUMNS = (
 
 def hot_token_sql(schema: str) -> str:
     """The token load's one statement (DB-API, ``%s`` parameters: tenant, config):
-    migration 0013's function scopes the tenant and returns the live config's type and
-    config (what the tokens are bound to) with its token row, the database's answer for
-    older-format values, and the tenant's oldest usable data key version (a cached key
-    older than that was retired or destroyed by another process: it opens nothing)."""
+    migration 0017's function scopes the tenant and returns the live config's type and
+    config (what the tokens are bound to) with its token row, and the tenant's oldest
+    usable data key version (a cached key older than that was retired or destroyed by
+    another process: it opens nothing)."""
     return (
-        f"SELECT type, config::text, {_GRANT_COLUMNS}, access_ok, refresh_ok, oldest_usable_key "
+        f"SELECT type, config::text, {_GRANT_COLUMNS}, oldest_usable_key "
         f'FROM "{schema}".tenantvault_load_oauth_token(%s, %s)'
     )
 
 
 def hot_open_sql(schema: str) -> str:
     """``open_config``'s one statement (DB-API, ``%s`` parameters: tenant, config):
-    migration 0013's function scopes the tenant and returns the live config row and
+    migration 0017's function scopes the tenant and returns the live config row and
     its token row (NULLs without one), read in one snapshot; then as :func:`hot_token_sql`."""
     return (
         "SELECT type, name, config::text, is_default, is_active, created_at, updated_at, "
-        f"version, encrypted_credentials, {_GRANT_COLUMNS}, credentials_ok, access_ok, refresh_ok, "
-        "oldest_usable_key "
+        f"version, encrypted_credentials, {_GRANT_COLUMNS}, oldest_usable_key "
         f'FROM "{schema}".tenantvault_open_config(%s, %s)'
     )
 
 
 def hot_load_sql(schema: str) -> str:
     """The load hot path's one statement (DB-API, ``%s`` parameters: tenant, config):
-    migration 0009's function scopes the tenant for this statement only and returns
-    what opening the credentials needs, and the tenant's oldest usable key version
-    follows (:func:`oldest_usable_key_sql`)."""
+    migration 0017's function scopes the tenant for this statement only and returns
+    what opening the credentials needs, then the tenant's oldest usable key version.
+
+    None of the three asks the database whether an older-format value may open: the
+    hot paths open format 3 only (:meth:`tenantvault.keys.keyring.Keyring.open_cached`),
+    and the full path asks (:mod:`tenantvault.keys.legacy`)."""
     # The config as the database prints it: its binding's digest is cached by that text
     # (keys/sealed.stored_config_digest), so it is never decoded on the hot path.
     return (
-        "SELECT type, version, config::text, encrypted_credentials, legacy_ok, oldest_usable_key "
+        "SELECT type, version, config::text, encrypted_credentials, oldest_usable_key "
         f'FROM "{schema}".tenantvault_load_credentials(%s, %s)'
     )

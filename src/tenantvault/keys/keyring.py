@@ -22,6 +22,7 @@ from tenantvault.crypto.datakey import DataKey
 from tenantvault.crypto.envelope import (
     Resealer,
     SealContext,
+    is_current_format,
     open_sealed,
     open_with_key_of,
     reseal,
@@ -103,9 +104,10 @@ class Keyring:
         *,
         oldest_usable_version: int | None,
     ) -> bytes | None:
-        """Open ``sealed`` if its key is cached and still usable; None otherwise (no
-        database, no KMS: the caller then takes the full path, which reads the key's
-        state and refuses a retired or destroyed one).
+        """Open ``sealed`` if it is in the current format and its key is cached and still
+        usable; None otherwise (no database, no KMS: the caller then takes the full path,
+        which reads the key's state and refuses a retired or destroyed one, and asks the
+        database whether an older-format value may open at all: :mod:`.legacy`).
 
         ``oldest_usable_version`` is the tenant's oldest active or draining key version
         as the database holds it now (None: the tenant has none), read by the hot
@@ -123,7 +125,9 @@ class Keyring:
                 return None
             return self.cache.get(tenant_id, version)
 
-        return open_with_key_of(usable_key, sealed, place, allow_legacy=self.allow_legacy)
+        if not is_current_format(sealed):
+            return None
+        return open_with_key_of(usable_key, sealed, place, allow_legacy=False)
 
     def warm(self, transaction: Transaction, tenant_ids: Sequence[str]) -> WarmReport:
         """Cache the usable keys of ``tenant_ids`` in batch unwraps: ceil(K / batch size)

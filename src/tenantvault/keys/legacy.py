@@ -6,7 +6,8 @@ every older value the upgrade found, with what it sat beside then; its function
 ``tenantvault_legacy_opens`` answers for one value. An older value put into a row
 later (from a backup, say), or left in place beside a rewritten config, is refused:
 it neither opens nor gets re-sealed into the current format's binding. The hot paths
-read the answer in their one statement; everyone else asks here.
+open the current format only (a prefix test); an older value takes the full path,
+which asks here, as key rotation does.
 """
 
 from __future__ import annotations
@@ -60,15 +61,4 @@ def check_allowed(connection: sa.Connection, place: SealContext, sealed: str) ->
         DecryptionError: an older-format value the database does not let open.
     """
     if not is_current_format(sealed) and not database_allows(connection, place, sealed):
-        raise DecryptionError("cannot open sealed value")
-
-
-def check_answer(allowed: bool | None) -> None:
-    """Refuse a value a hot-path statement said may not open (its ``*_ok`` column:
-    true for a current-format value, the database's answer for an older one).
-
-    Raises:
-        DecryptionError: the statement said no.
-    """
-    if allowed is False:
         raise DecryptionError("cannot open sealed value")

@@ -10,7 +10,6 @@ from tenantvault.db import queries
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import DecryptionError, InvalidInputError, NotFoundError
-from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
 from tenantvault.vault.configs import ConfigService
@@ -146,9 +145,10 @@ def finish_hot_load(
     keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
 ) -> CredentialsModel | None:
     """What the hot path's row becomes: the opened credentials, or None when the
-    tenant's key is not cached, or the value names a key older than the tenant's
-    oldest usable one (the row's last column): the caller then takes the full path,
-    which refuses a retired or destroyed key.
+    tenant's key is not cached, the value names a key older than the tenant's oldest
+    usable one (the row's last column), or it is in an older format: the caller then
+    takes the full path, which refuses a retired or destroyed key and asks the
+    database whether an older value may open.
 
     Raises:
         NotFoundError: no such live config, or it holds no credentials.
@@ -156,14 +156,13 @@ def finish_hot_load(
     """
     if row is None:
         raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
-    kind_name, version, config_json, sealed, allowed, oldest_usable_key = row
+    kind_name, version, config_json, sealed, oldest_usable_key = row
     if sealed is None:
         raise NotFoundError(f"config {config_id} of tenant {tenant_id} has no credentials")
     place = CONFIG_CREDENTIALS.place_digest(
         tenant_id, config_id, bound=(kind_name, version), digest=stored_config_digest(config_json)
     )
     try:
-        legacy.check_answer(allowed)
         opened = keyring.open_cached(
             tenant_id, sealed, place, oldest_usable_version=oldest_usable_key
         )

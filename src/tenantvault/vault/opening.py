@@ -22,7 +22,6 @@ from tenantvault.crypto.envelope import SealContext
 from tenantvault.db.models import AuditAction
 from tenantvault.db.session import fetch_one_in
 from tenantvault.errors import DecryptionError, InvalidInputError, NotFoundError
-from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.sealed import CONFIG_CREDENTIALS, stored_config_digest
 from tenantvault.vault.core import CallerSession, VaultCore, log_unopenable
@@ -157,8 +156,8 @@ def finish_hot_open(
     keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
 ) -> OpenedConfig | None:
     """``open_config``'s row opened with the cached keys only (None when a key is not
-    cached, or older than the tenant's oldest usable one: the caller takes the full
-    path). Raises as :func:`finish_open`."""
+    cached or older than the tenant's oldest usable one, or a value is in an older
+    format: the caller takes the full path). Raises as :func:`finish_open`."""
     oldest = None if row is None else row[-1]
     opener = partial(keyring.open_cached, tenant_id, oldest_usable_version=oldest)
     return finish_open(opener, tenant_id, config_id, row)
@@ -178,7 +177,7 @@ def finish_open(
     if row is None:
         raise NotFoundError(f"no live config {config_id} for tenant {tenant_id}")
     (kind_name, name, config_json, is_default, is_active, created_at, updated_at, version,
-     sealed, *token_row, credentials_ok, access_ok, refresh_ok, oldest) = row  # fmt: skip
+     sealed, *token_row) = row  # fmt: skip
     kind = provider_type(kind_name)
     digest = stored_config_digest(config_json)
     credentials = None
@@ -187,7 +186,6 @@ def finish_open(
             tenant_id, config_id, bound=(kind_name, version), digest=digest
         )
         try:
-            legacy.check_answer(credentials_ok)
             plaintext = open_(sealed, place)
         except DecryptionError:
             log_unopenable(tenant_id, config_id, version)
@@ -197,9 +195,7 @@ def finish_open(
         credentials = credentials_from_storage(kind, plaintext)
     token = None
     if token_row[0] is not None:
-        legacy.check_answer(access_ok)
-        legacy.check_answer(refresh_ok)
-        hot = HotToken.of(config_id, [*token_row, oldest])
+        hot = HotToken.of(config_id, token_row)
         token = opened_token(open_, tenant_id, hot, kind, digest)
         if token is None:
             return None

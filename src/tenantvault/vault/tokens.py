@@ -29,7 +29,6 @@ from tenantvault.db.ids import new_id
 from tenantvault.db.models import AuditAction, EmailProviderConfig, EmailProviderToken
 from tenantvault.db.session import check_tenant_id
 from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
-from tenantvault.keys import legacy
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import (
     ACCESS_TOKEN,
@@ -549,8 +548,9 @@ def finish_hot_token(
     keyring: Keyring, tenant_id: str, config_id: str, row: Sequence[Any] | None
 ) -> OAuthToken | None:
     """What the token hot path's row becomes: the opened token, or None when the
-    tenant's key is not cached, or a value names a key older than the tenant's oldest
-    usable one (the caller then takes the full path, which refuses it).
+    tenant's key is not cached, a value names a key older than the tenant's oldest
+    usable one, or a value is in an older format (the caller then takes the full path,
+    which refuses a retired key and asks the database about an older value).
 
     Raises:
         NotFoundError: the config has no token.
@@ -558,10 +558,8 @@ def finish_hot_token(
     """
     if row is None:
         raise _no_token(tenant_id, config_id)
-    kind, config_json, *token, access_ok, refresh_ok, oldest = row
-    legacy.check_answer(access_ok)
-    legacy.check_answer(refresh_ok)
-    hot = HotToken.of(config_id, [*token, oldest])
+    kind, config_json, *token = row
+    hot = HotToken.of(config_id, token)
     return opened_token(
         partial(keyring.open_cached, tenant_id, oldest_usable_version=hot.oldest_usable_key),
         tenant_id,
