@@ -52,7 +52,7 @@ from tenantvault.db.held import AsyncHeldConnections, HeldConnections, Row
 # which is where a standby that replayed everything before it reports itself: without
 # this an idle primary would look ahead of its standbys for good.
 PRIMARY_POSITION = (
-    "SELECT p - CASE WHEN p % s = 40 THEN 40 WHEN p % b = 24 THEN 24 ELSE 0 END "
+    "SELECT p - CASE WHEN mod(p, s) = 40 THEN 40 WHEN mod(p, b) = 24 THEN 24 ELSE 0 END "
     "FROM (SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8 AS p, "
     "pg_size_bytes(current_setting('wal_segment_size')) AS s, "
     "current_setting('wal_block_size')::int8 AS b) AS wal"
