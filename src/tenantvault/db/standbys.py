@@ -144,8 +144,11 @@ class StandbyRouting:
             try:
                 if primary is None:
                     return  # nothing new is known; loads read the primary meanwhile
-                self._required = max(self._required, primary)
-                self._commits_covered = max(self._commits_covered, commits)
+                if commits > self._commits_covered:
+                    # Read after this process's newest commits: a standby must have it.
+                    # Only then: other processes' commits need only the lag bound.
+                    self._required = max(self._required, primary)
+                    self._commits_covered = commits
                 self._samples.append((started, primary))
                 while self._samples and self._samples[0][0] < started - self.max_lag:
                     self._samples.popleft()
