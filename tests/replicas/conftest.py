@@ -11,6 +11,7 @@ fixture (databases, migrations, the app role, the vault) lands on that primary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -61,11 +62,18 @@ class ReplicaPair:
                 raise AssertionError(f"the standby did not replay {position[0]} in {timeout}s")
             time.sleep(0.02)
 
-    def replay(self, *, paused: bool) -> None:
-        """Pause or resume the standby's replay (it keeps receiving WAL)."""
-        function = "pg_wal_replay_pause" if paused else "pg_wal_replay_resume"
+    @contextlib.contextmanager
+    def replay_paused(self) -> Iterator[None]:
+        """The standby's replay paused (it keeps receiving WAL); resumed afterwards,
+        and caught up."""
         with psycopg.connect(self.standby.url, autocommit=True) as standby:
-            standby.execute(f"SELECT {function}()")
+            standby.execute("SELECT pg_wal_replay_pause()")
+        try:
+            yield
+        finally:
+            with psycopg.connect(self.standby.url, autocommit=True) as standby:
+                standby.execute("SELECT pg_wal_replay_resume()")
+        self.caught_up()
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,16 @@ def password(credentials: Any) -> str:
     return str(credentials.password.get_secret_value())
 
 
+def replicated(vault: Vault, pair: ReplicaPair, value: str = "one", tenant: str = "t_a") -> str:
+    """A new SMTP config of ``tenant`` whose password is ``value``, once the standby has
+    it: its id."""
+    cfg = vault.create_config(
+        tenant, type="smtp", name="m", config=SMTP, credentials={"password": value}
+    )
+    pair.caught_up()
+    return str(cfg.id)
+
+
 @pytest.fixture
 def replica_vault(standby_settings: Settings, provider: CountingProvider) -> Iterator[Vault]:
     built = Vault.from_settings(standby_settings, key_provider=provider)
@@ -61,12 +71,10 @@ def urls(settings: Settings, replica_pair: ReplicaPair) -> tuple[str, str]:
 def test_loads_are_served_by_the_standby(
     replica_vault: Vault, replica_pair: ReplicaPair, urls: tuple[str, str]
 ) -> None:
-    cfg = replica_vault.create_config("t_a", type="smtp", name="m", config=SMTP,
-                                      credentials={"password": "one"})  # fmt: skip
-    replica_pair.caught_up()
+    cfg_id = replicated(replica_vault, replica_pair)
     loads = 50
     for _ in range(loads):
-        assert password(replica_vault.load_credentials("t_a", cfg.id)) == "one"
+        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "one"
     replica_vault.dispose()  # the backends exit, and report their function calls
     primary_url, standby_url = urls
     assert settled_calls(standby_url, loads) == loads
@@ -76,24 +84,19 @@ def test_loads_are_served_by_the_standby(
 def test_a_write_of_this_process_loads_at_once_from_a_standby_that_has_not_replayed_it(
     replica_vault: Vault, replica_pair: ReplicaPair, urls: tuple[str, str]
 ) -> None:
-    cfg = replica_vault.create_config("t_a", type="smtp", name="m", config=SMTP,
-                                      credentials={"password": "one"})  # fmt: skip
-    replica_pair.caught_up()
-    assert password(replica_vault.load_credentials("t_a", cfg.id)) == "one"
-    replica_pair.replay(paused=True)
-    try:
-        replica_vault.store_credentials("t_a", cfg.id, {"password": "two"})
-        assert password(replica_vault.load_credentials("t_a", cfg.id)) == "two"
-        other = replica_vault.create_config("t_a", type="smtp", name="n", config=SMTP,
-                                            credentials={"password": "new"})  # fmt: skip
+    cfg_id = replicated(replica_vault, replica_pair)
+    assert password(replica_vault.load_credentials("t_a", cfg_id)) == "one"
+    with replica_pair.replay_paused():
+        replica_vault.store_credentials("t_a", cfg_id, {"password": "two"})
+        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "two"
+        other = replica_vault.create_config(
+            "t_a", type="smtp", name="n", config=SMTP, credentials={"password": "new"}
+        )
         assert password(replica_vault.load_credentials("t_a", other.id)) == "new"
         assert replica_vault.open_config("t_a", other.id).config.name == "n"
-    finally:
-        replica_pair.replay(paused=False)
-    replica_pair.caught_up()
     time.sleep(0.3)  # the next probe finds the standby has it
     for _ in range(10):
-        assert password(replica_vault.load_credentials("t_a", cfg.id)) == "two"
+        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "two"
     replica_vault.dispose()
     _, standby_url = urls
     assert settled_calls(standby_url, 10) >= 10  # back on the standby once it replayed
@@ -105,17 +108,15 @@ def test_a_stopped_standby_costs_no_failed_load(
     provider: CountingProvider,
     replica_pair: ReplicaPair,
 ) -> None:
-    cfg = replica_vault.create_config("t_a", type="smtp", name="m", config=SMTP,
-                                      credentials={"password": "one"})  # fmt: skip
-    replica_pair.caught_up()
-    assert password(replica_vault.load_credentials("t_a", cfg.id)) == "one"
+    cfg_id = replicated(replica_vault, replica_pair)
+    assert password(replica_vault.load_credentials("t_a", cfg_id)) == "one"
     replica_pair.standby.stop()
     try:
         for _ in range(20):  # its held connections are gone: the primary serves
-            assert password(replica_vault.load_credentials("t_a", cfg.id)) == "one"
+            assert password(replica_vault.load_credentials("t_a", cfg_id)) == "one"
         fresh = Vault.from_settings(standby_settings, key_provider=provider)
         try:  # a vault that starts while the standby is down
-            assert password(fresh.load_credentials("t_a", cfg.id)) == "one"
+            assert password(fresh.load_credentials("t_a", cfg_id)) == "one"
         finally:
             fresh.dispose()
     finally:
@@ -127,9 +128,7 @@ def test_row_level_security_holds_on_the_standby_as_on_the_primary(
     replica_vault: Vault, replica_pair: ReplicaPair, standby_settings: Settings
 ) -> None:
     for tenant in ("t_a", "t_b"):
-        replica_vault.create_config(tenant, type="smtp", name="m", config=SMTP,
-                                    credentials={"password": tenant})  # fmt: skip
-    replica_pair.caught_up()
+        replicated(replica_vault, replica_pair, tenant, tenant)
     app = standby_settings.sqlalchemy_url.set(drivername="postgresql")
     primary_app = app.render_as_string(hide_password=False)
     seen = {}
@@ -155,21 +154,15 @@ def test_a_standby_lagging_beyond_the_limit_is_skipped_for_the_primary(
     reader = Vault.from_settings(lagging, key_provider=provider)
     writer = Vault.from_settings(standby_settings, key_provider=provider)  # another process
     try:
-        cfg = writer.create_config("t_a", type="smtp", name="m", config=SMTP,
-                                   credentials={"password": "one"})  # fmt: skip
-        replica_pair.caught_up()
-        assert password(reader.load_credentials("t_a", cfg.id)) == "one"
-        replica_pair.replay(paused=True)
-        try:
-            writer.store_credentials("t_a", cfg.id, {"password": "two"})
+        cfg_id = replicated(writer, replica_pair)
+        assert password(reader.load_credentials("t_a", cfg_id)) == "one"
+        with replica_pair.replay_paused():
+            writer.store_credentials("t_a", cfg_id, {"password": "two"})
             time.sleep(0.5)  # beyond the limit: the standby is no longer current enough
-            assert password(reader.load_credentials("t_a", cfg.id)) == "two"
-        finally:
-            replica_pair.replay(paused=False)
+            assert password(reader.load_credentials("t_a", cfg_id)) == "two"
     finally:
         reader.dispose()
         writer.dispose()
-    replica_pair.caught_up()
 
 
 def test_async_loads_are_served_by_the_standby(
@@ -179,17 +172,15 @@ def test_async_loads_are_served_by_the_standby(
     replica_pair: ReplicaPair,
     urls: tuple[str, str],
 ) -> None:
-    cfg = replica_vault.create_config("t_a", type="smtp", name="m", config=SMTP,
-                                      credentials={"password": "one"})  # fmt: skip
+    cfg_id = replicated(replica_vault, replica_pair)
     replica_vault.dispose()
-    replica_pair.caught_up()
 
     async def run() -> list[str]:
         vault = AsyncVault.from_settings(standby_settings, key_provider=provider)
         try:
-            loaded = [await vault.load_credentials("t_a", cfg.id) for _ in range(20)]
-            await vault.store_credentials("t_a", cfg.id, {"password": "two"})
-            loaded.append(await vault.load_credentials("t_a", cfg.id))  # at once
+            loaded = [await vault.load_credentials("t_a", cfg_id) for _ in range(20)]
+            await vault.store_credentials("t_a", cfg_id, {"password": "two"})
+            loaded.append(await vault.load_credentials("t_a", cfg_id))  # at once
             return [password(c) for c in loaded]
         finally:
             await vault.dispose()
