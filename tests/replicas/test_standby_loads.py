@@ -188,3 +188,49 @@ def test_async_loads_are_served_by_the_standby(
     assert asyncio.run(run()) == ["one"] * 20 + ["two"]
     _, standby_url = urls
     assert settled_calls(standby_url, 19) >= 19  # the first may miss the key cache
+
+
+SCANS = (
+    "SELECT coalesce(sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), 0) "
+    "FROM pg_stat_user_tables WHERE relname = 'tenant_data_keys'"
+)
+
+
+def key_reads(url: str) -> int:
+    """Scans of the data-key table on the server at ``url``, as far as reported."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        row = connection.execute(SCANS).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_warm_reads_the_standby_and_the_primary_when_it_is_down(
+    standby_settings: Settings,
+    provider: CountingProvider,
+    replica_pair: ReplicaPair,
+    urls: tuple[str, str],
+) -> None:
+    writer = Vault.from_settings(standby_settings, key_provider=provider)
+    for tenant in ("t_a", "t_b"):
+        replicated(writer, replica_pair, tenant=tenant)
+    writer.dispose()
+    _, standby_url = urls
+    assert key_reads(standby_url) == 0
+    warmer = Vault.from_settings(standby_settings, key_provider=provider)  # a cold cache
+    report = warmer.warm(["t_a", "t_b"])
+    warmer.dispose()
+    assert (report.ok, report.warmed) == (True, 2)
+    deadline = time.monotonic() + 10
+    while key_reads(standby_url) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert key_reads(standby_url) > 0
+    replica_pair.standby.stop()
+    try:
+        cold = Vault.from_settings(standby_settings, key_provider=provider)
+        try:
+            assert cold.warm(["t_a", "t_b"]).warmed == 2
+        finally:
+            cold.dispose()
+    finally:
+        replica_pair.standby.start()
+    replica_pair.caught_up()
