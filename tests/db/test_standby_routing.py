@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from tenantvault.db.standbys import StandbyRouting
+from tenantvault.db.standbys import (
+    PRIMARY_POSITION,
+    STANDBY_POSITION,
+    StandbyReads,
+    StandbyRouting,
+)
 
 
 class Clock:
@@ -110,3 +115,32 @@ def test_one_caller_probes_at_a_time() -> None:
 def test_bounds_are_checked(standbys: int, lag: int) -> None:
     with pytest.raises(ValueError, match="must be at least 1"):
         StandbyRouting(standbys, max_lag_ms=lag)
+
+
+class Held:
+    """A server's held connections, as StandbyReads uses them: it answers the position
+    statements with ``position`` and counts every statement."""
+
+    def __init__(self, position: int | None) -> None:
+        self.position = position
+        self.statements: list[str] = []
+
+    def fetch_one(self, statement: str, params: tuple[object, ...]) -> tuple[object, ...]:
+        self.statements.append(statement)
+        if statement in (PRIMARY_POSITION, STANDBY_POSITION):
+            return (self.position,)
+        return ("row",)
+
+
+def test_loads_between_probes_are_one_statement_each_on_the_standby() -> None:
+    clock = Clock()
+    primary, standby = Held(500), Held(500)
+    reads = StandbyReads(primary, [standby], routing(clock))  # type: ignore[list-item,arg-type]
+    for _ in range(100):
+        assert reads.fetch_one("load", ()) == ("row",)
+    assert primary.statements == [PRIMARY_POSITION]  # one probe for the lot
+    assert standby.statements == [STANDBY_POSITION] + ["load"] * 100
+    reads.routing.committed()
+    primary.position = 600
+    reads.fetch_one("load", ())  # probes again: the standby has not replayed 600
+    assert primary.statements[-2:] == [PRIMARY_POSITION, "load"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy.orm import Session
 
 from tenantvault import AsyncVault, Vault
 from tenantvault.settings import Settings
@@ -94,9 +95,12 @@ def test_a_write_of_this_process_loads_at_once_from_a_standby_that_has_not_repla
         )
         assert password(replica_vault.load_credentials("t_a", other.id)) == "new"
         assert replica_vault.open_config("t_a", other.id).config.name == "n"
+        with Session(replica_vault.engine) as session, session.begin():  # the caller commits
+            replica_vault.store_credentials("t_a", cfg_id, {"password": "three"}, session=session)
+        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "three"
     time.sleep(0.3)  # the next probe finds the standby has it
     for _ in range(10):
-        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "two"
+        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "three"
     replica_vault.dispose()
     _, standby_url = urls
     assert settled_calls(standby_url, 10) >= 10  # back on the standby once it replayed
