@@ -68,6 +68,12 @@ class ReplicaPair:
         and caught up."""
         with psycopg.connect(self.standby.url, autocommit=True) as standby:
             standby.execute("SELECT pg_wal_replay_pause()")
+            # A request: replay stops at its next record, which the state then shows.
+            deadline = time.monotonic() + 10
+            state = "SELECT pg_get_wal_replay_pause_state()"
+            while (standby.execute(state).fetchone() or ("",))[0] != "paused":
+                assert time.monotonic() < deadline, "the standby's replay did not pause"
+                time.sleep(0.01)
         try:
             yield
         finally:

@@ -86,18 +86,23 @@ def test_a_write_of_this_process_loads_at_once_from_a_standby_that_has_not_repla
     replica_vault: Vault, replica_pair: ReplicaPair, urls: tuple[str, str]
 ) -> None:
     cfg_id = replicated(replica_vault, replica_pair)
+    assert password(replica_vault.load_credentials("t_a", cfg_id)) == "one"  # key cached
+    time.sleep(0.3)  # that load's full path committed too: the next probe covers it
     assert password(replica_vault.load_credentials("t_a", cfg_id)) == "one"
-    with replica_pair.replay_paused():
-        replica_vault.store_credentials("t_a", cfg_id, {"password": "two"})
+    with replica_pair.replay_paused():  # a caller's session: counted when it commits
+        with Session(replica_vault.engine) as session, session.begin():
+            replica_vault.store_credentials("t_a", cfg_id, {"password": "two"}, session=session)
         assert password(replica_vault.load_credentials("t_a", cfg_id)) == "two"
+    time.sleep(0.3)  # the standby has it again, and the next probe finds so
+    assert password(replica_vault.load_credentials("t_a", cfg_id)) == "two"
+    with replica_pair.replay_paused():  # the vault's own transactions
+        replica_vault.store_credentials("t_a", cfg_id, {"password": "three"})
+        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "three"
         other = replica_vault.create_config(
             "t_a", type="smtp", name="n", config=SMTP, credentials={"password": "new"}
         )
         assert password(replica_vault.load_credentials("t_a", other.id)) == "new"
         assert replica_vault.open_config("t_a", other.id).config.name == "n"
-        with Session(replica_vault.engine) as session, session.begin():  # the caller commits
-            replica_vault.store_credentials("t_a", cfg_id, {"password": "three"}, session=session)
-        assert password(replica_vault.load_credentials("t_a", cfg_id)) == "three"
     time.sleep(0.3)  # the next probe finds the standby has it
     for _ in range(10):
         assert password(replica_vault.load_credentials("t_a", cfg_id)) == "three"

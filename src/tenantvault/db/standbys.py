@@ -10,7 +10,7 @@ ciphertext, the same row-level security.
 When a standby may serve, decided without a round trip on the load itself:
 
 - **Read your writes.** A commit of this process (a vault call's own transaction,
-  or a caller's session it joined) is counted when it returns. Until the
+  read-only ones too, or a caller's session it joined) is counted when it returns. Until the
   primary's WAL position has been read after the last counted commit, and a
   standby has replayed up to it, loads read the primary. Reading that position
   after the commit is what makes it cover the commit: the insert position is at
