@@ -136,3 +136,29 @@ def test_plain_http_vault_is_refused_off_loopback_unless_allowed(
         load_settings()
     monkeypatch.setenv("TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT", "true")
     assert load_settings().vault_addr is not None
+
+
+def test_read_replica_urls_are_checked_one_by_one_without_echoing_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", SECRET_URL)
+    monkeypatch.setenv(
+        "TENANTVAULT_READ_DATABASE_URLS",
+        "postgresql://app:hunter2-secret@standby1/app, mysql://app:hunter2-secret@standby2/app",
+    )
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+    assert "TENANTVAULT_READ_DATABASE_URLS URL 2 must be a postgresql:// URL" in str(error.value)
+    assert "hunter2" not in str(error.value)
+    monkeypatch.setenv(
+        "TENANTVAULT_READ_DATABASE_URLS",
+        "postgresql://app:hunter2-secret@standby1/app,postgres://app@standby2:5433/app",
+    )
+    settings = load_settings()
+    assert [(u.drivername, u.host, u.port) for u in settings.read_urls] == [
+        ("postgresql+psycopg", "standby1", None),
+        ("postgresql+psycopg", "standby2", 5433),
+    ]
+    assert "hunter2" not in repr(settings)
+    assert settings.read_max_lag_ms == 1000
+    assert load_settings(read_database_urls=None).read_urls == ()

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     database_url: SecretStr = Field(
         description="PostgreSQL URL of the application's database (may hold a password)."
     )
+    # Hot standbys of that database (streaming replicas) the load hot path reads from:
+    # comma-separated PostgreSQL URLs, each checked as database_url is. None: every load
+    # reads the primary. Writes, and whatever must be current, always go to the primary.
+    read_database_urls: SecretStr | None = Field(
+        None, description="Comma-separated PostgreSQL URLs of hot standbys (may hold passwords)."
+    )
+    # A standby serves loads only while it is known to hold every commit older than this
+    # (db/standbys.py); one further behind, or down, is skipped for the primary.
+    read_max_lag_ms: int = Field(1000, ge=1, le=3_600_000)
     schema_name: str = Field("dripiq_app", description="Schema holding the tables.")
     app_role: str = Field("tenantvault_app", description="Role the application connects as.")
     migrator_role: str = Field(
@@ -179,6 +188,29 @@ class Settings(BaseSettings):
     def _postgres_url(cls, value: SecretStr) -> SecretStr:
         parse_database_url(value.get_secret_value())
         return value
+
+    @field_validator("read_database_urls")
+    @classmethod
+    def _standby_urls(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        urls = value.get_secret_value().split(",")
+        for position, raw in enumerate(urls, start=1):
+            if not raw.strip():
+                raise ValueError(f"URL {position} is empty")
+            try:
+                parse_database_url(raw.strip())
+            except ValueError as exc:
+                raise ValueError(f"URL {position} {exc}") from None
+        return value
+
+    @cached_property
+    def read_urls(self) -> tuple[URL, ...]:
+        """The standbys' URLs for SQLAlchemy (psycopg 3 driver), in the order given."""
+        if self.read_database_urls is None:
+            return ()
+        raw = self.read_database_urls.get_secret_value().split(",")
+        return tuple(parse_database_url(url.strip()) for url in raw)
 
     @property
     def default_kek_ref(self) -> str:

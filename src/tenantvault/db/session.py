@@ -60,9 +60,10 @@ def _engine_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_engine(settings: Settings, **kwargs: object) -> Engine:
-    """An engine whose statements are qualified with the configured schema."""
-    engine = sa.create_engine(settings.sqlalchemy_url, **_engine_options(settings), **kwargs)
+def create_engine(settings: Settings, *, url: sa.URL | None = None, **kwargs: object) -> Engine:
+    """An engine whose statements are qualified with the configured schema, on the
+    configured database (or ``url``: a standby's, with the same options)."""
+    engine = sa.create_engine(url or settings.sqlalchemy_url, **_engine_options(settings), **kwargs)
     startup.check_server_timeout(engine, settings)
     return engine.execution_options(schema_translate_map={None: settings.schema_name})
 
@@ -100,9 +101,12 @@ def held_connections(engine: Engine, *, size: int) -> HeldConnections:
     return HeldConnections(connect, size=size)
 
 
-def async_held_connections(settings: Settings) -> AsyncHeldConnections:
-    """AsyncVault's hot-path connections: the engines' database, login and options."""
-    url = settings.sqlalchemy_url.set(drivername="postgresql")
+def async_held_connections(
+    settings: Settings, *, url: sa.URL | None = None
+) -> AsyncHeldConnections:
+    """AsyncVault's hot-path connections: the engines' database (or ``url``: a
+    standby's), login and options."""
+    url = (url or settings.sqlalchemy_url).set(drivername="postgresql")
     return AsyncHeldConnections(
         url.render_as_string(hide_password=False),
         size=settings.hot_path_connections,

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from tenantvault.db.bridge import off_loop, run_in_greenlet, wait_for
 from tenantvault.db.held import AsyncHeldConnections
 from tenantvault.db.session import async_held_connections, create_async_engine
+from tenantvault.db.standbys import AsyncStandbyReads, StandbyRouting
 from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
 from tenantvault.kms.metered import MeteredKeyProvider
@@ -98,7 +99,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         history_credentials_kept: int = 10,
         audit_loads: bool = False,
         max_concurrent: int = 3,
-        held: AsyncHeldConnections | None = None,
+        held: AsyncHeldConnections | AsyncStandbyReads | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.session.create_async_engine`)
@@ -117,7 +118,9 @@ class AsyncVault(VaultMethods[AsyncSession]):
         ``held``: connections for the load hot path (without ``session=`` and load
         auditing): its one statement, awaited straight on psycopg, its row opened by
         the core's own functions. Without them the hot path runs in the core, through
-        the engine's pool and the greenlet, which costs about as much again.
+        the engine's pool and the greenlet, which costs about as much again. With
+        standbys (:class:`~tenantvault.db.standbys.AsyncStandbyReads`) that statement
+        reads one while it is current enough; the core counts its commits there.
 
         Raises:
             ValueError: the provider would block the loop, or a bound is out of range.
@@ -142,6 +145,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
             # block the loop on a thread's wait for a connection.
             hot_path_connections=0,
             metrics=metrics,
+            routing=self._held.routing if isinstance(self._held, AsyncStandbyReads) else None,
         )
         self._services = Services(self._core)
 
@@ -164,6 +168,13 @@ class AsyncVault(VaultMethods[AsyncSession]):
         metrics = metrics_on(meter_provider)
         # Metered inside the worker threads: a call's duration is Vault's, not the queue's.
         provider = OffLoopKeyProvider(metered_provider(settings, key_provider, metrics))
+        primary = async_held_connections(settings)
+        held: AsyncHeldConnections | AsyncStandbyReads = primary
+        if settings.read_urls:
+            # The one place the loop's hot path connections are chosen.
+            routing = StandbyRouting(len(settings.read_urls), max_lag_ms=settings.read_max_lag_ms)
+            standbys = [async_held_connections(settings, url=url) for url in settings.read_urls]
+            held = AsyncStandbyReads(primary, standbys, routing)
         return cls(
             create_async_engine(settings),
             keyring_from_settings(
@@ -175,7 +186,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
             ),
             history_credentials_kept=settings.config_history_credentials_kept,
             audit_loads=settings.audit_loads,
-            held=async_held_connections(settings),
+            held=held,
             metrics=metrics,
         )
 

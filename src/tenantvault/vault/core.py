@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from tenantvault import audit
 from tenantvault.db import queries
+from tenantvault.db.held import HeldConnections
 from tenantvault.db.models import AuditAction, EmailProviderConfig, ProviderType
 from tenantvault.db.session import fetch_one_in, held_connections, set_tenant, tenant_session
+from tenantvault.db.standbys import StandbyReads, StandbyRouting
 from tenantvault.errors import DecryptionError, KeyDestroyedError, NotFoundError
 from tenantvault.keys.backoff import ProviderBackoff
 from tenantvault.keys.cache import DataKeyCache, Wait
@@ -118,6 +121,10 @@ def same_session(session: Session) -> Session:
     return session
 
 
+_COUNTS_COMMITS = "tenantvault.counts_commits"
+"""The ``Session.info`` key of a caller's session whose commits a core counts."""
+
+
 class VaultCore(Generic[CallerSession]):
     """What every service of a facade holds: the engine, the keyring, the tenant scope,
     the lookups, sealing by place and audit events. It never hands out a key."""
@@ -132,6 +139,9 @@ class VaultCore(Generic[CallerSession]):
         audit_loads: bool = False,
         hot_path_connections: int = 6,
         metrics: Metrics | None = None,
+        standbys: Sequence[sa.Engine] = (),
+        read_max_lag_ms: int = 1000,
+        routing: StandbyRouting | None = None,
     ) -> None:
         """A core on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
 
@@ -144,6 +154,13 @@ class VaultCore(Generic[CallerSession]):
 
         ``metrics``: where loads and stores are timed (the global meter provider's
         instruments when None).
+
+        ``standbys``: engines on hot standbys of ``engine``'s database (from
+        :func:`tenantvault.db.create_engine` with their ``url``): the hot path's
+        statement and ``warm``'s reads go to one while it is current enough
+        (:mod:`tenantvault.db.standbys`; ``read_max_lag_ms``), everything else to
+        ``engine``. ``routing``: the standbys' state when a facade reads them itself
+        (``AsyncVault``); the core then counts its commits there.
         """
         if history_credentials_kept < 1:
             raise ValueError("history_credentials_kept must be at least 1")
@@ -158,11 +175,15 @@ class VaultCore(Generic[CallerSession]):
         self.load_sql = queries.hot_load_sql(schema_of(engine))
         self.token_sql = queries.hot_token_sql(schema_of(engine))
         self.open_sql = queries.hot_open_sql(schema_of(engine))
-        self.held = (
-            held_connections(engine, size=hot_path_connections)
-            if hot_path_connections and not audit_loads
-            else None
-        )
+        self.routing = routing
+        self.held: HeldConnections | StandbyReads | None = None
+        if hot_path_connections and not audit_loads:
+            self.held = held_connections(engine, size=hot_path_connections)
+            if standbys:
+                # The one place the hot path's connections are chosen.
+                self.routing = StandbyRouting(len(standbys), max_lag_ms=read_max_lag_ms)
+                held = [held_connections(e, size=hot_path_connections) for e in standbys]
+                self.held = StandbyReads(self.held, held, self.routing, standbys)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(engine={self.engine!r}, keyring={self.keyring!r})"
@@ -182,10 +203,23 @@ class VaultCore(Generic[CallerSession]):
         if session is None:
             with tenant_session(self.engine, tenant_id) as own:
                 yield own
+            if self.routing is not None:
+                self.routing.committed()  # loads read the primary until a standby has it
             return
         joined = self._join(session)
         set_tenant(joined.connection(), tenant_id)
+        routing = self.routing
+        if routing is not None and not joined.info.get(_COUNTS_COMMITS):
+            # The caller commits: each of its commits from now on is counted.
+            joined.info[_COUNTS_COMMITS] = True
+            event.listen(joined, "after_commit", lambda _session: routing.committed())
         yield joined
+
+    def read_transaction(self) -> contextlib.AbstractContextManager[sa.Connection]:
+        """A transaction for reads that may come from a standby (``warm``'s)."""
+        if isinstance(self.held, StandbyReads):
+            return self.held.read_transaction(self.engine)
+        return self.engine.begin()
 
     def one_statement(
         self, statement: str, params: tuple[str, str], session: CallerSession | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Self
 
 import sqlalchemy as sa
@@ -42,6 +43,8 @@ class Vault(VaultMethods[Session]):
         audit_loads: bool = False,
         hot_path_connections: int = 6,
         metrics: Metrics | None = None,
+        standbys: Sequence[sa.Engine] = (),
+        read_max_lag_ms: int = 1000,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
 
@@ -51,6 +54,9 @@ class Vault(VaultMethods[Session]):
 
         ``metrics``: where loads and stores are timed (the global meter provider's
         instruments when None).
+
+        ``standbys``: engines on hot standbys the load hot path and ``warm`` read from
+        while one is current enough (``read_max_lag_ms``; :mod:`tenantvault.db.standbys`).
         """
         self._core = VaultCore(
             engine,
@@ -60,6 +66,8 @@ class Vault(VaultMethods[Session]):
             audit_loads=audit_loads,
             hot_path_connections=hot_path_connections,
             metrics=metrics,
+            standbys=standbys,
+            read_max_lag_ms=read_max_lag_ms,
         )
         self._services = Services(self._core)
 
@@ -89,6 +97,8 @@ class Vault(VaultMethods[Session]):
             audit_loads=settings.audit_loads,
             hot_path_connections=settings.hot_path_connections,
             metrics=metrics,
+            standbys=[create_engine(settings, url=url) for url in settings.read_urls],
+            read_max_lag_ms=settings.read_max_lag_ms,
         )
 
     def dispose(self) -> None:

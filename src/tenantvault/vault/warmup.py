@@ -34,8 +34,10 @@ class WarmupService(Generic[CallerSession]):
         requests for K keys not cached yet, instead of one per key on each first load.
 
         Each tenant's keys are read in a transaction scoped to that tenant (row-level
-        security applies, as for a load). A key that does not unwrap is reported and
-        fails only itself; an outage or a full cache (``TENANTVAULT_DEK_CACHE_MAX_ENTRIES``)
+        security applies, as for a load), on a hot standby when one is current enough
+        (``TENANTVAULT_READ_DATABASE_URLS``), as loads are. A key that does not unwrap
+        is reported and fails only itself; an outage or a full cache
+        (``TENANTVAULT_DEK_CACHE_MAX_ENTRIES``)
         stops the warm-up, and the report says where and why. The keys stay cached
         within the cache's bounds, as loaded keys do.
 
@@ -46,7 +48,7 @@ class WarmupService(Generic[CallerSession]):
         if isinstance(tenant_ids, str):
             raise InvalidInputError("tenant_ids must be a sequence of tenant ids, not one string")
         checked = [check_tenant_id(tenant_id) for tenant_id in tenant_ids]
-        return self._core.keyring.warm(self._core.engine.begin, checked)
+        return self._core.keyring.warm(self._core.read_transaction, checked)
 
 
 class WarmupMethods(FacadeMethods[CallerSession]):
