@@ -7,12 +7,17 @@ cluster, not one node, as down.
 
 A node that refuses the connection, or answers 503 (sealed, or a standby that knows
 no active node), is skipped for the next; the node that answered last is tried first
-next time. After a switch, the adapter asks the node that answered which node is
-active (``sys/leader``) and prefers it: OpenBao's standbys answer reads from their
-own copy of the storage, which may not yet hold a write just made (a new transit key
-version), while the active node always does; the first request looks it up too. A
-standby forwards what it cannot serve to the active node, so any listed node will do
-when the active one is unknown.
+next time. Before its first request, and the first after a switch, the adapter asks
+which node is active (each node's ``sys/health``) and prefers it: OpenBao's standbys answer reads
+from their own copy of the storage, which may not yet hold a write just made (a new
+transit key version: read on a standby at once, it may be missing), while the active
+node always does. A standby forwards what it cannot serve to the active node, so any
+listed node will do when the active one is unknown.
+
+During an election a standby may still hold an old copy of a transit key (OpenBao
+caches them): so reads (a key's versions, which decide whether a rotation rotates)
+go to the active node only, and fail while none is (retried inside the timeout by
+the key provider); encrypt, decrypt and rewrap, all POSTs, go to any node.
 
 A request that timed out is not sent again (it may have been done: a key rotated);
 the next request starts at the next node.
@@ -21,6 +26,7 @@ the next request starts at the next node.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +34,11 @@ import hvac
 import requests
 from hvac.adapters import JSONAdapter
 
+# Reads of settings (a transit key's versions) decide what a rotation does: they go
+# to the active node only, or fail (as a sealed node does: the caller retries).
+_MUST_BE_CURRENT = frozenset({"get", "list"})
+# How often, at most, the active node is looked for while none is known (an election).
+LOOKUP_INTERVAL = 0.5
 _SKIPPED = (requests.exceptions.ConnectionError, hvac.exceptions.VaultDown)
 
 
@@ -39,7 +50,9 @@ class FailoverAdapter(JSONAdapter):  # type: ignore[misc]  # hvac ships no types
             raise ValueError("a cluster needs at least one node")
         self.nodes = tuple(str(node).rstrip("/") for node in nodes)
         self._preferred = 0
-        self._settled = False  # whether the active node was looked up yet
+        # Whether the active node was looked up since the last switch (one node: moot).
+        self._settled = len(self.nodes) == 1
+        self._looked_at = -LOOKUP_INTERVAL
         self._local = threading.local()  # the node of the request this thread sends
         super().__init__(*args, **kwargs)
 
@@ -55,35 +68,48 @@ class FailoverAdapter(JSONAdapter):  # type: ignore[misc]  # hvac ships no types
         if value in self.nodes:
             self._preferred = self.nodes.index(value)
 
-    def request(self, *args: Any, **kwargs: Any) -> Any:
+    def request(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        current = method.lower() in _MUST_BE_CURRENT
+        if not self._settled and (current or time.monotonic() - self._looked_at >= LOOKUP_INTERVAL):
+            self._find_active()
+        if current and not self._settled:
+            raise hvac.exceptions.VaultDown(
+                "no node of the cluster is active (an election under way?)"
+            )
         first = self._preferred
-        for step in range(len(self.nodes)):
+        tries = 1 if current else len(self.nodes)
+        for step in range(tries):
             index = (first + step) % len(self.nodes)
             self._local.node = self.nodes[index]
             try:
-                response = super().request(*args, **kwargs)
+                response = super().request(method, *args, **kwargs)
             except _SKIPPED:
-                if step == len(self.nodes) - 1:
+                self._settled = False  # look for the active node again
+                if step == tries - 1:
                     raise  # no node answered: the caller's retry and backoff decide
                 continue
             except requests.exceptions.Timeout:
                 self._preferred = (index + 1) % len(self.nodes)
+                self._settled = False
                 raise
             finally:
                 self._local.node = None
-            if index != first or not self._settled:
-                self._settled = True
-                self._preferred = self._leader(index)
+            if index != first:
+                self._preferred = index
             return response
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _leader(self, answered: int) -> int:
-        """The index of the active node as node ``answered`` knows it (itself if unsure)."""
-        try:
-            leader = self.session.get(
-                f"{self.nodes[answered]}/v1/sys/leader", **self._kwargs
-            ).json()
-        except (requests.exceptions.RequestException, ValueError):
-            return answered
-        address = str(leader.get("leader_address") or "").rstrip("/")
-        return self.nodes.index(address) if address in self.nodes else answered
+    def _find_active(self) -> None:
+        """Prefer the node that says it is active (``sys/health`` answers 200). None
+        does during an election: asked again on a request LOOKUP_INTERVAL later."""
+        self._looked_at = time.monotonic()
+        for step in range(len(self.nodes)):
+            index = (self._preferred + step) % len(self.nodes)
+            try:
+                health = self.session.head(f"{self.nodes[index]}/v1/sys/health", **self._kwargs)
+            except requests.exceptions.RequestException:
+                continue
+            if health.status_code == 200:
+                self._preferred = index
+                self._settled = True
+                return
