@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +150,7 @@ def _voters(client: hvac.Client) -> int:
     return sum(1 for server in servers if server["voter"])
 
 
-def _wait(check: object, what: str, node: ClusterNode) -> None:
-    assert callable(check)
+def _wait(check: Callable[[], bool], what: str, node: ClusterNode) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if node.process is not None and node.process.poll() is not None:
@@ -218,7 +218,7 @@ def start_cluster(state_dir: Path, *, size: int = 3) -> OpenBaoCluster:
         DevStackError: a node did not start or the cluster did not elect an active node
             within STARTUP_TIMEOUT_SECONDS; every node started is stopped again.
     """
-    nodes = []
+    nodes: list[ClusterNode] = []
     for index in range(size):
         port = free_port(also_next=True)
         while any(port in (n.port, n.port + 1, n.port - 1) for n in nodes):
