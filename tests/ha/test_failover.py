@@ -20,6 +20,7 @@ from tenantvault.db.operator import OperatorDatabase
 from tenantvault.dev.cluster import OpenBaoCluster
 from tenantvault.errors import KeyProviderUnavailable
 from tenantvault.kms.factory import key_provider_from_settings, transit_client
+from tenantvault.kms.health import transit_status
 from tenantvault.rotation.kek import rotate_kek
 from tenantvault.rotation.options import KekRotationOptions
 from tenantvault.settings import Settings
@@ -206,3 +207,16 @@ def test_kek_rotation_killed_with_the_active_node_completes_when_rerun(
             assert open_everything(reader, tenant) == expected[tenant]
     finally:
         reader.dispose()
+
+
+def test_status_shows_each_nodes_state(cluster: OpenBaoCluster, ha_settings: Settings) -> None:
+    active = cluster.active()
+    assert active is not None
+    standby = next(node for node in cluster.nodes if node is not active)
+    cluster.kill(standby)
+    status = transit_status(ha_settings)
+    assert status.reachable
+    assert f"{active.address} active" in status.summary
+    assert f"{standby.address} unreachable" in status.summary
+    others = [node for node in cluster.nodes if node not in (active, standby)]
+    assert f"{others[0].address} standby" in status.summary

@@ -36,6 +36,8 @@ from tenantvault.errors import DevStackError
 # Raft's timing scaled down (performance_multiplier 1, the fastest): a lost active node
 # is noticed and replaced within seconds rather than OpenBao's production default.
 PERFORMANCE_MULTIPLIER = 1
+# A node's role in the cluster (``OpenBaoCluster.role``); "sealed" and "down" besides.
+ACTIVE, STANDBY = "active", "standby"
 
 
 @dataclass
@@ -86,11 +88,11 @@ class OpenBaoCluster:
         except Exception:
             return "down"
         code = getattr(health, "status_code", None)
-        return {200: "active", 429: "standby", 473: "standby"}.get(code or 0, "sealed")
+        return {200: ACTIVE, 429: STANDBY, 473: STANDBY}.get(code or 0, "sealed")
 
     def active(self) -> ClusterNode | None:
         for node in self.nodes:
-            if self.role(node) == "active":
+            if self.role(node) == ACTIVE:
                 return node
         return None
 
@@ -119,7 +121,7 @@ class OpenBaoCluster:
         _wait(
             lambda: (
                 self.active() is not None
-                and all(self.role(node) in ("active", "standby") for node in self.nodes)
+                and all(self.role(node) in (ACTIVE, STANDBY) for node in self.nodes)
             ),
             "the OpenBao cluster (every node unsealed, one active)",
             self.nodes[0],
@@ -234,7 +236,7 @@ def start_cluster(state_dir: Path, *, size: int = 3) -> OpenBaoCluster:
         result = client.sys.initialize(secret_shares=1, secret_threshold=1)
         cluster.unseal_key, cluster.root_token = result["keys_base64"][0], result["root_token"]
         client.sys.submit_unseal_key(cluster.unseal_key)
-        _wait(lambda: cluster.role(first) == "active", "the first OpenBao node", first)
+        _wait(lambda: cluster.role(first) == ACTIVE, "the first OpenBao node", first)
         client.token = cluster.root_token
         client.sys.enable_secrets_engine("transit", path="transit")
         # ... and once it has been healthy this long (10s by default).
