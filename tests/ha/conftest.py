@@ -1,6 +1,9 @@
 """A real three-node OpenBao cluster (tenantvault.dev.cluster), started once for the
 session by the first test here that asks for it, stopped afterwards; before each test
-every node runs again, unsealed, with one active (a test may have killed one)."""
+every node runs again, unsealed, with one active (a test may have killed one).
+
+They run in the normal suite (scripts/test, and so .ci/run): the cluster starts in
+about 7 s and the tests take about 35 s on a 2-core machine."""
 
 from __future__ import annotations
 

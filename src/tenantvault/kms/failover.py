@@ -42,6 +42,10 @@ LOOKUP_INTERVAL = 0.5
 _SKIPPED = (requests.exceptions.ConnectionError, hvac.exceptions.VaultDown)
 
 
+class NoActiveNodeError(hvac.exceptions.VaultDown):  # type: ignore[misc]
+    """Every node that answered is a standby (or sealed): an election is under way."""
+
+
 class FailoverAdapter(JSONAdapter):  # type: ignore[misc]  # hvac ships no types
     """hvac's JSON adapter over several nodes of one cluster (``nodes``: their URLs)."""
 
@@ -70,12 +74,11 @@ class FailoverAdapter(JSONAdapter):  # type: ignore[misc]  # hvac ships no types
 
     def request(self, method: str, *args: Any, **kwargs: Any) -> Any:
         current = method.lower() in _MUST_BE_CURRENT
+        answered = True
         if not self._settled and (current or time.monotonic() - self._looked_at >= LOOKUP_INTERVAL):
-            self._find_active()
-        if current and not self._settled:
-            raise hvac.exceptions.VaultDown(
-                "no node of the cluster is active (an election under way?)"
-            )
+            answered = self._find_active()
+        if current and not self._settled and answered:
+            raise NoActiveNodeError("no node of the cluster is active")
         first = self._preferred
         tries = 1 if current else len(self.nodes)
         for step in range(tries):
@@ -84,13 +87,13 @@ class FailoverAdapter(JSONAdapter):  # type: ignore[misc]  # hvac ships no types
             try:
                 response = super().request(method, *args, **kwargs)
             except _SKIPPED:
-                self._settled = False  # look for the active node again
+                self._settled = len(self.nodes) == 1  # else look for the active node again
                 if step == tries - 1:
                     raise  # no node answered: the caller's retry and backoff decide
                 continue
             except requests.exceptions.Timeout:
                 self._preferred = (index + 1) % len(self.nodes)
-                self._settled = False
+                self._settled = len(self.nodes) == 1
                 raise
             finally:
                 self._local.node = None
@@ -99,17 +102,21 @@ class FailoverAdapter(JSONAdapter):  # type: ignore[misc]  # hvac ships no types
             return response
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _find_active(self) -> None:
+    def _find_active(self) -> bool:
         """Prefer the node that says it is active (``sys/health`` answers 200). None
-        does during an election: asked again on a request LOOKUP_INTERVAL later."""
+        does during an election: asked again on a request LOOKUP_INTERVAL later.
+        Returns whether any node answered."""
         self._looked_at = time.monotonic()
+        answered = False
         for step in range(len(self.nodes)):
             index = (self._preferred + step) % len(self.nodes)
             try:
                 health = self.session.head(f"{self.nodes[index]}/v1/sys/health", **self._kwargs)
             except requests.exceptions.RequestException:
                 continue
+            answered = True
             if health.status_code == 200:
                 self._preferred = index
                 self._settled = True
-                return
+                return True
+        return answered

@@ -62,7 +62,7 @@ def transit_status(settings: Settings) -> KmsStatus:
 def _transit_status(settings: Settings) -> KmsStatus:
     if not settings.vault_nodes:
         return TransitStatus(None, False, False, "VAULT_ADDR is not set")
-    address = ", ".join(settings.vault_nodes)
+    address = ", ".join(settings.vault_nodes) if settings.vault_addrs else str(settings.vault_addr)
     try:
         # The same client the key provider uses: token or AppRole, TLS settings.
         client = transit_client(settings)
