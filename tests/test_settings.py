@@ -162,3 +162,24 @@ def test_read_replica_urls_are_checked_one_by_one_without_echoing_them(
     assert "hunter2" not in repr(settings)
     assert settings.read_max_lag_ms == 1000
     assert load_settings(read_database_urls=None).read_urls == ()
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_vault_addrs_lists_a_clusters_nodes_each_checked_like_vault_addr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TENANTVAULT_DATABASE_URL", SECRET_URL)
+    monkeypatch.setenv("VAULT_ADDR", "http://127.0.0.1:8200")
+    assert load_settings().vault_nodes == ("http://127.0.0.1:8200",)
+    monkeypatch.setenv(
+        "TENANTVAULT_VAULT_ADDRS", "https://bao-1.example:8200, https://bao-2.example:8200/"
+    )
+    assert load_settings().vault_nodes == (
+        "https://bao-1.example:8200",
+        "https://bao-2.example:8200",
+    )
+    monkeypatch.setenv("TENANTVAULT_VAULT_ADDRS", "http://127.0.0.1:8200,http://bao-2.example")
+    with pytest.raises(
+        ConfigurationError, match="TENANTVAULT_VAULT_ADDRS is plain http to another host"
+    ):
+        load_settings()

@@ -7,7 +7,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -17,7 +17,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     # Plain http to a KMS on another host sends tokens and data keys in clear (VAULT_ADDR,
     # and the AWS KMS endpoint boto3 is given).
     allow_plain_http_vault: bool = False
+    # The nodes of a Vault/OpenBao cluster, comma-separated: each request goes to one
+    # that answers (kms/failover.py). Set, it takes the place of VAULT_ADDR.
+    vault_addrs: Annotated[tuple[AnyHttpUrl, ...], NoDecode] = ()
 
     vault_addr: AnyHttpUrl | None = Field(None, validation_alias="VAULT_ADDR")
     vault_token: SecretStr | None = Field(None, validation_alias="VAULT_TOKEN")
@@ -163,17 +166,35 @@ class Settings(BaseSettings):
     def _identifiers(cls, value: str) -> str:
         return _sql_identifier(value)
 
+    @field_validator("vault_addrs", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
     @field_validator("vault_addr")
     @classmethod
     def _tls_off_loopback(cls, value: AnyHttpUrl | None, info: ValidationInfo) -> AnyHttpUrl | None:
-        if value is None or value.scheme != "http" or info.data.get("allow_plain_http_vault"):
-            return value
-        if not is_loopback(value.host or ""):
-            raise ValueError(
-                "is plain http to another host (tokens and data keys would cross the network "
-                "in clear): use https, or set TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT=true"
-            )
+        if value is not None:
+            _check_plain_http(value, info)
         return value
+
+    @field_validator("vault_addrs")
+    @classmethod
+    def _nodes_tls_off_loopback(
+        cls, value: tuple[AnyHttpUrl, ...], info: ValidationInfo
+    ) -> tuple[AnyHttpUrl, ...]:
+        for node in value:
+            _check_plain_http(node, info)
+        return value
+
+    @property
+    def vault_nodes(self) -> tuple[str, ...]:
+        """The transit server's addresses: TENANTVAULT_VAULT_ADDRS, else VAULT_ADDR."""
+        if self.vault_addrs:
+            return tuple(str(node).rstrip("/") for node in self.vault_addrs)
+        return () if self.vault_addr is None else (str(self.vault_addr).rstrip("/"),)
 
     @field_validator("transit_backoff_max_seconds")
     @classmethod
@@ -230,6 +251,16 @@ class Settings(BaseSettings):
     def database_url_for_display(self) -> str:
         """The database URL with any password masked, for logs and terminal output."""
         return self.sqlalchemy_url.render_as_string(hide_password=True)
+
+
+def _check_plain_http(address: AnyHttpUrl, info: ValidationInfo) -> None:
+    if address.scheme != "http" or info.data.get("allow_plain_http_vault"):
+        return
+    if not is_loopback(address.host or ""):
+        raise ValueError(
+            "is plain http to another host (tokens and data keys would cross the network "
+            "in clear): use https, or set TENANTVAULT_ALLOW_PLAIN_HTTP_VAULT=true"
+        )
 
 
 _ALIASES = {

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 import hvac
 import requests
 
+from tenantvault.kms.failover import NoActiveNodeError
+
 TOKEN_REFUSED = "the token was refused (not a valid token: mistyped, expired or revoked)"  # noqa: S105 - a message
 
 
@@ -43,6 +45,8 @@ def unanswered(error: BaseException, address: str) -> str:
         if host is not None:
             return f"cannot be found: the host name {host} does not resolve"
         return "is unreachable (no connection)"
+    if isinstance(error, NoActiveNodeError):
+        return "has no active node (an election under way, or too few nodes unsealed)"
     if isinstance(error, hvac.exceptions.VaultDown):
         return "is sealed or not initialised"
     return f"answered with a server error ({type(error).__name__})"

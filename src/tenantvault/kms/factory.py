@@ -13,6 +13,7 @@ import hvac
 import requests
 
 from tenantvault.errors import ConfigurationError, KeyProviderError, KeyProviderUnavailable
+from tenantvault.kms.failover import FailoverAdapter
 from tenantvault.kms.keks import Resolve, split_ref
 from tenantvault.kms.local import LocalKeyProvider
 from tenantvault.kms.provider import CheckedKeyProvider, KeyProvider, KmsStatus
@@ -40,16 +41,23 @@ def transit_client(settings: Settings) -> hvac.Client:
 
 
 def _client(settings: Settings) -> hvac.Client:
-    if settings.vault_addr is None:
-        raise ConfigurationError("VAULT_ADDR is required for TENANTVAULT_KEY_PROVIDER=vault")
+    """A client over the transit server's nodes (one with VAULT_ADDR): each request goes
+    to one that answers (kms/failover.py)."""
+    nodes = settings.vault_nodes
+    if not nodes:
+        raise ConfigurationError(
+            "VAULT_ADDR (or TENANTVAULT_VAULT_ADDRS) is required for TENANTVAULT_KEY_PROVIDER=vault"
+        )
     verify: bool | str = not settings.vault_skip_verify
     if settings.vault_cacert and verify:
         verify = settings.vault_cacert
     return hvac.Client(
-        url=str(settings.vault_addr),
+        url=nodes[0],
         namespace=settings.vault_namespace,
         timeout=settings.vault_timeout_seconds,
         verify=verify,
+        adapter=FailoverAdapter,
+        nodes=nodes,
     )
 
 

@@ -4,6 +4,7 @@ unwrap; another provider reports its own (:func:`tenantvault.kms.factory.provide
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import hvac
@@ -25,11 +26,43 @@ def kms_status(settings: Settings) -> KmsStatus:
     return provider_status(settings) or transit_status(settings)
 
 
+def node_states(settings: Settings) -> str:
+    """Each listed node's state as OpenBao's ``sys/health`` tells it: "a active, b
+    standby, c unreachable" (only for a cluster: TENANTVAULT_VAULT_ADDRS)."""
+    if len(settings.vault_nodes) < 2:
+        return ""
+    states = []
+    for node in settings.vault_nodes:
+        client = hvac.Client(url=node, token="", timeout=settings.vault_timeout_seconds)
+        try:
+            code = client.sys.read_health_status(method="HEAD").status_code
+        except RequestException:
+            code = 0
+        state = _NODE_STATES.get(code, "sealed or not initialised" if code else "unreachable")
+        states.append(f"{node} {state}")
+    return ", ".join(states)
+
+
+# sys/health's answers: active, standby (and a performance standby: Vault Enterprise's).
+_NODE_STATES = {200: "active", 429: "standby", 473: "standby"}
+
+
 def transit_status(settings: Settings) -> KmsStatus:
-    """Whether transit answers and has its engine mounted (never raises)."""
-    if settings.vault_addr is None:
+    """Whether transit answers and has its engine mounted (never raises); for a cluster,
+    each node's state too (in the summary, or the detail when none answers)."""
+    status = _transit_status(settings)
+    nodes = node_states(settings)
+    if not nodes:
+        return status
+    if status.reachable:
+        return replace(status, summary=f"{status.summary}; nodes: {nodes}")
+    return replace(status, detail=f"{status.detail}; nodes: {nodes}")
+
+
+def _transit_status(settings: Settings) -> KmsStatus:
+    if not settings.vault_nodes:
         return TransitStatus(None, False, False, "VAULT_ADDR is not set")
-    address = str(settings.vault_addr)
+    address = ", ".join(settings.vault_nodes) if settings.vault_addrs else str(settings.vault_addr)
     try:
         # The same client the key provider uses: token or AppRole, TLS settings.
         client = transit_client(settings)

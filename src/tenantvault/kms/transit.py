@@ -147,6 +147,10 @@ class TransitKeyProvider(CheckedKeyProvider):
 
     @property
     def _address(self) -> str:
+        # A cluster's adapter has tried every node before a failure reaches here.
+        nodes = getattr(self._client.adapter, "nodes", ())
+        if len(nodes) > 1:
+            return f"{', '.join(nodes)} (every node)"
         return str(self._client.url).rstrip("/")
 
     def _call(self, what: str, request: Callable[[], T]) -> T:
