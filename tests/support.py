@@ -103,6 +103,7 @@ REVISIONS = [
     "0015_replay_guards_and_claims",
     "0016_function_search_paths",
     "0018_kek_references",
+    "0019_oauth_reconsent",
 ]
 
 
