@@ -32,7 +32,7 @@ from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
 from tenantvault.kms.metered import MeteredKeyProvider
 from tenantvault.kms.provider import KeyProvider
-from tenantvault.metrics import Metrics, metrics_on
+from tenantvault.metrics import Metrics, default_metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.core import VaultCore, keyring_from_settings, metered_provider
 from tenantvault.vault.credentials import (
@@ -42,6 +42,7 @@ from tenantvault.vault.credentials import (
 from tenantvault.vault.opening import OpenedConfig, finish_hot_open
 from tenantvault.vault.providers import CredentialsModel
 from tenantvault.vault.services import Services, VaultMethods
+from tenantvault.vault.tokenevents import TokenEventHook, TokenEvents
 from tenantvault.vault.tokens import (
     OAuthToken,
     RefreshedToken,
@@ -100,6 +101,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         max_concurrent: int = 3,
         held: AsyncHeldConnections | None = None,
         metrics: Metrics | None = None,
+        on_token_event: TokenEventHook | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.session.create_async_engine`)
         and ``keyring``, whose provider must be an ``OffLoopKeyProvider``.
@@ -118,6 +120,10 @@ class AsyncVault(VaultMethods[AsyncSession]):
         auditing): its one statement, awaited straight on psycopg, its row opened by
         the core's own functions. Without them the hot path runs in the core, through
         the engine's pool and the greenlet, which costs about as much again.
+
+        ``on_token_event``: called when a user's OAuth grant fails for good or recovers
+        (:class:`~tenantvault.vault.tokenevents.TokenEvent`); a coroutine function is
+        awaited on the loop, a plain function called in the greenlet.
 
         Raises:
             ValueError: the provider would block the loop, or a bound is out of range.
@@ -142,6 +148,9 @@ class AsyncVault(VaultMethods[AsyncSession]):
             # block the loop on a thread's wait for a connection.
             hot_path_connections=0,
             metrics=metrics,
+            token_events=TokenEvents(metrics or default_metrics(), on_token_event, wait=wait_for),
+            # An OAuth request runs in a worker thread, the task suspended.
+            blocking=lambda call: off_loop(None, call),
         )
         self._services = Services(self._core)
 
@@ -155,6 +164,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         *,
         key_provider: KeyProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        on_token_event: TokenEventHook | None = None,
     ) -> Self:
         """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings, as ``Vault.from_settings``.
 
@@ -177,6 +187,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
             audit_loads=settings.audit_loads,
             held=async_held_connections(settings),
             metrics=metrics,
+            on_token_event=on_token_event,
         )
 
     async def _run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -200,7 +211,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         self,
         tenant_id: str,
         config_id: str,
-        refresher: Refresher,
+        refresher: Refresher | None = None,
         *,
         min_validity: timedelta = timedelta(minutes=5),
         now: datetime | None = None,
@@ -209,12 +220,13 @@ class AsyncVault(VaultMethods[AsyncSession]):
         """:meth:`Vault.refresh_oauth_token <tenantvault.Vault.refresh_oauth_token>`,
         awaited. ``refresher`` may be a coroutine function (awaited on the loop) or a
         plain function (run in a worker thread); either runs at most once per expiry
-        across tasks, threads and processes."""
+        across tasks, threads and processes. Without one tenantvault refreshes (its
+        HTTP request in a worker thread)."""
         return await self._run(
             self._services.tokens.refresh_oauth_token,
             tenant_id,
             config_id,
-            _in_the_core(refresher),
+            None if refresher is None else _in_the_core(refresher),
             min_validity=min_validity,
             now=now,
             actor=actor,

@@ -37,6 +37,7 @@ from tenantvault.kms.provider import KeyProvider
 from tenantvault.metrics import Metrics, default_metrics
 from tenantvault.settings import Settings
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage
+from tenantvault.vault.tokenevents import TokenEvents
 from tenantvault.vault.views import ProviderConfig, config_view
 
 log = logging.getLogger("tenantvault")
@@ -107,6 +108,10 @@ def schema_of(engine: sa.Engine) -> str:
     return str(schema)
 
 
+def _called(call: Callable[[], Any]) -> Any:
+    return call()
+
+
 CallerSession = TypeVar("CallerSession")
 """The session a facade's callers join with ``session=``: ``Session`` for ``Vault``,
 ``AsyncSession`` for ``AsyncVault``. The services take it as given; the core joins
@@ -132,6 +137,8 @@ class VaultCore(Generic[CallerSession]):
         audit_loads: bool = False,
         hot_path_connections: int = 6,
         metrics: Metrics | None = None,
+        token_events: TokenEvents | None = None,
+        blocking: Callable[[Callable[[], Any]], Any] = _called,
     ) -> None:
         """A core on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
 
@@ -144,6 +151,10 @@ class VaultCore(Generic[CallerSession]):
 
         ``metrics``: where loads and stores are timed (the global meter provider's
         instruments when None).
+
+        ``token_events``: where OAuth grant events go (counted only, when None).
+        ``blocking``: how a blocking call (an OAuth request) runs: in the caller's
+        thread for ``Vault``; ``AsyncVault``'s in a worker thread, the task suspended.
         """
         if history_credentials_kept < 1:
             raise ValueError("history_credentials_kept must be at least 1")
@@ -154,6 +165,8 @@ class VaultCore(Generic[CallerSession]):
         self.history_credentials_kept = history_credentials_kept
         self.audit_loads = audit_loads
         self.metrics = metrics or default_metrics()
+        self.token_events = token_events or TokenEvents(self.metrics)
+        self.blocking = blocking
         self._join = join
         self.load_sql = queries.hot_load_sql(schema_of(engine))
         self.token_sql = queries.hot_token_sql(schema_of(engine))

@@ -11,10 +11,11 @@ from sqlalchemy.orm import Session
 from tenantvault.db.session import create_engine
 from tenantvault.keys.keyring import Keyring
 from tenantvault.kms.provider import KeyProvider
-from tenantvault.metrics import Metrics, metrics_on
+from tenantvault.metrics import Metrics, default_metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.core import VaultCore, keyring_from_settings, metered_provider, same_session
 from tenantvault.vault.services import Services, VaultMethods
+from tenantvault.vault.tokenevents import TokenEventHook, TokenEvents
 
 
 class Vault(VaultMethods[Session]):
@@ -42,6 +43,7 @@ class Vault(VaultMethods[Session]):
         audit_loads: bool = False,
         hot_path_connections: int = 6,
         metrics: Metrics | None = None,
+        on_token_event: TokenEventHook | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
 
@@ -51,6 +53,9 @@ class Vault(VaultMethods[Session]):
 
         ``metrics``: where loads and stores are timed (the global meter provider's
         instruments when None).
+
+        ``on_token_event``: called when a user's OAuth grant fails for good or recovers
+        (:class:`~tenantvault.vault.tokenevents.TokenEvent`), after the change commits.
         """
         self._core = VaultCore(
             engine,
@@ -60,6 +65,7 @@ class Vault(VaultMethods[Session]):
             audit_loads=audit_loads,
             hot_path_connections=hot_path_connections,
             metrics=metrics,
+            token_events=TokenEvents(metrics or default_metrics(), on_token_event),
         )
         self._services = Services(self._core)
 
@@ -73,11 +79,14 @@ class Vault(VaultMethods[Session]):
         *,
         key_provider: KeyProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        on_token_event: TokenEventHook | None = None,
     ) -> Self:
         """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings.
 
         ``meter_provider``: the OpenTelemetry meter provider its metrics go to (the
-        global one when None, also when the application sets it later)."""
+        global one when None, also when the application sets it later).
+        ``on_token_event``: the application's hook for OAuth grants that fail for good
+        (re-consent needed) or recover (:class:`~tenantvault.vault.tokenevents.TokenEvent`)."""
         settings = settings or load_settings()
         metrics = metrics_on(meter_provider)
         return cls(
@@ -89,6 +98,7 @@ class Vault(VaultMethods[Session]):
             audit_loads=settings.audit_loads,
             hot_path_connections=settings.hot_path_connections,
             metrics=metrics,
+            on_token_event=on_token_event,
         )
 
     def dispose(self) -> None:
