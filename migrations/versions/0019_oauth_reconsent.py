@@ -33,6 +33,7 @@ from tenantvault.migration_support import (
     options,
     qualified,
     refuse_blocked,
+    replace_audit_action_check,
     schema_qualified,
 )
 
@@ -69,25 +70,6 @@ ACTIONS_0018 = (
 ACTIONS = (*ACTIONS_0018, RECONSENT)
 
 
-def _replace_actions_check(actions: tuple[str, ...]) -> None:
-    """The audit log's action CHECK, now listing ``actions``: added NOT VALID in the
-    revision's transaction, validated after it commits (or in the caller's
-    transaction, when it has one), so the scan never holds up the log's writers."""
-    audit = qualified(AUDIT)
-    op.execute(f"ALTER TABLE {audit} DROP CONSTRAINT ck_{AUDIT}_action")
-    listed = ", ".join(f"'{action}'" for action in actions)
-    op.execute(
-        f"ALTER TABLE {audit} ADD CONSTRAINT ck_{AUDIT}_action CHECK (action IN ({listed})) "
-        "NOT VALID"
-    )
-    validate = f"ALTER TABLE {audit} VALIDATE CONSTRAINT ck_{AUDIT}_action"
-    if not options().commit_batches:  # on a caller's connection: its transaction
-        op.execute(validate)
-        return
-    with op.get_context().autocommit_block():
-        op.execute(validate)
-
-
 def upgrade() -> None:
     tokens = qualified(TOKENS)
     op.execute(f"ALTER TABLE {tokens} ADD COLUMN {COLUMN} timestamp")
@@ -95,7 +77,7 @@ def upgrade() -> None:
         f"COMMENT ON COLUMN {tokens}.{COLUMN} IS 'When the provider refused a refresh with "
         "invalid_grant (UTC): no refresh is sent until a new grant is stored; NULL otherwise.'"
     )
-    _replace_actions_check(ACTIONS)
+    replace_audit_action_check(ACTIONS)
 
 
 def blockers(opts: MigrationOptions) -> list[Blocker]:
@@ -111,5 +93,5 @@ def blockers(opts: MigrationOptions) -> list[Blocker]:
 
 def downgrade() -> None:
     refuse_blocked(blockers(options()))
-    _replace_actions_check(ACTIONS_0018)
+    replace_audit_action_check(ACTIONS_0018)
     op.execute(f"ALTER TABLE {qualified(TOKENS)} DROP COLUMN {COLUMN}")

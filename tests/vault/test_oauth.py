@@ -6,10 +6,7 @@ a config whose token endpoint was rewritten outside tenantvault getting nothing.
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +33,7 @@ from tenantvault.metrics import Metrics
 from tenantvault.settings import Settings
 from tests.conftest import OAuthProvider, Services, child_environment
 from tests.test_metrics import readings
+from tests.vault.test_tokens import refresh_in_children
 
 REDIRECT = "http://127.0.0.1:8765/oauth/callback"
 GRAPH_DELEGATED = {
@@ -283,34 +281,6 @@ def test_an_endpoint_must_be_https_but_on_loopback(sync_vault: Vault) -> None:
             )  # fmt: skip
 
 
-# Each child process runs THREADS callers that wait for the start file, then refresh
-# without a refresher: tenantvault's own request to the provider.
-CHILD = """
-import os, sys, threading, time
-from tenantvault import Vault
-from tenantvault.settings import load_settings
-
-tenant, config_id, start_path, threads = sys.argv[1:5]
-vault = Vault.from_settings(load_settings())
-results = []
-
-def call():
-    while not os.path.exists(start_path):
-        time.sleep(0.005)
-    token = vault.refresh_oauth_token(tenant, config_id)
-    results.append((token.access_token.get_secret_value(), token.version))
-
-workers = [threading.Thread(target=call) for _ in range(int(threads))]
-for w in workers:
-    w.start()
-for w in workers:
-    w.join()
-for access, version in results:
-    print(access, version)
-vault.dispose()
-"""
-
-
 def test_concurrent_managed_refreshes_in_several_processes_send_one_request(
     sync_vault: Vault,
     oauth_provider: OAuthProvider,
@@ -329,28 +299,22 @@ def test_concurrent_managed_refreshes_in_several_processes_send_one_request(
         refresh_token=granted.refresh_token.get_secret_value(),
         expires_at=datetime.now(UTC) + timedelta(minutes=1),
     )  # fmt: skip
-    start = tmp_path / "start"
-    environment = child_environment(app_settings, services)
-    processes, threads = 3, 4
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", CHILD, "t_a", config_id, str(start), str(threads)],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(processes)
-    ]
-    time.sleep(1.5)  # let every child import and reach its start line
+    before: list[int] = []
     with caplog.at_level(logging.INFO, logger="werkzeug"):
-        before = len(caplog.records)  # the grant's own exchange went before
-        start.touch()
-        outputs = [child.communicate(timeout=120) for child in children]
-    assert [child.returncode for child in children] == [0] * processes, [e for _, e in outputs]
-    results = {tuple(line.split()) for out, _ in outputs for line in out.splitlines()}
+        results = refresh_in_children(
+            child_environment(app_settings, services),
+            config_id,
+            tmp_path,
+            "managed",
+            started=lambda: before.append(len(caplog.records)),  # after the grant's exchange
+        )
     stored = sync_vault.load_oauth_token("t_a", config_id)
     assert stored.access_token is not None
-    assert results == {(stored.access_token.get_secret_value(), str(version + 1))}
-    requests_sent = [r for r in caplog.records[before:] if "POST /oauth2/token" in r.getMessage()]
+    assert len(results) == 12
+    assert {tuple(r) for r in results} == {
+        (stored.access_token.get_secret_value(), str(version + 1))
+    }
+    requests_sent = [
+        r for r in caplog.records[before[0] :] if "POST /oauth2/token" in r.getMessage()
+    ]
     assert len(requests_sent) == 1

@@ -350,6 +350,16 @@ def _cmd_tokens_status(args: argparse.Namespace) -> int:
     return EXIT_INCOMPLETE if report.reconsent_required else EXIT_OK
 
 
+def _expiring_within(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--expiring-within",
+        type=_Count(0),
+        default=900,
+        metavar="SECONDS",
+        help=f"{verb} access tokens expiring within this many seconds (default 900)",
+    )
+
+
 def _add_token_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser = commands.add_parser(
         "tokens", help="keep users' OAuth grants alive; list those needing re-consent"
@@ -360,13 +370,7 @@ def _add_token_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="refresh managed OAuth tokens that expire soon or sat idle (exit 4: "
         "re-consent needed or a refresh failed)",
     )
-    refresh.add_argument(
-        "--expiring-within",
-        type=_Count(0),
-        default=900,
-        metavar="SECONDS",
-        help="refresh access tokens expiring within this many seconds (default 900)",
-    )
+    _expiring_within(refresh, "refresh")
     refresh.add_argument(
         "--idle-days",
         type=_Count(1),
@@ -384,13 +388,7 @@ def _add_token_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     status = jobs.add_parser(
         "status", help="tokens needing re-consent and those expiring (exit 4: re-consent needed)"
     )
-    status.add_argument(
-        "--expiring-within",
-        type=_Count(0),
-        default=900,
-        metavar="SECONDS",
-        help="list access tokens expiring within this many seconds (default 900)",
-    )
+    _expiring_within(status, "list")
     status.add_argument("--json", action="store_true", help="JSON lines")
     status.set_defaults(handler=_cmd_tokens_status)
 
