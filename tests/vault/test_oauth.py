@@ -5,6 +5,7 @@ a config whose token endpoint was rewritten outside tenantvault getting nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tenantvault import (
 )
 from tenantvault.metrics import Metrics
 from tenantvault.settings import Settings
+from tests.async_support import sync_looking_async_vault
 from tests.conftest import OAuthProvider, Services, child_environment
 from tests.test_metrics import readings
 from tests.vault.test_tokens import refresh_in_children
@@ -318,3 +320,24 @@ def test_concurrent_managed_refreshes_in_several_processes_send_one_request(
         r for r in caplog.records[before[0] :] if "POST /oauth2/token" in r.getMessage()
     ]
     assert len(requests_sent) == 1
+
+
+def test_async_vault_awaits_a_coroutine_hook_for_a_revoked_grant(
+    app_settings: Settings, provider: Any, oauth_provider: OAuthProvider
+) -> None:
+    heard: list[TokenEvent] = []
+
+    async def on_token_event(event: TokenEvent) -> None:
+        await asyncio.sleep(0)  # a real await: the hook runs on the loop
+        heard.append(event)
+
+    with sync_looking_async_vault(app_settings, provider, on_token_event=on_token_event) as vault:
+        config_id = graph_config(vault, oauth_provider)
+        connect(vault, config_id, "ivan@example.com")
+        oauth_provider.revoke("ivan@example.com")
+        with pytest.raises(ReconsentRequired):
+            vault.refresh_oauth_token("t_a", config_id, min_validity=LATER)
+        connect(vault, config_id, "ivan@example.com")
+        assert vault.refresh_oauth_token("t_a", config_id, min_validity=LATER).version == 3
+
+    assert [e.outcome for e in heard] == ["reconsent_required", "recovered"]
