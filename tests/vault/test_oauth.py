@@ -341,3 +341,11 @@ def test_async_vault_awaits_a_coroutine_hook_for_a_revoked_grant(
         assert vault.refresh_oauth_token("t_a", config_id, min_validity=LATER).version == 3
 
     assert [e.outcome for e in heard] == ["reconsent_required", "recovered"]
+
+
+def test_vault_refuses_a_coroutine_hook_it_could_not_await(sync_vault: Vault) -> None:
+    async def on_token_event(event: TokenEvent) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="on_token_event"):
+        Vault(sync_vault.engine, sync_vault.keyring, on_token_event=on_token_event)

@@ -59,6 +59,8 @@ class TokenEvents:
     ) -> None:
         if hook is not None and not callable(hook):
             raise TypeError("on_token_event must be callable")
+        if wait is _await_nothing and inspect.iscoroutinefunction(hook):
+            raise TypeError("Vault's on_token_event must be a plain function (AsyncVault awaits)")
         self._metrics = metrics
         self._hook = hook
         self._wait = wait

@@ -204,7 +204,8 @@ class TokenService(Generic[CallerSession]):
         session: CallerSession | None = None,
     ) -> int:
         """Seal and upsert a config's tokens (a new grant); returns the token version.
-        A token marked for re-consent is cleared (``on_token_event`` hears ``recovered``)."""
+        A token marked for re-consent is cleared (``on_token_event`` hears ``recovered``,
+        unless the call joins the caller's ``session``, whose commit is the caller's)."""
         _check_token_fields(access_token, refresh_token, token_type, expires_at, scopes)
         with self._core.scope(tenant_id, session) as s:
             version, recovered = store_token_in(
