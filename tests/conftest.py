@@ -136,6 +136,41 @@ def aws_kms() -> Iterator[str]:
                 os.environ[name] = value
 
 
+@dataclass(frozen=True)
+class OAuthProvider:
+    """The OAuth 2 / OpenID provider on loopback (oidc-provider-mock): ``url`` its base,
+    ``token_url`` and ``authorize_url`` its endpoints, as a config names them."""
+
+    url: str
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/oauth2/token"
+
+    @property
+    def authorize_url(self) -> str:
+        return f"{self.url}/oauth2/authorize"
+
+    def revoke(self, user: str) -> None:
+        """Revoke every token of ``user`` at the provider (the user withdrew consent)."""
+        import requests
+
+        requests.post(f"{self.url}/users/{user}/revoke-tokens", timeout=10).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def oauth_provider() -> Iterator[OAuthProvider]:
+    """oidc-provider-mock on a free loopback port for the session, over real HTTP: any
+    client id and secret, the code flow, refresh tokens. It rotates the refresh token
+    on every refresh, as Microsoft's identity platform does (its authlib grant's
+    INCLUDE_NEW_REFRESH_TOKEN, off by default)."""
+    from oidc_provider_mock import _app, run_server_in_thread
+
+    _app.RefreshTokenGrant.INCLUDE_NEW_REFRESH_TOKEN = True
+    with run_server_in_thread() as server:
+        yield OAuthProvider(f"http://localhost:{server.server_port}")
+
+
 def _behind_pgbouncer(state_dir: Path, services: Services) -> Services:
     """``services`` with a PgBouncer in front of its PostgreSQL, checked to answer."""
     server = parse_database_url(services.admin_url)

@@ -104,6 +104,7 @@ REVISIONS = [
     "0016_function_search_paths",
     "0017_lean_hot_functions",
     "0018_kek_references",
+    "0019_oauth_reconsent",
 ]
 
 

@@ -24,6 +24,7 @@ RANKS: dict[str, int] = {
     "metrics": 1,  # the OpenTelemetry instruments: below every layer that records
     "crypto": 2,
     "kms": 3,
+    "oauth": 3,  # the OAuth client of a mail provider's endpoints (authlib)
     "db": 3,
     "audit": 4,
     "keys": 5,
@@ -564,6 +565,7 @@ def test_async_vault_has_every_vault_method_with_the_same_signature() -> None:
     differ = {
         ("session", Session | None): AsyncSession | None,
         ("refresher", Callable[[OAuthToken], RefreshedToken]): Refresher,
+        ("refresher", Callable[[OAuthToken], RefreshedToken] | None): Refresher | None,
     }
     for name, member in sync.items():
         signature, theirs = inspect.signature(member), inspect.signature(asynchronous[name])

@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC_NAMES = {
     "AsyncVault",
+    "AuthorizationRequest",
+    "OAuthProviderError",
+    "OAuthProviderUnavailable",
+    "ReconsentRequired",
+    "TokenEvent",
     "OpenedConfig",
     "ConcurrentModification",
     "ConfigVersion",

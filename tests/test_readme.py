@@ -14,17 +14,20 @@ import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 import sqlalchemy as sa
 
+from tenantvault import ReconsentRequired
 from tenantvault.db.models import ConfigChange, ProviderType
 from tenantvault.dev.tenants import add_tenant
 from tenantvault.settings import Settings
-from tests.conftest import APP_LOGIN_ROLE, Services
+from tests.conftest import APP_LOGIN_ROLE, OAuthProvider, Services
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
@@ -168,8 +171,12 @@ def test_each_readme_python_block_runs_as_its_own_program(
     namespaces: list[dict[str, Any]],
     owner_engine: sa.Engine,
     capsys: pytest.CaptureFixture[str],
+    oauth_provider: OAuthProvider,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     [tenant_id] = application
+    # "Connecting a mailbox" names its test provider so: the one on loopback.
+    monkeypatch.setenv("OAUTH_PROVIDER_URL", oauth_provider.url)
     blocks = python_blocks()
     printed: list[str] = []
     for block in blocks:
@@ -241,3 +248,25 @@ def test_each_readme_python_block_runs_as_its_own_program(
     }
     assert "tenantvault.credentials.load.duration" in recorded
     assert "tenantvault.key_cache.misses" in recorded
+
+    # "Connecting a mailbox": the user consents at the provider, the callback stores
+    # the grant and a send gets its access token; once the user revokes the grant,
+    # the refresh asks for re-consent and the hook hears it.
+    mail = next(names for names in namespaces if "oauth_callback" in names)
+    mailbox = mail["mailbox"]
+    consented = requests.post(
+        mail["connect"](mailbox.id),
+        data={"sub": "owner@acme.example"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    query = parse_qs(urlsplit(consented.headers["Location"]).query)
+    mail["oauth_callback"](mailbox.id, query["code"][0], query["state"][0])
+    stored = vault.load_oauth_token(tenant_id, mailbox.id).access_token
+    assert mail["graph_access_token"](mailbox.id) == stored.get_secret_value()
+    oauth_provider.revoke("owner@acme.example")
+    with pytest.raises(ReconsentRequired):
+        mail["vault"].refresh_oauth_token(tenant_id, mailbox.id, min_validity=timedelta(hours=2))
+    assert f"mailbox {mailbox.id} of tenant {tenant_id}: reconsent_required" in (
+        capsys.readouterr().out
+    )

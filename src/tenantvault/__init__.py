@@ -25,6 +25,9 @@ from tenantvault.errors import (
     KeyProviderError,
     KeyProviderUnavailable,
     NotFoundError,
+    OAuthProviderError,
+    OAuthProviderUnavailable,
+    ReconsentRequired,
     RotationError,
     SchemaNotMigrated,
     TenantKeyUnavailable,
@@ -37,12 +40,14 @@ if TYPE_CHECKING:
 
     from tenantvault.db.models import ProviderType
     from tenantvault.vault import (
+        AuthorizationRequest,
         ConfigVersion,
         ExpiringToken,
         OAuthToken,
         OpenedConfig,
         ProviderConfig,
         RefreshedToken,
+        TokenEvent,
         Vault,
     )
     from tenantvault.vault.aio import AsyncVault
@@ -64,12 +69,14 @@ _moved.install()
 # Each public name that is imported on first use, and the module that defines it.
 _LAZY = {
     "ProviderType": "tenantvault.db.models",
+    "AuthorizationRequest": "tenantvault.vault",
     "ConfigVersion": "tenantvault.vault",
     "ExpiringToken": "tenantvault.vault",
     "OAuthToken": "tenantvault.vault",
     "OpenedConfig": "tenantvault.vault",
     "ProviderConfig": "tenantvault.vault",
     "RefreshedToken": "tenantvault.vault",
+    "TokenEvent": "tenantvault.vault",
     "Vault": "tenantvault.vault",
     "AsyncVault": "tenantvault.vault.aio",
     "CredentialsModel": "tenantvault.vault.providers",
@@ -168,6 +175,7 @@ async def async_load_credentials(tenant_id: str, config_id: str) -> CredentialsM
 
 __all__ = [
     "AsyncVault",
+    "AuthorizationRequest",
     "ConcurrentModification",
     "ConfigVersion",
     "ConfigurationError",
@@ -186,11 +194,14 @@ __all__ = [
     "MicrosoftGraphConfig",
     "MicrosoftGraphCredentials",
     "NotFoundError",
+    "OAuthProviderError",
+    "OAuthProviderUnavailable",
     "OAuthToken",
     "OpenedConfig",
     "ProviderConfig",
     "ProviderConfigModel",
     "ProviderType",
+    "ReconsentRequired",
     "RefreshedToken",
     "RotationError",
     "SchemaNotMigrated",
@@ -201,6 +212,7 @@ __all__ = [
     "TenantKeyUnavailable",
     "TenantNotSetError",
     "TenantVaultError",
+    "TokenEvent",
     "Vault",
     "async_load_credentials",
     "async_store_credentials",

@@ -118,3 +118,29 @@ class TenantNotSetError(InvalidInputError):
 
     An :class:`InvalidInputError` like any other bad input; the message names the
     field, ``tenant_id``, never the value given."""
+
+
+class ReconsentRequired(TenantVaultError):  # noqa: N818 - says what is needed, as the issue names it
+    """The provider answered a refresh with ``invalid_grant`` (the user revoked the grant,
+    or it lapsed): the token is marked, no refresh is sent for it again, and the user must
+    consent anew (``Vault.authorization_url``, then ``complete_authorization``). Names the
+    tenant and the config, never a token."""
+
+    def __init__(self, tenant_id: str, config_id: str) -> None:
+        self.tenant_id = tenant_id
+        self.config_id = config_id
+        super().__init__(
+            f"the OAuth grant of config {config_id} of tenant {tenant_id} was refused "
+            "(invalid_grant): the user must consent again"
+        )
+
+
+class OAuthProviderError(TenantVaultError):
+    """A config's token endpoint refused a request for another reason than a revoked
+    grant (``invalid_client``: a wrong or expired client secret, ...); the message names
+    the OAuth error code only. Nothing stored changed."""
+
+
+class OAuthProviderUnavailable(OAuthProviderError):  # noqa: N818 - as KeyProviderUnavailable
+    """A config's token endpoint did not answer usefully (a timeout, a refused connection,
+    a 5xx or 429) after retries: worth retrying later. Nothing stored changed."""

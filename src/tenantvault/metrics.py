@@ -49,6 +49,8 @@ stored under another wrapping since, the key retired or destroyed since (another
 process rotated or shredded the tenant), ``evict_tenant`` (a shred), ``clear``."""
 
 RotationKind = Literal["dek", "kek"]
+OAuthOutcome = Literal["refreshed", "reconsent_required", "failed", "unavailable"]
+TokenEventOutcome = Literal["reconsent_required", "failed", "recovered"]
 
 # From a few microseconds (a cached load) to the key provider's timeout: the SDK's
 # default boundaries (0, 5, 10, ... 10000) are made for milliseconds and would put
@@ -172,6 +174,18 @@ class Metrics:
             unit="{tenant}",
             description="Tenants a data key rotation finished with, by outcome.",
         )
+        self.oauth_refreshes = meter.create_counter(
+            "tenantvault.oauth.refreshes",
+            unit="{refresh}",
+            description="Managed OAuth token refreshes, by outcome (refreshed, "
+            "reconsent_required, failed, unavailable).",
+        )
+        self.oauth_events = meter.create_counter(
+            "tenantvault.oauth.events",
+            unit="{event}",
+            description="OAuth grant events handed to on_token_event, by outcome "
+            "(reconsent_required, failed, recovered).",
+        )
         self._dek: Final = {"kind": "dek"}
         self._kek: Final = {"kind": "kek"}
 
@@ -230,6 +244,16 @@ class Metrics:
         started = time.perf_counter()
         yield
         self.store_duration.record(time.perf_counter() - started)
+
+    # --- OAuth ---
+
+    def oauth_refreshed(self, outcome: OAuthOutcome) -> None:
+        """A managed refresh ended with ``outcome`` (it sent a request)."""
+        self.oauth_refreshes.add(1, {"outcome": outcome})
+
+    def oauth_event(self, outcome: TokenEventOutcome) -> None:
+        """A grant failed for good, or recovered (what ``on_token_event`` is told)."""
+        self.oauth_events.add(1, {"outcome": outcome})
 
     # --- rotation ---
 

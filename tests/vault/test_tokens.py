@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from tests.rotation_support import GRAPH
 # Each child process runs THREADS callers that all wait for the start file, then refresh.
 # The refresher logs every call to a shared file, checks it got the current refresh
 # token, and takes a while (as a provider round trip does) so the callers overlap.
+# With "managed" for the refresher, they refresh without one (tenantvault's own request:
+# tests/vault/test_oauth.py).
 CHILD = textwrap.dedent(
     """
     import os, sys, threading, time
@@ -29,7 +32,7 @@ CHILD = textwrap.dedent(
     from tenantvault import RefreshedToken, Vault
     from tenantvault.settings import load_settings
 
-    tenant, config_id, log_path, start_path, threads = sys.argv[1:6]
+    tenant, config_id, log_path, start_path, threads, mode = sys.argv[1:7]
     vault = Vault.from_settings(load_settings())
 
     def refresher(current):
@@ -47,7 +50,9 @@ CHILD = textwrap.dedent(
     def call():
         while not os.path.exists(start_path):
             time.sleep(0.005)
-        token = vault.refresh_oauth_token(tenant, config_id, refresher)
+        token = vault.refresh_oauth_token(
+            tenant, config_id, None if mode == "managed" else refresher
+        )
         results.append((token.access_token.get_secret_value(), token.version))
 
     workers = [threading.Thread(target=call) for _ in range(int(threads))]
@@ -60,6 +65,40 @@ CHILD = textwrap.dedent(
     vault.dispose()
     """
 )
+
+
+def refresh_in_children(
+    environment: dict[str, str],
+    config_id: str,
+    tmp_path: Path,
+    mode: str,
+    *,
+    log: Path | None = None,
+    started: Callable[[], object] = lambda: None,
+    processes: int = 3,
+    threads: int = 4,
+) -> list[list[str]]:
+    """CHILD in ``processes`` processes of ``threads`` callers each, refreshing t_a's
+    ``config_id`` together (``mode``: "callable" or "managed"); ``started`` is called as
+    they are let go. Every caller's (access token, version)."""
+    start = tmp_path / "start"
+    arguments = ["t_a", config_id, str(log or "-"), str(start), str(threads), mode]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, *arguments],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    time.sleep(1.5)  # let every child import and reach its start line
+    started()
+    start.touch()
+    outputs = [child.communicate(timeout=120) for child in children]
+    assert [child.returncode for child in children] == [0] * processes, [e for _, e in outputs]
+    return [line.split() for out, _ in outputs for line in out.splitlines()]
 
 
 def _stored_token(vault: Vault) -> str:
@@ -81,25 +120,12 @@ def test_concurrent_refreshes_in_several_processes_run_the_refresher_exactly_onc
     vault: Vault, app_settings: Settings, services: Services, tmp_path: Path
 ) -> None:
     config_id = _stored_token(vault)
-    log, start = tmp_path / "refresher.log", tmp_path / "start"
-    environment = child_environment(app_settings, services)
+    log = tmp_path / "refresher.log"
     processes, threads = 3, 4
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", CHILD, "t_a", config_id, str(log), str(start), str(threads)],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(processes)
-    ]
-    time.sleep(1.5)  # let every child import and reach its start line
-    start.touch()
-    outputs = [child.communicate(timeout=120) for child in children]
-    assert [child.returncode for child in children] == [0] * processes, [e for _, e in outputs]
-    results = [line.split() for out, _ in outputs for line in out.splitlines()]
-    assert len(results) == processes * threads, outputs
+    results = refresh_in_children(
+        child_environment(app_settings, services), config_id, tmp_path, "callable", log=log
+    )
+    assert len(results) == processes * threads, results
     assert {tuple(r) for r in results} == {("access-two", "2")}
     assert len(log.read_text().splitlines()) == 1
     token = vault.load_oauth_token("t_a", config_id)

@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,7 +39,7 @@ from tenantvault.errors import (
     InvalidInputError,
     TenantVaultError,
 )
-from tenantvault.ops import jobs, migrate
+from tenantvault.ops import jobs, migrate, tokens
 from tenantvault.ops.grants import app_login_grants
 from tenantvault.ops.health import status
 from tenantvault.rotation.options import (
@@ -326,6 +327,70 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     )
     output.print_purge(report, args.json)
     return EXIT_OK
+
+
+def _cmd_tokens_refresh(args: argparse.Namespace) -> int:
+    report = tokens.refresh_tokens(
+        load_settings(),
+        expiring_within=timedelta(seconds=args.expiring_within),
+        idle=None if args.idle_days is None else timedelta(days=args.idle_days),
+        tenants=args.tenant or (),
+        dry_run=args.dry_run,
+        progress=output.TokenProgress(args.json),
+    )
+    output.print_token_refresh(report, args.json)
+    return EXIT_OK if report.ok else EXIT_INCOMPLETE
+
+
+def _cmd_tokens_status(args: argparse.Namespace) -> int:
+    report = tokens.token_status(
+        load_settings(), expiring_within=timedelta(seconds=args.expiring_within)
+    )
+    output.print_token_status(report, args.json)
+    return EXIT_INCOMPLETE if report.reconsent_required else EXIT_OK
+
+
+def _expiring_within(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--expiring-within",
+        type=_Count(0),
+        default=900,
+        metavar="SECONDS",
+        help=f"{verb} access tokens expiring within this many seconds (default 900)",
+    )
+
+
+def _add_token_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    parser = commands.add_parser(
+        "tokens", help="keep users' OAuth grants alive; list those needing re-consent"
+    )
+    jobs = parser.add_subparsers(dest="tokens_command", required=True, metavar="JOB")
+    refresh = jobs.add_parser(
+        "refresh",
+        help="refresh managed OAuth tokens that expire soon or sat idle (exit 4: "
+        "re-consent needed or a refresh failed)",
+    )
+    _expiring_within(refresh, "refresh")
+    refresh.add_argument(
+        "--idle-days",
+        type=_Count(1),
+        default=None,
+        metavar="N",
+        help="also refresh tokens not refreshed for N days (providers revoke idle grants: "
+        "Microsoft after 90 days)",
+    )
+    refresh.add_argument(
+        "--tenant", action="append", metavar="T", help="only this tenant (repeatable)"
+    )
+    refresh.add_argument("--dry-run", action="store_true", help="report what is due, send nothing")
+    refresh.add_argument("--json", action="store_true", help="JSON lines")
+    refresh.set_defaults(handler=_cmd_tokens_refresh)
+    status = jobs.add_parser(
+        "status", help="tokens needing re-consent and those expiring (exit 4: re-consent needed)"
+    )
+    _expiring_within(status, "list")
+    status.add_argument("--json", action="store_true", help="JSON lines")
+    status.set_defaults(handler=_cmd_tokens_status)
 
 
 def _add_lifecycle_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -636,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rotation_parsers(commands)
     _add_tenant_key_parsers(commands)
     _add_lifecycle_parsers(commands)
+    _add_token_parsers(commands)
 
     _add_dev_parsers(commands)
     return parser

@@ -23,6 +23,7 @@ from tenantvault.ops.grants import AppLoginGrants
 from tenantvault.ops.health import StatusReport
 from tenantvault.ops.migrate import MigrationReport
 from tenantvault.ops.purge import PurgeReport
+from tenantvault.ops.tokens import TokenOutcome, TokenRefreshReport, TokenStatusReport
 from tenantvault.rotation.dek import DekRotationReport, Progress, TenantRotation
 from tenantvault.rotation.kek import KekProgress, KekRotationReport
 from tenantvault.rotation.shred import ShredReport
@@ -370,6 +371,73 @@ def print_purge(report: PurgeReport, json_lines: bool, out: TextIO | None = None
     out.write(
         f"summary: {verb} {len(report.configs)} configs deleted before {report.cutoff:%Y-%m-%d}\n"
     )
+
+
+class TokenProgress:
+    """The tokens job's progress: a line per token it acted on (a JSON line with
+    ``--json``); tenants and configs only, never a token."""
+
+    def __init__(self, json_lines: bool, out: TextIO | None = None) -> None:
+        self._json = json_lines
+        self._out = out or sys.stdout
+
+    def __call__(self, item: TokenOutcome) -> None:
+        if self._json:
+            _json_line(self._out, "token", item)
+            return
+        self._out.write(
+            f"{item.outcome}: tenant {item.tenant_id} config {item.config_id} ({item.reason})\n"
+        )
+        self._out.flush()
+
+
+def print_token_refresh(
+    report: TokenRefreshReport, json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    counts = {
+        "refreshed": report.count("refreshed"),
+        "reconsent_required": report.count("reconsent_required"),
+        "failed": report.count("failed"),
+        "would_refresh": report.count("would_refresh"),
+    }
+    if json_lines:
+        _json_line(out, "summary", {"dry_run": report.dry_run, **counts})
+        return
+    parts = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in counts.items())
+    out.write(f"summary: {parts}\n")
+    if report.needs_reconsent:
+        out.write("re-consent needed: send these users through authorization_url again\n")
+
+
+def print_token_status(
+    report: TokenStatusReport, json_lines: bool, out: TextIO | None = None
+) -> None:
+    out = out or sys.stdout
+    listed = [("reconsent_required", t) for t in report.reconsent_required]
+    listed += [("expiring", t) for t in report.expiring]
+    for state, token in listed:
+        if json_lines:
+            _json_line(out, "token", {"state": state, **dataclasses.asdict(token)})
+        else:
+            when = token.reconsent_required_since if state != "expiring" else token.expires_at
+            out.write(
+                f"{state}: tenant {token.tenant_id} config {token.config_id} "
+                f"({token.type}, since/at {when:%Y-%m-%d %H:%M} UTC)\n"
+                if when is not None
+                else f"{state}: tenant {token.tenant_id} config {token.config_id}\n"
+            )
+    summary = {
+        "reconsent_required": len(report.reconsent_required),
+        "expiring": len(report.expiring),
+    }
+    if json_lines:
+        _json_line(out, "summary", summary)
+    else:
+        out.write(
+            f"summary: {summary['reconsent_required']} need re-consent, "
+            f"{summary['expiring']} expiring\n"
+        )
 
 
 def print_failed(why: str) -> None:

@@ -523,3 +523,23 @@ def audit_partitions_function(schema: str, audit_table: str, *, private: bool = 
         $$
         """
     )
+
+
+def replace_audit_action_check(actions: Sequence[str]) -> None:
+    """The audit log's action CHECK, now listing ``actions`` (a revision that adds an
+    audit action): added NOT VALID in the revision's transaction, then validated after
+    it commits (SHARE UPDATE EXCLUSIVE, so the scan never holds up the log's writers),
+    or in the caller's transaction when the migration runs in one."""
+    audit = qualified("audit_events")
+    op.execute(f"ALTER TABLE {audit} DROP CONSTRAINT ck_audit_events_action")
+    listed = ", ".join(f"'{action}'" for action in actions)
+    op.execute(
+        f"ALTER TABLE {audit} ADD CONSTRAINT ck_audit_events_action "
+        f"CHECK (action IN ({listed})) NOT VALID"
+    )
+    validate = f"ALTER TABLE {audit} VALIDATE CONSTRAINT ck_audit_events_action"
+    if not options().commit_batches:  # on a caller's connection: its transaction
+        op.execute(validate)
+        return
+    with op.get_context().autocommit_block():
+        op.execute(validate)

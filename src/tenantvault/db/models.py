@@ -372,6 +372,12 @@ class EmailProviderToken(Base):
         server_default=text("1"),
         comment="+1 on every store or refresh: a refresh is a compare-and-swap on it.",
     )
+    # Set on an invalid_grant answer (0019): the refresh job skips the row, and the
+    # status command lists it, until a new grant is stored.
+    reconsent_required_at: Mapped[datetime | None] = mapped_column(
+        comment="When the provider refused a refresh with invalid_grant (UTC): no refresh "
+        "is sent until a new grant is stored; NULL otherwise.",
+    )
     created_at: Mapped[CreatedAt] = mapped_column(comment="Creation time (UTC).")
     updated_at: Mapped[UpdatedAt] = mapped_column(
         comment="Last change (UTC); maintained by a trigger."
@@ -625,6 +631,7 @@ class AuditAction(enum.StrEnum):
     DEK_DESTROYED = "dek.destroyed"
     KEK_REWRAPPED = "kek.rewrapped"
     TENANT_KEK_SET = "kek.tenant_set"
+    TOKEN_RECONSENT_REQUIRED = "token.reconsent_required"  # noqa: S105 - an action name
 
 
 class AuditEvent(Base):

@@ -33,7 +33,7 @@ from tenantvault.keys.keyring import Keyring
 from tenantvault.keys.offloop import OffLoopKeyProvider
 from tenantvault.kms.metered import MeteredKeyProvider
 from tenantvault.kms.provider import KeyProvider
-from tenantvault.metrics import Metrics, metrics_on
+from tenantvault.metrics import Metrics, default_metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.core import VaultCore, keyring_from_settings, metered_provider
 from tenantvault.vault.credentials import (
@@ -43,6 +43,7 @@ from tenantvault.vault.credentials import (
 from tenantvault.vault.opening import OpenedConfig, finish_hot_open
 from tenantvault.vault.providers import CredentialsModel
 from tenantvault.vault.services import Services, VaultMethods
+from tenantvault.vault.tokenevents import TokenEventHook, TokenEvents
 from tenantvault.vault.tokens import (
     OAuthToken,
     RefreshedToken,
@@ -101,6 +102,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         max_concurrent: int = 3,
         held: AsyncHeldConnections | AsyncStandbyReads | None = None,
         metrics: Metrics | None = None,
+        on_token_event: TokenEventHook | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.session.create_async_engine`)
         and ``keyring``, whose provider must be an ``OffLoopKeyProvider``.
@@ -121,6 +123,10 @@ class AsyncVault(VaultMethods[AsyncSession]):
         the engine's pool and the greenlet, which costs about as much again. With
         standbys (:class:`~tenantvault.db.standbys.AsyncStandbyReads`) that statement
         reads one while it is current enough; the core counts its commits there.
+
+        ``on_token_event``: called when a user's OAuth grant fails for good or recovers
+        (:class:`~tenantvault.vault.tokenevents.TokenEvent`); a coroutine function is
+        awaited on the loop, a plain function called in the greenlet.
 
         Raises:
             ValueError: the provider would block the loop, or a bound is out of range.
@@ -146,6 +152,9 @@ class AsyncVault(VaultMethods[AsyncSession]):
             hot_path_connections=0,
             metrics=metrics,
             routing=self._held.routing if isinstance(self._held, AsyncStandbyReads) else None,
+            token_events=TokenEvents(metrics or default_metrics(), on_token_event, wait=wait_for),
+            # An OAuth request runs in a worker thread, the task suspended.
+            blocking=lambda call: off_loop(None, call),
         )
         self._services = Services(self._core)
 
@@ -159,6 +168,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         *,
         key_provider: KeyProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        on_token_event: TokenEventHook | None = None,
     ) -> Self:
         """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings, as ``Vault.from_settings``.
 
@@ -188,6 +198,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
             audit_loads=settings.audit_loads,
             held=held,
             metrics=metrics,
+            on_token_event=on_token_event,
         )
 
     async def _run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -211,7 +222,7 @@ class AsyncVault(VaultMethods[AsyncSession]):
         self,
         tenant_id: str,
         config_id: str,
-        refresher: Refresher,
+        refresher: Refresher | None = None,
         *,
         min_validity: timedelta = timedelta(minutes=5),
         now: datetime | None = None,
@@ -220,12 +231,13 @@ class AsyncVault(VaultMethods[AsyncSession]):
         """:meth:`Vault.refresh_oauth_token <tenantvault.Vault.refresh_oauth_token>`,
         awaited. ``refresher`` may be a coroutine function (awaited on the loop) or a
         plain function (run in a worker thread); either runs at most once per expiry
-        across tasks, threads and processes."""
+        across tasks, threads and processes. Without one tenantvault refreshes (its
+        HTTP request in a worker thread)."""
         return await self._run(
             self._services.tokens.refresh_oauth_token,
             tenant_id,
             config_id,
-            _in_the_core(refresher),
+            None if refresher is None else _in_the_core(refresher),
             min_validity=min_validity,
             now=now,
             actor=actor,

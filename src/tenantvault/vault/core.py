@@ -40,6 +40,7 @@ from tenantvault.kms.provider import KeyProvider
 from tenantvault.metrics import Metrics, default_metrics
 from tenantvault.settings import Settings
 from tenantvault.vault.providers import CredentialsModel, credentials_from_storage
+from tenantvault.vault.tokenevents import TokenEvents
 from tenantvault.vault.views import ProviderConfig, config_view
 
 log = logging.getLogger("tenantvault")
@@ -110,6 +111,10 @@ def schema_of(engine: sa.Engine) -> str:
     return str(schema)
 
 
+def _called(call: Callable[[], Any]) -> Any:
+    return call()
+
+
 CallerSession = TypeVar("CallerSession")
 """The session a facade's callers join with ``session=``: ``Session`` for ``Vault``,
 ``AsyncSession`` for ``AsyncVault``. The services take it as given; the core joins
@@ -142,6 +147,8 @@ class VaultCore(Generic[CallerSession]):
         standbys: Sequence[sa.Engine] = (),
         read_max_lag_ms: int = 1000,
         routing: StandbyRouting | None = None,
+        token_events: TokenEvents | None = None,
+        blocking: Callable[[Callable[[], Any]], Any] = _called,
     ) -> None:
         """A core on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
 
@@ -161,6 +168,9 @@ class VaultCore(Generic[CallerSession]):
         (:mod:`tenantvault.db.standbys`; ``read_max_lag_ms``), everything else to
         ``engine``. ``routing``: the standbys' state when a facade reads them itself
         (``AsyncVault``); the core then counts its commits there.
+        ``token_events``: where OAuth grant events go (counted only, when None).
+        ``blocking``: how a blocking call (an OAuth request) runs: in the caller's
+        thread for ``Vault``; ``AsyncVault``'s in a worker thread, the task suspended.
         """
         if history_credentials_kept < 1:
             raise ValueError("history_credentials_kept must be at least 1")
@@ -171,6 +181,8 @@ class VaultCore(Generic[CallerSession]):
         self.history_credentials_kept = history_credentials_kept
         self.audit_loads = audit_loads
         self.metrics = metrics or default_metrics()
+        self.token_events = token_events or TokenEvents(self.metrics)
+        self.blocking = blocking
         self._join = join
         self.load_sql = queries.hot_load_sql(schema_of(engine))
         self.token_sql = queries.hot_token_sql(schema_of(engine))

@@ -12,10 +12,11 @@ from sqlalchemy.orm import Session
 from tenantvault.db.session import create_engine
 from tenantvault.keys.keyring import Keyring
 from tenantvault.kms.provider import KeyProvider
-from tenantvault.metrics import Metrics, metrics_on
+from tenantvault.metrics import Metrics, default_metrics, metrics_on
 from tenantvault.settings import Settings, load_settings
 from tenantvault.vault.core import VaultCore, keyring_from_settings, metered_provider, same_session
 from tenantvault.vault.services import Services, VaultMethods
+from tenantvault.vault.tokenevents import TokenEventHook, TokenEvents
 
 
 class Vault(VaultMethods[Session]):
@@ -45,6 +46,7 @@ class Vault(VaultMethods[Session]):
         metrics: Metrics | None = None,
         standbys: Sequence[sa.Engine] = (),
         read_max_lag_ms: int = 1000,
+        on_token_event: TokenEventHook | None = None,
     ) -> None:
         """A vault on ``engine`` (from :func:`tenantvault.db.create_engine`) and ``keyring``.
 
@@ -57,6 +59,8 @@ class Vault(VaultMethods[Session]):
 
         ``standbys``: engines on hot standbys the load hot path and ``warm`` read from
         while one is current enough (``read_max_lag_ms``; :mod:`tenantvault.db.standbys`).
+        ``on_token_event``: called when a user's OAuth grant fails for good or recovers
+        (:class:`~tenantvault.vault.tokenevents.TokenEvent`), after the change commits.
         """
         self._core = VaultCore(
             engine,
@@ -68,6 +72,7 @@ class Vault(VaultMethods[Session]):
             metrics=metrics,
             standbys=standbys,
             read_max_lag_ms=read_max_lag_ms,
+            token_events=TokenEvents(metrics or default_metrics(), on_token_event),
         )
         self._services = Services(self._core)
 
@@ -81,11 +86,14 @@ class Vault(VaultMethods[Session]):
         *,
         key_provider: KeyProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        on_token_event: TokenEventHook | None = None,
     ) -> Self:
         """A vault from ``TENANTVAULT_*`` / ``VAULT_*`` settings.
 
         ``meter_provider``: the OpenTelemetry meter provider its metrics go to (the
-        global one when None, also when the application sets it later)."""
+        global one when None, also when the application sets it later).
+        ``on_token_event``: the application's hook for OAuth grants that fail for good
+        (re-consent needed) or recover (:class:`~tenantvault.vault.tokenevents.TokenEvent`)."""
         settings = settings or load_settings()
         metrics = metrics_on(meter_provider)
         return cls(
@@ -99,6 +107,7 @@ class Vault(VaultMethods[Session]):
             metrics=metrics,
             standbys=[create_engine(settings, url=url) for url in settings.read_urls],
             read_max_lag_ms=settings.read_max_lag_ms,
+            on_token_event=on_token_event,
         )
 
     def dispose(self) -> None:

@@ -17,6 +17,8 @@ from functools import partial
 from time import perf_counter
 from typing import Any, Generic, NoReturn, TypeVar
 
+from sqlalchemy.orm import Session
+
 from tenantvault import audit
 from tenantvault.crypto.envelope import SealContext
 from tenantvault.db.models import AuditAction
@@ -125,9 +127,7 @@ class OpeningService(Generic[CallerSession]):
                     self._core.metrics.loaded(started)
                     return opened
         with self._core.scope(tenant_id, session) as s:
-            row = fetch_one_in(s, self._core.open_sql, params)
-            opened = finish_open(self._core.sealer(s, tenant_id).open, tenant_id, config_id, row)
-            assert opened is not None  # a sealer opens or raises
+            opened = open_verified(self._core, s, tenant_id, config_id)
             if self._core.audit_loads and opened.credentials is not None:
                 audit.record(
                     s.connection(),
@@ -140,6 +140,18 @@ class OpeningService(Generic[CallerSession]):
                 )
         self._core.metrics.loaded(started)
         return opened
+
+
+def open_verified(
+    core: VaultCore[Any], session: Session, tenant_id: str, config_id: str
+) -> OpenedConfig:
+    """``open_config``'s full path in ``session``'s transaction (the tenant's key loaded
+    if need be): how the core itself reads a config it acts on, such as the token
+    endpoint a refresh token is sent to. Raises as ``open_config``."""
+    row = fetch_one_in(session, core.open_sql, hot_load_parameters(tenant_id, config_id))
+    opened = finish_open(core.sealer(session, tenant_id).open, tenant_id, config_id, row)
+    assert opened is not None  # a sealer opens or raises
+    return opened
 
 
 class OpeningMethods(FacadeMethods[CallerSession]):

@@ -71,6 +71,17 @@ def _guid(value: str) -> str:
     return value
 
 
+def _endpoint(value: HttpUrl) -> HttpUrl:
+    # The token endpoint receives the client secret and the refresh token: https only,
+    # but for a provider on this machine's loopback (tests, a local proxy).
+    loopback = value.host in {"localhost", "127.0.0.1", "[::1]", "::1"}
+    if value.scheme != "https" and not (value.scheme == "http" and loopback):
+        raise ValueError("must be an https URL (http only on loopback)")
+    if value.username is not None or value.password is not None or value.fragment:
+        raise ValueError("must not hold credentials or a fragment")
+    return value
+
+
 def secret_problem(text: str) -> str | None:
     """What is wrong with a secret's text (empty, or too long), or None."""
     if not text:
@@ -97,6 +108,8 @@ Scopes = Annotated[
 ]
 NonEmpty = Annotated[str, Field(min_length=1, max_length=1024)]
 Secret = Annotated[SecretStr, AfterValidator(_bounded_secret)]
+Endpoint = Annotated[HttpUrl, Field(max_length=1024), AfterValidator(_endpoint)]
+"""An OAuth endpoint overriding the provider's own: https, or http on loopback."""
 """A secret: not empty, at most :data:`SECRET_MAX_BYTES`."""
 
 
@@ -173,6 +186,10 @@ class MicrosoftGraphConfig(_Model):
     scopes: Scopes
     authority_url: HttpUrl | None = None
     auth_type: Literal["client_credentials", "delegated"]
+    # Override the endpoints derived from azure_tenant_id (and authority_url):
+    # tenantvault sends the client secret and the refresh token to token_url.
+    token_url: Endpoint | None = None
+    authorize_url: Endpoint | None = None
 
     @field_validator("authority_url")
     @classmethod
@@ -206,6 +223,10 @@ class GoogleWorkspaceConfig(_Model):
     delegated_user: EmailStr | None = None
     scopes: Scopes
     client_id: NonEmpty | None = None
+    # Override Google's endpoints (tenantvault sends the client secret and the refresh
+    # token to token_url).
+    token_url: Endpoint | None = None
+    authorize_url: Endpoint | None = None
 
     @field_validator("scopes")
     @classmethod

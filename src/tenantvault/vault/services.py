@@ -3,9 +3,11 @@ on them: every service's declared list, joined."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from tenantvault.vault.configs import ConfigMethods, ConfigService
+from tenantvault.vault.consent import OAuthMethods, OAuthService, managed_refresher
 from tenantvault.vault.core import CallerSession, VaultCore
 from tenantvault.vault.credentials import CredentialMethods, CredentialService
 from tenantvault.vault.history import HistoryMethods, HistoryService
@@ -18,14 +20,16 @@ Service = TypeVar("Service")
 
 
 class Services(Generic[CallerSession]):
-    """Configs, credentials, history, opening, tokens, usage and warm-up, on ``core``."""
+    """Configs, credentials, history, consent, opening, tokens, usage and warm-up, on
+    ``core``."""
 
     def __init__(self, core: VaultCore[CallerSession]) -> None:
         self.configs = ConfigService(core)
         self.credentials = CredentialService(core, self.configs)
         self.history = HistoryService(core)
         self.opening = OpeningService(core)
-        self.tokens = TokenService(core)
+        self.oauth = OAuthService(core)
+        self.tokens = TokenService(core, partial(managed_refresher, core))
         self.usage = UsageService(core)
         self.warmup = WarmupService(core)
         # Every attribute above is a service: a declared method finds its own by type.
@@ -41,6 +45,7 @@ class VaultMethods(
     ConfigMethods[CallerSession],
     CredentialMethods[CallerSession],
     HistoryMethods[CallerSession],
+    OAuthMethods[CallerSession],
     OpeningMethods[CallerSession],
     TokenMethods[CallerSession],
     UsageMethods[CallerSession],

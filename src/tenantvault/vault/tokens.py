@@ -28,7 +28,14 @@ from tenantvault.db import queries
 from tenantvault.db.ids import new_id
 from tenantvault.db.models import AuditAction, EmailProviderConfig, EmailProviderToken
 from tenantvault.db.session import check_tenant_id
-from tenantvault.errors import ConcurrentModification, InvalidInputError, NotFoundError
+from tenantvault.errors import (
+    ConcurrentModification,
+    InvalidInputError,
+    NotFoundError,
+    OAuthProviderError,
+    OAuthProviderUnavailable,
+    ReconsentRequired,
+)
 from tenantvault.keys.keyring import Keyring, Sealer
 from tenantvault.keys.sealed import (
     ACCESS_TOKEN,
@@ -36,9 +43,14 @@ from tenantvault.keys.sealed import (
     config_digest,
     stored_config_digest,
 )
+from tenantvault.oauth.client import GrantRevoked
 from tenantvault.vault.core import CallerSession, VaultCore
 from tenantvault.vault.methods import FacadeMethods, Runs
 from tenantvault.vault.providers import SCOPES_MAX_ITEMS, secret_problem
+from tenantvault.vault.tokenevents import TokenEvent
+
+ManagedRefresher = Callable[[Session, str, str], Callable[["OAuthToken"], "RefreshedToken"]]
+"""(session, tenant id, config id) -> the refresher tenantvault runs for that config."""
 
 TOKEN_TYPE_MAX_LENGTH = 64
 SCOPE_MAX_LENGTH = 512
@@ -125,8 +137,11 @@ def _check_token_fields(
 class TokenService(Generic[CallerSession]):
     """OAuth tokens of a tenant's configs."""
 
-    def __init__(self, core: VaultCore[CallerSession]) -> None:
+    def __init__(self, core: VaultCore[CallerSession], managed: ManagedRefresher) -> None:
+        """``managed``: the refresher of a config's verified OAuth client, made in a
+        transaction holding the config's and the token's locks (``OAuthService``)."""
         self._core = core
+        self._managed = managed
 
     # --- helpers ---
 
@@ -187,52 +202,26 @@ class TokenService(Generic[CallerSession]):
         actor: str | None = None,
         session: CallerSession | None = None,
     ) -> int:
-        """Seal and upsert a config's tokens (a new grant); returns the token version."""
+        """Seal and upsert a config's tokens (a new grant); returns the token version.
+        A token marked for re-consent is cleared (``on_token_event`` hears ``recovered``,
+        unless the call joins the caller's ``session``, whose commit is the caller's)."""
         _check_token_fields(access_token, refresh_token, token_type, expires_at, scopes)
         with self._core.scope(tenant_id, session) as s:
-            # The config row's lock orders the token writers of this config; the
-            # token row's lock waits for a refresh in flight. The version is known
-            # before sealing, so the tokens are bound to it.
-            config = self._core.live(s, tenant_id, config_id)
-            current = s.execute(
-                sa.select(EmailProviderToken.id, EmailProviderToken.version)
-                .where(
-                    EmailProviderToken.tenant_id == tenant_id,
-                    EmailProviderToken.config_id == config_id,
-                )
-                .with_for_update()
-            ).one_or_none()
-            # A new row (a first grant, or one after a delete) gets a fresh id: tokens of
-            # an earlier row never open in it, whatever its version.
-            row_id, version = (
-                (new_id(), 1) if current is None else (current.id, current.version + 1)
+            version, recovered = store_token_in(
+                self._core,
+                s,
+                tenant_id,
+                config_id,
+                access_token=access_token,
+                refresh_token=refresh_token,
+                token_type=token_type,
+                expires_at=expires_at,
+                scopes=scopes,
+                actor=actor,
             )
-            access, refresh = seal_tokens(
-                self._core.sealer(s, tenant_id),
-                config,
-                row_id,
-                version,
-                access_token,
-                refresh_token,
-            )
-            values: dict[str, Any] = {
-                "encrypted_access_token": access,
-                "encrypted_refresh_token": refresh,
-                "token_type": token_type,
-                "expires_at": expires_at,
-                "scopes": list(scopes),
-                "version": version,
-            }
-            s.execute(
-                pg_insert(EmailProviderToken)
-                .values(id=row_id, tenant_id=tenant_id, config_id=config_id, **values)
-                .on_conflict_do_update(
-                    index_elements=[EmailProviderToken.tenant_id, EmailProviderToken.config_id],
-                    set_=values,
-                )
-            )
-            self._audit_token(s, tenant_id, config_id, AuditAction.TOKEN_STORED, actor, version)
-            return int(version)
+        if recovered and session is None:
+            self._core.token_events.emit(TokenEvent(tenant_id, config_id, "recovered"))
+        return version
 
     def load_oauth_token(
         self, tenant_id: str, config_id: str, *, session: CallerSession | None = None
@@ -291,7 +280,7 @@ class TokenService(Generic[CallerSession]):
         self,
         tenant_id: str,
         config_id: str,
-        refresher: Callable[[OAuthToken], RefreshedToken],
+        refresher: Callable[[OAuthToken], RefreshedToken] | None = None,
         *,
         min_validity: timedelta = timedelta(minutes=5),
         now: datetime | None = None,
@@ -299,16 +288,30 @@ class TokenService(Generic[CallerSession]):
     ) -> OAuthToken:
         """A token valid for at least ``min_validity``: the stored one, or a refreshed one.
 
-        ``refresher`` gets the current token (its refresh token included) and calls
-        the provider. It runs at most once per expiry across threads and processes:
-        callers queue on the token row's lock, and those after the first find the
-        token already fresh. It runs in its own transaction (a lock must not wait
-        inside the caller's).
+        Without ``refresher`` tenantvault refreshes it: the refresh-token grant at the
+        token endpoint of the config as ``open_config`` verifies it, with the config's
+        client credentials (``microsoft_graph`` delegated, ``google_workspace`` oauth2).
+        A rotated refresh token in the answer replaces the old one in the same
+        transaction. ``refresher``, when given, gets the current token (its refresh
+        token included) and calls the provider itself.
+
+        Either runs at most once per expiry across threads and processes: callers
+        queue on the token row's lock, and those after the first find the token
+        already fresh. It runs in its own transaction (a lock must not wait inside
+        the caller's).
 
         Raises:
             NotFoundError: the config has no token.
-            InvalidInputError: the token needs a refresh but has no refresh token, or the
-                refresher returned malformed fields (named).
+            ReconsentRequired: the provider answered ``invalid_grant`` (now or before):
+                the token is marked, no request is sent until a new grant is stored.
+            InvalidInputError: the token needs a refresh but has no refresh token, the
+                config does not use a user's grant, or the refresher returned malformed
+                fields (named).
+            DecryptionError: the config was changed outside tenantvault (its token
+                endpoint with it): nothing is sent.
+            OAuthProviderError: the token endpoint refused the client (its error code
+                named); ``OAuthProviderUnavailable`` when it did not answer usefully
+                after retries. The stored tokens stay as they were.
             Exception: whatever ``refresher`` raises; the stored tokens stay as they were.
         """
         moment = now or datetime.now(UTC)
@@ -319,11 +322,14 @@ class TokenService(Generic[CallerSession]):
         current = self.load_oauth_token(tenant_id, config_id)
         if fresh(current):
             return current
+        failure: OAuthProviderError | None = None
         with self._core.scope(tenant_id, None) as s:
             # The config's lock first, as every token writer takes them: a config change
             # re-seals the tokens and must not interleave with a refresh.
             config = self._core.live(s, tenant_id, config_id)
             row = self._token_row(s, tenant_id, config_id, lock=True)
+            if row.reconsent_required_at is not None:
+                raise ReconsentRequired(tenant_id, config_id)
             current = self._token_view(s, row, config)
             if fresh(current):
                 return current  # refreshed by someone else while we waited
@@ -332,55 +338,104 @@ class TokenService(Generic[CallerSession]):
                     f"refresh_token: config {config_id} of tenant {tenant_id} has none; "
                     "a new grant is needed"
                 )
-            new = refresher(current)
-            if not isinstance(new, RefreshedToken):
-                raise InvalidInputError("refresher: must return a RefreshedToken")
-            token_type = new.token_type or row.token_type
-            scopes = list(row.scopes if new.scopes is None else new.scopes)
-            _check_token_fields(
-                new.access_token, new.refresh_token, token_type, new.expires_at, scopes
+            try:
+                new = (refresher or self._managed(s, tenant_id, config_id))(current)
+            except GrantRevoked:
+                self._mark_reconsent(s, row, moment, actor)
+            except OAuthProviderUnavailable:
+                raise
+            except OAuthProviderError as exc:
+                if refresher is not None:
+                    raise
+                failure = exc
+            else:
+                return self._write_refreshed(s, row, config, current, new, actor)
+        # Committed: the mark and its audit event (a revoked grant), or nothing.
+        if failure is not None:
+            self._core.token_events.emit(TokenEvent(tenant_id, config_id, "failed", str(failure)))
+            raise failure
+        self._core.token_events.emit(
+            TokenEvent(tenant_id, config_id, "reconsent_required", "invalid_grant")
+        )
+        raise ReconsentRequired(tenant_id, config_id)
+
+    def _mark_reconsent(
+        self, s: Session, row: EmailProviderToken, moment: datetime, actor: str | None
+    ) -> None:
+        """Mark the token revoked (its version and sealed values unchanged), audited."""
+        s.execute(
+            sa.update(EmailProviderToken)
+            .where(EmailProviderToken.id == row.id)
+            .values(reconsent_required_at=moment)
+            .execution_options(synchronize_session=False)
+        )
+        self._audit_token(
+            s,
+            row.tenant_id,
+            row.config_id,
+            AuditAction.TOKEN_RECONSENT_REQUIRED,
+            actor,
+            row.version,
+        )
+
+    def _write_refreshed(
+        self,
+        s: Session,
+        row: EmailProviderToken,
+        config: EmailProviderConfig,
+        current: OAuthToken,
+        new: RefreshedToken,
+        actor: str | None,
+    ) -> OAuthToken:
+        """Seal and write a refresh's answer over ``current`` (compare-and-swap)."""
+        tenant_id, config_id = row.tenant_id, row.config_id
+        if not isinstance(new, RefreshedToken):
+            raise InvalidInputError("refresher: must return a RefreshedToken")
+        token_type = new.token_type or row.token_type
+        scopes = list(row.scopes if new.scopes is None else new.scopes)
+        _check_token_fields(new.access_token, new.refresh_token, token_type, new.expires_at, scopes)
+        assert current.refresh_token is not None
+        refresh_plain = (
+            new.refresh_token
+            if new.refresh_token is not None
+            else current.refresh_token.get_secret_value()
+        )
+        access, refresh = seal_tokens(
+            self._core.sealer(s, tenant_id),
+            config,
+            row.id,
+            current.version + 1,
+            new.access_token,
+            refresh_plain,
+        )
+        # A compare-and-swap on the version read: under the row lock it cannot
+        # miss, and if it ever did, nothing would be written silently.
+        swapped = s.execute(
+            sa.update(EmailProviderToken)
+            .where(
+                EmailProviderToken.tenant_id == tenant_id,
+                EmailProviderToken.config_id == config_id,
+                EmailProviderToken.version == current.version,
             )
-            refresh_plain = (
-                new.refresh_token
-                if new.refresh_token is not None
-                else current.refresh_token.get_secret_value()
+            .values(
+                encrypted_access_token=access,
+                encrypted_refresh_token=refresh,
+                token_type=token_type,
+                expires_at=new.expires_at,
+                scopes=scopes,
+                version=current.version + 1,
             )
-            access, refresh = seal_tokens(
-                self._core.sealer(s, tenant_id),
-                config,
-                row.id,
-                current.version + 1,
-                new.access_token,
-                refresh_plain,
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(swapped, "rowcount", 0) != 1:
+            raise ConcurrentModification(
+                f"token of config {config_id} of tenant {tenant_id} moved on during refresh"
             )
-            # A compare-and-swap on the version read: under the row lock it cannot
-            # miss, and if it ever did, nothing would be written silently.
-            swapped = s.execute(
-                sa.update(EmailProviderToken)
-                .where(
-                    EmailProviderToken.tenant_id == tenant_id,
-                    EmailProviderToken.config_id == config_id,
-                    EmailProviderToken.version == current.version,
-                )
-                .values(
-                    encrypted_access_token=access,
-                    encrypted_refresh_token=refresh,
-                    token_type=token_type,
-                    expires_at=new.expires_at,
-                    scopes=scopes,
-                    version=current.version + 1,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if getattr(swapped, "rowcount", 0) != 1:
-                raise ConcurrentModification(
-                    f"token of config {config_id} of tenant {tenant_id} moved on during refresh"
-                )
-            self._audit_token(
-                s, tenant_id, config_id, AuditAction.TOKEN_REFRESHED, actor, current.version + 1
-            )
-            s.expire(row)
-            return self._token_view(s, self._token_row(s, tenant_id, config_id), config)
+        self._audit_token(
+            s, tenant_id, config_id, AuditAction.TOKEN_REFRESHED, actor, current.version + 1
+        )
+        s.expire(row)
+        return self._token_view(s, self._token_row(s, tenant_id, config_id), config)
 
 
 class TokenMethods(FacadeMethods[CallerSession]):
@@ -393,7 +448,84 @@ class TokenMethods(FacadeMethods[CallerSession]):
     refresh_oauth_token = Runs(TokenService[CallerSession].refresh_oauth_token)
 
 
-# --- sealing a config's tokens: a grant, a refresh, and a change of the config ---
+# --- storing a grant; sealing a config's tokens: a grant, a refresh, a config change ---
+
+
+def load_token_in(core: VaultCore[Any], s: Session, tenant_id: str, config_id: str) -> OAuthToken:
+    """A config's token opened in ``s``'s transaction (the full path of a load)."""
+    config = core.live(s, tenant_id, config_id, lock=False)
+    row = TokenService._token_row(s, tenant_id, config_id)
+    opened = opened_token(
+        core.sealer(s, tenant_id).open, tenant_id, row, config.type, config_digest(config.config)
+    )
+    assert opened is not None  # a sealer opens or raises
+    return opened
+
+
+def store_token_in(
+    core: VaultCore[Any],
+    s: Session,
+    tenant_id: str,
+    config_id: str,
+    *,
+    access_token: str,
+    refresh_token: str | None,
+    token_type: str,
+    expires_at: datetime | None,
+    scopes: Sequence[str],
+    actor: str | None,
+) -> tuple[int, bool]:
+    """``store_oauth_token`` in ``s``'s transaction (a new grant, stored by the caller
+    or by ``complete_authorization``): the version stored, and whether the token had
+    been marked for re-consent (the mark is cleared)."""
+    _check_token_fields(access_token, refresh_token, token_type, expires_at, scopes)
+    # The config row's lock orders the token writers of this config; the
+    # token row's lock waits for a refresh in flight. The version is known
+    # before sealing, so the tokens are bound to it.
+    config = core.live(s, tenant_id, config_id)
+    current = s.execute(
+        sa.select(
+            EmailProviderToken.id,
+            EmailProviderToken.version,
+            EmailProviderToken.reconsent_required_at,
+        )
+        .where(
+            EmailProviderToken.tenant_id == tenant_id,
+            EmailProviderToken.config_id == config_id,
+        )
+        .with_for_update()
+    ).one_or_none()
+    # A new row (a first grant, or one after a delete) gets a fresh id: tokens of
+    # an earlier row never open in it, whatever its version.
+    row_id, version = (new_id(), 1) if current is None else (current.id, current.version + 1)
+    access, refresh = seal_tokens(
+        core.sealer(s, tenant_id),
+        config,
+        row_id,
+        version,
+        access_token,
+        refresh_token,
+    )
+    values: dict[str, Any] = {
+        "encrypted_access_token": access,
+        "encrypted_refresh_token": refresh,
+        "token_type": token_type,
+        "expires_at": expires_at,
+        "scopes": list(scopes),
+        "version": version,
+        "reconsent_required_at": None,  # a new grant: refreshes may run again
+    }
+    s.execute(
+        pg_insert(EmailProviderToken)
+        .values(id=row_id, tenant_id=tenant_id, config_id=config_id, **values)
+        .on_conflict_do_update(
+            index_elements=[EmailProviderToken.tenant_id, EmailProviderToken.config_id],
+            set_=values,
+        )
+    )
+    TokenService._audit_token(s, tenant_id, config_id, AuditAction.TOKEN_STORED, actor, version)
+    recovered = current is not None and current.reconsent_required_at is not None
+    return int(version), recovered
 
 
 def seal_tokens(
