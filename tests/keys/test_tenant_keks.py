@@ -58,6 +58,18 @@ def _refs(owner_engine: sa.Engine, tenant: str) -> dict[int, str]:
         return {version: ref for version, ref in rows}
 
 
+def _active_wrapped(owner_engine: sa.Engine, tenant: str) -> str:
+    with owner_engine.connect() as connection:
+        wrapped: str = connection.execute(
+            sa.text(
+                "SELECT wrapped_key FROM dripiq_app.tenant_data_keys "
+                "WHERE tenant_id = :t AND state = 'active'"
+            ),
+            {"t": tenant},
+        ).scalar_one()
+    return wrapped
+
+
 def _app_vault(app_settings: Settings, token: str | None = None, **extra: Any) -> Vault:
     """A fresh application process's vault: cold cache, the tests' default KEK."""
     settings = load_settings(
@@ -170,13 +182,7 @@ def test_a_wrapped_key_moved_to_another_tenant_or_kek_does_not_unwrap(
     populate(vault, "t_b", configs=1)
     ref = _customer_key(root, "customer-move")
     assert _tenant_key(operator_env, "set", "--tenant", "t_a", "--key", ref).returncode == 0
-    with owner_engine.connect() as connection:
-        wrapped = connection.execute(
-            sa.text(
-                "SELECT wrapped_key FROM dripiq_app.tenant_data_keys "
-                "WHERE tenant_id = 't_a' AND state = 'active'"
-            )
-        ).scalar_one()
+    wrapped = _active_wrapped(owner_engine, "t_a")
     customer = transit_provider(services, key_name="customer-move")
     assert len(customer.unwrap("t_a", wrapped)) == 32
     with pytest.raises(DecryptionError):
@@ -387,13 +393,7 @@ def test_a_tenant_kek_in_aws_kms_beside_the_deployments_transit_key(
         assert open_everything(cold, "t_a") == expected
     finally:
         cold.dispose()
-    with owner_engine.connect() as connection:
-        wrapped = connection.execute(
-            sa.text(
-                "SELECT wrapped_key FROM dripiq_app.tenant_data_keys "
-                "WHERE tenant_id = 't_a' AND state = 'active'"
-            )
-        ).scalar_one()
+    wrapped = _active_wrapped(owner_engine, "t_a")
     aws = kek_resolver(app_settings, lambda kek: kek)(ref)
     assert len(aws.unwrap("t_a", wrapped)) == 32
     with pytest.raises(DecryptionError):
